@@ -1,0 +1,382 @@
+"""Read-only, lazy view of a checkpoint: headers are parsed and validated up front, tensor bytes on demand.
+
+Inputs: a folder (one ``*.safetensors`` file or shards + ``*.safetensors.index.json``), a single
+``.safetensors`` file, a diffusers pipeline folder (components ``unet/``, ``text_encoder/``, ...), a Hub repo id
+found in the local cache, a GGUF file (converted once into the cache), and pickle ``.bin`` files only when
+``allow_pickle`` is set.
+
+Tensors are read with ``preadv`` into a fresh buffer rather than through a long-lived mmap: mapped pages stay
+resident and would count towards RSS, making memory grow with the model instead of staying flat.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from surgeon.errors import SurgeonError
+
+#: safetensors dtype string -> (torch dtype name, bytes per element)
+SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "U16": ("uint16", 2),
+    "U32": ("uint32", 4),
+    "U64": ("uint64", 8),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+}
+TORCH_TO_SAFETENSORS = {v[0]: k for k, v in SAFETENSORS_DTYPES.items()}
+MAX_HEADER_BYTES = 100_000_000
+
+#: files that are weights or bookkeeping; everything else in a model folder is a side file carried to the output
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5")
+NOT_CARRIED = {"README.md", "surgeon.json", ".gitattributes"}
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, absolute byte range, dtype (torch name) and shape."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class Component:
+    """One weight-carrying part of a checkpoint (the root model, or ``unet``/``text_encoder`` of a pipeline)."""
+
+    name: str  # "" for a plain model folder
+    folder: Path
+    weights_stem: str  # "model" or "diffusion_pytorch_model"
+    config: dict[str, Any] | None
+
+
+@dataclass
+class Checkpoint:
+    """A validated, lazily read checkpoint. ``tensors`` maps graph names (``component/name`` for pipelines)."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    components: dict[str, Component]
+    side_files: dict[str, Path] = field(default_factory=dict)  # relative output path -> source file
+    pickle_state: dict[str, Any] | None = None  # tensors of an allowed pickle checkpoint, loaded eagerly
+    source_id: str = ""  # what the user passed (repo id, file, folder)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        root = self.components.get("")
+        if root is not None and root.config is not None:
+            return root.config
+        return {}
+
+    def load(self, name: str):
+        """Read one tensor into a fresh torch tensor (nothing stays mapped)."""
+        import torch
+
+        if self.pickle_state is not None:
+            return self.pickle_state[name].clone()
+        info = self.tensors.get(name)
+        if info is None:
+            raise SurgeonError(f"{self.path}: no tensor named {name!r}")
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            read_exact(info.file, info.begin, memoryview(buf.numpy()))
+        return buf.view(getattr(torch, info.dtype)).reshape(info.shape)
+
+    def header_fingerprint(self) -> dict[str, Any]:
+        """Input sizes and sha256 of each weight file's header, for provenance."""
+        out = {}
+        for f in sorted({t.file for t in self.tensors.values()}):
+            with open(f, "rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0] if f.suffix == ".safetensors" else 0
+                head = fh.read(n) if n else b""
+            out[str(f)] = {"bytes": f.stat().st_size, "header_sha256": hashlib.sha256(head).hexdigest()}
+        return out
+
+
+def read_exact(path: Path, offset: int, view: memoryview) -> None:
+    """Fill ``view`` from ``path`` at ``offset``; a short read means the file was truncated underneath us."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        total = len(view)
+        while done < total:
+            n = os.preadv(fd, [view[done : done + (1 << 30)]], offset + done)
+            if n <= 0:
+                raise SurgeonError(f"{path}: file ends at byte {offset + done}, expected {offset + total} bytes")
+            done += n
+    finally:
+        os.close(fd)
+
+
+def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate one safetensors header without reading tensor data.
+
+    Checks: header length inside the file, valid JSON object, known dtypes, shapes matching byte ranges,
+    offsets inside the data buffer, no overlaps (holes are tolerated, as some writers align).
+    """
+    size = path.stat().st_size
+    if size < 8:
+        raise SurgeonError(f"{path}: truncated safetensors file ({size} bytes, expected at least 8)")
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise SurgeonError(f"{path}: header length {n} runs past the end of the {size}-byte file (truncated?)")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SurgeonError(f"{path}: header is not valid JSON ({e.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise SurgeonError(f"{path}: header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise SurgeonError(f"{path}: __metadata__ must be an object of strings")
+    data_start = 8 + n
+    data_len = size - data_start
+    tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise SurgeonError(f"{path}: tensor {name!r}: entry is not an object")
+        dt = entry.get("dtype")
+        if dt not in SAFETENSORS_DTYPES:
+            raise SurgeonError(f"{path}: tensor {name!r}: unknown dtype {dt!r} (expected one of "
+                               f"{', '.join(SAFETENSORS_DTYPES)})")
+        shape = entry.get("shape")
+        offs = entry.get("data_offsets")
+        if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)):
+            raise SurgeonError(f"{path}: tensor {name!r}: shape must be a list of non-negative ints, got {shape!r}")
+        if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)
+                or not 0 <= offs[0] <= offs[1]):
+            raise SurgeonError(f"{path}: tensor {name!r}: bad data_offsets {offs!r}")
+        b, e = offs
+        if e > data_len:
+            raise SurgeonError(f"{path}: tensor {name!r}: data_offsets end {e} past the data buffer "
+                               f"({data_len} bytes; truncated file?)")
+        torch_dtype, width = SAFETENSORS_DTYPES[dt]
+        numel = 1
+        for s in shape:
+            numel *= s
+        if numel * width != e - b:
+            raise SurgeonError(f"{path}: tensor {name!r}: shape {shape} of {dt} needs {numel * width} bytes, "
+                               f"header gives {e - b}")
+        spans.append((b, e, name))
+        tensors[name] = TensorInfo(name, path, torch_dtype, tuple(shape), data_start + b, data_start + e)
+    spans.sort()
+    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise SurgeonError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data buffer")
+    return tensors, {str(k): str(v) for k, v in meta.items()}
+
+
+def _inside(folder: Path, candidate: Path) -> bool:
+    try:
+        candidate.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _component_tensors(folder: Path, prefix: str) -> tuple[dict[str, TensorInfo], str, list[Path]]:
+    """Tensors of one folder (single file or sharded with index). Returns (tensors, weight stem, files used)."""
+    indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
+    files: list[Path]
+    if indexes:
+        index_path = indexes[0]
+        stem = index_path.name[: -len(INDEX_SUFFIX)]
+        try:
+            index = json.loads(index_path.read_text())
+            weight_map = index["weight_map"]
+            assert isinstance(weight_map, dict)
+        except Exception:
+            raise SurgeonError(f"{index_path}: not a valid index (expected a JSON object with 'weight_map')") from None
+        wanted: dict[str, set[str]] = {}
+        for tname, fname in weight_map.items():
+            p = folder / str(fname)
+            if os.path.isabs(str(fname)) or not _inside(folder, p):
+                raise SurgeonError(f"{index_path}: weight_map entry {tname!r} points outside the folder: {fname!r}")
+            if not p.is_file():
+                raise SurgeonError(f"{index_path}: shard {fname!r} (for {tname!r}) is missing")
+            wanted.setdefault(str(fname), set()).add(tname)
+        files = [folder / f for f in sorted(wanted)]
+        tensors: dict[str, TensorInfo] = {}
+        for f in files:
+            found, _ = parse_safetensors_header(f)
+            for tname in sorted(wanted[f.name] if f.name in wanted else wanted[str(f.relative_to(folder))]):
+                if tname not in found:
+                    raise SurgeonError(f"{index_path}: {tname!r} is mapped to {f.name} but that shard lacks it")
+                tensors[prefix + tname] = found[tname]
+        return tensors, stem, files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return {}, "model", []
+    tensors = {}
+    for f in files:
+        if not _inside(folder, f):
+            raise SurgeonError(f"{f}: symlink points outside the checkpoint folder")
+        found, _ = parse_safetensors_header(f)
+        for tname, info in found.items():
+            if prefix + tname in tensors:
+                raise SurgeonError(f"{f}: tensor {tname!r} also appears in another file of {folder}")
+            tensors[prefix + tname] = info
+    stem = files[0].stem if len(files) == 1 else "model"
+    return tensors, stem, files
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SurgeonError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    return data if isinstance(data, dict) else None
+
+
+def _side_files(root: Path, used: set[Path]) -> dict[str, Path]:
+    side: dict[str, Path] = {}
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or p in used:
+            continue
+        rel = p.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if p.name.endswith(WEIGHT_SUFFIXES) or p.name.endswith(INDEX_SUFFIX) or str(rel) in NOT_CARRIED:
+            continue
+        if p.name == "config.json" or p.name == "adapter_config.json":
+            continue  # configs are rewritten by the writer
+        if not _inside(root, p):
+            continue
+        side[str(rel)] = p
+    return side
+
+
+def open_folder(folder: Path, allow_pickle: bool = False) -> Checkpoint:
+    folder = Path(folder)
+    model_index = _read_json(folder / "model_index.json")
+    components: dict[str, Component] = {}
+    tensors: dict[str, TensorInfo] = {}
+    used: set[Path] = set()
+    if model_index is not None:  # diffusers pipeline: one component per subfolder with weights
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            found, stem, files = _component_tensors(sub, sub.name + "/")
+            if not found:
+                continue
+            tensors.update(found)
+            used.update(files)
+            components[sub.name] = Component(sub.name, sub, stem, _read_json(sub / "config.json"))
+    else:
+        found, stem, files = _component_tensors(folder, "")
+        tensors.update(found)
+        used.update(files)
+        components[""] = Component("", folder, stem, _read_json(folder / "config.json"))
+    pickle_state = None
+    if not tensors:
+        pickles = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt")) + sorted(folder.glob("*.pth"))
+        if pickles and not allow_pickle:
+            raise SurgeonError(f"{pickles[0]}: pickle checkpoints can run code when loaded; refused "
+                               "(pass --allow-pickle to load it with torch.load(weights_only=True))")
+        if pickles:
+            pickle_state, tensors = _load_pickles(pickles)
+            used.update(pickles)
+        else:
+            raise SurgeonError(f"{folder}: no *.safetensors weights found")
+    return Checkpoint(folder, tensors, components, _side_files(folder, used), pickle_state, str(folder))
+
+
+def _load_pickles(files: list[Path]):
+    import torch
+
+    state: dict[str, Any] = {}
+    infos: dict[str, TensorInfo] = {}
+    for f in files:
+        try:
+            part = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise SurgeonError(f"{f}: cannot load with weights_only=True ({e.__class__.__name__})") from None
+        if isinstance(part, dict) and "state_dict" in part and isinstance(part["state_dict"], dict):
+            part = part["state_dict"]
+        for k, v in part.items():
+            if isinstance(v, torch.Tensor):
+                v = v.contiguous()
+                state[k] = v
+                infos[k] = TensorInfo(k, f, str(v.dtype).removeprefix("torch."), tuple(v.shape), 0,
+                                      v.numel() * v.element_size())
+    return state, infos
+
+
+def open_file(path: Path) -> Checkpoint:
+    tensors, _ = parse_safetensors_header(path)
+    folder = path.parent
+    config = _read_json(folder / "config.json")
+    comp = Component("", folder, path.stem, config)
+    return Checkpoint(path, tensors, {"": comp}, {}, None, str(path))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SURGEON_CACHE", Path.home() / ".cache" / "surgeon"))
+
+
+def _hub_snapshot(repo_id: str, online: bool) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover
+        raise SurgeonError("huggingface_hub is needed to resolve repo ids") from None
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=not online,
+                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+    except Exception:
+        hint = "" if online else " (offline: only the local Hub cache is searched; pass --online to download)"
+        raise SurgeonError(f"{repo_id}: not a folder, file, or cached Hub repo{hint}") from None
+
+
+def open_checkpoint(source: str | os.PathLike, *, allow_pickle: bool = False, online: bool = False) -> Checkpoint:
+    """Open any supported source. Raises :class:`SurgeonError` naming the source when it is not usable."""
+    s = str(source)
+    p = Path(s).expanduser()
+    if p.is_dir():
+        ck = open_folder(p, allow_pickle=allow_pickle)
+    elif p.is_file() and p.suffix == ".safetensors":
+        ck = open_file(p)
+    elif p.is_file() and p.suffix == ".gguf":
+        from surgeon.gguf import cached_conversion
+
+        ck = open_folder(cached_conversion(p))
+    elif p.is_file():
+        raise SurgeonError(f"{p}: unsupported file type (expected a folder, .safetensors or .gguf)")
+    elif "/" in s and not s.startswith((".", "/", "~")) and s.count("/") == 1:
+        ck = open_folder(_hub_snapshot(s, online))
+    else:
+        raise SurgeonError(f"{s}: no such file or folder")
+    ck.source_id = s
+    return ck

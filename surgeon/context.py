@@ -1,0 +1,141 @@
+"""What an op gets besides its graph and params: device, seed, named input models, data, progress, results.
+
+Ops never open files or print: data arrives through :meth:`Context.tokens` / :meth:`Context.texts`, models are
+materialised with :meth:`Context.module`, progress goes through :meth:`Context.progress`, messages through
+:meth:`Context.log`.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from surgeon.errors import SurgeonError
+
+if TYPE_CHECKING:
+    import torch
+
+    from surgeon.graph import Graph
+
+T = TypeVar("T")
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available else ``cpu``; ``cuda`` without a GPU is an error."""
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise SurgeonError(f"--device: expected auto, cpu or cuda, got {device!r}")
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SurgeonError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    return device
+
+
+@dataclass
+class Context:
+    """Run-wide settings and services shared by every step of one run."""
+
+    device: str = "cpu"  # resolved: "cpu" | "cuda" | "cuda:N"
+    seed: int = 0
+    graphs: dict[str, Graph] = field(default_factory=dict)  # named input models (merges)
+    base_name: str | None = None
+    quiet: bool = False
+    allow_nonfinite: bool = False
+    step_info: dict[str, Any] = field(default_factory=dict)  # what the current step reports for provenance
+    _console: Any = None
+
+    @classmethod
+    def create(cls, device: str = "auto", **kw: Any) -> Context:
+        return cls(device=resolve_device(device), **kw)
+
+    @property
+    def torch_device(self) -> torch.device:
+        import torch
+
+        return torch.device(self.device)
+
+    # reporting -------------------------------------------------------------------------------------------
+    @property
+    def console(self):
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=True, quiet=self.quiet)
+        return self._console
+
+    def log(self, message: str) -> None:
+        """A line for the user on stderr (never stdout, which carries --json)."""
+        self.console.print(message, highlight=False)
+
+    def progress(self, items: Iterable[T], total: int | None = None, description: str = "") -> Iterator[T]:
+        """Wrap a loop in a rich progress bar on stderr (silent when quiet or not a terminal)."""
+        if self.quiet or not sys.stderr.isatty():
+            yield from items
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        if total is None and hasattr(items, "__len__"):
+            total = len(items)  # type: ignore[arg-type]
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      TextColumn("{task.fields[status]}"), console=self.console, transient=True) as bar:
+            task = bar.add_task(description, total=total, status="")
+            self._bar = (bar, task)
+            try:
+                for item in items:
+                    yield item
+                    bar.advance(task)
+            finally:
+                self._bar = None
+
+    def status(self, text: str) -> None:
+        """Update the trailing text of the current progress bar (e.g. the loss)."""
+        bar = getattr(self, "_bar", None)
+        if bar is not None:
+            bar[0].update(bar[1], status=text)
+
+    @contextmanager
+    def timed(self, what: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.step_info.setdefault("timings_s", {})[what] = round(time.perf_counter() - t0, 3)
+
+    def report(self, **info: Any) -> None:
+        """Record facts about the current step (go into surgeon.json and the card)."""
+        self.step_info.update(info)
+
+    # models and data ------------------------------------------------------------------------------------
+    def graph(self, name: str) -> Graph:
+        if name not in self.graphs:
+            raise SurgeonError(f"no input model named {name!r} (have: {', '.join(self.graphs) or 'none'})")
+        return self.graphs[name]
+
+    def module(self, graph: Graph, *, dtype: str = "float32", kind: str = "causal-lm", component: str = ""):
+        """Materialise ``graph`` as a torch module on this context's device (see :mod:`surgeon.model`)."""
+        from surgeon.model import materialize
+
+        return materialize(graph, device=self.device, dtype=dtype, kind=kind, component=component)
+
+    def tokenizer(self, graph: Graph, component: str = ""):
+        from surgeon.model import load_tokenizer
+
+        return load_tokenizer(graph, component=component)
+
+    def texts(self, spec: str, *, graph: Graph | None = None, n_samples: int = 64, field: str = "text",
+              sample_len: int = 128) -> list[str]:
+        """Texts from a file (.txt/.jsonl/datasets folder) or ``model[:N]`` samples of ``graph`` itself."""
+        from surgeon.data import load_texts
+
+        return load_texts(spec, graph=graph, ctx=self, n_samples=n_samples, field=field, sample_len=sample_len)
+
+    def tokens(self, spec: str, graph: Graph, *, seqlen: int = 512, max_windows: int | None = None,
+               field: str = "text", n_samples: int = 64) -> torch.Tensor:
+        """Token windows ``[n, seqlen]`` (packed, deterministic) from ``spec`` with ``graph``'s tokenizer."""
+        from surgeon.data import token_windows
+
+        return token_windows(spec, graph, ctx=self, seqlen=seqlen, max_windows=max_windows, field=field,
+                             n_samples=n_samples)

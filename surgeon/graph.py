@@ -1,0 +1,309 @@
+"""The lazy tensor graph: ``name -> Node``. Nodes know shape and dtype without computing anything.
+
+Node kinds:
+- :class:`Load`     a tensor of a source checkpoint (read on demand; may be copied byte-for-byte when untouched)
+- :class:`Const`    a tensor held in memory (small, or produced by a model-level op)
+- :class:`Apply`    ``fn(*input_values)``; tensor-wise ops build these
+- :class:`LowRank`  ``base + up @ down`` computed in fp32 and cast once (rank-k edits stay rank-k until written)
+- :class:`Reduce`   a streaming reduction over many inputs that holds only its accumulator (global thresholds)
+
+:class:`Executor` evaluates outputs in the order asked, memoises values that several consumers share, and frees
+each value right after its last consumer is done, so peak memory is a few tensors, not the model.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from surgeon.errors import SurgeonError
+
+if TYPE_CHECKING:
+    from surgeon.checkpoint import Checkpoint
+
+
+class Node:
+    """Base node: ``shape``/``dtype`` are known up front; ``compute`` gets the input values in order."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    inputs: tuple[Node, ...] = ()
+    label: str = "node"
+
+    def compute(self, args: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * (torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else
+                    torch.iinfo(self.dtype).bits // 8 if self.dtype != torch.bool else 1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.label}, {list(self.shape)}, {str(self.dtype).removeprefix('torch.')})"
+
+
+class Load(Node):
+    """A source tensor; nothing is read until computed."""
+
+    label = "load"
+
+    def __init__(self, checkpoint: Checkpoint, name: str):
+        info = checkpoint.tensors[name]
+        self.checkpoint = checkpoint
+        self.name = name
+        self.shape = tuple(info.shape)
+        self.dtype = getattr(torch, info.dtype)
+
+    def compute(self, args: list[torch.Tensor]) -> torch.Tensor:
+        return self.checkpoint.load(self.name)
+
+
+class Const(Node):
+    label = "const"
+
+    def __init__(self, value: torch.Tensor, label: str = "const"):
+        self.value = value.detach().contiguous()
+        self.shape = tuple(value.shape)
+        self.dtype = value.dtype
+        self.label = label
+
+    def compute(self, args: list[torch.Tensor]) -> torch.Tensor:
+        return self.value
+
+
+class Apply(Node):
+    """``fn(*values_of_inputs)``. ``shape``/``dtype`` default to the first input's."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], inputs: Sequence[Node], *, label: str,
+                 shape: Sequence[int] | None = None, dtype: torch.dtype | None = None):
+        if not inputs and (shape is None or dtype is None):
+            raise ValueError("Apply without inputs needs shape and dtype")
+        self.fn = fn
+        self.inputs = tuple(inputs)
+        self.label = label
+        self.shape = tuple(shape) if shape is not None else self.inputs[0].shape
+        self.dtype = dtype if dtype is not None else self.inputs[0].dtype
+
+    def compute(self, args: list[torch.Tensor]) -> torch.Tensor:
+        out = self.fn(*args)
+        if tuple(out.shape) != self.shape:
+            raise SurgeonError(f"internal: {self.label} produced shape {list(out.shape)}, planned {list(self.shape)}")
+        return out.to(self.dtype)
+
+
+class LowRank(Node):
+    """``base + up @ down`` (``up``: [out, r], ``down``: [r, in]); with ``transposed`` the delta is added as its
+    transpose (GPT-2 Conv1D stores Wᵀ). Computed in fp32, cast once to the base dtype."""
+
+    def __init__(self, base: Node, up: torch.Tensor, down: torch.Tensor, *, transposed: bool = False,
+                 label: str = "low-rank"):
+        self.inputs = (base,)
+        self.up = up.detach().float().contiguous()
+        self.down = down.detach().float().contiguous()
+        self.transposed = transposed
+        self.shape = base.shape
+        self.dtype = base.dtype
+        self.label = label
+        rows, cols = (self.shape[1], self.shape[0]) if transposed else (self.shape[0], self.shape[1])
+        if self.up.shape[0] != rows or self.down.shape[1] != cols or self.up.shape[1] != self.down.shape[0]:
+            raise SurgeonError(f"low-rank update {list(self.up.shape)}x{list(self.down.shape)} does not fit "
+                               f"a tensor of shape {list(self.shape)}")
+
+    @property
+    def rank(self) -> int:
+        return self.up.shape[1]
+
+    def delta(self) -> torch.Tensor:
+        d = self.up @ self.down
+        return d.T if self.transposed else d
+
+    def compute(self, args: list[torch.Tensor]) -> torch.Tensor:
+        return (args[0].float() + self.delta()).to(self.dtype)
+
+
+class Reduce(Node):
+    """A reduction that streams its inputs one at a time: ``finish(fold(step, init(), values))``.
+
+    The executor hands values in order and frees each one after ``step`` unless another consumer needs it.
+    """
+
+    def __init__(self, inputs: Sequence[Node], *, init: Callable[[], Any],
+                 step: Callable[[Any, torch.Tensor, int], Any], finish: Callable[[Any], torch.Tensor],
+                 shape: Sequence[int], dtype: torch.dtype, label: str):
+        self.inputs = tuple(inputs)
+        self.init, self.step, self.finish = init, step, finish
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        self.label = label
+
+    def run(self, values: Iterator[torch.Tensor]) -> torch.Tensor:
+        acc = self.init()
+        for i, v in enumerate(values):
+            acc = self.step(acc, v, i)
+        return self.finish(acc)
+
+
+@dataclass
+class Graph:
+    """An ordered ``name -> Node`` map plus everything the writer needs besides tensors.
+
+    ``configs`` maps component ("" for a plain model) to its config dict; ``extra_files`` holds op outputs
+    (e.g. ``rece.json``) as text/bytes; ``results`` holds eval tables that go to the model card.
+    """
+
+    nodes: dict[str, Node]
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    weight_stems: dict[str, str] = field(default_factory=dict)  # component -> "model" | "diffusion_pytorch_model"
+    side_files: dict[str, Any] = field(default_factory=dict)  # relative path -> source Path
+    extra_files: dict[str, str | bytes] = field(default_factory=dict)
+    results: list[dict[str, Any]] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
+    sources: list[Checkpoint] = field(default_factory=list)
+    base_model: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # free-form per-op info for provenance
+
+    @classmethod
+    def from_checkpoint(cls, ck: Checkpoint) -> Graph:
+        nodes: dict[str, Node] = {name: Load(ck, name) for name in ck.tensors}
+        configs = {c.name: copy.deepcopy(c.config) for c in ck.components.values() if c.config is not None}
+        stems = {c.name: c.weights_stem for c in ck.components.values()}
+        return cls(nodes, configs, stems, dict(ck.side_files), sources=[ck], base_model=guess_base_model(ck))
+
+    # dict-like access -------------------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> Node:
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise SurgeonError(f"no tensor named {name!r} in the model") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.nodes
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def names(self) -> list[str]:
+        return list(self.nodes)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The root component's config (a mutable copy owned by this graph)."""
+        return self.configs.setdefault("", {})
+
+    def copy(self) -> Graph:
+        """A new graph sharing nodes (nodes are immutable) with its own maps and configs."""
+        g = copy.copy(self)
+        g.nodes = dict(self.nodes)
+        g.configs = copy.deepcopy(self.configs)
+        g.weight_stems = dict(self.weight_stems)
+        g.side_files = dict(self.side_files)
+        g.extra_files = dict(self.extra_files)
+        g.results = list(self.results)
+        g.tags = list(self.tags)
+        g.sources = list(self.sources)
+        g.meta = copy.deepcopy(self.meta)
+        return g
+
+    def value(self, name: str) -> torch.Tensor:
+        """Compute one tensor now (for model-level ops and tests)."""
+        return Executor([self[name]]).evaluate_all()[0]
+
+    def values(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Stream several tensors with shared sub-results computed once and freed after their last use."""
+        names = list(names)
+        ex = Executor([self[n] for n in names])
+        for n in names:
+            node = self[n]
+            v = ex.value(node)
+            ex.release(node)
+            yield n, v
+
+    def untouched(self, name: str) -> bool:
+        """True when the tensor is still the source's bytes (a byte-for-byte copy is allowed)."""
+        return isinstance(self.nodes.get(name), Load)
+
+
+def guess_base_model(ck: Checkpoint) -> str | None:
+    cfg = ck.config
+    name = cfg.get("_name_or_path") if isinstance(cfg, dict) else None
+    src = ck.source_id
+    if src and "/" in src and not src.startswith((".", "/", "~")) and src.count("/") == 1:
+        return src
+    if isinstance(name, str) and name.count("/") == 1 and not name.startswith((".", "/")):
+        return name
+    return None
+
+
+class Executor:
+    """Evaluates nodes with reference-counted memoisation.
+
+    ``refs[node]`` counts the edges into a node from the nodes reachable from the outputs plus one per time it
+    is an output. A value is cached while more than one consumer remains and dropped at its last ``release``.
+    ``live`` / ``max_live`` count cached values (a spy for tests).
+    """
+
+    def __init__(self, outputs: Sequence[Node]):
+        self.refs: dict[int, int] = {}
+        self.cache: dict[int, torch.Tensor] = {}
+        self.max_live = 0
+        stack = list(outputs)
+        for o in outputs:
+            self.refs[id(o)] = self.refs.get(id(o), 0) + 1
+        seen: set[int] = set()
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            for i in node.inputs:
+                self.refs[id(i)] = self.refs.get(id(i), 0) + 1
+                stack.append(i)
+        self.outputs = list(outputs)
+
+    @property
+    def live(self) -> int:
+        return len(self.cache)
+
+    def value(self, node: Node) -> torch.Tensor:
+        key = id(node)
+        if key in self.cache:
+            return self.cache[key]
+        if isinstance(node, Reduce):
+            v = node.run(self._stream(node.inputs))
+        else:
+            args = [self.value(i) for i in node.inputs]
+            v = node.compute(args)
+            del args
+            for i in node.inputs:
+                self.release(i)
+        if self.refs.get(key, 0) > 1:
+            self.cache[key] = v
+            self.max_live = max(self.max_live, len(self.cache))
+        return v
+
+    def _stream(self, inputs: Sequence[Node]) -> Iterator[torch.Tensor]:
+        for i in inputs:
+            v = self.value(i)
+            yield v
+            del v
+            self.release(i)
+
+    def release(self, node: Node) -> None:
+        key = id(node)
+        n = self.refs.get(key, 0) - 1
+        self.refs[key] = n
+        if n <= 0:
+            self.cache.pop(key, None)
+
+    def evaluate_all(self) -> list[torch.Tensor]:
+        out = []
+        for o in self.outputs:
+            out.append(self.value(o))
+            self.release(o)
+        return out

@@ -1,0 +1,92 @@
+"""Op registry: ``@register("family.name", Params)`` on an ``apply(graph, params, ctx) -> graph`` function.
+
+The CLI subcommand and the YAML recipe step are both generated from ``Params`` (a pydantic model): field
+descriptions become ``--help`` text, defaults and validation are pydantic's. ``OP_INDEX`` is static so that
+``surgeon --help`` lists every op without importing any op module (or torch).
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from surgeon.errors import SurgeonError
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+#: op name -> (module that registers it, one-line summary). Keep sorted by family.
+OP_INDEX: dict[str, tuple[str, str]] = {
+    "cast": ("surgeon.ops.basic", "Change tensor dtypes, with per-pattern exceptions (e.g. keep norms in fp32)."),
+    "drop": ("surgeon.ops.basic", "Remove tensors whose names match a regular expression."),
+    "rename": ("surgeon.ops.basic", "Rename tensors with a regular expression substitution."),
+    "eval": ("surgeon.ops.evaluate", "Perplexity, fact recall and samples; results go to the card."),
+    "merge.linear": ("surgeon.ops.merge.classic", "Weighted average of checkpoints."),
+    "merge.task-arithmetic": ("surgeon.ops.merge.classic", "Base + λ·Σ task vectors (Ilharco et al. 2023)."),
+    "merge.ties": ("surgeon.ops.merge.classic", "TIES: trim, elect sign, disjoint mean (Yadav et al. 2023)."),
+    "merge.dare": ("surgeon.ops.merge.classic", "DARE: random drop and rescale of task vectors (Yu et al. 2024)."),
+    "merge.mwa": ("surgeon.ops.merge.mwa", "Metrics-weighted averaging of checkpoints of one run (arXiv 2504.18580)."),
+    "merge.opcm": ("surgeon.ops.merge.opcm", "Orthogonal-projection continual merging (OPCM)."),
+    "merge.rmm": ("surgeon.ops.merge.rmm", "Reversible merging of low-rank weights (arXiv 2510.14163)."),
+    "merge.revert": ("surgeon.ops.merge.rmm", "Rebuild one task's adapter or model from an RMM merge."),
+    "edit.rome": ("surgeon.ops.edit.rome", "ROME rank-one knowledge edit of one MLP (Meng et al. 2022)."),
+    "edit.emmet": ("surgeon.ops.edit.emmet", "EMMET batched equality-constrained edits (Gupta et al. 2024)."),
+    "erase.rece": ("surgeon.ops.erase.rece", "RECE concept erasure in cross-attention (Gong et al. 2024)."),
+    "erase.uce": ("surgeon.ops.erase.rece", "UCE closed-form concept erasure (Gandikota et al. 2024)."),
+    "prune.magnitude": ("surgeon.ops.prune.magnitude", "Magnitude pruning: per-layer, global or N:M."),
+    "prune.wanda": ("surgeon.ops.prune.wanda", "Wanda pruning: |W|·‖X‖ with calibration data (Sun et al. 2024)."),
+    "retrain.perp": ("surgeon.ops.prune.perp", "PERP: retrain norms, biases and MaskLoRA after pruning."),
+    "shiftadd": ("surgeon.ops.shiftadd", "ShiftAdd: binary-coded weights with power-of-two scales + LUT kernel."),
+    "tie": ("surgeon.ops.tie", "Relaxed Recursive Transformer: tie layers, relax with SVD LoRA."),
+    "recover": ("surgeon.ops.recover", "CheckFree: rebuild a lost pipeline stage from its neighbours."),
+}
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    params: type[BaseModel]
+    apply: Callable[..., Any]
+    summary: str
+    multi_model: bool = False  # takes several checkpoints (merges)
+    writes: bool = True  # False for report-only ops (eval), whose CLI has no --output
+    model_level: bool = False  # needs forward passes (materialises the graph as a module)
+
+
+_REGISTRY: dict[str, OpSpec] = {}
+
+
+def register(name: str, params: type[BaseModel], *, multi_model: bool = False, writes: bool = True,
+             model_level: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``apply`` under ``name``; the name must be listed in ``OP_INDEX``."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        summary = OP_INDEX.get(name, ("", (fn.__doc__ or "").strip().split("\n")[0]))[1]
+        _REGISTRY[name] = OpSpec(name, params, fn, summary, multi_model, writes, model_level)
+        return fn
+
+    return wrap
+
+
+def get_op(name: str) -> OpSpec:
+    if name not in _REGISTRY:
+        if name not in OP_INDEX:
+            from difflib import get_close_matches
+
+            near = get_close_matches(name, list(OP_INDEX), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise SurgeonError(f"unknown operation {name!r}{hint}")
+        importlib.import_module(OP_INDEX[name][0])
+        if name not in _REGISTRY:
+            raise SurgeonError(f"internal: module {OP_INDEX[name][0]} does not register {name!r}")
+    return _REGISTRY[name]
+
+
+def families() -> dict[str, list[str]]:
+    """CLI grouping: ``merge.ties`` -> group ``merge`` command ``ties``; ``tie`` stays top-level."""
+    out: dict[str, list[str]] = {}
+    for name in OP_INDEX:
+        fam, _, sub = name.partition(".")
+        out.setdefault(fam if sub else "", []).append(sub or fam)
+    return out
