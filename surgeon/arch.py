@@ -1,0 +1,478 @@
+"""Architecture knowledge as data: which tensor plays which role in which model family.
+
+Ops ask for roles (``attn.q``, ``mlp.down``, ``norm.attn``, ``embed``, ...), never for tensor names. Each family is
+one entry of :data:`FAMILIES`: a layer-prefix template, a role -> tensor-suffix table, the global tensors, which
+roles are stored transposed (GPT-2 ``Conv1D``) and which roles are row slices of a fused tensor (phi3 ``qkv_proj``,
+GPT-2 ``c_attn``). The resolver tries every name as written, with and without the base prefix (``model.``,
+``transformer.``), so checkpoints saved from the bare base model and from the ``*ForCausalLM`` head both resolve.
+
+A recipe can supply or correct patterns for a family we do not know (``arch:`` in the recipe)::
+
+    arch:
+      layers: "backbone.blocks.{i}."          # layer prefix template
+      attn.q: "attn.wq.weight"                 # role -> suffix after the layer prefix
+      mlp.down: "ffn.w2.weight"
+      embed: "backbone.tok_emb.weight"
+      lm_head: "head.weight"
+      transposed: [mlp.down]                   # roles stored as [d_in, d_out]
+
+Selector grammar (ALGORITHMS.md §1.3), resolved to concrete names by :meth:`Roles.select`:
+
+- a role name or glob over role names: ``attn.q``, ``mlp.*``, ``norm.*``, ``xattn.k``; globals ``embed``,
+  ``lm_head``, ``final_norm``, ``pos_embed``; ``linears`` (every block linear), ``block`` (every block tensor);
+- followed by an optional layer set: half-open range ``[a, b)`` or list ``[1, 3, 5]``, e.g. ``mlp.down[4, 8)``;
+  a bare layer set (``[0, 2)``) means every tensor of those layers;
+- ``re:<pattern>`` full-matched against tensor names;
+- any other string: an exact tensor name.
+
+A list of selectors is their union, in model order. An empty result is an error.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from surgeon.errors import SurgeonError
+
+#: The roles every family is asked about. Families may add more (``norm.q``, ``xattn.k``, ...).
+CORE_ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down", "norm.attn", "norm.mlp")
+GLOBAL_ROLES = ("embed", "pos_embed", "lm_head", "final_norm")
+BASE_PREFIXES = ("model.", "transformer.")
+
+_LLAMA_ROLES = {
+    "attn.q": "self_attn.q_proj.weight",
+    "attn.k": "self_attn.k_proj.weight",
+    "attn.v": "self_attn.v_proj.weight",
+    "attn.o": "self_attn.o_proj.weight",
+    "mlp.gate": "mlp.gate_proj.weight",
+    "mlp.up": "mlp.up_proj.weight",
+    "mlp.down": "mlp.down_proj.weight",
+    "norm.attn": "input_layernorm.weight",
+    "norm.mlp": "post_attention_layernorm.weight",
+}
+_LLAMA_GLOBALS = {"embed": "model.embed_tokens.weight", "lm_head": "lm_head.weight", "final_norm": "model.norm.weight"}
+
+# Gemma 2/3 put a norm before AND after each sub-block; the one *feeding* the MLP is pre_feedforward_layernorm.
+_GEMMA2_ROLES = {
+    **_LLAMA_ROLES,
+    "norm.mlp": "pre_feedforward_layernorm.weight",
+    "norm.attn_out": "post_attention_layernorm.weight",
+    "norm.mlp_out": "post_feedforward_layernorm.weight",
+}
+
+#: family -> layout. ``layers``: candidate layer-prefix templates (first that exists wins); ``roles``: suffixes
+#: after the layer prefix; ``fused``: role -> (tensor role it lives in, slice key); ``transposed``: Conv1D roles.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {"layers": ["model.layers.{i}."], "roles": _LLAMA_ROLES, **_LLAMA_GLOBALS, "tie_default": False},
+    "mistral": {"layers": ["model.layers.{i}."], "roles": _LLAMA_ROLES, **_LLAMA_GLOBALS, "tie_default": False},
+    "qwen2": {"layers": ["model.layers.{i}."], "roles": _LLAMA_ROLES, **_LLAMA_GLOBALS, "tie_default": False},
+    "qwen3": {"layers": ["model.layers.{i}."],
+              "roles": {**_LLAMA_ROLES, "norm.q": "self_attn.q_norm.weight", "norm.k": "self_attn.k_norm.weight"},
+              **_LLAMA_GLOBALS, "tie_default": False},
+    "gemma": {"layers": ["model.layers.{i}."], "roles": _LLAMA_ROLES, **_LLAMA_GLOBALS, "tie_default": True,
+              "norm_offset": True},
+    "gemma2": {"layers": ["model.layers.{i}."], "roles": _GEMMA2_ROLES, **_LLAMA_GLOBALS, "tie_default": True,
+               "norm_offset": True},
+    "gemma3_text": {"layers": ["model.layers.{i}.", "language_model.model.layers.{i}.",
+                               "model.language_model.layers.{i}."],
+                    "roles": {**_GEMMA2_ROLES, "norm.q": "self_attn.q_norm.weight",
+                              "norm.k": "self_attn.k_norm.weight"},
+                    "embed": ["model.embed_tokens.weight", "language_model.model.embed_tokens.weight",
+                              "model.language_model.embed_tokens.weight"],
+                    "lm_head": ["lm_head.weight", "language_model.lm_head.weight"],
+                    "final_norm": ["model.norm.weight", "language_model.model.norm.weight",
+                                   "model.language_model.norm.weight"],
+                    "tie_default": True, "norm_offset": True},
+    "phi3": {"layers": ["model.layers.{i}."],
+             "roles": {"attn.qkv": "self_attn.qkv_proj.weight", "attn.o": "self_attn.o_proj.weight",
+                       "mlp.gate_up": "mlp.gate_up_proj.weight", "mlp.down": "mlp.down_proj.weight",
+                       "norm.attn": "input_layernorm.weight", "norm.mlp": "post_attention_layernorm.weight"},
+             "fused": {"attn.q": ("attn.qkv", "q"), "attn.k": ("attn.qkv", "k"), "attn.v": ("attn.qkv", "v"),
+                       "mlp.gate": ("mlp.gate_up", "gate"), "mlp.up": ("mlp.gate_up", "up")},
+             **_LLAMA_GLOBALS, "tie_default": False},
+    "gpt2": {"layers": ["transformer.h.{i}."],
+             "roles": {"attn.qkv": "attn.c_attn.weight", "attn.o": "attn.c_proj.weight",
+                       "mlp.up": "mlp.c_fc.weight", "mlp.down": "mlp.c_proj.weight",
+                       "norm.attn": "ln_1.weight", "norm.mlp": "ln_2.weight"},
+             "fused": {"attn.q": ("attn.qkv", "q"), "attn.k": ("attn.qkv", "k"), "attn.v": ("attn.qkv", "v")},
+             "transposed": ["attn.qkv", "attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"],
+             "embed": "transformer.wte.weight", "pos_embed": "transformer.wpe.weight", "lm_head": "lm_head.weight",
+             "final_norm": "transformer.ln_f.weight", "tie_default": True},
+    "gptj": {"layers": ["transformer.h.{i}."],
+             "roles": {"attn.q": "attn.q_proj.weight", "attn.k": "attn.k_proj.weight", "attn.v": "attn.v_proj.weight",
+                       "attn.o": "attn.out_proj.weight", "mlp.up": "mlp.fc_in.weight", "mlp.down": "mlp.fc_out.weight",
+                       "norm.attn": "ln_1.weight"},
+             # GPT-J runs attention and MLP in parallel from one norm: norm.mlp is the same tensor as norm.attn.
+             "aliases": {"norm.mlp": "norm.attn"},
+             "embed": "transformer.wte.weight", "lm_head": "lm_head.weight", "final_norm": "transformer.ln_f.weight",
+             "tie_default": False},
+    "opt": {"layers": ["model.decoder.layers.{i}."],
+            "roles": {"attn.q": "self_attn.q_proj.weight", "attn.k": "self_attn.k_proj.weight",
+                      "attn.v": "self_attn.v_proj.weight", "attn.o": "self_attn.out_proj.weight",
+                      "mlp.up": "fc1.weight", "mlp.down": "fc2.weight",
+                      "norm.attn": "self_attn_layer_norm.weight", "norm.mlp": "final_layer_norm.weight"},
+            "embed": "model.decoder.embed_tokens.weight", "pos_embed": "model.decoder.embed_positions.weight",
+            "lm_head": "lm_head.weight", "final_norm": "model.decoder.final_layer_norm.weight", "tie_default": True},
+    # diffusers UNet2DConditionModel: a "layer" is one transformer block that has cross-attention (attn2).
+    "unet": {"layers": "attn2-blocks",
+             "roles": {"attn.q": "attn1.to_q.weight", "attn.k": "attn1.to_k.weight", "attn.v": "attn1.to_v.weight",
+                       "attn.o": "attn1.to_out.0.weight",
+                       "xattn.q": "attn2.to_q.weight", "xattn.k": "attn2.to_k.weight", "xattn.v": "attn2.to_v.weight",
+                       "xattn.o": "attn2.to_out.0.weight",
+                       "mlp.up": "ff.net.0.proj.weight", "mlp.down": "ff.net.2.weight",
+                       "norm.attn": "norm1.weight", "norm.xattn": "norm2.weight", "norm.mlp": "norm3.weight"},
+             "tie_default": False},
+}
+
+#: config ``model_type`` / diffusers ``_class_name`` -> family
+ALIASES = {"gemma3": "gemma3_text", "UNet2DConditionModel": "unet", "qwen2_moe": None, "mixtral": None}
+
+
+def _natural_key(s: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def _name_candidates(name: str) -> list[str]:
+    """``name`` as written, without a base prefix, and with each base prefix added."""
+    out = [name]
+    for p in BASE_PREFIXES:
+        if name.startswith(p):
+            out.append(name[len(p):])
+    for p in BASE_PREFIXES:
+        if not name.startswith(p):
+            out.append(p + name)
+    return list(dict.fromkeys(out))
+
+
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    tc = config.get("text_config")
+    return tc if isinstance(tc, dict) else {}
+
+
+def _cfg(config: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    for src in (config, _text_config(config)):
+        for k in keys:
+            if src.get(k) is not None:
+                return src[k]
+    return default
+
+
+@dataclass
+class Roles:
+    """Resolved roles of one model. Names are full graph names (``unet/...`` for a pipeline component)."""
+
+    family: str
+    n_layers: int
+    layout: dict[str, Any]
+    config: dict[str, Any]
+    names: list[str]
+    prefixes: list[str]  # layer prefix of each layer i
+    embed: str | None
+    lm_head: str | None
+    final_norm: str | None
+    pos_embed: str | None
+    tied: bool
+    _name_set: set[str] = field(default_factory=set, repr=False)
+
+    # per layer -------------------------------------------------------------------------------------------
+    def layer_prefix(self, i: int) -> str:
+        self._check_layer(i)
+        return self.prefixes[i]
+
+    def _check_layer(self, i: int) -> None:
+        if not 0 <= i < self.n_layers:
+            raise SurgeonError(f"layer {i}: out of range (the {self.family} model has {self.n_layers} layers)")
+
+    def roles(self) -> list[str]:
+        """Every role this family knows (fused parts included), core roles first."""
+        known = set(self.layout.get("roles", {})) | set(self.layout.get("fused", {})) | set(
+            self.layout.get("aliases", {}))
+        return [r for r in CORE_ROLES if r in known] + sorted(known - set(CORE_ROLES))
+
+    def _suffix(self, role: str) -> str | None:
+        role = self.layout.get("aliases", {}).get(role, role)
+        fused = self.layout.get("fused", {}).get(role)
+        if fused is not None:
+            role = fused[0]
+        return self.layout.get("roles", {}).get(role)
+
+    def _lookup(self, i: int, role: str) -> str | None:
+        suffix = self._suffix(role)
+        if suffix is None:
+            return None
+        name = (suffix.format(i=i) if "{i}" in suffix else self.prefixes[i] + suffix)
+        for cand in _name_candidates(name):
+            if cand in self._name_set:
+                return cand
+        return None
+
+    def has(self, i: int, role: str) -> bool:
+        self._check_layer(i)
+        return self._lookup(i, role) is not None
+
+    def tensor(self, i: int, role: str) -> str:
+        """Full tensor name of ``role`` in layer ``i`` (the fused tensor for a fused role: see :meth:`rows`)."""
+        self._check_layer(i)
+        name = self._lookup(i, role)
+        if name is None:
+            where = f"{self.prefixes[i]}{self._suffix(role)}" if self._suffix(role) else "no pattern known"
+            raise SurgeonError(
+                f"role {role!r} of layer {i}: not found in this {self.family} model ({where}); "
+                f"supply a pattern in the recipe, e.g. `arch: {{{role}: \"<suffix after the layer prefix>\"}}`"
+                f" (known roles: {', '.join(self.roles())})")
+        return name
+
+    def transposed(self, role: str) -> bool:
+        """True when the role's tensor is stored as [d_in, d_out] (GPT-2 Conv1D)."""
+        return role in self.layout.get("transposed", ())
+
+    def rows(self, i: int, role: str) -> tuple[int, int] | None:
+        """``(start, stop)`` of the role inside a fused tensor, in Linear orientation (output rows; for a
+        transposed tensor these are columns of the stored array), or None when the role is a whole tensor."""
+        fused = self.layout.get("fused", {}).get(role)
+        if fused is None:
+            return None
+        key = fused[1]
+        hidden = int(_cfg(self.config, "hidden_size", "n_embd", "d_model"))
+        if key in ("q", "k", "v"):
+            n_heads = int(_cfg(self.config, "num_attention_heads", "n_head"))
+            n_kv = int(_cfg(self.config, "num_key_value_heads", default=n_heads))
+            head_dim = int(_cfg(self.config, "head_dim", default=hidden // n_heads))
+            sizes = {"q": n_heads * head_dim, "k": n_kv * head_dim, "v": n_kv * head_dim}
+            start = {"q": 0, "k": sizes["q"], "v": sizes["q"] + sizes["k"]}[key]
+            return start, start + sizes[key]
+        inter = int(_cfg(self.config, "intermediate_size", "n_inner", default=4 * hidden))
+        return (0, inter) if key == "gate" else (inter, 2 * inter)
+
+    def block_linears(self, i: int) -> list[str]:
+        """Weight names of the linear layers of layer ``i`` (each fused tensor once), in model order."""
+        self._check_layer(i)
+        out = []
+        for role, suffix in self.layout.get("roles", {}).items():
+            if role.startswith("norm."):
+                continue
+            name = self._lookup(i, role)
+            if name is not None:
+                out.append(name)
+        return self._ordered(set(out))
+
+    def block_tensors(self, i: int) -> list[str]:
+        """Every tensor of layer ``i`` (weights, biases, norms), in model order."""
+        p = self.layer_prefix(i)
+        return [n for n in self.names if n.startswith(p)]
+
+    def _ordered(self, chosen: set[str]) -> list[str]:
+        return [n for n in self.names if n in chosen]
+
+    # selectors -------------------------------------------------------------------------------------------
+    def select(self, selector: str | Sequence[str]) -> list[str]:
+        """Resolve a selector (or list of selectors, a union) to concrete tensor names in model order."""
+        items = [selector] if isinstance(selector, str) else list(selector)
+        if not items:
+            raise SurgeonError("selector: empty list")
+        chosen: set[str] = set()
+        for item in items:
+            found = self._select_one(str(item).strip())
+            if not found:
+                raise SurgeonError(f"selector {item!r}: matches no tensor of this {self.family} model "
+                                   f"(roles: {', '.join(self.roles())}; globals: {', '.join(GLOBAL_ROLES)}; "
+                                   "or `re:<regex>`, exact names, layer sets like `mlp.down[0, 4)`)")
+            chosen.update(found)
+        return self._ordered(chosen)
+
+    def _select_one(self, item: str) -> list[str]:
+        if item.startswith("re:"):
+            try:
+                pat = re.compile(item[3:])
+            except re.error as e:
+                raise SurgeonError(f"selector {item!r}: invalid regular expression ({e})") from None
+            return [n for n in self.names if pat.fullmatch(n)]
+        if item in self._name_set:
+            return [item]
+        m = re.fullmatch(r"\s*([^\[\]]*?)\s*(\[[^\]]*[\])])?\s*", item)
+        if m is None:
+            return []
+        head, layer_text = m.group(1), m.group(2)
+        layers = self._parse_layers(item, layer_text) if layer_text else list(range(self.n_layers))
+        if head in ("", "block", "layers"):
+            if not layer_text and head == "":
+                return []
+            return [n for i in layers for n in self.block_tensors(i)]
+        if head == "linears":
+            return [n for i in layers for n in self.block_linears(i)]
+        globals_ = {"embed": self.embed, "lm_head": self.lm_head, "final_norm": self.final_norm,
+                    "pos_embed": self.pos_embed}
+        if head in globals_:
+            if layer_text:
+                raise SurgeonError(f"selector {item!r}: {head} is not a per-layer role")
+            return [globals_[head]] if globals_[head] else []
+        roles = [r for r in self.roles() if fnmatch.fnmatchcase(r, head)]
+        if not roles:
+            return []
+        return [n for i in layers for r in roles if (n := self._lookup(i, r)) is not None]
+
+    def _parse_layers(self, item: str, text: str) -> list[int]:
+        body = text[1:-1].strip()
+        bad = SurgeonError(f"selector {item!r}: layer set must be a half-open range `[a, b)` or a list `[1, 3]` "
+                           f"of layers in 0..{self.n_layers - 1}")
+        try:
+            if text.endswith(")"):
+                a_s, b_s = body.split(",")
+                a, b = int(a_s), int(b_s)
+                if not 0 <= a < b <= self.n_layers:
+                    raise bad
+                return list(range(a, b))
+            out = [int(x) for x in body.split(",") if x.strip()]
+        except ValueError:
+            raise bad from None
+        if not out or any(not 0 <= x < self.n_layers for x in out):
+            raise bad
+        return out
+
+
+def _resolve_global(layout_value: str | list[str] | None, names: set[str], comp: str) -> str | None:
+    if layout_value is None:
+        return None
+    for pat in [layout_value] if isinstance(layout_value, str) else layout_value:
+        for cand in _name_candidates(pat):
+            if comp + cand in names:
+                return comp + cand
+    return None
+
+
+def _detect_family(config: dict[str, Any], names: list[str]) -> tuple[str, str]:
+    """(family name as reported, layout key in FAMILIES); layout key "" when nothing fits."""
+    mt = config.get("model_type") or _text_config(config).get("model_type") or config.get("_class_name") or ""
+    if mt in FAMILIES:
+        return mt, mt
+    alias = ALIASES.get(mt, "")
+    if alias:
+        return alias, alias
+    if not mt and any(n.endswith("attn2.to_k.weight") for n in names):
+        return "unet", "unet"
+    # unknown model_type: borrow the known layout that explains the most layer-0 tensors (many families copy
+    # llama's names); roles it does not explain fail later, naming the role.
+    best, best_hits = "", 0
+    name_set = set(names)
+    for key, lay in FAMILIES.items():
+        if not isinstance(lay["layers"], list):
+            continue
+        for tmpl in lay["layers"]:
+            hits = sum(1 for suf in lay["roles"].values()
+                       if any(c in name_set for c in _name_candidates(tmpl.format(i=0) + suf)))
+            if hits > best_hits:
+                best, best_hits = key, hits
+    return (mt or "unknown"), (best if best_hits >= 4 else "")
+
+
+def _component_of(names: list[str], layout_key: str) -> str:
+    """Pipeline graphs name tensors ``component/name``; find the component prefix that carries the layers."""
+    if layout_key == "unet":
+        for n in names:
+            if n.endswith("attn2.to_k.weight"):
+                return n[: n.index("/") + 1] if "/" in n else ""
+    return ""
+
+
+def roles_for(config: dict[str, Any], names: list[str], overrides: dict[str, Any] | None = None) -> Roles:
+    """Resolve roles for a model with this ``config`` and these tensor names.
+
+    ``overrides`` (the recipe's ``arch:`` mapping) may set ``family``, ``layers`` (prefix template with ``{i}``),
+    ``n_layers``, any role (suffix after the layer prefix, or a full name containing ``{i}``), ``embed``,
+    ``lm_head``, ``final_norm``, ``pos_embed``, ``tied`` and ``transposed`` (list of roles).
+    """
+    config = config or {}
+    names = list(names)
+    overrides = dict(overrides or {})
+    family, key = _detect_family(config, names)
+    if "family" in overrides:
+        family = str(overrides.pop("family"))
+        wanted = ALIASES.get(family) or family
+        if wanted in FAMILIES:
+            key = wanted
+    layout: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in FAMILIES.get(key, {}).items()}
+    layout.setdefault("roles", {})
+    for k, v in overrides.items():
+        if k == "layers":
+            layout["layers"] = [str(v)]
+        elif k == "transposed":
+            layout["transposed"] = list(v) if not isinstance(v, str) else [v]
+        elif k in GLOBAL_ROLES:
+            layout[k] = str(v) if v is not None else None
+        elif k in ("n_layers", "tied"):
+            layout[k] = v
+        elif isinstance(v, str) and "." in k:
+            layout["roles"][k] = v
+            layout.get("fused", {}).pop(k, None)
+        else:
+            raise SurgeonError(f"arch: unknown key {k!r} (expected family, layers, n_layers, tied, transposed, "
+                               f"{', '.join(GLOBAL_ROLES)}, or a role such as attn.q)")
+    name_set = set(names)
+    comp = _component_of(names, key)
+
+    prefixes: list[str]
+    if layout.get("layers") == "attn2-blocks":
+        blocks = sorted({n[: -len("attn2.to_k.weight")] for n in names if n.endswith("attn2.to_k.weight")},
+                        key=_natural_key)
+        prefixes = blocks
+    else:
+        templates = layout.get("layers") or []
+        if not templates:
+            raise SurgeonError(
+                f"model type {family!r}: unknown architecture (known: {', '.join(sorted(FAMILIES))}); "
+                "supply the layer prefix and roles in the recipe, e.g. "
+                "`arch: {layers: \"model.layers.{i}.\", attn.q: \"self_attn.q_proj.weight\", ...}`")
+        chosen = None
+        for tmpl in templates:
+            for cand in _name_candidates(tmpl):
+                p0 = comp + cand.format(i=0)
+                if any(n.startswith(p0) for n in names):
+                    chosen = comp + cand
+                    break
+            if chosen:
+                break
+        if chosen is None:
+            raise SurgeonError(f"{family} model: no tensor starts with the layer prefix "
+                               f"{templates[0].format(i=0)!r}; supply it as `arch: {{layers: \"<prefix with {{i}}>\"}}`")
+        n_cfg = layout.get("n_layers") or _cfg(config, "num_hidden_layers", "n_layer", "num_layers")
+        head, _, tail = chosen.partition("{i}")
+        layer_re = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
+        present = {int(m.group(1)) for n in names if (m := layer_re.match(n))}
+        found = 0
+        while found in present:
+            found += 1
+        n_layers = int(n_cfg) if n_cfg else found
+        if found < n_layers:
+            raise SurgeonError(f"{family} model: config says {n_layers} layers but tensors exist for {found} "
+                               f"(prefix {chosen!r})")
+        prefixes = [chosen.format(i=i) for i in range(n_layers)]
+
+    embed = _resolve_global(layout.get("embed"), name_set, comp)
+    lm_head = _resolve_global(layout.get("lm_head"), name_set, comp)
+    tie_cfg = layout.get("tied")
+    if tie_cfg is None:
+        tie_cfg = _cfg(config, "tie_word_embeddings", default=layout.get("tie_default", False))
+    tied = bool(embed) and (lm_head is None or bool(tie_cfg))
+    if tied:
+        lm_head = None
+    return Roles(family=family, n_layers=len(prefixes), layout=layout, config=config, names=names,
+                 prefixes=prefixes, embed=embed, lm_head=lm_head,
+                 final_norm=_resolve_global(layout.get("final_norm"), name_set, comp),
+                 pos_embed=_resolve_global(layout.get("pos_embed"), name_set, comp), tied=tied,
+                 _name_set=name_set)
+
+
+def known_families() -> list[str]:
+    return sorted(FAMILIES)
+
+
+def iter_layer_roles(r: Roles, roles: Iterable[str] | None = None) -> Iterable[tuple[int, str, str]]:
+    """``(layer, role, tensor name)`` for every present role of every layer (fused roles map to their tensor)."""
+    for i in range(r.n_layers):
+        for role in roles or r.roles():
+            name = r._lookup(i, role)
+            if name is not None:
+                yield i, role, name
