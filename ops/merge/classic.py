@@ -1,0 +1,333 @@
+"""Classic merges: linear (model soups), task arithmetic, TIES, DARE (ALGORITHMS.md §3.1).
+
+Pure tensor functions first (fp32 in, fp32 out, testable without files), then one short ``apply`` per op that
+wires them into lazy graph nodes. Conventions follow mergekit where users compare against it: TIES trims with
+``k = int(density·numel)``, elects the sign of the *weighted* sum and divides by the agreeing weights; task
+arithmetic does not normalise by default.
+
+- Linear (Wortsman et al. 2022, arXiv 2203.05482): θ = Σ w_i θ_i / Σ w_i.
+- Task arithmetic (Ilharco et al. 2023, arXiv 2212.04089): θ = θ_b + λ Σ w_i τ_i, τ_i = θ_i − θ_b.
+- TIES (Yadav et al. 2023, arXiv 2306.01708): trim to the top-density |τ_i|, γ = sign(Σ w_i τ̂_i),
+  τ_m = Σ_agree w_i τ̂_i / Σ_agree w_i, θ = θ_b + λ τ_m.
+- DARE (Yu et al. 2024, arXiv 2311.03099): τ̃_i = τ_i ⊙ m_i / p with m_i ~ Bernoulli(p = density), then a
+  linear sum or TIES; each tensor's RNG is seeded from (seed, tensor name), independent of execution order.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from surgeon.context import Context
+from surgeon.errors import SurgeonError
+from surgeon.graph import Graph
+from surgeon.ops.merge._common import (
+    LayerValue,
+    MergeParams,
+    check_compatible,
+    check_weights,
+    embedding_names,
+    gather_inputs,
+    layer_value,
+    merged_graph,
+    num_layers,
+    parse_float_list,
+    parse_layer_value,
+)
+from surgeon.registry import register
+
+# ---------------------------------------------------------------------------------------------------------
+# pure math
+
+
+def linear_merge(values: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = True) -> torch.Tensor:
+    """Σ w_i θ_i (/ Σ w_i when ``normalize``), accumulated in fp32."""
+    acc = torch.zeros(values[0].shape, dtype=torch.float32)
+    for v, w in zip(values, weights):
+        acc.add_(v.float(), alpha=float(w))
+    total = float(sum(weights))
+    if normalize and abs(total) > 1e-8:
+        acc.div_(total)
+    return acc
+
+
+def task_vectors(base: torch.Tensor, values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stacked τ_i = θ_i − θ_b in fp32, shape [n, *shape]."""
+    b = base.float()
+    return torch.stack([v.float() - b for v in values])
+
+
+def task_arithmetic(base: torch.Tensor, values: Sequence[torch.Tensor], weights: Sequence[float], *,
+                    scale: float = 1.0, normalize: bool = False) -> torch.Tensor:
+    """θ_b + λ Σ w_i τ_i (the sum divided by Σ w_i when ``normalize``)."""
+    b = base.float()
+    acc = torch.zeros_like(b)
+    for v, w in zip(values, weights):
+        acc.add_(v.float() - b, alpha=float(w))
+    total = float(sum(weights))
+    if normalize and abs(total) > 1e-8:
+        acc.div_(total)
+    return b.add_(acc, alpha=float(scale)) if scale != 1.0 else b + acc
+
+
+def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``k = int(density·numel)`` largest |δ| (ties at the threshold are all kept), zero the rest."""
+    if density >= 1.0:
+        return delta
+    k = int(density * delta.numel())
+    if k <= 0:
+        return torch.zeros_like(delta)
+    a = delta.abs().reshape(-1)
+    thr = torch.kthvalue(a, a.numel() - k + 1).values
+    return delta * (delta.abs() >= thr)
+
+
+def sign_election(weighted: torch.Tensor, *, method: Literal["sum", "count"] = "sum") -> torch.Tensor:
+    """γ = sign of Σ_i (weighted τ̂_i) per element (+1 on ties), or of the count of signs."""
+    s = weighted.sum(0) if method == "sum" else torch.sign(weighted).sum(0)
+    return torch.where(s >= 0, 1.0, -1.0)
+
+
+def disjoint_mean(deltas: torch.Tensor, weights: Sequence[float], *, normalize: bool = True,
+                  election: Literal["weighted", "unweighted"] = "weighted") -> torch.Tensor:
+    """TIES disjoint merge of trimmed task vectors ``deltas`` [n, ...]: Σ_agree w τ̂ / Σ_agree w (0 if none)."""
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float32).reshape(-1, *([1] * (deltas.dim() - 1)))
+    weighted = deltas * w
+    gamma = sign_election(weighted if election == "weighted" else deltas)
+    agree = torch.sign(weighted) == gamma
+    mixed = (weighted * agree).sum(0)
+    if normalize:
+        divisor = (w * agree).sum(0)
+        divisor[divisor == 0] = 1.0
+        mixed = mixed / divisor
+    return mixed
+
+
+def ties_merge(base: torch.Tensor, values: Sequence[torch.Tensor], weights: Sequence[float], *, density: float,
+               scale: float = 1.0, normalize: bool = True,
+               election: Literal["weighted", "unweighted"] = "weighted") -> torch.Tensor:
+    """θ_b + λ·disjoint_mean(trim(τ_i))."""
+    taus = task_vectors(base, values)
+    for i in range(taus.shape[0]):
+        taus[i] = magnitude_trim(taus[i], density)
+    return base.float() + scale * disjoint_mean(taus, weights, normalize=normalize, election=election)
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A 63-bit RNG seed from (global seed, tensor name): the same tensor gets the same mask in any order."""
+    h = hashlib.blake2b(f"{seed}\x00{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def dare_drop(delta: torch.Tensor, density: float, generator: torch.Generator, *, rescale: bool = True) -> torch.Tensor:
+    """τ ⊙ m (/ p when ``rescale``), m ~ Bernoulli(p = density)."""
+    if density >= 1.0:
+        return delta
+    keep = torch.rand(delta.shape, generator=generator) < density
+    out = delta * keep
+    return out / density if rescale and density > 0 else out
+
+
+def dare_merge(base: torch.Tensor, values: Sequence[torch.Tensor], weights: Sequence[float], *, density: float,
+               seed: int, name: str, scale: float = 1.0, consensus: Literal["none", "ties"] = "none",
+               normalize: bool = False, rescale: bool = True) -> torch.Tensor:
+    """DARE: drop-and-rescale each τ_i (one RNG stream per tensor and model), then sum (or TIES-elect)."""
+    taus = task_vectors(base, values)
+    for i in range(taus.shape[0]):
+        g = torch.Generator().manual_seed(tensor_seed(seed + i, name))
+        taus[i] = dare_drop(taus[i], density, g, rescale=rescale)
+    if consensus == "ties":
+        mixed = disjoint_mean(taus, weights, normalize=normalize)
+    else:
+        w = torch.tensor([float(x) for x in weights]).reshape(-1, *([1] * (taus.dim() - 1)))
+        mixed = (taus * w).sum(0)
+        total = float(sum(weights))
+        if normalize and abs(total) > 1e-8:
+            mixed = mixed / total
+    return base.float() + scale * mixed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# params
+
+
+def _weights_field():
+    return Field(None, description="One weight per model, in order (default: all 1).")
+
+
+class _WeightsMixin(MergeParams):
+    weights: list[float] | None = _weights_field()
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _parse_weights(cls, v: Any) -> Any:
+        return parse_float_list(v)
+
+
+def _check_unit(v: Any, what: str, *, low_open: bool = False) -> None:
+    vals: list[float] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, dict):
+            for y in x.values():
+                walk(y)
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                walk(y)
+        else:
+            vals.append(float(x))
+
+    walk(v)
+    for x in vals:
+        if not (0.0 < x <= 1.0 if low_open else 0.0 <= x <= 1.0):
+            raise ValueError(f"{what} must be in {'(0, 1]' if low_open else '[0, 1]'}, got {x}")
+
+
+class LinearParams(_WeightsMixin):
+    normalize: bool = Field(True, description="Divide by the sum of the weights.")
+
+
+class TaskArithmeticParams(_WeightsMixin):
+    scale: LayerValue = Field(1.0, description=(
+        "λ multiplying the summed task vectors: a number, a list over layers, or {pattern: value}."))
+    normalize: bool = Field(False, description="Divide the summed task vectors by the sum of the weights.")
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _parse(cls, v: Any) -> Any:
+        return parse_layer_value(v)
+
+
+class TiesParams(TaskArithmeticParams):
+    density: LayerValue = Field(0.5, description=(
+        "Fraction of each task vector kept (largest magnitudes): a number in [0, 1], a list over layers, "
+        "or {pattern: value}."))
+    normalize: bool = Field(True, description="Disjoint mean: divide by the weights of the agreeing models.")
+    election: Literal["weighted", "unweighted"] = Field("weighted", description=(
+        "Sign election on Σ w_i τ̂_i (weighted, as mergekit) or Σ τ̂_i (unweighted, as the paper)."))
+
+    @field_validator("density", mode="before")
+    @classmethod
+    def _parse_density(cls, v: Any) -> Any:
+        return parse_layer_value(v)
+
+    @model_validator(mode="after")
+    def _check(self):
+        _check_unit(self.density, "density")
+        return self
+
+
+class DareParams(TaskArithmeticParams):
+    density: LayerValue = Field(0.5, description=(
+        "Keep probability p of each task-vector entry (drop rate 1 − p): a number in (0, 1], a list over "
+        "layers, or {pattern: value}."))
+    seed: int = Field(0, description="Seed of the random masks (each tensor's mask depends on seed and name only).")
+    consensus: Literal["none", "ties"] = Field("none", description=(
+        "After dropping: sum the task vectors (none = dare_linear) or TIES sign election (ties = dare_ties)."))
+    rescale: bool = Field(True, description="Divide the kept entries by p (DARE's rescale).")
+    normalize: bool | None = Field(None, description=(
+        "Divide by the (agreeing) weights; default true with --consensus ties, false otherwise."))
+
+    @field_validator("density", mode="before")
+    @classmethod
+    def _parse_density(cls, v: Any) -> Any:
+        return parse_layer_value(v)
+
+    @model_validator(mode="after")
+    def _check(self):
+        _check_unit(self.density, "density", low_open=True)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ops
+
+
+@register("merge.linear", LinearParams, multi_model=True)
+def merge_linear(graph: Graph, params: LinearParams, ctx: Context) -> Graph:
+    """Weighted average of checkpoints (model soup)."""
+    inputs = gather_inputs(graph, params, ctx, need_base=False, min_models=1, op="merge linear")
+    # a base, if given, is only where unmerged tensors come from; the average is over the models
+    inputs.primary = inputs.graphs[0] if inputs.base is None else inputs.base
+    weights = check_weights(params.weights, inputs.n, op="merge linear")
+    if abs(sum(weights)) < 1e-8 and params.normalize:
+        raise SurgeonError("merge linear: the weights sum to 0; cannot normalise (pass --no-normalize)")
+    saved_base, inputs.base = inputs.base, None
+    plan = check_compatible(inputs, params, op="merge linear")
+    inputs.base = saved_base
+
+    def make(name: str):
+        return lambda *vals: linear_merge(vals, weights, normalize=params.normalize)
+
+    g = merged_graph(inputs, params, plan, make, with_base=False, label="merge-linear")
+    ctx.report(method="linear", models=inputs.names, weights=weights, normalize=params.normalize,
+               merged_tensors=sum(1 for k in plan.values() if k == "merge"))
+    return g
+
+
+def _task_setup(graph: Graph, params: TaskArithmeticParams, ctx: Context, op: str):
+    inputs = gather_inputs(graph, params, ctx, need_base=True, min_models=1, op=op)
+    weights = check_weights(params.weights, inputs.n, op=op)
+    plan = check_compatible(inputs, params, op=op)
+    n_layers = num_layers(inputs.primary)
+    emb = embedding_names(inputs.primary)
+    return inputs, weights, plan, n_layers, emb
+
+
+@register("merge.task-arithmetic", TaskArithmeticParams, multi_model=True)
+def merge_task_arithmetic(graph: Graph, params: TaskArithmeticParams, ctx: Context) -> Graph:
+    """θ_b + λ Σ w_i τ_i."""
+    op = "merge task-arithmetic"
+    inputs, weights, plan, n_layers, emb = _task_setup(graph, params, ctx, op)
+
+    def make(name: str):
+        lam = layer_value(params.scale, name, n_layers, embeddings=emb)
+        return lambda base, *vals: task_arithmetic(base, vals, weights, scale=lam, normalize=params.normalize)
+
+    g = merged_graph(inputs, params, plan, make, with_base=True, label="merge-ta")
+    ctx.report(method="task-arithmetic", models=inputs.names, base=inputs.base_name, weights=weights,
+               scale=params.scale, normalize=params.normalize)
+    return g
+
+
+@register("merge.ties", TiesParams, multi_model=True)
+def merge_ties(graph: Graph, params: TiesParams, ctx: Context) -> Graph:
+    """TIES: trim, elect sign, disjoint mean."""
+    op = "merge ties"
+    inputs, weights, plan, n_layers, emb = _task_setup(graph, params, ctx, op)
+    resolved = {t: (layer_value(params.density, t, n_layers, embeddings=emb),
+                    layer_value(params.scale, t, n_layers, embeddings=emb)) for t, k in plan.items() if k == "merge"}
+
+    def make(name: str):
+        density, lam = resolved[name]
+        return lambda base, *vals: ties_merge(base, vals, weights, density=density, scale=lam,
+                                              normalize=params.normalize, election=params.election)
+
+    g = merged_graph(inputs, params, plan, make, with_base=True, label="merge-ties")
+    ctx.report(method="ties", models=inputs.names, base=inputs.base_name, weights=weights, density=params.density,
+               scale=params.scale, election=params.election, normalize=params.normalize)
+    return g
+
+
+@register("merge.dare", DareParams, multi_model=True)
+def merge_dare(graph: Graph, params: DareParams, ctx: Context) -> Graph:
+    """DARE: random drop with rescale, then sum or TIES."""
+    op = "merge dare"
+    inputs, weights, plan, n_layers, emb = _task_setup(graph, params, ctx, op)
+    normalize = params.normalize if params.normalize is not None else params.consensus == "ties"
+    seed = params.seed
+
+    def make(name: str):
+        density = layer_value(params.density, name, n_layers, embeddings=emb)
+        lam = layer_value(params.scale, name, n_layers, embeddings=emb)
+        return lambda base, *vals: dare_merge(base, vals, weights, density=density, seed=seed, name=name,
+                                              scale=lam, consensus=params.consensus, normalize=normalize,
+                                              rescale=params.rescale)
+
+    g = merged_graph(inputs, params, plan, make, with_base=True, label="merge-dare")
+    ctx.report(method="dare", models=inputs.names, base=inputs.base_name, weights=weights, density=params.density,
+               scale=params.scale, seed=seed, consensus=params.consensus, normalize=normalize)
+    return g
