@@ -10,7 +10,7 @@ from surgeon.errors import SurgeonError
 from surgeon.ops.merge import classic
 from surgeon.ops.merge._common import layer_value
 from tests.conftest import save_tiny_llama
-from tests.merge_helpers import context_for, perturbed_copy, state
+from tests.test_merge_helpers import context_for, perturbed_copy, state
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Helpers shared by the merge tests: perturbed copies of a tiny model, graphs and contexts, LoRA adapters."""
+"""Helpers shared by the merge tests (no tests here): perturbed copies of a tiny model, contexts, LoRA folders."""
 from __future__ import annotations
 
 import json
