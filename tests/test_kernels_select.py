@@ -1,0 +1,97 @@
+"""Exact k-th value selection (numba radix select on CPU) against torch.kthvalue."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from surgeon.kernels.select import (StreamingKth, key_to_float, kth_smallest, smallest_k_mask, zero_smallest_k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("absolute", [False, True])
+def test_kth_smallest_equals_torch_kthvalue(dtype, absolute):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(257, 131, generator=g).to(dtype)
+    ref_in = x.float().abs() if absolute else x.float()
+    for k in [1, 2, 100, x.numel() // 3, x.numel() // 2, x.numel() - 1, x.numel()]:
+        got = kth_smallest(x, k, absolute=absolute)
+        ref = torch.kthvalue(ref_in.flatten(), k).values
+        assert got.value == float(ref)
+        assert got.n_less == int((ref_in < ref).sum())
+        assert got.n_equal == int((ref_in == ref).sum())
+
+
+def test_kth_with_heavy_ties_and_signed_zeros():
+    x = torch.tensor([0.0, -0.0, 1.0, -1.0, 1.0, 2.0, -2.0, 0.0, 3.0, 1.0])
+    for k in range(1, x.numel() + 1):
+        assert kth_smallest(x, k).value == float(torch.kthvalue(x, k).values)
+        assert kth_smallest(x, k, absolute=True).value == float(torch.kthvalue(x.abs(), k).values)
+
+
+def test_smallest_k_mask_is_exactly_k_with_index_tiebreak():
+    x = torch.tensor([[3.0, 1.0, 1.0, 1.0], [2.0, 1.0, 5.0, 1.0]])
+    m = smallest_k_mask(x, 3)
+    assert int(m.sum()) == 3
+    # the four 1.0s tie; the three with the lowest flat index go
+    assert m.flatten().tolist() == [False, True, True, True, False, False, False, False]
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(-3, 4, (64, 48), generator=g).float()  # many ties
+    for k in [0, 1, 500, 1536, 3071, 3072]:
+        mk = smallest_k_mask(y, k, absolute=True)
+        assert int(mk.sum()) == k
+        if 0 < k < y.numel():  # everything selected is <= everything not selected
+            assert y.abs()[mk].max() <= y.abs()[~mk].min()
+
+
+def test_zero_smallest_k_matches_reference():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(96, 80, generator=g).bfloat16()
+    k = 3840
+    got = zero_smallest_k(w, k)
+    order = torch.sort(w.float().abs().flatten(), stable=True).indices[:k]
+    ref = w.float().flatten().clone()
+    ref[order] = 0
+    assert torch.equal(got.flatten(), ref)
+    assert int((got == 0).sum()) == k
+
+
+def test_streaming_kth_over_many_tensors_equals_kthvalue_of_concatenation():
+    g = torch.Generator().manual_seed(3)
+    parts = [torch.randn(s, generator=g) * sc for s, sc in [(1000, 1.0), (37, 10.0), (4096, 0.01), (5, 1.0)]]
+    parts.append(parts[0][:100].clone())  # duplicated values: ties across tensors
+    cat = torch.cat(parts).abs()
+    for k in [1, 50, 2000, cat.numel() // 2, cat.numel()]:
+        s = StreamingKth(k)
+        for p in parts:
+            s.add_high(p)
+        for i, p in enumerate(parts):
+            s.add_low(p, i)
+        key, n_less, equal = s.result(len(parts))
+        ref = torch.kthvalue(cat, k).values
+        assert key_to_float(key) == float(ref)
+        assert n_less == int((cat < ref).sum())
+        assert equal == [int((p.abs() == ref).sum()) for p in parts]
+
+
+def test_nonfinite_input_is_rejected():
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        kth_smallest(torch.tensor([1.0, float("nan"), 2.0]), 1)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        kth_smallest(torch.tensor([1.0, -float("inf"), 2.0]), 1)
+
+
+def test_float64_falls_back_to_torch():
+    x = torch.randn(100, dtype=torch.float64)
+    assert kth_smallest(x, 10).value == float(torch.kthvalue(x, 10).values)
+    assert int(smallest_k_mask(x, 10).sum()) == 10
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_path_equals_cpu():
+    x = torch.randn(1000, 500)
+    for k in [1, 250000, 500000]:
+        assert kth_smallest(x, k, device="cuda").value == kth_smallest(x, k).value
+        assert torch.equal(smallest_k_mask(x, k, device="cuda", absolute=True).cpu(),
+                           smallest_k_mask(x, k, absolute=True))
