@@ -1,0 +1,283 @@
+"""Calibration and evaluation data: texts from files or from the model itself, packed into token windows.
+
+Sources (``spec``):
+- ``path.txt`` (or any other text file): paragraphs separated by blank lines;
+- ``path.jsonl``: one JSON object per line, text under ``field`` (default ``text``); ``path.json``: a list of
+  such objects or of strings;
+- a folder written by ``datasets``' ``save_to_disk`` (needs the optional ``datasets`` package; a
+  ``DatasetDict`` uses its ``train`` split, else its first);
+- ``model`` / ``model:N``: N sequences sampled from the model itself (data-free calibration, as LLM-QAT,
+  arXiv 2305.17888): the first token is drawn uniformly from the non-special vocabulary, the rest by sampling
+  the model's next-token distribution (temperature 1, top-k 50) with a generator seeded by ``ctx.seed``.
+
+Token windows: every text is tokenised without special tokens, followed by EOS, all concatenated (with BOS once
+in front when the tokenizer adds one), and cut into consecutive non-overlapping windows of ``seqlen`` tokens
+(capped at 2048 and at the model's context); the tail shorter than a window is dropped. With ``max_windows``
+fewer than available, a seeded subset is taken, kept in stream order. Same inputs and seed, same tensor.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from surgeon.errors import SurgeonError
+
+if TYPE_CHECKING:
+    import torch
+
+    from surgeon.context import Context
+    from surgeon.graph import Graph
+
+MAX_SEQLEN = 2048
+SAMPLE_TOP_K = 50
+
+
+# ---------------------------------------------------------------------------------------------------- files
+def _decode(path: Path, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise SurgeonError(f"{path}:{line}: not UTF-8 text (byte {e.start}); expected plain text") from None
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [p.strip() for p in re.split(r"\n[ \t]*\n", text) if p.strip()]
+
+
+def _text_of(path: Path, line: int, obj: Any, field: str) -> str:
+    if isinstance(obj, str):
+        return obj
+    if not isinstance(obj, dict):
+        raise SurgeonError(f"{path}:{line}: expected a JSON object with a {field!r} string")
+    if field not in obj:
+        keys = ", ".join(list(obj)[:6]) or "none"
+        raise SurgeonError(f"{path}:{line}: no field {field!r} (keys: {keys}); choose one with --field")
+    val = obj[field]
+    if not isinstance(val, str):
+        raise SurgeonError(f"{path}:{line}: field {field!r} is {type(val).__name__}, expected a string")
+    return val
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
+    """``(line number, parsed object)`` for each non-blank line; a bad line raises naming path and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise SurgeonError(f"{path}: no such file")
+    out = []
+    for i, line in enumerate(_decode(path, path.read_bytes()).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((i, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise SurgeonError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
+    return out
+
+
+def _datasets_folder(path: Path, field: str) -> list[str]:
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError:
+        raise SurgeonError(f"{path}: a `datasets` folder needs the optional package datasets "
+                           "(pip install datasets), or pass a .txt/.jsonl file") from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise SurgeonError(f"{path}: not a folder written by datasets' save_to_disk ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        split = "train" if "train" in ds else next(iter(ds))
+        ds = ds[split]
+    if field not in ds.column_names:
+        raise SurgeonError(f"{path}: no column {field!r} (columns: {', '.join(ds.column_names)}); "
+                           "choose one with --field")
+    return [t for t in ds[field] if isinstance(t, str)]
+
+
+def _file_texts(spec: str, field: str) -> list[str]:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        texts = _datasets_folder(path, field)
+    elif not path.is_file():
+        raise SurgeonError(f"{spec}: no such file (expected a .txt or .jsonl file, a datasets folder, "
+                           "or model:N for text sampled from the model)")
+    elif path.suffix == ".jsonl":
+        texts = [_text_of(path, i, obj, field) for i, obj in read_jsonl(path)]
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(_decode(path, path.read_bytes()))
+        except json.JSONDecodeError as e:
+            raise SurgeonError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(data, list):
+            raise SurgeonError(f"{path}: expected a JSON list of strings or of objects with {field!r}")
+        texts = [_text_of(path, 1, obj, field) for obj in data]
+    else:
+        texts = _paragraphs(_decode(path, path.read_bytes()))
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise SurgeonError(f"{path}: contains no text")
+    return texts
+
+
+def parse_model_spec(spec: str) -> int | None:
+    """``model`` -> 0 (use the default count), ``model:N`` -> N, anything else -> None."""
+    if spec == "model":
+        return 0
+    m = re.fullmatch(r"model:(\d+)", spec.strip())
+    if m is None:
+        if spec.startswith("model:"):
+            raise SurgeonError(f"{spec}: expected model:N with N a positive number of sampled sequences")
+        return None
+    n = int(m.group(1))
+    if n <= 0:
+        raise SurgeonError(f"{spec}: N must be at least 1")
+    return n
+
+
+# -------------------------------------------------------------------------------------------- self-sampling
+def sample_token_sequences(model, *, n: int, length: int, seed: int, vocab_size: int,
+                           special_ids: set[int] | None = None, batch_size: int = 8,
+                           top_k: int = SAMPLE_TOP_K) -> torch.Tensor:
+    """``[n, length]`` token ids sampled from ``model`` with a CPU generator seeded by ``seed``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    allowed = torch.tensor([i for i in range(vocab_size) if i not in (special_ids or set())])
+    dev = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            first = allowed[torch.randint(len(allowed), (b, 1), generator=g)]
+            seq = [first]
+            cur, past = first, None
+            for _ in range(length - 1):
+                res = model(input_ids=cur.to(dev), past_key_values=past, use_cache=True)
+                past = res.past_key_values
+                logits = res.logits[:, -1, :vocab_size].float().cpu()
+                if 0 < top_k < logits.shape[-1]:
+                    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                cur = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=g)
+                seq.append(cur)
+            out.append(torch.cat(seq, dim=1))
+            del past
+    return torch.cat(out, dim=0)
+
+
+def _sampled(graph: Graph | None, ctx: Context | None, n: int, length: int) -> tuple[torch.Tensor, Any]:
+    if graph is None:
+        raise SurgeonError("model:N data needs a model to sample from")
+    from surgeon.model import load_tokenizer, materialize
+
+    device = ctx.device if ctx is not None else "cpu"
+    seed = ctx.seed if ctx is not None else 0
+    try:
+        tok = ctx.tokenizer(graph) if ctx is not None else load_tokenizer(graph)
+    except SurgeonError:
+        tok = None
+    model = ctx.module(graph) if ctx is not None else materialize(graph, device=device)
+    vocab = int(model.config.vocab_size) if hasattr(model, "config") else model.get_output_embeddings().out_features
+    specials = set(getattr(tok, "all_special_ids", []) or []) if tok is not None else set()
+    ids = sample_token_sequences(model, n=n, length=length, seed=seed, vocab_size=vocab, special_ids=specials)
+    del model
+    return ids, tok
+
+
+# -------------------------------------------------------------------------------------------------- public
+def load_texts(spec: str, *, graph: Graph | None = None, ctx: Context | None = None, n_samples: int = 64,
+               field: str = "text", sample_len: int = 128) -> list[str]:
+    """Texts from ``spec`` (see the module docstring). ``n_samples``/``sample_len`` apply to ``model``."""
+    n = parse_model_spec(spec)
+    if n is None:
+        return _file_texts(spec, field)
+    ids, tok = _sampled(graph, ctx, n or n_samples, sample_len)
+    if tok is None:
+        raise SurgeonError("model:N texts need the model's tokenizer to decode the samples")
+    return [tok.decode(row.tolist(), skip_special_tokens=True) for row in ids]
+
+
+def max_context(config: dict[str, Any]) -> int | None:
+    """The model's context length from its config, if it states one."""
+    for src in (config, config.get("text_config") or {}):
+        for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+            if isinstance(src.get(key), int) and src[key] > 0:
+                return int(src[key])
+    return None
+
+
+def effective_seqlen(seqlen: int, config: dict[str, Any]) -> int:
+    if seqlen < 2:
+        raise SurgeonError(f"seqlen {seqlen}: expected at least 2 tokens per window")
+    ctx_len = max_context(config)
+    return min(seqlen, MAX_SEQLEN, ctx_len or MAX_SEQLEN)
+
+
+def token_windows(spec: str, graph: Graph, *, ctx: Context | None = None, seqlen: int = 512,
+                  max_windows: int | None = None, field: str = "text", n_samples: int = 64) -> torch.Tensor:
+    """``LongTensor [n, seqlen']`` of consecutive non-overlapping windows (see the module docstring).
+
+    ``seqlen' = min(seqlen, 2048, model context)``; a stream shorter than one window gives a single window of
+    the whole stream. For ``model[:N]`` each window is one sampled sequence of ``seqlen'`` tokens.
+    """
+    import torch
+
+    if max_windows is not None and max_windows < 1:
+        raise SurgeonError(f"max_windows {max_windows}: expected at least 1")
+    length = effective_seqlen(seqlen, graph.config)
+    n = parse_model_spec(spec)
+    if n is not None:
+        count = n or (max_windows or n_samples)
+        if max_windows is not None:
+            count = min(count, max_windows)
+        ids, _ = _sampled(graph, ctx, count, length)
+        return ids.long()
+    texts = _file_texts(spec, field)
+    from surgeon.model import load_tokenizer
+
+    tok = ctx.tokenizer(graph) if ctx is not None else load_tokenizer(graph)
+    stream: list[int] = []
+    if getattr(tok, "add_bos_token", False) and tok.bos_token_id is not None:
+        stream.append(int(tok.bos_token_id))
+    eos = tok.eos_token_id
+    for ids in tok(texts, add_special_tokens=False)["input_ids"]:
+        stream.extend(ids)
+        if eos is not None:
+            stream.append(int(eos))
+    if len(stream) < 2:
+        raise SurgeonError(f"{spec}: fewer than 2 tokens of text")
+    total = len(stream) // length
+    if total == 0:
+        if ctx is not None:
+            ctx.log(f"{spec}: {len(stream)} tokens, fewer than seqlen {length}: one window of {len(stream)}")
+        return torch.tensor([stream], dtype=torch.long)
+    windows = torch.tensor(stream[: total * length], dtype=torch.long).view(total, length)
+    if max_windows is not None and total > max_windows:
+        g = torch.Generator().manual_seed(ctx.seed if ctx is not None else 0)
+        keep = torch.randperm(total, generator=g)[:max_windows].sort().values
+        windows = windows[keep]
+    return windows
+
+
+def save_word_tokenizer(folder: str | Path, words: list[str], *, specials: tuple[str, ...] = (
+        "<unk>", "<pad>", "<bos>", "<eos>")) -> Path:
+    """Save a whitespace word-level tokenizer (``tokenizer.json`` + config) for toy models and tests.
+
+    Ids: the specials first, then ``words`` in first-seen order. Decoding joins words with spaces.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for w in [*specials, *words]:
+        vocab.setdefault(w, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token=specials[0]))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token=specials[0], pad_token=specials[1],
+                                  bos_token=specials[2], eos_token=specials[3])
+    folder = Path(folder)
+    tok.save_pretrained(folder)
+    return folder
