@@ -1,0 +1,172 @@
+"""Magnitude pruning: zero the smallest |w| of the selected matrices, per matrix, globally, or N:M.
+
+- ``scope: layer`` (default, as PERP and the Wanda/SparseGPT magnitude baselines): each matrix loses exactly
+  k = ⌊s·numel⌋ entries, the k smallest |w|, ties broken by flat index (``surgeon.kernels.select``).
+- ``scope: global``: one exact threshold over all selected matrices. Two streaming ``Reduce`` passes over the
+  selected tensors (a histogram of the high 16 bits of |w|'s fp32 pattern, then of the low 16 bits inside the
+  boundary bucket) find the k-th smallest |w| while holding only histograms; every prune node depends on that
+  reduction. Costs two extra reads of the selected tensors.
+- ``nm: "N:M"``: keep the N largest of every M consecutive inputs of each output row (along d_in; GPT-2 Conv1D
+  storage is [d_in, d_out], so groups run along dim 0 there).
+
+Output stays dense with exact zeros and no ``sparsity_config`` (vLLM rejects declared 2:4 sparsity).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from surgeon.context import Context
+from surgeon.graph import Graph, Reduce
+from surgeon.kernels.select import StreamingKth, fp32_bits, key_to_float, zero_below, zero_smallest_k
+from surgeon.registry import register
+
+from .common import (EXCLUDE_HELP, INCLUDE_HELP, Fresh, Pruned, check_nm_shapes, nm_prune, parse_nm, prune_targets,
+                     sparsity_facts, transposed_names)
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sparsity: float = Field(0.5, ge=0, lt=1, description="Fraction of the weights of each selected matrix "
+                            "(or of all of them with --scope global) set to zero.")
+    scope: Literal["layer", "global"] = Field("layer", description="layer: one threshold per matrix (exactly "
+                                              "⌊s·numel⌋ zeros each); global: one threshold over all selected "
+                                              "matrices (streamed, exact).")
+    nm: str | None = Field(None, description="Semi-structured N:M pattern, e.g. '2:4': keep N of every M "
+                           "consecutive inputs per output row (sparsity is then 1 - N/M).")
+    include: list[str] | None = Field(None, description=INCLUDE_HELP)
+    exclude: list[str] = Field(default_factory=list, description=EXCLUDE_HELP)
+
+    @field_validator("nm")
+    @classmethod
+    def _nm(cls, v: str | None) -> str | None:
+        parse_nm(v)
+        return v
+
+    @model_validator(mode="after")
+    def _nm_consistent(self) -> Params:
+        nm = parse_nm(self.nm)
+        if nm is not None:
+            if self.scope != "layer":
+                raise ValueError("nm: N:M pruning is per row; it cannot be combined with scope=global")
+            implied = 1 - nm[0] / nm[1]
+            if "sparsity" in self.model_fields_set and abs(self.sparsity - implied) > 1e-9:
+                raise ValueError(f"sparsity={self.sparsity} contradicts nm={self.nm} (which means "
+                                 f"{implied:g}); give one of them")
+        return self
+
+
+# --- pure tensor math --------------------------------------------------------------------------------------
+
+def n_pruned(numel: int, sparsity: float) -> int:
+    """k = ⌊s·numel⌋ (with a guard against 0.3·10 = 2.9999…)."""
+    return min(numel, math.floor(sparsity * numel + 1e-9))
+
+
+def magnitude_prune(w: torch.Tensor, sparsity: float, *, device: str = "cpu") -> torch.Tensor:
+    """``w`` with exactly ⌊s·numel⌋ of its smallest-magnitude entries zeroed (fp32 result)."""
+    return zero_smallest_k(w, n_pruned(w.numel(), sparsity), device=device, absolute=True)
+
+
+def global_threshold_nodes(nodes: list, k: int, facts: dict[str, Any]) -> Reduce:
+    """Two chained streaming reductions giving ``[threshold_key, ties_0, ties_1, …]`` (int64): the k-th smallest
+    |w| over all ``nodes`` as an order-preserving fp32 key, and how many entries equal to it each tensor must
+    zero so that exactly k go overall (ties broken by tensor order, then flat index)."""
+    n = len(nodes)
+
+    def high_step(acc: StreamingKth, v: torch.Tensor, i: int) -> StreamingKth:
+        acc.add_high(v)
+        return acc
+
+    high = Reduce([Fresh(x) for x in nodes], init=lambda: StreamingKth(k), step=high_step,
+                  finish=lambda acc: torch.from_numpy(acc.high.copy()), shape=(1 << 16,), dtype=torch.int64,
+                  label="magnitude-histogram")
+
+    def low_step(acc: StreamingKth | None, v: torch.Tensor, i: int) -> StreamingKth:
+        if i == 0:  # the pass-1 histogram arrives first
+            acc = StreamingKth(k)
+            acc.high[:] = v.numpy()
+            acc.n_seen = int(v.sum())
+            return acc
+        assert acc is not None
+        acc.add_low(v, i - 1)
+        return acc
+
+    def finish(acc: StreamingKth) -> torch.Tensor:
+        key, n_less, equal = acc.result(n)
+        need = k - n_less
+        ties = []
+        for e in equal:
+            t = min(e, need)
+            ties.append(t)
+            need -= t
+        facts["threshold"] = key_to_float(key)  # filled in place: the report sees it once the graph is written
+        return torch.tensor([key, *ties], dtype=torch.int64)
+
+    return Reduce([high, *[Fresh(x) for x in nodes]], init=lambda: None, step=low_step, finish=finish,
+                  shape=(n + 1,), dtype=torch.int64, label="magnitude-threshold")
+
+
+def _prune_below(index: int, facts: dict[str, Any], name: str):
+    def fn(reduced: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        bits = fp32_bits(w)
+        out = zero_below(bits, int(reduced[0]), int(reduced[1 + index]), absolute=True).reshape(w.shape)
+        frac = int((out == 0).sum()) / out.numel()
+        facts["sparsity_per_tensor"][name] = round(frac, 6)
+        if frac > 0.95:
+            facts["above_95_percent"].append(name)
+        return out
+
+    return fn
+
+
+# --- graph wiring ---------------------------------------------------------------------------------------------
+
+@register("prune.magnitude", Params)
+def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
+    """Magnitude pruning: per-layer, global or N:M."""
+    graph = graph.copy()
+    names = prune_targets(graph, params.include, params.exclude)
+    nm = parse_nm(params.nm)
+    dev = ctx.device
+    if nm is not None:
+        n, m = nm
+        trans = transposed_names(graph, names)
+        check_nm_shapes(graph, names, m, trans)
+        for name in names:
+            dense = graph[name]
+            t = name in trans
+            graph.nodes[name] = Pruned(lambda w, t=t: nm_prune(w, n, m, transposed=t), [dense], dense=dense,
+                                       label=f"prune-{n}:{m}")
+        numel = {name: graph[name].shape[0] * graph[name].shape[1] for name in names}
+        ctx.report(method="magnitude", nm=params.nm, transposed=sorted(trans),
+                   **sparsity_facts({k: (v * (m - n) // m, v) for k, v in numel.items()}))
+    elif params.scope == "layer":
+        per_tensor = {}
+        for name in names:
+            dense = graph[name]
+            numel = dense.shape[0] * dense.shape[1]
+            graph.nodes[name] = Pruned(lambda w: magnitude_prune(w, params.sparsity, device=dev), [dense],
+                                       dense=dense, label="prune-magnitude")
+            per_tensor[name] = (n_pruned(numel, params.sparsity), numel)
+        ctx.report(method="magnitude", scope="layer", **sparsity_facts(per_tensor))
+    else:
+        nodes = [graph[n] for n in names]
+        total = sum(x.shape[0] * x.shape[1] for x in nodes)
+        k = n_pruned(total, params.sparsity)
+        facts: dict[str, Any] = {"threshold": None, "sparsity_per_tensor": {}, "above_95_percent": []}
+        if k == 0:
+            ctx.report(method="magnitude", scope="global", sparsity=0.0, pruned_tensors=len(names))
+            return graph
+        reduced = global_threshold_nodes(nodes, k, facts)
+        for i, (name, dense) in enumerate(zip(names, nodes)):
+            graph.nodes[name] = Pruned(_prune_below(i, facts, name), [reduced, dense], dense=dense,
+                                       label="prune-magnitude-global")
+        # per-tensor sparsity is only known once the threshold has streamed; the dict is filled while writing
+        ctx.report(method="magnitude", scope="global", sparsity=round(k / total, 6), pruned_tensors=len(names),
+                   pruned_parameters=total, global_threshold=facts)
+    return graph

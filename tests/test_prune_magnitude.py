@@ -1,0 +1,193 @@
+"""prune.magnitude: exact sparsity per matrix, globally and per N:M group; lazy and streaming."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from surgeon.checkpoint import open_checkpoint
+from surgeon.context import Context
+from surgeon.errors import SurgeonError
+from surgeon.graph import Graph
+from surgeon.ops.prune.common import Fresh, Pruned, nm_prune
+from surgeon.ops.prune.magnitude import Params, apply, n_pruned
+from surgeon.pipeline import validate_step
+
+from conftest import save_tiny_llama
+
+
+def _graph(path: Path) -> Graph:
+    return Graph.from_checkpoint(open_checkpoint(path))
+
+
+def _linears(g: Graph) -> list[str]:
+    return [n for n in g.names() if ".layers." in n and n.endswith("proj.weight")]
+
+
+def test_per_matrix_sparsity_is_exact_and_smallest_go(tiny_llama):
+    g = _graph(tiny_llama)
+    g2 = apply(g, Params(sparsity=0.6), Context())
+    names = _linears(g)
+    assert len(names) == 4 * 7
+    for n in names:
+        w, p = g.value(n), g2.value(n)
+        assert isinstance(g2[n], Pruned)
+        assert int((p == 0).sum()) == n_pruned(w.numel(), 0.6)
+        kept = p != 0
+        assert torch.equal(p[kept], w[kept])  # survivors untouched
+        assert w.abs()[~kept].max() <= w.abs()[kept].min()  # the smallest went
+    for n in g.names():  # embeddings, head, norms stay dense and untouched
+        if n not in names:
+            assert g2.untouched(n), n
+
+
+def test_global_scope_threshold_is_exact_over_all_selected(tiny_llama):
+    from safetensors.torch import load_file, save_file
+
+    f = tiny_llama / "model.safetensors"
+    sd = load_file(f)
+    sd["model.layers.0.mlp.down_proj.weight"] *= 10  # one loud matrix: global keeps more of it
+    save_file(sd, f, metadata={"format": "pt"})
+    g = _graph(tiny_llama)
+    ctx = Context()
+    g2 = apply(g, Params(sparsity=0.5, scope="global"), ctx)
+    names = _linears(g)
+    allw = torch.cat([g.value(n).abs().flatten() for n in names])
+    k = n_pruned(allw.numel(), 0.5)
+    thr = torch.kthvalue(allw, k).values
+    zeros = 0
+    per = []
+    for n, v in g2.values(names):
+        w = g.value(n)
+        assert torch.equal((v == 0), (w.abs() <= thr))  # no exact ties in random fp32 weights
+        zeros += int((v == 0).sum())
+        per.append(float((v == 0).float().mean()))
+    assert zeros == k
+    assert min(per) < 0.1 and max(per) > 0.5  # global: the loud matrix is barely pruned
+    facts = ctx.step_info["global_threshold"]
+    assert facts["threshold"] == float(thr)
+    assert set(facts["sparsity_per_tensor"]) == set(names)
+
+
+def test_global_scope_streams_without_holding_the_model(tiny_llama):
+    g2 = apply(_graph(tiny_llama), Params(sparsity=0.5, scope="global"), Context())
+    names = _linears(g2)
+    from surgeon.graph import Executor
+
+    ex = Executor([g2[n] for n in g2.names()])
+    for n in g2.names():
+        ex.value(g2[n])
+        ex.release(g2[n])
+    # only the small threshold tensor is shared; no weight is cached while streaming
+    assert ex.max_live <= 1
+    red = g2[names[0]].inputs[0]
+    assert all(isinstance(i, Fresh) for i in red.inputs[1:])
+
+
+def test_global_ties_break_by_tensor_then_index(tmp_path):
+    from safetensors.torch import save_file
+
+    from surgeon.ops.prune.magnitude import global_threshold_nodes
+
+    a = torch.tensor([[1.0, 2.0], [2.0, 3.0]])
+    b = torch.tensor([[2.0, 2.0], [0.5, 4.0]])
+    save_file({"a": a, "b": b}, tmp_path / "m.safetensors")
+    g = _graph(tmp_path / "m.safetensors")
+    facts = {"threshold": None, "sparsity_per_tensor": {}, "above_95_percent": []}
+    red = global_threshold_nodes([g["a"], g["b"]], 4, facts)
+    out = Graph({"r": red}).value("r").tolist()
+    # sorted: 0.5, 1, then four 2.0s; k=4 needs two of them: both from 'a' (first tensor)
+    assert out[1:] == [2, 0]
+    assert facts["threshold"] == 2.0
+
+
+@pytest.mark.parametrize("nm", ["2:4", "1:4", "3:8"])
+def test_nm_every_group_has_exactly_n_nonzeros(tiny_llama, nm):
+    n, m = map(int, nm.split(":"))
+    g = _graph(tiny_llama)
+    g2 = apply(g, Params(nm=nm), Context())
+    for name in _linears(g):
+        w, p = g.value(name), g2.value(name)
+        groups = p.reshape(p.shape[0], -1, m)
+        assert bool(((groups != 0).sum(-1) == n).all()), name
+        wg = w.abs().reshape(w.shape[0], -1, m)
+        kept_min = torch.where(groups != 0, wg, torch.inf).min(-1).values
+        dropped_max = torch.where(groups == 0, wg, -torch.inf).max(-1).values
+        assert bool((kept_min >= dropped_max).all())
+
+
+def test_nm_on_transposed_conv1d_groups_along_dim0():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 6, generator=g)  # Conv1D storage [d_in=16, d_out=6]
+    p = nm_prune(w, 2, 4, transposed=True)
+    cols = p.T.reshape(6, 4, 4)  # per output, groups of 4 consecutive inputs
+    assert bool(((cols != 0).sum(-1) == 2).all())
+    ref = nm_prune(w.T.contiguous(), 2, 4).T
+    assert torch.equal(p, ref)
+
+
+def test_selectors_include_exclude(tiny_llama):
+    g = _graph(tiny_llama)
+    g2 = apply(g, Params(sparsity=0.5, include=["mlp.*", "lm_head"], exclude=["mlp.down[0, 2)"]), Context())
+    pruned = {n for n in g2.names() if not g2.untouched(n)}
+    expected = {f"model.layers.{i}.mlp.{r}_proj.weight" for i in range(4) for r in ("gate", "up", "down")}
+    expected -= {"model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"}
+    expected.add("lm_head.weight")
+    assert pruned == expected
+
+
+def test_bf16_checkpoint_keeps_dtype_and_exact_zeros(tmp_path):
+    p = save_tiny_llama(tmp_path / "bf16", dtype=torch.bfloat16, layers=2)
+    g = _graph(p)
+    g2 = apply(g, Params(sparsity=0.3), Context())
+    n = "model.layers.1.mlp.up_proj.weight"
+    v = g2.value(n)
+    assert v.dtype == torch.bfloat16
+    assert int((v == 0).sum()) == n_pruned(v.numel(), 0.3)
+
+
+def test_bad_params_fail_before_any_tensor_is_read():
+    with pytest.raises(SurgeonError, match="nm"):
+        validate_step("prune.magnitude", {"nm": "4:2"})
+    with pytest.raises(SurgeonError, match="contradicts"):
+        validate_step("prune.magnitude", {"nm": "2:4", "sparsity": 0.3})
+    with pytest.raises(SurgeonError, match="global"):
+        validate_step("prune.magnitude", {"nm": "2:4", "scope": "global"})
+    with pytest.raises(SurgeonError):
+        validate_step("prune.magnitude", {"sparsity": 1.0})
+    with pytest.raises(SurgeonError):
+        validate_step("prune.magnitude", {"sparsity": 0.5, "bogus": 1})
+
+
+def test_bad_selection_names_the_problem(tiny_llama):
+    g = _graph(tiny_llama)
+    with pytest.raises(SurgeonError, match="2-D"):
+        apply(g, Params(include=["norm.*"]), Context())
+    with pytest.raises(SurgeonError, match="matches no tensor"):
+        apply(g, Params(include=["attn.nonexistent"]), Context())
+    with pytest.raises(SurgeonError, match="multiple of M"):
+        apply(g, Params(nm="2:5"), Context())
+
+
+def test_run_op_writes_dense_zeros_without_sparsity_config(tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+
+    from surgeon.api import run_op
+
+    out = tmp_path / "out"
+    res = run_op("prune.magnitude", str(tiny_llama), output=str(out), sparsity=0.5, scope="global", device="cpu")
+    cfg = json.loads((out / "config.json").read_text())
+    assert "sparsity_config" not in json.dumps(cfg)
+    sd = load_file(out / "model.safetensors")
+    lin = [n for n in sd if ".layers." in n and n.endswith("proj.weight")]
+    zeros = sum(int((sd[n] == 0).sum()) for n in lin)
+    total = sum(sd[n].numel() for n in lin)
+    assert zeros == n_pruned(total, 0.5)
+    prov = json.loads((out / "surgeon.json").read_text())
+    info = prov["steps"][0]["info"]
+    assert info["sparsity"] == pytest.approx(0.5, abs=1e-5)
+    per = info["global_threshold"]["sparsity_per_tensor"]
+    assert len(per) == len(lin)  # filled while streaming, present in surgeon.json
+    assert res["output"]
