@@ -102,6 +102,12 @@ def run_steps(models: dict[str, str], steps: list[tuple[str, Any]], options: Run
 
     from surgeon.context import Context
 
+    if recipe is None:  # the equivalent recipe, so the card shows how to reproduce the run
+        recipe = {"model": next(iter(models.values()))} if len(models) == 1 else {"models": dict(models)}
+        recipe["steps"] = [{spec.name: params.model_dump(mode="json", exclude_defaults=True)}
+                           for spec, params in validated]
+        if options.output:
+            recipe["output"] = str(options.output)
     ctx = Context.create(options.device, seed=options.seed, graphs=graphs, base_name=base,
                         quiet=options.quiet, allow_nonfinite=options.allow_nonfinite)
     t_start = time.perf_counter()

@@ -1,0 +1,138 @@
+"""Small tensor-wise ops that exercise the contract: ``cast``, ``drop``, ``rename``."""
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from surgeon.context import Context
+from surgeon.errors import SurgeonError
+from surgeon.graph import Apply, Graph
+from surgeon.registry import register
+
+FloatDtype = Literal["float32", "bfloat16", "float16", "float64"]
+
+
+def _compile(pattern: str, field: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{field}: invalid regular expression {pattern!r} ({e})") from None
+
+
+class CastParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dtype: FloatDtype = Field(description="Target dtype for floating-point tensors.")
+    keep: list[str] = Field(default_factory=list, description="Regexes (re.search) of tensors left as they are, "
+                            "e.g. 'norm' keeps every norm weight in its current dtype.")
+    keep_dtype: dict[str, FloatDtype] = Field(default_factory=dict,
+                                              description="Regex -> dtype exceptions, e.g. {'norm': float32}.")
+
+    @field_validator("keep")
+    @classmethod
+    def _valid_keep(cls, v: list[str]) -> list[str]:
+        for p in v:
+            _compile(p, "keep")
+        return v
+
+    @field_validator("keep_dtype")
+    @classmethod
+    def _valid_keep_dtype(cls, v: dict[str, str]) -> dict[str, str]:
+        for p in v:
+            _compile(p, "keep_dtype")
+        return v
+
+
+def cast_target(name: str, current, params: CastParams):
+    """The dtype ``name`` should have after the cast (None: leave it)."""
+    import torch
+
+    if not current.is_floating_point:
+        return None
+    if any(re.search(p, name) for p in params.keep):
+        return None
+    for p, dt in params.keep_dtype.items():
+        if re.search(p, name):
+            return getattr(torch, dt)
+    return getattr(torch, params.dtype)
+
+
+@register("cast", CastParams)
+def cast(graph: Graph, params: CastParams, ctx: Context) -> Graph:
+    """Cast floating-point tensors to ``dtype`` (integer and bool tensors are never touched)."""
+    graph = graph.copy()
+    changed = 0
+    for name in graph.names():
+        node = graph[name]
+        target = cast_target(name, node.dtype, params)
+        if target is None or target == node.dtype:
+            continue
+        graph.nodes[name] = Apply(lambda t, d=target: t.to(d), [node], label=f"cast:{params.dtype}", dtype=target)
+        changed += 1
+    graph.config["dtype"] = params.dtype
+    graph.config.pop("torch_dtype", None)
+    ctx.report(tensors_cast=changed)
+    return graph
+
+
+class DropParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pattern: str = Field(description="Regex (re.search) of tensor names to remove.")
+    allow_empty: bool = Field(False, description="Do not fail when the pattern matches nothing.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _valid(cls, v: str) -> str:
+        _compile(v, "pattern")
+        return v
+
+
+@register("drop", DropParams)
+def drop(graph: Graph, params: DropParams, ctx: Context) -> Graph:
+    """Remove tensors whose names match ``pattern``."""
+    graph = graph.copy()
+    gone = [n for n in graph.names() if re.search(params.pattern, n)]
+    if not gone and not params.allow_empty:
+        raise SurgeonError(f"drop: pattern {params.pattern!r} matches no tensor")
+    if len(gone) == len(graph):
+        raise SurgeonError(f"drop: pattern {params.pattern!r} would remove every tensor")
+    for n in gone:
+        del graph.nodes[n]
+    ctx.report(dropped=gone)
+    return graph
+
+
+class RenameParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pattern: str = Field(description="Regex (re.sub) applied to every tensor name.")
+    replacement: str = Field(description="Replacement text; \\1 etc. refer to groups.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _valid(cls, v: str) -> str:
+        _compile(v, "pattern")
+        return v
+
+
+@register("rename", RenameParams)
+def rename(graph: Graph, params: RenameParams, ctx: Context) -> Graph:
+    """Rename tensors by regex substitution; two tensors mapping to one name is an error."""
+    graph = graph.copy()
+    rx = re.compile(params.pattern)
+    new: dict[str, object] = {}
+    renamed = 0
+    for name, node in graph.nodes.items():
+        try:
+            target = rx.sub(params.replacement, name)
+        except re.error as e:
+            raise SurgeonError(f"rename: replacement {params.replacement!r} is invalid ({e})") from None
+        if target in new:
+            raise SurgeonError(f"rename: {name!r} and another tensor would both become {target!r}")
+        renamed += target != name
+        new[target] = node
+    if renamed == 0:
+        raise SurgeonError(f"rename: pattern {params.pattern!r} matches no tensor name")
+    graph.nodes = new  # type: ignore[assignment]
+    ctx.report(renamed=renamed)
+    return graph
