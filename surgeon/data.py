@@ -143,6 +143,8 @@ def sample_token_sequences(model, *, n: int, length: int, seed: int, vocab_size:
     """``[n, length]`` token ids sampled from ``model`` with a CPU generator seeded by ``seed``."""
     import torch
 
+    from surgeon.model import decode_step
+
     g = torch.Generator().manual_seed(seed)
     allowed = torch.tensor([i for i in range(vocab_size) if i not in (special_ids or set())])
     dev = next(model.parameters()).device
@@ -154,9 +156,8 @@ def sample_token_sequences(model, *, n: int, length: int, seed: int, vocab_size:
             seq = [first]
             cur, past = first, None
             for _ in range(length - 1):
-                res = model(input_ids=cur.to(dev), past_key_values=past, use_cache=True)
-                past = res.past_key_values
-                logits = res.logits[:, -1, :vocab_size].float().cpu()
+                last, past = decode_step(model, cur.to(dev), past)
+                logits = last[:, :vocab_size].float().cpu()
                 if 0 < top_k < logits.shape[-1]:
                     kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -230,6 +230,18 @@ def lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
         return model(**kw).logits.float()
 
 
+def decode_step(model: nn.Module, input_ids: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
+    """One incremental forward pass: last-position logits ``[batch, vocab]`` and the updated KV cache.
+
+    transformers renamed ``past_key_values`` to ``cache`` (5.x); both spellings are handled here, once."""
+    import inspect
+
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=input_ids, use_cache=True, **{key: cache})
+    new = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+    return out.logits[:, -1], new
+
+
 _TOKENIZER_DIRS = {"": "", "text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 
 
