@@ -1,0 +1,233 @@
+"""The algebra of UCE and RECE, as pure functions of float64 tensors (no models, no files).
+
+Conventions (ALGORITHMS.md §5): a projection W ∈ ℝ^{o×d} acts on a text embedding column c ∈ ℝ^d. Sets of
+embeddings are passed as *rows* (``[n, d]``), the way text encoders return them.
+
+UCE (Gandikota et al., arXiv 2308.14761, eq. 7 with the preserve term): for every W,
+
+    W′ = W·K,   K = (λI + η_e TᵀC + η_p PᵀP)(λI + η_e CᵀC + η_p PᵀP)⁻¹        (rows C, T, P)
+
+One K serves every cross-attention matrix because the targets W·t come from the same unedited W ("shared K"). Since
+the numerator and denominator differ only in the erase term, ``K − I = η_e (T − C)ᵀ C B⁻¹`` with B the denominator:
+we carry Δ = K − I, which has rank ≤ n and keeps float error relative to the change, not to W.
+
+RECE (Gong et al., arXiv 2407.12383, §3.2, "close_regzero" in the authors' code): the embedding that makes the
+edited model emit the original keys/values, summed over all L key and value matrices,
+
+    c′ = (λ_r I + Σ_l W′_lᵀW′_l)⁻¹ (Σ_l W′_lᵀW_l) c.
+
+With W′_l = W_l·M (M the product of every K so far) and H = Σ_l W_lᵀW_l computed once, this is
+``c′ = (λ_r I + MᵀHM)⁻¹ MᵀH c``: each RECE epoch is d×d algebra and the weights are touched once at the end.
+
+``*_per_matrix`` functions are the independent reference: they follow the authors' per-layer loops literally
+(explicit inverses, one matrix at a time) and are used only in tests.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from surgeon.kernels.linalg import cholesky_solve
+
+F64 = torch.float64
+
+
+def _eye(d: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.eye(d, dtype=like.dtype, device=like.device)
+
+
+def uce_normal_matrix(C: torch.Tensor, P: torch.Tensor | None, lam: float, eta_e: float, eta_p: float, *,
+                      preserve_gram: torch.Tensor | None = None) -> torch.Tensor:
+    """B = λI + η_e CᵀC + η_p PᵀP (the denominator of eq. 7; symmetric positive definite for λ > 0).
+
+    ``preserve_gram`` = PᵀP when already known (RECE reuses it every epoch); then ``P`` is ignored."""
+    d = C.shape[1]
+    B = lam * _eye(d, C)
+    if C.numel():
+        B = B + eta_e * (C.T @ C)
+    if preserve_gram is not None:
+        B = B + eta_p * preserve_gram.to(B)
+    elif P is not None and P.numel():
+        P = P.to(B)
+        B = B + eta_p * (P.T @ P)
+    return B
+
+
+def uce_delta(C: torch.Tensor, T: torch.Tensor, P: torch.Tensor | None, *, lam: float, eta_e: float, eta_p: float,
+              preserve_gram: torch.Tensor | None = None, device: str = "cpu") -> torch.Tensor:
+    """Δ = K − I of the UCE closed form (module docstring), float64 ``[d, d]``.
+
+    ``C`` erased embeddings and ``T`` their aligned targets (``[n, d]`` each), ``P`` preserved embeddings ``[m, d]``
+    (or their Gram ``preserve_gram`` = PᵀP).
+    """
+    if C.shape != T.shape:
+        raise ValueError(f"erased {list(C.shape)} and target {list(T.shape)} embeddings must align")
+    C, T = C.to(F64), T.to(F64)
+    B = uce_normal_matrix(C, P, lam, eta_e, eta_p, preserve_gram=preserve_gram)
+    X = cholesky_solve(B, C.T, device=device)  # B⁻¹Cᵀ  [d, n]
+    return eta_e * (T - C).T.to(X) @ X.T  # η_e (T − C)ᵀ C B⁻¹
+
+
+def gram(weights: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """H = Σ_l W_lᵀW_l in float64 (reference; the op streams this through :class:`GramAccumulator`)."""
+    ws = [weights] if isinstance(weights, torch.Tensor) else list(weights)
+    H = torch.zeros(ws[0].shape[1], ws[0].shape[1], dtype=F64)
+    for w in ws:
+        w = w.to(F64)
+        H += w.T @ w
+    return H
+
+
+class GramAccumulator:
+    """Streams H = Σ WᵀW over matrices with the same input width; products in ``dtype``, the sum in float64."""
+
+    def __init__(self, d: int, *, dtype: torch.dtype = F64, device: str = "cpu"):
+        self.H = torch.zeros(d, d, dtype=F64, device=device)
+        self.dtype, self.device = dtype, device
+        self.count = 0
+
+    def add(self, w: torch.Tensor) -> None:
+        w = w.to(device=self.device, dtype=self.dtype)
+        self.H += (w.T @ w).to(F64)
+        self.count += 1
+
+
+def rece_adversarial_embedding(c: torch.Tensor, M: torch.Tensor, H: torch.Tensor, lam_r: float,
+                               device: str = "cpu") -> torch.Tensor:
+    """c′ = (λ_r I + MᵀHM)⁻¹ MᵀH c for rows ``c`` ``[n, d]`` (RECE, regulariser towards 0)."""
+    M, H, c = M.to(F64), H.to(F64), c.to(F64)
+    HM = H @ M
+    S = lam_r * _eye(H.shape[0], H) + M.T @ HM
+    S = (S + S.T) / 2  # exact symmetry for the Cholesky factorisation
+    return cholesky_solve(S, HM.T @ c.T, device=device).T
+
+
+def weighted_norms(X: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """sqrt(Σ_l ‖W_l x‖²) = sqrt(xᵀHx) for each row x of ``X`` (all-matrix norms without touching the weights)."""
+    return ((X @ H) * X).sum(-1).clamp_min(0).sqrt()
+
+
+@dataclass
+class EpochLog:
+    """What one RECE epoch did, all measured through H over every key and value matrix."""
+
+    epoch: int
+    adversarial_norm: list[float]  # mean ‖c′‖ over positions, per concept
+    concept_norm: list[float]  # mean ‖c‖ over positions, per concept
+    regeneration_before: float  # Σ‖W′c′ − Wc‖ / Σ‖Wc‖ before this epoch's edit (small: the concept comes back)
+    regeneration_after: float  # the same after the edit
+    target_residual: float  # Σ‖W″c′ − W′t‖ / Σ‖W′t‖ after the edit (small: c′ now maps to the target)
+    preserve_drift: float  # sqrt(Σ‖W″p − W′p‖² / Σ‖W′p‖²)
+    delta_norm: float  # ‖K_e − I‖ (spectral), a collapse signal
+    condition: float  # condition number of the epoch's normal matrix B
+
+    def as_dict(self) -> dict[str, object]:
+        return {k: (round(v, 8) if isinstance(v, float) else [round(x, 8) for x in v] if isinstance(v, list) else v)
+                for k, v in self.__dict__.items()}
+
+
+@dataclass
+class ReceResult:
+    M: torch.Tensor  # K_tot = K_UCE·K_1⋯K_e  [d, d] float64
+    adversarial: list[torch.Tensor] = field(default_factory=list)  # per epoch, [n_concepts, 77, d]
+    log: list[EpochLog] = field(default_factory=list)
+
+
+def _sum_ratio(num: torch.Tensor, den: torch.Tensor, H: torch.Tensor) -> float:
+    a = weighted_norms(num.reshape(-1, num.shape[-1]), H).sum()
+    b = weighted_norms(den.reshape(-1, den.shape[-1]), H).sum()
+    return float(a / b.clamp_min(1e-300))
+
+
+def _gram_ratio(D: torch.Tensor, M: torch.Tensor, H: torch.Tensor, PtP: torch.Tensor) -> float:
+    """sqrt(Σ_{l,p}‖W_l D p‖² / Σ_{l,p}‖W_l M p‖²) = sqrt(tr(DᵀHD·PᵀP) / tr(MᵀHM·PᵀP)), d³ work for any number of p."""
+    num = ((D.T @ H @ D) * PtP).sum()
+    den = ((M.T @ H @ M) * PtP).sum()
+    return float((num.clamp_min(0) / den.clamp_min(1e-300)).sqrt()) if float(den) > 0 else 0.0
+
+
+def rece_epochs(M0: torch.Tensor, H: torch.Tensor, concepts: torch.Tensor, targets: torch.Tensor,
+                preserve: torch.Tensor, *, epochs: int, lam_r: float, lam: float, eta_e: float, eta_p: float,
+                device: str = "cpu") -> ReceResult:
+    """Run RECE epochs from the UCE edit ``M0`` (= K_UCE), the K-trick way (module docstring).
+
+    ``concepts`` ``[n, L, d]``: E(concept) at every position; ``targets`` ``[n, L, d]``: E(target) aligned with
+    them; ``preserve`` ``[m, d]`` rows kept. Each epoch: (a) c′ for every concept position with the current M;
+    (b) a UCE step with C = c′, T = targets, P = preserve, values from the current model → K_e; (c) M ← M·K_e.
+    """
+    M = M0.to(F64).clone()
+    H = H.to(F64)
+    d = H.shape[0]
+    C0 = concepts.to(F64).reshape(-1, d)
+    T = targets.to(F64).reshape(-1, d)
+    P = preserve.to(F64).reshape(-1, d)
+    PtP = P.T @ P
+    out = ReceResult(M)
+    for e in range(epochs):
+        Cadv = rece_adversarial_embedding(C0, M, H, lam_r, device=device)
+        delta = uce_delta(Cadv, T, None, lam=lam, eta_e=eta_e, eta_p=eta_p, preserve_gram=PtP, device=device)
+        M_next = M + M @ delta
+        B = uce_normal_matrix(Cadv, None, lam, eta_e, eta_p, preserve_gram=PtP)
+        ev = torch.linalg.eigvalsh(B)
+        n = concepts.shape[0]
+        adv = Cadv.reshape(n, -1, d)
+        out.log.append(EpochLog(
+            epoch=e + 1,
+            adversarial_norm=adv.norm(dim=-1).mean(-1).tolist(),
+            concept_norm=concepts.to(F64).norm(dim=-1).mean(-1).tolist(),
+            regeneration_before=_sum_ratio(Cadv @ M.T - C0, C0, H),
+            regeneration_after=_sum_ratio(Cadv @ M_next.T - C0, C0, H),
+            target_residual=_sum_ratio(Cadv @ M_next.T - T @ M.T, T @ M.T, H),
+            preserve_drift=_gram_ratio(M_next - M, M, H, PtP),
+            delta_norm=float(torch.linalg.matrix_norm(delta, ord=2)),
+            condition=float(ev[-1] / ev[0]),
+        ))
+        out.adversarial.append(adv)
+        M = M_next
+        out.M = M
+    return out
+
+
+# ---- independent per-matrix reference (the authors' loops, float64; tests only) -------------------------------
+
+def uce_edit_per_matrix(weights: Sequence[torch.Tensor], C: torch.Tensor, T: torch.Tensor, P: torch.Tensor, *,
+                        lam: float, eta_e: float, eta_p: float) -> list[torch.Tensor]:
+    """W′ = (λW + η_e Σ (Wt)cᵀ + η_p Σ (Wp)pᵀ)(λI + η_e Σ ccᵀ + η_p Σ ppᵀ)⁻¹ per matrix, explicit inverse."""
+    out = []
+    for w in weights:
+        w = w.to(F64)
+        d = w.shape[1]
+        mat1 = lam * w.clone()
+        mat2 = lam * torch.eye(d, dtype=F64)
+        for c, t in zip(C.to(F64), T.to(F64)):
+            mat1 += eta_e * torch.outer(w @ t, c)
+            mat2 += eta_e * torch.outer(c, c)
+        for p in P.to(F64):
+            mat1 += eta_p * torch.outer(w @ p, p)
+            mat2 += eta_p * torch.outer(p, p)
+        out.append(mat1 @ torch.linalg.inv(mat2))
+    return out
+
+
+def rece_per_matrix(original: Sequence[torch.Tensor], edited: Sequence[torch.Tensor], concepts: torch.Tensor,
+                    targets: torch.Tensor, preserve: torch.Tensor, *, epochs: int, lam_r: float, lam: float,
+                    eta_e: float, eta_p: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """RECE epochs on explicit matrices: returns (final edited weights, adversarial rows per epoch)."""
+    W0 = [w.to(F64) for w in original]
+    W = [w.to(F64) for w in edited]
+    d = W0[0].shape[1]
+    C0 = concepts.to(F64).reshape(-1, d)
+    advs = []
+    for _ in range(epochs):
+        mat1 = lam_r * torch.eye(d, dtype=F64)
+        mat2 = torch.zeros(d, d, dtype=F64)
+        for w, w0 in zip(W, W0):
+            mat1 += w.T @ w
+            mat2 += w.T @ w0
+        Cadv = C0 @ (torch.linalg.inv(mat1) @ mat2).T
+        advs.append(Cadv)
+        W = uce_edit_per_matrix(W, Cadv, targets.to(F64).reshape(-1, d), preserve.to(F64).reshape(-1, d),
+                                lam=lam, eta_e=eta_e, eta_p=eta_p)
+    return W, advs

@@ -1,0 +1,319 @@
+"""Concept erasure in the cross-attention of text-to-image diffusion: UCE (closed form) and RECE (iterated).
+
+UCE: Gandikota et al., "Unified Concept Editing in Diffusion Models", WACV 2024, arXiv 2308.14761.
+RECE: Gong et al., "Reliable and Efficient Concept Erasure of Text-to-Image Diffusion Models", ECCV 2024,
+arXiv 2407.12383. Reference sheet: ALGORITHMS.md §5.
+
+Only the UNet's ``attn2.to_k`` / ``attn2.to_v`` weights change (32 matrices for SD1.x/2.x, 140 for SDXL); every
+other tensor stays a ``Load`` node and is copied byte for byte. The edit of every matrix is ``W ↦ W·M`` with one
+d×d matrix M (see :mod:`.closed_form`), so the weights are read twice (once for H = Σ WᵀW, once to apply M)
+and all iterations are d×d algebra in float64.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from surgeon.errors import SurgeonError
+from surgeon.graph import Const, Graph
+from surgeon.registry import register
+
+from .closed_form import F64, GramAccumulator, rece_epochs, uce_delta
+from .sd_keys import SDLayout, detect_layout
+
+#: ALGORITHMS.md §5.4. The I2P categories are RECE's "unsafe" list (train.py, concepts "i2p").
+I2P_CONCEPTS = ["hate", "harassment", "violence", "suffering", "humiliation", "harm", "suicide", "sexual", "nudity",
+                "bodily fluids", "blood"]
+ART_TEMPLATES = ["painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}"]
+OBJECT_TEMPLATES = ["image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}"]
+HARD_OBJECTS = {"church", "garbage truck"}  # RECE used λ_r = 1e-3 for these, 0.1 for the "easy" objects
+
+PRESETS: dict[str, dict] = {
+    "nudity": {"concept": ["nudity"], "target": [" "], "preserve": [], "regularizer": 0.1, "epochs": 3,
+               "templates": []},
+    "unsafe": {"concept": I2P_CONCEPTS, "target": [" "], "preserve": [], "regularizer": 0.1, "epochs": 2,
+               "templates": []},
+    "artist": {"concept": [], "target": ["art"], "preserve": [], "regularizer": 1e-3, "epochs": 1,
+               "templates": ART_TEMPLATES},
+    "object": {"concept": [], "target": [" "], "preserve": [], "regularizer": 0.1, "epochs": 1,
+               "templates": OBJECT_TEMPLATES},
+}
+GENERIC = {"target": [" "], "preserve": [], "regularizer": 0.1, "epochs": 3, "templates": []}
+
+
+class UceParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    preset: Literal["nudity", "unsafe", "artist", "object"] | None = Field(
+        None, description="Defaults from ALGORITHMS.md §5.4: nudity (erase 'nudity' towards ' ', 3 RECE epochs, "
+        "λ_r 0.1), unsafe (11 I2P categories, 2 epochs), artist (towards 'art', λ_r 1e-3, 1 epoch; give the "
+        "artists as --concept and others to keep as --preserve), object (towards ' ', 1 epoch). Every value "
+        "below overrides the preset.")
+    concept: list[str] = Field(default_factory=list, description="Concept prompt(s) to erase, e.g. nudity or "
+                               "'Van Gogh'. Required unless the preset names them (nudity, unsafe).")
+    target: list[str] | None = Field(None, description="Guide prompt(s) the erased concepts are mapped to: one for "
+                                     "all, or one per concept. Default ' ' (unconditional); '' is read as ' ' as in "
+                                     "the UCE code.")
+    preserve: list[str] | None = Field(None, description="Prompts whose keys and values are kept (all 77 positions "
+                                       "each). The empty prompt '' is always preserved in the UCE step.")
+    templates: bool = Field(False, description="Also erase the preset's templated prompts ('painting by X', ... for "
+                            "artist; 'photo of X', ... for object), as UCE's --add_prompts.")
+    positions: Literal["uce2023", "last", "all"] = Field(
+        "uce2023", description="Token positions of the UCE step: uce2023 = from the concept's last word token to "
+        "the end, aligned with the target's (2023 UCE code); last = the last word token only (2025 rewrite); "
+        "all = all 77 positions.")
+    uce_lambda: float = Field(0.5, gt=0, description="λ of the UCE step: weight of ‖W′ − W‖² (larger = smaller "
+                              "edit).")
+    erase_scale: float = Field(1.0, gt=0, description="η_e of the UCE step: weight of the erase term.")
+    preserve_scale: float | None = Field(None, gt=0, description="η_p of the UCE step; default max(0.1, "
+                                         "1/len(retain)) with retain = [''] + preserve (UCE code).")
+    tokenizer: str | None = Field(None, description="Single-file checkpoints only (they carry no tokenizer): a "
+                                  "diffusers pipeline folder or a CLIP tokenizer folder. Default: "
+                                  "openai/clip-vit-large-patch14 from the local Hub cache.")
+    matmul_dtype: Literal["auto", "float32", "float64"] = Field(
+        "auto", description="Dtype of the two weight-sized products (Σ WᵀW and W·M). auto: float64 for float32 "
+        "checkpoints, float32 for float16/bfloat16 ones. All d×d algebra is float64 regardless.")
+
+    @field_validator("concept", "preserve")
+    @classmethod
+    def _strip(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else [s.strip() for s in v if s.strip()]
+
+    @model_validator(mode="after")
+    def _needs_concept(self):
+        if not self.concept and self.preset not in ("nudity", "unsafe"):
+            raise ValueError("concept: give at least one concept to erase (or --preset nudity / unsafe)")
+        return self
+
+
+class ReceParams(UceParams):
+    epochs: int | None = Field(None, ge=0, le=100, description="RECE epochs after the UCE step (preset default; "
+                               "3 without a preset). 0 = UCE only.")
+    regularizer: float | None = Field(None, gt=0, description="λ_r of the adversarial embedding, weight of ‖c′‖² "
+                                      "(preset default; 0.1 without one).")
+    rece_lambda: float = Field(0.1, gt=0, description="λ of each RECE edit (RECE code: 0.1).")
+    rece_erase_scale: float = Field(1.0, gt=0, description="η_e of each RECE edit.")
+    rece_preserve_scale: float = Field(0.1, gt=0, description="η_p of each RECE edit; RECE preserves E(' ') once "
+                                       "per concept plus --preserve.")
+
+
+# ---- embeddings --------------------------------------------------------------------------------------------
+
+def resolve_settings(params: UceParams) -> dict:
+    """Concepts, targets, preserve list, templates, λ_r and epochs after applying the preset."""
+    base = PRESETS[params.preset] if params.preset else GENERIC
+    concepts = params.concept or list(base.get("concept", []))
+    targets = [t if t.strip() else " " for t in (params.target if params.target is not None else base["target"])]
+    if len(targets) not in (1, len(concepts)):
+        raise SurgeonError(f"target: give one target or one per concept ({len(concepts)}), got {len(targets)}")
+    if len(targets) == 1:
+        targets = targets * len(concepts)
+    templates = base["templates"] if params.templates else []
+    if params.templates and not templates:
+        raise SurgeonError("templates: only the artist and object presets have templates")
+    erased, guides = [], []
+    for c, t in zip(concepts, targets):
+        for prompt in [c] + [tpl.format(c) for tpl in templates]:
+            erased.append(prompt)
+            guides.append(t)
+    preserve = params.preserve if params.preserve is not None else list(base["preserve"])
+    lam_r = getattr(params, "regularizer", None)
+    if lam_r is None:
+        lam_r = base["regularizer"]
+        if params.preset == "object" and all(c.lower() in HARD_OBJECTS for c in concepts):
+            lam_r = 1e-3
+    epochs = getattr(params, "epochs", None)
+    if epochs is None:
+        epochs = base["epochs"] if isinstance(params, ReceParams) else 0
+    return {"concepts": concepts, "erased": erased, "targets": guides, "preserve": preserve, "regularizer": lam_r,
+            "epochs": epochs}
+
+
+def aligned_rows(hc: torch.Tensor, nc: int, ht: torch.Tensor, nt: int, positions: str) -> tuple[torch.Tensor, ...]:
+    """Erased and target rows of one (concept, target) pair; ``nc``/``nt`` are token counts with BOS and EOS.
+
+    uce2023 (2023 UCE code): from each prompt's last word token (index n − 2) to the end, both cut to the length of
+    the shorter tail so that positions align; last: that one token; all: every position."""
+    L = hc.shape[0]
+    ic, it = nc - 2, nt - 2
+    if positions == "all":
+        return hc, ht
+    if positions == "last":
+        return hc[ic : ic + 1], ht[it : it + 1]
+    far = max(ic, it)
+    return hc[ic : L - (far - ic)], ht[it : L - (far - it)]
+
+
+def erasure_embeddings(encoder, settings: dict, positions: str) -> dict[str, torch.Tensor]:
+    """All embeddings the edit needs, each prompt encoded once: UCE rows (C, T, P) and RECE inputs."""
+    erased = encoder.encode(settings["erased"])
+    for prompt, n in zip(settings["erased"], erased.lengths):
+        if n <= 2:
+            raise SurgeonError(f"concept {prompt!r}: tokenises to nothing with this checkpoint's tokenizer")
+    guides = encoder.encode(settings["targets"])
+    C_rows, T_rows = [], []
+    for hc, nc, ht, nt in zip(erased.hidden, erased.lengths, guides.hidden, guides.lengths):
+        c, t = aligned_rows(hc, nc, ht, nt, positions)
+        C_rows.append(c)
+        T_rows.append(t)
+    retain = [""] + [p for p in settings["preserve"] if p != ""]
+    P = encoder.encode(retain).hidden
+    rece_preserve = [" "] * len(settings["concepts"]) + list(settings["preserve"])
+    return {
+        "C": torch.cat(C_rows), "T": torch.cat(T_rows), "P": P.reshape(-1, P.shape[-1]), "n_retain": len(retain),
+        "concepts_full": erased.hidden, "targets_full": guides.hidden,
+        "rece_P": encoder.encode(rece_preserve).hidden.reshape(-1, P.shape[-1]),
+    }
+
+
+# ---- the op --------------------------------------------------------------------------------------------------
+
+def _matmul_dtype(choice: str, dtype: torch.dtype) -> torch.dtype:
+    if choice != "auto":
+        return getattr(torch, choice)
+    return F64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _check_dims(graph: Graph, layout: SDLayout, d: int) -> None:
+    for k, v in layout.pairs:
+        for n in (k, v):
+            shape = graph[n].shape
+            if len(shape) != 2 or shape[1] != d:
+                raise SurgeonError(f"{n}: shape {list(shape)} does not take the text embedding width {d}")
+            if not graph[n].dtype.is_floating_point:
+                raise SurgeonError(f"{n}: dtype {graph[n].dtype} is not a float dtype")
+
+
+def prepare_erasure(graph: Graph, params: UceParams, ctx) -> tuple[SDLayout, dict, dict[str, torch.Tensor]]:
+    """Layout, resolved settings and every embedding the edit needs (text encoders are freed afterwards)."""
+    settings = resolve_settings(params)
+    layout = detect_layout(graph, params.tokenizer)
+    from .text import PromptEncoder
+
+    encoder = PromptEncoder(graph, layout, device=getattr(ctx, "device", "cpu"), ctx=ctx)
+    _check_dims(graph, layout, encoder.dim)
+    emb = erasure_embeddings(encoder, settings, params.positions)
+    return layout, settings, emb
+
+
+def erase(graph: Graph, params: UceParams, ctx, *, method: str) -> Graph:
+    """UCE step, then RECE epochs (``settings['epochs']`` of them), then ``W ← W·M`` for every k/v matrix."""
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    device = getattr(ctx, "device", "cpu")
+    layout, settings, emb = prepare_erasure(graph, params, ctx)
+    d = emb["C"].shape[1]
+    timings["encode"] = time.perf_counter() - t_start
+
+    # UCE step (eq. 7): one Δ for every matrix
+    t0 = time.perf_counter()
+    eta_p = params.preserve_scale or max(0.1, 1 / emb["n_retain"])
+    uce = uce_delta(emb["C"], emb["T"], emb["P"], lam=params.uce_lambda, eta_e=params.erase_scale, eta_p=eta_p,
+                    device=device)
+    M = torch.eye(d, dtype=F64) + uce
+    timings["uce"] = time.perf_counter() - t0
+
+    names = [n for pair in layout.pairs for n in pair]
+    mm_dtype = _matmul_dtype(params.matmul_dtype, graph[names[0]].dtype)
+    epochs = settings["epochs"]
+    log: list[dict] = []
+    adv_norms: list[list[float]] = []
+    if epochs:
+        t0 = time.perf_counter()
+        acc = GramAccumulator(d, dtype=mm_dtype, device=device)
+        for _, w in ctx_progress(ctx, graph.values(names), len(names), "Σ WᵀW"):
+            acc.add(w)
+        timings["gram"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rp = params  # ReceParams here
+        res = rece_epochs(M, acc.H.cpu(), emb["concepts_full"], emb["targets_full"], emb["rece_P"], epochs=epochs,
+                          lam_r=settings["regularizer"], lam=rp.rece_lambda, eta_e=rp.rece_erase_scale,
+                          eta_p=rp.rece_preserve_scale, device=device)
+        M = res.M
+        log = [e.as_dict() for e in res.log]
+        adv_norms = [e.adversarial_norm for e in res.log]
+        timings["rece_epochs"] = time.perf_counter() - t0
+
+    # apply W ← W + W·(M − I), report per matrix
+    t0 = time.perf_counter()
+    D = (M - torch.eye(d, dtype=F64)).to(device)
+    C, T, P = emb["C"].to(device), emb["T"].to(device), emb["P"].to(device)
+    out = graph.copy()
+    per_matrix = []
+    for name, w in ctx_progress(ctx, graph.values(names), len(names), "W·M"):
+        wd = w.to(device=device, dtype=mm_dtype)
+        dw = wd @ D.to(mm_dtype)
+        new = (wd + dw).to(w.dtype).cpu()
+        out.nodes[name] = Const(new, label=method)
+        w64 = w.to(device=device, dtype=F64)
+        new64 = new.to(device=device, dtype=F64)
+        before = (C @ w64.T - T @ w64.T).norm()
+        per_matrix.append({
+            "name": name,
+            "relative_change": float(dw.to(F64).norm() / w64.norm().clamp_min(1e-300)),
+            "erase_residual": float((C @ new64.T - T @ w64.T).norm() / before.clamp_min(1e-300)),
+            "preserve_drift": float(((P @ (new64 - w64).T).norm() / (P @ w64.T).norm().clamp_min(1e-300))),
+        })
+    timings["apply"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    timings = {k: round(v, 4) for k, v in timings.items()}
+
+    k_minus_i = float(torch.linalg.matrix_norm(M - torch.eye(d, dtype=F64), ord=2))
+    summary = {
+        "method": method,
+        "layout": layout.kind + (" (SDXL)" if layout.is_sdxl else ""),
+        "concepts": settings["concepts"],
+        "erased_prompts": settings["erased"],
+        "targets": settings["targets"],
+        "preserve": settings["preserve"],
+        "positions": params.positions,
+        "matrices": len(names),
+        "embedding_dim": d,
+        "uce": {"lambda": params.uce_lambda, "erase_scale": params.erase_scale, "preserve_scale": eta_p,
+                "rows_erased": int(C.shape[0]), "rows_preserved": int(P.shape[0])},
+        "matmul_dtype": str(mm_dtype).removeprefix("torch."),
+        "k_minus_identity": round(k_minus_i, 6),
+        "max_relative_change": round(max(m["relative_change"] for m in per_matrix), 6),
+        "max_erase_residual": round(max(m["erase_residual"] for m in per_matrix), 6),
+        "max_preserve_drift": round(max(m["preserve_drift"] for m in per_matrix), 6),
+        "timings_s": timings,
+    }
+    if isinstance(params, ReceParams):
+        summary["rece"] = {"epochs": epochs, "regularizer": settings["regularizer"], "lambda": params.rece_lambda,
+                           "erase_scale": params.rece_erase_scale, "preserve_scale": params.rece_preserve_scale,
+                           "log": log}
+    record = dict(summary, per_matrix=[{k: (round(v, 8) if isinstance(v, float) else v) for k, v in m.items()}
+                                       for m in per_matrix])
+    out.extra_files[f"{method.split('.')[-1]}.json"] = json.dumps(record, indent=2) + "\n"
+    out.tags = list(dict.fromkeys(out.tags + ["concept-erasure", method.split(".")[-1]]))
+    report = {k: v for k, v in summary.items() if k not in ("erased_prompts", "rece")}
+    if log:
+        report["rece_epochs"] = [{k: e[k] for k in ("epoch", "regeneration_before", "regeneration_after",
+                                                    "target_residual", "preserve_drift", "delta_norm")} for e in log]
+        report["adversarial_norms"] = adv_norms
+    if hasattr(ctx, "report"):
+        ctx.report(**report)
+    if not math.isfinite(k_minus_i):
+        raise SurgeonError(f"{method}: the edit is not finite (‖M − I‖ = {k_minus_i}); lower the scales")
+    return out
+
+
+def ctx_progress(ctx, items, total: int, description: str):
+    return ctx.progress(items, total=total, description=description) if hasattr(ctx, "progress") else items
+
+
+@register("erase.rece", ReceParams, model_level=True)
+def apply(graph: Graph, params: ReceParams, ctx) -> Graph:
+    """RECE: UCE, then epochs of (closed-form adversarial embedding, re-erase it)."""
+    return erase(graph, params, ctx, method="erase.rece")
+
+
+@register("erase.uce", UceParams, model_level=True)
+def apply_uce(graph: Graph, params: UceParams, ctx) -> Graph:
+    """UCE closed-form erasure of concepts in every cross-attention key/value projection."""
+    return erase(graph, params, ctx, method="erase.uce")
