@@ -252,7 +252,7 @@ def open_adapter(folder: str | os.PathLike) -> LoraAdapter:
 # writing
 
 
-def adapter_config(*, base_model: str | None, target_modules: list[str], r: int, alpha: float,
+def adapter_config(*, base_model: str | None, target_modules: list[str] | str, r: int, alpha: float,
                    rank_pattern: Mapping[str, int] | None = None, alpha_pattern: Mapping[str, float] | None = None,
                    fan_in_fan_out: bool = False, use_rslora: bool = False, task_type: str | None = "CAUSAL_LM",
                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -264,7 +264,7 @@ def adapter_config(*, base_model: str | None, target_modules: list[str], r: int,
         "r": int(r),
         "lora_alpha": float(alpha) if not float(alpha).is_integer() else int(alpha),
         "lora_dropout": 0.0,
-        "target_modules": sorted(target_modules),
+        "target_modules": target_modules if isinstance(target_modules, str) else sorted(target_modules),
         "rank_pattern": dict(rank_pattern or {}),
         "alpha_pattern": dict(alpha_pattern or {}),
         "fan_in_fan_out": bool(fan_in_fan_out),
