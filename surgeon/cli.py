@@ -450,7 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     command = typer.main.get_command(app)
     try:
-        command.main(args=args, prog_name="surgeon", standalone_mode=False)
+        rv = command.main(args=args, prog_name="surgeon", standalone_mode=False)
+        if isinstance(rv, int) and not isinstance(rv, bool):  # Typer turns Ctrl-C into Exit(130)
+            if rv == 130:
+                sys.stderr.write("interrupted: nothing was written\n")
+            return rv
     except SurgeonError as e:
         sys.stderr.write(f"error: {e}\n")
         return e.exit_code

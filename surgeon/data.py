@@ -180,7 +180,9 @@ def _sampled(graph: Graph | None, ctx: Context | None, n: int, length: int) -> t
     except SurgeonError:
         tok = None
     model = ctx.module(graph) if ctx is not None else materialize(graph, device=device)
-    vocab = int(model.config.vocab_size) if hasattr(model, "config") else model.get_output_embeddings().out_features
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    if tok is not None:
+        vocab = min(vocab, len(tok))  # never sample ids the tokenizer cannot decode (padded embedding rows)
     specials = set(getattr(tok, "all_special_ids", []) or []) if tok is not None else set()
     ids = sample_token_sequences(model, n=n, length=length, seed=seed, vocab_size=vocab, special_ids=specials)
     del model
