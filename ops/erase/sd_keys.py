@@ -35,21 +35,19 @@ class TextEncoderSpec:
 
     component: str  # "text_encoder" / "text_encoder_2" / "cond_stage_model"
     prefix: str  # graph-name prefix of its weights
-    strip: str  # removed from graph names to get transformers' CLIPTextModel names
-    add: str  # then prepended (CompVis files of old transformers versions lack "text_model.")
+    strip: str  # removed from graph names to get CLIPTextModel names (then "text_model." is dropped too)
     config: dict[str, Any] | None
     tokenizer_dir: Path | None
     layer: str  # "last" (last_hidden_state) or "penultimate" (hidden_states[-2], SDXL)
 
     def state_names(self, graph_names: list[str]) -> dict[str, str]:
-        """transformers name -> graph name for this encoder's tensors."""
+        """CLIPTextModel name without the ``text_model.`` level -> graph name, for this encoder's tensors.
+
+        transformers < 5 and CompVis files nest the text model under ``text_model.``; transformers 5 does not."""
         out = {}
         for n in graph_names:
             if n.startswith(self.prefix):
-                rest = n[len(self.strip):]
-                if self.add and not rest.startswith(self.add):
-                    rest = self.add + rest
-                out[rest] = n
+                out[n[len(self.strip):].removeprefix("text_model.")] = n
         return out
 
 
@@ -65,7 +63,6 @@ class SDLayout:
         return len(self.encoders) == 2
 
 
-_NUM = re.compile(r"(\d+)")
 _ORDER = {"down_blocks": 0, "input_blocks": 0, "mid_block": 1, "middle_block": 1, "up_blocks": 2, "output_blocks": 2}
 
 
@@ -125,7 +122,7 @@ def _diffusers_layout(graph: Graph, names: list[str]) -> SDLayout:
         cfg = graph.configs.get(sub)
         if cfg is None:
             raise SurgeonError(f"{sub}/config.json: missing")
-        encoders.append(TextEncoderSpec(sub, sub + "/", sub + "/", "", cfg, tok, "last"))
+        encoders.append(TextEncoderSpec(sub, sub + "/", sub + "/", cfg, tok, "last"))
     if len(encoders) == 2:  # SDXL: penultimate hidden states of both encoders, concatenated
         for e in encoders:
             e.layer = "penultimate"
@@ -143,8 +140,7 @@ def _compvis_layout(graph: Graph, names: list[str], tokenizer: str | None) -> SD
     if not any(n.startswith(COMPVIS_CLIP) for n in names):
         raise SurgeonError(f"model: no text encoder ({COMPVIS_CLIP}* tensors); concepts cannot be encoded")
     tok_dir, cfg = _resolve_tokenizer_source(tokenizer)
-    add = "text_model." if not any(n.startswith(COMPVIS_CLIP + "text_model.") for n in names) else ""
-    enc = TextEncoderSpec("cond_stage_model", COMPVIS_CLIP, COMPVIS_CLIP, add, cfg, tok_dir, "last")
+    enc = TextEncoderSpec("cond_stage_model", COMPVIS_CLIP, COMPVIS_CLIP, cfg, tok_dir, "last")
     return SDLayout("compvis", COMPVIS_UNET, pairs, [enc])
 
 
@@ -177,14 +173,15 @@ def _resolve_tokenizer_source(tokenizer: str | None) -> tuple[Path | None, dict[
 
 def infer_clip_text_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     """A CLIPTextModel config from tensor shapes (transformers names). Head count assumes 64-wide heads and the
-    activation OpenAI CLIP's quick_gelu: true for SD1.x's ViT-L/14; pass a config to override."""
+    activation OpenAI CLIP's quick_gelu: true for SD1.x's ViT-L/14; pass a config to override. Names are
+    :meth:`TextEncoderSpec.state_names` keys (no ``text_model.`` level)."""
     try:
-        vocab, hidden = shapes["text_model.embeddings.token_embedding.weight"]
-        max_pos = shapes["text_model.embeddings.position_embedding.weight"][0]
-        inter = shapes["text_model.encoder.layers.0.mlp.fc1.weight"][0]
+        vocab, hidden = shapes["embeddings.token_embedding.weight"]
+        max_pos = shapes["embeddings.position_embedding.weight"][0]
+        inter = shapes["encoder.layers.0.mlp.fc1.weight"][0]
     except KeyError as e:
         raise SurgeonError(f"text encoder: tensor {e.args[0]!r} not found; is this a CLIP text encoder?") from None
-    layers = 1 + max(int(m.group(1)) for n in shapes if (m := re.match(r"text_model\.encoder\.layers\.(\d+)\.", n)))
+    layers = 1 + max(int(m.group(1)) for n in shapes if (m := re.match(r"encoder\.layers\.(\d+)\.", n)))
     return {"model_type": "clip_text_model", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
             "num_hidden_layers": layers, "num_attention_heads": max(1, hidden // 64),
             "max_position_embeddings": max_pos, "hidden_act": "quick_gelu", "projection_dim": hidden}
@@ -208,7 +205,7 @@ def diffusers_to_compvis_attention(name: str, layers_per_block: int = 2) -> str:
     raise ValueError(f"not a UNet attention path: {name}")
 
 
-def compvis_to_diffusers_attention(name: str, layers_per_block: int = 2, n_levels: int = 4) -> str:
+def compvis_to_diffusers_attention(name: str, layers_per_block: int = 2) -> str:
     """Inverse of :func:`diffusers_to_compvis_attention`."""
     m = re.match(r"input_blocks\.(\d+)\.1\.(.*)", name)
     if m:

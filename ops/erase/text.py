@@ -7,7 +7,9 @@ the graph, so nothing is initialised randomly and no network is used.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,17 +33,24 @@ class Encoded:
 def load_clip_tokenizer(spec: TextEncoderSpec):
     from transformers import CLIPTokenizer
 
-    if spec.tokenizer_dir is None:
-        try:
-            return CLIPTokenizer.from_pretrained(DEFAULT_CLIP_TOKENIZER, local_files_only=True)
-        except Exception:
+    folder = spec.tokenizer_dir
+    if folder is None:  # single file: the Hub cache only (from_pretrained would quietly build an empty tokenizer)
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = sys.modules[__name__].DEFAULT_CLIP_TOKENIZER
+        hit = try_to_load_from_cache(repo, "vocab.json")
+        if not isinstance(hit, str):
             raise SurgeonError("single-file checkpoint: it carries no tokenizer; pass --tokenizer with a diffusers "
-                               f"pipeline folder or a CLIP tokenizer folder ({DEFAULT_CLIP_TOKENIZER} is not in "
-                               "the local Hub cache)") from None
+                               f"pipeline folder or a CLIP tokenizer folder ({repo} is not in the local Hub "
+                               "cache)")
+        folder = Path(hit).parent
     try:
-        return CLIPTokenizer.from_pretrained(str(spec.tokenizer_dir))
+        tok = CLIPTokenizer.from_pretrained(str(folder))
     except Exception as e:
-        raise SurgeonError(f"{spec.tokenizer_dir}: cannot load a CLIP tokenizer ({e.__class__.__name__}: {e})") from None
+        raise SurgeonError(f"{folder}: cannot load a CLIP tokenizer ({e.__class__.__name__}: {e})") from None
+    if len(tok) <= 3:
+        raise SurgeonError(f"{folder}: the CLIP tokenizer has no vocabulary (vocab.json, merges.txt)")
+    return tok
 
 
 def build_clip_text_model(graph: Graph, spec: TextEncoderSpec, device: str = "cpu"):
@@ -56,13 +65,13 @@ def build_clip_text_model(graph: Graph, spec: TextEncoderSpec, device: str = "cp
     config = CLIPTextConfig(**cfg)
     with torch.device("meta"):
         model = CLIPTextModel(config)
-    state = {k: graph.value(g).to(device=device, dtype=torch.float32) for k, g in names.items()}
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(state) - {"text_model.embeddings.position_ids"})
+    expected = [k for k in model.state_dict() if not k.endswith("position_ids")]
+    missing = [k for k in expected if k.removeprefix("text_model.") not in names]
     if missing:
         raise SurgeonError(f"{spec.component}: text encoder tensor {spec.strip}{missing[0]} is missing "
                            f"({len(missing)} missing)")
-    state = {k: v for k, v in state.items() if k in expected}
+    state = {k: graph.value(names[k.removeprefix("text_model.")]).to(device=device, dtype=torch.float32)
+             for k in expected}
     model.load_state_dict(state, strict=False, assign=True)
     for mod_name, mod in model.named_modules():
         for b_name, buf in list(mod.named_buffers(recurse=False)):
@@ -105,7 +114,8 @@ class PromptEncoder:
 
     @property
     def max_length(self) -> int:
-        return int(self.tokenizers[0].model_max_length)
+        n = int(self.tokenizers[0].model_max_length)
+        return n if n < 100_000 else int(self.models[0].config.max_position_embeddings)
 
     @property
     def dim(self) -> int:
@@ -117,8 +127,9 @@ class PromptEncoder:
             chunk = prompts[i : i + self.batch_size]
             parts, lengths = [], None
             for tok, model, spec in zip(self.tokenizers, self.models, self.layout.encoders):
-                enc = tok(chunk, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                          return_tensors="pt")
+                length = tok.model_max_length if tok.model_max_length < 100_000 else \
+                    model.config.max_position_embeddings  # tokenizers saved without model_max_length
+                enc = tok(chunk, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
                 ids = enc["input_ids"].to(self.device)
                 if ids.shape[1] > model.config.max_position_embeddings:
                     raise SurgeonError(f"{spec.component}: tokenizer pads to {ids.shape[1]} tokens but the encoder "
