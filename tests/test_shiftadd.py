@@ -1,0 +1,308 @@
+"""ShiftAdd (ALGORITHMS.md §7): packing, LUT kernel, BCQ/APoT fit, activation-aware fit, bit allocation, format,
+loader."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from surgeon.errors import SurgeonError
+from surgeon.kernels.shiftadd import KERNEL_CALLS, PackedLinear
+from surgeon.kernels.shiftadd_cpu import (dequantize, lut_gemv, lut_gemv_reference, pack_signs,
+                                          unpack_signs)
+from surgeon.ops.shiftadd import (Params, allocate_bits, bcq_fit, nearest_codeword, output_error, pot_decode,
+                                  pot_round, quantize_gptq, quantize_weight_only, sensitivity_score)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the test machine is shared and oversubscribed: OpenMP barriers of two threads on tiny tensors cost ~10x
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _random_packed(q: int, n: int, k: int, gs: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    qw = torch.randint(0, 256, (q, n, -(-k // 8)), dtype=torch.uint8, generator=g)
+    if k % 8:  # padding bits beyond K are zero, as pack_signs writes them
+        qw[..., -1] &= (1 << (k % 8)) - 1
+    sc = torch.randn(q, n, -(-k // gs), generator=g)
+    return qw, sc
+
+
+# ---------------------------------------------------------------------------------------------------- packing
+@pytest.mark.parametrize("k", [1, 7, 8, 13, 64, 200])
+def test_pack_unpack_roundtrip_bit_exact(k):
+    signs = torch.where(torch.rand(3, 5, k) < 0.5, -1.0, 1.0)
+    packed = pack_signs(signs)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, -(-k // 8))
+    assert torch.equal(unpack_signs(packed, k), signs)
+    assert torch.equal(pack_signs(unpack_signs(packed, k)), packed)
+
+
+def test_bit_order_is_little_endian_plus_one_is_set():
+    signs = torch.tensor([[1.0, -1, -1, -1, -1, -1, -1, -1, -1, 1]])  # col 0 and col 9 positive
+    assert pack_signs(signs).tolist() == [[1, 2]]
+
+
+# ------------------------------------------------------------------------------------------------- LUT kernel
+@pytest.mark.parametrize("q,n,k,gs", [(3, 37, 200, 40), (2, 70, 130, 64), (1, 64, 64, 64), (3, 129, 520, 128),
+                                      (4, 16, 72, 8)])
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+def test_lut_gemv_equals_dense_product_of_unpacked_weights(q, n, k, gs, m):
+    qw, sc = _random_packed(q, n, k, gs, seed=n + k + m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    y = lut_gemv(x, qw, sc, k, gs)
+    ref = lut_gemv_reference(x, qw, sc, k, gs)
+    assert y.shape == (m, n)
+    assert (y - ref).abs().max() <= 2e-6 * ref.abs().max() * math.sqrt(k / 64) + 1e-7
+
+
+def test_dispatch_uses_lut_for_small_batches_and_blas_for_large_and_honours_perm():
+    q, n, k, gs = 3, 48, 96, 32
+    qw, sc = _random_packed(q, n, k, gs, seed=3)
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(1))
+    lin = PackedLinear(qw, sc, k, gs, perm)
+    w = lin.dense()  # original column order
+    assert torch.allclose(w[:, perm], dequantize(qw, sc, k, gs))
+    before = dict(KERNEL_CALLS)
+    x = torch.randn(2, 3, k)  # 6 rows: LUT
+    assert torch.allclose(lin.matmul(x), x @ w.T, rtol=1e-5, atol=1e-4)
+    assert lin.last_kernel == "numba-lut"
+    xb = torch.randn(20, k)  # above max_lut_batch: dequantise + BLAS
+    assert torch.allclose(lin.matmul(xb), xb @ w.T, rtol=1e-5, atol=1e-4)
+    assert lin.last_kernel == "dequant-blas"
+    assert KERNEL_CALLS["numba-lut"] == before.get("numba-lut", 0) + 1
+
+
+# ------------------------------------------------------------------------------------------------ APoT scales
+def test_one_term_pot_scales_are_exact_powers_of_two():
+    alpha = torch.randn(500).abs() * 0.05 + 1e-4
+    values, exps, neg = pot_round(alpha, 1)
+    log = torch.log2(values.abs())
+    assert torch.equal(log, log.round())
+    assert torch.equal(values, torch.exp2(exps[:, 0].float()) * torch.where(neg > 0, -1.0, 1.0))
+    # greedy rounding is round(log2): within a factor sqrt(2) of the input
+    ratio = values / alpha
+    assert ratio.min() >= 2 ** -0.5 - 1e-6 and ratio.max() <= 2 ** 0.5 + 1e-6
+
+
+def test_three_term_apot_is_exact_in_fp16_and_decodes_back():
+    alpha = torch.randn(1000) * 0.03
+    values, exps, neg = pot_round(alpha, 3)
+    assert torch.equal(values.half().float(), values)
+    assert torch.equal(pot_decode(exps, neg), values)
+    assert ((values - alpha).abs() <= alpha.abs() * 2 ** -4 + 1e-12).all()  # 3 terms: < 1/16 relative
+    assert ((values - alpha).abs() < (pot_round(alpha, 1)[0] - alpha).abs() + 1e-12).float().mean() > 0.9
+
+
+# ------------------------------------------------------------------------------------------------------ BCQ
+def test_bcq_error_decreases_monotonically_over_rounds():
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    _, _, history = bcq_fit(w, 3, rounds=15, pot_terms=0)
+    assert len(history) == 16
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(history, history[1:]))
+    assert history[-1] < 0.8 * history[0]  # the alternating rounds improve on the greedy init
+
+
+def test_bcq_recovers_bcq_representable_weights():
+    g = torch.Generator().manual_seed(1)
+    signs = torch.where(torch.rand(32, 128, 2, generator=g) < 0.5, -1.0, 1.0)
+    alpha = torch.stack([torch.full((32,), 0.5), torch.full((32,), 0.125)], 1) * 2.0 ** (torch.arange(32)[:, None] % 3)
+    w = (signs * alpha[:, None, :]).sum(-1)
+    a, s, history = bcq_fit(w, 2, rounds=10, pot_terms=1)
+    assert history[-1] <= 1e-10 * float((w ** 2).sum())
+    assert torch.allclose((s * a[:, None, :]).sum(-1), w)
+
+
+def test_nearest_codeword_is_the_argmin_over_all_sign_combinations():
+    w = torch.randn(10, 7)
+    alpha = torch.tensor([[0.9, 0.4, 0.1]]).repeat(10, 1)
+    s = nearest_codeword(w, alpha)
+    best = (s * alpha[:, None, :]).sum(-1)
+    for combo in range(8):
+        b = torch.tensor([1.0 if combo >> i & 1 else -1.0 for i in range(3)])
+        assert ((w - best).abs() <= (w - (alpha * b).sum(-1, keepdim=True)).abs() + 1e-7).all()
+
+
+# --------------------------------------------------------------------------------------- activation-aware fit
+def _correlated_inputs(k: int, n_tokens: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) / math.sqrt(k)
+    scale = torch.exp(torch.randn(k, generator=g))  # outlier channels, as in LLM activations
+    return (torch.randn(n_tokens, k, generator=g) @ mix) * scale
+
+
+def test_identity_hessian_reduces_to_per_group_bcq():
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(2))
+    wo = quantize_weight_only(w, 3, 16, rounds=5)
+    gp = quantize_gptq(w, torch.eye(64), 3, 16, rounds=5, act_order=False)
+    assert torch.equal(gp.qweight, wo.qweight)
+    assert torch.equal(gp.dense(), wo.dense())
+
+
+def test_activation_aware_output_error_not_above_weight_only_on_calibration_activations():
+    k, n = 96, 48
+    x = _correlated_inputs(k, 2048)
+    h = x.T @ x / x.shape[0]
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(3)) * 0.05
+    for bits, pot in ((3, 3), (2, 1)):
+        wo = quantize_weight_only(w, bits, 32, rounds=10, pot_terms=pot).dense()
+        aa = quantize_gptq(w, h, bits, 32, rounds=10, pot_terms=pot).dense()
+        e_wo = float((x @ (w - wo).T).norm() / (x @ w.T).norm())
+        e_aa = float((x @ (w - aa).T).norm() / (x @ w.T).norm())
+        assert e_aa <= e_wo
+        assert abs(output_error(w, aa, h) - e_aa) < 1e-4
+    assert e_aa < 0.8 * e_wo  # with outlier channels the calibrated fit is clearly better
+
+
+def test_act_order_perm_is_whole_byte_blocks_and_is_stored():
+    k = 52
+    x = _correlated_inputs(k, 512, seed=4)
+    h = x.T @ x / 512
+    ql = quantize_gptq(torch.randn(8, k), h, 2, 8, rounds=2)
+    perm = ql.perm.long()
+    assert sorted(perm.tolist()) == list(range(k))
+    assert all(int(perm[i]) % 8 == 0 for i in range(0, k, 8))  # each 8-column block starts on a byte
+    assert all(int(perm[i + 1]) == int(perm[i]) + 1 for i in range(k - 1) if (i + 1) % 8)
+
+
+# ------------------------------------------------------------------------------------------- bit allocation
+def test_bit_allocation_meets_budget_and_prefers_sensitive_layers():
+    scores = {"a": 5.0, "b": 1.0, "c": 3.0, "d": 0.5}
+    numels = {"a": 100, "b": 100, "c": 200, "d": 100}
+    bits = allocate_bits(scores, numels, 2.4, 2, 3)
+    avg = sum(bits[n] * numels[n] for n in bits) / sum(numels.values())
+    assert avg <= 2.4 + 1e-9
+    assert bits == {"a": 3, "b": 3, "c": 2, "d": 2}  # a first; c does not fit after a; b does
+
+
+def test_sensitivity_score_follows_the_sheet_formula():
+    w = torch.randn(16, 32)
+    m_norm, m_std = float(w.norm()), float(w.std())
+    assert sensitivity_score(w) == pytest.approx(m_norm * m_std ** 2, rel=1e-5)
+    h = torch.diag(torch.linspace(0.5, 4.0, 32))  # diagonal H: d_j = 1/sqrt(H_jj + damp)
+    damp = 0.01 * float(h.diagonal().mean())
+    m = w * torch.sqrt(h.diagonal() + damp)[None, :]
+    assert sensitivity_score(w, h, 0.01) == pytest.approx(float(m.norm() * m.std() ** 2), rel=1e-4)
+
+
+# --------------------------------------------------------------------------------------------- params
+@pytest.mark.parametrize("bad", [dict(group_size=12), dict(bits_budget=3.5), dict(bits=1, bits_budget=1.0),
+                                 dict(pot_terms=4), dict(bogus=1)])
+def test_bad_params_fail_validation(bad):
+    with pytest.raises(ValueError):
+        Params(**bad)
+
+
+# --------------------------------------------------------------------------------------- graph, format, loader
+def _graph(path: Path):
+    from surgeon.checkpoint import open_checkpoint
+    from surgeon.graph import Graph
+
+    return Graph.from_checkpoint(open_checkpoint(path))
+
+
+def _run(src: Path, out: Path, **kw):
+    from surgeon.context import Context
+    from surgeon.ops.shiftadd import apply
+    from surgeon.writer import write_graph
+
+    ctx = Context(quiet=True)
+    g2 = apply(_graph(src), Params(**kw), ctx)
+    write_graph(g2, out, ctx=ctx)
+    return g2, ctx
+
+
+def test_weight_only_is_lazy_and_writes_the_packed_format(tiny_llama, tmp_path):
+    from surgeon.context import Context
+    from surgeon.graph import Apply
+    from surgeon.ops.shiftadd import apply
+
+    g = _graph(tiny_llama)
+    g2 = apply(g, Params(bits=3, group_size=32, rounds=3), Context(quiet=True))
+    name = "model.layers.1.mlp.down_proj"
+    assert f"{name}.weight" not in g2 and isinstance(g2[f"{name}.qweight"], Apply)
+    assert g2[f"{name}.qweight"].shape == (3, 64, 128 // 8)  # down: [64, 128]
+    assert g2[f"{name}.pot_exp"].shape == (3, 64, 4, 3) and g2[f"{name}.pot_exp"].dtype == torch.int8
+    assert g2[f"{name}.pot_sign"].shape == (3, 64, 4)
+    assert "model.embed_tokens.weight" in g2 and "lm_head.weight" in g2  # never quantised
+    qc = g2.config["quantization_config"]
+    assert qc["quant_method"] == "shiftadd" and qc["bits"] == 3 and qc["group_size"] == 32
+    assert qc["modules"][name] == {"bits": 3, "in_features": 128}
+    # the packed tensors decode to the same Ŵ as the op's own weight-only fit
+    w = g.value(f"{name}.weight")
+    ref = quantize_weight_only(w, 3, 32, rounds=3).dense()
+    scales = pot_decode(g2.value(f"{name}.pot_exp"), g2.value(f"{name}.pot_sign"))
+    assert torch.equal(dequantize(g2.value(f"{name}.qweight"), scales, 128, 32), ref)
+
+
+def test_packed_model_logits_equal_materialized_model(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from surgeon.ops.shiftadd import ShiftAddLinear, load_shiftadd
+
+    _run(tiny_llama, tmp_path / "packed", bits=3, group_size=32, rounds=3, bits_budget=2.5)
+    _run(tiny_llama, tmp_path / "dense", bits=3, group_size=32, rounds=3, bits_budget=2.5, materialize=True)
+    cfg = json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    packed = load_shiftadd(tmp_path / "packed")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert isinstance(packed.model.layers[0].self_attn.q_proj, ShiftAddLinear)
+    bits = {packed.get_submodule(n).packed.bits for n, m in packed.named_modules() if isinstance(m, ShiftAddLinear)}
+    assert bits == {2, 3}
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for batch in (ids[:1, :1], ids[:1], ids):  # LUT (1 row), LUT (9 rows -> BLAS), BLAS
+            a, b = packed(batch).logits, dense(batch).logits
+            assert (a - b).abs().max() < 1e-4
+    size = sum(p.stat().st_size for p in (tmp_path / "packed").glob("*.safetensors"))
+    dense_size = sum(p.stat().st_size for p in (tmp_path / "dense").glob("*.safetensors"))
+    assert size < dense_size
+
+
+def test_calibrated_shiftadd_beats_weight_only_on_layer_outputs_and_loads(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from surgeon.ops.shiftadd import load_shiftadd
+
+    _, ctx = _run(tiny_llama, tmp_path / "cal", bits=2, group_size=32, rounds=3, data="model:4", seqlen=32)
+    info = ctx.step_info
+    assert info["format"] == "packed" and info["calibration_tokens"] == 4 * 32
+    qc = json.loads((tmp_path / "cal" / "config.json").read_text())["quantization_config"]
+    assert qc["calibrated"] and qc["act_order"]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "cal" / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.self_attn.q_proj.perm" in f.keys()
+    _run(tiny_llama, tmp_path / "cal-dense", bits=2, group_size=32, rounds=3, data="model:4", seqlen=32,
+         materialize=True)
+    packed = load_shiftadd(tmp_path / "cal")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "cal-dense")
+    ids = torch.randint(0, 128, (1, 7))
+    with torch.no_grad():
+        assert (packed(ids[:, :1]).logits - dense(ids[:, :1]).logits).abs().max() < 1e-4
+        assert (packed(ids).logits - dense(ids).logits).abs().max() < 1e-4
+
+
+def test_loader_refuses_a_folder_that_is_not_shiftadd(tiny_llama):
+    from surgeon.ops.shiftadd import load_shiftadd
+
+    with pytest.raises(SurgeonError, match="quant_method"):
+        load_shiftadd(tiny_llama)
+    with pytest.raises(SurgeonError, match="config.json"):
+        load_shiftadd(tiny_llama / "nope")
+
+
+def test_registered_and_reexported():
+    import surgeon
+    from surgeon.registry import get_op
+
+    spec = get_op("shiftadd")
+    assert spec.params is Params
+    assert surgeon.load_shiftadd.__name__ == "load_shiftadd"
