@@ -131,7 +131,16 @@ def _header(graph: Graph, plan: ShardPlan) -> tuple[bytes, list[tuple[str, int]]
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
-    if t.dtype.is_floating_point and t.numel() and not bool(torch.isfinite(t).all()):
+    """NaN/Inf refusal. A sum propagates both and is ~20x faster than ``isfinite(t).all()``; only when the sum
+    is not finite (possibly an overflow of finite values) does the exact check run."""
+    if not t.dtype.is_floating_point or not t.numel():
+        return
+    if t.element_size() == 1:  # float8: no reduction kernels
+        t = t.float()
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(t.sum(dtype=acc))):
+        return
+    if not bool(torch.isfinite(t).all()):
         raise SurgeonError(f"tensor {name!r} contains NaN or Inf (pass --allow-nonfinite to write it anyway)")
 
 
