@@ -40,3 +40,38 @@ def smollm2_gguf() -> Path | None:
         return None
     hits = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     return hits[0] if hits else None
+
+
+WORDS = [f"w{i}" for i in range(100)]
+
+
+def save_word_tokenizer(folder: Path, words: list[str] = WORDS) -> Path:
+    """A word-level fast tokenizer (specials <unk> <pad> <s> </s> first) saved with ``save_pretrained``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<pad>", "<s>", "</s>", *words])}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>")
+    tok.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_llama_with_tokenizer(folder: Path, *, seed: int = 0, layers: int = 4) -> Path:
+    """A tiny Llama (vocab 128 ≥ 104 word tokens) with a word-level tokenizer: enough for model-level ops."""
+    save_tiny_llama(folder, seed=seed, layers=layers, vocab=128)
+    return save_word_tokenizer(folder)
+
+
+def word_text(n_words: int = 600, seed: int = 0) -> str:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, len(WORDS), (n_words,), generator=g).tolist()
+    lines = [" ".join(WORDS[i] for i in ids[k: k + 12]) for k in range(0, n_words, 12)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def tiny_llama_tok(tmp_path: Path) -> Path:
+    return save_tiny_llama_with_tokenizer(tmp_path / "tiny-llama-tok")
