@@ -118,7 +118,8 @@ class Context:
         """Materialise ``graph`` as a torch module on this context's device (see :mod:`surgeon.model`)."""
         from surgeon.model import materialize
 
-        return materialize(graph, device=self.device, dtype=dtype, kind=kind, component=component)
+        return materialize(graph, device=self.device, dtype=dtype, kind=kind, component=component,
+                           check_finite=not self.allow_nonfinite)
 
     def tokenizer(self, graph: Graph, component: str = ""):
         from surgeon.model import load_tokenizer

@@ -116,14 +116,16 @@ def _assign(module: nn.Module, name: str, value: torch.Tensor, *, is_param: bool
 
 
 def materialize(graph: Graph, device: str = "cpu", dtype: str | torch.dtype = "float32", kind: str = "causal-lm",
-                component: str | None = None) -> nn.Module:
+                component: str | None = None, *, check_finite: bool = True) -> nn.Module:
     """Build the module of ``graph`` (or of one pipeline ``component``) in eval mode on ``device``.
 
     ``kind``: ``causal-lm`` (a transformers ``*ForCausalLM``), ``unet`` (diffusers ``UNet2DConditionModel``,
     component ``unet``) or ``clip-text`` (transformers ``CLIPTextModel``, component ``text_encoder``).
     Floating parameters are cast to ``dtype``; integer tensors keep theirs. The module remembers which graph
-    tensor each parameter came from (``module._surgeon_names``) for :func:`write_back`.
+    tensor each parameter came from (``module._surgeon_names``) for :func:`write_back`. With ``check_finite``
+    a tensor holding NaN/Inf is refused before any forward pass (``--allow-nonfinite`` turns it off).
     """
+    from surgeon.writer import check_finite
     import torch
 
     if kind not in KINDS:
@@ -152,6 +154,8 @@ def materialize(graph: Graph, device: str = "cpu", dtype: str | torch.dtype = "f
 
     with torch.no_grad():
         for pname, (gname, value) in zip(list(names), graph.values(list(names.values()))):
+            if check_finite:
+                check_finite(gname, value)
             is_param = pname in params
             # floating parameters take the compute dtype; buffers and integer tensors keep theirs
             value = value.to(device=dev, dtype=cdtype if is_param and value.is_floating_point() else None)
