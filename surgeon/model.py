@@ -125,7 +125,7 @@ def materialize(graph: Graph, device: str = "cpu", dtype: str | torch.dtype = "f
     tensor each parameter came from (``module._surgeon_names``) for :func:`write_back`. With ``check_finite``
     a tensor holding NaN/Inf is refused before any forward pass (``--allow-nonfinite`` turns it off).
     """
-    from surgeon.writer import check_finite
+    from surgeon.writer import check_finite as refuse_nonfinite
     import torch
 
     if kind not in KINDS:
@@ -155,7 +155,7 @@ def materialize(graph: Graph, device: str = "cpu", dtype: str | torch.dtype = "f
     with torch.no_grad():
         for pname, (gname, value) in zip(list(names), graph.values(list(names.values()))):
             if check_finite:
-                check_finite(gname, value)
+                refuse_nonfinite(gname, value)
             is_param = pname in params
             # floating parameters take the compute dtype; buffers and integer tensors keep theirs
             value = value.to(device=dev, dtype=cdtype if is_param and value.is_floating_point() else None)
