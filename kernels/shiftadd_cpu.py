@@ -35,12 +35,12 @@ def pack_signs(signs: torch.Tensor) -> torch.Tensor:
     if pad:
         bits = torch.nn.functional.pad(bits, (0, pad), value=False)
     bits = bits.reshape(*bits.shape[:-1], -1, 8).to(torch.uint8)
-    return (bits * _BIT_WEIGHTS).sum(-1, dtype=torch.uint8) if bits.numel() else bits[..., 0]
+    return (bits * _BIT_WEIGHTS.to(bits.device)).sum(-1, dtype=torch.uint8) if bits.numel() else bits[..., 0]
 
 
 def unpack_signs(qweight: torch.Tensor, k: int) -> torch.Tensor:
     """uint8 ``[..., KB]`` -> float32 ±1 ``[..., k]`` (inverse of :func:`pack_signs`)."""
-    bits = (qweight.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    bits = (qweight.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=qweight.device)) & 1
     bits = bits.reshape(*qweight.shape[:-1], -1)[..., :k]
     return bits.to(torch.float32) * 2 - 1
 

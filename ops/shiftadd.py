@@ -90,8 +90,8 @@ def pot_round(alpha: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tens
     a = alpha.double()
     resid = a.clone()
     value = torch.zeros_like(a)
-    exps = torch.full((*a.shape, terms), ABSENT_EXP, dtype=torch.int8)
-    neg = torch.zeros(a.shape, dtype=torch.uint8)
+    exps = torch.full((*a.shape, terms), ABSENT_EXP, dtype=torch.int8, device=a.device)
+    neg = torch.zeros(a.shape, dtype=torch.uint8, device=a.device)
     lead = None
     for t in range(terms):
         nz = resid != 0
@@ -114,7 +114,8 @@ def pot_decode(exps: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     terms = exps.shape[-1]
     e = exps.to(torch.float64)
     present = exps != ABSENT_EXP
-    signs = 1.0 - 2.0 * ((neg.unsqueeze(-1).to(torch.int64) >> torch.arange(terms)) & 1).to(torch.float64)
+    shifts = torch.arange(terms, device=neg.device)
+    signs = 1.0 - 2.0 * ((neg.unsqueeze(-1).to(torch.int64) >> shifts) & 1).to(torch.float64)
     return torch.where(present, signs * torch.exp2(e), torch.zeros_like(e)).sum(-1).float()
 
 
@@ -787,6 +788,8 @@ def load_shiftadd(path: str | Path, *, dtype: torch.dtype = torch.float32, devic
         if not isinstance(info, dict) or "in_features" not in info:
             raise SurgeonError(f"{cfg_path}: quantization_config.modules has no in_features for {prefix}")
         packed = read_packed(tensors, prefix, group_size, int(info["in_features"]))
+        packed = PackedLinear(packed.qweight.to(device), packed.scales.to(device), packed.in_features, group_size,
+                              None if packed.perm is None else packed.perm.to(device))
         bias = tensors.get(f"{prefix}.bias")
         mod_name, _, leaf = prefix.rpartition(".")
         try:
