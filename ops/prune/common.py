@@ -45,15 +45,19 @@ class Fresh(Node):
         return Executor([self.inner]).evaluate_all()[0]
 
 
-def roles(graph: Graph) -> Roles:
+ARCH_HELP = "Architecture role overrides for a family surgeon does not know (the recipe's `arch:` mapping)."
+
+
+def roles(graph: Graph, arch: dict[str, Any] | None = None) -> Roles:
     from surgeon.arch import roles_for
 
-    return roles_for(graph.config, graph.names())
+    return roles_for(graph.config, graph.names(), arch)
 
 
-def prune_targets(graph: Graph, include: list[str] | None, exclude: list[str] | None) -> list[str]:
+def prune_targets(graph: Graph, include: list[str] | None, exclude: list[str] | None,
+                  arch: dict[str, Any] | None = None) -> list[str]:
     """Resolve include/exclude selectors to 2-D weight names in model order (default: all block linears)."""
-    r = roles(graph)
+    r = roles(graph, arch)
     if include:
         chosen = r.select(include)
     else:
@@ -70,9 +74,9 @@ def prune_targets(graph: Graph, include: list[str] | None, exclude: list[str] | 
     return chosen
 
 
-def transposed_names(graph: Graph, names: Sequence[str]) -> set[str]:
+def transposed_names(graph: Graph, names: Sequence[str], arch: dict[str, Any] | None = None) -> set[str]:
     """Names stored as [d_in, d_out] (GPT-2 Conv1D), from the architecture's roles."""
-    r = roles(graph)
+    r = roles(graph, arch)
     out: set[str] = set()
     wanted = set(names)
     for i in range(r.n_layers):

@@ -24,7 +24,7 @@ from surgeon.graph import Graph, Reduce
 from surgeon.kernels.select import StreamingKth, fp32_bits, key_to_float, zero_below, zero_smallest_k
 from surgeon.registry import register
 
-from .common import (EXCLUDE_HELP, INCLUDE_HELP, Fresh, Pruned, check_nm_shapes, nm_prune, parse_nm, prune_targets,
+from .common import (ARCH_HELP, EXCLUDE_HELP, INCLUDE_HELP, Fresh, Pruned, check_nm_shapes, nm_prune, parse_nm, prune_targets,
                      sparsity_facts, transposed_names)
 
 
@@ -40,6 +40,7 @@ class Params(BaseModel):
                            "consecutive inputs per output row (sparsity is then 1 - N/M).")
     include: list[str] | None = Field(None, description=INCLUDE_HELP)
     exclude: list[str] = Field(default_factory=list, description=EXCLUDE_HELP)
+    arch: dict[str, Any] | None = Field(None, description=ARCH_HELP)
 
     @field_validator("nm")
     @classmethod
@@ -130,12 +131,12 @@ def _prune_below(index: int, facts: dict[str, Any], name: str):
 def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     """Magnitude pruning: per-layer, global or N:M."""
     graph = graph.copy()
-    names = prune_targets(graph, params.include, params.exclude)
+    names = prune_targets(graph, params.include, params.exclude, params.arch)
     nm = parse_nm(params.nm)
     dev = ctx.device
     if nm is not None:
         n, m = nm
-        trans = transposed_names(graph, names)
+        trans = transposed_names(graph, names, params.arch)
         check_nm_shapes(graph, names, m, trans)
         for name in names:
             dense = graph[name]

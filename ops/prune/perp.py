@@ -1,0 +1,296 @@
+"""PERP: parameter-efficient retraining after pruning (Zimmer, Andoni, Spiegel & Pokutta, arXiv 2312.15230;
+``ZIB-IOL/PERP``).
+
+After pruning, only biases, norm parameters and sparsity-preserving adapters on the pruned linears are trained
+(MaskLoRA r=16, α=32 by default, or ScaleLoRA, or none), then the adapters are merged exactly: W' = W + s·(M⊙BA)
+or W ⊙ BA, so every zero of the pruned model is still zero (checked before the graph is returned).
+
+Modes:
+- ``retrain``: causal-LM loss over token windows of ``data``; AdamW (weight decay 0), linear schedule with warmup.
+- ``reconstruct``: block by block, minimise the MSE between the pruned block (with adapters) and the dense block
+  on the same inputs, the inputs coming from the already retrained pruned prefix; each block's outputs feed the
+  next. Needs the dense weights, i.e. a ``prune.*`` step earlier in the same run (or Python call chain).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from surgeon.context import Context
+from surgeon.errors import SurgeonError
+from surgeon.graph import Const, Graph
+from surgeon.registry import register
+
+from .adapters import Attached, attach, detach, merged_weight
+from .blocks import BlockBatch, advance, capture_block_inputs, iter_batches, layer_modules, module_of, run_block
+from .common import ARCH_HELP, EXCLUDE_HELP, Pruned, prune_targets, roles, sparsity_facts
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(description="Training text: a .txt/.jsonl file, a datasets folder, or 'model:N' "
+                      "(N sequences sampled from the model itself).")
+    steps: int = Field(100, ge=1, description="Optimizer steps (in reconstruct mode: per block).")
+    lora: Literal["mask", "scale", "none"] = Field("mask", description="Adapter on the pruned linears: mask "
+                                                   "(MaskLoRA, W + s·(M⊙BA)), scale (ScaleLoRA, W⊙BA) or none "
+                                                   "(biases and norms only).")
+    rank: int = Field(16, ge=1, description="Adapter rank r.")
+    alpha: float = Field(32.0, gt=0, description="MaskLoRA scale numerator: s = alpha / rank (ScaleLoRA has none).")
+    lr: float = Field(5e-4, gt=0, description="Peak learning rate of AdamW.")
+    warmup: float = Field(0.1, ge=0, lt=1, description="Fraction of the steps spent warming the learning rate up "
+                          "linearly; it then decays linearly to zero.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(4, ge=1, description="Windows per step.")
+    seqlen: int = Field(512, ge=2, le=2048, description="Tokens per window (capped by the model's context and 2048).")
+    max_windows: int = Field(256, ge=1, description="At most this many windows are cut from the data.")
+    mode: Literal["retrain", "reconstruct"] = Field("retrain", description="retrain: language-model loss on the "
+                                                    "whole model; reconstruct: per block, MSE to the dense block "
+                                                    "(low memory; needs a prune step earlier in the same run).")
+    train_norms: bool = Field(True, description="Train the norm weights (and biases) of LayerNorm/RMSNorm.")
+    train_biases: bool = Field(True, description="Train the biases of all linear layers (OPT, GPT-2, Qwen2).")
+    include: list[str] | None = Field(None, description="Selectors of the linears that get adapters. Default: "
+                                      "every block linear.")
+    exclude: list[str] = Field(default_factory=list, description=EXCLUDE_HELP)
+    arch: dict[str, Any] | None = Field(None, description=ARCH_HELP)
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> Params:
+        if self.lora == "none" and not self.train_norms and not self.train_biases:
+            raise ValueError("nothing to train: lora=none with train_norms and train_biases off")
+        return self
+
+
+# --- which parameters train ----------------------------------------------------------------------------------
+
+def extra_trainables(model: nn.Module, *, norms: bool, biases: bool, within: nn.Module | None = None,
+                     ) -> dict[str, nn.Parameter]:
+    """``{graph name: parameter}`` of norm parameters and biases (inside ``within`` when given)."""
+    names: dict[str, str] = getattr(model, "_surgeon_names", {}) or {}
+    scope = {id(m) for m in within.modules()} if within is not None else None
+    out: dict[str, nn.Parameter] = {}
+    for mod_name, mod in model.named_modules():
+        if scope is not None and id(mod) not in scope:
+            continue
+        if "parametrizations" in mod_name.split("."):
+            continue
+        is_norm = "norm" in type(mod).__name__.lower()
+        for leaf, p in mod.named_parameters(recurse=False):
+            full = f"{mod_name}.{leaf}" if mod_name else leaf
+            if full not in names or not p.is_floating_point():
+                continue
+            if (norms and is_norm) or (biases and leaf == "bias"):
+                out[names[full]] = p
+    return out
+
+
+def _count(params) -> int:
+    seen: set[int] = set()
+    n = 0
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def _schedule(steps: int, warmup: float):
+    w = int(round(warmup * steps))
+
+    def factor(s: int) -> float:
+        if s < w:
+            return (s + 1) / w
+        return max(0.0, (steps - s) / max(1, steps - w))
+
+    return factor
+
+
+def _optimizer(params: list[nn.Parameter], p: Params, steps: int):
+    opt = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps, p.warmup))
+
+
+# --- the two training modes -------------------------------------------------------------------------------------
+
+def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+
+def perp_retrain(model: nn.Module, tokens: torch.Tensor, trainable: list[nn.Parameter], p: Params, *,
+                 seed: int = 0, progress=None, status=None) -> list[float]:
+    """Causal-LM retraining of ``trainable`` only. Returns the loss of every step."""
+    dev = next(model.parameters()).device
+    opt, sched = _optimizer(trainable, p, p.steps)
+    g = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    losses: list[float] = []
+    model.train()
+    steps = range(p.steps) if progress is None else progress(range(p.steps), p.steps, "PERP")
+    for _ in steps:
+        idx = []
+        while len(idx) < min(p.batch_size, tokens.shape[0]):
+            if not order:
+                order = torch.randperm(tokens.shape[0], generator=g).tolist()
+            idx.append(order.pop())
+        loss = lm_loss(model, tokens[idx].to(dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if status is not None:
+            status(f"loss {losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+def _relative_error(layer: nn.Module, batches: list[BlockBatch], targets: list[torch.Tensor]) -> float:
+    num = den = 0.0
+    with torch.no_grad():
+        for b, y in zip(batches, targets):
+            num += float(((run_block(layer, b) - y) ** 2).sum())
+            den += float((y**2).sum())
+    return num / max(den, 1e-30)
+
+
+def perp_reconstruct(model: nn.Module, layers: list[nn.Module], targets_by_layer: list[list[str]],
+                     dense: dict[str, torch.Tensor], batches: list[BlockBatch], p: Params, *, seed: int = 0,
+                     progress=None, status=None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Per-block reconstruction. Merges each block's adapters in place; returns ``{name: merged fp32 weight}``
+    and facts (relative block error before/after, trainable count)."""
+    merged: dict[str, torch.Tensor] = {}
+    before, after = [], []
+    n_trainable = 0
+    blocks = range(len(layers)) if progress is None else progress(range(len(layers)), len(layers), "PERP blocks")
+    for i in blocks:
+        layer, names = layers[i], targets_by_layer[i]
+        # dense targets on the same (pruned-prefix) inputs
+        saved = {}
+        with torch.no_grad():
+            for n in names:
+                mod, leaf, _ = module_of(model, n)
+                w = getattr(mod, leaf)
+                saved[n] = w.detach().clone()
+                w.copy_(dense[n].to(w.device, w.dtype))
+            targets = [run_block(layer, b).detach() for b in batches]
+            for n in names:
+                mod, leaf, _ = module_of(model, n)
+                getattr(mod, leaf).copy_(saved[n])
+        before.append(_relative_error(layer, batches, targets))
+        attached = [attach(*module_of(model, n)[:2], p.lora, p.rank, p.alpha) for n in names] \
+            if p.lora != "none" else []
+        extras = list(extra_trainables(model, norms=p.train_norms, biases=p.train_biases, within=layer).values())
+        params = [q for a in attached for q in a.adapter.parameters()] + extras
+        for q in extras:
+            q.requires_grad_(True)
+        n_trainable += _count(params)
+        if params:
+            opt, sched = _optimizer(params, p, p.steps)
+            layer.train()
+            for step_batch in iter_batches(list(range(len(batches))), p.steps, seed + i):
+                b = batches[step_batch]
+                loss = torch.nn.functional.mse_loss(run_block(layer, b), targets[step_batch])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                if status is not None:
+                    status(f"block {i} loss {float(loss.detach()):.3g}")
+            layer.eval()
+        for q in extras:
+            q.requires_grad_(False)
+        for n, a in zip(names, attached):
+            w = merged_weight(a)
+            detach(a, w)
+            merged[n] = w
+        after.append(_relative_error(layer, batches, targets))
+        advance(layer, batches)
+    return merged, {"block_error_before": [round(x, 6) for x in before],
+                    "block_error_after": [round(x, 6) for x in after], "trainable_parameters": n_trainable}
+
+
+# --- graph wiring ---------------------------------------------------------------------------------------------
+
+def _dense_weights(graph: Graph, names: list[str]) -> dict[str, torch.Tensor]:
+    missing = [n for n in names if not isinstance(graph[n], Pruned)]
+    if missing:
+        raise SurgeonError(f"retrain.perp mode=reconstruct: {missing[0]!r} has no dense weights in this run; "
+                           "put a prune.magnitude / prune.wanda step before retrain.perp in the same recipe, or "
+                           "use mode=retrain")
+    out = {}
+    for n in names:
+        node = graph[n]
+        assert isinstance(node, Pruned)
+        out[n] = Graph({n: node.dense}).value(n).float()
+    return out
+
+
+@register("retrain.perp", Params, model_level=True)
+def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
+    """PERP: retrain norms, biases and MaskLoRA after pruning."""
+    names = prune_targets(graph, params.include, params.exclude, params.arch)
+    r = roles(graph, params.arch)
+    prefixes = [r.layer_prefix(i) for i in range(r.n_layers)]
+    dense = _dense_weights(graph, names) if params.mode == "reconstruct" else {}
+    tokens = ctx.tokens(params.data, graph, seqlen=params.seqlen, max_windows=params.max_windows)
+    torch.manual_seed(ctx.seed)
+    model = ctx.module(graph, dtype="float32")
+    for q in model.parameters():
+        q.requires_grad_(False)
+    total = _count(model.parameters())
+    zero_before = {n: (getattr(*module_of(model, n)[:2]).detach() == 0).cpu() for n in names}
+    facts: dict[str, Any] = {"mode": params.mode, "lora": params.lora, "rank": params.rank,
+                             "windows": int(tokens.shape[0]), "seqlen": int(tokens.shape[1])}
+    if params.mode == "retrain":
+        attached: list[Attached] = []
+        if params.lora != "none":
+            attached = [attach(*module_of(model, n)[:2], params.lora, params.rank, params.alpha) for n in names]
+        extras = extra_trainables(model, norms=params.train_norms, biases=params.train_biases)
+        trainable = [q for a in attached for q in a.adapter.parameters()] + list(extras.values())
+        for q in trainable:
+            q.requires_grad_(True)
+        n_trainable = _count(trainable)
+        with ctx.timed("retrain"):
+            losses = perp_retrain(model, tokens, trainable, params, seed=ctx.seed, progress=ctx.progress,
+                                  status=ctx.status)
+        merged = {}
+        for n, a in zip(names, attached):
+            merged[n] = merged_weight(a)
+            detach(a, merged[n])
+        k = max(1, len(losses) // 10)
+        facts.update(loss_first=round(sum(losses[:k]) / k, 4), loss_last=round(sum(losses[-k:]) / k, 4))
+    else:
+        layers = layer_modules(model, prefixes)
+        by_layer: list[list[str]] = [[n for n in names if n.startswith(p)] for p in prefixes]
+        outside = set(names) - {n for ns in by_layer for n in ns}
+        if outside:
+            raise SurgeonError(f"retrain.perp mode=reconstruct: {sorted(outside)[0]!r} is not inside a block")
+        batches = capture_block_inputs(model, layers[0], tokens, params.batch_size)
+        with ctx.timed("reconstruct"):
+            merged, rec = perp_reconstruct(model, layers, by_layer, dense, batches, params, seed=ctx.seed,
+                                           progress=ctx.progress, status=ctx.status)
+        n_trainable = rec.pop("trainable_parameters")
+        facts.update(rec)
+        extras = extra_trainables(model, norms=params.train_norms, biases=params.train_biases)
+        extras = {n: q for n, q in extras.items() if any(n.startswith(p) for p in prefixes)}
+
+    out = graph.copy()
+    per_tensor = {}
+    for n in names:
+        if n not in merged:  # lora=none: the linear itself did not train
+            per_tensor[n] = (int(zero_before[n].sum()), zero_before[n].numel())
+            continue
+        new = merged[n].cpu().to(graph[n].dtype)
+        bad = int((zero_before[n] & (new != 0)).sum())
+        if bad:  # the whole point of MaskLoRA/ScaleLoRA: refuse to write a densified model
+            raise SurgeonError(f"internal: merging the adapter of {n!r} created {bad} new non-zeros")
+        out.nodes[n] = Const(new, label="perp")
+        per_tensor[n] = (int((new == 0).sum()), new.numel())
+    for n, q in extras.items():
+        out.nodes[n] = Const(q.detach().cpu().to(graph[n].dtype), label="perp")
+    ctx.report(**facts, trainable_parameters=n_trainable, total_parameters=total,
+               trainable_fraction=round(n_trainable / total, 6), **sparsity_facts(per_tensor))
+    return out
