@@ -5,17 +5,16 @@ import json
 
 import pytest
 import torch
+from surgeon.ops.prune import magnitude, perp
+from surgeon.ops.prune.adapters import MaskLoRA, ScaleLoRA, attach, detach, merged_weight
+from surgeon.ops.prune.blocks import module_of
+from test_prune_helpers import graph_loss, heldout_loss, task_model_fixture  # noqa: F401  (fixture)
 
 from surgeon.checkpoint import open_checkpoint
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
-from surgeon.ops.prune import magnitude, perp
-from surgeon.ops.prune.adapters import MaskLoRA, ScaleLoRA, attach, detach, merged_weight
-from surgeon.ops.prune.blocks import module_of
 from surgeon.pipeline import validate_step
-
-from test_prune_helpers import graph_loss, heldout_loss, task_model  # noqa: F401  (fixture)
 
 
 @pytest.fixture(autouse=True)

@@ -75,8 +75,9 @@ def heldout_loss(model_dir: Path | str, heldout: Path | str) -> float:
 
 
 def graph_loss(g, heldout: Path | str) -> float:
-    from surgeon.context import Context
     from surgeon.ops.evaluate import perplexity
+
+    from surgeon.context import Context
 
     ctx = Context()
     windows = ctx.tokens(str(heldout), g, seqlen=WINDOW)
@@ -84,7 +85,7 @@ def graph_loss(g, heldout: Path | str) -> float:
     return float(perplexity(model, windows, batch_size=32)["nll"])
 
 
-@pytest.fixture(scope="session")
-def task_model(tmp_path_factory) -> Path:
+@pytest.fixture(scope="session", name="task_model")
+def task_model_fixture(tmp_path_factory) -> Path:
     """A trained tiny Llama; ``task_model.parent`` holds train.txt and heldout.txt."""
     return train_task_model(tmp_path_factory.mktemp("task") / "model")

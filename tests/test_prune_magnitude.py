@@ -6,16 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_llama
+from surgeon.ops.prune.common import Fresh, Pruned, nm_prune
+from surgeon.ops.prune.magnitude import Params, apply, n_pruned
 
 from surgeon.checkpoint import open_checkpoint
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
-from surgeon.ops.prune.common import Fresh, Pruned, nm_prune
-from surgeon.ops.prune.magnitude import Params, apply, n_pruned
 from surgeon.pipeline import validate_step
-
-from conftest import save_tiny_llama
 
 
 def _graph(path: Path) -> Graph:
@@ -88,7 +87,6 @@ def test_global_scope_streams_without_holding_the_model(tiny_llama):
 
 def test_global_ties_break_by_tensor_then_index(tmp_path):
     from safetensors.torch import save_file
-
     from surgeon.ops.prune.magnitude import global_threshold_nodes
 
     a = torch.tensor([[1.0, 2.0], [2.0, 3.0]])

@@ -17,7 +17,6 @@ from torch import nn
 
 from surgeon.errors import SurgeonError
 
-
 T = TypeVar("T")
 
 

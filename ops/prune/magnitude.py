@@ -18,14 +18,25 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from surgeon.kernels.select import StreamingKth, fp32_bits, key_to_float, zero_below, zero_smallest_k
 
 from surgeon.context import Context
 from surgeon.graph import Graph, Reduce
-from surgeon.kernels.select import StreamingKth, fp32_bits, key_to_float, zero_below, zero_smallest_k
 from surgeon.registry import register
 
-from .common import (ARCH_HELP, EXCLUDE_HELP, INCLUDE_HELP, Fresh, Pruned, check_nm_shapes, nm_prune, parse_nm, prune_targets,
-                     sparsity_facts, transposed_names)
+from .common import (
+    ARCH_HELP,
+    EXCLUDE_HELP,
+    INCLUDE_HELP,
+    Fresh,
+    Pruned,
+    check_nm_shapes,
+    nm_prune,
+    parse_nm,
+    prune_targets,
+    sparsity_facts,
+    transposed_names,
+)
 
 
 class Params(BaseModel):

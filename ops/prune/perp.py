@@ -25,7 +25,15 @@ from surgeon.graph import Const, Graph
 from surgeon.registry import register
 
 from .adapters import Attached, attach, detach, merged_weight
-from .blocks import BlockBatch, advance, capture_block_inputs, iter_batches, layer_modules, module_of, run_block
+from .blocks import (
+    BlockBatch,
+    advance,
+    capture_block_inputs,
+    iter_batches,
+    layer_modules,
+    module_of,
+    run_block,
+)
 from .common import ARCH_HELP, EXCLUDE_HELP, Pruned, prune_targets, roles, sparsity_facts
 
 
@@ -98,7 +106,7 @@ def _count(params) -> int:
 
 
 def _schedule(steps: int, warmup: float):
-    w = int(round(warmup * steps))
+    w = round(warmup * steps)
 
     def factor(s: int) -> float:
         if s < w:
@@ -267,7 +275,7 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
         by_layer: list[list[str]] = [[n for n in names if n.startswith(p)] for p in prefixes]
         outside = set(names) - {n for ns in by_layer for n in ns}
         if outside:
-            raise SurgeonError(f"retrain.perp mode=reconstruct: {sorted(outside)[0]!r} is not inside a block")
+            raise SurgeonError(f"retrain.perp mode=reconstruct: {min(outside)!r} is not inside a block")
         batches = capture_block_inputs(model, layers[0], tokens, params.batch_size)
         with ctx.timed("reconstruct"):
             merged, rec = perp_reconstruct(model, layers, by_layer, dense, batches, params, seed=ctx.seed,

@@ -21,8 +21,19 @@ from surgeon.graph import Const, Graph
 from surgeon.registry import register
 
 from .blocks import advance, capture_block_inputs, layer_modules, module_of
-from .common import (ARCH_HELP, EXCLUDE_HELP, INCLUDE_HELP, Pruned, check_nm_shapes, nm_prune, parse_nm, prune_targets, roles,
-                     sparsity_facts, transposed_names)
+from .common import (
+    ARCH_HELP,
+    EXCLUDE_HELP,
+    INCLUDE_HELP,
+    Pruned,
+    check_nm_shapes,
+    nm_prune,
+    parse_nm,
+    prune_targets,
+    roles,
+    sparsity_facts,
+    transposed_names,
+)
 
 
 class Params(BaseModel):
