@@ -160,8 +160,7 @@ def plot_diff(result: dict[str, Any], path: str | Path) -> Path:
     positive = data[np.isfinite(data) & (data > 0)]
     fig_h = max(3.0, 0.22 * data.shape[0] + 1.5)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * data.shape[1] + 2.5), fig_h))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
     floor = positive.min() if positive.size else 1e-8
     shown = np.where(data > 0, data, np.where(data == 0, floor / 10, np.nan))
     norm = LogNorm(vmin=floor / 10, vmax=max(positive.max() if positive.size else 1.0, floor))
