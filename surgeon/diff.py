@@ -62,7 +62,7 @@ def _tensor_diff(a: torch.Tensor, b: torch.Tensor, rank_tol: float) -> dict[str,
     dn = float(torch.linalg.vector_norm(delta))
     an = float(torch.linalg.vector_norm(af))
     out["status"] = "same" if dn == 0 else "changed"
-    out["rel_change"] = dn / an if an > 0 else (0.0 if dn == 0 else math.inf)
+    out["rel_change"] = dn / an if an > 0 else (0.0 if dn == 0 else None)  # None: A is all zeros
     out["abs_change"] = dn
     out["new_zeros"] = int(((b == 0) & (a != 0)).sum())
     out["zeros_b"] = int((b == 0).sum())
@@ -106,11 +106,12 @@ def diff_checkpoints(a: Graph, b: Graph, *, rank_tol: float = 1e-3, progress=Non
     counts: dict[str, int] = {}
     for t in ordered.values():
         counts[t["status"]] = counts.get(t["status"], 0) + 1
-    changed = sorted(((t.get("rel_change", 0.0), n) for n, t in ordered.items() if t["status"] == "changed"),
-                     reverse=True)
+    changed = sorted(((t.get("rel_change") if t.get("rel_change") is not None else math.inf, n)
+                      for n, t in ordered.items() if t["status"] == "changed"), reverse=True)
     summary = {"tensors": len(ordered), **{f"n_{k}": v for k, v in sorted(counts.items())},
                "new_zeros": sum(t.get("new_zeros", 0) for t in ordered.values()),
-               "largest_changes": [{"name": n, "rel_change": r} for r, n in changed[:10]]}
+               "largest_changes": [{"name": n, "rel_change": r if math.isfinite(r) else None}
+                                   for r, n in changed[:10]]}
     cfg_a, cfg_b = a.config, b.config
     config_changes = {k: [cfg_a.get(k), cfg_b.get(k)] for k in sorted(set(cfg_a) | set(cfg_b))
                       if cfg_a.get(k) != cfg_b.get(k) and not k.startswith("_")}
@@ -174,3 +175,51 @@ def plot_diff(result: dict[str, Any], path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if v == 0:
+        return "0"
+    return f"{v:.2e}" if v < 1e-2 or v >= 100 else f"{v:.3f}"
+
+
+def render_diff(result: dict[str, Any], *, console=None, max_rows: int = 40) -> None:
+    """Print the diff for a person on stderr: summary, the changed tensors (largest first), layers × roles."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(stderr=True)
+    s = result["summary"]
+    counts = ", ".join(f"{k.removeprefix('n_')} {v}" for k, v in s.items() if k.startswith("n_"))
+    console.print(f"[bold]{s['tensors']} tensors[/bold]: {counts}; new zeros {s['new_zeros']}")
+    rows = [(n, t) for n, t in result["tensors"].items() if t["status"] != "same"]
+    rows.sort(key=lambda nt: -(nt[1].get("rel_change") if nt[1].get("rel_change") is not None else math.inf))
+    if rows:
+        table = Table(title="changed tensors", header_style="bold")
+        for col in ("tensor", "status", "rel change", "new zeros", "delta rank", "dtype / shape"):
+            table.add_column(col, justify="left" if col in ("tensor", "status", "dtype / shape") else "right")
+        for name, t in rows[:max_rows]:
+            rank = t.get("delta_rank")
+            rank_s = "-" if rank is None else (str(rank) if t.get("rank_exact", True) else f">={rank}")
+            extra = " → ".join(map(str, t["dtype"])) if "dtype" in t else ""
+            if "shape" in t:
+                extra = (extra + " " if extra else "") + " → ".join(map(str, t["shape"]))
+            table.add_row(name, t["status"], _fmt(t.get("rel_change")), str(t.get("new_zeros", "-")), rank_s, extra)
+        if len(rows) > max_rows:
+            table.caption = f"{len(rows) - max_rows} more changed tensors not shown (use --json)"
+        console.print(table)
+    layers = result.get("layers")
+    if isinstance(layers, dict) and "rows" in layers and any(
+            v for row in layers["rows"] for v in row if v is not None):
+        table = Table(title=f"relative change per layer × role ({layers['family']})", header_style="bold")
+        table.add_column("layer", justify="right")
+        for role in layers["roles"]:
+            table.add_column(role, justify="right")
+        for i, row in enumerate(layers["rows"]):
+            table.add_row(str(i), *[_fmt(v) for v in row])
+        console.print(table)
+    if result.get("config_changes"):
+        console.print("config changes: " + ", ".join(f"{k}: {a!r} → {b!r}"
+                                                     for k, (a, b) in result["config_changes"].items()))

@@ -123,3 +123,20 @@ def test_plot_without_matplotlib_is_a_clear_error(graph, tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_mpl)
     with pytest.raises(SurgeonError, match="needs matplotlib"):
         plot_diff({"layers": None}, tmp_path / "x.png")
+
+
+def test_render_diff_prints_tables(graph):
+    from rich.console import Console
+
+    b = graph.copy()
+    name = "model.layers.2.mlp.down_proj.weight"
+    b.nodes[name] = Const(graph.value(name) * 0.5)
+    b.nodes["zero.weight"] = Const(torch.zeros(2, 2))
+    r = diff_checkpoints(graph, b)
+    json.dumps(r, allow_nan=False)  # strict JSON: no Infinity/NaN
+    from surgeon.diff import render_diff
+
+    console = Console(record=True, width=200)
+    render_diff(r, console=console)
+    text = console.export_text()
+    assert name in text and "0.500" in text and "only_b" in text and "mlp.down" in text
