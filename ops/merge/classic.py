@@ -248,7 +248,7 @@ class DareParams(TaskArithmeticParams):
 
 @register("merge.linear", LinearParams, multi_model=True)
 def merge_linear(graph: Graph, params: LinearParams, ctx: Context) -> Graph:
-    """Weighted average of checkpoints (model soup)."""
+    """θ = Σ w_i θ_i / Σ w_i over the models (a --base, if given, only supplies tensors that are not merged)."""
     inputs = gather_inputs(graph, params, ctx, need_base=False, min_models=1, op="merge linear")
     # a base, if given, is only where unmerged tensors come from; the average is over the models
     inputs.primary = inputs.graphs[0] if inputs.base is None else inputs.base
@@ -279,7 +279,7 @@ def _task_setup(graph: Graph, params: TaskArithmeticParams, ctx: Context, op: st
 
 @register("merge.task-arithmetic", TaskArithmeticParams, multi_model=True)
 def merge_task_arithmetic(graph: Graph, params: TaskArithmeticParams, ctx: Context) -> Graph:
-    """θ_b + λ Σ w_i τ_i."""
+    """θ = θ_b + λ Σ w_i (θ_i − θ_b); --scale may vary per layer or per role."""
     op = "merge task-arithmetic"
     inputs, weights, plan, n_layers, emb = _task_setup(graph, params, ctx, op)
 
@@ -295,7 +295,7 @@ def merge_task_arithmetic(graph: Graph, params: TaskArithmeticParams, ctx: Conte
 
 @register("merge.ties", TiesParams, multi_model=True)
 def merge_ties(graph: Graph, params: TiesParams, ctx: Context) -> Graph:
-    """TIES: trim, elect sign, disjoint mean."""
+    """Keep the top-density |τ_i| per tensor, elect a sign per entry, average the agreeing entries, add λ× to the base."""
     op = "merge ties"
     inputs, weights, plan, n_layers, emb = _task_setup(graph, params, ctx, op)
     resolved = {t: (layer_value(params.density, t, n_layers, embeddings=emb),
@@ -314,7 +314,7 @@ def merge_ties(graph: Graph, params: TiesParams, ctx: Context) -> Graph:
 
 @register("merge.dare", DareParams, multi_model=True)
 def merge_dare(graph: Graph, params: DareParams, ctx: Context) -> Graph:
-    """DARE: random drop with rescale, then sum or TIES."""
+    """Drop each task-vector entry with probability 1 − density, rescale by 1/density, then sum (or TIES with --consensus ties)."""
     op = "merge dare"
     inputs, weights, plan, n_layers, emb = _task_setup(graph, params, ctx, op)
     normalize = params.normalize if params.normalize is not None else params.consensus == "ties"

@@ -158,7 +158,8 @@ def _base_fingerprint(g: Graph) -> dict[str, list[int]]:
 
 @register("merge.opcm", OpcmParams, multi_model=True)
 def merge_opcm(graph: Graph, params: OpcmParams, ctx: Context) -> Graph:
-    """Continual merging with orthogonal projection and adaptive λ_t; state folder for later arrivals."""
+    """Merge fine-tunes in order, projecting each task vector off the merge's leading singular directions and
+    rescaling to the mean task norm; --state/--resume let later models join."""
     from surgeon.checkpoint import open_file
 
     op = "merge opcm"
