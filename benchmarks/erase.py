@@ -177,7 +177,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["sd14", "sdxl"], default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--baseline-epochs-sd14", type=int, default=3)
+    ap.add_argument("--baseline-epochs-sd14", type=int, default=1)
     ap.add_argument("--baseline-epochs-sdxl", type=int, default=1)
     ap.add_argument("--full-unet-bytes", action="store_true")
     ap.add_argument("--workdir", default=None, help="where to build the synthetic checkpoints (default: a temp dir)")

@@ -19,7 +19,7 @@ from test_erase_helpers import save_compvis_copy, save_tiny_sd  # noqa: E402
 from surgeon.checkpoint import open_checkpoint  # noqa: E402
 from surgeon.context import Context  # noqa: E402
 from surgeon.errors import SurgeonError  # noqa: E402
-from surgeon.graph import Graph, Load  # noqa: E402
+from surgeon.graph import Const, Graph, Load, LowRank  # noqa: E402
 from surgeon.ops.erase.closed_form import (  # noqa: E402
     gram,
     rece_adversarial_embedding,
@@ -77,6 +77,7 @@ def test_only_cross_attention_keys_and_values_change(rece_run):
     assert len(kv) == 8  # tiny UNet: 4 cross-attention layers (down 1, mid 1, up 2) x {k, v}
     changed = [n for n in g2.names() if not isinstance(g2.nodes[n], Load)]
     assert sorted(changed) == sorted(kv)
+    assert all(isinstance(g2.nodes[n], Const) for n in kv)  # rank 76 + 3·77 > d/2 = 16: dense
     assert set(g2.names()) == set(g.names())
     for n in kv:
         assert rel(g2.value(n), g.value(n)) > 1e-3
@@ -203,6 +204,8 @@ def test_erased_concept_moves_to_target_preserved_prompts_stay(tmp_path):
         assert rel(C @ Wn.T, T @ W.T) < 0.05 * rel(C @ W.T, T @ W.T), n  # erased → target
         assert rel(keep @ Wn.T, keep @ W.T) < 0.01, n  # preserved prompt: all 77 positions
     assert ctx.step_info["max_preserve_drift"] < 0.01
+    # one erased row: the edit is rank one and stays a LowRank node W + (W·L)·R until written
+    assert ctx.step_info["edit_rank"] == 1 and all(isinstance(g2.nodes[n], LowRank) for n in kv_names(g))
 
 
 def test_float16_in_float16_out(tmp_path):

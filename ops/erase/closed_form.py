@@ -55,9 +55,10 @@ def uce_normal_matrix(C: torch.Tensor, P: torch.Tensor | None, lam: float, eta_e
     return B
 
 
-def uce_delta(C: torch.Tensor, T: torch.Tensor, P: torch.Tensor | None, *, lam: float, eta_e: float, eta_p: float,
-              preserve_gram: torch.Tensor | None = None, device: str = "cpu") -> torch.Tensor:
-    """Δ = K − I of the UCE closed form (module docstring), float64 ``[d, d]``.
+def uce_delta_factors(C: torch.Tensor, T: torch.Tensor, P: torch.Tensor | None, *, lam: float, eta_e: float,
+                      eta_p: float, preserve_gram: torch.Tensor | None = None,
+                      device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """K − I = A·R with A = η_e (T − C)ᵀ ``[d, n]`` and R = C B⁻¹ ``[n, d]`` (float64): rank ≤ n rows erased.
 
     ``C`` erased embeddings and ``T`` their aligned targets (``[n, d]`` each), ``P`` preserved embeddings ``[m, d]``
     (or their Gram ``preserve_gram`` = PᵀP).
@@ -67,7 +68,15 @@ def uce_delta(C: torch.Tensor, T: torch.Tensor, P: torch.Tensor | None, *, lam: 
     C, T = C.to(F64), T.to(F64)
     B = uce_normal_matrix(C, P, lam, eta_e, eta_p, preserve_gram=preserve_gram)
     X = cholesky_solve(B, C.T, device=device)  # B⁻¹Cᵀ  [d, n]
-    return eta_e * (T - C).T.to(X) @ X.T  # η_e (T − C)ᵀ C B⁻¹
+    return eta_e * (T - C).T.to(X), X.T
+
+
+def uce_delta(C: torch.Tensor, T: torch.Tensor, P: torch.Tensor | None, *, lam: float, eta_e: float, eta_p: float,
+              preserve_gram: torch.Tensor | None = None, device: str = "cpu") -> torch.Tensor:
+    """Δ = K − I of the UCE closed form (module docstring), float64 ``[d, d]``."""
+    A, R = uce_delta_factors(C, T, P, lam=lam, eta_e=eta_e, eta_p=eta_p, preserve_gram=preserve_gram,
+                             device=device)
+    return A @ R
 
 
 def gram(weights: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
@@ -131,6 +140,8 @@ class EpochLog:
 @dataclass
 class ReceResult:
     M: torch.Tensor  # K_tot = K_UCE·K_1⋯K_e  [d, d] float64
+    L: torch.Tensor | None = None  # M − I = L·R when factors were tracked (L [d, r], R [r, d])
+    R: torch.Tensor | None = None
     adversarial: list[torch.Tensor] = field(default_factory=list)  # per epoch, [n_concepts, 77, d]
     log: list[EpochLog] = field(default_factory=list)
 
@@ -150,12 +161,15 @@ def _gram_ratio(D: torch.Tensor, M: torch.Tensor, H: torch.Tensor, PtP: torch.Te
 
 def rece_epochs(M0: torch.Tensor, H: torch.Tensor, concepts: torch.Tensor, targets: torch.Tensor,
                 preserve: torch.Tensor, *, epochs: int, lam_r: float, lam: float, eta_e: float, eta_p: float,
-                device: str = "cpu") -> ReceResult:
+                factors: tuple[torch.Tensor, torch.Tensor] | None = None, device: str = "cpu") -> ReceResult:
     """Run RECE epochs from the UCE edit ``M0`` (= K_UCE), the K-trick way (module docstring).
 
     ``concepts`` ``[n, L, d]``: E(concept) at every position; ``targets`` ``[n, L, d]``: E(target) aligned with
     them; ``preserve`` ``[m, d]`` rows kept. Each epoch: (a) c′ for every concept position with the current M;
     (b) a UCE step with C = c′, T = targets, P = preserve, values from the current model → K_e; (c) M ← M·K_e.
+
+    ``factors`` (L, R) with M0 − I = L·R are extended as M·K_e − I = [L, M·A_e]·[R; R_e], so the final edit
+    can be applied as W + (W·L)·R when its rank r is below d/2.
     """
     M = M0.to(F64).clone()
     H = H.to(F64)
@@ -164,11 +178,16 @@ def rece_epochs(M0: torch.Tensor, H: torch.Tensor, concepts: torch.Tensor, targe
     T = targets.to(F64).reshape(-1, d)
     P = preserve.to(F64).reshape(-1, d)
     PtP = P.T @ P
-    out = ReceResult(M)
+    L, R = (None, None) if factors is None else (factors[0].to(F64), factors[1].to(F64))
+    out = ReceResult(M, L, R)
     for e in range(epochs):
         Cadv = rece_adversarial_embedding(C0, M, H, lam_r, device=device)
-        delta = uce_delta(Cadv, T, None, lam=lam, eta_e=eta_e, eta_p=eta_p, preserve_gram=PtP, device=device)
-        M_next = M + M @ delta
+        A_e, R_e = uce_delta_factors(Cadv, T, None, lam=lam, eta_e=eta_e, eta_p=eta_p, preserve_gram=PtP,
+                                     device=device)
+        delta = A_e @ R_e
+        M_next = M + (M @ A_e) @ R_e
+        if L is not None:
+            L, R = torch.cat([L, M @ A_e], dim=1), torch.cat([R, R_e], dim=0)
         B = uce_normal_matrix(Cadv, None, lam, eta_e, eta_p, preserve_gram=PtP)
         ev = torch.linalg.eigvalsh(B)
         n = concepts.shape[0]
@@ -186,7 +205,7 @@ def rece_epochs(M0: torch.Tensor, H: torch.Tensor, concepts: torch.Tensor, targe
         ))
         out.adversarial.append(adv)
         M = M_next
-        out.M = M
+        out.M, out.L, out.R = M, L, R
     return out
 
 

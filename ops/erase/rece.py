@@ -20,10 +20,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from surgeon.errors import SurgeonError
-from surgeon.graph import Const, Graph
+from surgeon.graph import Const, Graph, LowRank
 from surgeon.registry import register
 
-from .closed_form import F64, GramAccumulator, rece_epochs, uce_delta
+from .closed_form import F64, GramAccumulator, rece_epochs, uce_delta_factors
 from .sd_keys import SDLayout, detect_layout
 
 #: ALGORITHMS.md §5.4. The I2P categories are RECE's "unsafe" list (train.py, concepts "i2p").
@@ -213,9 +213,9 @@ def erase(graph: Graph, params: UceParams, ctx, *, method: str) -> Graph:
     # UCE step (eq. 7): one Δ for every matrix
     t0 = time.perf_counter()
     eta_p = params.preserve_scale or max(0.1, 1 / emb["n_retain"])
-    uce = uce_delta(emb["C"], emb["T"], emb["P"], lam=params.uce_lambda, eta_e=params.erase_scale, eta_p=eta_p,
-                    device=device)
-    M = torch.eye(d, dtype=F64) + uce
+    L, R = uce_delta_factors(emb["C"], emb["T"], emb["P"], lam=params.uce_lambda, eta_e=params.erase_scale,
+                             eta_p=eta_p, device=device)
+    M = torch.eye(d, dtype=F64) + L @ R
     timings["uce"] = time.perf_counter() - t0
 
     names = [n for pair in layout.pairs for n in pair]
@@ -233,31 +233,46 @@ def erase(graph: Graph, params: UceParams, ctx, *, method: str) -> Graph:
         rp = params  # ReceParams here
         res = rece_epochs(M, acc.H.cpu(), emb["concepts_full"], emb["targets_full"], emb["rece_P"], epochs=epochs,
                           lam_r=settings["regularizer"], lam=rp.rece_lambda, eta_e=rp.rece_erase_scale,
-                          eta_p=rp.rece_preserve_scale, device=device)
-        M = res.M
+                          eta_p=rp.rece_preserve_scale, factors=(L, R), device=device)
+        M, L, R = res.M, res.L, res.R
         log = [e.as_dict() for e in res.log]
         adv_norms = [e.adversarial_norm for e in res.log]
         timings["rece_epochs"] = time.perf_counter() - t0
 
-    # apply W ← W + W·(M − I), report per matrix
+    # apply W ← W + W·(M − I), report per matrix. M − I = L·R has rank r ≤ rows erased: below d/2 the edit is
+    # a LowRank node W + (W·L)·R (2·o·d·r flops instead of o·d², computed when written), else a dense Const.
     t0 = time.perf_counter()
-    D = (M - torch.eye(d, dtype=F64)).to(device)
+    low_rank = 2 * L.shape[1] < d
+    D = None if low_rank else (M - torch.eye(d, dtype=F64)).to(device=device, dtype=mm_dtype)
+    Lm, Rm = L.to(device=device, dtype=mm_dtype), R.to(device=device, dtype=F64)
     C, T, P = emb["C"].to(device), emb["T"].to(device), emb["P"].to(device)
     out = graph.copy()
     per_matrix = []
     for name, w in ctx_progress(ctx, graph.values(names), len(names), "W·M"):
         wd = w.to(device=device, dtype=mm_dtype)
-        dw = wd @ D.to(mm_dtype)
-        new = (wd + dw).to(w.dtype).cpu()
-        out.nodes[name] = Const(new, label=method)
         w64 = w.to(device=device, dtype=F64)
-        new64 = new.to(device=device, dtype=F64)
+        if low_rank:
+            up = (wd @ Lm).to(F64)  # [o, r]
+            out.nodes[name] = LowRank(graph[name], up.cpu(), Rm.cpu(), label=method)
+
+            def delta_of(x, up=up):  # x·ΔWᵀ for rows x, without forming ΔW
+                return (x @ Rm.T) @ up.T
+            dw_norm = float(((up.T @ up) * (Rm @ Rm.T)).sum().clamp_min(0).sqrt())
+        else:
+            dw = (wd @ D).to(F64)
+            new = (wd + dw).to(w.dtype)
+            out.nodes[name] = Const(new.cpu(), label=method)
+            dw = new.to(F64) - w64  # what is written, after the cast
+
+            def delta_of(x, dw=dw):
+                return x @ dw.T
+            dw_norm = float(dw.norm())
         before = (C @ w64.T - T @ w64.T).norm()
         per_matrix.append({
             "name": name,
-            "relative_change": float(dw.to(F64).norm() / w64.norm().clamp_min(1e-300)),
-            "erase_residual": float((C @ new64.T - T @ w64.T).norm() / before.clamp_min(1e-300)),
-            "preserve_drift": float(((P @ (new64 - w64).T).norm() / (P @ w64.T).norm().clamp_min(1e-300))),
+            "relative_change": dw_norm / float(w64.norm().clamp_min(1e-300)),
+            "erase_residual": float((C @ w64.T + delta_of(C) - T @ w64.T).norm() / before.clamp_min(1e-300)),
+            "preserve_drift": float(delta_of(P).norm() / (P @ w64.T).norm().clamp_min(1e-300)),
         })
     timings["apply"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
@@ -277,6 +292,8 @@ def erase(graph: Graph, params: UceParams, ctx, *, method: str) -> Graph:
         "uce": {"lambda": params.uce_lambda, "erase_scale": params.erase_scale, "preserve_scale": eta_p,
                 "rows_erased": int(C.shape[0]), "rows_preserved": int(P.shape[0])},
         "matmul_dtype": str(mm_dtype).removeprefix("torch."),
+        "edit_rank": int(L.shape[1]) if low_rank else d,
+        "written_as": "low-rank" if low_rank else "dense",
         "k_minus_identity": round(k_minus_i, 6),
         "max_relative_change": round(max(m["relative_change"] for m in per_matrix), 6),
         "max_erase_residual": round(max(m["erase_residual"] for m in per_matrix), 6),
