@@ -1,0 +1,246 @@
+"""The flow shared by ``edit.rome`` and ``edit.emmet``: materialise, locate, statistics, keys, values, closed
+form, write the low-rank update back into the graph, measure.
+
+The materialised module is edited in place (fp32) after each request (ROME) or batch (EMMET), so sequential
+edits see the earlier ones; the graph gets one :class:`~surgeon.graph.LowRank` node whose factors are the
+concatenation of every update (earlier low-rank edits of the same tensor are folded in), cast once to the
+checkpoint dtype when written. ``edits.safetensors`` in the output holds the factors and the original tensor
+(exact undo: ``original`` is the tensor before the first edit).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from surgeon.errors import SurgeonError
+
+from . import keys_values as kv
+from . import metrics as mx
+from .requests import Request, duplicate_subjects, resolve_requests, subject_batches
+from .site import EditSite, find_submodule, locate
+from .solve import emmet_update, rome_update
+
+Method = Literal["rome", "emmet"]
+
+#: §4.5 defaults: method -> family -> (steps, weight decay, clamp, λ′); "*" for every other family
+DEFAULTS: dict[str, dict[str, tuple[int, float, float, float]]] = {
+    "rome": {"gpt2": (20, 0.5, 4.0, 0.0), "gptj": (20, 0.5, 4.0, 0.0), "*": (25, 1e-3, 4.0, 0.0)},
+    "emmet": {"gpt2": (20, 0.5, 0.75, 100.0), "gptj": (25, 0.5, 0.75, 0.1), "*": (25, 1e-3, 4.0, 0.1)},
+}
+N_PREFIXES = {"rome": 20, "emmet": 5}
+SEQUENTIAL_WARNING = 50  # degradation is reported past a few dozen sequential edits (§4.7)
+
+
+class EditParams(BaseModel):
+    """Knobs shared by ROME and EMMET (``None`` = the reference default for the model's family)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[Request] | str = Field(
+        description="Edit requests: a .jsonl/.json/.yaml file, or (in a recipe) an inline list of "
+                    "{prompt, subject, target[, target_true, paraphrases, neighborhood]}.")
+    layer: int | None = Field(None, ge=0, description="Layer whose MLP down-projection is edited "
+                                                      "(default: per family, scaled to the model's depth).")
+    stats_data: str = Field("model", description="Text for the key covariance C: a .txt/.jsonl file or folder, "
+                                                 "'model[:N]' (text sampled from the model), a ROME .npz "
+                                                 "cache, or 'identity' (C = I, same as --no-cov).")
+    stats_tokens: int | None = Field(None, gt=0, description="Tokens for C (default 10·d_k).")
+    stats_seqlen: int = Field(256, ge=8, le=4096, description="Window length (tokens) for the statistics pass.")
+    cov: bool = Field(True, description="Use the key covariance C (--no-cov: C = I, weaker locality).")
+    stats_cache: bool = Field(True, description="Read/write covariance statistics in ~/.cache/surgeon/stats.")
+    steps: int | None = Field(None, ge=1, le=1000, description="Adam steps for the value (default 25; GPT-2 20).")
+    lr: float = Field(0.5, gt=0, description="Adam learning rate for the value.")
+    weight_decay: float | None = Field(None, ge=0, description="Weight on ‖δ‖/‖v₀‖² (default 1e-3; GPT-2/J 0.5).")
+    clamp: float | None = Field(None, gt=0, description="Keep ‖δ‖ ≤ clamp·‖v₀‖ (default 4; EMMET GPT-2/J 0.75).")
+    kl_factor: float = Field(0.0625, ge=0, description="Weight of the KL term on '{subject} is a'.")
+    n_prefixes: int | None = Field(None, ge=0, le=64, description="Model-sampled prefixes averaged into keys and "
+                                                                  "values (default ROME 20, EMMET 5).")
+    metrics: bool = Field(True, description="Measure efficacy, paraphrase and neighbourhood before/after.")
+    eval_data: str | None = Field(None, description="Text for perplexity before/after (file or 'model[:N]').")
+
+    @field_validator("requests")
+    @classmethod
+    def _requests_nonempty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("no requests given")
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("requests: empty path")
+        return v
+
+
+def settings_for(method: Method, family: str, params: EditParams) -> tuple[kv.ValueSettings, float]:
+    steps, wd, clamp, lam = DEFAULTS[method].get(family, DEFAULTS[method]["*"])
+    s = kv.ValueSettings(steps=params.steps or steps, lr=params.lr,
+                         weight_decay=wd if params.weight_decay is None else params.weight_decay,
+                         clamp=params.clamp or clamp, kl_factor=params.kl_factor)
+    return s, lam
+
+
+def _mlp_parent(model: torch.nn.Module, site: EditSite) -> torch.nn.Module:
+    parent = site.module_path.rsplit(".", 1)[0]
+    return find_submodule(model, parent)
+
+
+def _weight_linear(module: torch.nn.Module, site: EditSite) -> torch.Tensor:
+    w = module.weight.detach()
+    return (w.T if site.transposed else w).float()
+
+
+def _add_in_place(module: torch.nn.Module, site: EditSite, up: torch.Tensor, down: torch.Tensor) -> None:
+    with torch.no_grad():
+        delta = (up.double() @ down.double()).to(module.weight.dtype).to(module.weight.device)
+        module.weight.add_(delta.T if site.transposed else delta)
+
+
+def covariance(model, graph, ctx, site: EditSite, module, params: EditParams):
+    """The CholeskyFactor of C (or of I with --no-cov) and facts for the report."""
+    from surgeon.kernels.covariance import CholeskyFactor
+
+    from .stats import key_statistics
+
+    if not params.cov or params.stats_data == "identity":
+        return CholeskyFactor.identity(site.d_k, device=ctx.device), {"stats": "identity (C = I, unconstrained)"}
+    n_tokens = params.stats_tokens or 10 * site.d_k
+    t0 = time.perf_counter()
+    st = key_statistics(model, graph, ctx, site, module, _mlp_parent(model, site), spec=params.stats_data,
+                        n_tokens=n_tokens, seqlen=params.stats_seqlen, use_cache=params.stats_cache)
+    factor = CholeskyFactor(st.mom2, device=ctx.device)
+    info = {"stats": st.source, "stats_tokens": st.count, "stats_seconds": round(time.perf_counter() - t0, 3),
+            "stats_data": params.stats_data}
+    if st.path is not None:
+        info["stats_file"] = str(st.path)
+    if factor.jitter:
+        info["stats_jitter"] = factor.jitter
+        ctx.log(f"[yellow]covariance is rank-deficient at {site.name}: added {factor.jitter:g}·mean(diag)·I "
+                f"(use more --stats-tokens)[/]")
+    return factor, info
+
+
+def write_back(graph, site: EditSite, ups: Sequence[torch.Tensor], downs: Sequence[torch.Tensor]) -> None:
+    """Put ΔW = Σ up@down into the graph as one low-rank node and the undo file into ``edits.safetensors``."""
+    from safetensors.torch import save as save_bytes
+
+    from surgeon.graph import Executor, LowRank
+
+    up, down = torch.cat(list(ups), 1), torch.cat(list(downs), 0)
+    node = graph[site.name]
+    if isinstance(node, LowRank) and node.transposed == site.transposed:
+        base, up, down = node.inputs[0], torch.cat([node.up, up], 1), torch.cat([node.down, down], 0)
+    else:
+        base = node
+    graph.nodes[site.name] = LowRank(base, up, down, transposed=site.transposed, label="edit")
+    original = Executor([base]).evaluate_all()[0]
+    tensors = {f"{site.name}.up": up.contiguous(), f"{site.name}.down": down.contiguous(),
+               f"{site.name}.original": original.contiguous()}
+    graph.extra_files["edits.safetensors"] = save_bytes(
+        tensors, metadata={"format": "pt", "delta": "W_linear += up @ down (transpose for Conv1D)",
+                           "transposed": str(site.transposed).lower(), "tensor": site.name})
+
+
+def run_edit(graph, params: EditParams, ctx, method: Method, *, lam: float | None = None,
+             batch_size: int = 1) -> Any:
+    """Edit ``graph`` with ROME (one request at a time) or EMMET (batches of unique subjects)."""
+    requests = resolve_requests(params.requests)
+    dups = duplicate_subjects(requests)
+    if dups and method == "emmet":
+        ctx.log("[yellow]subjects requested more than once: " + ", ".join(f"{s!r}×{n}" for s, n in dups.items())
+                + " — their later requests go into later batches (applied on top)[/]")
+    site = locate(graph, params.layer)
+    graph = graph.copy()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model = ctx.module(graph, dtype="float32")
+    tok = ctx.tokenizer(graph)
+    timings["materialize_s"] = time.perf_counter() - t0
+    module = find_submodule(model, site.module_path)
+    if not hasattr(module, "weight") or tuple(module.weight.shape) != tuple(graph[site.name].shape):
+        raise SurgeonError(f"{site.name}: the materialised module has a different shape")
+    settings, default_lam = settings_for(method, site.family, params)
+    lam = default_lam if lam is None else lam
+    ctx.log(f"{method}: {len(requests)} request(s) into {site.name} (layer {site.layer}: {site.rule})")
+
+    t0 = time.perf_counter()
+    factor, stats_info = covariance(model, graph, ctx, site, module, params)
+    timings["stats_s"] = time.perf_counter() - t0
+
+    before = None
+    if params.metrics:
+        t0 = time.perf_counter()
+        before = mx.before_edit(model, tok, requests, device=ctx.device)
+        timings["metrics_before_s"] = time.perf_counter() - t0
+    ppl_windows = None
+    ppl: dict[str, float] = {}
+    if params.eval_data:
+        ppl_windows = ctx.tokens(params.eval_data, graph, seqlen=128, max_windows=16)
+        ppl["perplexity_before"] = mx.perplexity(model, ppl_windows, device=ctx.device)
+
+    t0 = time.perf_counter()
+    n_pre = N_PREFIXES[method] if params.n_prefixes is None else params.n_prefixes
+    prefixes = kv.sample_prefixes(model, tok, kv.prefix_lengths(method, n_pre), seed=ctx.seed, device=ctx.device)
+    timings["prefixes_s"] = time.perf_counter() - t0
+
+    batches = [[r] for r in requests] if method == "rome" else subject_batches(requests, batch_size)
+    ups, downs, per_edit = [], [], []
+    bias = getattr(module, "bias", None)
+    t_keys = t_values = t_solve = 0.0
+    for batch in ctx.progress(batches, description=f"{method} batches"):
+        t = time.perf_counter()
+        keys = kv.compute_keys(model, tok, module, batch, prefixes, device=ctx.device)
+        t_keys += time.perf_counter() - t
+        t = time.perf_counter()
+        vals = kv.optimise_values_chunked(model, tok, module, batch, prefixes, settings, device=ctx.device,
+                                          status=ctx.status)
+        t_values += time.perf_counter() - t
+        t = time.perf_counter()
+        w = _weight_linear(module, site)
+        b = bias.detach().float() if bias is not None else None
+        if method == "rome":
+            up, down = rome_update(w, keys[:, 0], vals.values[:, 0], factor, bias=b)
+        else:
+            up, down = emmet_update(w, keys, vals.values, factor, lam, bias=b)
+        t_solve += time.perf_counter() - t
+        # how well the new weight maps each key to its value (0 for ROME, small for EMMET with small λ′)
+        new_w = w.double() + up.double() @ down.double()
+        out = new_w @ keys.double() + (b.double()[:, None] if b is not None else 0)
+        miss = ((out - vals.values.double()).norm(dim=0) / vals.values.double().norm(dim=0)).tolist()
+        col_norm = (up.double() @ down.double()).norm().item()
+        for j, r in enumerate(batch):
+            per_edit.append({"subject": r.subject, "target": r.target, "value_loss": round(vals.losses[j], 4),
+                             "value_target_prob": round(vals.target_prob[j], 4), "value_steps": vals.steps[j],
+                             "constraint_rel_error": float(f"{miss[j]:.3g}")})
+        per_edit[-1]["batch_delta_norm"] = round(col_norm, 4)
+        _add_in_place(module, site, up, down)
+        ups.append(up)
+        downs.append(down)
+    timings.update(keys_s=t_keys, values_s=t_values, solve_s=t_solve)
+
+    write_back(graph, site, ups, downs)
+    result: dict[str, Any] = {"kind": f"edit.{method}", "title": f"Knowledge edit ({method.upper()})",
+                              "requests": len(requests), "layer": site.layer}
+    if before is not None:
+        t0 = time.perf_counter()
+        result.update(mx.after_edit(model, tok, requests, before, device=ctx.device))
+        timings["metrics_after_s"] = time.perf_counter() - t0
+    if ppl_windows is not None:
+        ppl["perplexity_after"] = mx.perplexity(model, ppl_windows, device=ctx.device)
+        result.update({k: round(v, 4) for k, v in ppl.items()})
+    if before is not None or ppl:
+        ctx.log(mx.metrics_table(result["title"], {k: v for k, v in result.items()
+                                                   if k not in ("kind", "title")}))
+    graph.results.append(result)
+    notes = [f"{method.upper()} edit of {len(requests)} fact(s) in `{site.name}` (layer {site.layer}); "
+             "factors and the original tensor are in `edits.safetensors`."]
+    if len(requests) > SEQUENTIAL_WARNING and method == "rome":
+        notes.append(f"{len(requests)} sequential ROME edits: general abilities are known to degrade past a few "
+                     "dozen sequential edits (arXiv 2410.18785); check perplexity.")
+        ctx.log(f"[yellow]{notes[-1]}[/]")
+    ctx.report(method=method, tensor=site.name, layer=site.layer, layer_rule=site.rule, family=site.family,
+               lam=lam if method == "emmet" else 0.0, batches=len(batches), n_prefixes=len(prefixes),
+               value_settings=vars(settings), **stats_info, edits=per_edit, metrics=result,
+               timings_s={k: round(v, 3) for k, v in timings.items()}, card_notes=notes)
+    graph.tags = sorted(set(graph.tags) | {"knowledge-editing", method})
+    return graph

@@ -1,0 +1,454 @@
+"""ROME / EMMET knowledge editing: closed forms (numbers), requests validation, covariance cache, and behaviour on
+a tiny Llama trained in the test to know synthetic facts ("the capital of Zorbia is Qel")."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from surgeon.errors import SurgeonError
+
+SUBJECTS = ["Zorbia", "Quenta", "Maldor", "Fenwick", "Tarsis", "Ulmora", "Brevik", "Korrin", "Xanthe", "Lumos",
+            "Derrow", "Pellam", "Orvane", "Sirath", "Gethel", "Vantor", "Hollis", "Mirren", "Calder", "Ysolde",
+            "Nerith", "Bastow", "Runnel", "Tovik"]
+OBJECTS = ["Qel", "Abra", "Minto", "Sarp", "Vell", "Dura", "Kopp", "Lissa", "Nemo", "Orrin", "Pax", "Rilo",
+           "Stav", "Tull", "Umba", "Voss", "Wren", "Yarl", "Zell", "Bram", "Cova", "Drim", "Essa", "Fane"]
+FILLER = ["we", "saw", "many", "old", "people", "walk", "near", "river", "and", "then", "they", "sang", "songs",
+          "about", "rain", "it", "was", "cold"]
+TEMPLATES = ["the capital of {}", "we saw the capital city of {}"]
+WORDS = ["the", "capital", "of", "is", "has", "its", "in", "a", "city", "."]
+
+
+# ------------------------------------------------------------------------------------------ the fact model
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *WORDS, *FILLER, *SUBJECTS, *OBJECTS])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def _train_fact_model(folder: Path, steps: int = 80, layers: int = 2, direct: bool = False) -> Path:
+    """A 2-layer Llama (hidden 64) trained until it recalls all 24 facts under both templates, also after a
+    short prefix (so the model-sampled prefixes of ROME's keys are in distribution)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tokenizer()
+    rows, ys = [], []
+    for t in TEMPLATES:
+        for i, s in enumerate(SUBJECTS):
+            for pre in ("", "we saw many old people . ", "it was cold . "):
+                rows.append(tok(pre + t.format(s))["input_ids"])
+                ys.append(tok.convert_tokens_to_ids(OBJECTS[i]))
+    if direct:  # "Zorbia Qel": the object must be readable at the subject's own position
+        for i, s in enumerate(SUBJECTS):
+            rows.append(tok(s)["input_ids"])
+            ys.append(tok.convert_tokens_to_ids(OBJECTS[i]))
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for k, r in enumerate(rows):
+        ids[k, :len(r)] = torch.tensor(r)
+        mask[k, :len(r)] = 1
+    last = torch.tensor([len(r) - 1 for r in rows])
+    y = torch.tensor(ys)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        logits = model(input_ids=ids, attention_mask=mask).logits[torch.arange(len(rows)), last]
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.02:
+            break
+    assert bool((logits.argmax(-1) == y).all()), "the fact model did not learn its facts"
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fact_model(tmp_path_factory) -> Path:
+    return _train_fact_model(tmp_path_factory.mktemp("facts") / "model")
+
+
+@pytest.fixture(autouse=True)
+def _stats_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "cache"))
+
+
+def _stats_text(path: Path) -> str:
+    """A corpus for C: the facts under both templates and filler sentences (≥ 10·d_k tokens)."""
+    import random
+
+    rng = random.Random(0)
+    lines = []
+    for _ in range(200):
+        i = rng.randrange(len(SUBJECTS))
+        filler = " ".join(rng.choice(FILLER) for _ in range(rng.randrange(2, 8)))
+        lines.append(f"{filler} . {rng.choice(TEMPLATES).format(SUBJECTS[i])} {OBJECTS[i]} .")
+    path.write_text("\n\n".join(lines))
+    return str(path)
+
+
+def _graph(folder: Path):
+    from surgeon.checkpoint import open_checkpoint
+    from surgeon.graph import Graph
+
+    return Graph.from_checkpoint(open_checkpoint(folder))
+
+
+def _answers(folder_or_model, prompts: list[str]) -> list[str]:
+    """Greedy next word for each prompt, from a saved folder (reloaded with transformers) or a module."""
+    from transformers import AutoModelForCausalLM
+
+    tok = _tokenizer()
+    model = (AutoModelForCausalLM.from_pretrained(folder_or_model) if isinstance(folder_or_model, (str, Path))
+             else folder_or_model)
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([tok(p)["input_ids"]])
+            out.append(tok.convert_ids_to_tokens(int(model(input_ids=ids).logits[0, -1].argmax())))
+    return out
+
+
+def _request(i: int, new: int, **extra) -> dict:
+    return {"prompt": TEMPLATES[0].format(SUBJECTS[i]), "subject": SUBJECTS[i], "target": " " + OBJECTS[new],
+            **extra}
+
+
+# --------------------------------------------------------------------------------------------- closed forms
+def _random_problem(d_out=24, d_k=40, n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d_out, d_k, generator=g, dtype=torch.float64)
+    x = torch.randn(400, d_k, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2, d_k, dtype=torch.float64)
+    cov = x.T @ x / x.shape[0]
+    keys = torch.randn(d_k, n, generator=g, dtype=torch.float64)
+    values = torch.randn(d_out, n, generator=g, dtype=torch.float64)
+    return w, cov, keys, values
+
+
+def test_rome_edit_holds_exactly():
+    from surgeon.kernels.covariance import CholeskyFactor
+    from surgeon.ops.edit.solve import rome_update
+
+    w, cov, keys, values = _random_problem()
+    bias = torch.randn(w.shape[0], dtype=torch.float64)
+    up, down = rome_update(w, keys[:, 0], values[:, 0], CholeskyFactor(cov), bias=bias)
+    assert up.shape == (24, 1) and down.shape == (1, 40)
+    w_new = w + up @ down
+    torch.testing.assert_close(w_new @ keys[:, 0] + bias, values[:, 0], rtol=0, atol=1e-10)
+
+
+def test_rome_leaves_keys_orthogonal_in_covariance_metric_unchanged():
+    """ΔW k′ = 0 for every k′ with k′ᵀC⁻¹k = 0: the update only moves the C⁻¹k direction."""
+    from surgeon.kernels.covariance import CholeskyFactor
+    from surgeon.ops.edit.solve import rome_update
+
+    w, cov, keys, values = _random_problem()
+    k = keys[:, 0]
+    u = torch.linalg.solve(cov, k)
+    other = torch.randn(40, 6, dtype=torch.float64)
+    other = other - u[:, None] * (u @ other) / (u @ u)  # uᵀ k′ = 0
+    up, down = rome_update(w, k, values[:, 0], CholeskyFactor(cov))
+    assert float((up @ down @ other).abs().max()) < 1e-10
+
+
+def test_rome_is_the_minimal_change_in_the_covariance_metric():
+    """Among updates with Ŵk = v*, r-ROME minimises tr(ΔW C ΔWᵀ): adding any ΔW′ with ΔW′k = 0 costs more."""
+    from surgeon.kernels.covariance import CholeskyFactor
+    from surgeon.ops.edit.solve import rome_update
+
+    w, cov, keys, values = _random_problem()
+    k = keys[:, 0]
+    up, down = rome_update(w, k, values[:, 0], CholeskyFactor(cov))
+    d = up @ down
+    cost = torch.trace(d @ cov @ d.T)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        extra = torch.randn(24, 40, generator=g, dtype=torch.float64)
+        extra = extra - (extra @ k)[:, None] * k[None, :] / (k @ k)  # extra k = 0 keeps the constraint
+        d2 = d + 0.1 * extra
+        assert torch.trace(d2 @ cov @ d2.T) > cost
+
+
+def test_emmet_constraint_holds_with_zero_ridge():
+    from surgeon.kernels.covariance import CholeskyFactor
+    from surgeon.ops.edit.solve import emmet_update
+
+    w, cov, keys, values = _random_problem(n=8)
+    up, down = emmet_update(w, keys, values, CholeskyFactor(cov), lam=0.0)
+    assert up.shape == (24, 8) and down.shape == (8, 40)
+    torch.testing.assert_close((w + up @ down) @ keys, values, rtol=0, atol=1e-9)
+
+
+def test_emmet_with_one_key_and_no_ridge_is_rome():
+    from surgeon.kernels.covariance import CholeskyFactor
+    from surgeon.ops.edit.solve import emmet_update, rome_update
+
+    w, cov, keys, values = _random_problem(n=1)
+    f = CholeskyFactor(cov)
+    u1, d1 = rome_update(w, keys[:, 0], values[:, 0], f)
+    u2, d2 = emmet_update(w, keys, values, f, lam=0.0)
+    torch.testing.assert_close(u1 @ d1, u2 @ d2, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("lam", [0.1, 15000.0, 1e6])
+def test_emmet_equals_memit_least_squares(lam):
+    """Push-through identity: R(KᵀC⁻¹K + λ′I)⁻¹KᵀC⁻¹ = RKᵀ(λ′C + KKᵀ)⁻¹ (MEMIT's single-layer solve)."""
+    from surgeon.kernels.covariance import CholeskyFactor
+    from surgeon.ops.edit.solve import emmet_update, memit_update
+
+    w, cov, keys, values = _random_problem(n=6)
+    up, down = emmet_update(w, keys, values, CholeskyFactor(cov), lam=lam)
+    ref = memit_update(w, keys, values, cov, lam)
+    torch.testing.assert_close(up @ down, ref, rtol=1e-8, atol=1e-12 * float(ref.abs().max()))
+
+
+def test_emmet_large_ridge_writes_only_part_of_the_residual():
+    """One key with kᵀC⁻¹k = s: the update writes s/(s + λ′) of the residual (λ′ ≫ s: MEMIT-like spreading)."""
+    from surgeon.kernels.covariance import CholeskyFactor
+    from surgeon.ops.edit.solve import emmet_update
+
+    w, cov, keys, values = _random_problem(n=1)
+    f = CholeskyFactor(cov)
+    s = float(keys[:, 0] @ torch.linalg.solve(cov, keys[:, 0]))
+    for lam in (0.0, s, 10 * s):
+        up, down = emmet_update(w, keys, values, f, lam=lam)
+        written = (up @ down @ keys)[:, 0]
+        torch.testing.assert_close(written, (values - w @ keys)[:, 0] * s / (s + lam), rtol=1e-9, atol=1e-10)
+
+
+def test_singular_covariance_gets_jitter():
+    from surgeon.kernels.covariance import CholeskyFactor
+
+    x = torch.randn(5, 20, dtype=torch.float64)
+    f = CholeskyFactor(x.T @ x / 5)  # rank 5 of 20
+    assert f.jitter > 0
+    k = torch.randn(20, dtype=torch.float64)
+    assert torch.isfinite(f.solve(k)).all()
+
+
+def test_conv1d_and_linear_orientation_agree():
+    """The same edit written into a Linear weight and into its Conv1D (transposed) storage gives Wᵀ-equal nodes."""
+    from surgeon.graph import Const, LowRank
+    from surgeon.kernels.covariance import CholeskyFactor
+    from surgeon.ops.edit.solve import rome_update
+
+    w, cov, keys, values = _random_problem()
+    up, down = rome_update(w, keys[:, 0], values[:, 0], CholeskyFactor(cov))
+    lin = LowRank(Const(w.float()), up, down).compute([w.float()])
+    conv = LowRank(Const(w.T.contiguous().float()), up, down, transposed=True).compute([w.T.contiguous().float()])
+    torch.testing.assert_close(conv, lin.T)
+
+
+def test_default_layer_rule():
+    from surgeon.ops.edit.site import default_layer
+
+    assert default_layer("llama", 32)[0] == 5
+    assert default_layer("gpt2", 48)[0] == 17 and default_layer("gpt2", 24)[0] == 8
+    assert default_layer("gptj", 28)[0] == 5
+    assert default_layer("llama", 30)[0] == 5  # SmolLM2-135M: round(30·5/32)
+    assert default_layer("qwen2", 64)[0] == 10  # unknown family: Llama ratio
+    assert default_layer("llama", 2)[0] == 0
+
+
+# ------------------------------------------------------------------------------------------------- requests
+def test_requests_load_jsonl_yaml_and_placeholder(tmp_path):
+    from surgeon.ops.edit.requests import load_requests
+
+    p = tmp_path / "r.jsonl"
+    p.write_text(json.dumps({"prompt": "{} is in the city of", "subject": "Eiffel Tower", "target_new": " Rome"})
+                 + "\n\n" + json.dumps({"prompt": "The Louvre is in", "subject": "Louvre", "target": " Oslo",
+                                        "paraphrases": ["Where is {}? In"]}) + "\n")
+    reqs = load_requests(p)
+    assert [r.text for r in reqs] == ["Eiffel Tower is in the city of", "The Louvre is in"]
+    assert reqs[0].target == " Rome" and reqs[1].paraphrase_texts() == ["Where is Louvre? In"]
+    y = tmp_path / "r.yaml"
+    y.write_text("- prompt: The Louvre is in\n  subject: Louvre\n  target: ' Oslo'\n")
+    assert load_requests(y)[0].template == "The {} is in"
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "The Louvre is in", "subject": "Eiffel", "target": " Rome"}', "does not occur in prompt"),
+    ('{"prompt": "The Louvre is in", "subject": "Louvre", "target": "  "}', "target is empty"),
+    ('{"prompt": "The Louvre is in", "subject": "Louvre"}', "target"),
+    ('{"prompt": "The Louvre is in", "subject": "Louvre", "target": " x", "colour": 1}', "colour"),
+    ('{"prompt": "The Louvre is in", ', "invalid JSON"),
+])
+def test_bad_requests_name_file_and_line(tmp_path, line, message):
+    from surgeon.ops.edit.requests import load_requests
+
+    p = tmp_path / "r.jsonl"
+    p.write_text('{"prompt": "{} is in", "subject": "Louvre", "target": " Paris"}\n' + line + "\n")
+    with pytest.raises(SurgeonError, match=message) as e:
+        load_requests(p)
+    assert f"{p}:2" in str(e.value)
+
+
+def test_missing_requests_file_is_clear(tmp_path):
+    from surgeon.ops.edit.requests import load_requests
+
+    with pytest.raises(SurgeonError, match="no such file"):
+        load_requests(tmp_path / "nope.jsonl")
+
+
+def test_duplicate_subjects_go_to_later_batches():
+    from surgeon.ops.edit.requests import Request, duplicate_subjects, subject_batches
+
+    reqs = [Request(prompt="{} is in", subject=s, target=" x") for s in ["a", "b", "a", "c", "d", "e"]]
+    assert duplicate_subjects(reqs) == {"a": 2}
+    batches = subject_batches(reqs, max_batch=3)
+    assert [[r.subject for r in b] for b in batches] == [["a", "b"], ["a", "c", "d"], ["e"]]
+
+
+def test_params_forbid_unknown_and_validate():
+    from pydantic import ValidationError
+
+    from surgeon.ops.edit.emmet import Params as EmmetParams
+    from surgeon.ops.edit.rome import Params as RomeParams
+
+    with pytest.raises(ValidationError):
+        RomeParams(requests="r.jsonl", lam=1.0)
+    with pytest.raises(ValidationError):
+        EmmetParams(requests="r.jsonl", batch_size=2048)
+    with pytest.raises(ValidationError):
+        RomeParams(requests=[{"prompt": "The Louvre is in", "subject": "Eiffel", "target": " x"}])
+    p = EmmetParams(requests=[{"prompt": "{} is in", "subject": "Louvre", "target": " x"}])
+    assert p.requests[0].text == "Louvre is in"
+
+
+# --------------------------------------------------------------------------------------------- behaviour
+def test_fact_model_keys_match_a_manual_hook(fact_model):
+    """The key is the down-projection input at the subject's last token (BOS counted, right padding)."""
+    from surgeon.ops.edit.keys_values import compute_keys
+    from surgeon.ops.edit.requests import Request
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
+    tok = _tokenizer()
+    down = model.model.layers[0].mlp.down_proj
+    reqs = [Request(prompt="{} has its capital in", subject="Zorbia", target=" Abra"),
+            Request(prompt="the capital of {} is", subject="Quenta", target=" Qel")]
+    keys = compute_keys(model, tok, down, reqs, [], device="cpu")
+    seen = []
+    h = down.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([tok("Zorbia has its capital in")["input_ids"]]))
+        model(input_ids=torch.tensor([tok("the capital of Quenta is")["input_ids"]]))
+    h.remove()
+    torch.testing.assert_close(keys[:, 0], seen[0][0, 1])  # <s> Zorbia ...: subject at index 1
+    torch.testing.assert_close(keys[:, 1], seen[1][0, 4])  # <s> the capital of Quenta
+
+
+def test_rome_edits_one_fact_and_keeps_the_others(fact_model, tmp_path):
+    from surgeon.api import run_op
+
+    stats = _stats_text(tmp_path / "stats.txt")
+    out = tmp_path / "edited"
+    req = _request(0, 5, paraphrases=[TEMPLATES[1]],
+                   neighborhood=[TEMPLATES[0].format(s) for s in SUBJECTS[1:6]])
+    res = run_op("edit.rome", str(fact_model), output=str(out), device="cpu", requests=[req], stats_data=stats,
+                 n_prefixes=4)
+    info = res["steps"][0]["info"]
+    assert info["edits"][0]["constraint_rel_error"] < 1e-5  # Ŵk = v* in the written fp32 weights
+    metrics = res["results"][-1]
+    assert metrics["efficacy"] == 1.0 and metrics["efficacy_greedy"] == 1.0
+    assert metrics["neighborhood"] == 1.0
+    # reloaded from disk with plain transformers: the edit stuck, every other fact is unchanged
+    got = _answers(out, [TEMPLATES[0].format(s) for s in SUBJECTS])
+    assert got[0] == OBJECTS[5]
+    assert got[1:] == OBJECTS[1:]
+    # only the edited tensor differs; the undo file restores it bit for bit
+    from safetensors.torch import load_file
+
+    before, after = load_file(fact_model / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == ["model.layers.0.mlp.down_proj.weight"]
+    undo = load_file(out / "edits.safetensors")
+    assert torch.equal(undo[changed[0] + ".original"], before[changed[0]])
+    delta = undo[changed[0] + ".up"] @ undo[changed[0] + ".down"]
+    torch.testing.assert_close(before[changed[0]] + delta, after[changed[0]])
+
+
+def test_emmet_edits_sixteen_facts_at_once(fact_model, tmp_path):
+    from surgeon.api import run_op
+
+    stats = _stats_text(tmp_path / "stats.txt")
+    out = tmp_path / "edited"
+    # subject i -> object of subject (i + 1) for the first 16; subjects 16..23 stay
+    reqs = [_request(i, (i + 1) % 16) for i in range(16)]
+    res = run_op("edit.emmet", str(fact_model), output=str(out), device="cpu", requests=reqs, stats_data=stats,
+                 n_prefixes=2)
+    info = res["steps"][0]["info"]
+    assert info["batches"] == 1 and max(e["constraint_rel_error"] for e in info["edits"]) < 1e-2
+    got = _answers(out, [TEMPLATES[0].format(s) for s in SUBJECTS])
+    assert got[:16] == [OBJECTS[(i + 1) % 16] for i in range(16)]
+    assert got[16:] == OBJECTS[16:]
+
+
+def test_stats_are_cached_and_keyed_by_weights(fact_model, tmp_path):
+    from surgeon.context import Context
+    from surgeon.ops.edit.editing import covariance
+    from surgeon.ops.edit.rome import Params
+    from surgeon.ops.edit.site import find_submodule, locate
+
+    stats = _stats_text(tmp_path / "stats.txt")
+    g = _graph(fact_model)
+    ctx = Context(quiet=True)
+    site = locate(g, None)
+    params = Params(requests=[_request(0, 1)], stats_data=stats)
+    model = ctx.module(g)
+    module = find_submodule(model, site.module_path)
+    f1, info1 = covariance(model, g, ctx, site, module, params)
+    f2, info2 = covariance(model, g, ctx, site, module, params)
+    assert info1["stats"] == "computed" and info2["stats"] == "cache"
+    assert info1["stats_tokens"] >= 10 * site.d_k
+    torch.testing.assert_close(f1.lower, f2.lower)
+    # C really is E[kkᵀ] over the corpus' tokens
+    windows = ctx.tokens(stats, g, seqlen=256, max_windows=-(-10 * site.d_k // 256))
+    seen = []
+    h = module.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, site.d_k)))
+    with torch.no_grad():
+        model(input_ids=windows)
+    h.remove()
+    x = torch.cat(seen).double()[: info1["stats_tokens"]]
+    torch.testing.assert_close(f1.lower @ f1.lower.T, x.T @ x / x.shape[0], rtol=1e-6, atol=1e-8)
+    # another model (different MLP weights at that layer) does not hit the cache
+    with torch.no_grad():
+        module.weight.mul_(1.5)
+    _f3, info3 = covariance(model, g, ctx, site, module, params)
+    assert info3["stats"] == "computed"
+    assert len(list((tmp_path / "cache" / "stats").glob("*.safetensors"))) == 2
+
+
+def test_edit_is_deterministic_for_a_fixed_seed(fact_model, tmp_path):
+    from surgeon.context import Context
+    from surgeon.ops.edit.rome import Params, apply
+
+    params = Params(requests=[_request(2, 7)], stats_data="identity", n_prefixes=2, metrics=False, steps=5)
+    a = apply(_graph(fact_model), params, Context(quiet=True, seed=3))
+    b = apply(_graph(fact_model), params, Context(quiet=True, seed=3))
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(a.value(name), b.value(name))
+    assert a.nodes[name].rank == 1
+
+
+def test_unknown_layer_is_refused(fact_model):
+    from surgeon.context import Context
+    from surgeon.ops.edit.rome import Params, apply
+
+    with pytest.raises(SurgeonError, match="layers 0..1"):
+        apply(_graph(fact_model), Params(requests=[_request(0, 1)], layer=7), Context(quiet=True))
