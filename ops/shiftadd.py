@@ -328,9 +328,10 @@ def quantize_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
     u = _inverse_cholesky_upper(h, damping)
     block = -(-max(block_size, group_size) // group_size) * group_size  # whole groups per block
     n_groups = -(-k // group_size)
-    signs = torch.empty(bits, n, k, device=device)
     alpha = torch.empty(bits, n, n_groups, device=device)
-    cur_alpha = None
+    codes = torch.empty(n, k, dtype=torch.long, device=device)  # index of the chosen codeword per weight
+    book = _codebook(bits, torch.device(device))  # [2^q, q]
+    values = None  # codeword values of the current group, [N, 2^q]
     for b1 in range(0, k, block):
         b2 = min(k, b1 + block)
         w1 = w[:, b1:b2].clone()
@@ -342,14 +343,15 @@ def quantize_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
                 g = col // group_size
                 cur_alpha, _, _ = bcq_fit(w1[:, j:j + group_size], bits, rounds=rounds, pot_terms=pot_terms)
                 alpha[:, :, g] = cur_alpha.T
+                values = cur_alpha @ book.T
             wj = w1[:, j]
-            sj = nearest_codeword(wj[:, None], cur_alpha)[:, 0, :]  # [N, q]
-            qj = (sj * cur_alpha).sum(1)
-            signs[:, :, col] = sj.T
-            e = (wj - qj) / u1[j, j]
+            idx = (wj[:, None] - values).abs().argmin(1)
+            codes[:, col] = idx
+            e = (wj - values.gather(1, idx[:, None])[:, 0]) / u1[j, j]
             w1[:, j:] -= e[:, None] * u1[j, j:][None, :]
             err1[:, j] = e
         w[:, b2:] -= err1 @ u[b1:b2, b2:]
+    signs = book[codes].permute(2, 0, 1)  # [q, N, K]
     return QuantizedLinear(signs.cpu(), alpha.cpu(), group_size, pot_terms, None if perm is None else perm.cpu())
 
 
