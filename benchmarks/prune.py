@@ -52,12 +52,13 @@ def main() -> None:
     ap.add_argument("--skip-quality", action="store_true")
     args = ap.parse_args()
 
+    from surgeon.kernels.select import kth_smallest
+    from surgeon.ops.prune import magnitude, perp, wanda
+
     from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
     from surgeon.gguf import cached_conversion, smollm2_gguf_path
     from surgeon.graph import Graph
-    from surgeon.kernels.select import kth_smallest
-    from surgeon.ops.prune import magnitude, perp, wanda
     from surgeon.writer import write_graph
 
     gguf = smollm2_gguf_path()
@@ -93,8 +94,8 @@ def main() -> None:
     for shape in [(576, 1536), (4096, 4096)]:
         x = torch.randn(*shape).abs()
         k = x.numel() // 2
-        ours = best_of(lambda: kth_smallest(x, k))
-        ref = best_of(lambda: torch.kthvalue(x.flatten(), k))
+        ours = best_of(lambda x=x, k=k: kth_smallest(x, k))
+        ref = best_of(lambda x=x, k=k: torch.kthvalue(x.flatten(), k))
         assert kth_smallest(x, k).value == float(torch.kthvalue(x.flatten(), k).values)
         print(f"| {shape[0]}×{shape[1]} fp32 | {ours:.4f} | {ref:.4f} | {ref / ours:.1f}× |")
     if args.skip_quality:

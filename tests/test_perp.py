@@ -144,9 +144,9 @@ def test_prune_retrain_eval_recipe_chain(task_model, tmp_path):
     """recipes/prune-perp.yaml as a user runs it, pointed at the tiny model with --set overrides."""
     from pathlib import Path
 
-    from surgeon.recipe import execute_recipe, load_recipe
-
     import yaml
+
+    from surgeon.recipe import execute_recipe, load_recipe
 
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "prune-perp.yaml").read_text())
     d = task_model.parent
