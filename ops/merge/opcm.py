@@ -249,6 +249,8 @@ def merge_opcm(graph: Graph, params: OpcmParams, ctx: Context) -> Graph:
     for t, kind in plan.items():
         node = base[t]
         if kind != "merge":
+            if params.dtype is not None and node.dtype.is_floating_point and out_dtype(params, node) != node.dtype:
+                g.nodes[t] = Apply(lambda x: x, [node], label="cast", dtype=out_dtype(params, node))
             continue
         g.nodes[t] = Apply(lambda bv, sv, inv=inv: bv.float() + sv * inv, [node, Load(state_ck, t)],
                            label="merge-opcm", dtype=out_dtype(params, node))
