@@ -1,0 +1,431 @@
+"""CheckFree / CheckFree+: rebuild a lost pipeline stage of a checkpoint from its neighbours.
+
+Blagoev, Ersoy & Chen, "CheckFree: Fault-Tolerant Training without Checkpoints", arXiv 2506.15461; reference
+code ``gensyn-ai/CheckFree``. In pipeline-parallel training a stage (a run of contiguous layers) that is lost is
+re-initialised as the gradient-norm-weighted average of its two neighbouring stages (Sec. 3, Eq. 1); CheckFree+
+trains with swapped edge stages so a lost first/last stage is replaced by a copy of its neighbour. Offline, the
+result is **an initialisation for continued training**, not a restored model: resume with a fresh optimizer state
+for the stage and a slightly higher learning rate (the paper's runs use ×1.1).
+
+Rules we apply (and write into ``recovery.json``):
+- stage partition: ``stages`` equal parts, or explicit inclusive ranges ``0-4,5-9``;
+- lost stages: ``lost``, or detected (tensors missing, NaN/Inf, all zeros); detection is reported, and a
+  corrupt stage not named in ``lost`` is an error rather than a silent repair;
+- layer j of a stage of n layers takes layer ⌊(j + ½)·m/n⌋ of a neighbour with m layers (centre alignment; the
+  identity for equal stages);
+- refused: two adjacent lost stages, an edge stage without ``plus``, a lost embedding/head without a replica,
+  neighbours whose tensors differ in shape.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from surgeon.errors import SurgeonError
+from surgeon.registry import register
+
+if TYPE_CHECKING:
+    import torch
+
+    from surgeon.context import Context
+    from surgeon.graph import Graph, Node
+
+#: the reference adds this to each gradient norm so a zero norm never zeroes a neighbour's weight
+GRAD_EPS = 1e-4
+LR_FACTOR = 1.1
+CARD_NOTE = ("Weights of the recovered stage(s) are synthetic (CheckFree reconstruction from neighbouring "
+             "stages): this checkpoint is an initialisation for continued training, not a restored model. Resume "
+             "with a fresh optimizer state for the recovered stage(s) and the learning rate × 1.1 (Blagoev et al., "
+             "arXiv 2506.15461). Details in recovery.json.")
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stages: int | None = Field(None, ge=1, description="Number of pipeline stages; the layers are split equally "
+                                                        "(an uneven split needs --stage-layers).")
+    stage_layers: list[str] = Field(default_factory=list, description="Explicit stage ranges of layers, "
+                                    "inclusive, in order, covering every layer: e.g. 0-4,5-9,10-11.")
+    lost: list[int] = Field(default_factory=list, description="Indices of the lost stages (0-based). Empty = "
+                            "detect: stages whose tensors are missing, NaN/Inf or all zeros.")
+    weights: str | None = Field(None, description="JSON file of per-stage gradient norms (a list indexed by "
+                                "stage, or {stage: norm}, optionally under 'grad_norms'); neighbours are "
+                                "weighted by norm + 1e-4 as in the reference. Default: uniform.")
+    plus: bool = Field(False, description="CheckFree+: a lost first/last stage is copied from its neighbour (the "
+                       "model must have been trained with swapped edge stages); without it edges are refused.")
+    replicas: dict[str, str] = Field(default_factory=dict, description="Extra replica pairs lost_tensor=source "
+                                     "for global tensors (embeddings, final norm) beyond a tied embedding/head.")
+    scan: bool = Field(True, description="Read every layer tensor once to detect NaN/Inf/all-zero stages "
+                       "(missing tensors are always detected).")
+
+    @field_validator("stage_layers", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else v
+
+    @field_validator("stage_layers")
+    @classmethod
+    def _ranges(cls, v: list[str]) -> list[str]:
+        for part in v:
+            if not re.fullmatch(r"\d+(-\d+)?", part):
+                raise ValueError(f"stage_layers: expected inclusive ranges like 0-4, got {part!r}")
+        return v
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _pairs(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            out = {}
+            for part in filter(None, (p.strip() for p in v.split(","))):
+                k, sep, src = part.partition("=")
+                if not sep:
+                    raise ValueError(f"replicas: expected lost=source pairs, got {part!r}")
+                out[k.strip()] = src.strip()
+            return out
+        return v
+
+    @field_validator("lost")
+    @classmethod
+    def _lost(cls, v: list[int]) -> list[int]:
+        if any(s < 0 for s in v):
+            raise ValueError("lost: stage indices are 0-based and non-negative")
+        if len(set(v)) != len(v):
+            raise ValueError(f"lost: repeated stage in {v}")
+        return sorted(v)
+
+    @model_validator(mode="after")
+    def _partition_given(self) -> Params:
+        if (self.stages is None) == (not self.stage_layers):
+            raise ValueError("give exactly one of stages (equal split) or stage_layers (explicit ranges)")
+        return self
+
+
+# pure pieces --------------------------------------------------------------------------------------------------
+def stage_partition(n_layers: int, stages: int | None = None, ranges: Sequence[str] = ()) -> list[list[int]]:
+    """Layers of each stage: ``stages`` equal parts (stage s = layers [s·n, (s+1)·n)) or explicit ranges."""
+    if stages is not None:
+        if n_layers % stages:
+            raise SurgeonError(f"recover --stages {stages}: {n_layers} layers do not split equally; give "
+                               f"--stage-layers with explicit ranges (e.g. 0-4,5-9,...)")
+        n = n_layers // stages
+        return [list(range(s * n, (s + 1) * n)) for s in range(stages)]
+    out: list[list[int]] = []
+    nxt = 0
+    for part in ranges:
+        a, _, b = part.partition("-")
+        lo, hi = int(a), int(b or a)
+        if lo != nxt or hi < lo:
+            raise SurgeonError(f"recover --stage-layers: range {part!r} should start at layer {nxt} and not end "
+                               f"before it (ranges are inclusive, in order, without gaps)")
+        out.append(list(range(lo, hi + 1)))
+        nxt = hi + 1
+    if nxt != n_layers:
+        raise SurgeonError(f"recover --stage-layers: ranges cover layers 0-{nxt - 1}, the model has {n_layers} "
+                           f"layers (0-{n_layers - 1})")
+    return out
+
+
+def aligned_layer(j: int, n: int, m: int) -> int:
+    """Index in a neighbour stage of ``m`` layers for layer ``j`` of a stage of ``n`` layers (centre alignment)."""
+    return min(m - 1, int((j + 0.5) * m / n))
+
+
+def checkfree_average(prev: torch.Tensor, nxt: torch.Tensor, w_prev: float, w_next: float) -> torch.Tensor:
+    """CheckFree Eq. 1: (ω₋·W_{s−1} + ω₊·W_{s+1}) / (ω₋ + ω₊), in fp32."""
+    return (prev.float() * w_prev + nxt.float() * w_next) / (w_prev + w_next)
+
+
+def load_grad_norms(path: str, n_stages: int) -> dict[int, float]:
+    """Per-stage gradient norms from JSON: a list by stage, or ``{stage: norm}``, optionally under
+    ``grad_norms``. Raises :class:`SurgeonError` naming the file and the bad entry."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise SurgeonError(f"{path}: gradient-norm file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SurgeonError(f"{path}: not valid JSON ({e})") from None
+    if isinstance(data, dict) and "grad_norms" in data:
+        data = data["grad_norms"]
+    if isinstance(data, list):
+        items = list(enumerate(data))
+    elif isinstance(data, dict):
+        items = []
+        for k, v in data.items():
+            try:
+                items.append((int(k), v))
+            except ValueError:
+                raise SurgeonError(f"{path}: key {k!r} is not a stage index") from None
+    else:
+        raise SurgeonError(f"{path}: expected a list of per-stage gradient norms or a {{stage: norm}} object")
+    out: dict[int, float] = {}
+    for s, v in items:
+        if not 0 <= s < n_stages:
+            raise SurgeonError(f"{path}: stage {s} out of range (the partition has {n_stages} stages)")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise SurgeonError(f"{path}: stage {s}: gradient norm must be a finite number >= 0, got {v!r}")
+        out[s] = float(v)
+    return out
+
+
+# layout of a possibly damaged checkpoint -----------------------------------------------------------------------
+@dataclass
+class Layout:
+    n_layers: int
+    layer_prefix: str  # template with {i}
+    suffixes: list[str]  # layer-relative names of a complete layer, in order
+    present: list[set[str]]  # suffixes present per layer
+    globals_: dict[str, str | None] = field(default_factory=dict)  # embed, lm_head, final_norm, pos_embed
+    tied: bool = False
+
+    def name(self, i: int, suffix: str) -> str:
+        return self.layer_prefix.format(i=i) + suffix
+
+
+_LAYER = re.compile(r"^(?P<head>(?:.*\.)?)(?P<i>\d+)\.(?P<tail>.+)$")
+
+
+def read_layout(graph: Graph) -> Layout:
+    """The layer template and the complete block from the layers that survived.
+
+    ``surgeon.arch.roles_for`` insists every layer is present, so the numbering is read here (the head with the
+    most numbered tensors, e.g. ``model.layers.``) and missing names are filled in from intact layers before
+    asking ``roles_for`` about the globals.
+    """
+    from surgeon.arch import roles_for
+
+    cfg = graph.config
+    by_head: dict[str, dict[int, list[str]]] = {}
+    for n in graph.names():
+        m = _LAYER.match(n)
+        if m:
+            by_head.setdefault(m["head"], {}).setdefault(int(m["i"]), []).append(m["tail"])
+    if not by_head:
+        raise SurgeonError("recover: no numbered layers found in the checkpoint")
+    head = max(by_head, key=lambda h: sum(len(v) for v in by_head[h].values()))
+    layers = by_head[head]
+    n_cfg = next((cfg[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(cfg.get(k), int)), None)
+    n_layers = int(n_cfg) if n_cfg else max(layers) + 1
+    if max(layers) >= n_layers:
+        raise SurgeonError(f"recover: tensors exist for layer {max(layers)} but config says {n_layers} layers")
+    complete = max(layers.values(), key=len)
+    template = head + "{i}."
+    present = [set(layers.get(i, [])) for i in range(n_layers)]
+    full_names = [n for n in graph.names() if not _LAYER.match(n) or _LAYER.match(n)["head"] != head]
+    full_names += [template.format(i=i) + s for i in range(n_layers) for s in complete]
+    roles = roles_for(cfg, full_names)
+    tied = bool(cfg.get("tie_word_embeddings", roles.tied))
+    globals_: dict[str, str | None] = {}
+    wanted = {"embed": True, "final_norm": True, "lm_head": not tied, "pos_embed": False}
+    for role, needed in wanted.items():
+        found = getattr(roles, role)
+        if found is None and needed:  # missing from the checkpoint: the family's first name for it
+            pattern = roles.layout.get(role)
+            found = (pattern[0] if isinstance(pattern, list) else pattern) or None
+        globals_[role] = found
+    if tied and "lm_head.weight" in graph.names():
+        globals_["lm_head"] = "lm_head.weight"  # a stored copy of a tied head is the embedding's replica
+    return Layout(n_layers, template, list(complete), present, globals_, tied)
+
+
+# detection ---------------------------------------------------------------------------------------------------
+def _corruption(t: torch.Tensor) -> str | None:
+    import torch
+
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        return "nonfinite"
+    if t.numel() > 1 and not bool(t.any()):
+        return "zero"
+    return None
+
+
+def detect_damage(graph: Graph, layout: Layout, partition: list[list[int]], scan: bool,
+                  progress=None) -> dict[int, dict[str, Any]]:
+    """Stages with missing or corrupt (NaN/Inf, all-zero) tensors: ``{stage: {reason: [tensor names]}}``."""
+    damaged: dict[int, dict[str, Any]] = {}
+    items = [(s, l) for s, layers in enumerate(partition) for l in layers]
+    it = progress(items, len(items), "recover: scanning stages") if progress is not None and scan else items
+    for s, l in it:
+        for suffix in layout.suffixes:
+            name = layout.name(l, suffix)
+            reason = None
+            if suffix not in layout.present[l]:
+                reason = "missing"
+            elif scan:
+                reason = _corruption(graph.value(name))
+            if reason:
+                damaged.setdefault(s, {}).setdefault(reason, []).append(name)
+    return damaged
+
+
+# op ----------------------------------------------------------------------------------------------------------
+def _average_node(prev: Node, nxt: Node, w_prev: float, w_next: float, label: str) -> Node:
+    from surgeon.graph import Apply
+
+    return Apply(lambda a, b: checkfree_average(a, b, w_prev, w_next), [prev, nxt], label=label)
+
+
+@register("recover", Params)
+def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
+    """Rebuild lost pipeline stages from their neighbours (CheckFree), or edges by copy (CheckFree+)."""
+    layout = read_layout(graph)
+    partition = stage_partition(layout.n_layers, params.stages, params.stage_layers)
+    n_stages = len(partition)
+    for s in params.lost:
+        if s >= n_stages:
+            raise SurgeonError(f"recover --lost {s}: the partition has {n_stages} stages (0-{n_stages - 1})")
+    norms = load_grad_norms(params.weights, n_stages) if params.weights else None
+
+    damaged = detect_damage(graph, layout, partition, params.scan, progress=ctx.progress)
+    warnings: list[str] = []
+    if params.lost:
+        unlisted = sorted(set(damaged) - set(params.lost))
+        if unlisted:
+            raise SurgeonError("recover: stage(s) " + ", ".join(
+                f"{s} ({_describe(damaged[s])})" for s in unlisted) + " are damaged but not in --lost; add them "
+                "to --lost (or leave --lost empty to use detection)")
+        for s in params.lost:
+            if s not in damaged:
+                warnings.append(f"stage {s} is listed as lost but its tensors look intact; replaced anyway")
+        lost = list(params.lost)
+    else:
+        lost = sorted(damaged)
+        if not lost:
+            raise SurgeonError("recover: no lost stage given and none detected (no missing, NaN/Inf or all-zero "
+                               "layer tensors" + ("" if params.scan else "; --no-scan skips NaN/zero checks") + ")")
+        ctx.log("recover: detected lost stage(s) " + "; ".join(f"{s}: {_describe(damaged[s])}" for s in lost))
+    for a, b in zip(lost, lost[1:]):
+        if b == a + 1:
+            raise SurgeonError(f"recover: stages {a} and {b} are both lost; CheckFree needs each lost stage's "
+                               f"neighbours intact (averaging a rebuilt neighbour would compound the error)")
+    edges = [s for s in lost if s in (0, n_stages - 1)]
+    if edges and not params.plus:
+        raise SurgeonError(f"recover: stage {edges[0]} is an edge stage ({'first' if edges[0] == 0 else 'last'}) "
+                           f"and has only one neighbour; CheckFree+ (--plus) copies it from that neighbour, "
+                           f"which is sound only for models trained with swapped edge stages")
+    if n_stages < 2:
+        raise SurgeonError("recover: a single stage has no neighbour to rebuild it from")
+
+    def weight(s: int) -> float:
+        if norms is None:
+            return 1.0
+        if s not in norms:
+            raise SurgeonError(f"{params.weights}: no gradient norm for stage {s} (a neighbour of a lost stage)")
+        return norms[s] + GRAD_EPS
+
+    out = graph.copy()
+    new_nodes: dict[str, Node] = {}
+    plans: list[dict[str, Any]] = []
+    for s in lost:
+        layers = partition[s]
+        if 0 < s < n_stages - 1:
+            sources = [(s - 1, weight(s - 1)), (s + 1, weight(s + 1))]
+            mode = "average"
+        else:
+            partner = 1 if s == 0 else n_stages - 2
+            sources = [(partner, 1.0)]
+            mode = "copy (CheckFree+)"
+        total = sum(w for _, w in sources)
+        entry: dict[str, Any] = {"stage": s, "layers": layers, "mode": mode,
+                                 "sources": [src for src, _ in sources],
+                                 "coefficients": [w / total for _, w in sources], "layer_sources": []}
+        for j, l in enumerate(layers):
+            srcs = [partition[src][aligned_layer(j, len(layers), len(partition[src]))] for src, _ in sources]
+            entry["layer_sources"].append({"layer": l, "from": srcs})
+            for suffix in layout.suffixes:
+                name = layout.name(l, suffix)
+                src_nodes = []
+                for sl in srcs:
+                    src_name = layout.name(sl, suffix)
+                    if src_name not in graph:
+                        raise SurgeonError(f"recover: neighbour tensor {src_name} (source for {name}) is missing")
+                    src_nodes.append(graph[src_name])
+                if name in graph and graph[name].shape != src_nodes[0].shape:
+                    raise SurgeonError(f"recover: {name} has shape {list(graph[name].shape)}, its source "
+                                       f"{layout.name(srcs[0], suffix)} {list(src_nodes[0].shape)}")
+                if len(src_nodes) == 2 and src_nodes[0].shape != src_nodes[1].shape:
+                    raise SurgeonError(f"recover: neighbours {layout.name(srcs[0], suffix)} "
+                                       f"{list(src_nodes[0].shape)} and {layout.name(srcs[1], suffix)} "
+                                       f"{list(src_nodes[1].shape)} differ in shape; cannot average")
+                if len(src_nodes) == 1:
+                    new_nodes[name] = src_nodes[0]
+                else:
+                    (_, w0), (_, w1) = sources
+                    new_nodes[name] = _average_node(src_nodes[0], src_nodes[1], w0, w1, label="recover.checkfree")
+        plans.append(entry)
+
+    globals_done = _recover_globals(graph, layout, params, ctx, new_nodes, warnings)
+
+    # keep the source order; added layer tensors go where their layer belongs
+    order = list(graph.names())
+    for name in new_nodes:
+        if name not in graph:
+            order.append(name)
+    layer_rank = {layout.name(l, s): (l, k) for l in range(layout.n_layers) for k, s in enumerate(layout.suffixes)}
+    first_layer_pos = next((i for i, n in enumerate(order) if n in layer_rank), len(order))
+    layer_names = sorted((n for n in order if n in layer_rank), key=lambda n: layer_rank[n])
+    others = [n for n in order if n not in layer_rank]
+    before = [n for n in others if order.index(n) < first_layer_pos]
+    after = [n for n in others if order.index(n) >= first_layer_pos]
+    out.nodes = {n: new_nodes.get(n) or graph[n] for n in before + layer_names + after}
+
+    report = {
+        "method": "CheckFree+ (arXiv 2506.15461)" if params.plus else "CheckFree (arXiv 2506.15461)",
+        "partition": [[ls[0], ls[-1]] for ls in partition], "lost": lost,
+        "detected": {str(s): {r: {"count": len(v), "tensors": v[:8]} for r, v in d.items()}
+                     for s, d in sorted(damaged.items())},
+        "weights": "uniform" if norms is None else {"file": params.weights, "grad_norms": norms, "eps": GRAD_EPS},
+        "alignment": "layer j of an n-layer stage <- layer floor((j + 1/2) * m / n) of an m-layer neighbour",
+        "stages": plans, "globals": globals_done, "warnings": warnings,
+        "advice": {"optimizer": "fresh state for the recovered stage(s)", "lr_factor": LR_FACTOR,
+                   "note": "an initialisation for continued training, not a restored model"},
+    }
+    out.extra_files["recovery.json"] = json.dumps(report, indent=2) + "\n"
+    out.tags.append("checkfree")
+    for w in warnings:
+        ctx.log(f"recover: warning: {w}")
+    ctx.report(recover={"lost": lost, "plus": params.plus, "stages": n_stages,
+                        "coefficients": {str(p["stage"]): p["coefficients"] for p in plans},
+                        "warnings": warnings}, card_notes=[CARD_NOTE])
+    return out
+
+
+def _describe(d: dict[str, list[str]]) -> str:
+    return ", ".join(f"{len(v)} {r}" for r, v in d.items())
+
+
+def _recover_globals(graph: Graph, layout: Layout, params: Params, ctx: Context, new_nodes: dict[str, Node],
+                     warnings: list[str]) -> list[dict[str, Any]]:
+    """Embeddings, head, final norm: replaced only from a replica (tied partner or ``replicas``), never guessed."""
+    expected = {role: name for role, name in layout.globals_.items() if name}
+    pairs = dict(params.replicas)
+    for src_name in list(pairs) + list(pairs.values()):
+        if src_name not in graph and src_name not in expected.values():
+            raise SurgeonError(f"recover --replicas: no tensor named {src_name!r}")
+    if layout.tied and "embed" in expected and "lm_head" in expected:
+        pairs.setdefault(expected["embed"], expected["lm_head"])
+        pairs.setdefault(expected["lm_head"], expected["embed"])
+    done: list[dict[str, Any]] = []
+    for role, name in expected.items():
+        reason = "missing" if name not in graph else (_corruption(graph.value(name)) if params.scan else None)
+        if reason is None:
+            continue
+        src = pairs.get(name)
+        src_ok = src is not None and src in graph and _corruption(graph.value(src)) is None
+        if not src_ok:
+            raise SurgeonError(f"recover: {role} tensor {name} is {reason} and has no intact replica (a tied "
+                               f"embedding/head, or --replicas {name}=<source>); refusing to invent it")
+        if name in graph and graph[name].shape != graph[src].shape:
+            raise SurgeonError(f"recover: replica {src} {list(graph[src].shape)} does not match {name} "
+                               f"{list(graph[name].shape)}")
+        new_nodes[name] = graph[src]
+        done.append({"tensor": name, "role": role, "reason": reason, "from": src})
+        warnings.append(f"{role} {name} was {reason}; taken from its replica {src}")
+    return done
