@@ -8,15 +8,18 @@ CLIPTextModel) and a UNet holding every cross-attention ``attn2.to_{q,k,v,out}``
 matrices 320/640/1280×768 for SD1.4, 140 matrices 640/1280×2048 for SDXL); the UNet's other tensors are left
 out (``--full-unet-bytes`` adds one filler tensor of the real UNet's remaining size, to time the byte copy).
 
-Printed per model: compute (UCE + Gram + RECE epochs + apply W·M, the issue's goal), text encoding, end-to-end
-``run_op`` wall time including reading and writing, and the ratio against a baseline measured in the same run:
-the authors' per-matrix loop (``closed_form.rece_per_matrix``: per-layer normal equations and explicit inverses,
-Σ W′ᵀW′ and Σ W′ᵀW re-summed every epoch) on the same weights and embeddings. Not run by the tests.
+Printed per model: compute (UCE + Gram + RECE epochs + apply W·M, the issue's goal) as process CPU seconds with
+one thread (the work, robust to a shared machine) and as wall seconds with ``--threads``; text encoding; end-to-end
+``run_op`` wall time including reading and writing; and the ratio against a baseline measured in the same run (CPU
+seconds, one thread): the authors' per-matrix loop (``closed_form.rece_per_matrix``: per-layer normal equations and
+explicit inverses, Σ W′ᵀW′ and Σ W′ᵀW re-summed every epoch) on the same weights and embeddings, UCE + 1 epoch.
+Not run by the tests.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -36,10 +39,10 @@ SDXL_UNET = {"_class_name": "UNet2DConditionModel", "cross_attention_dim": 2048,
              [1, 2, 10], "addition_embed_type": "text_time", "sample_size": 128, "in_channels": 4, "out_channels": 4,
              "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
              "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu")
-CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                 vocab_size=49408, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+          "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "quick_gelu"}
+CLIP_BIGG = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+             "vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 1280}
 UNET_PARAMS = {"sd14": 859_520_964, "sdxl": 2_567_463_684}  # real parameter counts, for --full-unet-bytes
 
 
@@ -94,7 +97,6 @@ def random_clip(folder: Path, cfg: dict, dtype: torch.dtype, with_projection: bo
 
 def synthetic_pipeline(root: Path, kind: str, dtype: torch.dtype, full_unet_bytes: bool) -> Path:
     from safetensors.torch import save_file
-
     from test_erase_helpers import save_tiny_tokenizer
 
     g = torch.Generator().manual_seed(0)
@@ -123,53 +125,66 @@ def synthetic_pipeline(root: Path, kind: str, dtype: torch.dtype, full_unet_byte
     return root
 
 
-def bench(kind: str, dtype: torch.dtype, work: Path, epochs: int, baseline_epochs: int, full_unet_bytes: bool) -> dict:
+def _compute(info: dict, key: str) -> float:
+    t = info[key]
+    return round(sum(t.get(k, 0.0) for k in ("uce", "gram", "rece_epochs", "apply")), 3)
+
+
+def bench(kind: str, dtype: torch.dtype, work: Path, epochs: int, baseline_epochs: int, full_unet_bytes: bool,
+          threads: int) -> dict:
+    from surgeon.ops.erase.closed_form import rece_per_matrix, uce_edit_per_matrix
+    from surgeon.ops.erase.rece import ReceParams, apply, prepare_erasure
+
     from surgeon.api import run_op
     from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
     from surgeon.graph import Graph
-    from surgeon.ops.erase.closed_form import rece_per_matrix, uce_edit_per_matrix
-    from surgeon.ops.erase.rece import ReceParams, apply, prepare_erasure
 
     tag = f"{kind}-{str(dtype).removeprefix('torch.')}"
     t0 = time.perf_counter()
     src = synthetic_pipeline(work / tag, kind, dtype, full_unet_bytes)
     build_s = time.perf_counter() - t0
     size = sum(f.stat().st_size for f in src.rglob("*.safetensors"))
-    params = dict(preset="nudity", epochs=epochs)
-
-    # in-process op (graph in, graph out): compute breakdown from the op's own timings
+    params = {"preset": "nudity", "epochs": epochs}
     g = Graph.from_checkpoint(open_checkpoint(src))
+
+    # 1 thread: process CPU time = the work, whatever else the machine is doing
+    torch.set_num_threads(1)
+    ctx1 = Context(quiet=True)
+    apply(g, ReceParams(**params), ctx1)
+    # N threads: wall clock
+    torch.set_num_threads(threads)
     ctx = Context(quiet=True)
     apply(g, ReceParams(**params), ctx)
-    tm = ctx.step_info["timings_s"]
-    compute = tm["uce"] + tm.get("gram", 0) + tm.get("rece_epochs", 0) + tm["apply"]
+    info = ctx.step_info
 
-    # end to end: open, encode, edit, write the folder
+    # end to end with N threads: open, encode, edit, write the folder
     t0 = time.perf_counter()
     run_op("erase.rece", str(src), output=str(work / f"{tag}-out"), device="cpu", **params)
     e2e = time.perf_counter() - t0
 
-    # baseline: the per-matrix loop on the same weights and embeddings (UCE + baseline_epochs)
-    _, settings, emb = prepare_erasure(g, ReceParams(**params), Context(quiet=True))
-    names = [n for n in g.names() if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
-    Ws = [g.value(n).to(torch.float64) for n in names]
-    t0 = time.perf_counter()
-    W1 = uce_edit_per_matrix(Ws, emb["C"], emb["T"], emb["P"], lam=0.5, eta_e=1.0, eta_p=1.0)
-    rece_per_matrix(Ws, W1, emb["concepts_full"], emb["targets_full"], emb["rece_P"], epochs=baseline_epochs,
-                    lam_r=settings["regularizer"], lam=0.1, eta_e=1.0, eta_p=0.1)
-    base = time.perf_counter() - t0
-    # the same work (UCE + baseline_epochs) through the op, for a like-for-like ratio
-    ctx2 = Context(quiet=True)
-    apply(g, ReceParams(**{**params, "epochs": baseline_epochs}), ctx2)
-    tm2 = ctx2.step_info["timings_s"]
-    ours_same = tm2["uce"] + tm2.get("gram", 0) + tm2.get("rece_epochs", 0) + tm2["apply"]
-    return {"model": tag, "matrices": len(names), "checkpoint_MB": round(size / 1e6), "build_s": round(build_s, 1),
-            "encode_s": tm["encode"], "uce_s": tm["uce"], "gram_s": tm.get("gram", 0),
-            "rece_epochs_s": tm.get("rece_epochs", 0), "apply_s": tm["apply"], "compute_s": round(compute, 3),
-            "matmul_dtype": ctx.step_info["matmul_dtype"], "end_to_end_s": round(e2e, 2),
-            "baseline_epochs": baseline_epochs, "baseline_s": round(base, 2), "ours_same_epochs_s": round(ours_same, 3),
-            "speedup_vs_per_matrix": round(base / max(ours_same, 1e-9), 1)}
+    row = {"model": tag, "matrices": info["matrices"], "checkpoint_MB": round(size / 1e6), "build_s": round(build_s),
+           "matmul_dtype": info["matmul_dtype"], "written_as": info["written_as"], "edit_rank": info["edit_rank"],
+           "cpu_1thread_s": ctx1.step_info["cpu_s"], "compute_cpu_1thread_s": _compute(ctx1.step_info, "cpu_s"),
+           "wall_s": info["timings_s"], "compute_wall_s": _compute(info, "timings_s"), "end_to_end_s": round(e2e, 2)}
+    if baseline_epochs:
+        # baseline: the per-matrix loop on the same weights and embeddings (UCE + baseline_epochs), 1 thread CPU
+        torch.set_num_threads(1)
+        _, settings, emb = prepare_erasure(g, ReceParams(**params), Context(quiet=True))
+        names = [n for n in g.names() if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
+        Ws = [g.value(n).to(torch.float64) for n in names]
+        c0 = time.process_time()
+        W1 = uce_edit_per_matrix(Ws, emb["C"], emb["T"], emb["P"], lam=0.5, eta_e=1.0, eta_p=1.0)
+        rece_per_matrix(Ws, W1, emb["concepts_full"], emb["targets_full"], emb["rece_P"], epochs=baseline_epochs,
+                        lam_r=settings["regularizer"], lam=0.1, eta_e=1.0, eta_p=0.1)
+        base = time.process_time() - c0
+        ctx2 = Context(quiet=True)
+        apply(g, ReceParams(**{**params, "epochs": baseline_epochs}), ctx2)
+        ours = _compute(ctx2.step_info, "cpu_s")
+        row.update(baseline_epochs=baseline_epochs, baseline_cpu_1thread_s=round(base, 2),
+                   ours_same_epochs_cpu_1thread_s=ours, speedup_vs_per_matrix=round(base / max(ours, 1e-9), 1))
+        torch.set_num_threads(threads)
+    return row
 
 
 def main() -> None:
@@ -178,7 +193,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--baseline-epochs-sd14", type=int, default=1)
-    ap.add_argument("--baseline-epochs-sdxl", type=int, default=1)
+    ap.add_argument("--baseline-epochs-sdxl", type=int, default=0, help="0 = skip (140 inverses of 2048², slow)")
     ap.add_argument("--full-unet-bytes", action="store_true")
     ap.add_argument("--workdir", default=None, help="where to build the synthetic checkpoints (default: a temp dir)")
     args = ap.parse_args()
@@ -190,18 +205,21 @@ def main() -> None:
         rows = []
         for kind, dtype in runs:
             be = args.baseline_epochs_sd14 if kind == "sd14" else args.baseline_epochs_sdxl
-            row = bench(kind, dtype, Path(tmp), args.epochs, be, args.full_unet_bytes)
+            row = bench(kind, dtype, Path(tmp), args.epochs, be, args.full_unet_bytes, args.threads)
             rows.append(row)
             print(json.dumps(row), flush=True)
     goal = {"sd14": 1.0, "sdxl": 30.0}
-    print(f"\nthreads={args.threads}  UCE + {args.epochs} RECE epochs, compute excludes text encoding and I/O")
-    print(f"{'model':16} {'mats':>4} {'compute s':>9} {'goal s':>6} {'encode s':>8} {'e2e s':>6} "
-          f"{'per-matrix baseline s (epochs)':>30} {'speedup':>7}")
+    load = os.getloadavg()[0]
+    print(f"\nUCE + {args.epochs} RECE epochs; compute = UCE + Σ WᵀW + epochs + apply (no text encoding, no I/O); "
+          f"load average {load:.1f} on {os.cpu_count()} cores")
+    print(f"{'model':14} {'mats':>4} {'CPU s (1 thr)':>13} {f'wall s ({args.threads} thr)':>14} {'goal s':>6} "
+          f"{'e2e s':>6} {'baseline CPU s':>14} {'speedup':>8}")
     for r in rows:
-        g = goal[r["model"].split("-")[0]]
-        print(f"{r['model']:16} {r['matrices']:>4} {r['compute_s']:>9.2f} {g:>6.1f} {r['encode_s']:>8.2f} "
-              f"{r['end_to_end_s']:>6.1f} {r['baseline_s']:>24.1f} ({r['baseline_epochs']}) "
-              f"{r['speedup_vs_per_matrix']:>6.1f}x")
+        gl = goal[r["model"].split("-")[0]]
+        b = f"{r['baseline_cpu_1thread_s']:.1f} ({r['baseline_epochs']} ep)" if "baseline_cpu_1thread_s" in r else "-"
+        sp = f"{r['speedup_vs_per_matrix']:.1f}x" if "speedup_vs_per_matrix" in r else "-"
+        print(f"{r['model']:14} {r['matrices']:>4} {r['compute_cpu_1thread_s']:>13.2f} {r['compute_wall_s']:>14.2f} "
+              f"{gl:>6.1f} {r['end_to_end_s']:>6.1f} {b:>14} {sp:>8}")
 
 
 if __name__ == "__main__":

@@ -14,13 +14,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from test_erase_helpers import save_compvis_copy, save_tiny_sd  # noqa: E402
-
-from surgeon.checkpoint import open_checkpoint  # noqa: E402
-from surgeon.context import Context  # noqa: E402
-from surgeon.errors import SurgeonError  # noqa: E402
-from surgeon.graph import Const, Graph, Load, LowRank  # noqa: E402
-from surgeon.ops.erase.closed_form import (  # noqa: E402
+from surgeon.ops.erase.closed_form import (
     gram,
     rece_adversarial_embedding,
     rece_epochs,
@@ -28,8 +22,14 @@ from surgeon.ops.erase.closed_form import (  # noqa: E402
     uce_delta,
     uce_edit_per_matrix,
 )
-from surgeon.ops.erase.rece import ReceParams, UceParams, apply, apply_uce, prepare_erasure  # noqa: E402
-from surgeon.ops.erase.sd_keys import compvis_to_diffusers_attention  # noqa: E402
+from surgeon.ops.erase.rece import ReceParams, UceParams, apply, apply_uce, prepare_erasure
+from surgeon.ops.erase.sd_keys import compvis_to_diffusers_attention
+from test_erase_helpers import save_compvis_copy, save_tiny_sd
+
+from surgeon.checkpoint import open_checkpoint
+from surgeon.context import Context
+from surgeon.errors import SurgeonError
+from surgeon.graph import Const, Graph, Load, LowRank
 
 F64 = torch.float64
 
@@ -52,7 +52,7 @@ def open_graph(path) -> Graph:
     return Graph.from_checkpoint(open_checkpoint(path))
 
 
-NUDITY = dict(preset="nudity", preserve=["a red cat"])
+NUDITY = {"preset": "nudity", "preserve": ["a red cat"]}
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +259,7 @@ def test_written_folder_loads_with_diffusers_and_keeps_other_tensors(sd, rece_ru
     for comp, fname in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
         with safe_open(sd / comp / fname, "pt") as a, safe_open(out / comp / fname, "pt") as b:
             assert set(a.keys()) == set(b.keys())
-            for k in a.keys():
+            for k in a.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 if "attn2.to_k" not in k and "attn2.to_v" not in k:
                     assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
 
@@ -311,9 +311,57 @@ def test_bad_params_fail_before_any_tensor_is_read(sd):
 
 
 def test_single_file_without_tokenizer_is_an_error(sd, tmp_path, monkeypatch):
-    import surgeon.ops.erase.text as text
+    from surgeon.ops.erase import text
 
     monkeypatch.setattr(text, "DEFAULT_CLIP_TOKENIZER", "surgeon-tests/no-such-tokenizer")
     gc = open_graph(save_compvis_copy(sd, tmp_path / "x.safetensors"))
     with pytest.raises(SurgeonError, match="--tokenizer"):
         apply(gc, ReceParams(**NUDITY), Context(quiet=True))
+
+
+def test_cli_erase_rece(sd, tmp_path, capsys):
+    from surgeon.cli import main
+
+    out = tmp_path / "cli-out"
+    rc = main(["erase", "rece", str(sd), "--concept", "nudity,naked", "--target", "dog", "--preserve", "a red cat",
+               "--epochs", "1", "--positions", "last", "--device", "cpu", "-o", str(out), "--json", "-q"])
+    assert rc == 0
+    log = json.loads((out / "rece.json").read_text())
+    assert log["concepts"] == ["nudity", "naked"] and log["targets"] == ["dog", "dog"] and log["rece"]["epochs"] == 1
+    assert main(["erase", "rece", str(sd), "--uce-lambda", "0", "-o", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
+
+
+def test_sdxl_layout_concatenates_penultimate_states_of_both_encoders(tmp_path):
+    """text_encoder + text_encoder_2: embeddings are cat(hidden_states[-2] of each), width 32 + 16 = 48."""
+    import test_erase_helpers as h
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = tmp_path / "xl"
+    folder.mkdir()
+    h.tiny_unet(cross_dim=48).save_pretrained(folder / "unet")
+    h.tiny_clip(hidden=32).save_pretrained(folder / "text_encoder")
+    torch.manual_seed(5)
+    vocab, _ = h.tiny_clip_vocab()
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                                                     num_hidden_layers=3, num_attention_heads=2, projection_dim=16,
+                                                     max_position_embeddings=77, hidden_act="gelu")).eval()
+    te2.save_pretrained(folder / "text_encoder_2")
+    h.save_tiny_tokenizer(folder / "tokenizer")
+    h.save_tiny_tokenizer(folder / "tokenizer_2")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    g = open_graph(folder)
+    ctx = Context(quiet=True)
+    params = ReceParams(preset="nudity", epochs=1)
+    layout, _, emb = prepare_erasure(g, params, ctx)
+    assert layout.is_sdxl and emb["concepts_full"].shape == (1, 77, 48)
+    tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    ids = tok(["nudity"], padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
+    te1 = h.tiny_clip(hidden=32)  # same seed as saved
+    with torch.no_grad():
+        ref = torch.cat([te1(ids, output_hidden_states=True).hidden_states[-2],
+                         te2(ids, output_hidden_states=True).hidden_states[-2]], dim=-1)
+    assert rel(emb["concepts_full"].float(), ref) < 1e-5
+    g2 = apply(g, params, ctx)
+    assert ctx.step_info["embedding_dim"] == 48 and ctx.step_info["layout"] == "diffusers (SDXL)"
+    assert sorted(n for n in g2.names() if not isinstance(g2.nodes[n], Load)) == sorted(kv_names(g))

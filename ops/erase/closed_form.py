@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-
 from surgeon.kernels.linalg import cholesky_solve
 
 F64 = torch.float64

@@ -203,20 +203,18 @@ def prepare_erasure(graph: Graph, params: UceParams, ctx) -> tuple[SDLayout, dic
 
 def erase(graph: Graph, params: UceParams, ctx, *, method: str) -> Graph:
     """UCE step, then RECE epochs (``settings['epochs']`` of them), then ``W ← W·M`` for every k/v matrix."""
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+    clock = _Clock()
     device = getattr(ctx, "device", "cpu")
     layout, settings, emb = prepare_erasure(graph, params, ctx)
     d = emb["C"].shape[1]
-    timings["encode"] = time.perf_counter() - t_start
+    clock.lap("encode")
 
     # UCE step (eq. 7): one Δ for every matrix
-    t0 = time.perf_counter()
     eta_p = params.preserve_scale or max(0.1, 1 / emb["n_retain"])
     L, R = uce_delta_factors(emb["C"], emb["T"], emb["P"], lam=params.uce_lambda, eta_e=params.erase_scale,
                              eta_p=eta_p, device=device)
     M = torch.eye(d, dtype=F64) + L @ R
-    timings["uce"] = time.perf_counter() - t0
+    clock.lap("uce")
 
     names = [n for pair in layout.pairs for n in pair]
     mm_dtype = _matmul_dtype(params.matmul_dtype, graph[names[0]].dtype)
@@ -224,12 +222,10 @@ def erase(graph: Graph, params: UceParams, ctx, *, method: str) -> Graph:
     log: list[dict] = []
     adv_norms: list[list[float]] = []
     if epochs:
-        t0 = time.perf_counter()
         acc = GramAccumulator(d, dtype=mm_dtype, device=device)
         for _, w in ctx_progress(ctx, graph.values(names), len(names), "Σ WᵀW"):
             acc.add(w)
-        timings["gram"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        clock.lap("gram")
         rp = params  # ReceParams here
         res = rece_epochs(M, acc.H.cpu(), emb["concepts_full"], emb["targets_full"], emb["rece_P"], epochs=epochs,
                           lam_r=settings["regularizer"], lam=rp.rece_lambda, eta_e=rp.rece_erase_scale,
@@ -237,11 +233,10 @@ def erase(graph: Graph, params: UceParams, ctx, *, method: str) -> Graph:
         M, L, R = res.M, res.L, res.R
         log = [e.as_dict() for e in res.log]
         adv_norms = [e.adversarial_norm for e in res.log]
-        timings["rece_epochs"] = time.perf_counter() - t0
+        clock.lap("rece_epochs")
 
     # apply W ← W + W·(M − I), report per matrix. M − I = L·R has rank r ≤ rows erased: below d/2 the edit is
     # a LowRank node W + (W·L)·R (2·o·d·r flops instead of o·d², computed when written), else a dense Const.
-    t0 = time.perf_counter()
     low_rank = 2 * L.shape[1] < d
     D = None if low_rank else (M - torch.eye(d, dtype=F64)).to(device=device, dtype=mm_dtype)
     Lm, Rm = L.to(device=device, dtype=mm_dtype), R.to(device=device, dtype=F64)
@@ -274,9 +269,7 @@ def erase(graph: Graph, params: UceParams, ctx, *, method: str) -> Graph:
             "erase_residual": float((C @ w64.T + delta_of(C) - T @ w64.T).norm() / before.clamp_min(1e-300)),
             "preserve_drift": float(delta_of(P).norm() / (P @ w64.T).norm().clamp_min(1e-300)),
         })
-    timings["apply"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_start
-    timings = {k: round(v, 4) for k, v in timings.items()}
+    clock.lap("apply")
 
     k_minus_i = float(torch.linalg.matrix_norm(M - torch.eye(d, dtype=F64), ord=2))
     summary = {
@@ -298,7 +291,8 @@ def erase(graph: Graph, params: UceParams, ctx, *, method: str) -> Graph:
         "max_relative_change": round(max(m["relative_change"] for m in per_matrix), 6),
         "max_erase_residual": round(max(m["erase_residual"] for m in per_matrix), 6),
         "max_preserve_drift": round(max(m["preserve_drift"] for m in per_matrix), 6),
-        "timings_s": timings,
+        "timings_s": clock.wall,
+        "cpu_s": clock.cpu,  # process CPU time (all threads): robust to a loaded machine
     }
     if isinstance(params, ReceParams):
         summary["rece"] = {"epochs": epochs, "regularizer": settings["regularizer"], "lambda": params.rece_lambda,
@@ -318,6 +312,22 @@ def erase(graph: Graph, params: UceParams, ctx, *, method: str) -> Graph:
     if not math.isfinite(k_minus_i):
         raise SurgeonError(f"{method}: the edit is not finite (‖M − I‖ = {k_minus_i}); lower the scales")
     return out
+
+
+class _Clock:
+    """Wall and process-CPU seconds per phase, plus totals."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._w0 = self._w = time.perf_counter()
+        self._c0 = self._c = time.process_time()
+
+    def lap(self, name: str) -> None:
+        w, c = time.perf_counter(), time.process_time()
+        self.wall[name], self.cpu[name] = round(w - self._w, 4), round(c - self._c, 4)
+        self.wall["total"], self.cpu["total"] = round(w - self._w0, 4), round(c - self._c0, 4)
+        self._w, self._c = w, c
 
 
 def ctx_progress(ctx, items, total: int, description: str):

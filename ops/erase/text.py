@@ -46,7 +46,7 @@ def load_clip_tokenizer(spec: TextEncoderSpec):
         folder = Path(hit).parent
     try:
         tok = CLIPTokenizer.from_pretrained(str(folder))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (tokenizer files can fail in many ways; name the folder)
         raise SurgeonError(f"{folder}: cannot load a CLIP tokenizer ({e.__class__.__name__}: {e})") from None
     if len(tok) <= 3:
         raise SurgeonError(f"{folder}: the CLIP tokenizer has no vocabulary (vocab.json, merges.txt)")
@@ -103,13 +103,17 @@ class PromptEncoder:
         self.layout = layout
         self.device = device
         self.batch_size = batch_size
-        if layout.kind == "diffusers" and ctx is not None and hasattr(ctx, "module"):
-            # diffusers folders: the shared model-context path (surgeon.model)
-            self.tokenizers = [ctx.tokenizer(graph, component=s.tokenizer_dir.name) for s in layout.encoders]
-            self.models = [ctx.module(graph, kind="clip-text", component=s.component) for s in layout.encoders]
-        else:  # CompVis single files: names mapped here (surgeon.model knows only diffusers/transformers layouts)
-            self.tokenizers = [load_clip_tokenizer(s) for s in layout.encoders]
-            self.models = [build_clip_text_model(graph, s, device) for s in layout.encoders]
+        self.tokenizers, self.models = [], []
+        names = graph.names()
+        for s in layout.encoders:
+            nested = any(n.startswith(s.prefix + "text_model.") for n in names)
+            if layout.kind == "diffusers" and not nested and ctx is not None and hasattr(ctx, "module"):
+                # the shared model-context path (surgeon.model) for transformers-5 CLIPTextModel folders
+                self.tokenizers.append(ctx.tokenizer(graph, component=s.tokenizer_dir.name))
+                self.models.append(ctx.module(graph, kind="clip-text", component=s.component))
+            else:  # CompVis files and text_model.-nested folders (CLIPTextModelWithProjection, transformers < 5)
+                self.tokenizers.append(load_clip_tokenizer(s))
+                self.models.append(build_clip_text_model(graph, s, device))
         self.cache: dict[str, tuple[torch.Tensor, int]] = {}
 
     @property
