@@ -119,6 +119,38 @@ def pot_decode(exps: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     return torch.where(present, signs * torch.exp2(e), torch.zeros_like(e)).sum(-1).float()
 
 
+def pot_decompose(values: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exponents and sign bits of values that are already sums of ≤ ``terms`` signed powers of two.
+
+    Re-running the greedy rounding on a rounded value may pick the other neighbouring power first, so each
+    step tries both floor and ceil of log2|residual| (2^terms paths) and keeps the first path that is exact.
+    """
+    v = values.double()
+    exps = torch.full((*v.shape, terms), ABSENT_EXP, dtype=torch.int8, device=v.device)
+    neg = torch.zeros(v.shape, dtype=torch.uint8, device=v.device)
+    done = v == 0
+    for path in range(2 ** terms):
+        resid = v.clone()
+        e = torch.full_like(exps, ABSENT_EXP)
+        ng = torch.zeros_like(neg)
+        for t in range(terms):
+            nz = resid != 0
+            k = torch.floor(torch.log2(resid.abs().clamp_min(1e-300))) + ((path >> t) & 1)
+            term = torch.where(nz, torch.sign(resid) * torch.exp2(k), torch.zeros_like(resid))
+            e[..., t] = torch.where(nz, k.clamp(-127, 127), torch.full_like(k, ABSENT_EXP)).to(torch.int8)
+            ng |= ((term < 0).to(torch.uint8) << t)
+            resid = resid - term
+        hit = (resid == 0) & ~done
+        exps[hit] = e[hit]
+        neg[hit] = ng[hit]
+        done |= hit
+        if bool(done.all()):
+            break
+    if not bool(done.all()):
+        raise SurgeonError(f"internal: a scale is not a sum of {terms} powers of two")
+    return exps, neg
+
+
 def round_scales(alpha: torch.Tensor, pot_terms: int) -> torch.Tensor:
     """α as it will be stored: APoT values (``pot_terms`` > 0) or fp16-rounded values."""
     if pot_terms > 0:
@@ -214,7 +246,7 @@ class QuantizedLinear:
         """The packed tensors of this linear under ``prefix`` (the module name)."""
         out = {f"{prefix}.qweight": self.qweight}
         if self.pot_terms > 0:
-            _, exps, neg = pot_round(self.alpha, self.pot_terms)
+            exps, neg = pot_decompose(self.alpha, self.pot_terms)
             out[f"{prefix}.pot_exp"] = exps
             out[f"{prefix}.pot_sign"] = neg
         else:
@@ -527,9 +559,8 @@ def _finish(graph: Graph, params: Params, ctx: Context, bits_of: dict[str, int],
         graph.tags.append("shiftadd")
     numel = {}
     for name in bits_of:
-        prefix = _module_name(name)
-        qn = graph.nodes.get(f"{prefix}.qweight")
-        numel[name] = (qn.shape[1] * qn.shape[2] * 8) if qn is not None else math.prod(graph[name].shape)
+        qn = graph.nodes.get(f"{_module_name(name)}.qweight")
+        numel[name] = qn.shape[1] * in_features[name] if qn is not None else math.prod(graph[name].shape)
     avg_bits = sum(bits_of[n] * numel[n] for n in bits_of) / max(1, sum(numel.values()))
     report: dict[str, Any] = {"linears": len(bits_of), "average_bits": round(avg_bits, 4),
                               "bits_per_layer": {_module_name(n): b for n, b in bits_of.items()},
@@ -706,6 +737,36 @@ def _find_layer(model: torch.nn.Module, modules: dict[str, torch.nn.Module], i: 
                 if all(id(t) in owned for t in targets):
                     return child
     raise SurgeonError(f"shiftadd: cannot find the decoder layer module of layer {i}")
+
+
+def dense_view(graph: Graph) -> Graph:
+    """A copy of a ShiftAdd-packed graph with every packed linear back as a lazy dense ``X.weight`` (fp32 Ŵ, the
+    source orientation) and no ``quantization_config``: lets model-level steps (eval, ...) run after a packed
+    shiftadd step. Graphs that are not packed come back unchanged."""
+    from surgeon.graph import Apply
+
+    qc = graph.config.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        return graph
+    out = graph.copy()
+    del out.config["quantization_config"]
+    gs = int(qc["group_size"])
+    for prefix, info in qc.get("modules", {}).items():
+        keys = [k for k in ("qweight", "pot_exp", "pot_sign", "scales", "perm") if f"{prefix}.{k}" in out.nodes]
+        k_in, tr = int(info["in_features"]), bool(info.get("transposed", False))
+        n_out = out[f"{prefix}.qweight"].shape[1]
+
+        def dense(*vals: torch.Tensor, keys: list[str] = keys, k_in: int = k_in, tr: bool = tr) -> torch.Tensor:
+            t = {f"x.{k}": v for k, v in zip(keys, vals)}
+            w = read_packed(t, "x", gs, k_in).dense()
+            return w.T if tr else w
+
+        node = Apply(dense, [out[f"{prefix}.{k}"] for k in keys], label="shiftadd-dequant",
+                     shape=(k_in, n_out) if tr else (n_out, k_in), dtype=torch.float32)
+        _replace(out, f"{prefix}.qweight", {f"{prefix}.weight": node})
+        for k in keys[1:]:
+            del out.nodes[f"{prefix}.{k}"]
+    return out
 
 
 # ==============================================================================================================

@@ -306,3 +306,26 @@ def test_registered_and_reexported():
     spec = get_op("shiftadd")
     assert spec.params is Params
     assert surgeon.load_shiftadd.__name__ == "load_shiftadd"
+
+
+def test_stored_pot_exponents_decode_exactly_to_the_fitted_scales():
+    from surgeon.ops.shiftadd import pot_decompose
+
+    alpha = torch.randn(4000, dtype=torch.float64) * torch.exp(torch.randn(4000, dtype=torch.float64) * 2)
+    for terms in (1, 2, 3):
+        values = pot_round(alpha, terms)[0]
+        exps, neg = pot_decompose(values, terms)
+        assert torch.equal(pot_decode(exps, neg), values)
+
+
+def test_dense_view_of_a_packed_graph_equals_the_materialized_graph(tiny_llama):
+    from surgeon.context import Context
+    from surgeon.ops.shiftadd import apply, dense_view
+
+    g = _graph(tiny_llama)
+    packed = apply(g, Params(bits=2, group_size=16, rounds=2), Context(quiet=True))
+    dense = apply(g, Params(bits=2, group_size=16, rounds=2, materialize=True), Context(quiet=True))
+    view = dense_view(packed)
+    assert "quantization_config" not in view.config and view.names() == dense.names()
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(view.value(name), dense.value(name))
