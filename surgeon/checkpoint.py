@@ -90,6 +90,7 @@ class Checkpoint:
     side_files: dict[str, Path] = field(default_factory=dict)  # relative output path -> source file
     pickle_state: dict[str, Any] | None = None  # tensors of an allowed pickle checkpoint, loaded eagerly
     source_id: str = ""  # what the user passed (repo id, file, folder)
+    allow_nonfinite: bool = False  # when False, a tensor holding NaN/Inf is refused as it is read
 
     @property
     def config(self) -> dict[str, Any]:
@@ -98,19 +99,26 @@ class Checkpoint:
             return root.config
         return {}
 
-    def load(self, name: str):
-        """Read one tensor into a fresh torch tensor (nothing stays mapped)."""
+    def load(self, name: str, *, check: bool | None = None):
+        """Read one tensor into a fresh torch tensor (nothing stays mapped).
+
+        NaN/Inf values are refused unless ``allow_nonfinite`` (or ``check=False``, for ops that look for corrupt
+        tensors on purpose, like ``recover``)."""
         import torch
 
         if self.pickle_state is not None:
-            return self.pickle_state[name].clone()
-        info = self.tensors.get(name)
-        if info is None:
-            raise SurgeonError(f"{self.path}: no tensor named {name!r}")
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        if info.nbytes:
-            read_exact(info.file, info.begin, memoryview(buf.numpy()))
-        return buf.view(getattr(torch, info.dtype)).reshape(info.shape)
+            t = self.pickle_state[name].clone()
+        else:
+            info = self.tensors.get(name)
+            if info is None:
+                raise SurgeonError(f"{self.path}: no tensor named {name!r}")
+            buf = torch.empty(info.nbytes, dtype=torch.uint8)
+            if info.nbytes:
+                read_exact(info.file, info.begin, memoryview(buf.numpy()))
+            t = buf.view(getattr(torch, info.dtype)).reshape(info.shape)
+        if (not self.allow_nonfinite) if check is None else check:
+            check_finite(name, t)
+        return t
 
     def header_fingerprint(self) -> dict[str, Any]:
         """Input sizes and sha256 of each weight file's header, for provenance."""
@@ -121,6 +129,22 @@ class Checkpoint:
                 head = fh.read(n) if n else b""
             out[str(f)] = {"bytes": f.stat().st_size, "header_sha256": hashlib.sha256(head).hexdigest()}
         return out
+
+
+def check_finite(name: str, t: "torch.Tensor") -> None:
+    """NaN/Inf refusal. A sum propagates both and is ~20x faster than ``isfinite(t).all()``; only when the sum
+    is not finite (possibly an overflow of finite values) does the exact check run."""
+    import torch
+
+    if not t.dtype.is_floating_point or not t.numel():
+        return
+    if t.element_size() == 1:  # float8: no reduction kernels
+        t = t.float()
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(t.sum(dtype=acc))):
+        return
+    if not bool(torch.isfinite(t).all()):
+        raise SurgeonError(f"tensor {name!r} contains NaN or Inf (pass --allow-nonfinite to accept it)")
 
 
 def read_exact(path: Path, offset: int, view: memoryview) -> None:
@@ -361,7 +385,8 @@ def _hub_snapshot(repo_id: str, online: bool) -> Path:
         raise SurgeonError(f"{repo_id}: not a folder, file, or cached Hub repo{hint}") from None
 
 
-def open_checkpoint(source: str | os.PathLike, *, allow_pickle: bool = False, online: bool = False) -> Checkpoint:
+def open_checkpoint(source: str | os.PathLike, *, allow_pickle: bool = False, online: bool = False,
+                    allow_nonfinite: bool = False) -> Checkpoint:
     """Open any supported source. Raises :class:`SurgeonError` naming the source when it is not usable."""
     s = str(source)
     p = Path(s).expanduser()
@@ -380,4 +405,5 @@ def open_checkpoint(source: str | os.PathLike, *, allow_pickle: bool = False, on
     else:
         raise SurgeonError(f"{s}: no such file or folder")
     ck.source_id = s
+    ck.allow_nonfinite = allow_nonfinite
     return ck

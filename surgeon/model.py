@@ -125,7 +125,7 @@ def materialize(graph: Graph, device: str = "cpu", dtype: str | torch.dtype = "f
     tensor each parameter came from (``module._surgeon_names``) for :func:`write_back`. With ``check_finite``
     a tensor holding NaN/Inf is refused before any forward pass (``--allow-nonfinite`` turns it off).
     """
-    from surgeon.writer import check_finite as refuse_nonfinite
+    from surgeon.checkpoint import check_finite as refuse_nonfinite
     import torch
 
     if kind not in KINDS:

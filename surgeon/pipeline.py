@@ -70,7 +70,8 @@ def open_models(models: dict[str, str], options: RunOptions):
 
     graphs = {}
     for name, src in models.items():
-        ck = open_checkpoint(src, allow_pickle=options.allow_pickle, online=options.online)
+        ck = open_checkpoint(src, allow_pickle=options.allow_pickle, online=options.online,
+                             allow_nonfinite=options.allow_nonfinite)
         graphs[name] = Graph.from_checkpoint(ck)
     return graphs
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from surgeon.checkpoint import TORCH_TO_SAFETENSORS, read_exact
+from surgeon.checkpoint import TORCH_TO_SAFETENSORS, check_finite, read_exact
 from surgeon.errors import SurgeonError
 from surgeon.graph import Executor, Graph, Load, Node
 
@@ -128,20 +128,6 @@ def _header(graph: Graph, plan: ShardPlan) -> tuple[bytes, list[tuple[str, int]]
     raw = json.dumps(entries, separators=(",", ":")).encode()
     raw += b" " * ((8 - (8 + len(raw)) % 8) % 8)
     return len(raw).to_bytes(8, "little") + raw, spans
-
-
-def check_finite(name: str, t: torch.Tensor) -> None:
-    """NaN/Inf refusal. A sum propagates both and is ~20x faster than ``isfinite(t).all()``; only when the sum
-    is not finite (possibly an overflow of finite values) does the exact check run."""
-    if not t.dtype.is_floating_point or not t.numel():
-        return
-    if t.element_size() == 1:  # float8: no reduction kernels
-        t = t.float()
-    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    if bool(torch.isfinite(t.sum(dtype=acc))):
-        return
-    if not bool(torch.isfinite(t).all()):
-        raise SurgeonError(f"tensor {name!r} contains NaN or Inf (pass --allow-nonfinite to write it anyway)")
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -142,6 +142,9 @@ def test_nonfinite_refused_unless_allowed(tmp_path):
     with pytest.raises(SurgeonError, match="'w' contains NaN"):
         write_graph(g, tmp_path / "o1")
     assert not (tmp_path / "o1").exists()
+    with pytest.raises(SurgeonError, match="'w' contains NaN"):  # refused as soon as an op reads it
+        g.value("w")
+    g = Graph.from_checkpoint(open_checkpoint(d, allow_nonfinite=True))
     write_graph(g, tmp_path / "o2", allow_nonfinite=True)
     assert torch.isnan(open_checkpoint(tmp_path / "o2").load("w")[1])
 
