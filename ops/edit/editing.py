@@ -126,7 +126,8 @@ def write_back(graph, site: EditSite, ups: Sequence[torch.Tensor], downs: Sequen
 
     from surgeon.graph import Executor, LowRank
 
-    up, down = torch.cat(list(ups), 1), torch.cat(list(downs), 0)
+    # fp32 factors: the node and edits.safetensors hold the very numbers that are added to the weight
+    up, down = torch.cat(list(ups), 1).float(), torch.cat(list(downs), 0).float()
     node = graph[site.name]
     if isinstance(node, LowRank) and node.transposed == site.transposed:
         base, up, down = node.inputs[0], torch.cat([node.up, up], 1), torch.cat([node.down, down], 0)
