@@ -227,12 +227,17 @@ def _lapack_threads(n: int | None) -> Iterator[None]:
 
 def _relax(residual, rank, method, device, seed, randomized_svd, svd) -> Relaxation:
     r = max(0, min(rank, *residual.shape))
-    total = float(residual.double().pow(2).sum())
+    import torch
+
+    total = float(torch.linalg.vector_norm(residual, dtype=torch.float64)) ** 2
     if method == "randomized" or (method == "auto" and 3 * (r + 10) < min(residual.shape)):
         u, s, vh = randomized_svd(residual, r, device=device, seed=seed)
         up = u * s
-        # ‖R‖² − Σσ² cancels catastrophically in fp32 when little is dropped: measure the remainder instead
-        error = float((residual.to(up.device) - up @ vh).double().norm())
+        dropped = total - float(s.double().pow(2).sum())
+        if dropped > 1e-4 * total:  # U_r orthonormal and Σ_rV_rᵀ = U_rᵀR: ‖R − BA‖² = ‖R‖² − Σσ_r²
+            error = max(dropped, 0.0) ** 0.5
+        else:  # ... which cancels in fp32 when little is dropped: measure the remainder instead
+            error = float(torch.linalg.vector_norm(residual.to(up.device) - up @ vh, dtype=torch.float64))
     else:
         u, s_all, vh = svd(residual, device=device)
         s, u, vh = s_all[:r], u[:, :r], vh[:r]
@@ -385,7 +390,7 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
                 res = res.T
             entry = {"layer": l, "slot": k, "module": suffix, "rank": 0, "residual_norm": 0.0,
                      "retained_energy": 1.0, "error": 0.0}
-            if torch.count_nonzero(res) > 0:
+            if bool(res.any()):
                 rx = relax_residual(res.contiguous(), rank, method=params.svd, device=ctx.device, seed=ctx.seed)
                 entry.update(rank=int(rx.up.shape[1]), residual_norm=rx.residual_norm,
                              retained_energy=rx.retained_energy, error=rx.error)
@@ -456,9 +461,25 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     ctx.report(tie={"form": form, "pattern": params.pattern, "loops": params.loops, "init": init,
                     "rank": params.rank, "rank_pattern": params.rank_pattern, "slots": n_slots,
                     "parameters": counts, "mean_retained_energy": round(mean_energy, 6),
-                    "max_error": max((e["error"] for e in stats), default=0.0)})
+                    "max_error": max((e["error"] for e in stats), default=0.0)},
+               card_notes=[_card_note(form, bool(relax)), UPTRAIN_NOTE])
     out.tags.append("recursive-transformer")
     return out
+
+
+UPTRAIN_NOTE = ("Layer tying (Relaxed Recursive Transformers, Bae et al., arXiv 2410.20672) produces an "
+                "initialisation: the paper uptrains on 15-60 B tokens before the recursive model recovers quality.")
+
+
+def _card_note(form: str, relaxed: bool) -> str:
+    adapter = " `lora/` holds the PEFT adapter for the tied base (`--tied-base`)." if relaxed else ""
+    if form == "compact":
+        return ("Compact recursive checkpoint (shared block + per-layer LoRA, loop in config `recursion`): load it "
+                "with `surgeon.load_recursive(path)`; plain `from_pretrained` does not know the layout." + adapter)
+    if form == "tied-base":
+        return ("Unrolled tied base: every layer is a copy of its shared slot." + adapter +
+                " Apply it with `PeftModel.from_pretrained(model, path + '/lora')`.")
+    return "Materialised relaxed model: W_l = W_shared + B_l A_l per layer, a vanilla checkpoint."
 
 
 def _value(node: Node) -> torch.Tensor:
