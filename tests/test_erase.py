@@ -365,3 +365,15 @@ def test_sdxl_layout_concatenates_penultimate_states_of_both_encoders(tmp_path):
     g2 = apply(g, params, ctx)
     assert ctx.step_info["embedding_dim"] == 48 and ctx.step_info["layout"] == "diffusers (SDXL)"
     assert sorted(n for n in g2.names() if not isinstance(g2.nodes[n], Load)) == sorted(kv_names(g))
+
+
+def test_blocked_gram_equals_plain_gram():
+    from surgeon.ops.erase.closed_form import GramAccumulator
+
+    torch.manual_seed(0)
+    ws = [torch.randn(o, 100) for o in (40, 70, 13)]
+    acc = GramAccumulator(100, block=32)  # 4 column blocks, upper triangle only
+    for w in ws:
+        acc.add(w)
+    assert len(acc.cuts) == 4 and rel(acc.H, gram(ws)) < 1e-12
+    assert torch.equal(acc.H, acc.H.T)
