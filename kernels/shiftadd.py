@@ -1,6 +1,7 @@
 """ShiftAdd matmul dispatch: one packed linear, ``y = x @ Ŵᵀ``, on the device and kernel that fit the batch.
 
-- batch (rows of x) ≤ ``max_lut_batch`` (default 8): LUT GEMV — numba on CPU, Triton on CUDA (when triton imports);
+- batch (rows of x) ≤ ``max_lut_batch`` (default 8): LUT GEMV — on CPU the C/AVX2 kernel (``c-avx2-lut``, built
+  on first use) or numba (``numba-lut``: no AVX2/compiler, or ``SURGEON_SHIFTADD_KERNEL=numba``); on CUDA Triton;
 - larger batches (prefill) or CUDA without triton: dequantise to a dense fp32 (CPU) / fp16-or-fp32 (CUDA) weight and
   call BLAS.
 
@@ -14,11 +15,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from surgeon.kernels.shiftadd_cpu import CpuLutWeights, dequantize, lut_gemv_prepared, pack_signs, unpack_signs
+from surgeon.kernels.shiftadd_cpu import (CLutWeights, CpuLutWeights, c_kernel, c_lut_gemv_prepared, dequantize,
+                                          lut_gemv_prepared, pack_signs, unpack_signs)
 
 __all__ = ["PackedLinear", "KERNEL_CALLS", "triton_available", "pack_signs", "unpack_signs", "dequantize"]
 
-#: kernel name -> number of calls in this process ("numba-lut", "triton-lut", "dequant-blas")
+#: kernel name -> number of calls in this process ("c-avx2-lut", "numba-lut", "triton-lut", "dequant-blas")
 KERNEL_CALLS: Counter[str] = Counter()
 
 
@@ -65,6 +67,11 @@ class PackedLinear:
             self._prepared["cpu"] = CpuLutWeights(self.qweight, self.scales, self.in_features, self.group_size)
         return self._prepared["cpu"]
 
+    def _c(self) -> CLutWeights:
+        if "c" not in self._prepared:
+            self._prepared["c"] = CLutWeights(self.qweight, self.scales, self.in_features, self.group_size)
+        return self._prepared["c"]
+
     def _cuda(self, device: torch.device):
         key = f"triton:{device}"
         if key not in self._prepared:
@@ -84,7 +91,9 @@ class PackedLinear:
         if self.perm is not None:
             x2 = x2[:, self.perm.to(x2.device).long()]
         m = x2.shape[0]
-        if 0 < m <= max_lut_batch and dev.type == "cpu":
+        if 0 < m <= max_lut_batch and dev.type == "cpu" and c_kernel() is not None:
+            y, kernel = c_lut_gemv_prepared(x2, self._c()), "c-avx2-lut"
+        elif 0 < m <= max_lut_batch and dev.type == "cpu":
             y, kernel = lut_gemv_prepared(x2, self._cpu()), "numba-lut"
         elif 0 < m <= max_lut_batch and dev.type == "cuda" and triton_available():
             from surgeon.kernels.shiftadd_triton import lut_gemv_prepared as triton_gemv

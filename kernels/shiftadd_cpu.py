@@ -165,3 +165,155 @@ def lut_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, in_fe
              group_size: int) -> torch.Tensor:
     """One-shot :func:`lut_gemv_prepared` (prepares the layout each call; tests and one-off products)."""
     return lut_gemv_prepared(x, CpuLutWeights(qweight, scales, in_features, group_size))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# C/AVX2 LUT GEMV (compiled on first use, cached; numba above is the fallback)
+# --------------------------------------------------------------------------------------------------------------
+# Nibble tables instead of byte tables: per 4 activations 16 partial sums = two 8-float registers, so a lookup
+# for 8 rows at once is one in-register permute per half + a blend (vpermps/vblendvps), no memory gather.
+# Bit-planes are re-laid out once per linear as 32-bit words holding the same nibble position of 8 rows.
+_C_SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+void sa_tables(const float *x, float *t, int64_t n_c) {  /* x [n_c*4] -> t [n_c][16] */
+  for (int64_t c = 0; c < n_c; c++) {
+    const float *xc = x + 4 * c; float *tc = t + 16 * c;
+    tc[0] = -(xc[0] + xc[1] + xc[2] + xc[3]);
+    for (int j = 0; j < 4; j++) { float s = 2.0f * xc[j]; int h = 1 << j;
+      for (int p = 0; p < h; p++) tc[p + h] = tc[p] + s; }
+  }
+}
+/* words [RB][q][C] (nibble r of a word = row 8rb+r), tables [C][16], scales [RB][G][q][8], cpg nibbles/group */
+void sa_lut_gemv(const uint32_t *words, const float *tables, const float *scales, float *y,
+                 int64_t n_rb, int64_t q, int64_t n_c, int64_t n_g, int64_t cpg) {
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i mask = _mm256_set1_epi32(15);
+  #pragma omp parallel for schedule(static)
+  for (int64_t rb = 0; rb < n_rb; rb++) {
+    __m256 yv = _mm256_setzero_ps();
+    const uint32_t *wrb = words + rb * q * n_c;
+    const float *srb = scales + rb * n_g * q * 8;
+    for (int64_t g = 0; g < n_g; g++) {
+      int64_t c0 = g * cpg, c1 = c0 + cpg; if (c1 > n_c) c1 = n_c;
+      for (int64_t i = 0; i < q; i++) {
+        const uint32_t *w = wrb + i * n_c;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        int64_t c = c0;
+        for (; c + 1 < c1; c += 2) {
+          __m256i v0 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w[c]), shifts), mask);
+          __m256i v1 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w[c + 1]), shifts), mask);
+          const float *t0 = tables + c * 16, *t1 = t0 + 16;
+          __m256 l0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(t0), v0);
+          __m256 h0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(t0 + 8), v0);
+          __m256 l1 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(t1), v1);
+          __m256 h1 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(t1 + 8), v1);
+          a0 = _mm256_add_ps(a0, _mm256_blendv_ps(l0, h0, _mm256_castsi256_ps(_mm256_slli_epi32(v0, 28))));
+          a1 = _mm256_add_ps(a1, _mm256_blendv_ps(l1, h1, _mm256_castsi256_ps(_mm256_slli_epi32(v1, 28))));
+        }
+        for (; c < c1; c++) {
+          __m256i v0 = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w[c]), shifts), mask);
+          const float *t0 = tables + c * 16;
+          __m256 l0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(t0), v0);
+          __m256 h0 = _mm256_permutevar8x32_ps(_mm256_loadu_ps(t0 + 8), v0);
+          a0 = _mm256_add_ps(a0, _mm256_blendv_ps(l0, h0, _mm256_castsi256_ps(_mm256_slli_epi32(v0, 28))));
+        }
+        yv = _mm256_fmadd_ps(_mm256_loadu_ps(srb + (g * q + i) * 8), _mm256_add_ps(a0, a1), yv);
+      }
+    }
+    _mm256_storeu_ps(y + rb * 8, yv);
+  }
+}
+"""
+_C_LIB: list = []  # [ctypes library or None], resolved once
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+def c_kernel():
+    """The compiled AVX2 kernel library, or None (no x86 AVX2+FMA, no C compiler, or SURGEON_SHIFTADD_KERNEL=numba).
+
+    Built with ``cc -O3 -mavx2 -mfma -fopenmp`` into ``~/.cache/surgeon/kernels`` on first use, keyed by a hash
+    of the source; a build failure falls back to numba silently (the dispatch says which kernel ran)."""
+    if _C_LIB:
+        return _C_LIB[0]
+    import ctypes
+    import hashlib
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    lib = None
+    if os.environ.get("SURGEON_SHIFTADD_KERNEL", "") != "numba" and _cpu_has_avx2():
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        digest = hashlib.sha256(_C_SOURCE.encode()).hexdigest()[:16]
+        folder = Path(os.environ.get("SURGEON_CACHE", Path.home() / ".cache" / "surgeon")) / "kernels"
+        so = folder / f"shiftadd_avx2_{digest}.so"
+        try:
+            if not so.is_file() and cc:
+                folder.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory() as tmp:
+                    src = Path(tmp) / "shiftadd.c"
+                    src.write_text(_C_SOURCE)
+                    out = Path(tmp) / so.name
+                    subprocess.run([cc, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(src), "-o",
+                                    str(out)], check=True, capture_output=True, timeout=120)
+                    os.replace(out, so)  # atomic: concurrent first uses never see a half-written file
+            if so.is_file():
+                lib = ctypes.CDLL(str(so))
+                ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+                lib.sa_tables.argtypes = [ptr, ptr, i64]
+                lib.sa_lut_gemv.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64]
+        except (OSError, subprocess.SubprocessError):
+            lib = None
+    _C_LIB.append(lib)
+    return lib
+
+
+class CLutWeights:
+    """One linear re-laid out for the AVX2 kernel: nibble words of 8 rows ``[RB, q, 2·KB]`` and scales
+    ``[RB, G, q, 8]`` (rows padded to a multiple of 8)."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, in_features: int, group_size: int):
+        if group_size % 8:
+            raise ValueError(f"group_size must be a multiple of 8, got {group_size}")
+        q, n_rows, kb_count = qweight.shape
+        self.q, self.n_rows, self.in_features, self.group_size = q, n_rows, in_features, group_size
+        n_pad = -(-n_rows // 8) * 8
+        self.n_rb, self.n_c, self.n_groups = n_pad // 8, 2 * kb_count, scales.shape[-1]
+        qw = qweight.cpu().numpy()
+        nib = np.empty((q, n_pad, self.n_c), dtype=np.uint32)
+        nib[:, n_rows:] = 0
+        nib[:, :n_rows, 0::2] = qw & 15
+        nib[:, :n_rows, 1::2] = qw >> 4
+        nib = nib.reshape(q, self.n_rb, 8, self.n_c) << (4 * np.arange(8, dtype=np.uint32))[None, None, :, None]
+        self.words = np.ascontiguousarray(np.bitwise_or.reduce(nib, axis=2).transpose(1, 0, 2))
+        sc = np.zeros((q, n_pad, self.n_groups), dtype=np.float32)
+        sc[:, :n_rows] = scales.detach().to(torch.float32).cpu().numpy()
+        self.scales = np.ascontiguousarray(sc.reshape(q, self.n_rb, 8, self.n_groups).transpose(1, 3, 0, 2))
+
+
+def c_lut_gemv_prepared(x: torch.Tensor, w: CLutWeights) -> torch.Tensor:
+    """``y = x @ Ŵᵀ`` (fp32 [M, N]) with the AVX2 kernel; one pass over the weights per row of x."""
+    lib = c_kernel()
+    if lib is None:
+        raise RuntimeError("the C/AVX2 ShiftAdd kernel is not available on this machine")
+    m_count = x.shape[0]
+    xp = np.zeros((m_count, w.n_c * 4), dtype=np.float32)
+    xp[:, :w.in_features] = x.detach().to(torch.float32).cpu().numpy()
+    tables = np.empty((w.n_c, 16), dtype=np.float32)
+    yp = np.empty((m_count, w.n_rb * 8), dtype=np.float32)
+    for m in range(m_count):
+        lib.sa_tables(xp[m].ctypes.data, tables.ctypes.data, w.n_c)
+        lib.sa_lut_gemv(w.words.ctypes.data, tables.ctypes.data, w.scales.ctypes.data, yp[m].ctypes.data,
+                        w.n_rb, w.q, w.n_c, w.n_groups, w.group_size // 4)
+    return torch.from_numpy(yp[:, :w.n_rows].copy())

@@ -11,8 +11,8 @@ import torch
 
 from surgeon.errors import SurgeonError
 from surgeon.kernels.shiftadd import KERNEL_CALLS, PackedLinear
-from surgeon.kernels.shiftadd_cpu import (dequantize, lut_gemv, lut_gemv_reference, pack_signs,
-                                          unpack_signs)
+from surgeon.kernels.shiftadd_cpu import (CLutWeights, c_kernel, c_lut_gemv_prepared, dequantize, lut_gemv,
+                                          lut_gemv_reference, pack_signs, unpack_signs)
 from surgeon.ops.shiftadd import (Params, allocate_bits, bcq_fit, nearest_codeword, output_error, pot_decode,
                                   pot_round, quantize_gptq, quantize_weight_only, sensitivity_score)
 
@@ -57,10 +57,15 @@ def test_bit_order_is_little_endian_plus_one_is_set():
 def test_lut_gemv_equals_dense_product_of_unpacked_weights(q, n, k, gs, m):
     qw, sc = _random_packed(q, n, k, gs, seed=n + k + m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-    y = lut_gemv(x, qw, sc, k, gs)
     ref = lut_gemv_reference(x, qw, sc, k, gs)
+    tol = 2e-6 * ref.abs().max() * math.sqrt(k / 64) + 1e-7
+    y = lut_gemv(x, qw, sc, k, gs)  # numba
     assert y.shape == (m, n)
-    assert (y - ref).abs().max() <= 2e-6 * ref.abs().max() * math.sqrt(k / 64) + 1e-7
+    assert (y - ref).abs().max() <= tol
+    if c_kernel() is not None:  # C/AVX2 nibble-table kernel
+        yc = c_lut_gemv_prepared(x, CLutWeights(qw, sc, k, gs))
+        assert yc.shape == (m, n)
+        assert (yc - ref).abs().max() <= tol
 
 
 def test_dispatch_uses_lut_for_small_batches_and_blas_for_large_and_honours_perm():
@@ -73,11 +78,12 @@ def test_dispatch_uses_lut_for_small_batches_and_blas_for_large_and_honours_perm
     before = dict(KERNEL_CALLS)
     x = torch.randn(2, 3, k)  # 6 rows: LUT
     assert torch.allclose(lin.matmul(x), x @ w.T, rtol=1e-5, atol=1e-4)
-    assert lin.last_kernel == "numba-lut"
+    lut = "c-avx2-lut" if c_kernel() is not None else "numba-lut"
+    assert lin.last_kernel == lut
     xb = torch.randn(20, k)  # above max_lut_batch: dequantise + BLAS
     assert torch.allclose(lin.matmul(xb), xb @ w.T, rtol=1e-5, atol=1e-4)
     assert lin.last_kernel == "dequant-blas"
-    assert KERNEL_CALLS["numba-lut"] == before.get("numba-lut", 0) + 1
+    assert KERNEL_CALLS[lut] == before.get(lut, 0) + 1
 
 
 # ------------------------------------------------------------------------------------------------ APoT scales
