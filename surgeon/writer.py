@@ -316,3 +316,26 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """A deterministic safetensors file (keys sorted, metadata sorted) for small side outputs such as undo
+    files and adapters. ``safetensors.torch.save`` orders metadata by a per-process hash, so two identical runs
+    would otherwise differ byte for byte."""
+    meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
+    header: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
+    offset = 0
+    blobs = []
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        dt = str(t.dtype).removeprefix("torch.")
+        if dt not in TORCH_TO_SAFETENSORS:
+            raise SurgeonError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors")
+        data = bytes(_tensor_bytes(t))
+        header[name] = {"dtype": TORCH_TO_SAFETENSORS[dt], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        blobs.append(data)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((8 - (8 + len(raw)) % 8) % 8)
+    return len(raw).to_bytes(8, "little") + raw + b"".join(blobs)
