@@ -78,14 +78,46 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, pro
     with torch.no_grad():
         for s in it:
             ids = windows[s: s + batch_size].to(dev)
-            logits = model(input_ids=ids, use_cache=False).logits
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
-            total += nll.double().cpu()
+            total += window_nll_sum(model, ids).cpu()
             count += ids[:, 1:].numel()
-            del logits
     mean = float(total) / count
     return {"perplexity": math.exp(mean) if mean < 700 else float("inf"), "nll": mean, "tokens": count,
             "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1])}
+
+
+#: config attributes that make a model's forward transform the head's output (soft-capping, scaling); such
+#: models are scored through their full forward instead of the chunked head
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+HEAD_CHUNK = 128
+
+
+def window_nll_sum(model: nn.Module, ids: torch.Tensor, chunk: int = HEAD_CHUNK) -> torch.Tensor:
+    """Σ next-token NLL (fp64 scalar) of ``ids [b, L]``.
+
+    The vocabulary projection is applied ``chunk`` positions at a time to the backbone's last hidden state, so
+    peak memory holds ``b·chunk·vocab`` logits instead of ``b·L·vocab`` (1 GB for one 2048-token window of a
+    128k vocabulary). Models whose forward post-processes the logits use the plain forward."""
+    import torch
+    import torch.nn.functional as F
+
+    cfg = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(model, "base_model", None)
+    plain = (head is None or base is None or base is model
+             or any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in _LOGIT_TRANSFORMS))
+    targets = ids[:, 1:]
+    if plain:
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").double()
+    hidden = base(input_ids=ids, use_cache=False)[0]
+    total = torch.zeros((), dtype=torch.float64, device=ids.device)
+    n = ids.shape[1] - 1
+    for s in range(0, n, chunk):
+        logits = head(hidden[:, s: min(s + chunk, n)]).float()
+        total += F.cross_entropy(logits.flatten(0, 1), targets[:, s: s + logits.shape[1]].flatten(),
+                                 reduction="sum").double()
+        del logits
+    return total
 
 
 def _target_ids(tok, prompt: str, target: str) -> tuple[list[int], list[int]]:

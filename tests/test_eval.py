@@ -210,3 +210,29 @@ def test_smollm2_perplexity_is_finite_and_stable_and_it_knows_paris(tmp_path, on
     assert first["perplexity"] == second["perplexity"]  # same windows, same weights, same number
     assert first["fact_recall"] == 1.0 == second["fact_recall"]
     assert first["fact_items"][0]["predicted"] == " Paris"
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "opt", "gemma2-softcap"])
+def test_chunked_head_equals_full_logits(kind):
+    import torch.nn.functional as F
+    import transformers as tf
+
+    from surgeon.ops.evaluate import window_nll_sum
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        m = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=64))
+    elif kind == "opt":
+        m = tf.OPTForCausalLM(tf.OPTConfig(num_hidden_layers=1, hidden_size=32, ffn_dim=64, num_attention_heads=2,
+                                           word_embed_proj_dim=32, vocab_size=50, max_position_embeddings=64))
+    else:
+        m = tf.Gemma2ForCausalLM(tf.Gemma2Config(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                                                 num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                                 vocab_size=50, final_logit_softcapping=0.5))
+    m.eval()
+    ids = torch.randint(0, 50, (2, 21), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = m(input_ids=ids).logits[:, :-1]
+        ref = F.cross_entropy(logits.flatten(0, 1).double(), ids[:, 1:].flatten(), reduction="sum")
+        got = window_nll_sum(m, ids, chunk=6)
+    assert float(got) == pytest.approx(float(ref), rel=1e-5)
