@@ -377,3 +377,13 @@ def test_blocked_gram_equals_plain_gram():
         acc.add(w)
     assert len(acc.cuts) == 4 and rel(acc.H, gram(ws)) < 1e-12
     assert torch.equal(acc.H, acc.H.T)
+
+
+def test_square_root_rows_preserve_norms_of_long_preserve_lists():
+    from surgeon.ops.erase.rece import _square_root_rows
+
+    torch.manual_seed(1)
+    P = torch.randn(300, 40, dtype=F64)
+    Q = _square_root_rows(P)
+    X = torch.randn(7, 40, dtype=F64)
+    assert Q.shape[0] <= 40 and abs(float((Q @ X.T).norm() / (P @ X.T).norm()) - 1) < 1e-10

@@ -240,34 +240,34 @@ def erase(graph: Graph, params: UceParams, ctx, *, method: str) -> Graph:
     low_rank = 2 * L.shape[1] < d
     D = None if low_rank else (M - torch.eye(d, dtype=F64)).to(device=device, dtype=mm_dtype)
     Lm, Rm = L.to(device=device, dtype=mm_dtype), R.to(device=device, dtype=F64)
-    C, T, P = emb["C"].to(device), emb["T"].to(device), emb["P"].to(device)
+    # report rows: erased minus target (W′c − Wt = W(c − t) + ΔWc) and preserved ones in an exact square-root
+    # form with at most d rows (‖ΔW·Pᵀ‖ = ‖ΔW·Qᵀ‖ for QᵀQ = PᵀP), so long preserve lists cost no more than d rows
+    C = emb["C"].to(device)
+    CmT = (C - emb["T"].to(device)).to(mm_dtype)
+    Q = _square_root_rows(emb["P"]).to(device)
+    if low_rank:
+        RRt, CR, QR = Rm @ Rm.T, C @ Rm.T, Q @ Rm.T
     out = graph.copy()
     per_matrix = []
     for name, w in ctx_progress(ctx, graph.values(names), len(names), "W·M"):
         wd = w.to(device=device, dtype=mm_dtype)
-        w64 = w.to(device=device, dtype=F64)
         if low_rank:
             up = (wd @ Lm).to(F64)  # [o, r]
             out.nodes[name] = LowRank(graph[name], up.cpu(), Rm.cpu(), label=method)
-
-            def delta_of(x, up=up):  # x·ΔWᵀ for rows x, without forming ΔW
-                return (x @ Rm.T) @ up.T
-            dw_norm = float(((up.T @ up) * (Rm @ Rm.T)).sum().clamp_min(0).sqrt())
+            dw_norm = float(((up.T @ up) * RRt).sum().clamp_min(0).sqrt())
+            dC, dQ = CR @ up.T, QR @ up.T  # rows·ΔWᵀ without forming ΔW
         else:
-            dw = (wd @ D).to(F64)
-            new = (wd + dw).to(w.dtype)
+            new = (wd + wd @ D).to(w.dtype)
             out.nodes[name] = Const(new.cpu(), label=method)
-            dw = new.to(F64) - w64  # what is written, after the cast
-
-            def delta_of(x, dw=dw):
-                return x @ dw.T
+            dw = new.to(F64) - w.to(device=device, dtype=F64)  # what is written, after the cast
             dw_norm = float(dw.norm())
-        before = (C @ w64.T - T @ w64.T).norm()
+            dC, dQ = C @ dw.T, Q @ dw.T
+        gap = (CmT @ wd.T).to(F64)  # W(c − t)
         per_matrix.append({
             "name": name,
-            "relative_change": dw_norm / float(w64.norm().clamp_min(1e-300)),
-            "erase_residual": float((C @ w64.T + delta_of(C) - T @ w64.T).norm() / before.clamp_min(1e-300)),
-            "preserve_drift": float(delta_of(P).norm() / (P @ w64.T).norm().clamp_min(1e-300)),
+            "relative_change": dw_norm / float(wd.to(F64).norm().clamp_min(1e-300)),
+            "erase_residual": float((gap + dC).norm() / gap.norm().clamp_min(1e-300)),
+            "preserve_drift": float(dQ.norm() / (Q.to(mm_dtype) @ wd.T).to(F64).norm().clamp_min(1e-300)),
         })
     clock.lap("apply")
 
@@ -283,7 +283,7 @@ def erase(graph: Graph, params: UceParams, ctx, *, method: str) -> Graph:
         "matrices": len(names),
         "embedding_dim": d,
         "uce": {"lambda": params.uce_lambda, "erase_scale": params.erase_scale, "preserve_scale": eta_p,
-                "rows_erased": int(C.shape[0]), "rows_preserved": int(P.shape[0])},
+                "rows_erased": int(C.shape[0]), "rows_preserved": int(emb["P"].shape[0])},
         "matmul_dtype": str(mm_dtype).removeprefix("torch."),
         "edit_rank": int(L.shape[1]) if low_rank else d,
         "written_as": "low-rank" if low_rank else "dense",
@@ -312,6 +312,16 @@ def erase(graph: Graph, params: UceParams, ctx, *, method: str) -> Graph:
     if not math.isfinite(k_minus_i):
         raise SurgeonError(f"{method}: the edit is not finite (‖M − I‖ = {k_minus_i}); lower the scales")
     return out
+
+
+def _square_root_rows(P: torch.Tensor) -> torch.Tensor:
+    """Rows Q with QᵀQ = PᵀP and at most d of them (P itself when it has ≤ d rows)."""
+    P = P.to(F64)
+    if P.shape[0] <= P.shape[1]:
+        return P
+    ev, V = torch.linalg.eigh(P.T @ P)
+    keep = ev > ev.max() * 1e-14
+    return (V[:, keep] * ev[keep].sqrt()).T
 
 
 class _Clock:
