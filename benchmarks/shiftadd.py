@@ -45,12 +45,12 @@ def kernel_table(shapes: list[tuple[str, int, int]], bits_list: list[int], group
     for label, n, k in shapes:
         w = torch.randn(n, k)
         x = torch.randn(1, k)
-        t_dense = timeit(lambda: torch.nn.functional.linear(x, w))
+        t_dense = timeit(lambda x=x, w=w: torch.nn.functional.linear(x, w))
         for q in bits_list:
             qw = torch.randint(0, 256, (q, n, -(-k // 8)), dtype=torch.uint8)
             sc = torch.randn(q, n, -(-k // group))
             lin = PackedLinear(qw, sc, k, group)
-            t_lut = timeit(lambda: lin.matmul(x))
+            t_lut = timeit(lambda lin=lin, x=x: lin.matmul(x))
             packed = qw.numel() + sc.numel() * 2  # bit-planes + fp16-sized scales
             bound = packed / bw
             rows.append({"shape": f"{label} {n}x{k}", "bits": q, "kernel": lin.last_kernel,
@@ -81,13 +81,14 @@ def decode_tokens_per_s(model, n_tokens: int = 16) -> float:
 
 
 def smollm2_section(bits: int, group: int, calibrated: bool) -> None:
+    from surgeon.kernels.shiftadd import KERNEL_CALLS
+    from surgeon.ops.shiftadd import Params, apply, load_shiftadd
+
     from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
     from surgeon.gguf import cached_conversion, smollm2_gguf_path
     from surgeon.graph import Graph
-    from surgeon.kernels.shiftadd import KERNEL_CALLS
     from surgeon.model import materialize
-    from surgeon.ops.shiftadd import Params, apply, load_shiftadd
     from surgeon.writer import write_graph
 
     src = smollm2_gguf_path()

@@ -14,11 +14,18 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from surgeon.kernels.shiftadd_cpu import (
+    CLutWeights,
+    CpuLutWeights,
+    c_kernel,
+    c_lut_gemv_prepared,
+    dequantize,
+    lut_gemv_prepared,
+    pack_signs,
+    unpack_signs,
+)
 
-from surgeon.kernels.shiftadd_cpu import (CLutWeights, CpuLutWeights, c_kernel, c_lut_gemv_prepared, dequantize,
-                                          lut_gemv_prepared, pack_signs, unpack_signs)
-
-__all__ = ["PackedLinear", "KERNEL_CALLS", "triton_available", "pack_signs", "unpack_signs", "dequantize"]
+__all__ = ["KERNEL_CALLS", "PackedLinear", "dequantize", "pack_signs", "triton_available", "unpack_signs"]
 
 #: kernel name -> number of calls in this process ("c-avx2-lut", "numba-lut", "triton-lut", "dequant-blas")
 KERNEL_CALLS: Counter[str] = Counter()

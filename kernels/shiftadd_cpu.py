@@ -47,7 +47,6 @@ def unpack_signs(qweight: torch.Tensor, k: int) -> torch.Tensor:
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
     """Dense ``W = Σ_i α_i ⊙ B_i`` (fp32 ``[N, K]``): the dense fallback and the oracle of every kernel."""
-    q, n, _ = qweight.shape
     signs = unpack_signs(qweight, in_features)  # [q, N, K]
     alpha = scales.float().repeat_interleave(group_size, dim=-1)[..., :in_features]  # [q, N, K]
     return (signs * alpha).sum(0)

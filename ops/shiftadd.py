@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from surgeon.kernels.shiftadd import PackedLinear
+from surgeon.kernels.shiftadd_cpu import pack_signs
 
 from surgeon.errors import SurgeonError
-from surgeon.kernels.shiftadd import PackedLinear
-from surgeon.kernels.shiftadd_cpu import dequantize, pack_signs
 from surgeon.registry import register
 
 if TYPE_CHECKING:

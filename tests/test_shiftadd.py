@@ -2,19 +2,38 @@
 loader."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from surgeon.kernels.shiftadd import KERNEL_CALLS, PackedLinear
+from surgeon.kernels.shiftadd_cpu import (
+    CLutWeights,
+    c_kernel,
+    c_lut_gemv_prepared,
+    dequantize,
+    lut_gemv,
+    lut_gemv_reference,
+    pack_signs,
+    unpack_signs,
+)
+from surgeon.ops.shiftadd import (
+    Params,
+    allocate_bits,
+    bcq_fit,
+    nearest_codeword,
+    output_error,
+    pot_decode,
+    pot_round,
+    quantize_gptq,
+    quantize_weight_only,
+    sensitivity_score,
+)
 
 from surgeon.errors import SurgeonError
-from surgeon.kernels.shiftadd import KERNEL_CALLS, PackedLinear
-from surgeon.kernels.shiftadd_cpu import (CLutWeights, c_kernel, c_lut_gemv_prepared, dequantize, lut_gemv,
-                                          lut_gemv_reference, pack_signs, unpack_signs)
-from surgeon.ops.shiftadd import (Params, allocate_bits, bcq_fit, nearest_codeword, output_error, pot_decode,
-                                  pot_round, quantize_gptq, quantize_weight_only, sensitivity_score)
 
 
 @pytest.fixture(autouse=True)
@@ -112,7 +131,7 @@ def test_bcq_error_decreases_monotonically_over_rounds():
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
     _, _, history = bcq_fit(w, 3, rounds=15, pot_terms=0)
     assert len(history) == 16
-    assert all(b <= a * (1 + 1e-6) for a, b in zip(history, history[1:]))
+    assert all(b <= a * (1 + 1e-6) for a, b in itertools.pairwise(history))
     assert history[-1] < 0.8 * history[0]  # the alternating rounds improve on the greedy init
 
 
@@ -215,8 +234,9 @@ def _graph(path: Path):
 
 
 def _run(src: Path, out: Path, **kw):
-    from surgeon.context import Context
     from surgeon.ops.shiftadd import apply
+
+    from surgeon.context import Context
     from surgeon.writer import write_graph
 
     ctx = Context(quiet=True)
@@ -226,9 +246,10 @@ def _run(src: Path, out: Path, **kw):
 
 
 def test_weight_only_is_lazy_and_writes_the_packed_format(tiny_llama, tmp_path):
+    from surgeon.ops.shiftadd import apply
+
     from surgeon.context import Context
     from surgeon.graph import Apply
-    from surgeon.ops.shiftadd import apply
 
     g = _graph(tiny_llama)
     g2 = apply(g, Params(bits=3, group_size=32, rounds=3), Context(quiet=True))
@@ -249,9 +270,8 @@ def test_weight_only_is_lazy_and_writes_the_packed_format(tiny_llama, tmp_path):
 
 
 def test_packed_model_logits_equal_materialized_model(tiny_llama, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     from surgeon.ops.shiftadd import ShiftAddLinear, load_shiftadd
+    from transformers import AutoModelForCausalLM
 
     _run(tiny_llama, tmp_path / "packed", bits=3, group_size=32, rounds=3, bits_budget=2.5)
     _run(tiny_llama, tmp_path / "dense", bits=3, group_size=32, rounds=3, bits_budget=2.5, materialize=True)
@@ -273,9 +293,8 @@ def test_packed_model_logits_equal_materialized_model(tiny_llama, tmp_path):
 
 
 def test_calibrated_shiftadd_beats_weight_only_on_layer_outputs_and_loads(tiny_llama, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     from surgeon.ops.shiftadd import load_shiftadd
+    from transformers import AutoModelForCausalLM
 
     _, ctx = _run(tiny_llama, tmp_path / "cal", bits=2, group_size=32, rounds=3, data="model:4", seqlen=32)
     info = ctx.step_info
@@ -285,7 +304,7 @@ def test_calibrated_shiftadd_beats_weight_only_on_layer_outputs_and_loads(tiny_l
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "cal" / "model.safetensors"), "pt") as f:
-        assert "model.layers.0.self_attn.q_proj.perm" in f.keys()
+        assert "model.layers.0.self_attn.q_proj.perm" in f.keys()  # noqa: SIM118 (safe_open has no __contains__)
     _run(tiny_llama, tmp_path / "cal-dense", bits=2, group_size=32, rounds=3, data="model:4", seqlen=32,
          materialize=True)
     packed = load_shiftadd(tmp_path / "cal")
@@ -325,8 +344,9 @@ def test_stored_pot_exponents_decode_exactly_to_the_fitted_scales():
 
 
 def test_dense_view_of_a_packed_graph_equals_the_materialized_graph(tiny_llama):
-    from surgeon.context import Context
     from surgeon.ops.shiftadd import apply, dense_view
+
+    from surgeon.context import Context
 
     g = _graph(tiny_llama)
     packed = apply(g, Params(bits=2, group_size=16, rounds=2), Context(quiet=True))

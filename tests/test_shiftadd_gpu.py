@@ -51,10 +51,11 @@ def test_gptq_bcq_on_cuda_matches_cpu():
 
 def test_loaded_packed_model_on_cuda_equals_cpu(tiny_llama, tmp_path):
     pytest.importorskip("triton")
+    from surgeon.ops.shiftadd import Params, apply, load_shiftadd
+
     from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
     from surgeon.graph import Graph
-    from surgeon.ops.shiftadd import Params, apply, load_shiftadd
     from surgeon.writer import write_graph
 
     ctx = Context(device="cuda", quiet=True)

@@ -15,7 +15,7 @@ GROUP = 128
 
 def rtn_quantize(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Round-to-nearest, asymmetric min/max per (row, group) — the usual RTN baseline."""
-    n, k = w.shape
+    k = w.shape[1]
     out = torch.empty_like(w)
     levels = 2 ** bits - 1
     for g0 in range(0, k, group_size):
@@ -37,12 +37,13 @@ def smollm2() -> Path:
 
 
 def test_smollm2_3bit_calibrated_shiftadd_beats_rtn(smollm2, tmp_path):
+    from surgeon.ops.evaluate import _assets_dir, perplexity
+    from surgeon.ops.shiftadd import Params, apply, block_linear_names, load_shiftadd
+
     from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
     from surgeon.graph import Const, Graph
     from surgeon.model import materialize
-    from surgeon.ops.evaluate import _assets_dir, perplexity
-    from surgeon.ops.shiftadd import Params, apply, block_linear_names, load_shiftadd
     from surgeon.writer import write_graph
 
     torch.set_num_threads(2)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib
 import math
 import os
-
 import sys
 
 import pytest
@@ -21,7 +20,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from surgeon.kernels.shiftadd_cpu import lut_gemv, lut_gemv_reference  # noqa: E402
+from surgeon.kernels.shiftadd_cpu import lut_gemv, lut_gemv_reference
 
 
 @pytest.fixture(scope="module")
