@@ -188,7 +188,8 @@ void sa_lut_gemv(const uint32_t *words, const float *tables, const float *scales
                  int64_t n_rb, int64_t q, int64_t n_c, int64_t n_g, int64_t cpg) {
   const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
   const __m256i mask = _mm256_set1_epi32(15);
-  #pragma omp parallel for schedule(static)
+  /* small layers stay on one thread: waking a team costs more than the whole product */
+  #pragma omp parallel for schedule(static) if (n_rb * q * n_c > (1 << 18))
   for (int64_t rb = 0; rb < n_rb; rb++) {
     __m256 yv = _mm256_setzero_ps();
     const uint32_t *wrb = words + rb * q * n_c;
