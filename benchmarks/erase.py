@@ -95,7 +95,8 @@ def random_clip(folder: Path, cfg: dict, dtype: torch.dtype, with_projection: bo
     (folder / "config.json").write_text(json.dumps({**config.to_dict(), "architectures": [arch]}))
 
 
-def synthetic_pipeline(root: Path, kind: str, dtype: torch.dtype, full_unet_bytes: bool) -> Path:
+def synthetic_pipeline(root: Path, kind: str, dtype: torch.dtype, full_unet_bytes: bool,
+                       text_layers: int | None = None) -> Path:
     from safetensors.torch import save_file
     from test_erase_helpers import save_tiny_tokenizer
 
@@ -111,13 +112,14 @@ def synthetic_pipeline(root: Path, kind: str, dtype: torch.dtype, full_unet_byte
     (root / "unet").mkdir(parents=True)
     save_file(unet, root / "unet" / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
     (root / "unet" / "config.json").write_text(json.dumps(SD14_UNET if kind == "sd14" else SDXL_UNET))
-    random_clip(root / "text_encoder", CLIP_L, dtype, False, 1)
+    depth = {} if text_layers is None else {"num_hidden_layers": text_layers}
+    random_clip(root / "text_encoder", {**CLIP_L, **depth}, dtype, False, 1)
     save_tiny_tokenizer(root / "tokenizer")
     index = {"_class_name": "StableDiffusionPipeline" if kind == "sd14" else "StableDiffusionXLPipeline",
              "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
              "tokenizer": ["transformers", "CLIPTokenizer"]}
     if kind == "sdxl":
-        random_clip(root / "text_encoder_2", CLIP_BIGG, dtype, True, 2)
+        random_clip(root / "text_encoder_2", {**CLIP_BIGG, **depth}, dtype, True, 2)
         save_tiny_tokenizer(root / "tokenizer_2")
         index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
                      tokenizer_2=["transformers", "CLIPTokenizer"])
@@ -131,7 +133,7 @@ def _compute(info: dict, key: str) -> float:
 
 
 def bench(kind: str, dtype: torch.dtype, work: Path, epochs: int, baseline_epochs: int, full_unet_bytes: bool,
-          threads: int) -> dict:
+          threads: int, text_layers: int | None = None) -> dict:
     from surgeon.ops.erase.closed_form import rece_per_matrix, uce_edit_per_matrix
     from surgeon.ops.erase.rece import ReceParams, apply, prepare_erasure
 
@@ -142,7 +144,7 @@ def bench(kind: str, dtype: torch.dtype, work: Path, epochs: int, baseline_epoch
 
     tag = f"{kind}-{str(dtype).removeprefix('torch.')}"
     t0 = time.perf_counter()
-    src = synthetic_pipeline(work / tag, kind, dtype, full_unet_bytes)
+    src = synthetic_pipeline(work / tag, kind, dtype, full_unet_bytes, text_layers)
     build_s = time.perf_counter() - t0
     size = sum(f.stat().st_size for f in src.rglob("*.safetensors"))
     params = {"preset": "nudity", "epochs": epochs}
@@ -195,6 +197,8 @@ def main() -> None:
     ap.add_argument("--baseline-epochs-sd14", type=int, default=1)
     ap.add_argument("--baseline-epochs-sdxl", type=int, default=0, help="0 = skip (140 inverses of 2048², slow)")
     ap.add_argument("--full-unet-bytes", action="store_true")
+    ap.add_argument("--text-layers", type=int, default=None,
+                    help="text encoder depth (default: real, 12 / 32); 1 makes encoding cheap, compute is unchanged")
     ap.add_argument("--workdir", default=None, help="where to build the synthetic checkpoints (default: a temp dir)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -205,7 +209,7 @@ def main() -> None:
         rows = []
         for kind, dtype in runs:
             be = args.baseline_epochs_sd14 if kind == "sd14" else args.baseline_epochs_sdxl
-            row = bench(kind, dtype, Path(tmp), args.epochs, be, args.full_unet_bytes, args.threads)
+            row = bench(kind, dtype, Path(tmp), args.epochs, be, args.full_unet_bytes, args.threads, args.text_layers)
             rows.append(row)
             print(json.dumps(row), flush=True)
     goal = {"sd14": 1.0, "sdxl": 30.0}

@@ -98,7 +98,6 @@ def save_compvis_copy(diffusers_folder: Path, out_file: Path) -> Path:
     (cross-attention blocks by the CompVis numbering, the text encoder under cond_stage_model.transformer.);
     the other UNet tensors keep their diffusers paths under model.diffusion_model."""
     from safetensors.torch import load_file, save_file
-
     from surgeon.ops.erase.sd_keys import diffusers_to_compvis_attention
 
     unet = load_file(diffusers_folder / "unet" / "diffusion_pytorch_model.safetensors")
