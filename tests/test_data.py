@@ -16,6 +16,16 @@ from surgeon.graph import Graph
 WORDS = [f"w{i}" for i in range(60)]  # + 4 specials = 64 = the model's vocab
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors run faster on one thread; two OpenMP threads on a shared, loaded 2-core machine can run
+    many times slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     from conftest import save_tiny_llama

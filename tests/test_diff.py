@@ -68,7 +68,7 @@ def test_shape_change_is_reported(graph):
     assert r["config_changes"]["hidden_size"] == [64, 65]
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
     """Small LAPACK calls (QR of 90×26) crawl when 2 OpenMP threads fight over a loaded shared machine."""
     n = torch.get_num_threads()
@@ -77,7 +77,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_delta_rank_exact_and_sketched(monkeypatch, one_thread):
+def test_delta_rank_exact_and_sketched(monkeypatch):
     import surgeon.diff as sd
 
     g = torch.Generator().manual_seed(1)

@@ -22,6 +22,16 @@ WORDS = [f"w{i}" for i in range(12)]  # + 4 specials = vocab 16
 PATTERN = "w0 w1 w2 w3 w4 w5 w6 w7"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small forward passes run faster on one thread, and two OpenMP threads on a shared, loaded 2-core
+    machine can run many times slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _llama(folder: Path, *, train: bool) -> Path:
     """A tiny llama (vocab 16); with ``train`` it first learns the 8-word cycle of PATTERN (50 Adam steps)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -188,17 +198,8 @@ def _smollm2_graph() -> Graph:
     return Graph.from_checkpoint(open_checkpoint(cached_conversion(path)))
 
 
-@pytest.fixture
-def one_thread():
-    """Two OpenMP threads on a shared, loaded 2-core machine run slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.slow
-def test_smollm2_perplexity_is_finite_and_stable_and_it_knows_paris(tmp_path, one_thread):
+def test_smollm2_perplexity_is_finite_and_stable_and_it_knows_paris(tmp_path):
     g = _smollm2_graph()
     france = tmp_path / "france.jsonl"
     france.write_text(json.dumps({"prompt": "The capital of France is", "target": " Paris"}) + "\n")

@@ -15,6 +15,16 @@ from surgeon.model import decode_step, lm_logits, load_tokenizer, materialize, w
 V = 96
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors run faster on one thread; two OpenMP threads on a shared, loaded 2-core machine can run
+    many times slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _save(kind: str, folder: Path) -> Path:
     import transformers as tf
 
