@@ -1,11 +1,9 @@
 """Exact k-th value selection (numba radix select on CPU) against torch.kthvalue."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-
-from surgeon.kernels.select import (StreamingKth, key_to_float, kth_smallest, smallest_k_mask, zero_smallest_k)
+from surgeon.kernels.select import StreamingKth, key_to_float, kth_smallest, smallest_k_mask, zero_smallest_k
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -95,3 +93,13 @@ def test_cuda_path_equals_cpu():
         assert kth_smallest(x, k, device="cuda").value == kth_smallest(x, k).value
         assert torch.equal(smallest_k_mask(x, k, device="cuda", absolute=True).cpu(),
                            smallest_k_mask(x, k, absolute=True))
+
+
+def test_zero_smallest_k_with_heavy_ties_matches_stable_sort_reference():
+    g = torch.Generator().manual_seed(4)
+    y = torch.randint(-3, 4, (33, 70), generator=g).float() * 0.25
+    for k in [1, 100, 1155, 2000, 2309]:
+        order = torch.sort(y.abs().flatten(), stable=True).indices[:k]
+        ref = y.flatten().clone()
+        ref[order] = 0
+        assert torch.equal(zero_smallest_k(y, k).flatten(), ref), k
