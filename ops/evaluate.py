@@ -66,7 +66,6 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, pro
     on its ``L − 1`` next-token predictions. ``progress`` optionally wraps the batch loop (e.g. ``ctx.progress``).
     Returns ``perplexity``, ``nll`` (mean, nats), ``tokens`` (scored), ``windows``, ``seqlen``."""
     import torch
-    import torch.nn.functional as F
 
     if windows.ndim != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
         raise SurgeonError(f"perplexity: expected token windows [n >= 1, seqlen >= 2], got {list(windows.shape)}")

@@ -251,7 +251,7 @@ class Roles:
         """Weight names of the linear layers of layer ``i`` (each fused tensor once), in model order."""
         self._check_layer(i)
         out = []
-        for role, suffix in self.layout.get("roles", {}).items():
+        for role in self.layout.get("roles", {}):
             if role.startswith("norm."):
                 continue
             name = self._lookup(i, role)

@@ -85,7 +85,7 @@ def _datasets_folder(path: Path, field: str) -> list[str]:
                            "(pip install datasets), or pass a .txt/.jsonl file") from None
     try:
         ds = datasets.load_from_disk(str(path))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; reported as one error
         raise SurgeonError(f"{path}: not a folder written by datasets' save_to_disk ({e})") from None
     if isinstance(ds, datasets.DatasetDict):
         split = "train" if "train" in ds else next(iter(ds))

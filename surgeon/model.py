@@ -70,7 +70,7 @@ def _build_empty(kind: str, cfg: dict[str, Any]) -> nn.Module:
         raise SurgeonError("config.json has no model_type; cannot build a transformers module")
     try:
         config = AutoConfig.for_model(**cfg)
-    except Exception as e:  # unknown model_type, bad values
+    except Exception as e:  # noqa: BLE001 - unknown model_type, bad values
         raise SurgeonError(f"config.json (model_type {mt!r}): transformers cannot build it ({e})") from None
     with init_empty_weights(include_buffers=False):
         if kind == "clip-text":
@@ -125,8 +125,9 @@ def materialize(graph: Graph, device: str = "cpu", dtype: str | torch.dtype = "f
     tensor each parameter came from (``module._surgeon_names``) for :func:`write_back`. With ``check_finite``
     a tensor holding NaN/Inf is refused before any forward pass (``--allow-nonfinite`` turns it off).
     """
-    from surgeon.checkpoint import check_finite as refuse_nonfinite
     import torch
+
+    from surgeon.checkpoint import check_finite as refuse_nonfinite
 
     if kind not in KINDS:
         raise SurgeonError(f"kind {kind!r}: expected one of {', '.join(KINDS)}")
@@ -199,7 +200,7 @@ def write_back(graph: Graph, module: nn.Module, names: list[str] | None = None, 
     if wanted is not None:
         unknown = wanted - set(mapping.values())
         if unknown:
-            raise SurgeonError(f"write_back: {sorted(unknown)[0]!r} is not a parameter of the module")
+            raise SurgeonError(f"write_back: {min(unknown)!r} is not a parameter of the module")
     tensors = dict(module.named_parameters(remove_duplicate=False))
     tensors.update(dict(module.named_buffers(remove_duplicate=False)))
     out = graph.copy()
@@ -271,6 +272,6 @@ def load_tokenizer(graph: Graph, component: str = ""):
             (Path(tmp) / "config.json").write_text(json.dumps(cfg))
         try:
             tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - tokenizer classes raise many types
             raise SurgeonError(f"tokenizer files in {sub or 'the model folder'}: cannot be loaded ({e})") from None
     return tok

@@ -54,7 +54,7 @@ def test_resolver_accepts_names_without_base_prefix():
 def test_every_family_resolves_core_roles(family):
     import transformers as tf
 
-    small = dict(vocab_size=64)
+    small = {"vocab_size": 64}
     if family.startswith("gpt2"):
         cfg, sd = _state(tf.GPT2LMHeadModel, tf.GPT2Config(n_layer=2, n_embd=32, n_head=2, **small))
     elif family == "opt":

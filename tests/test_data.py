@@ -82,7 +82,7 @@ def test_missing_and_empty_files(tmp_path):
 def test_datasets_folder(tmp_path):
     folder = tmp_path / "ds"
     try:
-        import datasets  # noqa: F401
+        import datasets
     except ImportError:
         folder.mkdir()
         with pytest.raises(SurgeonError, match="needs the optional package datasets"):
