@@ -18,6 +18,7 @@ Rules we apply (and write into ``recovery.json``):
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -301,7 +302,7 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
             raise SurgeonError("recover: no lost stage given and none detected (no missing, NaN/Inf or all-zero "
                                "layer tensors" + ("" if params.scan else "; --no-scan skips NaN/zero checks") + ")")
         ctx.log("recover: detected lost stage(s) " + "; ".join(f"{s}: {_describe(damaged[s])}" for s in lost))
-    for a, b in zip(lost, lost[1:]):
+    for a, b in itertools.pairwise(lost):
         if b == a + 1:
             raise SurgeonError(f"recover: stages {a} and {b} are both lost; CheckFree needs each lost stage's "
                                f"neighbours intact (averaging a rebuilt neighbour would compound the error)")

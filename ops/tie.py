@@ -353,7 +353,6 @@ def _numel(shape: Sequence[int]) -> int:
 @register("tie", Params)
 def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     """Tie layers into a recursive block and relax each unrolled layer with an SVD-initialised LoRA."""
-    import torch
 
     from surgeon.graph import Apply, Const, LowRank
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from surgeon.ops.recover import Params, aligned_layer, apply, load_grad_norms, stage_partition
 
 from surgeon.checkpoint import open_checkpoint
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Graph, Load
-from surgeon.ops.recover import Params, aligned_layer, apply, load_grad_norms, stage_partition
 from surgeon.writer import write_graph
 
 VOCAB, HIDDEN, LAYERS, SEQ = 64, 32, 8, 32  # 4 stages × 2 layers

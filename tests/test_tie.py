@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from surgeon.ops.tie import Params, apply, load_recursive, relax_residual, shared_sources, slot_map
 
 from surgeon.checkpoint import open_checkpoint
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
-from surgeon.ops.tie import Params, apply, load_recursive, relax_residual, shared_sources, slot_map
 from surgeon.writer import write_graph
 from tests.conftest import save_tiny_llama
 
@@ -201,7 +201,7 @@ def test_rank_pattern_targets_and_capped_gqa_ranks(src, ids, tmp_path):
                      materialize=True))
     assert (_logits(relaxed, ids) - _logits(dense, ids)).abs().max().item() < 1e-5
     only_q = apply(_graph(src), Params(rank=4, targets=["attn.q"]), Context())
-    assert set(k.split(":")[1] for k in json.loads(only_q.extra_files["recursion.json"])["ranks"]) == {
+    assert {k.split(":")[1] for k in json.loads(only_q.extra_files["recursion.json"])["ranks"]} == {
         "self_attn.q_proj.weight"}
 
 
