@@ -167,6 +167,9 @@ def plot_diff(result: dict[str, Any], path: str | Path) -> Path:
     norm = LogNorm(vmin=floor / 10, vmax=max(positive.max() if positive.size else 1.0, floor))
     im = ax.imshow(shown, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
     ax.set_xticks(range(len(layers["roles"])), layers["roles"], rotation=45, ha="right")
+    n_layers = data.shape[0]
+    step = max(1, math.ceil(n_layers / 40))
+    ax.set_yticks(range(0, n_layers, step))
     ax.set_ylabel("layer")
     ax.set_title(f"relative change ‖B − A‖/‖A‖ ({layers['family']}; grey: missing, darkest: unchanged)")
     fig.colorbar(im, ax=ax)
@@ -185,6 +188,12 @@ def _fmt(v: float | None) -> str:
     return f"{v:.2e}" if v < 1e-2 or v >= 100 else f"{v:.3f}"
 
 
+def _short_role(role: str) -> str:
+    """Column label: ``attn.q`` -> ``q``, ``mlp.down`` -> ``down``, ``norm.attn`` -> ``n.attn``, ``xattn.k`` -> ``x.k``."""
+    fam, _, part = role.partition(".")
+    return {"attn": part, "mlp": part, "norm": f"n.{part}", "xattn": f"x.{part}"}.get(fam, role)
+
+
 def render_diff(result: dict[str, Any], *, console=None, max_rows: int = 40) -> None:
     """Print the diff for a person on stderr: summary, the changed tensors (largest first), layers × roles."""
     from rich.console import Console
@@ -198,25 +207,31 @@ def render_diff(result: dict[str, Any], *, console=None, max_rows: int = 40) -> 
     rows.sort(key=lambda nt: -(nt[1].get("rel_change") if nt[1].get("rel_change") is not None else math.inf))
     if rows:
         table = Table(title="changed tensors", header_style="bold")
-        for col in ("tensor", "status", "rel change", "new zeros", "delta rank", "dtype / shape"):
-            table.add_column(col, justify="left" if col in ("tensor", "status", "dtype / shape") else "right")
+        show_extra = any("dtype" in t or "shape" in t for _, t in rows[:max_rows])
+        table.add_column("tensor", overflow="fold", ratio=3)
+        for col in ("status", "rel change", "new zeros", "delta rank"):
+            table.add_column(col, justify="left" if col == "status" else "right", no_wrap=True)
+        if show_extra:
+            table.add_column("dtype / shape", overflow="fold", ratio=1)
         for name, t in rows[:max_rows]:
             rank = t.get("delta_rank")
             rank_s = "-" if rank is None else (str(rank) if t.get("rank_exact", True) else f">={rank}")
             extra = " → ".join(map(str, t["dtype"])) if "dtype" in t else ""
             if "shape" in t:
                 extra = (extra + " " if extra else "") + " → ".join(map(str, t["shape"]))
-            table.add_row(name, t["status"], _fmt(t.get("rel_change")), str(t.get("new_zeros", "-")), rank_s, extra)
+            cells = [name, t["status"], _fmt(t.get("rel_change")), str(t.get("new_zeros", "-")), rank_s]
+            table.add_row(*cells, *([extra] if show_extra else []))
         if len(rows) > max_rows:
             table.caption = f"{len(rows) - max_rows} more changed tensors not shown (use --json)"
         console.print(table)
     layers = result.get("layers")
     if isinstance(layers, dict) and "rows" in layers and any(
             v for row in layers["rows"] for v in row if v is not None):
-        table = Table(title=f"relative change per layer × role ({layers['family']})", header_style="bold")
+        table = Table(title=f"relative change per layer × role ({layers['family']})", header_style="bold",
+                      padding=(0, 1), box=None)
         table.add_column("layer", justify="right")
         for role in layers["roles"]:
-            table.add_column(role, justify="right")
+            table.add_column(_short_role(role), justify="right", no_wrap=True)
         for i, row in enumerate(layers["rows"]):
             table.add_row(str(i), *[_fmt(v) for v in row])
         console.print(table)

@@ -140,3 +140,25 @@ def test_render_diff_prints_tables(graph):
     render_diff(r, console=console)
     text = console.export_text()
     assert name in text and "0.500" in text and "only_b" in text and "mlp.down" in text
+
+
+def test_cli_diff_json_and_plot(tiny_llama, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from safetensors.torch import load_file, save_file
+
+    from surgeon.cli import main
+
+    b = tmp_path / "b"
+    b.mkdir()
+    for f in tiny_llama.iterdir():
+        if f.suffix != ".safetensors":
+            (b / f.name).write_bytes(f.read_bytes())
+    state = load_file(tiny_llama / "model.safetensors")
+    state["model.layers.3.mlp.up_proj.weight"] *= 2
+    save_file(state, b / "model.safetensors", metadata={"format": "pt"})
+    assert main(["diff", str(tiny_llama), str(b), "--json", "--plot", str(tmp_path / "d.png")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["summary"]["n_changed"] == 1
+    assert out["tensors"]["model.layers.3.mlp.up_proj.weight"]["rel_change"] == pytest.approx(1.0)
+    assert (tmp_path / "d.png").stat().st_size > 5000
+    assert main(["diff", str(tiny_llama), str(tmp_path / "missing")]) == 2
