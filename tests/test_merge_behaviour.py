@@ -75,6 +75,7 @@ def trained(tmp_path_factory):
     return base, train(base, root / "t0", 0, steps=50, lr=3e-3), train(base, root / "t1", 1, steps=50, lr=3e-3)
 
 
+@pytest.mark.slow  # ~40 s of training on an idle 2-core VM (10 min on the shared, loaded one)
 def test_ties_and_opcm_keep_more_than_average(trained):
     base, t0, t1 = trained
     models = {"base": base, "t0": t0, "t1": t1}
