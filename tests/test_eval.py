@@ -236,3 +236,19 @@ def test_chunked_head_equals_full_logits(kind):
         ref = F.cross_entropy(logits.flatten(0, 1).double(), ids[:, 1:].flatten(), reduction="sum")
         got = window_nll_sum(m, ids, chunk=6)
     assert float(got) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_recipe_eval_step_lands_in_card_and_provenance(trained, pattern_file, tmp_path):
+    from surgeon.api import run_recipe
+
+    recipe = {"version": 1, "model": str(trained),
+              "steps": [{"cast": {"dtype": "bfloat16"}},
+                        {"eval": {"perplexity": str(pattern_file), "seqlen": 32, "facts": "default"}}],
+              "output": str(tmp_path / "out")}
+    res = run_recipe(recipe)
+    row = res["results"][-1]
+    assert row["perplexity"] < 1.5  # the bf16 copy still knows the pattern
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "### Evaluation" in card and "| perplexity |" in card and "| window_mode | non-overlapping windows |" in card
+    prov = json.loads((tmp_path / "out" / "surgeon.json").read_text())
+    assert prov["steps"][-1]["info"]["perplexity"] == row["perplexity"]
