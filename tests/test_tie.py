@@ -250,3 +250,23 @@ def test_python_face_run_op(src, ids, tmp_path):
     res = api.run_op("tie", str(src), output=str(tmp_path / "o"), loops=2, rank=FULL, device="cpu")
     ref = _logits(_hf(src), ids)
     assert (_logits(load_recursive(res["output"]), ids) - ref).abs().max().item() < 1e-5
+
+
+def test_gpt2_conv1d_full_rank_all_forms(tmp_path):
+    """GPT-2 stores Conv1D weights transposed ([d_in, d_out]), has biases and a tied head."""
+    from peft import PeftModel
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=64, n_positions=64,
+                                       bos_token_id=0, eos_token_id=0))
+    model.save_pretrained(tmp_path / "src")
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    ref = _logits(model, ids)
+    compact = load_recursive(str(_tie(tmp_path / "src", tmp_path / "c", rank=FULL, untie_norms=True)))
+    dense = _hf(_tie(tmp_path / "src", tmp_path / "m", rank=FULL, untie_norms=True, materialize=True))
+    base = _tie(tmp_path / "src", tmp_path / "b", rank=FULL, untie_norms=True, tied_base=True)
+    assert json.loads((base / "lora" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    relaxed = PeftModel.from_pretrained(_hf(base), base / "lora")
+    for name, m in (("compact", compact), ("materialized", dense), ("peft", relaxed)):
+        assert (_logits(m, ids) - ref).abs().max().item() < 1e-5, name
