@@ -380,10 +380,26 @@ def test_blocked_gram_equals_plain_gram():
 
 
 def test_square_root_rows_preserve_norms_of_long_preserve_lists():
-    from surgeon.ops.erase.rece import _square_root_rows
+    from surgeon.ops.erase.closed_form import square_root_rows
 
     torch.manual_seed(1)
     P = torch.randn(300, 40, dtype=F64)
-    Q = _square_root_rows(P)
+    Q = square_root_rows(P)
     X = torch.randn(7, 40, dtype=F64)
     assert Q.shape[0] <= 40 and abs(float((Q @ X.T).norm() / (P @ X.T).norm()) - 1) < 1e-10
+
+
+def test_report_shortcuts_equal_their_dense_definitions():
+    from surgeon.ops.erase.closed_form import (
+        lowrank_spectral_norm,
+        normal_matrix_condition,
+        uce_normal_matrix,
+    )
+
+    torch.manual_seed(2)
+    A, B = torch.randn(50, 7, dtype=F64), torch.randn(7, 50, dtype=F64)
+    assert abs(lowrank_spectral_norm(A, B) - float(torch.linalg.matrix_norm(A @ B, ord=2))) < 1e-9
+    for n in (5, 60):  # fewer rows than d (small Gram) and more (d×d eigenvalues)
+        C, P = torch.randn(n, 40, dtype=F64), torch.randn(9, 40, dtype=F64)
+        ev = torch.linalg.eigvalsh(uce_normal_matrix(C, P, 0.1, 1.0, 0.3))
+        assert abs(normal_matrix_condition(C, P, 0.1, 1.0, 0.3) / float(ev[-1] / ev[0]) - 1) < 1e-9

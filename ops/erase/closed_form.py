@@ -167,11 +167,42 @@ def _sum_ratio(num: torch.Tensor, den: torch.Tensor, H: torch.Tensor) -> float:
     return float(a / b.clamp_min(1e-300))
 
 
-def _gram_ratio(D: torch.Tensor, M: torch.Tensor, H: torch.Tensor, PtP: torch.Tensor) -> float:
-    """sqrt(Σ_{l,p}‖W_l D p‖² / Σ_{l,p}‖W_l M p‖²) = sqrt(tr(DᵀHD·PᵀP) / tr(MᵀHM·PᵀP)), d³ work for any number of p."""
-    num = ((D.T @ H @ D) * PtP).sum()
-    den = ((M.T @ H @ M) * PtP).sum()
+def lowrank_spectral_norm(A: torch.Tensor, B: torch.Tensor) -> float:
+    """‖A·B‖₂ for A ``[d, r]``, B ``[r, d]`` from two thin QR factorisations (no d×d SVD)."""
+    if A.shape[1] == 0:
+        return 0.0
+    ra = torch.linalg.qr(A, mode="r").R
+    rb = torch.linalg.qr(B.T, mode="r").R
+    return float(torch.linalg.svdvals(ra @ rb.T)[0])
+
+
+def normal_matrix_condition(C: torch.Tensor, P: torch.Tensor, lam: float, eta_e: float, eta_p: float) -> float:
+    """cond(λI + η_e CᵀC + η_p PᵀP): from the small Gram of the stacked rows when they number fewer than d
+    (then λ_min = λ exactly), else from the d×d eigenvalues."""
+    X = torch.cat([C * eta_e**0.5, P * eta_p**0.5])
+    d = X.shape[1]
+    if X.shape[0] < d:
+        top = float(torch.linalg.eigvalsh(X @ X.T)[-1]) if X.shape[0] else 0.0
+        return (lam + top) / lam
+    ev = torch.linalg.eigvalsh(lam * _eye(d, X) + X.T @ X)
+    return float(ev[-1] / ev[0])
+
+
+def _h_ratio(num_rows: torch.Tensor, den_rows: torch.Tensor, H: torch.Tensor) -> float:
+    """sqrt(Σ_l‖W_l X‖²_F / Σ_l‖W_l Y‖²_F) for row sets X, Y, via H."""
+    num = ((num_rows @ H) * num_rows).sum()
+    den = ((den_rows @ H) * den_rows).sum()
     return float((num.clamp_min(0) / den.clamp_min(1e-300)).sqrt()) if float(den) > 0 else 0.0
+
+
+def square_root_rows(P: torch.Tensor) -> torch.Tensor:
+    """Rows Q with QᵀQ = PᵀP and at most d of them (P itself when it has ≤ d rows)."""
+    P = P.to(F64)
+    if P.shape[0] <= P.shape[1]:
+        return P
+    ev, V = torch.linalg.eigh(P.T @ P)
+    keep = ev > ev.max() * 1e-14
+    return (V[:, keep] * ev[keep].sqrt()).T
 
 
 def rece_epochs(M0: torch.Tensor, H: torch.Tensor, concepts: torch.Tensor, targets: torch.Tensor,
@@ -193,18 +224,17 @@ def rece_epochs(M0: torch.Tensor, H: torch.Tensor, concepts: torch.Tensor, targe
     T = targets.to(F64).reshape(-1, d)
     P = preserve.to(F64).reshape(-1, d)
     PtP = P.T @ P
+    Q = square_root_rows(P)
     L, R = (None, None) if factors is None else (factors[0].to(F64), factors[1].to(F64))
     out = ReceResult(M, L, R)
     for e in range(epochs):
         Cadv = rece_adversarial_embedding(C0, M, H, lam_r, device=device)
         A_e, R_e = uce_delta_factors(Cadv, T, None, lam=lam, eta_e=eta_e, eta_p=eta_p, preserve_gram=PtP,
                                      device=device)
-        delta = A_e @ R_e
-        M_next = M + (M @ A_e) @ R_e
+        MA = M @ A_e
+        M_next = M + MA @ R_e
         if L is not None:
-            L, R = torch.cat([L, M @ A_e], dim=1), torch.cat([R, R_e], dim=0)
-        B = uce_normal_matrix(Cadv, None, lam, eta_e, eta_p, preserve_gram=PtP)
-        ev = torch.linalg.eigvalsh(B)
+            L, R = torch.cat([L, MA], dim=1), torch.cat([R, R_e], dim=0)
         n = concepts.shape[0]
         adv = Cadv.reshape(n, -1, d)
         out.log.append(EpochLog(
@@ -214,9 +244,9 @@ def rece_epochs(M0: torch.Tensor, H: torch.Tensor, concepts: torch.Tensor, targe
             regeneration_before=_sum_ratio(Cadv @ M.T - C0, C0, H),
             regeneration_after=_sum_ratio(Cadv @ M_next.T - C0, C0, H),
             target_residual=_sum_ratio(Cadv @ M_next.T - T @ M.T, T @ M.T, H),
-            preserve_drift=_gram_ratio(M_next - M, M, H, PtP),
-            delta_norm=float(torch.linalg.matrix_norm(delta, ord=2)),
-            condition=float(ev[-1] / ev[0]),
+            preserve_drift=_h_ratio((Q @ R_e.T) @ MA.T, Q @ M.T, H),
+            delta_norm=lowrank_spectral_norm(A_e, R_e),
+            condition=normal_matrix_condition(Cadv, Q, lam, eta_e, eta_p),
         ))
         out.adversarial.append(adv)
         M = M_next

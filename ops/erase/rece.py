@@ -23,7 +23,14 @@ from surgeon.errors import SurgeonError
 from surgeon.graph import Const, Graph, LowRank
 from surgeon.registry import register
 
-from .closed_form import F64, GramAccumulator, rece_epochs, uce_delta_factors
+from .closed_form import (
+    F64,
+    GramAccumulator,
+    lowrank_spectral_norm,
+    rece_epochs,
+    square_root_rows,
+    uce_delta_factors,
+)
 from .sd_keys import SDLayout, detect_layout
 
 #: ALGORITHMS.md §5.4. The I2P categories are RECE's "unsafe" list (train.py, concepts "i2p").
@@ -244,7 +251,7 @@ def erase(graph: Graph, params: UceParams, ctx, *, method: str) -> Graph:
     # form with at most d rows (‖ΔW·Pᵀ‖ = ‖ΔW·Qᵀ‖ for QᵀQ = PᵀP), so long preserve lists cost no more than d rows
     C = emb["C"].to(device)
     CmT = (C - emb["T"].to(device)).to(mm_dtype)
-    Q = _square_root_rows(emb["P"]).to(device)
+    Q = square_root_rows(emb["P"]).to(device)
     if low_rank:
         RRt, CR, QR = Rm @ Rm.T, C @ Rm.T, Q @ Rm.T
     out = graph.copy()
@@ -269,9 +276,9 @@ def erase(graph: Graph, params: UceParams, ctx, *, method: str) -> Graph:
             "erase_residual": float((gap + dC).norm() / gap.norm().clamp_min(1e-300)),
             "preserve_drift": float(dQ.norm() / (Q.to(mm_dtype) @ wd.T).to(F64).norm().clamp_min(1e-300)),
         })
+    k_minus_i = lowrank_spectral_norm(L, R)
     clock.lap("apply")
 
-    k_minus_i = float(torch.linalg.matrix_norm(M - torch.eye(d, dtype=F64), ord=2))
     summary = {
         "method": method,
         "layout": layout.kind + (" (SDXL)" if layout.is_sdxl else ""),
@@ -312,16 +319,6 @@ def erase(graph: Graph, params: UceParams, ctx, *, method: str) -> Graph:
     if not math.isfinite(k_minus_i):
         raise SurgeonError(f"{method}: the edit is not finite (‖M − I‖ = {k_minus_i}); lower the scales")
     return out
-
-
-def _square_root_rows(P: torch.Tensor) -> torch.Tensor:
-    """Rows Q with QᵀQ = PᵀP and at most d of them (P itself when it has ≤ d rows)."""
-    P = P.to(F64)
-    if P.shape[0] <= P.shape[1]:
-        return P
-    ev, V = torch.linalg.eigh(P.T @ P)
-    keep = ev > ev.max() * 1e-14
-    return (V[:, keep] * ev[keep].sqrt()).T
 
 
 class _Clock:
