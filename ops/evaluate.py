@@ -236,7 +236,7 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
         ppl_spec, facts_spec = "default", "default"
     ppl_spec = _resolve(ppl_spec, DEFAULT_TEXT)
     facts_spec = _resolve(facts_spec, DEFAULT_FACTS)
-    if "" not in graph.configs and "unet" in graph.configs:
+    if not graph.configs.get("") and "unet" in graph.configs:
         raise SurgeonError("eval: measures causal language models; this is a diffusers pipeline")
     facts = load_facts(facts_spec) if facts_spec else None  # fail on a bad file before any forward pass
     t0 = time.perf_counter()

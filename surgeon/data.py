@@ -218,6 +218,15 @@ def effective_seqlen(seqlen: int, config: dict[str, Any]) -> int:
     return min(seqlen, MAX_SEQLEN, ctx_len or MAX_SEQLEN)
 
 
+def _adds_bos(tok) -> bool:
+    """Whether the tokenizer puts BOS in front by default (checked by encoding, not by its flags)."""
+    bos = getattr(tok, "bos_token_id", None)
+    if bos is None:
+        return False
+    with_specials = tok("x")["input_ids"][:1]
+    return with_specials == [bos] and tok("x", add_special_tokens=False)["input_ids"][:1] != [bos]
+
+
 def token_windows(spec: str, graph: Graph, *, ctx: Context | None = None, seqlen: int = 512,
                   max_windows: int | None = None, field: str = "text", n_samples: int = 64) -> torch.Tensor:
     """``LongTensor [n, seqlen']`` of consecutive non-overlapping windows (see the module docstring).
@@ -242,7 +251,7 @@ def token_windows(spec: str, graph: Graph, *, ctx: Context | None = None, seqlen
 
     tok = ctx.tokenizer(graph) if ctx is not None else load_tokenizer(graph)
     stream: list[int] = []
-    if getattr(tok, "add_bos_token", False) and tok.bos_token_id is not None:
+    if _adds_bos(tok):
         stream.append(int(tok.bos_token_id))
     eos = tok.eos_token_id
     for ids in tok(texts, add_special_tokens=False)["input_ids"]:
@@ -265,12 +274,13 @@ def token_windows(spec: str, graph: Graph, *, ctx: Context | None = None, seqlen
 
 
 def save_word_tokenizer(folder: str | Path, words: list[str], *, specials: tuple[str, ...] = (
-        "<unk>", "<pad>", "<bos>", "<eos>")) -> Path:
+        "<unk>", "<pad>", "<bos>", "<eos>"), add_bos: bool = False) -> Path:
     """Save a whitespace word-level tokenizer (``tokenizer.json`` + config) for toy models and tests.
 
-    Ids: the specials first, then ``words`` in first-seen order. Decoding joins words with spaces.
+    Ids: the specials (unk, pad, bos, eos) first, then ``words`` in first-seen order. Decoding joins words with
+    spaces. ``add_bos`` makes encoding put BOS in front, as Llama tokenizers do.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
@@ -279,6 +289,9 @@ def save_word_tokenizer(folder: str | Path, words: list[str], *, specials: tuple
     core = Tokenizer(models.WordLevel(vocab, unk_token=specials[0]))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    if add_bos:
+        core.post_processor = processors.TemplateProcessing(single=f"{specials[2]} $A",
+                                                            special_tokens=[(specials[2], vocab[specials[2]])])
     tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token=specials[0], pad_token=specials[1],
                                   bos_token=specials[2], eos_token=specials[3])
     folder = Path(folder)

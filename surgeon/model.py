@@ -131,7 +131,7 @@ def materialize(graph: Graph, device: str = "cpu", dtype: str | torch.dtype = "f
 
     if kind not in KINDS:
         raise SurgeonError(f"kind {kind!r}: expected one of {', '.join(KINDS)}")
-    if component is None or (component == "" and kind != "causal-lm" and "" not in graph.configs):
+    if component is None or (component == "" and kind != "causal-lm" and not graph.configs.get("")):
         component = _DEFAULT_COMPONENT[kind]
     cdtype = _torch_dtype(dtype)
     dev = torch.device(device)
@@ -253,7 +253,7 @@ _TOKENIZER_DIRS = {"": "", "text_encoder": "tokenizer", "text_encoder_2": "token
 def load_tokenizer(graph: Graph, component: str = ""):
     """The tokenizer of the graph's source checkpoint, from its side files (``tokenizer/`` for pipelines)."""
     sub = _TOKENIZER_DIRS.get(component, component)
-    if sub == "" and "" not in graph.configs and any(k.startswith("tokenizer/") for k in graph.side_files):
+    if sub == "" and not graph.configs.get("") and any(k.startswith("tokenizer/") for k in graph.side_files):
         sub = "tokenizer"
     files = {rel: Path(src) for rel, src in graph.side_files.items()
              if (os.path.dirname(rel) == sub)}

@@ -141,3 +141,15 @@ def test_self_sampled_text_is_deterministic(graph):
     assert len(texts) == 2 and all(len(t.split()) >= 1 for t in texts)
     with pytest.raises(SurgeonError, match="needs a model"):
         load_texts("model:2")
+
+
+def test_bos_once_in_front_when_the_tokenizer_adds_it(tmp_path):
+    from conftest import save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path / "m", layers=1, hidden=32, vocab=64)
+    save_word_tokenizer(folder, WORDS, add_bos=True)
+    g = Graph.from_checkpoint(open_checkpoint(folder))
+    p = tmp_path / "t.txt"
+    p.write_text("w5 w6\n\nw7")
+    w = token_windows(str(p), g, seqlen=64)
+    assert w.tolist() == [[2, 9, 10, 3, 11, 3]]  # <bos> w5 w6 <eos> w7 <eos>
