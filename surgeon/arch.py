@@ -128,7 +128,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 #: config ``model_type`` / diffusers ``_class_name`` -> family
-ALIASES = {"gemma3": "gemma3_text", "UNet2DConditionModel": "unet", "qwen2_moe": None, "mixtral": None}
+ALIASES = {"gemma3": "gemma3_text", "UNet2DConditionModel": "unet"}
 
 
 def _natural_key(s: str) -> list[Any]:
