@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 COUNTRIES = ["France", "Japan", "Germany", "Italy", "Spain", "Russia", "China", "India", "Brazil", "Canada",
@@ -44,7 +43,7 @@ def fact_set(n: int) -> list[dict]:
 
 
 def corpus(path: Path) -> str:
-    import pydoc_data.topics as topics
+    from pydoc_data import topics
 
     path.write_text("\n\n".join(topics.topics.values()))
     return str(path)
@@ -88,7 +87,6 @@ def main() -> None:
     ctx = Context(device=args.device, quiet=True)
     p = rome.Params(requests=fact_set(1), stats_data=stats, stats_tokens=args.stats_tokens, metrics=False,
                     n_prefixes=0, steps=1)
-    t0 = time.perf_counter()
     rome.apply(graph(), p, ctx)
     st = ctx.step_info
     results["stats"] = {"tokens": st["stats_tokens"], "seconds": st["timings_s"]["stats_s"],

@@ -26,7 +26,7 @@ def _next_token_logprobs(model, tok, prompt: str, answers: list[str]) -> list[fl
 
 
 def test_rome_moves_the_eiffel_tower_to_rome(smollm2, tmp_path, monkeypatch):
-    import pydoc_data.topics as topics
+    from pydoc_data import topics
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from surgeon.api import run_op

@@ -233,8 +233,8 @@ def run_edit(graph, params: EditParams, ctx, method: Method, *, lam: float | Non
         ctx.log(mx.metrics_table(result["title"], {k: v for k, v in result.items()
                                                    if k not in ("kind", "title")}))
     graph.results.append(result)
-    notes = [f"{method.upper()} edit of {len(requests)} fact(s) in `{site.name}` (layer {site.layer}); "
-             "factors and the original tensor are in `edits.safetensors`."]
+    notes = [(f"{method.upper()} edit of {len(requests)} fact(s) in `{site.name}` (layer {site.layer}); "
+              "factors and the original tensor are in `edits.safetensors`.")]
     if len(requests) > SEQUENTIAL_WARNING and method == "rome":
         notes.append(f"{len(requests)} sequential ROME edits: general abilities are known to degrade past a few "
                      "dozen sequential edits (arXiv 2410.18785); check perplexity.")

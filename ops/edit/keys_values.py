@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from surgeon.errors import SurgeonError
 
@@ -240,13 +239,12 @@ class _Rows:
     tgt_row: list[int]  # flat list of (row, position, token id) for target tokens
     tgt_pos: list[int]
     tgt_tok: list[int]
-    tgt_owner_row: list[int]  # index into the rewrite-row list (to average per prompt)
     n_rewrite_rows_per_request: int
 
 
 def _build_rows(tok: Any, requests: Sequence[Request], prefixes: Sequence[str]) -> _Rows:
     ids, lookup, owner = [], [], []
-    tgt_row, tgt_pos, tgt_tok, tgt_prompt = [], [], [], []
+    tgt_row, tgt_pos, tgt_tok = [], [], []
     n_ctx = 1 + len(prefixes)
     for i, r in enumerate(requests):
         tids = target_ids(tok, r.text, r.target)
@@ -260,7 +258,6 @@ def _build_rows(tok: Any, requests: Sequence[Request], prefixes: Sequence[str]) 
                 tgt_row.append(row)
                 tgt_pos.append(len(e.ids) - 1 + j)
                 tgt_tok.append(t)
-                tgt_prompt.append(row)
     kl_rows = []
     for i, r in enumerate(requests):
         text = f"{r.subject} is a"
@@ -269,7 +266,7 @@ def _build_rows(tok: Any, requests: Sequence[Request], prefixes: Sequence[str]) 
         ids.append(e.ids)
         lookup.append(e.lookup)
         owner.append(i)
-    return _Rows(ids, lookup, owner, kl_rows, tgt_row, tgt_pos, tgt_tok, tgt_prompt, n_ctx)
+    return _Rows(ids, lookup, owner, kl_rows, tgt_row, tgt_pos, tgt_tok, n_ctx)
 
 
 def optimise_values(model: torch.nn.Module, tok: Any, module: torch.nn.Module, requests: Sequence[Request],
@@ -372,5 +369,5 @@ def optimise_values_chunked(model: torch.nn.Module, tok: Any, module: torch.nn.M
     parts = [optimise_values(model, tok, module, requests[i:i + per], prefixes, settings, device=device,
                              status=status) for i in range(0, len(requests), per)]
     return ValueResult(torch.cat([p.values for p in parts], 1), torch.cat([p.initial for p in parts], 1),
-                       sum((p.losses for p in parts), []), sum((p.target_prob for p in parts), []),
-                       sum((p.steps for p in parts), []))
+                       [x for p in parts for x in p.losses], [x for p in parts for x in p.target_prob],
+                       [x for p in parts for x in p.steps])
