@@ -56,6 +56,9 @@ def _cli_type(tp: Any) -> tuple[type, str]:
         return str, "plain"
     if isinstance(tp, type) and issubclass(tp, Path):
         return str, "plain"
+    if typing.get_origin(tp) in (list, tuple, set) and typing.get_args(tp) and all(
+            a is str for a in typing.get_args(tp) if a is not Ellipsis):
+        return list, "repeat"  # free text may hold commas: one option per item
     if typing.get_origin(tp) in (list, tuple, set) and all(
             a in (int, float, str) for a in typing.get_args(tp) if a is not Ellipsis):
         return str, "list"
@@ -88,6 +91,8 @@ def _field_help(field: Any, how: str) -> str:
         text += f" One of: {', '.join(map(str, typing.get_args(tp)))}."
     if how == "list":
         text += " Comma-separated."
+    elif how == "repeat":
+        text += " Repeat the option for several values."
     elif how == "yaml":
         text += " YAML/JSON text or @file."
     if not field.is_required() and field.default is not None and how != "yaml":
@@ -148,7 +153,10 @@ def build_op_command(op_name: str, command_name: str) -> Any:
         flag = "--" + name.replace("_", "-")
         if name in common:
             common.discard(name)
-        if tp is bool:
+        if how == "repeat":
+            default = None
+            ann = Annotated[Optional[list[str]], typer.Option(flag, help=_field_help(field, how), show_default=False)]
+        elif tp is bool:
             default = field.default if isinstance(field.default, bool) else False
             ann = Annotated[bool, typer.Option(f"{flag}/--no-{name.replace('_', '-')}", help=_field_help(field, how),
                                                show_default=False)]
