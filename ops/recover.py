@@ -237,6 +237,16 @@ def read_layout(graph: Graph) -> Layout:
 
 
 # detection ---------------------------------------------------------------------------------------------------
+def _raw_value(graph: Graph, name: str) -> torch.Tensor:
+    """A tensor as stored, NaN/Inf included (the checkpoint reader refuses those by default; here we look for them)."""
+    from surgeon.graph import Load
+
+    node = graph[name]
+    if isinstance(node, Load):
+        return node.checkpoint.load(node.name, check=False)
+    return graph.value(name)
+
+
 def _corruption(t: torch.Tensor) -> str | None:
     import torch
 
@@ -260,7 +270,7 @@ def detect_damage(graph: Graph, layout: Layout, partition: list[list[int]], scan
             if suffix not in layout.present[l]:
                 reason = "missing"
             elif scan:
-                reason = _corruption(graph.value(name))
+                reason = _corruption(_raw_value(graph, name))
             if reason:
                 damaged.setdefault(s, {}).setdefault(reason, []).append(name)
     return damaged
@@ -415,11 +425,11 @@ def _recover_globals(graph: Graph, layout: Layout, params: Params, ctx: Context,
         pairs.setdefault(expected["lm_head"], expected["embed"])
     done: list[dict[str, Any]] = []
     for role, name in expected.items():
-        reason = "missing" if name not in graph else (_corruption(graph.value(name)) if params.scan else None)
+        reason = "missing" if name not in graph else (_corruption(_raw_value(graph, name)) if params.scan else None)
         if reason is None:
             continue
         src = pairs.get(name)
-        src_ok = src is not None and src in graph and _corruption(graph.value(src)) is None
+        src_ok = src is not None and src in graph and _corruption(_raw_value(graph, src)) is None
         if not src_ok:
             raise SurgeonError(f"recover: {role} tensor {name} is {reason} and has no intact replica (a tied "
                                f"embedding/head, or --replicas {name}=<source>); refusing to invent it")
