@@ -122,11 +122,11 @@ def run_demo(output: str | None = None, quick: bool = False) -> dict[str, Any]:
 
         console.print("[bold]4/4[/bold] Relaxed Recursive Transformer: 30 layers → 15 shared × 2 loops + rank-64 LoRA")
         t = time.perf_counter()
-        res = run_steps({str(base_dir): str(base_dir)}, [("tie", {"loops": 2, "rank": 64})],
+        res = run_steps({str(base_dir): str(base_dir)}, [("tie", {"loops": 2, "rank": 64, "untie_norms": True})],
                         RunOptions(output=str(root / "recursive-r64"), force=True, quiet=True))
         secs = time.perf_counter() - t
         model = load_recursive(res["output"])
-        rows.append(measure("Recursive 15×2, LoRA r=64", model, tok, Path(res["output"]), requests, secs, ctx,
+        rows.append(measure("Recursive 15×2, LoRA r=64 (before uptraining)", model, tok, Path(res["output"]), requests, secs, ctx,
                             base_graph))
         del model
 
