@@ -143,6 +143,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/merge-bench")
     ap.add_argument("--skip-install", action="store_true")
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool and merge (the best time is kept)")
+    ap.add_argument("--reuse-mergekit", action="store_true",
+                    help="keep mergekit's outputs and timings of an earlier run in --workdir (surgeon reruns)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -157,7 +159,10 @@ def main() -> None:
     shutil.rmtree(work / "cp_copy")
 
     st_s, _ = timed([SURGEON, "--help"], work / "s_help.log", env)
-    st_m, _ = timed([str(mk), "--help"], work / "m_help.log", env)
+    if args.reuse_mergekit and (work / "m_help.time").exists():
+        st_m = float((work / "m_help.time").read_text().split()[-2])
+    else:
+        st_m, _ = timed([str(mk), "--help"], work / "m_help.log", env)
 
     configs = {
         "linear": ({"merge_method": "linear", "dtype": "float32",
@@ -178,8 +183,13 @@ def main() -> None:
         best_m = best_s = (float("inf"), 0.0)
         for _ in range(args.repeat):
             out_m = work / f"mergekit_{name}"
-            shutil.rmtree(out_m, ignore_errors=True)
-            m = timed([str(mk), str(cfg_path), str(out_m), "--lazy-unpickle"], work / f"m_{name}.log", env)
+            tfile = work / f"m_{name}.time"
+            if args.reuse_mergekit and out_m.exists() and tfile.exists():
+                wall, kb = tfile.read_text().split()[-2:]
+                m = (float(wall), int(kb) / 1024)
+            else:
+                shutil.rmtree(out_m, ignore_errors=True)
+                m = timed([str(mk), str(cfg_path), str(out_m), "--lazy-unpickle"], work / f"m_{name}.log", env)
             out_s = work / f"surgeon_{name}"
             shutil.rmtree(out_s, ignore_errors=True)
             s = timed([SURGEON, "merge", *scmd, "-o", str(out_s), "-q", "--force"], work / f"s_{name}.log", env)

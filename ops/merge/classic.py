@@ -73,16 +73,29 @@ def task_arithmetic(base: torch.Tensor, values: Sequence[torch.Tensor], weights:
     return b.add_(acc, alpha=float(scale)) if scale != 1.0 else b + acc
 
 
-def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``k = int(density·numel)`` largest |δ| (ties at the threshold are all kept), zero the rest."""
+def trim_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Boolean mask of exactly ``k = int(density·numel)`` largest |δ|; ties at the threshold go to the lowest
+    flat indices (as a stable descending sort would pick them)."""
     if density >= 1.0:
-        return delta
+        return torch.ones(delta.shape, dtype=torch.bool)
     k = int(density * delta.numel())
     if k <= 0:
-        return torch.zeros_like(delta)
+        return torch.zeros(delta.shape, dtype=torch.bool)
     a = delta.abs().reshape(-1)
     thr = torch.kthvalue(a, a.numel() - k + 1).values
-    return delta * (delta.abs() >= thr)
+    mask = a > thr
+    need = k - int(mask.sum())
+    if need > 0:
+        tied = torch.nonzero(a == thr).squeeze(1)[:need]
+        mask[tied] = True
+    return mask.reshape(delta.shape)
+
+
+def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``k = int(density·numel)`` largest |δ| (see :func:`trim_mask`), zero the rest."""
+    if density >= 1.0:
+        return delta
+    return delta * trim_mask(delta, density)
 
 
 def sign_election(weighted: torch.Tensor, *, method: Literal["sum", "count"] = "sum") -> torch.Tensor:
@@ -108,12 +121,26 @@ def disjoint_mean(deltas: torch.Tensor, weights: Sequence[float], *, normalize: 
 
 def ties_merge(base: torch.Tensor, values: Sequence[torch.Tensor], weights: Sequence[float], *, density: float,
                scale: float = 1.0, normalize: bool = True,
-               election: Literal["weighted", "unweighted"] = "weighted") -> torch.Tensor:
-    """θ_b + λ·disjoint_mean(trim(τ_i))."""
-    taus = task_vectors(base, values)
-    for i in range(taus.shape[0]):
-        taus[i] = magnitude_trim(taus[i], density)
-    return base.float() + scale * disjoint_mean(taus, weights, normalize=normalize, election=election)
+               election: Literal["weighted", "unweighted"] = "weighted", chunk: int = 1 << 22) -> torch.Tensor:
+    """θ_b + λ·disjoint_mean(trim(τ_i)).
+
+    Memory: one trim mask (1 byte/entry) per model is computed from its full τ_i (the threshold is per tensor);
+    the election and mean then run over ``chunk`` entries at a time, so temporaries stay small.
+    """
+    b = base.float().reshape(-1)
+    masks = []
+    for v in values:
+        tau = v.float().reshape(-1) - b
+        masks.append(trim_mask(tau, density))
+        del tau
+    out = torch.empty_like(b)
+    flat = [v.reshape(-1) for v in values]
+    for start in range(0, b.numel(), chunk):
+        sl = slice(start, min(start + chunk, b.numel()))
+        bb = b[sl]
+        taus = torch.stack([(v[sl].float() - bb) * m[sl] for v, m in zip(flat, masks)])
+        out[sl] = bb + scale * disjoint_mean(taus, weights, normalize=normalize, election=election)
+    return out.reshape(base.shape)
 
 
 def tensor_seed(seed: int, name: str) -> int:
