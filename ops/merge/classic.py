@@ -74,8 +74,8 @@ def task_arithmetic(base: torch.Tensor, values: Sequence[torch.Tensor], weights:
 
 
 def trim_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask of exactly ``k = int(density·numel)`` largest |δ|; ties at the threshold go to the lowest
-    flat indices (as a stable descending sort would pick them)."""
+    """Boolean mask of exactly ``k = int(density·numel)`` largest |δ|; entries tied at the threshold are chosen
+    as ``torch.argsort(|δ|, descending=True)[:k]`` chooses them (mergekit's rule)."""
     if density >= 1.0:
         return torch.ones(delta.shape, dtype=torch.bool)
     k = int(density * delta.numel())
@@ -85,9 +85,13 @@ def trim_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     thr = torch.kthvalue(a, a.numel() - k + 1).values
     mask = a > thr
     need = k - int(mask.sum())
-    if need > 0:
-        tied = torch.nonzero(a == thr).squeeze(1)[:need]
-        mask[tied] = True
+    if need > 0 and int((a == thr).sum()) > need:
+        # entries tied at the threshold: pick them as torch's descending argsort does (mergekit's rule), so the
+        # same torch build gives the same k entries
+        mask = torch.zeros_like(mask)
+        mask[torch.argsort(a, descending=True)[:k]] = True
+    elif need > 0:
+        mask |= a == thr
     return mask.reshape(delta.shape)
 
 
