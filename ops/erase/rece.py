@@ -305,8 +305,10 @@ def erase(graph: Graph, params: UceParams, ctx, *, method: str) -> Graph:
         summary["rece"] = {"epochs": epochs, "regularizer": settings["regularizer"], "lambda": params.rece_lambda,
                            "erase_scale": params.rece_erase_scale, "preserve_scale": params.rece_preserve_scale,
                            "log": log}
-    record = dict(summary, per_matrix=[{k: (round(v, 8) if isinstance(v, float) else v) for k, v in m.items()}
-                                       for m in per_matrix])
+    # timings go to surgeon.json (via ctx.report) only: the log file must be byte-identical across runs
+    record = dict({k: v for k, v in summary.items() if k not in ("timings_s", "cpu_s")},
+                  per_matrix=[{k: (round(v, 8) if isinstance(v, float) else v) for k, v in m.items()}
+                              for m in per_matrix])
     out.extra_files[f"{method.split('.')[-1]}.json"] = json.dumps(record, indent=2) + "\n"
     out.tags = list(dict.fromkeys(out.tags + ["concept-erasure", method.split(".")[-1]]))
     report = {k: v for k, v in summary.items() if k not in ("erased_prompts", "rece")}
