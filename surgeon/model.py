@@ -96,8 +96,10 @@ def _param_name_map(module: nn.Module, graph_names: list[str], component: str) -
         if comp and not g.startswith(comp):
             continue
         local = g[len(comp):]
+        # CLIP text encoders are saved with or without the `text_model.` level depending on the version
         for cand in (local, f"{base}.{local}" if base else local,
-                     local[len(base) + 1:] if base and local.startswith(base + ".") else local):
+                     local[len(base) + 1:] if base and local.startswith(base + ".") else local,
+                     local.removeprefix("text_model."), f"text_model.{local}"):
             if cand in targets and cand not in out:
                 out[cand] = g
                 break
