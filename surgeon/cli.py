@@ -190,8 +190,7 @@ def build_op_command(op_name: str, command_name: str) -> Any:
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
-    doc = (spec.apply.__doc__ or spec.summary).strip()
-    command.__doc__ = spec.summary + ("\n\n" + doc if doc and doc != spec.summary else "")
+    command.__doc__ = (spec.apply.__doc__ or spec.summary).strip()
     app = typer.Typer(add_completion=False, rich_markup_mode="rich")
     app.command(command_name)(command)
     return typer.main.get_command(app)

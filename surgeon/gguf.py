@@ -52,6 +52,8 @@ def gguf_graph(path: Path, dtype: str = "float32"):
     arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
     with torch.device("meta"):
         meta_model = AutoModelForCausalLM.from_config(config)
+    if not cfg.get("architectures"):  # tools like mergekit and vLLM read this field
+        cfg["architectures"] = [type(meta_model).__name__]
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=cfg)
     name_map = get_gguf_hf_weights_map(meta_model, processor)
     n_head = cfg.get("num_attention_heads")
