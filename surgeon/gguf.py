@@ -15,7 +15,8 @@ from typing import Any
 
 from surgeon.errors import SurgeonError
 
-GGUF_EXCLUDE = ("rope_freqs",)  # tensors llama.cpp stores that transformers recomputes
+GGUF_EXCLUDE = ("rope_freqs",)
+CONVERTER_VERSION = 2  # part of the cache key: bump when the converted output changes  # tensors llama.cpp stores that transformers recomputes
 
 
 def _unpermute(w, n_head: int):
@@ -129,7 +130,8 @@ def cached_conversion(path: str | os.PathLike, dtype: str = "float32") -> Path:
 
     path = Path(path).resolve()
     st = path.stat()
-    key = hashlib.sha256(f"{path.name}:{st.st_size}:{int(st.st_mtime)}:{dtype}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{path.name}:{st.st_size}:{int(st.st_mtime)}:{dtype}:v{CONVERTER_VERSION}".encode()
+                         ).hexdigest()[:16]
     out = cache_dir() / "gguf" / f"{path.stem}-{key}"
     if (out / "config.json").is_file():
         return out
