@@ -100,6 +100,14 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         raise SurgeonError(f"--set {assignment!r}: expected KEY.PATH=VALUE")
     path, _, text = assignment.partition("=")
     keys = path.split(".")
+    # op names contain dots (steps.1.retrain.perp.data): fold them back into one key
+    if len(keys) >= 3 and keys[0] == "steps" and keys[1].isdigit() and isinstance(raw.get("steps"), list):
+        steps = raw["steps"]
+        if int(keys[1]) < len(steps) and isinstance(steps[int(keys[1])], dict) and len(steps[int(keys[1])]) == 1:
+            op = next(iter(steps[int(keys[1])]))
+            n = len(op.split("."))
+            if ".".join(keys[2:2 + n]) == op:
+                keys = keys[:2] + [op] + keys[2 + n:]
     value = yaml.safe_load(text) if text else ""
     node: Any = raw
     for depth, k in enumerate(keys[:-1]):

@@ -98,6 +98,9 @@ def test_set_overrides_and_missing_key(tiny_llama, tmp_path):
     assert r.steps[0]["cast"]["keep"] == ["norm"]
     with pytest.raises(SurgeonError, match="--set steps.0.cast.colour: no key 'colour'"):
         load_recipe(p, ["steps.0.cast.colour=red"])
+    p2 = _recipe(tmp_path, tiny_llama, [{"prune.magnitude": {"sparsity": 0.5}}])
+    r = load_recipe(p2, ["steps.0.prune.magnitude.sparsity=0.7"])  # op names contain dots
+    assert r.steps[0]["prune.magnitude"]["sparsity"] == 0.7
     with pytest.raises(SurgeonError, match="index '3' out of range"):
         load_recipe(p, ["steps.3.cast.dtype=float16"])
 
