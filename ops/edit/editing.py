@@ -122,7 +122,7 @@ def covariance(model, graph, ctx, site: EditSite, module, params: EditParams):
 
 def write_back(graph, site: EditSite, ups: Sequence[torch.Tensor], downs: Sequence[torch.Tensor]) -> None:
     """Put ΔW = Σ up@down into the graph as one low-rank node and the undo file into ``edits.safetensors``."""
-    from safetensors.torch import save as save_bytes
+    from surgeon.writer import safetensors_bytes  # deterministic bytes (sorted metadata)
 
     from surgeon.graph import Executor, LowRank
 
@@ -137,8 +137,8 @@ def write_back(graph, site: EditSite, ups: Sequence[torch.Tensor], downs: Sequen
     original = Executor([base]).evaluate_all()[0]
     tensors = {f"{site.name}.up": up.contiguous(), f"{site.name}.down": down.contiguous(),
                f"{site.name}.original": original.contiguous()}
-    graph.extra_files["edits.safetensors"] = save_bytes(
-        tensors, metadata={"format": "pt", "delta": "W_linear += up @ down (transpose for Conv1D)",
+    graph.extra_files["edits.safetensors"] = safetensors_bytes(
+        tensors, metadata={"delta": "W_linear += up @ down (transpose for Conv1D)",
                            "transposed": str(site.transposed).lower(), "tensor": site.name})
 
 
