@@ -294,7 +294,7 @@ class LazyOpGroup(TyperGroup):
         return cmd_name, cmd, rest
 
 
-app = typer.Typer(name="surgeon", cls=LazyOpGroup, no_args_is_help=True, rich_markup_mode="rich",
+app = typer.Typer(name="surgeon", cls=LazyOpGroup, no_args_is_help=True, rich_markup_mode=None,
                   help="Offline model surgery on checkpoints: merge, edit, erase, prune, retrain, tie, "
                        "ShiftAdd, recover. Every op is also a YAML recipe step and a Python call.")
 convert_app = typer.Typer(help="Convert checkpoints into safetensors folders.", no_args_is_help=True)
