@@ -51,7 +51,7 @@ class Params(BaseModel):
         None, description="JSONL file of {\"prompt\", \"target\"} lines: greedy top-1 match rate of the target's "
         "first token and mean target log-prob; `default` uses the facts shipped with surgeon.")
     generate: list[str] = Field(default_factory=list, description="Prompts to complete greedily (shown in the "
-                                "table and stored with the results).")
+                                "table and stored with the results).", json_schema_extra={"cli_keep_commas": True})
     seqlen: int = Field(512, ge=2, description="Tokens per perplexity window (capped at 2048 and the model's context).")
     max_windows: int | None = Field(None, ge=1, description="Evaluate at most this many windows (a seeded subset).")
     batch_size: int = Field(1, ge=1, description="Windows per forward pass.")

@@ -84,6 +84,13 @@ def _parse_cli_value(text: str, how: str, field: str) -> Any:
     return text
 
 
+def _keeps_commas(field: Any) -> bool:
+    """Free-text list fields (prompts) opt out of comma splitting with ``json_schema_extra={"cli_keep_commas":
+    True}``; other list-of-text options accept both ``--x a,b`` and ``--x a --x b``."""
+    extra = field.json_schema_extra
+    return isinstance(extra, dict) and bool(extra.get("cli_keep_commas"))
+
+
 def _field_help(field: Any, how: str) -> str:
     text = (field.description or "").strip()
     tp = _unwrap_optional(field.annotation)
@@ -91,8 +98,10 @@ def _field_help(field: Any, how: str) -> str:
         text += f" One of: {', '.join(map(str, typing.get_args(tp)))}."
     if how == "list":
         text += " Comma-separated."
-    elif how == "repeat":
+    elif how == "repeat" and _keeps_commas(field):
         text += " Repeat the option for several values."
+    elif how == "repeat":
+        text += " Comma-separated, or repeat the option."
     elif how == "yaml":
         text += " YAML/JSON text or @file."
     if not field.is_required() and field.default is not None and how != "yaml":
@@ -174,6 +183,8 @@ def build_op_command(op_name: str, command_name: str) -> Any:
                 continue
             if v is None:
                 continue
+            if parsers[k] == "repeat" and not _keeps_commas(fields[k]):
+                v = [part.strip() for item in v for part in item.split(",") if part.strip()]
             op_params[k] = _parse_cli_value(v, parsers[k], k) if isinstance(v, str) else v
         if spec.multi_model:
             paths = list(kwargs["models_arg"])
