@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 ## make test: the whole suite, real-model (slow) tests included; CUDA tests skip without a GPU
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 ## make test-fast: unit tests only
 test-fast: $(STAMP)
