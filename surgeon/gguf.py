@@ -75,7 +75,7 @@ def gguf_graph(path: Path, dtype: str = "float32"):
             w = dequantize(t.data, t.tensor_type).reshape(shape)
             if permuted and heads:
                 w = _unpermute(w, heads)
-            return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(target)
+            return torch.from_numpy(np.array(w, dtype=np.float32, order="C")).to(target)  # a writable copy
 
         nodes[hf] = Apply(load, [], label="gguf", shape=shape, dtype=target)
     if "lm_head.weight" not in nodes and not cfg.get("tie_word_embeddings", False):
