@@ -16,9 +16,12 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from surgeon.errors import SurgeonError
+
+if TYPE_CHECKING:
+    import torch
 
 #: safetensors dtype string -> (torch dtype name, bytes per element)
 SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
