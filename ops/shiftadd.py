@@ -167,18 +167,44 @@ def _codebook(bits: int, device: torch.device) -> torch.Tensor:
     return (((idx[:, None] >> torch.arange(bits, device=device)) & 1) * 2 - 1).float()
 
 
-def nearest_codeword(w: torch.Tensor, alpha: torch.Tensor, *, chunk: int = 1 << 22) -> torch.Tensor:
+def _codeword_values(alpha: torch.Tensor) -> torch.Tensor:
+    """Value of every codeword Σ_i α_i b_i per row: [R, 2^q] in :func:`_codebook` order."""
+    return alpha @ _codebook(alpha.shape[1], alpha.device).T
+
+
+def nearest_code(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Index (into :func:`_codebook`) of the codeword nearest to each element of ``w`` [R, C]; int64 [R, C].
+
+    The 2^q values of a row are sorted once and each weight is placed by binary search on the midpoints
+    between neighbours, O(R·C·q) instead of comparing against all 2^q codewords.
+    """
+    values, order = _codeword_values(alpha).sort(dim=1)
+    mids = 0.5 * (values[:, 1:] + values[:, :-1])
+    return order.gather(1, torch.searchsorted(mids.contiguous(), w.contiguous()))
+
+
+def nearest_codeword(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """Signs [R, C, q] of the codeword Σ_i α_i b_i nearest to each element of ``w`` [R, C] given α [R, q]."""
-    rows, cols = w.shape
-    q = alpha.shape[1]
-    book = _codebook(q, w.device)  # [2^q, q]
-    values = alpha @ book.T  # [R, 2^q]
-    out = torch.empty(rows, cols, q, device=w.device)
-    step = max(1, chunk // max(1, cols * book.shape[0]))
-    for r0 in range(0, rows, step):
-        d = (w[r0:r0 + step, :, None] - values[r0:r0 + step, None, :]).abs()
-        out[r0:r0 + step] = book[d.argmin(-1)]
-    return out
+    return _codebook(alpha.shape[1], w.device)[nearest_code(w, alpha)]
+
+
+def _code_error(w: torch.Tensor, alpha: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Squared error per row of the codes' reconstruction."""
+    return ((w - _codeword_values(alpha).gather(1, codes)) ** 2).sum(1)
+
+
+def _least_squares_scales(w: torch.Tensor, codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """α = (BᵀB)⁻¹Bᵀw per row, with BᵀB and Bᵀw accumulated per codeword (counts and sums of w), so the
+    [R, C, q] sign tensor is never formed."""
+    book = _codebook(bits, w.device)
+    m = book.shape[0]
+    counts = torch.zeros(w.shape[0], m, device=w.device).scatter_add_(1, codes, torch.ones_like(w))
+    sums = torch.zeros(w.shape[0], m, device=w.device).scatter_add_(1, codes, w)
+    btb = torch.einsum("rm,mi,mj->rij", counts, book, book)  # [R, q, q]
+    btw = sums @ book  # [R, q]
+    eye = torch.eye(bits, device=w.device)
+    ridge = 1e-6 * btb.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * eye
+    return torch.linalg.solve(btb + ridge, btw.unsqueeze(-1)).squeeze(-1)
 
 
 def bcq_fit(w: torch.Tensor, bits: int, *, rounds: int = 20, pot_terms: int = 3
@@ -191,36 +217,26 @@ def bcq_fit(w: torch.Tensor, bits: int, *, rounds: int = 20, pot_terms: int = 3
     """
     w = w.float()
     resid = w.clone()
-    alphas, signs = [], []
+    alphas = []
     for _ in range(bits):
-        b = torch.where(resid >= 0, 1.0, -1.0)
         a = resid.abs().mean(1)
         alphas.append(a)
-        signs.append(b)
-        resid -= a[:, None] * b
+        resid -= a[:, None] * torch.where(resid >= 0, 1.0, -1.0)
     alpha = round_scales(torch.stack(alphas, 1), pot_terms)
-    book_signs = nearest_codeword(w, alpha)
-    err = ((w - (book_signs * alpha[:, None, :]).sum(-1)) ** 2).sum(1)  # per row
-    best_alpha, best_signs, best_err = alpha, book_signs, err.clone()
-    history = [float(err.sum())]
-    eye = torch.eye(bits, device=w.device)
+    codes = nearest_code(w, alpha)
+    best_alpha, best_codes, best_err = alpha, codes, _code_error(w, alpha, codes)
+    history = [float(best_err.sum())]
     for _ in range(rounds):
-        b = best_signs
-        btb = b.transpose(1, 2) @ b  # [R, q, q]
-        btw = (b * w[:, :, None]).sum(1)  # [R, q]
-        ridge = 1e-6 * btb.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * eye
-        alpha = torch.linalg.solve(btb + ridge, btw.unsqueeze(-1)).squeeze(-1)
-        alpha = round_scales(alpha, pot_terms)
-        order = alpha.abs().argsort(dim=1, descending=True)
-        alpha = alpha.gather(1, order)
-        signs_new = nearest_codeword(w, alpha)
-        err = ((w - (signs_new * alpha[:, None, :]).sum(-1)) ** 2).sum(1)
+        alpha = round_scales(_least_squares_scales(w, best_codes, bits), pot_terms)
+        alpha = alpha.gather(1, alpha.abs().argsort(dim=1, descending=True))
+        codes = nearest_code(w, alpha)
+        err = _code_error(w, alpha, codes)
         better = err < best_err
         best_alpha = torch.where(better[:, None], alpha, best_alpha)
-        best_signs = torch.where(better[:, None, None], signs_new, best_signs)
+        best_codes = torch.where(better[:, None], codes, best_codes)
         best_err = torch.minimum(err, best_err)
         history.append(float(best_err.sum()))
-    return best_alpha, best_signs, history
+    return best_alpha, _codebook(bits, w.device)[best_codes], history
 
 
 # ==============================================================================================================

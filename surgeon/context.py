@@ -47,6 +47,8 @@ class Context:
     quiet: bool = False
     allow_nonfinite: bool = False
     step_info: dict[str, Any] = field(default_factory=dict)  # what the current step reports for provenance
+    origin: Graph | None = None  # the run's input model before any step changed it (``model:N`` samples it)
+    origin_fingerprint: str | None = None  # memo of surgeon.data.sampler_fingerprint(origin)
     _console: Any = None
 
     @classmethod

@@ -9,6 +9,10 @@ Sources (``spec``):
 - ``model`` / ``model:N``: N sequences sampled from the model itself (data-free calibration, as LLM-QAT,
   arXiv 2305.17888): the first token is drawn uniformly from the non-special vocabulary, the rest by sampling
   the model's next-token distribution (temperature 1, top-k 50) with a generator seeded by ``ctx.seed``.
+  Within a run the samples come from the run's *input* model (``ctx.origin``), not from the graph a step
+  receives: a retraining step after pruning learns from the dense model's text, not from the damaged model's.
+  Samples of a run's input model are kept for the life of the process, keyed by the model's fingerprint, N,
+  length and seed: the steps of a run, and later runs on the same model (``surgeon demo``), share them.
 
 Token windows: every text is tokenised without special tokens, followed by EOS, all concatenated (with BOS once
 in front when the tokenizer adds one), and cut into consecutive non-overlapping windows of ``seqlen`` tokens
@@ -138,9 +142,12 @@ def parse_model_spec(spec: str) -> int | None:
 
 # -------------------------------------------------------------------------------------------- self-sampling
 def sample_token_sequences(model, *, n: int, length: int, seed: int, vocab_size: int,
-                           special_ids: set[int] | None = None, batch_size: int = 8,
+                           special_ids: set[int] | None = None, batch_size: int = 32,
                            top_k: int = SAMPLE_TOP_K) -> torch.Tensor:
-    """``[n, length]`` token ids sampled from ``model`` with a CPU generator seeded by ``seed``."""
+    """``[n, length]`` token ids sampled from ``model`` with a CPU generator seeded by ``seed``.
+
+    Decoding one token for a batch reads every weight once, so on CPU a step costs nearly the same for 8 rows as
+    for 32 (SmolLM2-135M, 2 cores: 0.25 s vs 0.31 s): rows are sampled ``batch_size`` at a time."""
     import torch
 
     from surgeon.model import decode_step
@@ -168,24 +175,58 @@ def sample_token_sequences(model, *, n: int, length: int, seed: int, vocab_size:
     return torch.cat(out, dim=0)
 
 
+def _fingerprint(graph: Graph) -> str:
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, value in graph.values(graph.names()):
+        h.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+        sub = value.detach().reshape(-1)[::4099].cpu()
+        h.update(torch.empty(sub.shape, dtype=sub.dtype).copy_(sub).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def sampler_fingerprint(graph: Graph | None, ctx: Context | None) -> str:
+    """Identity of the model that ``model:N`` samples (``ctx.origin`` or ``graph``), for cache keys: sha256 of
+    every tensor's name, shape, dtype and a strided subset (every 4099th value) of its contents."""
+    if ctx is not None and ctx.origin is not None:
+        if ctx.origin_fingerprint is None:
+            ctx.origin_fingerprint = _fingerprint(ctx.origin)
+        return ctx.origin_fingerprint
+    return "none" if graph is None else _fingerprint(graph)
+
+
+_SAMPLES: dict[tuple[str, int, int, int], Any] = {}  # (input model fingerprint, n, length, seed) -> ids
+
+
 def _sampled(graph: Graph | None, ctx: Context | None, n: int, length: int) -> tuple[torch.Tensor, Any]:
-    if graph is None:
+    run_input = ctx is not None and ctx.origin is not None
+    source = ctx.origin if run_input else graph
+    if source is None:
         raise SurgeonError("model:N data needs a model to sample from")
     from surgeon.model import load_tokenizer, materialize
 
-    device = ctx.device if ctx is not None else "cpu"
     seed = ctx.seed if ctx is not None else 0
     try:
-        tok = ctx.tokenizer(graph) if ctx is not None else load_tokenizer(graph)
+        tok = ctx.tokenizer(source) if ctx is not None else load_tokenizer(source)
     except SurgeonError:
         tok = None
-    model = ctx.module(graph) if ctx is not None else materialize(graph, device=device)
+    key = (sampler_fingerprint(source, ctx), n, length, seed) if run_input else None
+    if key is not None and key in _SAMPLES:
+        return _SAMPLES[key], tok
+    if ctx is not None and source is not graph:
+        ctx.log(f"model:{n}: sampling {n} × {length} tokens from the input model (once per process)")
+    model = ctx.module(source) if ctx is not None else materialize(source)
     vocab = int(model.get_output_embeddings().weight.shape[0])
     if tok is not None:
         vocab = min(vocab, len(tok))  # never sample ids the tokenizer cannot decode (padded embedding rows)
     specials = set(getattr(tok, "all_special_ids", []) or []) if tok is not None else set()
     ids = sample_token_sequences(model, n=n, length=length, seed=seed, vocab_size=vocab, special_ids=specials)
     del model
+    if key is not None:
+        _SAMPLES[key] = ids
     return ids, tok
 
 

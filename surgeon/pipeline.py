@@ -111,7 +111,7 @@ def run_steps(models: dict[str, str], steps: list[tuple[str, Any]], options: Run
         if options.output:
             recipe["output"] = str(options.output)
     ctx = Context.create(options.device, seed=options.seed, graphs=graphs, base_name=base,
-                        quiet=options.quiet, allow_nonfinite=options.allow_nonfinite)
+                        quiet=options.quiet, allow_nonfinite=options.allow_nonfinite, origin=graph)
     t_start = time.perf_counter()
     step_log: list[dict[str, Any]] = []
     import torch

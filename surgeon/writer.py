@@ -185,12 +185,49 @@ def _dominant_float_dtype(graph: Graph, comp: str) -> str | None:
     return str(max(counts, key=counts.__getitem__)).removeprefix("torch.")
 
 
+def _host_tag() -> str:
+    import hashlib
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Remove ``OUT.tmp-<host>-<pid>-*`` folders left by a writer on this host that no longer runs (killed with
+    SIGKILL, power loss): only this host's tag and only dead pids, so concurrent writers are never touched."""
+    import glob
+    import re
+
+    pattern = re.compile(rf"{re.escape(out.name)}\.tmp-{_host_tag()}-(\d+)-[0-9a-f]{{8}}")
+    removed = []
+    for p in out.parent.glob(f"{glob.escape(out.name)}.tmp-*"):
+        m = pattern.fullmatch(p.name)
+        if m is not None and p.is_dir() and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 @contextmanager
 def atomic_folder(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary sibling folder; rename it to ``out`` on success, remove it on any failure."""
+    """Yield a temporary sibling folder; rename it to ``out`` on success, remove it on any failure.
+
+    The temporary name carries this host's tag and pid, so a later write removes what a killed writer left.
+    """
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    remove_stale_temps(out)
+    tmp = out.parent / f"{out.name}.tmp-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
@@ -205,8 +242,11 @@ def atomic_folder(out: Path, force: bool) -> Iterator[Path]:
             tmp.rename(out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise SurgeonError(f"output {out}: no space left on device (temporary files removed)") from None
+        if e.errno == errno.EFBIG:
+            raise SurgeonError(f"output {out}: file size limit exceeded (ulimit -f / file system limit; "
+                               "temporary files removed; a smaller --max-shard-size may help)") from None
         raise SurgeonError(f"output {out}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -143,6 +143,31 @@ def test_self_sampled_text_is_deterministic(graph):
         load_texts("model:2")
 
 
+def test_self_samples_come_from_the_runs_input_model_and_are_drawn_once(graph):
+    from surgeon.data import sampler_fingerprint
+    from surgeon.graph import Const
+
+    changed = graph.copy()
+    emb = "model.embed_tokens.weight"
+    changed.nodes[emb] = Const(torch.randn(graph[emb].shape, generator=torch.Generator().manual_seed(3)))
+    own = token_windows("model:3", changed, ctx=Context(seed=7), seqlen=12)
+    dense = token_windows("model:3", graph, ctx=Context(seed=7), seqlen=12)
+    assert not torch.equal(own, dense)  # the two models sample different text
+    ctx = Context(seed=7, origin=graph)
+    first = token_windows("model:3", changed, ctx=ctx, seqlen=12)
+    assert torch.equal(first, dense)  # a later step of the run still gets the input model's text
+    from surgeon.data import _SAMPLES
+
+    key = (sampler_fingerprint(graph, None), 3, 12, 7)
+    assert key in _SAMPLES  # drawn once, shared by later steps and runs on the same input model
+    _SAMPLES[key] = torch.zeros(3, 12, dtype=torch.long)
+    again = token_windows("model:3", changed, ctx=Context(seed=7, origin=graph.copy()), seqlen=12)
+    assert torch.equal(again, torch.zeros(3, 12, dtype=torch.long))
+    del _SAMPLES[key]
+    assert sampler_fingerprint(changed, ctx) == sampler_fingerprint(graph, None)
+    assert sampler_fingerprint(changed, None) != sampler_fingerprint(graph, None)
+
+
 def test_bos_once_in_front_when_the_tokenizer_adds_it(tmp_path):
     from conftest import save_tiny_llama
 

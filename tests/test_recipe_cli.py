@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -177,6 +178,97 @@ def test_sigint_during_write_leaves_no_output(tmp_path):
     assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
     # a rerun succeeds
     assert main(["cast", str(src), "--dtype", "float16", "-o", str(out), "-q"]) == 0
+
+
+def _slow_cast_process(src: Path, out: Path) -> subprocess.Popen:
+    code = (
+        "import sys, time; from surgeon.cli import main; import surgeon.writer as w\n"
+        "o = w._tensor_bytes\n"
+        "def slow_bytes(t):\n    time.sleep(0.1); return o(t)\n"
+        "w._tensor_bytes = slow_bytes\n"
+        f"sys.exit(main(['cast', {str(src)!r}, '--dtype', 'float16', '-o', {str(out)!r}, '--max-shard-size', '1MB', '-q']))\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_during_write_leaves_no_output_and_the_rerun_cleans_up(tmp_path):
+    """SIGKILL cannot be caught: the temp folder stays, OUT never appears, the next write removes the leftover."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "big"
+    src.mkdir()
+    save_file({f"w{i}": torch.randn(512, 512) for i in range(24)}, src / "model.safetensors")
+    before = hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()
+    out = tmp_path / "out"
+    proc = _slow_cast_process(src, out)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(tmp_path.glob("out.tmp-*/*.safetensors")):
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.1, 0.8))
+    proc.kill()
+    assert proc.wait(60) == -signal.SIGKILL
+    leftovers = list(tmp_path.glob("out.tmp-*"))
+    assert not out.exists() and len(leftovers) == 1
+    assert main(["cast", str(src), "--dtype", "float16", "-o", str(out), "-q"]) == 0
+    assert out.is_dir() and not leftovers[0].exists() and not list(tmp_path.glob("out.tmp-*"))
+    assert hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest() == before
+
+
+def test_a_live_writers_temp_folder_is_never_removed(tmp_path):
+    from surgeon.writer import _host_tag, remove_stale_temps
+
+    out = tmp_path / "o"
+    live = tmp_path / f"o.tmp-{_host_tag()}-{os.getpid()}-0123abcd"
+    other_host = tmp_path / "o.tmp-ffffff-999999-0123abcd"
+    dead = tmp_path / f"o.tmp-{_host_tag()}-{2 ** 22 + 7}-0123abcd"  # above Linux's pid_max default
+    for p in (live, other_host, dead):
+        p.mkdir()
+    assert remove_stale_temps(out) == [dead]
+    assert live.is_dir() and other_host.is_dir()
+
+
+def test_file_size_limit_gives_clear_error_and_removes_temp(tmp_path):
+    """A real size limit (RLIMIT_FSIZE, what `ulimit -f` sets): writes fail with EFBIG part-way through."""
+    import resource
+
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({f"w{i}": torch.randn(256, 256) for i in range(16)}, src / "model.safetensors")
+    out = tmp_path / "out"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    proc = subprocess.run([sys.executable, "-m", "surgeon.cli", "cast", str(src), "--dtype", "float32", "-o",
+                           str(out), "--max-shard-size", "2MB"], preexec_fn=limit, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "file size limit" in proc.stderr and proc.stderr.count("\n") <= 2
+    assert not out.exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_full_tmpfs_gives_clear_error(tmp_path):
+    """A real full file system: a 1 MiB tmpfs (needs mount privileges; skipped where they are missing)."""
+    from safetensors.torch import save_file
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, check=False)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (no privileges)")
+    try:
+        src = tmp_path / "src"
+        src.mkdir()
+        save_file({f"w{i}": torch.randn(256, 256) for i in range(16)}, src / "model.safetensors")
+        proc = subprocess.run([sys.executable, "-m", "surgeon.cli", "cast", str(src), "--dtype", "float32", "-o",
+                               str(mnt / "out")], capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert "no space left" in proc.stderr
+        assert not list(mnt.iterdir())
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True, check=False)
 
 
 def test_full_disk_gives_clear_error(tmp_path, monkeypatch, tiny_llama, capsys):

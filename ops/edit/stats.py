@@ -28,7 +28,7 @@ from surgeon.kernels.linalg import CovarianceAccumulator
 from .keys_values import _StopForward
 from .site import EditSite
 
-STATS_VERSION = "1"
+STATS_VERSION = "2"
 
 
 @dataclass
@@ -57,12 +57,13 @@ def _hash_file_or_folder(path: Path) -> str:
     return h.hexdigest()
 
 
-def data_fingerprint(spec: str, seed: int) -> str:
-    """What the statistics were computed from: file content, or the self-sampling spec and seed."""
+def data_fingerprint(spec: str, seed: int, sampler: str = "") -> str:
+    """What the statistics were computed from: file content, or the self-sampling spec, seed and the
+    fingerprint of the sampled model (:func:`surgeon.data.sampler_fingerprint`)."""
     p = Path(spec).expanduser()
     if p.exists():
         return "file:" + _hash_file_or_folder(p)
-    return f"spec:{spec}:seed={seed}"
+    return f"spec:{spec}:seed={seed}:sampler={sampler}"
 
 
 def weights_fingerprint(mlp: torch.nn.Module, site: EditSite) -> str:
@@ -166,10 +167,11 @@ def key_statistics(model: torch.nn.Module, graph: Any, ctx: Any, site: EditSite,
     """C for ``site`` from ``spec``: from the cache when present, else computed and cached."""
     if spec.endswith(".npz"):
         return load_npz(Path(spec).expanduser(), site.d_k)
-    from surgeon.data import effective_seqlen
+    from surgeon.data import effective_seqlen, parse_model_spec, sampler_fingerprint
 
     seqlen = effective_seqlen(seqlen, graph.config)
-    key = cache_key(weights_fingerprint(mlp, site), data_fingerprint(spec, ctx.seed), n_tokens, seqlen)
+    sampler = sampler_fingerprint(graph, ctx) if parse_model_spec(spec) is not None else ""
+    key = cache_key(weights_fingerprint(mlp, site), data_fingerprint(spec, ctx.seed, sampler), n_tokens, seqlen)
     path = stats_cache_dir() / f"{key}.safetensors"
     if use_cache:
         hit = read_cache(path)
