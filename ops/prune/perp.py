@@ -41,7 +41,8 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     data: str = Field(description="Training text: a .txt/.jsonl file, a datasets folder, or 'model:N' "
-                      "(N sequences sampled from the model itself).")
+                      "(N sequences sampled from the run's input model, i.e. the dense model when "
+                                  "pruning and PERP run in one recipe).")
     steps: int = Field(100, ge=1, description="Optimizer steps (in reconstruct mode: per block).")
     lora: Literal["mask", "scale", "none"] = Field("mask", description="Adapter on the pruned linears: mask "
                                                    "(MaskLoRA, W + s·(M⊙BA)), scale (ScaleLoRA, W⊙BA) or none "
