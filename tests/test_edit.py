@@ -353,6 +353,24 @@ def test_fact_model_keys_match_a_manual_hook(fact_model):
     torch.testing.assert_close(keys[:, 1], seen[1][0, 4])  # <s> the capital of Quenta
 
 
+def test_values_per_request_equal_the_joint_batch_and_stop_early(fact_model):
+    """Requests are optimised independently: one group or one request per group gives the same values, and a
+    request alone stops at its own convergence."""
+    from surgeon.ops.edit.keys_values import ValueSettings, optimise_values_chunked
+    from surgeon.ops.edit.requests import Request
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
+    tok = _tokenizer()
+    down = model.model.layers[0].mlp.down_proj
+    reqs = [Request(**_request(i, (i + 5) % len(OBJECTS))) for i in range(3)]
+    settings = ValueSettings(steps=12, lr=0.5, stop_loss=0.5)
+    joint = optimise_values_chunked(model, tok, down, reqs, [], settings, device="cpu", rows_per_chunk=96)
+    alone = optimise_values_chunked(model, tok, down, reqs, [], settings, device="cpu")
+    torch.testing.assert_close(alone.values, joint.values, rtol=1e-4, atol=1e-5)
+    assert alone.steps == joint.steps and min(alone.steps) < settings.steps - 1
+
+
 def test_rome_edits_one_fact_and_keeps_the_others(fact_model, tmp_path):
     from surgeon.api import run_op
 

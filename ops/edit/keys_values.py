@@ -363,8 +363,17 @@ def optimise_values(model: torch.nn.Module, tok: Any, module: torch.nn.Module, r
 def optimise_values_chunked(model: torch.nn.Module, tok: Any, module: torch.nn.Module,
                             requests: Sequence[Request], prefixes: Sequence[str], settings: ValueSettings, *,
                             device: str, status: Callable[[str], None] | None = None,
-                            rows_per_chunk: int = 96) -> ValueResult:
-    """:func:`optimise_values` over groups of requests small enough for one batch (same results)."""
+                            rows_per_chunk: int | None = None) -> ValueResult:
+    """:func:`optimise_values` over groups of requests (each request's optimisation is independent of the
+    others, so grouping changes only float rounding).
+
+    A group runs until its slowest request converges. On CPU, where time is proportional to rows, each request
+    is its own group (``rows_per_chunk`` default 1) and stops at its own convergence: the demo's 4 EMMET
+    requests needed 7, 15, 14 and 24 steps, 60 request-steps instead of 4 × 25. On CUDA, where a bigger batch
+    costs little more, groups hold up to 96 rows.
+    """
+    if rows_per_chunk is None:
+        rows_per_chunk = 96 if str(device).startswith("cuda") else 1
     per = max(1, rows_per_chunk // (2 + len(prefixes)))
     parts = [optimise_values(model, tok, module, requests[i:i + per], prefixes, settings, device=device,
                              status=status) for i in range(0, len(requests), per)]
