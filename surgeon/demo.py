@@ -176,12 +176,18 @@ def plot_rows(rows: list[dict[str, Any]], path: Path) -> None:
     names = [r["variant"] for r in rows]
     fig, axes = plt.subplots(1, 4, figsize=(16, 4))
     metrics = [("disk_mb", "size on disk (MB)"), ("perplexity", "perplexity (lower is better)"),
-               ("fact_recall", "fact recall"), ("edit_efficacy", "edit efficacy")]
+               ("fact_recall", "fact recall"), ("edit_efficacy", "edit efficacy (hatched: after the edit step)")]
     colors = ["#777777", "#d95f02", "#1b9e77", "#7570b3", "#e7298a"][: len(rows)]
     for ax, (key, title) in zip(axes, metrics):
         ax.barh(range(len(rows)), [r[key] or 0 for r in rows], color=colors)
         if key == "perplexity":
             ax.set_xscale("log")
+        elif key != "disk_mb":
+            ax.set_xlim(0, 1.05)  # recall and efficacy are fractions
+        if key == "edit_efficacy":  # the chain's edit step alone, before pruning erased the edits
+            for i, r in enumerate(rows):
+                if r.get("edit_step"):
+                    ax.barh(i, r["edit_step"].get("efficacy", 0), color="none", edgecolor=colors[i], hatch="//")
         ax.set_yticks(range(len(rows)))
         ax.set_yticklabels(names if ax is axes[0] else [""] * len(rows), fontsize=8)
         ax.invert_yaxis()
