@@ -15,8 +15,8 @@ from typing import Any
 
 from surgeon.errors import SurgeonError
 
-GGUF_EXCLUDE = ("rope_freqs",)
-CONVERTER_VERSION = 2  # part of the cache key: bump when the converted output changes  # tensors llama.cpp stores that transformers recomputes
+GGUF_EXCLUDE = ("rope_freqs",)  # tensors llama.cpp stores that transformers recomputes
+CONVERTER_VERSION = 2  # part of the cache key: bump when the converted output changes
 
 
 def _unpermute(w, n_head: int):

@@ -146,14 +146,19 @@ def test_op_help_teaches(capsys):
     assert rc == 0 and "--dtype" in out and "--keep-dtype" in out and "--output" in out
 
 
-def test_sigint_during_write_leaves_no_output(tmp_path):
-    """A real process writing a multi-shard checkpoint is interrupted; no OUT, no temp folder remain."""
+def _big_checkpoint(tmp_path: Path) -> Path:
+    """A 24-tensor fp32 checkpoint, big enough to make a 1 MB-sharded cast take seconds when slowed."""
     from safetensors.torch import save_file
 
     src = tmp_path / "big"
     src.mkdir()
     save_file({f"w{i}": torch.randn(512, 512) for i in range(24)}, src / "model.safetensors")
-    out = tmp_path / "out"
+    return src
+
+
+def _slow_cast_process(src: Path, out: Path) -> subprocess.Popen:
+    """A real `surgeon cast` process with each tensor's cast and write slowed down, so it can be signalled
+    mid-write."""
     code = (
         "import signal, sys, time, torch; from surgeon.cli import main; import surgeon.ops.basic as b\n"
         # background shells start children with SIGINT ignored; a terminal user's Ctrl-C is not ignored
@@ -167,7 +172,14 @@ def test_sigint_during_write_leaves_no_output(tmp_path):
         "w._tensor_bytes = slow_bytes\n"
         f"sys.exit(main(['cast', {str(src)!r}, '--dtype', 'float16', '-o', {str(out)!r}, '--max-shard-size', '1MB', '-q']))\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+
+
+def test_sigint_during_write_leaves_no_output(tmp_path):
+    """A real process writing a multi-shard checkpoint is interrupted; no OUT, no temp folder remain."""
+    src = _big_checkpoint(tmp_path)
+    out = tmp_path / "out"
+    proc = _slow_cast_process(src, out)
     deadline = time.time() + 60
     while time.time() < deadline and not list(tmp_path.glob("out.tmp-*")):
         time.sleep(0.05)
@@ -180,24 +192,9 @@ def test_sigint_during_write_leaves_no_output(tmp_path):
     assert main(["cast", str(src), "--dtype", "float16", "-o", str(out), "-q"]) == 0
 
 
-def _slow_cast_process(src: Path, out: Path) -> subprocess.Popen:
-    code = (
-        "import sys, time; from surgeon.cli import main; import surgeon.writer as w\n"
-        "o = w._tensor_bytes\n"
-        "def slow_bytes(t):\n    time.sleep(0.1); return o(t)\n"
-        "w._tensor_bytes = slow_bytes\n"
-        f"sys.exit(main(['cast', {str(src)!r}, '--dtype', 'float16', '-o', {str(out)!r}, '--max-shard-size', '1MB', '-q']))\n"
-    )
-    return subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
-
-
 def test_sigkill_during_write_leaves_no_output_and_the_rerun_cleans_up(tmp_path):
     """SIGKILL cannot be caught: the temp folder stays, OUT never appears, the next write removes the leftover."""
-    from safetensors.torch import save_file
-
-    src = tmp_path / "big"
-    src.mkdir()
-    save_file({f"w{i}": torch.randn(512, 512) for i in range(24)}, src / "model.safetensors")
+    src = _big_checkpoint(tmp_path)
     before = hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()
     out = tmp_path / "out"
     proc = _slow_cast_process(src, out)
