@@ -403,3 +403,64 @@ def test_report_shortcuts_equal_their_dense_definitions():
         C, P = torch.randn(n, 40, dtype=F64), torch.randn(9, 40, dtype=F64)
         ev = torch.linalg.eigvalsh(uce_normal_matrix(C, P, 0.1, 1.0, 0.3))
         assert abs(normal_matrix_condition(C, P, 0.1, 1.0, 0.3) / float(ev[-1] / ev[0]) - 1) < 1e-9
+
+
+def test_woodbury_uce_factors_equal_the_normal_matrix_solve():
+    """Few rows (n + m < d/2): B⁻¹Cᵀ through the Woodbury identity equals the d×d Cholesky path."""
+    from surgeon.ops.erase.closed_form import uce_delta_factors
+
+    torch.manual_seed(3)
+    C, T, P = torch.randn(5, 64, dtype=F64), torch.randn(5, 64, dtype=F64), torch.randn(9, 64, dtype=F64)
+    A, R = uce_delta_factors(C, T, P, lam=0.3, eta_e=1.0, eta_p=0.5)  # Woodbury: 14 rows < 32
+    A2, R2 = uce_delta_factors(C, T, None, lam=0.3, eta_e=1.0, eta_p=0.5, preserve_gram=P.T @ P)  # Cholesky
+    assert rel(A @ R, A2 @ R2) < 1e-12 and rel(A @ R, uce_delta(C, T, P, lam=0.3, eta_e=1.0, eta_p=0.5)) < 1e-12
+
+
+def test_factored_epochs_equal_dense_epochs(rece_run):
+    """The op's epochs on factors (M − I = L·R, HL kept) equal the same epochs started from a dense M0."""
+    g, _, ctx, params = rece_run
+    _, settings, emb = prepare_erasure(g, params, ctx)
+    H = gram([g.value(n).to(F64) for n in kv_names(g)])
+    from surgeon.ops.erase.closed_form import uce_delta_factors
+
+    L, R = uce_delta_factors(emb["C"], emb["T"], emb["P"], lam=0.5, eta_e=1.0, eta_p=0.5)
+    M0 = torch.eye(L.shape[0], dtype=F64) + L @ R
+    kw = dict(epochs=3, lam_r=settings["regularizer"], lam=0.1, eta_e=1.0, eta_p=0.1)
+    fac = rece_epochs(M0, H, emb["concepts_full"], emb["targets_full"], emb["rece_P"], factors=(L, R), **kw)
+    dense = rece_epochs(M0, H, emb["concepts_full"], emb["targets_full"], emb["rece_P"], **kw)
+    assert rel(fac.M, dense.M) < 1e-10 and dense.L is None
+    assert rel(torch.eye(L.shape[0], dtype=F64) + fac.L @ fac.R, fac.M) < 1e-12
+    for a, b in zip(fac.log, dense.log):
+        assert a.regeneration_after == pytest.approx(b.regeneration_after, rel=1e-8)
+        assert a.preserve_drift == pytest.approx(b.preserve_drift, rel=1e-6, abs=1e-12)
+
+
+def test_stacked_chunks_and_reread_give_the_same_edit(sd, rece_run, monkeypatch):
+    """Weights stacked a few matrices per product, read again for the apply pass (nothing kept), give the same
+    output and report as the default (one chunk, kept between the passes)."""
+    import surgeon.ops.erase.rece as rece_mod
+
+    g, g2, _, params = rece_run
+    rows = [g[n].shape[0] for n in kv_names(g)]
+    monkeypatch.setattr(rece_mod, "CHUNK_ROWS", max(rows) + 1)
+    monkeypatch.setattr(rece_mod, "KEEP_BYTES", 0)
+    plan = rece_mod.chunk_plan(g, kv_names(g), max(rows) + 1)
+    assert len(plan) > 2 and [n for grp in plan for n in grp] == kv_names(g)
+    assert all(sum(g[n].shape[0] for n in grp) <= max(rows) + 1 for grp in plan)
+    ctx = Context(quiet=True)
+    g3 = apply(g, params, ctx)
+    for n in kv_names(g):
+        assert rel(g3.value(n), g2.value(n)) < 1e-6, n
+    a, b = json.loads(g3.extra_files["rece.json"]), json.loads(g2.extra_files["rece.json"])
+    for x, y in zip(a["per_matrix"], b["per_matrix"]):
+        assert x["name"] == y["name"] and x["erase_residual"] == pytest.approx(y["erase_residual"], rel=1e-4)
+
+
+def test_float32_products_by_default_stay_within_a_millionth_of_the_update(sd, rece_run):
+    """auto = float32 products (summed in float64) for a float32 checkpoint; float64 products barely differ."""
+    g, g2, ctx, params = rece_run
+    assert ctx.step_info["matmul_dtype"] == "float32"
+    g64 = apply(g, params.model_copy(update={"matmul_dtype": "float64"}), Context(quiet=True))
+    for n in kv_names(g):
+        w, a, b = g.value(n).double(), g2.value(n).double(), g64.value(n).double()
+        assert float((a - b).norm() / (b - w).norm()) < 2e-6, n  # measured 2e-7

@@ -60,14 +60,23 @@ def uce_delta_factors(C: torch.Tensor, T: torch.Tensor, P: torch.Tensor | None, 
     """K − I = A·R with A = η_e (T − C)ᵀ ``[d, n]`` and R = C B⁻¹ ``[n, d]`` (float64): rank ≤ n rows erased.
 
     ``C`` erased embeddings and ``T`` their aligned targets (``[n, d]`` each), ``P`` preserved embeddings ``[m, d]``
-    (or their Gram ``preserve_gram`` = PᵀP).
+    (or their Gram ``preserve_gram`` = PᵀP). With rows (no Gram) and n + m < d, B⁻¹Cᵀ comes from the Woodbury
+    identity on the k = n + m stacked rows (k×k algebra instead of a d×d factorisation).
     """
     if C.shape != T.shape:
         raise ValueError(f"erased {list(C.shape)} and target {list(T.shape)} embeddings must align")
     C, T = C.to(F64), T.to(F64)
-    B = uce_normal_matrix(C, P, lam, eta_e, eta_p, preserve_gram=preserve_gram)
-    X = cholesky_solve(B, C.T, device=device)  # B⁻¹Cᵀ  [d, n]
-    return eta_e * (T - C).T.to(X), X.T
+    d = C.shape[1]
+    rows = C.shape[0] + (0 if P is None else P.shape[0])
+    if preserve_gram is None and 2 * rows < d:
+        X = C * eta_e**0.5 if P is None or not P.numel() else torch.cat([C * eta_e**0.5, P.to(F64) * eta_p**0.5])
+        inner = lam * _eye(X.shape[0], X) + X @ X.T
+        # B⁻¹Cᵀ = (Cᵀ − Xᵀ (λI + XXᵀ)⁻¹ X Cᵀ) / λ
+        Binv_Ct = (C.T - X.T @ cholesky_solve(inner, X @ C.T, device=device)) / lam
+    else:
+        B = uce_normal_matrix(C, P, lam, eta_e, eta_p, preserve_gram=preserve_gram)
+        Binv_Ct = cholesky_solve(B, C.T, device=device)  # B⁻¹Cᵀ  [d, n]
+    return eta_e * (T - C).T.to(Binv_Ct), Binv_Ct.T
 
 
 def uce_delta(C: torch.Tensor, T: torch.Tensor, P: torch.Tensor | None, *, lam: float, eta_e: float, eta_p: float,
@@ -161,12 +170,6 @@ class ReceResult:
     log: list[EpochLog] = field(default_factory=list)
 
 
-def _sum_ratio(num: torch.Tensor, den: torch.Tensor, H: torch.Tensor) -> float:
-    a = weighted_norms(num.reshape(-1, num.shape[-1]), H).sum()
-    b = weighted_norms(den.reshape(-1, den.shape[-1]), H).sum()
-    return float(a / b.clamp_min(1e-300))
-
-
 def lowrank_spectral_norm(A: torch.Tensor, B: torch.Tensor) -> float:
     """‖A·B‖₂ for A ``[d, r]``, B ``[r, d]`` from two thin QR factorisations (no d×d SVD)."""
     if A.shape[1] == 0:
@@ -186,13 +189,6 @@ def normal_matrix_condition(C: torch.Tensor, P: torch.Tensor, lam: float, eta_e:
         return (lam + top) / lam
     ev = torch.linalg.eigvalsh(lam * _eye(d, X) + X.T @ X)
     return float(ev[-1] / ev[0])
-
-
-def _h_ratio(num_rows: torch.Tensor, den_rows: torch.Tensor, H: torch.Tensor) -> float:
-    """sqrt(Σ_l‖W_l X‖²_F / Σ_l‖W_l Y‖²_F) for row sets X, Y, via H."""
-    num = ((num_rows @ H) * num_rows).sum()
-    den = ((den_rows @ H) * den_rows).sum()
-    return float((num.clamp_min(0) / den.clamp_min(1e-300)).sqrt()) if float(den) > 0 else 0.0
 
 
 def square_root_rows(P: torch.Tensor) -> torch.Tensor:
@@ -215,43 +211,72 @@ def rece_epochs(M0: torch.Tensor, H: torch.Tensor, concepts: torch.Tensor, targe
     (b) a UCE step with C = c′, T = targets, P = preserve, values from the current model → K_e; (c) M ← M·K_e.
 
     ``factors`` (L, R) with M0 − I = L·R are extended as M·K_e − I = [L, M·A_e]·[R; R_e], so the final edit
-    can be applied as W + (W·L)·R when its rank r is below d/2.
+    can be applied as W + (W·L)·R when its rank r is below d/2. The epochs work on the factors throughout: with
+    HL = H·L kept up to date, MᵀHM = H + Y + Yᵀ with Y = (HL + ½RᵀLᵀHL)·R, one d×d×r product per epoch instead
+    of two d³ ones. Without ``factors`` they are L = M0 − I, R = I (same algebra at r = d).
     """
-    M = M0.to(F64).clone()
     H = H.to(F64)
     d = H.shape[0]
     C0 = concepts.to(F64).reshape(-1, d)
     T = targets.to(F64).reshape(-1, d)
-    P = preserve.to(F64).reshape(-1, d)
-    PtP = P.T @ P
-    Q = square_root_rows(P)
-    L, R = (None, None) if factors is None else (factors[0].to(F64), factors[1].to(F64))
-    out = ReceResult(M, L, R)
+    Q = square_root_rows(preserve.to(F64).reshape(-1, d))
+    eye = _eye(d, H)
+    if factors is None:
+        L, R = M0.to(F64) - eye, eye.clone()
+    else:
+        L, R = factors[0].to(F64), factors[1].to(F64)
+    HL = H @ L
+    c0_norm = weighted_norms(C0, H).sum().clamp_min(1e-300)
+    n = concepts.shape[0]
+    out = ReceResult(M0.to(F64).clone())
     for e in range(epochs):
-        Cadv = rece_adversarial_embedding(C0, M, H, lam_r, device=device)
-        A_e, R_e = uce_delta_factors(Cadv, T, None, lam=lam, eta_e=eta_e, eta_p=eta_p, preserve_gram=PtP,
-                                     device=device)
-        MA = M @ A_e
-        M_next = M + MA @ R_e
-        if L is not None:
-            L, R = torch.cat([L, MA], dim=1), torch.cat([R, R_e], dim=0)
-        n = concepts.shape[0]
-        adv = Cadv.reshape(n, -1, d)
-        out.log.append(EpochLog(
-            epoch=e + 1,
-            adversarial_norm=adv.norm(dim=-1).mean(-1).tolist(),
-            concept_norm=concepts.to(F64).norm(dim=-1).mean(-1).tolist(),
-            regeneration_before=_sum_ratio(Cadv @ M.T - C0, C0, H),
-            regeneration_after=_sum_ratio(Cadv @ M_next.T - C0, C0, H),
-            target_residual=_sum_ratio(Cadv @ M_next.T - T @ M.T, T @ M.T, H),
-            preserve_drift=_h_ratio((Q @ R_e.T) @ MA.T, Q @ M.T, H),
-            delta_norm=lowrank_spectral_norm(A_e, R_e),
-            condition=normal_matrix_condition(Cadv, Q, lam, eta_e, eta_p),
-        ))
-        out.adversarial.append(adv)
-        M = M_next
-        out.M, out.L, out.R = M, L, R
+        # (a) c′ = (λ_r I + MᵀHM)⁻¹ MᵀH c with M = I + LR
+        G = L.T @ HL
+        Y = (HL + 0.5 * (R.T @ G)) @ R
+        S = lam_r * eye + H + Y + Y.T
+        rhs = H @ C0.T + R.T @ (HL.T @ C0.T)
+        Cadv = cholesky_solve((S + S.T) / 2, rhs, device=device).T
+        # (b) one UCE step on c′; (c) M·K_e = M + (M·A_e)·R_e
+        A_e, R_e = uce_delta_factors(Cadv, T, Q, lam=lam, eta_e=eta_e, eta_p=eta_p, device=device)
+        MA = A_e + L @ (R @ A_e)
+        out.log.append(_epoch_log(e + 1, Cadv, C0, T, Q, L, R, A_e, MA, R_e, H, c0_norm, concepts, lam, eta_e, eta_p))
+        out.adversarial.append(Cadv.reshape(n, -1, d))
+        L, R = torch.cat([L, MA], dim=1), torch.cat([R, R_e], dim=0)
+        HL = torch.cat([HL, H @ MA], dim=1)
+    out.M = eye + L @ R
+    if factors is not None:
+        out.L, out.R = L, R
     return out
+
+
+def _epoch_log(epoch: int, Cadv: torch.Tensor, C0: torch.Tensor, T: torch.Tensor, Q: torch.Tensor, L: torch.Tensor,
+               R: torch.Tensor, A_e: torch.Tensor, MA: torch.Tensor, R_e: torch.Tensor, H: torch.Tensor,
+               c0_norm: torch.Tensor, concepts: torch.Tensor, lam: float, eta_e: float, eta_p: float) -> EpochLog:
+    """The epoch's diagnostics, every all-matrix norm from one product of the stacked rows with H."""
+    def by_m(X: torch.Tensor) -> torch.Tensor:  # X·Mᵀ with M = I + LR
+        return X + (X @ R.T) @ L.T
+
+    adv_m, t_m, q_m = by_m(Cadv), by_m(T), by_m(Q)
+    adv_next = adv_m + (Cadv @ R_e.T) @ MA.T  # X·M_nextᵀ, M_next = M + MA·R_e
+    blocks = [adv_m - C0, adv_next - C0, adv_next - t_m, t_m, (Q @ R_e.T) @ MA.T, q_m]
+    X = torch.cat(blocks)
+    quad = ((X @ H) * X).sum(-1).clamp_min(0)
+    parts = quad.split([b.shape[0] for b in blocks])
+    norm = [p.sqrt().sum() for p in parts]
+    n = concepts.shape[0]
+    d = H.shape[0]
+    drift_den = float(parts[5].sum())
+    return EpochLog(
+        epoch=epoch,
+        adversarial_norm=Cadv.reshape(n, -1, d).norm(dim=-1).mean(-1).tolist(),
+        concept_norm=concepts.to(F64).norm(dim=-1).mean(-1).tolist(),
+        regeneration_before=float(norm[0] / c0_norm),
+        regeneration_after=float(norm[1] / c0_norm),
+        target_residual=float(norm[2] / norm[3].clamp_min(1e-300)),
+        preserve_drift=(float(parts[4].sum()) / drift_den) ** 0.5 if drift_den > 0 else 0.0,
+        delta_norm=lowrank_spectral_norm(A_e, R_e),
+        condition=normal_matrix_condition(Cadv, Q, lam, eta_e, eta_p),
+    )
 
 
 # ---- independent per-matrix reference (the authors' loops, float64; tests only) -------------------------------
