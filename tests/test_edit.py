@@ -369,6 +369,128 @@ def test_values_per_request_equal_the_joint_batch_and_stop_early(fact_model):
     alone = optimise_values_chunked(model, tok, down, reqs, [], settings, device="cpu")
     torch.testing.assert_close(alone.values, joint.values, rtol=1e-4, atol=1e-5)
     assert alone.steps == joint.steps and min(alone.steps) < settings.steps - 1
+    # the keys returned with the values are compute_keys' keys (same rows, cut at the same token)
+    from surgeon.ops.edit.keys_values import compute_keys
+
+    prefixes = ["Once upon a time. ", "x. "]
+    ref = compute_keys(model, tok, down, reqs, prefixes, device="cpu")
+    got = optimise_values_chunked(model, tok, down, reqs, prefixes, ValueSettings(steps=1), device="cpu").keys
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_suffix_on_cached_context_equals_whole_rows_with_delta(fact_model, monkeypatch):
+    """The value loop's forward (context keys/values cached once, only the suffix from the δ position run) gives
+    the logits of whole right-padded rows with δ added at the subject's last token, also for a row whose subject
+    starts at position 0 (empty context) next to longer ones."""
+    import surgeon.ops.edit.keys_values as kvmod
+    from surgeon.ops.edit.keys_values import context_cache, final_logits, pad_rows, split_rows, suffix_logits
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
+    tok = _tokenizer()
+    down = model.model.layers[0].mlp.down_proj
+    texts = [TEMPLATES[0].format(SUBJECTS[0]), "x " + TEMPLATES[1].format(SUBJECTS[1]), SUBJECTS[2] + " is"]
+    rows = [tok(t)["input_ids"] for t in texts]
+    rows[2] = rows[2][1:]  # no BOS: the subject's token is at position 0
+    lookup = [2, 5, 0]
+    torch.manual_seed(0)
+    delta = torch.randn(3, model.config.hidden_size)
+    # reference: whole rows, δ added at (row, lookup) by a hook, logits at every real position
+    ids, mask = pad_rows(rows, 0, "cpu")
+    at_rows = torch.tensor([i for i, r in enumerate(rows) for _ in range(lookup[i], len(r))])
+    at_pos = torch.tensor([j for i, r in enumerate(rows) for j in range(lookup[i], len(r))])
+    lk = torch.tensor(lookup)
+
+    def whole(_m, _a, out):
+        return out.index_put((torch.arange(3), lk), out[torch.arange(3), lk] + delta)
+
+    h = down.register_forward_hook(whole)
+    with torch.no_grad():
+        ref = final_logits(model, ids, mask, at_rows, at_pos)
+    h.remove()
+
+    split = split_rows(rows, lookup, 0, "cpu")
+    assert split.context_ids.shape[1] == 5 and int(split.context_mask[2].sum()) == 0
+    kv = context_cache(model, split)
+    assert kv.layers[0][0].shape[0] == 3 and len(set(kv.row.tolist())) == 3
+    twice = context_cache(model, split_rows(rows + [rows[0]], lookup + [2], 0, "cpu"))
+    assert twice.layers[0][0].shape[0] == 3 and int(twice.row[3]) == int(twice.row[0])  # shared context
+    assert all(torch.isfinite(k).all() and torch.isfinite(v).all() for k, v in kv.layers)
+    seen: dict[str, torch.Tensor] = {}
+
+    def on_rows(r: torch.Tensor) -> None:  # rows run in buckets by suffix length
+        seen.setdefault("calls", []).append(r)
+        seen["rows"] = r
+
+    h = down.register_forward_hook(
+        lambda _m, _a, out: torch.cat([out[:, :1] + delta[seen["rows"]][:, None], out[:, 1:]], 1))
+    with torch.no_grad():
+        got = suffix_logits(model, split, kv, torch.arange(3), at_rows, at_pos - lk[at_rows], on_rows=on_rows)
+        assert len(seen.pop("calls")) == 1  # 3 rows: padding them to one length is cheaper than 3 passes
+        monkeypatch.setattr(kvmod, "PAD_TOKENS_PER_PASS", 0)
+        apart = suffix_logits(model, split, kv, torch.arange(3), at_rows, at_pos - lk[at_rows], on_rows=on_rows)
+        assert len(seen.pop("calls")) == 3  # one bucket per suffix length
+        # a subset of rows, in another order, picks the same cached context
+        sub = torch.tensor([2, 0])
+        sel = at_rows == 0
+        part = suffix_logits(model, split, kv, sub, torch.ones(int(sel.sum()), dtype=torch.long),
+                             (at_pos - lk[at_rows])[sel], on_rows=on_rows)
+    h.remove()
+    torch.testing.assert_close(apart, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(part, ref[sel], rtol=1e-4, atol=1e-4)
+
+
+def test_layers_before_the_edit_are_replayed_not_run(fact_model, monkeypatch):
+    """Editing the second layer: after the first pass the first layer is not run again (its recorded output is
+    replayed), and the values equal those of a run where every layer runs."""
+    import surgeon.ops.edit.keys_values as kvmod
+    from surgeon.ops.edit.keys_values import ValueSettings, layers_before, optimise_values
+    from surgeon.ops.edit.requests import Request
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
+    tok = _tokenizer()
+    down = model.model.layers[1].mlp.down_proj
+    assert layers_before(model, down) == [model.model.layers[0]]
+    reqs = [Request(**_request(i, (i + 3) % len(OBJECTS))) for i in range(3)]
+    settings = ValueSettings(steps=6, lr=0.5, stop_loss=0.0)
+    calls = []
+    h = model.model.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))
+    fast = optimise_values(model, tok, down, reqs, ["Once upon a time. "], settings, device="cpu")
+    runs_fast = len(calls)
+    monkeypatch.setattr(kvmod._SkipEarlyLayers, "engage", lambda self: None)
+    calls.clear()
+    slow = optimise_values(model, tok, down, reqs, ["Once upon a time. "], settings, device="cpu")
+    h.remove()
+    assert runs_fast == 2 and len(calls) == 2 + 5  # context, first pass (= step 1), then steps 2-6 if not skipped
+    assert "forward" not in vars(model.model.layers[0])  # the layer's own forward is back
+    torch.testing.assert_close(fast.values, slow.values, rtol=1e-4, atol=1e-5)
+    assert fast.steps == slow.steps
+
+
+def test_grouped_eager_attention_equals_sdpa(fact_model):
+    """The value loop's attention (key/value heads shared by their query-head group without copies) gives the
+    model's own SDPA logits, with padding and a cache; the model's attention is restored afterwards."""
+    from surgeon.ops.edit.keys_values import GROUPED_ATTENTION, attention, context_cache, split_rows, suffix_logits
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
+    assert model.config.num_attention_heads != model.config.num_key_value_heads  # grouped-query attention
+    tok = _tokenizer()
+    rows = [tok(TEMPLATES[0].format(s))["input_ids"] for s in SUBJECTS[:3]]
+    rows.append(tok("x y " + SUBJECTS[3])["input_ids"])
+    split = split_rows(rows, [2, 2, 2, 3], 0, "cpu")
+    at_rows = torch.tensor([0, 1, 2, 3, 3])
+    at_pos = torch.tensor([1, 1, 1, 0, 1])
+    before = model.config._attn_implementation
+    with torch.no_grad():
+        ref = suffix_logits(model, split, context_cache(model, split), torch.arange(4), at_rows, at_pos)
+        with attention(model, GROUPED_ATTENTION):
+            assert model.config._attn_implementation == GROUPED_ATTENTION
+            got = suffix_logits(model, split, context_cache(model, split), torch.arange(4), at_rows, at_pos)
+    assert model.config._attn_implementation == before
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_rome_edits_one_fact_and_keeps_the_others(fact_model, tmp_path):

@@ -425,7 +425,7 @@ def test_factored_epochs_equal_dense_epochs(rece_run):
 
     L, R = uce_delta_factors(emb["C"], emb["T"], emb["P"], lam=0.5, eta_e=1.0, eta_p=0.5)
     M0 = torch.eye(L.shape[0], dtype=F64) + L @ R
-    kw = dict(epochs=3, lam_r=settings["regularizer"], lam=0.1, eta_e=1.0, eta_p=0.1)
+    kw = {"epochs": 3, "lam_r": settings["regularizer"], "lam": 0.1, "eta_e": 1.0, "eta_p": 0.1}
     fac = rece_epochs(M0, H, emb["concepts_full"], emb["targets_full"], emb["rece_P"], factors=(L, R), **kw)
     dense = rece_epochs(M0, H, emb["concepts_full"], emb["targets_full"], emb["rece_P"], **kw)
     assert rel(fac.M, dense.M) < 1e-10 and dense.L is None
