@@ -472,11 +472,22 @@ def test_layers_before_the_edit_are_replayed_not_run(fact_model, monkeypatch):
 def test_grouped_eager_attention_equals_sdpa(fact_model):
     """The value loop's attention (key/value heads shared by their query-head group without copies) gives the
     model's own SDPA logits, with padding and a cache; the model's attention is restored afterwards."""
-    from surgeon.ops.edit.keys_values import GROUPED_ATTENTION, attention, context_cache, split_rows, suffix_logits
+    from types import SimpleNamespace
+
+    from surgeon.ops.edit.keys_values import (
+        GROUPED_ATTENTION,
+        attention,
+        context_cache,
+        cpu_attention,
+        split_rows,
+        suffix_logits,
+    )
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
     assert model.config.num_attention_heads != model.config.num_key_value_heads  # grouped-query attention
+    assert cpu_attention(model) == GROUPED_ATTENTION
+    assert cpu_attention(SimpleNamespace(config=SimpleNamespace(model_type="gemma2"))) == "eager"  # soft-capping
     tok = _tokenizer()
     rows = [tok(TEMPLATES[0].format(s))["input_ids"] for s in SUBJECTS[:3]]
     rows.append(tok("x y " + SUBJECTS[3])["input_ids"])

@@ -140,6 +140,17 @@ def grouped_eager_attention(module, query, key, value, attention_mask, scaling, 
     return out.transpose(1, 2).contiguous(), probs.view(b, h, tq, -1)
 
 
+#: families whose own eager attention is the plain softmax(QKᵀ·scale + mask)·V that the grouped one reproduces
+#: (no logit soft-capping, no attention sinks); others keep their own eager implementation
+PLAIN_ATTENTION_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2"}
+
+
+def cpu_attention(model: torch.nn.Module) -> str:
+    """The attention the value loop uses on CPU: grouped eager for plain-attention families, else eager."""
+    plain = getattr(model.config, "model_type", None) in PLAIN_ATTENTION_FAMILIES
+    return GROUPED_ATTENTION if plain else "eager"
+
+
 def _register_grouped_attention() -> bool:
     try:
         from transformers import AttentionInterface
@@ -611,7 +622,7 @@ def optimise_values(model: torch.nn.Module, tok: Any, module: torch.nn.Module, r
     early = layers_before(model, module)
     skip = _SkipEarlyLayers(early, state, n_rows, split.suffix_ids.shape[1])
     try:
-        with frozen(model), attention(model, GROUPED_ATTENTION if str(device) == "cpu" else None):
+        with frozen(model), attention(model, cpu_attention(model) if str(device) == "cpu" else None):
             kv = context_cache(model, split)
             everyone = torch.ones(n, dtype=torch.bool, device=device)
             idx, t, at_rows, at_pos = gather(everyone)
