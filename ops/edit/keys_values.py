@@ -14,11 +14,13 @@ Several requests are optimised together (one δ row each, the loss a sum of per-
 early stopping: a converged request's rows leave the batch), which gives exactly the per-request result because
 Adam is elementwise. Nothing before the subject's last token depends on δ: those positions' keys and values are
 computed once, and each step runs only the suffix from the δ position on (for "The capital of France is" + 5
-sampled-prefix rows, 2–3 tokens per row instead of 15–20). Token positions are counted from the start with right padding, so the subject index never depends
-on the padding side; the subject's last token is found from the tokenizer's character offsets.
+sampled-prefix rows, 2–3 tokens per row instead of 15–20). Token positions are counted from the start, so the
+subject index never depends on the padding side; the subject's last token is found from the tokenizer's
+character offsets.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -105,6 +107,23 @@ def pad_rows(rows: Sequence[list[int]], pad_id: int, device: str) -> tuple[torch
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, : len(r)] = 1
     return ids.to(device), mask.to(device)
+
+
+def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids [B, T] and attention mask (every row ends at the same column), on the CPU."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def positions_of(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: 0 at each row's first real token (pads get 0 too)."""
+    return (mask.cumsum(1) - 1).clamp_min(0)
 
 
 def pad_id_of(tok: Any) -> int:
@@ -238,17 +257,12 @@ def sample_prefixes(model: torch.nn.Module, tok: Any, lengths: Sequence[int], *,
 
     gen = torch.Generator().manual_seed(seed)
     starts = [list(tok(SEED_WORDS[i % len(SEED_WORDS)])["input_ids"]) for i in range(len(lengths))]
-    width = max(len(s) for s in starts)
-    ids = torch.full((len(starts), width), pad_id_of(tok), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, st in enumerate(starts):  # left padding: every row's next token is at the same column
-        ids[i, width - len(st):] = torch.tensor(st, dtype=torch.long)
-        mask[i, width - len(st):] = 1
+    ids, mask = left_pad(starts, pad_id_of(tok))  # every row's next token is at the same column
     cache = DynamicCache()
     step_ids, drawn = ids, []
     with torch.no_grad():
         for _ in range(max(lengths)):
-            pos = (mask.cumsum(1) - 1).clamp_min(0)[:, -step_ids.shape[1]:]
+            pos = positions_of(mask)[:, -step_ids.shape[1]:]
             out = model(input_ids=step_ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                         use_cache=True, **{_cache_kwarg(model): cache})
             logits = out.logits[:, -1].float().cpu()
@@ -371,31 +385,22 @@ class _Split:
 
 def split_rows(ids: Sequence[list[int]], lookup: Sequence[int], pad_id: int, device: str) -> _Split:
     """Cut each row at its lookup index: context = ids[:lookup] (left-padded), suffix = ids[lookup:]."""
-    P = max(lookup)
-    S = max(len(r) - k for r, k in zip(ids, lookup))
-    R = len(ids)
-    cid = torch.full((R, P), pad_id, dtype=torch.long)
-    cmask = torch.zeros((R, P), dtype=torch.long)
-    sid = torch.full((R, S), pad_id, dtype=torch.long)
-    smask = torch.zeros((R, S), dtype=torch.long)
-    spos = torch.zeros((R, S), dtype=torch.long)
-    for i, (r, k) in enumerate(zip(ids, lookup)):
-        if k:
-            cid[i, P - k:] = torch.tensor(r[:k], dtype=torch.long)
-            cmask[i, P - k:] = 1
-        n = len(r) - k
-        sid[i, :n] = torch.tensor(r[k:], dtype=torch.long)
-        smask[i, :n] = 1
-        spos[i] = torch.arange(k, k + S)
-    return _Split(cid.to(device), cmask.to(device), sid.to(device), smask.to(device), spos.to(device))
+    cid, cmask = left_pad([r[:k] for r, k in zip(ids, lookup)], pad_id)
+    sid, smask = pad_rows([r[k:] for r, k in zip(ids, lookup)], pad_id, device)
+    spos = torch.tensor(lookup, device=device)[:, None] + torch.arange(sid.shape[1], device=device)
+    return _Split(cid.to(device), cmask.to(device), sid, smask, spos)
 
 
-def _cache_kwarg(base: torch.nn.Module) -> str:
+def _cache_kwarg(module: torch.nn.Module) -> str:
     """transformers 5 calls the cache argument ``cache``; 4.x called it ``past_key_values``."""
+    return _cache_kwarg_of(type(module))
+
+
+@functools.cache
+def _cache_kwarg_of(cls: type) -> str:
     import inspect
 
-    params = inspect.signature(base.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 @dataclass
@@ -417,7 +422,7 @@ def context_cache(model: torch.nn.Module, split: _Split) -> ContextCache | None:
     unique, row = torch.unique(keyed, dim=0, return_inverse=True)
     P = split.context_ids.shape[1]
     ids, mask = unique[:, :P], unique[:, P:]
-    pos = (mask.cumsum(1) - 1).clamp_min(0)
+    pos = positions_of(mask)
     layers: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
     for part in chunks(ids.shape[0], P):
         idx = torch.tensor(list(part), device=ids.device)
@@ -461,6 +466,8 @@ def suffix_logits(model: torch.nn.Module, split: _Split, kv: ContextCache | None
     little (suffixes are 2–4 tokens: one padded token would be a third of the work); see :func:`_buckets`.
     ``on_rows`` is called with each bucket's rows before its forward pass (the δ hook needs to know whose rows it
     sees)."""
+    from transformers import DynamicCache
+
     base = model.base_model
     head = model.get_output_embeddings()
     whole = base is model or head is None
@@ -478,8 +485,6 @@ def suffix_logits(model: torch.nn.Module, split: _Split, kv: ContextCache | None
         if kv is None or keep == 0:
             kwargs["attention_mask"] = split.suffix_mask[r, :n]
         else:
-            from transformers import DynamicCache
-
             cache = DynamicCache()
             u = kv.row[r]
             for i, (k, v) in enumerate(kv.layers):

@@ -201,7 +201,7 @@ def square_root_rows(P: torch.Tensor) -> torch.Tensor:
     return (V[:, keep] * ev[keep].sqrt()).T
 
 
-def rece_epochs(M0: torch.Tensor, H: torch.Tensor, concepts: torch.Tensor, targets: torch.Tensor,
+def rece_epochs(M0: torch.Tensor | None, H: torch.Tensor, concepts: torch.Tensor, targets: torch.Tensor,
                 preserve: torch.Tensor, *, epochs: int, lam_r: float, lam: float, eta_e: float, eta_p: float,
                 factors: tuple[torch.Tensor, torch.Tensor] | None = None, device: str = "cpu") -> ReceResult:
     """Run RECE epochs from the UCE edit ``M0`` (= K_UCE), the K-trick way (module docstring).
@@ -213,7 +213,8 @@ def rece_epochs(M0: torch.Tensor, H: torch.Tensor, concepts: torch.Tensor, targe
     ``factors`` (L, R) with M0 − I = L·R are extended as M·K_e − I = [L, M·A_e]·[R; R_e], so the final edit
     can be applied as W + (W·L)·R when its rank r is below d/2. The epochs work on the factors throughout: with
     HL = H·L kept up to date, MᵀHM = H + Y + Yᵀ with Y = (HL + ½RᵀLᵀHL)·R, one d×d×r product per epoch instead
-    of two d³ ones. Without ``factors`` they are L = M0 − I, R = I (same algebra at r = d).
+    of two d³ ones. Without ``factors`` they are L = M0 − I, R = I (same algebra at r = d); with them ``M0`` is
+    not needed (pass None).
     """
     H = H.to(F64)
     d = H.shape[0]
@@ -228,7 +229,8 @@ def rece_epochs(M0: torch.Tensor, H: torch.Tensor, concepts: torch.Tensor, targe
     HL = H @ L
     c0_norm = weighted_norms(C0, H).sum().clamp_min(1e-300)
     n = concepts.shape[0]
-    out = ReceResult(M0.to(F64).clone())
+    log: list[EpochLog] = []
+    adversarial: list[torch.Tensor] = []
     for e in range(epochs):
         # (a) c′ = (λ_r I + MᵀHM)⁻¹ MᵀH c with M = I + LR
         G = L.T @ HL
@@ -239,14 +241,12 @@ def rece_epochs(M0: torch.Tensor, H: torch.Tensor, concepts: torch.Tensor, targe
         # (b) one UCE step on c′; (c) M·K_e = M + (M·A_e)·R_e
         A_e, R_e = uce_delta_factors(Cadv, T, Q, lam=lam, eta_e=eta_e, eta_p=eta_p, device=device)
         MA = A_e + L @ (R @ A_e)
-        out.log.append(_epoch_log(e + 1, Cadv, C0, T, Q, L, R, A_e, MA, R_e, H, c0_norm, concepts, lam, eta_e, eta_p))
-        out.adversarial.append(Cadv.reshape(n, -1, d))
+        log.append(_epoch_log(e + 1, Cadv, C0, T, Q, L, R, A_e, MA, R_e, H, c0_norm, concepts, lam, eta_e, eta_p))
+        adversarial.append(Cadv.reshape(n, -1, d))
         L, R = torch.cat([L, MA], dim=1), torch.cat([R, R_e], dim=0)
         HL = torch.cat([HL, H @ MA], dim=1)
-    out.M = eye + L @ R
-    if factors is not None:
-        out.L, out.R = L, R
-    return out
+    tracked = factors is not None
+    return ReceResult(eye + L @ R, L if tracked else None, R if tracked else None, adversarial, log)
 
 
 def _epoch_log(epoch: int, Cadv: torch.Tensor, C0: torch.Tensor, T: torch.Tensor, Q: torch.Tensor, L: torch.Tensor,

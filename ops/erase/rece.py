@@ -228,6 +228,11 @@ def stacked_weights(graph: Graph, groups: list[list[str]], dtype: torch.dtype, d
         pass
 
 
+def writes_low_rank(rank: int, d: int) -> bool:
+    """A rank-r edit of d-wide matrices is written as W + (W·L′)·R′ when that is cheaper than W·M (2r < d)."""
+    return 2 * rank < d
+
+
 def apply_edit(graph: Graph, chunks: Iterable[WeightChunk], L: torch.Tensor, R: torch.Tensor, emb: dict, *,
                mm_dtype: torch.dtype, device: str, label: str) -> tuple[Graph, list[dict]]:
     """W ← W + W·(M − I) for every matrix, with its per-matrix report, one product per chunk.
@@ -237,7 +242,7 @@ def apply_edit(graph: Graph, chunks: Iterable[WeightChunk], L: torch.Tensor, R: 
     Const. The report rows ride in the same product: W(c − t) for the erased rows and W·qᵀ for preserved rows in
     an exact square-root form with at most d rows (‖ΔW·Pᵀ‖ = ‖ΔW·Qᵀ‖ for QᵀQ = PᵀP)."""
     d = L.shape[0]
-    low_rank = 2 * L.shape[1] < d
+    low_rank = writes_low_rank(L.shape[1], d)
     C = emb["C"].to(F64)
     Q = square_root_rows(emb["P"])
     if low_rank:
@@ -324,7 +329,6 @@ def erase(graph: Graph, params: UceParams, ctx, *, method: str) -> Graph:
     eta_p = params.preserve_scale or max(0.1, 1 / emb["n_retain"])
     L, R = uce_delta_factors(emb["C"], emb["T"], emb["P"], lam=params.uce_lambda, eta_e=params.erase_scale,
                              eta_p=eta_p, device=device)
-    M = torch.eye(d, dtype=F64) + L @ R
     clock.lap("uce")
 
     names = [n for pair in layout.pairs for n in pair]
@@ -343,10 +347,10 @@ def erase(graph: Graph, params: UceParams, ctx, *, method: str) -> Graph:
                 kept.append(chunk)
         clock.lap("gram")
         rp = params  # ReceParams here
-        res = rece_epochs(M, acc.H.cpu(), emb["concepts_full"], emb["targets_full"], emb["rece_P"], epochs=epochs,
+        res = rece_epochs(None, acc.H.cpu(), emb["concepts_full"], emb["targets_full"], emb["rece_P"], epochs=epochs,
                           lam_r=settings["regularizer"], lam=rp.rece_lambda, eta_e=rp.rece_erase_scale,
                           eta_p=rp.rece_preserve_scale, factors=(L, R), device=device)
-        M, L, R = res.M, res.L, res.R
+        L, R = res.L, res.R
         log = [e.as_dict() for e in res.log]
         adv_norms = [e.adversarial_norm for e in res.log]
         clock.lap("rece_epochs")
@@ -354,7 +358,7 @@ def erase(graph: Graph, params: UceParams, ctx, *, method: str) -> Graph:
     chunks = kept if kept else stacked_weights(graph, groups, mm_dtype, device, ctx, "W·M")
     out, per_matrix = apply_edit(graph, chunks, L, R, emb, mm_dtype=mm_dtype, device=device, label=method)
     del kept, chunks
-    low_rank = isinstance(out.nodes[names[0]], LowRank)
+    low_rank = writes_low_rank(L.shape[1], d)
     C = emb["C"]
     k_minus_i = lowrank_spectral_norm(L, R)
     clock.lap("apply")
