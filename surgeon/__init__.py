@@ -4,7 +4,37 @@ Heavy modules (torch, transformers) are imported lazily so that ``surgeon --help
 """
 from __future__ import annotations
 
+import importlib.util as _importlib_util
+import sys as _sys
+from importlib.machinery import ModuleSpec as _ModuleSpec
+from pathlib import Path as _Path
+
 __version__ = "0.1.0"
+
+
+def _mount_checkout_folders() -> None:
+    """Make ``surgeon.ops`` / ``surgeon.kernels`` the top-level ``ops/`` and ``kernels/`` of a source checkout.
+
+    Those folders have no ``__init__.py`` on purpose (PEP 420): with the repository root on ``sys.path``
+    (``python`` or ``pytest`` started there), a folder without ``__init__.py`` loses to any installed regular
+    package, so ours never shadows Hugging Face's ``kernels`` (a transformers dependency) or PyPI's ``ops``.
+    setuptools' editable finder cannot resolve a namespace folder nested under a mapped regular package, so the
+    checkout mounts them here. A wheel install nests them under ``surgeon/`` and needs nothing.
+    """
+    here = _Path(__file__).resolve().parent
+    for name in ("ops", "kernels"):
+        full_name = f"{__name__}.{name}"
+        folder = here.parent / name
+        if full_name in _sys.modules or (here / name).is_dir() or not folder.is_dir():
+            continue
+        spec = _ModuleSpec(full_name, None, is_package=True)
+        spec.submodule_search_locations = [str(folder)]
+        module = _importlib_util.module_from_spec(spec)
+        _sys.modules[full_name] = module
+        globals()[name] = module
+
+
+_mount_checkout_folders()
 
 __all__ = ["__version__", "SurgeonError", "open_checkpoint", "load_shiftadd", "load_recursive"]
 
