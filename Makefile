@@ -38,9 +38,9 @@ test-latest:
 	rm -rf $(LATEST)
 	python3 -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade pip setuptools
-	$(LATEST)/bin/python -m pip install -q -c requirements/torch.txt -e ".[test,dev]"
+	$(LATEST)/bin/python -m pip install -q -c requirements/torch.txt -e ".[test,dev,ray]"
 	$(LATEST)/bin/python -m pip install -q --no-deps -r requirements/data.txt
-	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -iE "^(transformers|torch|diffusers|peft|huggingface.hub|kernels) "
+	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -iE "^(transformers|torch|diffusers|peft|huggingface.hub|kernels|ray) "
 	$(LATEST)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
 
 ## make lock: refresh the lock from the environment that test-latest just passed; then run `make test`

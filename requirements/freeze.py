@@ -31,7 +31,7 @@ def main() -> None:
                             check=True, capture_output=True, text=True).stdout.splitlines()
     skip = data_packages()
     pins = sorted((line for line in frozen if "==" in line and _name(line) not in skip), key=_name)
-    print("# Exact versions of every dependency of surgeon[test,dev], as tested by CI. Generated; do not edit.")
+    print("# Exact versions of every dependency of surgeon[test,dev,ray], as tested by CI. Generated; do not edit.")
     print("# Refresh: `make lock` (builds .venv-latest with the newest allowed versions, runs the fast tests,")
     print("# freezes it here), then `make test`. See CONTRIBUTING.md.")
     print(f"# Generated {datetime.date.today()} with Python {platform.python_version()} on {platform.machine()}.")

@@ -411,10 +411,10 @@ def open_checkpoint(source: str | os.PathLike, *, allow_pickle: bool = False, on
     p = Path(s).expanduser()
     if s.startswith("builtin:"):
         ck = open_folder(_builtin(s))
-    elif p.is_dir():
-        ck = open_folder(p, allow_pickle=allow_pickle)
+    elif p.is_dir():  # absolute: tensors are reopened by path, possibly by another process (--executor ray)
+        ck = open_folder(p.absolute(), allow_pickle=allow_pickle)
     elif p.is_file() and p.suffix == ".safetensors":
-        ck = open_file(p)
+        ck = open_file(p.absolute())
     elif p.is_file() and p.suffix == ".gguf":
         from surgeon.gguf import cached_conversion
 

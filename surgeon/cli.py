@@ -124,6 +124,10 @@ def _common_options(writes: bool) -> list[inspect.Parameter]:
             opt("output", Optional[str], None, "--output", "-o", help="Output folder (written atomically)."),
             opt("force", bool, False, "--force", help="Replace a non-empty output folder."),
             opt("max_shard_size", str, "5GB", "--max-shard-size", help="Largest safetensors shard."),
+            opt("max_memory", Optional[str], None, "--max-memory",
+                help="Memory the writer may hold in flight (e.g. 4GB) [default: a quarter of available RAM]."),
+            opt("executor", str, "local", "--executor",
+                help="local | ray (one task per output shard on the Ray cluster named by RAY_ADDRESS)."),
             opt("dry_run", bool, False, "--dry-run", help="Print the plan (tensors, sizes, memory) and stop."),
         ]
     params += [
@@ -212,7 +216,8 @@ def _run_and_report(models: dict[str, str], steps: list[tuple[str, Any]], run_kw
 
     opts = RunOptions(output=run_kw.get("output"), force=run_kw.get("force", False),
                       device=run_kw.get("device", "auto"), seed=run_kw.get("seed", 0),
-                      max_shard_size=run_kw.get("max_shard_size", "5GB"),
+                      max_shard_size=run_kw.get("max_shard_size", "5GB"), max_memory=run_kw.get("max_memory"),
+                      executor=run_kw.get("executor", "local"),
                       allow_pickle=run_kw.get("allow_pickle", False), online=run_kw.get("online", False),
                       allow_nonfinite=run_kw.get("allow_nonfinite", False), quiet=run_kw.get("quiet", False),
                       dry_run=run_kw.get("dry_run", False))

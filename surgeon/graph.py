@@ -13,7 +13,9 @@ each value right after its last consumer is done, so peak memory is a few tensor
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -241,17 +243,20 @@ def guess_base_model(ck: Checkpoint) -> str | None:
 
 
 class Executor:
-    """Evaluates nodes with reference-counted memoisation.
+    """Evaluates nodes with reference-counted memoisation; safe to call from several threads.
 
     ``refs[node]`` counts the edges into a node from the nodes reachable from the outputs plus one per time it
     is an output. A value is cached while more than one consumer remains and dropped at its last ``release``.
-    ``live`` / ``max_live`` count cached values (a spy for tests).
+    A node that one thread is computing is awaited, not recomputed, by the others. ``live`` / ``max_live``
+    count cached values (a spy for tests).
     """
 
     def __init__(self, outputs: Sequence[Node]):
         self.refs: dict[int, int] = {}
         self.cache: dict[int, torch.Tensor] = {}
         self.max_live = 0
+        self._lock = threading.Lock()
+        self._computing: dict[int, Future] = {}
         stack = list(outputs)
         for o in outputs:
             self.refs[id(o)] = self.refs.get(id(o), 0) + 1
@@ -272,19 +277,35 @@ class Executor:
 
     def value(self, node: Node) -> torch.Tensor:
         key = id(node)
-        if key in self.cache:
-            return self.cache[key]
+        with self._lock:
+            if key in self.cache:
+                return self.cache[key]
+            pending = self._computing.get(key)
+            if pending is None:
+                self._computing[key] = Future()
+        if pending is not None:  # another thread computes it; it is cached for us (refs > 1)
+            return pending.result()
+        try:
+            v = self._compute(node)
+        except BaseException as e:
+            with self._lock:
+                self._computing.pop(key).set_exception(e)
+            raise
+        with self._lock:
+            if self.refs.get(key, 0) > 1:
+                self.cache[key] = v
+                self.max_live = max(self.max_live, len(self.cache))
+            self._computing.pop(key).set_result(v)
+        return v
+
+    def _compute(self, node: Node) -> torch.Tensor:
         if isinstance(node, Reduce):
-            v = node.run(self._stream(node.inputs))
-        else:
-            args = [self.value(i) for i in node.inputs]
-            v = node.compute(args)
-            del args
-            for i in node.inputs:
-                self.release(i)
-        if self.refs.get(key, 0) > 1:
-            self.cache[key] = v
-            self.max_live = max(self.max_live, len(self.cache))
+            return node.run(self._stream(node.inputs))
+        args = [self.value(i) for i in node.inputs]
+        v = node.compute(args)
+        del args
+        for i in node.inputs:
+            self.release(i)
         return v
 
     def _stream(self, inputs: Sequence[Node]) -> Iterator[torch.Tensor]:
@@ -296,10 +317,11 @@ class Executor:
 
     def release(self, node: Node) -> None:
         key = id(node)
-        n = self.refs.get(key, 0) - 1
-        self.refs[key] = n
-        if n <= 0:
-            self.cache.pop(key, None)
+        with self._lock:
+            n = self.refs.get(key, 0) - 1
+            self.refs[key] = n
+            if n <= 0:
+                self.cache.pop(key, None)
 
     def evaluate_all(self) -> list[torch.Tensor]:
         out = []

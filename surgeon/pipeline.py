@@ -4,6 +4,7 @@ The CLI subcommands, ``surgeon run RECIPE`` and :func:`surgeon.api.run_op` all e
 """
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
@@ -25,6 +26,8 @@ class RunOptions:
     device: str = "auto"
     seed: int = 0
     max_shard_size: str | int = "5GB"
+    max_memory: str | int | None = None
+    executor: str = "local"
     allow_pickle: bool = False
     online: bool = False
     allow_nonfinite: bool = False
@@ -76,6 +79,19 @@ def open_models(models: dict[str, str], options: RunOptions):
     return graphs
 
 
+def check_executor(options: RunOptions) -> None:
+    """Refuse an unknown executor or a budget that cannot parse, and reach the Ray cluster, before any work."""
+    from surgeon.executor import memory_budget
+
+    if options.executor not in ("local", "ray"):
+        raise SurgeonError(f"--executor: expected local or ray, got {options.executor!r}")
+    memory_budget(options.max_memory)
+    if options.executor == "ray" and not options.dry_run:
+        from surgeon.ray_executor import connect
+
+        connect()
+
+
 def run_steps(models: dict[str, str], steps: list[tuple[str, Any]], options: RunOptions, *,
               recipe: dict[str, Any] | None = None, base: str | None = None) -> dict[str, Any]:
     """Validate everything, run the steps on the first (or ``base``) model, write to ``options.output``.
@@ -92,6 +108,7 @@ def run_steps(models: dict[str, str], steps: list[tuple[str, Any]], options: Run
     from surgeon.writer import check_output_location, parse_size
 
     max_shard = parse_size(options.max_shard_size)
+    check_executor(options)
     local_sources = [Path(s) for s in models.values() if Path(s).exists()]
     if options.output is not None and writes and not options.dry_run:
         check_output_location(Path(options.output), local_sources, options.force)
@@ -155,7 +172,8 @@ def write_graph_with(graph, ctx, options: RunOptions, max_shard: int, provenance
 
     t0 = time.perf_counter()
     summary = write_graph(graph, options.output, ctx=ctx, force=options.force, max_shard_size=max_shard,
-                          allow_nonfinite=options.allow_nonfinite, provenance=provenance, recipe=recipe)
+                          allow_nonfinite=options.allow_nonfinite, provenance=provenance, recipe=recipe,
+                          max_memory=options.max_memory, executor=options.executor)
     summary["write_seconds"] = round(time.perf_counter() - t0, 3)
     return summary
 
@@ -192,4 +210,22 @@ def dry_run_plan(graph, graphs, validated, options: RunOptions) -> dict[str, Any
         "input_bytes": total,
         "largest_tensor_bytes": largest,
         "memory_estimate_bytes": estimate,
+        "executor": executor_plan(graph, options),
     }
+
+
+def executor_plan(graph, options: RunOptions) -> dict[str, Any]:
+    """Where the tensor-wise writing runs: the local pipeline's budget and threads, or Ray's tasks (one per
+    output shard, each with its memory request)."""
+    from surgeon.executor import compute_workers, largest_task, memory_budget
+    from surgeon.writer import parse_size, plan_shards
+
+    budget = memory_budget(options.max_memory, largest_task(graph, graph.names()))
+    plans = plan_shards(graph, parse_size(options.max_shard_size))
+    if options.executor == "ray":
+        from surgeon.ray_executor import dry_run_tasks
+
+        return {"name": "ray", "address": os.environ.get("RAY_ADDRESS") or None,
+                "tasks": dry_run_tasks(graph, plans, budget)}
+    return {"name": "local", "memory_budget_bytes": budget, "compute_threads": compute_workers(),
+            "shards": len(plans)}

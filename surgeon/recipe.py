@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from difflib import get_close_matches
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -47,6 +47,11 @@ class Recipe(BaseModel):
     device: str = Field("auto", description="auto | cpu | cuda for every step's heavy math.")
     seed: int = Field(0, description="Seed for every random choice (sampling, DARE drops, LoRA init).")
     max_shard_size: str = Field("5GB", description="Largest safetensors shard.")
+    max_memory: str | None = Field(None, description="Memory the writer may hold in flight, e.g. 4GB "
+                                   "(default: a quarter of the available RAM).")
+    executor: Literal["local", "ray"] = Field("local", description="Where tensor-wise work runs: local (a pipeline "
+                                              "on this machine) or ray (one task per output shard on the cluster "
+                                              "named by RAY_ADDRESS).")
     allow_nonfinite: bool = Field(False, description="Write tensors containing NaN/Inf instead of refusing.")
     arch: dict[str, Any] | None = Field(None, description="Architecture role overrides for unknown families.")
 
@@ -205,6 +210,7 @@ def execute_recipe(recipe: Recipe, *, output: str | None = None, force: bool = F
         steps.append((op, params))
     opts = RunOptions(output=output or recipe.output, force=force, device=device or recipe.device,
                       seed=recipe.seed, max_shard_size=recipe.max_shard_size, quiet=quiet, dry_run=dry_run,
+                      max_memory=recipe.max_memory, executor=recipe.executor,
                       allow_nonfinite=recipe.allow_nonfinite)
     result = run_steps(recipe_models(recipe), steps, opts, recipe=recipe.model_dump(mode="json", exclude_none=True),
                        base=recipe.base)

@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,18 +21,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from surgeon.checkpoint import TORCH_TO_SAFETENSORS, check_finite, read_exact
+from surgeon.checkpoint import TORCH_TO_SAFETENSORS
 from surgeon.errors import SurgeonError
-from surgeon.graph import Executor, Graph, Load, Node
+from surgeon.executor import write_all
+from surgeon.graph import Executor, Graph, Node
 
 if TYPE_CHECKING:
     from surgeon.context import Context
+    from surgeon.executor import ShardPipeline
 
 DEFAULT_MAX_SHARD = 5_000_000_000
-COPY_CHUNK = 64 << 20
 
 
-def parse_size(text: str | int) -> int:
+def parse_size(text: str | int, flag: str = "--max-shard-size") -> int:
     """``5GB`` / ``500MB`` / ``1.5GiB`` / plain bytes -> bytes (decimal units like huggingface_hub)."""
     if isinstance(text, int):
         return text
@@ -48,7 +49,7 @@ def parse_size(text: str | int) -> int:
     try:
         return int(t)
     except ValueError:
-        raise SurgeonError(f"--max-shard-size: expected a size like 5GB or 500MB, got {text!r}") from None
+        raise SurgeonError(f"{flag}: expected a size like 5GB or 500MB, got {text!r}") from None
 
 
 def check_output_location(out: Path, sources: list[Path], force: bool) -> None:
@@ -130,46 +131,31 @@ def _header(graph: Graph, plan: ShardPlan) -> tuple[bytes, list[tuple[str, int]]
     return len(raw).to_bytes(8, "little") + raw, spans
 
 
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
+def tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().contiguous().cpu()
     return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
 
 
-def _write_shard(fh, graph: Graph, plan: ShardPlan, executor: Executor, *, allow_nonfinite: bool,
-                 on_tensor) -> None:
-    header, spans = _header(graph, plan)
-    fh.write(header)
-    for name, size in spans:
-        node = graph[name]
-        if isinstance(node, Load) and node.checkpoint.pickle_state is None:
-            _copy_source_bytes(fh, node, allow_nonfinite)
-            executor.release(node)
-        else:
-            value = executor.value(node)
-            executor.release(node)
-            if tuple(value.shape) != node.shape or value.dtype != node.dtype:
-                raise SurgeonError(f"internal: tensor {name!r} computed as {list(value.shape)} {value.dtype}, "
-                                   f"planned {list(node.shape)} {node.dtype}")
-            if not allow_nonfinite:
-                check_finite(name, value)
-            fh.write(_tensor_bytes(value))
-            del value
-        on_tensor(size)
+def write_shard_file(graph: Graph, plan: ShardPlan, path: Path, *, pipeline: ShardPipeline | None = None,
+                     budget: int | None = None, allow_nonfinite: bool = False,
+                     on_tensor: Callable[[int], None] | None = None) -> None:
+    """Write one planned shard (header, then its tensors in order) to ``path``, with ``pipeline`` or a new one."""
+    from surgeon.executor import ShardPipeline, largest_task, memory_budget
 
-
-def _copy_source_bytes(fh, node: Load, allow_nonfinite: bool) -> None:
-    info = node.checkpoint.tensors[node.name]
-    done = 0
-    elem = max(1, info.nbytes // max(1, info.numel)) if info.numel else 1
-    chunk = (COPY_CHUNK // elem) * elem
-    while done < info.nbytes:
-        n = min(chunk, info.nbytes - done)
-        buf = torch.empty(n, dtype=torch.uint8)
-        read_exact(info.file, info.begin + done, memoryview(buf.numpy()))
-        if not allow_nonfinite and node.dtype.is_floating_point:
-            check_finite(node.name, buf.view(node.dtype))
-        fh.write(memoryview(buf.numpy()))
-        done += n
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header, _ = _header(graph, plan)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_all(fd, header)
+        if pipeline is not None:
+            pipeline.write(fd, plan.names, on_tensor or (lambda n: None))
+            return
+        with ShardPipeline(graph, Executor([graph[n] for n in plan.names]), allow_nonfinite=allow_nonfinite,
+                           budget=budget or memory_budget(None, largest_task(graph, plan.names))) as own:
+            own.write(fd, plan.names, on_tensor or (lambda n: None))
+            own.finish_checks()
+    finally:
+        os.close(fd)
 
 
 def _dominant_float_dtype(graph: Graph, comp: str) -> str | None:
@@ -255,25 +241,39 @@ def atomic_folder(out: Path, force: bool) -> Iterator[Path]:
 
 def write_graph(graph: Graph, out: str | os.PathLike, *, ctx: Context | None = None, force: bool = False,
                 max_shard_size: int = DEFAULT_MAX_SHARD, allow_nonfinite: bool = False,
-                provenance: dict[str, Any] | None = None, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``graph`` as a Hub-ready folder at ``out``. Returns a summary (files, bytes, seconds)."""
+                provenance: dict[str, Any] | None = None, recipe: dict[str, Any] | None = None,
+                max_memory: str | int | None = None, workers: int | None = None,
+                executor: str = "local") -> dict[str, Any]:
+    """Write ``graph`` as a Hub-ready folder at ``out``. Returns a summary (files, bytes, seconds).
+
+    ``executor="local"``: shards are written by :class:`surgeon.executor.ShardPipeline` (compute ahead within
+    ``max_memory``, kernel-side copies of untouched tensors, finiteness checks off the write path).
+    ``executor="ray"``: one task per shard on a Ray cluster (:mod:`surgeon.ray_executor`)."""
     from surgeon.card import render_card
+    from surgeon.executor import ShardPipeline, largest_task, memory_budget
 
     out = Path(out)
     check_output_location(out, [s.path for s in graph.sources], force)
     plans = plan_shards(graph, max_shard_size)
-    executor = Executor([graph[n] for p in plans for n in p.names])
+    budget = memory_budget(max_memory, largest_task(graph, graph.names()))
     total = sum(p.nbytes for p in plans)
     t0 = time.perf_counter()
-    written: list[str] = []
     with atomic_folder(out, force) as tmp:
         progress = _Progress(ctx, total)
-        for plan in plans:
-            path = tmp / plan.file
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "wb") as fh:
-                _write_shard(fh, graph, plan, executor, allow_nonfinite=allow_nonfinite, on_tensor=progress.advance)
-            written.append(plan.file)
+        if executor == "ray":
+            from surgeon.ray_executor import write_shards_on_ray
+
+            write_shards_on_ray(graph, plans, tmp, budget=budget, allow_nonfinite=allow_nonfinite,
+                                on_shard=progress.advance)
+        elif executor == "local":
+            with ShardPipeline(graph, Executor([graph[n] for p in plans for n in p.names]), budget=budget,
+                               workers=workers, allow_nonfinite=allow_nonfinite) as pipeline:
+                for plan in plans:
+                    write_shard_file(graph, plan, tmp / plan.file, pipeline=pipeline, on_tensor=progress.advance)
+                pipeline.finish_checks()
+        else:
+            raise SurgeonError(f"--executor: expected local or ray, got {executor!r}")
+        written = [p.file for p in plans]
         progress.close()
         _write_indexes(graph, plans, tmp)
         _write_configs(graph, tmp)
@@ -371,7 +371,7 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         dt = str(t.dtype).removeprefix("torch.")
         if dt not in TORCH_TO_SAFETENSORS:
             raise SurgeonError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors")
-        data = bytes(_tensor_bytes(t))
+        data = bytes(tensor_bytes(t))
         header[name] = {"dtype": TORCH_TO_SAFETENSORS[dt], "shape": list(t.shape),
                         "data_offsets": [offset, offset + len(data)]}
         offset += len(data)

@@ -101,7 +101,7 @@ def test_lock_pins_every_declared_dependency_within_its_range():
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = list(project["dependencies"])
-    for extra in ("test", "dev"):
+    for extra in ("test", "dev", "ray"):
         declared += project["optional-dependencies"][extra]
     pins = _lock_pins()
     for text in declared:

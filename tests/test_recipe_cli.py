@@ -167,9 +167,9 @@ def _slow_cast_process(src: Path, out: Path) -> subprocess.Popen:
         "def slow(*a):\n    time.sleep(0.2); return orig(*a)\n"
         "b.cast_target = slow\n"
         "import surgeon.writer as w\n"
-        "o = w._tensor_bytes\n"
+        "o = w.tensor_bytes\n"
         "def slow_bytes(t):\n    time.sleep(0.1); return o(t)\n"
-        "w._tensor_bytes = slow_bytes\n"
+        "w.tensor_bytes = slow_bytes\n"
         f"sys.exit(main(['cast', {str(src)!r}, '--dtype', 'float16', '-o', {str(out)!r}, '--max-shard-size', '1MB', '-q']))\n"
     )
     return subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
@@ -276,7 +276,7 @@ def test_full_disk_gives_clear_error(tmp_path, monkeypatch, tiny_llama, capsys):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(w, "_tensor_bytes", full)
+    monkeypatch.setattr(w, "tensor_bytes", full)
     rc = main(["cast", str(tiny_llama), "--dtype", "float16", "-o", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "no space left" in err

@@ -1,0 +1,244 @@
+"""The local executor: writes a graph's planned shards as a pipeline bounded by a memory budget.
+
+Tensor-wise work is I/O bound, so the writer keeps the disk busy while everything else happens beside it:
+- **Computed tensors** are computed ahead, in shard order, on a small thread pool (reading their sources is the
+  read-ahead: ``os.preadv`` and torch kernels release the GIL), while the writer thread writes finished ones in
+  order. What is in flight (computed, not yet written) never exceeds the memory budget, so peak memory is the
+  budget plus one tensor, whatever the model size.
+- **Untouched tensors** are copied by the kernel (``os.copy_file_range``, falling back to ``os.sendfile`` and
+  then to read/write), never through Python buffers.
+- **Finiteness checks** of untouched source bytes (on unless ``--allow-nonfinite``) read the source in chunks on
+  the pool, off the write path; a failure is raised before the output folder is renamed into place.
+
+The bytes written are exactly those of the plain one-tensor-at-a-time order (the header is planned from shapes
+and dtypes; each tensor goes to its planned offset).
+"""
+from __future__ import annotations
+
+import errno
+import os
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from surgeon.errors import SurgeonError
+
+if TYPE_CHECKING:
+    import torch
+
+    from surgeon.graph import Executor, Graph, Node
+
+CHECK_CHUNK = 64 << 20  # bytes of source data per finiteness-check read
+MIN_BUDGET = 256 << 20
+DEFAULT_BUDGET = 512 << 20
+
+
+def available_memory() -> int:
+    """Bytes of memory the kernel says are available (``MemAvailable``), or 4 GiB where that is unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def memory_budget(max_memory: str | int | None, largest_task: int = 0) -> int:
+    """Bytes the pipeline may hold in flight: ``--max-memory`` when given; else room for two of the largest
+    tensor's computations (at least 512 MiB; reading further ahead does not make a disk faster), never more than a
+    quarter of the available memory."""
+    from surgeon.writer import parse_size
+
+    if max_memory is not None and max_memory != "":
+        budget = parse_size(max_memory, flag="--max-memory")
+        if budget < MIN_BUDGET:
+            raise SurgeonError(f"--max-memory: {budget} bytes is below the minimum of {MIN_BUDGET >> 20} MiB")
+        return budget
+    return max(MIN_BUDGET, min(available_memory() // 4, max(DEFAULT_BUDGET, 2 * largest_task)))
+
+
+def compute_workers() -> int:
+    """Threads that compute ahead of the writer: one per core beyond the writer's, at least one, at most four."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores - 1))
+
+
+def task_cost(node: Node) -> int:
+    """Bytes a computed tensor holds at its peak: its value plus its direct inputs'."""
+    return node.nbytes + sum(i.nbytes for i in node.inputs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kernel-side copies
+
+
+def copy_range(src: Path, offset: int, count: int, dst_fd: int) -> None:
+    """Append ``count`` bytes of ``src`` from ``offset`` to ``dst_fd`` (at its current position), kernel-side."""
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        done = 0
+        while done < count:
+            n = _copy_step(fd, dst_fd, offset + done, count - done)
+            if n <= 0:
+                raise SurgeonError(f"{src}: file ends at byte {offset + done}, expected {offset + count} bytes")
+            done += n
+    finally:
+        os.close(fd)
+
+
+_NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+
+
+def _copy_step(src_fd: int, dst_fd: int, offset: int, count: int) -> int:
+    step = min(count, 1 << 30)
+    if hasattr(os, "copy_file_range"):
+        try:
+            return os.copy_file_range(src_fd, dst_fd, step, offset)
+        except OSError as e:
+            if e.errno not in _NO_COPY_FILE_RANGE:
+                raise
+    try:
+        return os.sendfile(dst_fd, src_fd, offset, step)
+    except OSError as e:
+        if e.errno not in _NO_COPY_FILE_RANGE:
+            raise
+    data = os.pread(src_fd, min(step, CHECK_CHUNK), offset)
+    write_all(dst_fd, data)
+    return len(data)
+
+
+def write_all(fd: int, data: memoryview | bytes) -> None:
+    """``os.write`` until every byte is written (a single call may write less)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def check_source_finite(node: Node) -> None:
+    """NaN/Inf refusal for an untouched source tensor, read in chunks (the copy itself never passes through us)."""
+    import torch
+
+    from surgeon.checkpoint import check_finite, read_exact
+
+    info = node.checkpoint.tensors[node.name]  # type: ignore[attr-defined]
+    elem = torch.empty((), dtype=node.dtype).element_size()
+    chunk = max(elem, (CHECK_CHUNK // elem) * elem)
+    buf = torch.empty(min(chunk, info.nbytes), dtype=torch.uint8)
+    done = 0
+    while done < info.nbytes:
+        n = min(chunk, info.nbytes - done)
+        view = buf[:n]
+        read_exact(info.file, info.begin + done, memoryview(view.numpy()))
+        check_finite(node.name, view.view(node.dtype))  # type: ignore[attr-defined]
+        done += n
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the pipeline
+
+
+@dataclass
+class _Ahead:
+    """A tensor the pool works on: its future value (``None`` for an untouched copy) and what it holds."""
+
+    name: str
+    node: Node
+    future: Future | None
+    cost: int
+
+
+def largest_task(graph: Graph, names: list[str]) -> int:
+    """The largest :func:`task_cost` among the tensors ``names`` that are computed (not copied)."""
+    return max((task_cost(graph[n]) for n in names if not is_copy(graph[n])), default=0)
+
+
+def is_copy(node: Node) -> bool:
+    """An untouched safetensors source tensor: its bytes are copied as they are."""
+    from surgeon.graph import Load
+
+    return isinstance(node, Load) and node.checkpoint.pickle_state is None
+
+
+class ShardPipeline:
+    """Computes ahead of the writer on a small pool, within ``budget`` bytes, and writes in plan order."""
+
+    def __init__(self, graph: Graph, executor: Executor, *, budget: int, allow_nonfinite: bool,
+                 workers: int | None = None):
+        self.graph = graph
+        self.executor = executor
+        self.budget = budget
+        self.allow_nonfinite = allow_nonfinite
+        self.pool = ThreadPoolExecutor(max_workers=workers or compute_workers(), thread_name_prefix="surgeon")
+        self.checks: deque[Future] = deque()
+        self.in_flight = 0
+        self.peak_in_flight = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _value(self, name: str, node: Node) -> torch.Tensor:
+        from surgeon.checkpoint import check_finite
+
+        value = self.executor.value(node)
+        self.executor.release(node)
+        if tuple(value.shape) != node.shape or value.dtype != node.dtype:
+            raise SurgeonError(f"internal: tensor {name!r} computed as {list(value.shape)} {value.dtype}, "
+                               f"planned {list(node.shape)} {node.dtype}")
+        if not self.allow_nonfinite:
+            check_finite(name, value)
+        return value
+
+    def _start(self, name: str) -> _Ahead:
+        node = self.graph[name]
+        if is_copy(node):
+            if not self.allow_nonfinite and node.dtype.is_floating_point:
+                self.checks.append(self.pool.submit(check_source_finite, node))
+            return _Ahead(name, node, None, 0)
+        cost = task_cost(node)
+        self.in_flight += cost
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        return _Ahead(name, node, self.pool.submit(self._value, name, node), cost)
+
+    def write(self, fd: int, names: list[str], on_tensor: Callable[[int], None]) -> None:
+        """Append the tensors ``names`` (one shard's, in order) to the open file ``fd``, computing ahead."""
+        from surgeon.writer import tensor_bytes
+
+        queue: deque[_Ahead] = deque()
+        upcoming = deque(names)
+        while upcoming or queue:
+            # keep the pool busy: start tensors while the budget allows (always at least the next one)
+            while upcoming and (not queue or self.in_flight + self._cost(upcoming[0]) <= self.budget):
+                queue.append(self._start(upcoming.popleft()))
+            item = queue.popleft()
+            if item.future is None:
+                info = item.node.checkpoint.tensors[item.node.name]  # type: ignore[attr-defined]
+                copy_range(info.file, info.begin, info.nbytes, fd)
+                self.executor.release(item.node)
+            else:
+                value = item.future.result()
+                write_all(fd, tensor_bytes(value))
+                del value
+                item.future = None
+                self.in_flight -= item.cost
+            self._raise_failed_checks()
+            on_tensor(item.node.nbytes)
+
+    def _cost(self, name: str) -> int:
+        node = self.graph[name]
+        return 0 if is_copy(node) else task_cost(node)
+
+    def _raise_failed_checks(self) -> None:
+        while self.checks and self.checks[0].done():
+            self.checks.popleft().result()
+
+    def finish_checks(self) -> None:
+        """Wait for the finiteness checks of copied tensors; raise the first failure."""
+        while self.checks:
+            self.checks.popleft().result()

@@ -1,0 +1,174 @@
+"""The pipelined local executor writes exactly the bytes of the plain one-tensor-at-a-time writer."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from surgeon.checkpoint import open_checkpoint
+from surgeon.errors import SurgeonError
+from surgeon.executor import ShardPipeline, copy_range, memory_budget
+from surgeon.graph import Apply, Const, Executor, Graph, Load, LowRank, Reduce
+from surgeon.writer import _header, plan_shards, write_graph
+
+
+def _source(tmp_path: Path) -> Path:
+    g = torch.Generator().manual_seed(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({f"layers.{i}.w": torch.randn(64, 48 + i, generator=g) for i in range(6)}
+              | {"embed": torch.randn(100, 32, generator=g).to(torch.bfloat16), "ids": torch.arange(7)},
+              src / "model.safetensors", metadata={"format": "pt"})
+    (src / "config.json").write_text(json.dumps({"model_type": "synthetic"}))
+    return src
+
+
+def _mixed_graph(src: Path) -> Graph:
+    """Untouched, renamed, cast, shared-input, low-rank, constant and reduction nodes in one graph."""
+    graph = Graph.from_checkpoint(open_checkpoint(str(src)))
+    nodes = graph.nodes
+    shared = nodes["layers.1.w"]
+    nodes["layers.0.w"] = Apply(lambda w: w.half(), [nodes["layers.0.w"]], label="cast", dtype=torch.float16)
+    nodes["layers.1.w"] = Apply(lambda w: w * 2, [shared], label="scale")
+    nodes["twice"] = Apply(lambda a, b: a + b[:, :49], [shared, nodes["layers.2.w"]], label="sum",
+                           shape=shared.shape)
+    nodes["layers.3.w"] = LowRank(nodes["layers.3.w"], torch.ones(64, 2), torch.ones(2, 51))
+    norm = Reduce([nodes[f"layers.{i}.w"] for i in (4, 5)], init=lambda: torch.zeros(()),
+                  step=lambda acc, v, i: acc + v.float().square().sum(), finish=lambda acc: acc.sqrt().reshape(1),
+                  shape=(1,), dtype=torch.float32, label="norm")
+    nodes["norm"] = norm
+    nodes["layers.4.w"] = Apply(lambda w, n: w / n, [nodes["layers.4.w"], norm], label="normalised")
+    nodes["renamed"] = Load(graph.sources[0], "embed")
+    nodes["const"] = Const(torch.linspace(0, 1, 9))
+    return graph
+
+
+def _plain_write(graph: Graph, folder: Path, max_shard: int) -> None:
+    """Reference: the plain writer, one tensor at a time in plan order, every value computed in this thread."""
+    folder.mkdir()
+    plans = plan_shards(graph, max_shard)
+    executor = Executor([graph[n] for p in plans for n in p.names])
+    for plan in plans:
+        header, _ = _header(graph, plan)
+        with open(folder / plan.file, "wb") as fh:
+            fh.write(header)
+            for name in plan.names:
+                value = executor.value(graph[name]).contiguous()
+                executor.release(graph[name])
+                fh.write(value.view(torch.uint8).reshape(-1).numpy().tobytes())
+
+
+@pytest.mark.parametrize(("workers", "max_memory"), [(1, "256MiB"), (3, "256MiB"), (4, "8GiB")])
+@pytest.mark.parametrize("max_shard", [10_000, 5_000_000_000])
+def test_pipelined_shards_equal_plain_writer_bytes(tmp_path, workers, max_memory, max_shard):
+    src = _source(tmp_path)
+    _plain_write(_mixed_graph(src), tmp_path / "plain", max_shard)
+    write_graph(_mixed_graph(src), tmp_path / "piped", max_shard_size=max_shard, max_memory=max_memory,
+                workers=workers)
+    plain = sorted(p.name for p in (tmp_path / "plain").glob("*.safetensors"))
+    assert plain == sorted(p.name for p in (tmp_path / "piped").glob("*.safetensors"))
+    assert len(plain) == (1 if max_shard > 1e6 else len(plain)) and plain
+    for name in plain:
+        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "piped" / name).read_bytes(), name
+
+
+def test_in_flight_bytes_stay_within_the_budget(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({f"w{i}": torch.randn(256, 256) for i in range(12)}, src / "model.safetensors")
+    graph = Graph.from_checkpoint(open_checkpoint(str(src)))
+    for name in graph.names():
+        graph.nodes[name] = Apply(lambda w: w + 1, [graph.nodes[name]], label="plus")
+    cost = 2 * 256 * 256 * 4  # output + input of one tensor
+    plan = plan_shards(graph, 5_000_000_000)[0]
+    executor = Executor([graph[n] for n in plan.names])
+    with open(tmp_path / "out.bin", "wb") as fh, ShardPipeline(graph, executor, budget=3 * cost, workers=4,
+                                                              allow_nonfinite=False) as pipe:
+        pipe.write(fh.fileno(), plan.names, lambda n: None)
+    assert 2 * cost <= pipe.peak_in_flight <= 3 * cost  # it does read ahead, and never past the budget
+
+
+def test_nan_in_an_untouched_tensor_is_refused_although_copied_by_the_kernel(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    bad = torch.randn(300, 300)
+    bad[299, 299] = float("nan")
+    save_file({"a": torch.randn(10, 10), "bad": bad}, src / "model.safetensors")
+    graph = Graph.from_checkpoint(open_checkpoint(str(src), allow_nonfinite=True))
+    with pytest.raises(SurgeonError, match="'bad' contains NaN or Inf"):
+        write_graph(graph, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
+    write_graph(graph, tmp_path / "out", allow_nonfinite=True)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes()[-4:] == bad[299, 299:].numpy().tobytes()
+
+
+@pytest.mark.parametrize("broken", [(), ("copy_file_range",), ("copy_file_range", "sendfile")])
+def test_kernel_copy_falls_back_where_the_system_refuses(tmp_path, monkeypatch, broken):
+    data = os.urandom(3 << 20)
+    (tmp_path / "src.bin").write_bytes(data)
+
+    def refuse(*a, **k):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    for name in broken:
+        monkeypatch.setattr(os, name, refuse)
+    fd = os.open(tmp_path / "dst.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.write(fd, b"head")
+        copy_range(tmp_path / "src.bin", 1000, len(data) - 2000, fd)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "dst.bin").read_bytes() == b"head" + data[1000:-1000]
+
+
+def test_truncated_source_is_named(tmp_path):
+    (tmp_path / "src.bin").write_bytes(b"x" * 100)
+    fd = os.open(tmp_path / "dst.bin", os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(SurgeonError, match="src.bin: file ends at byte 100"):
+            copy_range(tmp_path / "src.bin", 50, 100, fd)
+    finally:
+        os.close(fd)
+
+
+def test_shared_node_is_computed_once_across_threads():
+    calls = []
+    gate = threading.Barrier(4)
+    base = Const(torch.ones(3))
+
+    def slow(x):
+        calls.append(1)
+        return x * 3
+
+    shared = Apply(slow, [base], label="shared")
+    outs = [Apply(lambda x, k=k: x + k, [shared], label=f"out{k}") for k in range(4)]
+    executor = Executor(outs)
+    results = {}
+
+    def run(k):
+        gate.wait()
+        results[k] = executor.value(outs[k])
+        executor.release(outs[k])
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and executor.live == 0
+    assert all(torch.equal(results[k], torch.full((3,), 3.0 + k)) for k in range(4))
+
+
+def test_max_memory_is_parsed_and_checked():
+    assert memory_budget("1GiB") == 1 << 30
+    assert memory_budget(None) >= 256 << 20
+    with pytest.raises(SurgeonError, match="--max-memory: expected a size"):
+        memory_budget("lots")
+    with pytest.raises(SurgeonError, match="--max-memory: .* below the minimum"):
+        memory_budget("1MB")
