@@ -3,7 +3,7 @@
 Op subcommands are generated from each op's pydantic ``Params`` and built only when invoked: ``surgeon --help``
 lists them from the static ``OP_INDEX`` without importing torch or any op module.
 Results go to stdout (``--json``: one JSON object), logs and progress to stderr; exit 0 only on success,
-2 for bad input, 130 on Ctrl-C.
+2 for bad input, 130 on Ctrl-C, 143 on SIGTERM (temporary output removed in both cases).
 """
 from __future__ import annotations
 
@@ -418,18 +418,21 @@ def diff(
 ) -> None:
     """Per-tensor relative change, new zeros, delta rank; summary per layer."""
     from surgeon.checkpoint import open_checkpoint
-    from surgeon.diff import diff_checkpoints, plot_diff, render_diff
+    from surgeon.diff import check_plot_target, diff_checkpoints, plot_diff, render_diff
     from surgeon.graph import Graph
 
+    plot_path = check_plot_target(plot) if plot else None  # before the diff, which can take minutes
     ga, gb = (Graph.from_checkpoint(open_checkpoint(x)) for x in (a, b))
     result = diff_checkpoints(ga, gb)
-    if plot:
-        plot_diff(result, plot)
-        result["plot"] = plot
+    if plot_path is not None:
+        plot_diff(result, plot_path)
+        result["plot"] = str(plot_path)
     if json_out:
         sys.stdout.write(json.dumps(result, default=str) + "\n")
     else:
         render_diff(result)
+        if plot_path is not None:
+            sys.stderr.write(f"heatmap written to {plot_path}\n")
 
 
 @app.command()
@@ -462,9 +465,34 @@ def _is_click_exception(e: BaseException) -> bool:
     return hasattr(e, "exit_code") and hasattr(e, "show")
 
 
+class Terminated(BaseException):
+    """SIGTERM (``kill``, ``timeout``, a container stop) raised in the main thread, so that it unwinds like
+    Ctrl-C: the writer's temporary folder is removed and OUT is left as it was."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: maps errors to one line on stderr and the documented exit codes."""
-    args = sys.argv[1:] if argv is None else argv
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except Terminated:
+        sys.stderr.write("terminated: nothing was written\n")
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: list[str]) -> int:
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=args, prog_name="surgeon", standalone_mode=False)

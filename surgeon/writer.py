@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -62,13 +63,28 @@ def check_output_location(out: Path, sources: list[Path], force: bool) -> None:
             raise SurgeonError(f"output {out} overlaps the input {src}; choose another folder")
     if out.exists() and not out.is_dir():
         raise SurgeonError(f"output {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise SurgeonError(f"output {out} is not empty (pass --force to replace it)")
+    refuse_to_replace(out, force)
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
     if not os.access(parent, os.W_OK | os.X_OK):
         raise SurgeonError(f"output {out}: folder {parent} is not writable")
+    try:  # a real probe: root passes os.access everywhere, and /proc or /sys refuse new folders anyway
+        os.rmdir(tempfile.mkdtemp(prefix=".surgeon-probe-", dir=parent))
+    except OSError as e:
+        raise SurgeonError(f"output {out}: cannot create a folder in {parent} ({e.strerror or e})") from None
+
+
+def refuse_to_replace(out: Path, force: bool) -> None:
+    """A non-empty ``out`` is replaced only with ``force`` and only when a previous surgeon run wrote it (it
+    holds ``surgeon.json``): ``--force`` never deletes a folder that surgeon did not write."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
+        raise SurgeonError(f"output {out} is not empty (pass --force to replace it)")
+    if not (out / "surgeon.json").is_file():
+        raise SurgeonError(f"output {out} is not empty and was not written by surgeon (no surgeon.json); "
+                           "--force only replaces surgeon outputs: remove it yourself or choose another folder")
 
 
 @dataclass
@@ -225,15 +241,17 @@ def atomic_folder(out: Path, force: bool) -> Iterator[Path]:
     The temporary name carries this host's tag and pid, so a later write removes what a killed writer left.
     """
     out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
-    tmp = out.parent / f"{out.name}.tmp-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)
+        tmp = out.parent / f"{out.name}.tmp-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as e:
+        raise SurgeonError(f"output {out}: cannot create the folder ({e.strerror or e})") from None
     try:
         yield tmp
         if out.exists():
-            if any(out.iterdir()) and not force:
-                raise SurgeonError(f"output {out} is not empty (pass --force to replace it)")
+            refuse_to_replace(out, force)
             old = out.parent / f"{out.name}.old-{uuid.uuid4().hex[:8]}"
             out.rename(old)
             tmp.rename(out)
