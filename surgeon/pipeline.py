@@ -30,6 +30,7 @@ class RunOptions:
     allow_nonfinite: bool = False
     quiet: bool = False
     dry_run: bool = False
+    record_paths: bool = False  # full local paths in surgeon.json (the card never has them)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -155,7 +156,8 @@ def write_graph_with(graph, ctx, options: RunOptions, max_shard: int, provenance
 
     t0 = time.perf_counter()
     summary = write_graph(graph, options.output, ctx=ctx, force=options.force, max_shard_size=max_shard,
-                          allow_nonfinite=options.allow_nonfinite, provenance=provenance, recipe=recipe)
+                          allow_nonfinite=options.allow_nonfinite, provenance=provenance, recipe=recipe,
+                          record_paths=options.record_paths)
     summary["write_seconds"] = round(time.perf_counter() - t0, 3)
     return summary
 
@@ -183,7 +185,7 @@ def dry_run_plan(graph, graphs, validated, options: RunOptions) -> dict[str, Any
     model_level = any(spec.model_level for spec, _ in validated)
     estimate = total * (2 if model_level else 0) + 2 * largest + (400 << 20)
     return {
-        "output": options.output,
+        "output": str(Path(options.output).expanduser().resolve()) if options.output else None,
         "dry_run": True,
         "inputs": {k: g.sources[0].source_id for k, g in graphs.items()},
         "steps": [{"op": spec.name, "params": params.model_dump(mode="json"), "model_level": spec.model_level}

@@ -273,9 +273,13 @@ def atomic_folder(out: Path, force: bool) -> Iterator[Path]:
 
 def write_graph(graph: Graph, out: str | os.PathLike, *, ctx: Context | None = None, force: bool = False,
                 max_shard_size: int = DEFAULT_MAX_SHARD, allow_nonfinite: bool = False,
-                provenance: dict[str, Any] | None = None, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``graph`` as a Hub-ready folder at ``out``. Returns a summary (files, bytes, seconds)."""
-    from surgeon.card import render_card
+                provenance: dict[str, Any] | None = None, recipe: dict[str, Any] | None = None,
+                record_paths: bool = False) -> dict[str, Any]:
+    """Write ``graph`` as a Hub-ready folder at ``out``. Returns a summary (files, bytes, seconds).
+
+    Local paths (inputs, data files, the output) appear by name only in the card, and in ``surgeon.json`` unless
+    ``record_paths``; the returned summary keeps the full output path."""
+    from surgeon.card import render_card, without_local_paths
 
     out = Path(out)
     check_output_location(out, [s.path for s in graph.sources], force)
@@ -308,7 +312,10 @@ def write_graph(graph: Graph, out: str | os.PathLike, *, ctx: Context | None = N
                    "tensors": len(graph), "write_seconds": round(seconds, 3)}
         prov = dict(provenance or {})
         prov.setdefault("outputs", summary)
-        (tmp / "surgeon.json").write_text(json.dumps(prov, indent=2, default=str) + "\n")
+        prov = json.loads(json.dumps(prov, default=str))
+        if not record_paths:
+            prov = without_local_paths(prov)
+        (tmp / "surgeon.json").write_text(json.dumps(prov, indent=2) + "\n")
         (tmp / "README.md").write_text(render_card(graph, recipe=recipe, provenance=prov))
     return summary
 
