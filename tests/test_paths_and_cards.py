@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from surgeon.card import public_name, without_local_paths
 from surgeon.cli import main
 
 from conftest import save_tiny_llama_with_tokenizer, word_text
@@ -24,6 +23,8 @@ def model(tmp_path_factory) -> Path:
 
 # item 7 --------------------------------------------------------------------------------------------------------
 def test_public_name_keeps_names_and_repo_ids_only(tmp_path):
+    from surgeon.card import public_name, without_local_paths
+
     assert public_name("/home/alice/models/SmolLM2-135M") == "SmolLM2-135M"
     assert public_name("/home/alice/models/SmolLM2-135M/") == "SmolLM2-135M"
     assert public_name("~/data/train.txt") == "train.txt"
