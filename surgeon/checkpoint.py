@@ -415,6 +415,22 @@ def _builtin(name: str) -> Path:
     return cached_conversion(gguf)
 
 
+def looks_like_repo_id(text: str) -> bool:
+    """``owner/name``: one slash, not a relative or absolute path."""
+    return "/" in text and not text.startswith((".", "/", "~")) and text.count("/") == 1
+
+
+def missing_source_message(source: str) -> str | None:
+    """The error :func:`open_checkpoint` would give for a source that is neither a builtin name, an existing
+    file or folder, nor a repo id; None otherwise. Needs no torch: the CLI checks inputs with it first."""
+    s = str(source)
+    if s.startswith("builtin:"):
+        return None if s in BUILTIN_MODELS else f"{s}: unknown builtin model (have: {', '.join(BUILTIN_MODELS)})"
+    if Path(s).expanduser().exists() or looks_like_repo_id(s):
+        return None
+    return f"{s}: no such file or folder"
+
+
 def open_checkpoint(source: str | os.PathLike, *, allow_pickle: bool = False, online: bool = False,
                     allow_nonfinite: bool = False) -> Checkpoint:
     """Open any supported source. Raises :class:`SurgeonError` naming the source when it is not usable."""
@@ -432,7 +448,7 @@ def open_checkpoint(source: str | os.PathLike, *, allow_pickle: bool = False, on
         ck = open_folder(cached_conversion(p))
     elif p.is_file():
         raise SurgeonError(f"{p}: unsupported file type (expected a folder, .safetensors or .gguf)")
-    elif "/" in s and not s.startswith((".", "/", "~")) and s.count("/") == 1:
+    elif looks_like_repo_id(s):
         ck = open_folder(_hub_snapshot(s, online))
     else:
         raise SurgeonError(f"{s}: no such file or folder")
