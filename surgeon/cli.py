@@ -397,7 +397,7 @@ def render_plan(plan: dict[str, Any], console: Any) -> None:
     from rich.markup import escape
 
     lines = ["[bold]plan[/bold] (dry run: no tensor read, nothing written)"]
-    for name, source in plan.get("inputs", {}).items():
+    for source in plan.get("inputs", {}).values():
         lines.append(f"  input    {escape(str(source))}")
     for i, step in enumerate(plan.get("steps", []), 1):
         given = ", ".join(f"{k}={v}" for k, v in step.get("changed", step.get("params", {})).items())

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import save_tiny_llama_with_tokenizer, word_text
 
 from surgeon.cli import main
-
-from conftest import save_tiny_llama_with_tokenizer, word_text
 
 REPO = Path(__file__).resolve().parents[1]
 
