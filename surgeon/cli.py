@@ -392,6 +392,13 @@ def _gb(n: int | None) -> str:
     return "unknown until run" if n is None else f"{n / 1e9:.2f} GB" if n >= 1e7 else f"{n / 1e6:.2f} MB"
 
 
+def _short(value: Any, width: int = 60) -> str:
+    text = str(value)
+    if len(text) <= width:
+        return text
+    return f"[{len(value)} items]" if isinstance(value, (list, dict)) else text[: width - 1] + "…"
+
+
 def render_plan(plan: dict[str, Any], console: Any) -> None:
     """``--dry-run`` for a person: inputs, steps with the parameters given, tensors, sizes, peak memory."""
     from rich.markup import escape
@@ -400,7 +407,7 @@ def render_plan(plan: dict[str, Any], console: Any) -> None:
     for source in plan.get("inputs", {}).values():
         lines.append(f"  input    {escape(str(source))}")
     for i, step in enumerate(plan.get("steps", []), 1):
-        given = ", ".join(f"{k}={v}" for k, v in step.get("changed", step.get("params", {})).items())
+        given = ", ".join(f"{k}={_short(v)}" for k, v in step.get("given", step.get("params", {})).items())
         kind = " (forward passes)" if step.get("model_level") else ""
         lines.append(f"  step {i}   {step['op']}{kind}" + (f": {escape(given)}" if given else " (defaults)"))
     lines.append(f"  tensors  {plan.get('tensors')} ({_gb(plan.get('input_bytes'))} in)")

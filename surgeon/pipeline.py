@@ -245,7 +245,7 @@ def dry_run_plan(graph, graphs, validated, options: RunOptions) -> dict[str, Any
         "dry_run": True,
         "inputs": {k: g.sources[0].source_id for k, g in graphs.items()},
         "steps": [{"op": spec.name, "params": params.model_dump(mode="json"), "model_level": spec.model_level,
-                   "changed": params.model_dump(mode="json", exclude_defaults=True)}
+                   "given": params.model_dump(mode="json", exclude_unset=True)}
                   for spec, params in validated],
         "tensors": len(graph),
         "input_bytes": total,

@@ -53,7 +53,7 @@ def test_dry_run_without_json_prints_a_plan_for_a_person(model, tmp_path, capsys
     assert main(["cast", str(model), "--dtype", "float16", "-o", str(out), "--dry-run", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["output_bytes"] == _float_bytes_after_cast(model, 2)
-    assert plan["steps"][0]["changed"] == {"dtype": "float16"}
+    assert plan["steps"][0]["given"] == {"dtype": "float16"}
 
 
 def test_dry_run_says_when_the_output_size_is_only_known_by_running(model, tmp_path, capsys):
