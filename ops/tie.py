@@ -51,7 +51,9 @@ class Params(BaseModel):
         "auto", description="Shared weights: average of the tied layers, stepwise (layers at round(linspace)), or "
                             "lower (the first K layers). auto = stepwise at rank 0, average when relaxed.")
     rank: int = Field(64, ge=0, description="LoRA rank per unrolled layer and linear (0 = pure recursive model). "
-                                            "Capped at min(d_in, d_out); a rank at or above it is exact.")
+                                            "Capped at min(d_in, d_out): at that rank every relaxed linear is "
+                                            "exact, but the model equals the original only with --untie-norms "
+                                            "(tied norms are averaged, never relaxed).")
     rank_pattern: dict[str, int] = Field(
         default_factory=dict,
         description="Per-module ranks overriding --rank: keys are roles (attn.q, mlp.down), groups (attn, mlp) "

@@ -14,8 +14,7 @@ from surgeon.pipeline import RunOptions, run_steps
 def run_op(op: str, model: str | os.PathLike | list[str] | dict[str, str], *, output: str | os.PathLike | None = None,
            base: str | None = None, force: bool = False, device: str = "auto", seed: int = 0,
            quiet: bool = True, max_shard_size: str | int = "5GB", max_memory: str | int | None = None,
-           executor: str = "local",
-           **params: Any) -> dict[str, Any]:
+           executor: str = "local", record_paths: bool = False, **params: Any) -> dict[str, Any]:
     """Run one registered op on ``model`` (a path; a list or ``{name: path}`` for merges) and write ``output``."""
     if isinstance(model, dict):
         models = {str(k): str(v) for k, v in model.items()}
@@ -27,7 +26,8 @@ def run_op(op: str, model: str | os.PathLike | list[str] | dict[str, str], *, ou
         models = {str(base): str(base), **models} if str(base) not in models else models
         params.setdefault("base", str(base))
     opts = RunOptions(output=None if output is None else str(output), force=force, device=device, seed=seed,
-                      quiet=quiet, max_shard_size=max_shard_size, max_memory=max_memory, executor=executor)
+                      quiet=quiet, max_shard_size=max_shard_size, max_memory=max_memory, executor=executor,
+                      record_paths=record_paths)
     return run_steps(models, [(op, params)], opts, base=None if base is None else str(base))
 
 

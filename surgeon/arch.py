@@ -377,6 +377,10 @@ def _component_of(names: list[str], layout_key: str) -> str:
     return ""
 
 
+class LayerCountError(SurgeonError):
+    """config.json counts fewer layers than the tensors hold: every op would silently use a truncated model."""
+
+
 def roles_for(config: dict[str, Any], names: list[str], overrides: dict[str, Any] | None = None) -> Roles:
     """Resolve roles for a model with this ``config`` and these tensor names.
 
@@ -448,6 +452,13 @@ def roles_for(config: dict[str, Any], names: list[str], overrides: dict[str, Any
         if found < n_layers:
             raise SurgeonError(f"{family} model: config says {n_layers} layers but tensors exist for {found} "
                                f"(prefix {chosen!r})")
+        extra = _cfg(config, "num_nextn_predict_layers", default=0) or 0  # DeepSeek-style MTP layers follow
+        top = max(present) + 1
+        if "n_layers" not in overrides and top > n_layers + int(extra):
+            raise LayerCountError(
+                f"{family} model: config.json says num_hidden_layers={n_layers} but the tensors hold layers "
+                f"0..{top - 1} ({top} layers, prefix {chosen!r}); transformers would silently drop the extra "
+                f"layers: fix num_hidden_layers in config.json, or drop the extra layers' tensors")
         prefixes = [chosen.format(i=i) for i in range(n_layers)]
 
     embed = _resolve_global(layout.get("embed"), name_set, comp)

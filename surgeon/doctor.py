@@ -56,13 +56,16 @@ def collect() -> dict[str, Any]:
     return info
 
 
-def render(info: dict[str, Any]) -> None:
+def render(info: dict[str, Any], console: Any = None) -> None:
+    """One row per fact; long values (paths) wrap instead of being cut, so they can be copied."""
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title="surgeon doctor", show_header=False)
+    t.add_column("what", no_wrap=True)
+    t.add_column("value", overflow="fold")
     for k, v in info.items():
         if isinstance(v, dict):
             v = ", ".join(f"{a}={b}" for a, b in v.items())
         t.add_row(k, str(v))
-    Console().print(t)
+    (console or Console()).print(t)

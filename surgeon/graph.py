@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -235,8 +236,8 @@ def guess_base_model(ck: Checkpoint) -> str | None:
     cfg = ck.config
     name = cfg.get("_name_or_path") if isinstance(cfg, dict) else None
     src = ck.source_id
-    if src and "/" in src and not src.startswith((".", "/", "~")) and src.count("/") == 1:
-        return src
+    if src and "/" in src and not src.startswith((".", "/", "~")) and src.count("/") == 1 and not Path(src).exists():
+        return src  # a repo id, not a local folder that happens to have one slash
     if isinstance(name, str) and name.count("/") == 1 and not name.startswith((".", "/")):
         return name
     return None

@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from surgeon.errors import SurgeonError
+
 
 def inspect_checkpoint(source: str, *, sparsity: bool = False, allow_pickle: bool = False) -> dict[str, Any]:
     from surgeon.checkpoint import open_checkpoint
@@ -39,6 +41,14 @@ def inspect_checkpoint(source: str, *, sparsity: bool = False, allow_pickle: boo
         "side_files": sorted(ck.side_files),
         "quantization_config": cfg.get("quantization_config"),
     }
+    try:
+        from surgeon.arch import LayerCountError, roles_for
+
+        roles_for(cfg, list(ck.tensors))
+    except LayerCountError as e:  # the same words every op refuses with
+        info["problems"] = [str(e)]
+    except SurgeonError:
+        pass  # an architecture surgeon does not know: nothing to check layers against
     if sparsity:
         per = {}
         zeros = 0
@@ -67,6 +77,8 @@ def render_inspection(info: dict[str, Any]) -> None:
     if "zero_fraction" in info:
         t.add_row("zero_fraction", f"{info['zero_fraction']:.4f}")
     console.print(t)
+    for problem in info.get("problems", []):
+        console.print(f"[bold red]problem:[/bold red] {problem}", highlight=False)
     if "sparsity" in info:
         s = Table("tensor", "zero fraction")
         for n, z in info["sparsity"].items():

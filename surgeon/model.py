@@ -52,6 +52,18 @@ def _component_config(graph: Graph, component: str) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in _DROP_CONFIG_KEYS}
 
 
+def _refuse_truncating_config(config: dict[str, Any], names: list[str]) -> None:
+    """A config with fewer layers than the tensors would build a shorter model that silently ignores the rest."""
+    from surgeon.arch import LayerCountError, roles_for
+
+    try:
+        roles_for(config, names)
+    except LayerCountError:
+        raise
+    except SurgeonError:
+        pass  # families surgeon does not know are built by transformers alone
+
+
 def _build_empty(kind: str, cfg: dict[str, Any]) -> nn.Module:
     """The module with parameters on ``meta`` and buffers computed for real."""
     from accelerate import init_empty_weights
@@ -142,7 +154,10 @@ def materialize(graph: Graph, device: str = "cpu", dtype: str | torch.dtype = "f
         component = _DEFAULT_COMPONENT[kind]
     cdtype = _torch_dtype(dtype)
     dev = torch.device(device)
-    module = _build_empty(kind, _component_config(graph, component))
+    config = _component_config(graph, component)
+    if kind == "causal-lm":
+        _refuse_truncating_config(config, graph.names())
+    module = _build_empty(kind, config)
     names = _param_name_map(module, graph.names(), component)
     params = dict(module.named_parameters(remove_duplicate=False))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,22 +34,51 @@ class RunOptions:
     allow_nonfinite: bool = False
     quiet: bool = False
     dry_run: bool = False
+    record_paths: bool = False  # full local paths in surgeon.json (the card never has them)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def pydantic_message(e: ValidationError, where: str) -> str:
-    """One line naming the field(s) and what was expected."""
+#: pydantic's prefixes on messages raised by validators ("Value error, sparsity must be ...")
+_PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+def as_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _flags_in(message: str, fields: list[str]) -> str:
+    """``nm: ...`` / ``sparsity=0.3 contradicts nm=2:4`` -> ``--nm: ...`` / ``--sparsity=0.3 contradicts
+    --nm=2:4``: field names that a validator wrote in recipe style, as the CLI flags the user typed."""
+    if not fields:
+        return message
+    names = "|".join(re.escape(f) for f in sorted(fields, key=len, reverse=True))
+    return re.sub(rf"(?<![\w.-])({names})(?=[=:])", lambda m: as_flag(m.group(1)), message)
+
+
+def pydantic_message(e: ValidationError, where: str, *, cli_fields: list[str] | None = None) -> str:
+    """One line naming the field(s) and what was expected. With ``cli_fields`` (the command line), fields are
+    named as flags (``--bits``) and there is no ``where`` prefix."""
     parts = []
     for err in e.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "__root__")
-        msg = err.get("msg", "invalid")
+        loc_parts = [str(x) for x in err.get("loc", ()) if x != "__root__"]
+        msg = str(err.get("msg", "invalid"))
+        for prefix in _PYDANTIC_PREFIXES:
+            msg = msg.removeprefix(prefix)
         if err.get("type") == "extra_forbidden":
             msg = "unknown field"
+        if cli_fields is not None:
+            msg = _flags_in(msg, cli_fields)
+            loc = " ".join([as_flag(loc_parts[0]), *loc_parts[1:]]) if loc_parts else ""
+        else:
+            loc = ".".join(loc_parts)
         parts.append(f"{loc}: {msg}" if loc else msg)
-    return f"{where}: " + "; ".join(parts)
+    text = "; ".join(parts)
+    return text if cli_fields is not None else f"{where}: {text}"
 
 
-def validate_step(op: str, params: dict[str, Any] | BaseModel | None, where: str = "") -> tuple[OpSpec, BaseModel]:
+def validate_step(op: str, params: dict[str, Any] | BaseModel | None, where: str = "", *,
+                  cli: bool = False) -> tuple[OpSpec, BaseModel]:
+    """``op``'s params validated. Errors name ``where: field`` (recipes) or, with ``cli``, the flag."""
     spec = get_op(op)
     if isinstance(params, spec.params):
         return spec, params
@@ -64,7 +94,8 @@ def validate_step(op: str, params: dict[str, Any] | BaseModel | None, where: str
     try:
         return spec, spec.params(**raw)
     except ValidationError as e:
-        raise SurgeonError(pydantic_message(e, where or op)) from None
+        fields = list(spec.params.model_fields) if cli else None
+        raise SurgeonError(pydantic_message(e, where or op, cli_fields=fields)) from None
 
 
 def open_models(models: dict[str, str], options: RunOptions):
@@ -101,11 +132,16 @@ def run_steps(models: dict[str, str], steps: list[tuple[str, Any]], options: Run
     """
     if not models:
         raise SurgeonError("no input model given")
+    from surgeon.checkpoint import missing_source_message
+
+    for src in models.values():  # before the op modules (and torch) are imported
+        if missing_source_message(src):
+            raise SurgeonError(missing_source_message(src) or "")
     validated = [validate_step(op, params, where=f"steps.{i}.{op}") for i, (op, params) in enumerate(steps)]
     writes = any(spec.writes for spec, _ in validated) or not validated
     if options.output is None and writes and not options.dry_run:
         raise SurgeonError("no output folder given (use -o/--output, or `output:` in the recipe)")
-    from surgeon.writer import check_output_location, parse_size
+    from surgeon.outputs import check_output_location, parse_size
 
     max_shard = parse_size(options.max_shard_size)
     check_executor(options)
@@ -173,7 +209,8 @@ def write_graph_with(graph, ctx, options: RunOptions, max_shard: int, provenance
     t0 = time.perf_counter()
     summary = write_graph(graph, options.output, ctx=ctx, force=options.force, max_shard_size=max_shard,
                           allow_nonfinite=options.allow_nonfinite, provenance=provenance, recipe=recipe,
-                          max_memory=options.max_memory, executor=options.executor)
+                          max_memory=options.max_memory, executor=options.executor,
+                          record_paths=options.record_paths)
     summary["write_seconds"] = round(time.perf_counter() - t0, 3)
     return summary
 
@@ -194,6 +231,27 @@ def _jsonable(obj: Any) -> Any:
         return str(obj)
 
 
+#: ops whose ``apply`` only builds lazy nodes (reads no tensor): a dry run applies them to learn output shapes
+#: and dtypes. Model-level ops change values, never shapes or dtypes.
+PLANNED_BY_APPLYING = {"cast", "drop", "rename", "prune.magnitude", "merge.linear", "merge.task-arithmetic",
+                       "merge.ties", "merge.dare"}
+
+
+def planned_output_bytes(graph, graphs, validated, options: RunOptions) -> int | None:
+    """Bytes of the tensors the run would write, without computing any; None when a step changes the format
+    in a way only running it tells (ShiftAdd packing, tying, OPCM/RMM/MWA/revert, recover)."""
+    from surgeon.context import Context
+
+    g = graph
+    ctx = Context(device="cpu", seed=options.seed, graphs=graphs, quiet=True, origin=graph)
+    for spec, params in validated:
+        if spec.name in PLANNED_BY_APPLYING:
+            g = spec.apply(g, params, ctx)
+        elif not (spec.model_level or not spec.writes):
+            return None
+    return sum(g[n].nbytes for n in g.names())
+
+
 def dry_run_plan(graph, graphs, validated, options: RunOptions) -> dict[str, Any]:
     """What would happen, without computing: steps, input sizes, output size and a memory estimate."""
     largest = max((graph[n].nbytes for n in graph.names()), default=0)
@@ -201,13 +259,15 @@ def dry_run_plan(graph, graphs, validated, options: RunOptions) -> dict[str, Any
     model_level = any(spec.model_level for spec, _ in validated)
     estimate = total * (2 if model_level else 0) + 2 * largest + (400 << 20)
     return {
-        "output": options.output,
+        "output": str(Path(options.output).expanduser().resolve()) if options.output else None,
         "dry_run": True,
         "inputs": {k: g.sources[0].source_id for k, g in graphs.items()},
-        "steps": [{"op": spec.name, "params": params.model_dump(mode="json"), "model_level": spec.model_level}
+        "steps": [{"op": spec.name, "params": params.model_dump(mode="json"), "model_level": spec.model_level,
+                   "given": params.model_dump(mode="json", exclude_unset=True)}
                   for spec, params in validated],
         "tensors": len(graph),
         "input_bytes": total,
+        "output_bytes": planned_output_bytes(graph, graphs, validated, options),
         "largest_tensor_bytes": largest,
         "memory_estimate_bytes": estimate,
         "executor": executor_plan(graph, options),

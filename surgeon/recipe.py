@@ -9,6 +9,9 @@ steps:
 output: ./out
 push: {repo_id: me/model, private: true}
 ```
+
+Relative paths (``model``, ``models``, ``output`` and every data file of a step) are relative to the current
+folder, as on the command line, whatever folder the recipe file is in.
 """
 from __future__ import annotations
 
@@ -38,11 +41,14 @@ class Recipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     version: int = Field(SCHEMA_VERSION, description="Recipe schema version (currently 1).")
-    model: str | None = Field(None, description="Input checkpoint: folder, .safetensors, .gguf or cached repo id.")
+    model: str | None = Field(None, description="Input checkpoint: folder, .safetensors, .gguf, cached repo id or "
+                                                "builtin:smollm2. Relative paths here and everywhere in a recipe "
+                                                "are relative to the current folder.")
     models: dict[str, str] | None = Field(None, description="Named inputs for merges: {name: path}.")
     base: str | None = Field(None, description="Name (in `models`) of the base model for merges.")
     steps: list[dict[str, dict[str, Any] | None]] = Field(description="Ordered operations: `- op.name: {params}`.")
-    output: str | None = Field(None, description="Output folder (written atomically).")
+    output: str | None = Field(None, description="Output folder (written atomically; relative to the current "
+                                                 "folder).")
     push: PushSpec | None = Field(None, description="Push the output to the Hub after writing.")
     device: str = Field("auto", description="auto | cpu | cuda for every step's heavy math.")
     seed: int = Field(0, description="Seed for every random choice (sampling, DARE drops, LoRA init).")
@@ -53,6 +59,8 @@ class Recipe(BaseModel):
                                               "on this machine) or ray (one task per output shard on the cluster "
                                               "named by RAY_ADDRESS).")
     allow_nonfinite: bool = Field(False, description="Write tensors containing NaN/Inf instead of refusing.")
+    record_paths: bool = Field(False, description="Keep full local paths in surgeon.json (by default inputs and "
+                                                  "data files appear by name; the model card never shows them).")
     arch: dict[str, Any] | None = Field(None, description="Architecture role overrides for unknown families.")
 
     @model_validator(mode="after")
@@ -72,19 +80,13 @@ def _did_you_mean(word: str, options: list[str]) -> str:
     return f" (did you mean {near[0]!r}?)" if near else ""
 
 
-def _resolve_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """Relative `model`/`models`/`output` paths are relative to the recipe file's folder."""
+def _expand_home(raw: dict[str, Any]) -> dict[str, Any]:
+    """``~`` in `model`/`models`/`output`. Nothing else: every relative path in a recipe (inputs, output, data
+    files of steps) is relative to the current folder, like every path typed on the command line, not to the
+    recipe file's folder."""
 
     def fix(p: str) -> str:
-        if p.startswith("builtin:"):
-            return p
-        q = Path(os.path.expanduser(p))
-        if q.is_absolute():
-            return str(q)
-        cand = folder / q
-        if cand.exists() or p.startswith((".", "..")) or "/" not in p or p.count("/") > 1:
-            return str(cand)
-        return p  # possibly a repo id like org/name
+        return p if p.startswith("builtin:") else os.path.expanduser(p)
 
     out = dict(raw)
     if isinstance(out.get("model"), str):
@@ -92,8 +94,7 @@ def _resolve_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
     if isinstance(out.get("models"), dict):
         out["models"] = {k: fix(str(v)) for k, v in out["models"].items()}
     if isinstance(out.get("output"), str):
-        out["output"] = str(folder / os.path.expanduser(out["output"])) if not Path(
-            os.path.expanduser(out["output"])).is_absolute() else out["output"]
+        out["output"] = fix(out["output"])
     return out
 
 
@@ -148,7 +149,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
 def load_recipe(source: str | os.PathLike | dict[str, Any], overrides: list[str] | None = None) -> Recipe:
     """Parse, apply ``--set`` overrides, and validate the recipe and every step's params (no tensor read)."""
     if isinstance(source, dict):
-        raw, folder, where = dict(source), Path.cwd(), "recipe"
+        raw, where = dict(source), "recipe"
     else:
         p = Path(source)
         if not p.is_file():
@@ -159,7 +160,7 @@ def load_recipe(source: str | os.PathLike | dict[str, Any], overrides: list[str]
             mark = getattr(e, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark is not None else ""
             raise SurgeonError(f"{p}:{line} invalid YAML ({getattr(e, 'problem', e)})") from None
-        folder, where = p.resolve().parent, str(p)
+        where = str(p)
         if not isinstance(raw, dict):
             raise SurgeonError(f"{p}: a recipe is a YAML mapping with `model`/`models`, `steps` and `output`")
     for a in overrides or []:
@@ -167,7 +168,7 @@ def load_recipe(source: str | os.PathLike | dict[str, Any], overrides: list[str]
     unknown = [k for k in raw if k not in Recipe.model_fields]
     if unknown:
         raise SurgeonError(f"{where}: unknown key {unknown[0]!r}{_did_you_mean(unknown[0], list(Recipe.model_fields))}")
-    raw = _resolve_paths(raw, folder)
+    raw = _expand_home(raw)
     try:
         recipe = Recipe(**raw)
     except ValidationError as e:
@@ -211,7 +212,7 @@ def execute_recipe(recipe: Recipe, *, output: str | None = None, force: bool = F
     opts = RunOptions(output=output or recipe.output, force=force, device=device or recipe.device,
                       seed=recipe.seed, max_shard_size=recipe.max_shard_size, quiet=quiet, dry_run=dry_run,
                       max_memory=recipe.max_memory, executor=recipe.executor,
-                      allow_nonfinite=recipe.allow_nonfinite)
+                      allow_nonfinite=recipe.allow_nonfinite, record_paths=recipe.record_paths)
     result = run_steps(recipe_models(recipe), steps, opts, recipe=recipe.model_dump(mode="json", exclude_none=True),
                        base=recipe.base)
     if recipe.push is not None and not dry_run and result.get("output"):

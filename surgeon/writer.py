@@ -25,51 +25,13 @@ from surgeon.checkpoint import TORCH_TO_SAFETENSORS
 from surgeon.errors import SurgeonError
 from surgeon.executor import write_all
 from surgeon.graph import Executor, Graph, Node
+from surgeon.outputs import check_output_location, parse_size, refuse_to_replace  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from surgeon.context import Context
     from surgeon.executor import ShardPipeline
 
 DEFAULT_MAX_SHARD = 5_000_000_000
-
-
-def parse_size(text: str | int, flag: str = "--max-shard-size") -> int:
-    """``5GB`` / ``500MB`` / ``1.5GiB`` / plain bytes -> bytes (decimal units like huggingface_hub)."""
-    if isinstance(text, int):
-        return text
-    t = str(text).strip().upper().replace(" ", "")
-    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40, "KB": 10**3, "MB": 10**6,
-             "GB": 10**9, "TB": 10**12, "B": 1}
-    for u, m in units.items():
-        if t.endswith(u):
-            try:
-                return int(float(t[: -len(u)]) * m)
-            except ValueError:
-                break
-    try:
-        return int(t)
-    except ValueError:
-        raise SurgeonError(f"{flag}: expected a size like 5GB or 500MB, got {text!r}") from None
-
-
-def check_output_location(out: Path, sources: list[Path], force: bool) -> None:
-    """Refuse before any work: OUT inside/equal to an input, an input inside OUT, a non-empty OUT without
-    force, or a parent that cannot be written."""
-    out = Path(out).resolve()
-    for src in sources:
-        s = Path(src).resolve()
-        s_dir = s if s.is_dir() else s.parent
-        if out == s_dir or out == s or s_dir in out.parents or out in s_dir.parents:
-            raise SurgeonError(f"output {out} overlaps the input {src}; choose another folder")
-    if out.exists() and not out.is_dir():
-        raise SurgeonError(f"output {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise SurgeonError(f"output {out} is not empty (pass --force to replace it)")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise SurgeonError(f"output {out}: folder {parent} is not writable")
 
 
 @dataclass
@@ -211,15 +173,17 @@ def atomic_folder(out: Path, force: bool) -> Iterator[Path]:
     The temporary name carries this host's tag and pid, so a later write removes what a killed writer left.
     """
     out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
-    tmp = out.parent / f"{out.name}.tmp-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)
+        tmp = out.parent / f"{out.name}.tmp-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as e:
+        raise SurgeonError(f"output {out}: cannot create the folder ({e.strerror or e})") from None
     try:
         yield tmp
         if out.exists():
-            if any(out.iterdir()) and not force:
-                raise SurgeonError(f"output {out} is not empty (pass --force to replace it)")
+            refuse_to_replace(out, force)
             old = out.parent / f"{out.name}.old-{uuid.uuid4().hex[:8]}"
             out.rename(old)
             tmp.rename(out)
@@ -243,13 +207,15 @@ def write_graph(graph: Graph, out: str | os.PathLike, *, ctx: Context | None = N
                 max_shard_size: int = DEFAULT_MAX_SHARD, allow_nonfinite: bool = False,
                 provenance: dict[str, Any] | None = None, recipe: dict[str, Any] | None = None,
                 max_memory: str | int | None = None, workers: int | None = None,
-                executor: str = "local") -> dict[str, Any]:
+                executor: str = "local", record_paths: bool = False) -> dict[str, Any]:
     """Write ``graph`` as a Hub-ready folder at ``out``. Returns a summary (files, bytes, seconds).
 
     ``executor="local"``: shards are written by :class:`surgeon.executor.ShardPipeline` (compute ahead within
     ``max_memory``, kernel-side copies of untouched tensors, finiteness checks off the write path).
-    ``executor="ray"``: one task per shard on a Ray cluster (:mod:`surgeon.ray_executor`)."""
-    from surgeon.card import render_card
+    ``executor="ray"``: one task per shard on a Ray cluster (:mod:`surgeon.ray_executor`).
+    Local paths (inputs, data files, the output) appear by name only in the card, and in ``surgeon.json`` unless
+    ``record_paths``; the returned summary keeps the full output path."""
+    from surgeon.card import render_card, without_local_paths
     from surgeon.executor import ShardPipeline, largest_task, memory_budget
 
     out = Path(out)
@@ -290,7 +256,10 @@ def write_graph(graph: Graph, out: str | os.PathLike, *, ctx: Context | None = N
                    "tensors": len(graph), "write_seconds": round(seconds, 3)}
         prov = dict(provenance or {})
         prov.setdefault("outputs", summary)
-        (tmp / "surgeon.json").write_text(json.dumps(prov, indent=2, default=str) + "\n")
+        prov = json.loads(json.dumps(prov, default=str))
+        if not record_paths:
+            prov = without_local_paths(prov)
+        (tmp / "surgeon.json").write_text(json.dumps(prov, indent=2) + "\n")
         (tmp / "README.md").write_text(render_card(graph, recipe=recipe, provenance=prov))
     return summary
 

@@ -37,3 +37,11 @@ def test_readme_gives_the_two_commands():
     head = "\n".join(text.splitlines()[:15])
     assert "make demo" in head and "make test" in head
     assert "MEASURED_TABLE" not in text
+
+
+def test_stored_cli_options_are_generated_from_the_models():
+    """The CLI builds op commands (and their --help) from this file so that it never imports torch for them."""
+    from surgeon.cli import OP_OPTIONS_FILE, render_op_options
+
+    assert OP_OPTIONS_FILE.read_text(encoding="utf-8") == render_op_options(), \
+        "regenerate with: python -m surgeon.docgen --op-options > surgeon/assets/op_options.json"

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from surgeon.checkpoint import read_utf8_text
 from surgeon.errors import SurgeonError
 
 
@@ -104,7 +105,7 @@ def load_requests(path: str | Path) -> list[Request]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise SurgeonError(f"--requests {path}: no such file (expected .jsonl, .json or .yaml)")
-    text = p.read_text(encoding="utf-8")
+    text = read_utf8_text(p)
     out: list[Request] = []
     if p.suffix == ".jsonl":
         for lineno, line in enumerate(text.splitlines(), 1):

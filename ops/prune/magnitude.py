@@ -20,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from surgeon.kernels.select import StreamingKth, fp32_bits, key_to_float, zero_below, zero_smallest_k
 
+from surgeon.checkpoint import check_finite
 from surgeon.context import Context
 from surgeon.graph import Graph, Reduce
 from surgeon.registry import register
@@ -84,13 +85,26 @@ def magnitude_prune(w: torch.Tensor, sparsity: float, *, device: str = "cpu") ->
     return zero_smallest_k(w, n_pruned(w.numel(), sparsity), device=device, absolute=True)
 
 
-def global_threshold_nodes(nodes: list, k: int, facts: dict[str, Any]) -> Reduce:
+UNRANKABLE = ("magnitude pruning ranks weights by size and NaN/Inf have no rank; --allow-nonfinite only lets "
+              "such tensors pass through ops that do not rank them: exclude it with --exclude")
+
+
+def _finite_magnitude_prune(name: str, sparsity: float, device: str):
+    def fn(w: torch.Tensor) -> torch.Tensor:
+        check_finite(name, w, UNRANKABLE)
+        return magnitude_prune(w, sparsity, device=device)
+
+    return fn
+
+
+def global_threshold_nodes(nodes: list, k: int, facts: dict[str, Any], names: list[str] | None = None) -> Reduce:
     """Two chained streaming reductions giving ``[threshold_key, ties_0, ties_1, …]`` (int64): the k-th smallest
     |w| over all ``nodes`` as an order-preserving fp32 key, and how many entries equal to it each tensor must
     zero so that exactly k go overall (ties broken by tensor order, then flat index)."""
     n = len(nodes)
 
     def high_step(acc: StreamingKth, v: torch.Tensor, i: int) -> StreamingKth:
+        check_finite(names[i] if names else f"#{i}", v, UNRANKABLE)
         acc.add_high(v)
         return acc
 
@@ -162,7 +176,7 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
         for name in names:
             dense = graph[name]
             numel = dense.shape[0] * dense.shape[1]
-            graph.nodes[name] = Pruned(lambda w: magnitude_prune(w, params.sparsity, device=dev), [dense],
+            graph.nodes[name] = Pruned(_finite_magnitude_prune(name, params.sparsity, dev), [dense],
                                        dense=dense, label="prune-magnitude")
             per_tensor[name] = (n_pruned(numel, params.sparsity), numel)
         ctx.report(method="magnitude", scope="layer", **sparsity_facts(per_tensor))
@@ -174,7 +188,7 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
         if k == 0:
             ctx.report(method="magnitude", scope="global", sparsity=0.0, pruned_tensors=len(names))
             return graph
-        reduced = global_threshold_nodes(nodes, k, facts)
+        reduced = global_threshold_nodes(nodes, k, facts, names)
         for i, (name, dense) in enumerate(zip(names, nodes)):
             graph.nodes[name] = Pruned(_prune_below(i, facts, name), [reduced, dense], dense=dense,
                                        label="prune-magnitude-global")
