@@ -420,7 +420,25 @@ def render_plan(plan: dict[str, Any], console: Any) -> None:
     lines.append(f"  output   {escape(str(out)) if out else '(none given)'}: {_gb(plan.get('output_bytes'))}")
     if plan.get("memory_estimate_bytes") is not None:
         lines.append(f"  peak memory  about {plan['memory_estimate_bytes'] / 1e9:.2f} GB")
+    lines += _executor_lines(plan.get("executor"))
     console.print("\n".join(lines), highlight=False, soft_wrap=True)  # long paths stay whole
+
+
+def _executor_lines(executor: dict[str, Any] | None) -> list[str]:
+    """Where the writing runs: the local pipeline's budget, or Ray's tasks with their memory requests."""
+    if not executor:
+        return []
+    if executor.get("name") == "ray":
+        tasks = executor.get("tasks", [])
+        lines = [f"  executor ray at {executor.get('address') or '(RAY_ADDRESS not set)'}: {len(tasks)} tasks, "
+                 "one per output shard"]
+        lines += [f"    {t['shard']}: {t['tensors']} tensors, {_gb(t['bytes'])}, "
+                  f"memory {t['memory_bytes'] / 1e9:.2f} GB" for t in tasks[:8]]
+        if len(tasks) > 8:
+            lines.append(f"    ... {len(tasks) - 8} more")
+        return lines
+    return [f"  executor local: {executor.get('shards')} shards, {executor.get('compute_threads')} compute "
+            f"thread(s), in flight at most {executor.get('memory_budget_bytes', 0) / 1e9:.2f} GB"]
 
 
 # ---------------------------------------------------------------------------------------------------------

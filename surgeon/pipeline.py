@@ -237,8 +237,8 @@ PLANNED_BY_APPLYING = {"cast", "drop", "rename", "prune.magnitude", "merge.linea
                        "merge.ties", "merge.dare"}
 
 
-def planned_output_bytes(graph, graphs, validated, options: RunOptions) -> int | None:
-    """Bytes of the tensors the run would write, without computing any; None when a step changes the format
+def planned_graph(graph, graphs, validated, options: RunOptions):
+    """The graph the run would write, built without computing any tensor; None when a step changes the format
     in a way only running it tells (ShiftAdd packing, tying, OPCM/RMM/MWA/revert, recover)."""
     from surgeon.context import Context
 
@@ -249,7 +249,7 @@ def planned_output_bytes(graph, graphs, validated, options: RunOptions) -> int |
             g = spec.apply(g, params, ctx)
         elif not (spec.model_level or not spec.writes):
             return None
-    return sum(g[n].nbytes for n in g.names())
+    return g
 
 
 def dry_run_plan(graph, graphs, validated, options: RunOptions) -> dict[str, Any]:
@@ -258,6 +258,7 @@ def dry_run_plan(graph, graphs, validated, options: RunOptions) -> dict[str, Any
     total = sum(graph[n].nbytes for n in graph.names())
     model_level = any(spec.model_level for spec, _ in validated)
     estimate = total * (2 if model_level else 0) + 2 * largest + (400 << 20)
+    planned = planned_graph(graph, graphs, validated, options)
     return {
         "output": str(Path(options.output).expanduser().resolve()) if options.output else None,
         "dry_run": True,
@@ -267,16 +268,17 @@ def dry_run_plan(graph, graphs, validated, options: RunOptions) -> dict[str, Any
                   for spec, params in validated],
         "tensors": len(graph),
         "input_bytes": total,
-        "output_bytes": planned_output_bytes(graph, graphs, validated, options),
+        "output_bytes": None if planned is None else sum(planned[n].nbytes for n in planned.names()),
         "largest_tensor_bytes": largest,
         "memory_estimate_bytes": estimate,
-        "executor": executor_plan(graph, options),
+        "executor": executor_plan(graph if planned is None else planned, options),
     }
 
 
 def executor_plan(graph, options: RunOptions) -> dict[str, Any]:
     """Where the tensor-wise writing runs: the local pipeline's budget and threads, or Ray's tasks (one per
-    output shard, each with its memory request)."""
+    output shard, each with its memory request), for the planned output graph (the input's where a step's
+    output is only known by running it)."""
     from surgeon.executor import compute_workers, largest_task, memory_budget
     from surgeon.writer import parse_size, plan_shards
 

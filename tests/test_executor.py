@@ -172,3 +172,32 @@ def test_max_memory_is_parsed_and_checked():
         memory_budget("lots")
     with pytest.raises(SurgeonError, match="--max-memory: .* below the minimum"):
         memory_budget("1MB")
+
+
+def test_dry_run_shows_the_executor_its_tasks_and_their_memory(tmp_path, capsys):
+    from surgeon.cli import main
+
+    src = _source(tmp_path)
+    argv = ["cast", str(src), "--dtype", "bfloat16", "-o", str(tmp_path / "o"), "--dry-run", "--json",
+            "--max-shard-size", "20KB"]
+    assert main([*argv, "--executor", "ray"]) == 0
+    plan = json.loads(capsys.readouterr().out)["executor"]
+    shards = {p.file: p for p in plan_shards(_cast_graph(src), 20_000)}
+    assert plan["name"] == "ray" and [t["shard"] for t in plan["tasks"]] == list(shards)
+    for task in plan["tasks"]:
+        assert task["bytes"] == shards[task["shard"]].nbytes  # the bf16 output, not the fp32 input
+        assert task["memory_bytes"] >= 512 << 20
+    assert main([*argv, "--max-memory", "1GiB"]) == 0
+    plan = json.loads(capsys.readouterr().out)["executor"]
+    assert plan == {"name": "local", "memory_budget_bytes": 1 << 30, "compute_threads": plan["compute_threads"],
+                    "shards": len(shards)}
+    assert not (tmp_path / "o").exists()
+
+
+def _cast_graph(src: Path) -> Graph:
+    graph = Graph.from_checkpoint(open_checkpoint(str(src)))
+    for name in graph.names():
+        node = graph.nodes[name]
+        if node.dtype.is_floating_point:
+            graph.nodes[name] = Apply(lambda w: w.bfloat16(), [node], label="cast", dtype=torch.bfloat16)
+    return graph
