@@ -430,10 +430,10 @@ def _executor_lines(executor: dict[str, Any] | None) -> list[str]:
         return []
     if executor.get("name") == "ray":
         tasks = executor.get("tasks", [])
-        lines = [f"  executor ray at {executor.get('address') or '(RAY_ADDRESS not set)'}: {len(tasks)} tasks, "
-                 "one per output shard"]
-        lines += [f"    {t['shard']}: {t['tensors']} tensors, {_gb(t['bytes'])}, "
-                  f"memory {t['memory_bytes'] / 1e9:.2f} GB" for t in tasks[:8]]
+        address = executor.get("address") or "(RAY_ADDRESS not set)"
+        lines = [f"  executor ray at {address}: {len(tasks)} tasks, one per output shard"]
+        lines += [f"    {t['shard']}: {t['tensors']} tensors, {_gb(t['bytes'])}, memory {t['memory_bytes'] / 1e9:.2f} GB"
+                  for t in tasks[:8]]
         if len(tasks) > 8:
             lines.append(f"    ... {len(tasks) - 8} more")
         return lines
