@@ -148,7 +148,7 @@ class _Ahead:
     name: str
     node: Node
     future: Future | None
-    cost: int
+    cost: int  # counted in flight: value + inputs while computing, the value alone once computed
 
 
 def largest_task(graph: Graph, names: list[str]) -> int:
@@ -213,6 +213,7 @@ class ShardPipeline:
         queue: deque[_Ahead] = deque()
         upcoming = deque(names)
         while upcoming or queue:
+            self._settle(queue)
             # keep the pool busy: start tensors while the budget allows (always at least the next one)
             while upcoming and (not queue or self.in_flight + self._cost(upcoming[0]) <= self.budget):
                 queue.append(self._start(upcoming.popleft()))
@@ -229,6 +230,13 @@ class ShardPipeline:
                 self.in_flight -= item.cost
             self._raise_failed_checks()
             on_tensor(item.node.nbytes)
+
+    def _settle(self, queue: deque[_Ahead]) -> None:
+        """Computed tensors no longer hold their inputs: count only their values from now on."""
+        for item in queue:
+            if item.future is not None and item.future.done() and item.cost > item.node.nbytes:
+                self.in_flight -= item.cost - item.node.nbytes
+                item.cost = item.node.nbytes
 
     def _cost(self, name: str) -> int:
         node = self.graph[name]
