@@ -388,6 +388,18 @@ class StreamingKth:
             self._bucket, self._below_hi = _locate(self.high, self.k)
         return self._bucket
 
+    def merged_high(self, other: StreamingKth) -> StreamingKth:
+        """Pass 1 over two runs of tensors, combined: the histograms add up (into a new array: a partial result
+        that crossed a process boundary may be read-only)."""
+        self.high = self.high + other.high
+        self.n_seen += other.n_seen
+        return self
+
+    def merged_low(self, other: StreamingKth) -> StreamingKth:
+        """Pass 2 over two runs of tensors (both started from the same pass-1 histogram), combined."""
+        self.low_by_tensor.update(other.low_by_tensor)
+        return self
+
     def add_low(self, x: torch.Tensor, index: int) -> None:
         hist = low_histogram(x, self.bucket(), absolute=self.absolute)
         nz = np.flatnonzero(hist)

@@ -131,25 +131,36 @@ class LowRank(Node):
 
 
 class Reduce(Node):
-    """A reduction that streams its inputs one at a time: ``finish(fold(step, init(), values))``.
+    """A reduction that streams its inputs one at a time: ``finish(fold(step, init(*given), values))``.
 
-    The executor hands values in order and frees each one after ``step`` unless another consumer needs it.
+    ``given`` are nodes whose values ``init`` needs (e.g. a first pass's result); the executor hands the other
+    inputs in order and frees each one after ``step(acc, value, index)`` unless another consumer needs it. With
+    ``merge(acc_a, acc_b)`` (folds over consecutive runs of the inputs combine into the fold over both), the
+    reduction can be split into map tasks over chunks of its inputs (``--executor ray``).
     """
 
-    def __init__(self, inputs: Sequence[Node], *, init: Callable[[], Any],
+    def __init__(self, inputs: Sequence[Node], *, init: Callable[..., Any],
                  step: Callable[[Any, torch.Tensor, int], Any], finish: Callable[[Any], torch.Tensor],
-                 shape: Sequence[int], dtype: torch.dtype, label: str):
-        self.inputs = tuple(inputs)
-        self.init, self.step, self.finish = init, step, finish
+                 shape: Sequence[int], dtype: torch.dtype, label: str, given: Sequence[Node] = (),
+                 merge: Callable[[Any, Any], Any] | None = None):
+        self.given = tuple(given)
+        self.streamed = tuple(inputs)
+        self.inputs = self.given + self.streamed
+        self.init, self.step, self.finish, self.merge = init, step, finish, merge
         self.shape = tuple(shape)
         self.dtype = dtype
         self.label = label
 
-    def run(self, values: Iterator[torch.Tensor]) -> torch.Tensor:
-        acc = self.init()
-        for i, v in enumerate(values):
+    def fold(self, given: Sequence[torch.Tensor], values: Iterator[torch.Tensor], start: int = 0) -> Any:
+        """``step`` over ``values`` (the streamed inputs from index ``start`` on), from ``init(*given)``."""
+        acc = self.init(*given)
+        for i, v in enumerate(values, start):
             acc = self.step(acc, v, i)
-        return self.finish(acc)
+        return acc
+
+    def run(self, values: Iterator[torch.Tensor]) -> torch.Tensor:
+        given = [next(values) for _ in self.given]
+        return self.finish(self.fold(given, values))
 
 
 @dataclass

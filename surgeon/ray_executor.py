@@ -2,7 +2,9 @@
 
 The driver (the machine that runs ``surgeon``) plans the shards exactly as the local executor does, then:
 1. evaluates the graph's global reductions (a global magnitude threshold, norms): each is a streaming fold over
-   many tensors whose result is small; it becomes a constant of the graph the tasks receive;
+   many tensors whose result is small. A reduction whose partial folds merge (``Reduce.merge``; the global
+   magnitude threshold's two histogram passes) runs as map tasks over chunks of its inputs, merged by the driver;
+   others are folded on the driver. The result becomes a constant of the graph the shard tasks receive;
 2. sends each task the part of the graph its shard needs (lazy nodes: sources are reopened on the worker *by
    path*, so the inputs and the output's parent folder must be on storage every node sees at the same path);
 3. each task writes its shard with the local pipeline into ``<shard>.part-*`` beside its final name and renames
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from surgeon.errors import SurgeonError
 
 if TYPE_CHECKING:
-    from surgeon.graph import Graph, Node
+    from surgeon.graph import Graph, Node, Reduce
     from surgeon.writer import ShardPlan
 
 TASK_OVERHEAD = 512 << 20  # a worker process with torch imported
@@ -55,12 +57,13 @@ def connect() -> Any:
     return ray
 
 
-def reductions_resolved(graph: Graph, names: list[str]) -> Graph:
-    """A copy of ``graph`` whose global reductions (``Reduce`` nodes) are evaluated here and replaced by
-    constants, with every consumer rebuilt around them; other nodes are shared, not copied."""
-    from surgeon.graph import Const, Executor, Reduce
+def reductions_resolved(graph: Graph, names: list[str], ray: Any = None) -> Graph:
+    """A copy of ``graph`` whose global reductions (``Reduce`` nodes) are evaluated and replaced by constants,
+    with every consumer rebuilt around them; other nodes are shared, not copied. With ``ray``, a reduction that
+    can be merged is split into map tasks over chunks of its inputs, whose partial results the driver merges."""
+    from surgeon.graph import Const, Reduce
 
-    reduces: dict[int, Node] = {}
+    reduces: dict[int, Reduce] = {}
     stack = [graph[n] for n in names]
     seen: set[int] = set()
     while stack:
@@ -73,9 +76,10 @@ def reductions_resolved(graph: Graph, names: list[str]) -> Graph:
         stack.extend(node.inputs)
     if not reduces:
         return graph
-    values = Executor(list(reduces.values())).evaluate_all()
-    replaced: dict[int, Node] = {key: Const(v, label=node.label)
-                                 for (key, node), v in zip(reduces.items(), values)}
+    values: dict[int, Any] = {}
+    for node in reduces.values():
+        reduced_value(node, values, ray)
+    replaced: dict[int, Node] = {key: Const(values[key], label=node.label) for key, node in reduces.items()}
 
     def rebuilt(node: Node) -> Node:
         key = id(node)
@@ -91,6 +95,52 @@ def reductions_resolved(graph: Graph, names: list[str]) -> Graph:
     for n in names:
         out.nodes[n] = rebuilt(graph[n])
     return out
+
+
+def reduced_value(node: Reduce, values: dict[int, Any], ray: Any = None) -> Any:
+    """The value of ``node`` (memoised in ``values``): its ``given`` inputs first, then a fold over the streamed
+    inputs, as map tasks on the cluster when ``node.merge`` allows and there is more than one input."""
+    from surgeon.graph import Executor, Reduce
+
+    if id(node) in values:
+        return values[id(node)]
+    given = [reduced_value(g, values, ray) if isinstance(g, Reduce) else Executor([g]).evaluate_all()[0]
+             for g in node.given]
+    n = len(node.streamed)
+    if ray is None or node.merge is None or n < 2:
+        acc = reduce_chunk(node, given, 0, n)
+    else:
+        chunks = max(2, min(n, int(ray.cluster_resources().get("CPU", 2))))
+        bounds = [(n * c // chunks, n * (c + 1) // chunks) for c in range(chunks)]
+        task = ray.remote(reduce_chunk).options(max_retries=DEFAULT_RETRIES, retry_exceptions=False)
+        try:
+            partials = ray.get([task.remote(node, given, a, b) for a, b in bounds])
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            raise SurgeonError(str(cause) if isinstance(cause, SurgeonError) else
+                               f"{node.label}: map task failed on the Ray cluster: {cause!r}") from None
+        acc = partials[0]
+        for part in partials[1:]:
+            acc = node.merge(acc, part)
+    values[id(node)] = node.finish(acc)
+    return values[id(node)]
+
+
+def reduce_chunk(node: Reduce, given: list[Any], start: int, stop: int) -> Any:
+    """Runs on a worker (or here): the fold of ``node`` over its streamed inputs ``start:stop``."""
+    from surgeon.graph import Executor
+
+    chunk = node.streamed[start:stop]
+    executor = Executor(list(chunk))
+
+    def values():
+        for x in chunk:
+            v = executor.value(x)
+            yield v
+            del v
+            executor.release(x)
+
+    return node.fold(given, values(), start)
 
 
 def shard_graph(graph: Graph, plan: ShardPlan) -> Graph:
@@ -132,7 +182,7 @@ def write_shards_on_ray(graph: Graph, plans: list[ShardPlan], tmp: Path, *, budg
     """Write every planned shard into ``tmp`` with one Ray task each; raise the first task's error."""
     ray = connect()
     names = [n for p in plans for n in p.names]
-    resolved = reductions_resolved(graph, names)
+    resolved = reductions_resolved(graph, names, ray)
     task = ray.remote(write_shard_task)
     pending = {}
     for plan in plans:

@@ -201,3 +201,43 @@ def _cast_graph(src: Path) -> Graph:
         if node.dtype.is_floating_point:
             graph.nodes[name] = Apply(lambda w: w.bfloat16(), [node], label="cast", dtype=torch.bfloat16)
     return graph
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 3, 7])
+def test_global_threshold_folded_in_chunks_and_merged_equals_one_fold(tmp_path, chunks):
+    """The map-reduce split that --executor ray uses: partial folds over runs of tensors, merged in order."""
+    from surgeon.ops.prune.magnitude import global_threshold_nodes
+
+    from surgeon.ray_executor import reduce_chunk, reduced_value
+
+    g = torch.Generator().manual_seed(3)
+    ws = [Const(torch.randn(40, 30, generator=g)) for _ in range(7)]
+    ws.append(Const(ws[0].value.clone()))  # exact ties across tensors
+    threshold = global_threshold_nodes(ws, k=700, facts={})
+    expected = Executor([threshold]).evaluate_all()[0]
+
+    class ChunkingRay:  # runs map tasks in-process, in `chunks` pieces
+        exceptions = type("E", (), {"RayTaskError": RuntimeError})
+
+        @staticmethod
+        def cluster_resources():
+            return {"CPU": chunks}
+
+        @staticmethod
+        def remote(fn):
+            class Task:
+                def options(self, **kw):
+                    return self
+
+                def remote(self, *args):
+                    return fn(*args)
+            return Task()
+
+        @staticmethod
+        def get(refs):
+            return refs
+
+    got = reduced_value(threshold, {}, ChunkingRay())
+    assert torch.equal(got, expected)
+    high = threshold.given[0]
+    assert reduce_chunk(high, [], 0, len(high.streamed)).high.sum() == sum(w.value.numel() for w in ws)

@@ -110,16 +110,16 @@ def global_threshold_nodes(nodes: list, k: int, facts: dict[str, Any], names: li
 
     high = Reduce([Fresh(x) for x in nodes], init=lambda: StreamingKth(k), step=high_step,
                   finish=lambda acc: torch.from_numpy(acc.high.copy()), shape=(1 << 16,), dtype=torch.int64,
-                  label="magnitude-histogram")
+                  label="magnitude-histogram", merge=StreamingKth.merged_high)
 
-    def low_step(acc: StreamingKth | None, v: torch.Tensor, i: int) -> StreamingKth:
-        if i == 0:  # the pass-1 histogram arrives first
-            acc = StreamingKth(k)
-            acc.high[:] = v.numpy()
-            acc.n_seen = int(v.sum())
-            return acc
-        assert acc is not None
-        acc.add_low(v, i - 1)
+    def low_init(histogram: torch.Tensor) -> StreamingKth:  # the pass-1 histogram
+        acc = StreamingKth(k)
+        acc.high[:] = histogram.numpy()
+        acc.n_seen = int(histogram.sum())
+        return acc
+
+    def low_step(acc: StreamingKth, v: torch.Tensor, i: int) -> StreamingKth:
+        acc.add_low(v, i)
         return acc
 
     def finish(acc: StreamingKth) -> torch.Tensor:
@@ -133,8 +133,8 @@ def global_threshold_nodes(nodes: list, k: int, facts: dict[str, Any], names: li
         facts["threshold"] = key_to_float(key)  # filled in place: the report sees it once the graph is written
         return torch.tensor([key, *ties], dtype=torch.int64)
 
-    return Reduce([high, *[Fresh(x) for x in nodes]], init=lambda: None, step=low_step, finish=finish,
-                  shape=(n + 1,), dtype=torch.int64, label="magnitude-threshold")
+    return Reduce([Fresh(x) for x in nodes], given=[high], init=low_init, step=low_step, finish=finish,
+                  shape=(n + 1,), dtype=torch.int64, label="magnitude-threshold", merge=StreamingKth.merged_low)
 
 
 def _prune_below(index: int, facts: dict[str, Any], name: str):
