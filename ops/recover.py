@@ -362,6 +362,8 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
                            f"reference restores edges from a periodic copy) or --plus (CheckFree+: copy from the "
                            f"swap partner, sound only for models trained with swapped stages)")
     stale = _open_edge_copy(params.edge_copy) if edges and params.edge_copy else None
+    if params.edge_copy and not edges:
+        warnings.append(f"--edge-copy {params.edge_copy} unused: no edge stage is lost")
 
     def weight(s: int) -> float:
         if norms is None:

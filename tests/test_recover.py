@@ -290,6 +290,9 @@ def test_plain_checkfree_restores_an_edge_from_an_earlier_copy(trained, tmp_path
     assert rep["stages"][0]["mode"].startswith("earlier copy") and "stale" in rep["warnings"][0]
     with pytest.raises(ValueError, match="exclusive"):
         Params(stages=4, plus=True, edge_copy=str(earlier))
+    middle = apply(_graph(_drop_stage(trained, tmp_path / "b2", [2, 3])), Params(stages=4, edge_copy=str(earlier)),
+                   Context())
+    assert "unused" in json.loads(middle.extra_files["recovery.json"])["warnings"][0]
     del sd["model.layers.7.mlp.up_proj.weight"]
     save_file(sd, earlier / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(SurgeonError, match="has no tensor model.layers.7.mlp.up_proj.weight"):
