@@ -2,8 +2,11 @@
 
 Blagoev, Ersoy & Chen, "CheckFree: Fault-Tolerant Training without Checkpoints", arXiv 2506.15461; reference
 code ``gensyn-ai/CheckFree``. In pipeline-parallel training a stage (a run of contiguous layers) that is lost is
-re-initialised as the gradient-norm-weighted average of its two neighbouring stages (Sec. 3, Eq. 1); CheckFree+
-trains with swapped edge stages so a lost first/last stage is replaced by a copy of its neighbour. Offline, the
+re-initialised as the gradient-norm-weighted average of its two neighbouring stages (Sec. 3, Eq. 1). CheckFree+
+trains with the first two and the last two stages swapped on alternate micro-batches, so a lost first, second,
+penultimate or last stage is a copy of its swap partner (the reference's ``ours-grad-avg`` branch). Plain
+CheckFree cannot rebuild an edge stage from neighbours; the reference restores it from a periodic copy, here
+``edge_copy`` (an earlier checkpoint). Offline, the
 result is **an initialisation for continued training**, not a restored model: resume with a fresh optimizer state
 for the stage and a slightly higher learning rate (the paper's runs use ×1.1).
 
@@ -13,12 +16,11 @@ Rules we apply (and write into ``recovery.json``):
   corrupt stage not named in ``lost`` is an error rather than a silent repair;
 - layer j of a stage of n layers takes layer ⌊(j + ½)·m/n⌋ of a neighbour with m layers (centre alignment; the
   identity for equal stages);
-- refused: two adjacent lost stages, an edge stage without ``plus``, a lost embedding/head without a replica,
-  neighbours whose tensors differ in shape.
+- refused: a lost stage whose source stage is lost too, an edge stage without ``plus`` or ``edge_copy``, a lost
+  embedding/head without a replica, neighbours whose tensors differ in shape.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import re
@@ -59,8 +61,12 @@ class Params(BaseModel):
     weights: str | None = Field(None, description="JSON file of per-stage gradient norms (a list indexed by "
                                 "stage, or {stage: norm}, optionally under 'grad_norms'); neighbours are "
                                 "weighted by norm + 1e-4 as in the reference. Default: uniform.")
-    plus: bool = Field(False, description="CheckFree+: a lost first/last stage is copied from its neighbour (the "
-                       "model must have been trained with swapped edge stages); without it edges are refused.")
+    plus: bool = Field(False, description="CheckFree+: the first/second and penultimate/last stages are swap "
+                       "partners and a lost one is copied from its partner, as the reference code (the model must "
+                       "have been trained with those stages swapped); middle stages are averaged.")
+    edge_copy: str | None = Field(None, description="Plain CheckFree: an earlier checkpoint (folder or file) whose "
+                                  "copy of a lost first/last stage replaces it (the reference restores edge stages "
+                                  "from a copy taken every 100 iterations); the copy is stale by design.")
     replicas: dict[str, str] = Field(default_factory=dict, description="Extra replica pairs lost_tensor=source "
                                      "for global tensors (embeddings, final norm) beyond a tied embedding/head.")
     scan: bool = Field(True, description="Read every layer tensor once to detect NaN/Inf/all-zero stages "
@@ -105,6 +111,9 @@ class Params(BaseModel):
     def _partition_given(self) -> Params:
         if (self.stages is None) == (not self.stage_layers):
             raise ValueError("give exactly one of stages (equal split) or stage_layers (explicit ranges)")
+        if self.plus and self.edge_copy:
+            raise ValueError("plus and edge_copy are exclusive: CheckFree+ copies edge stages from their swap "
+                             "partners, plain CheckFree from the earlier checkpoint")
         return self
 
 
@@ -136,6 +145,31 @@ def stage_partition(n_layers: int, stages: int | None = None, ranges: Sequence[s
 def aligned_layer(j: int, n: int, m: int) -> int:
     """Index in a neighbour stage of ``m`` layers for layer ``j`` of a stage of ``n`` layers (centre alignment)."""
     return min(m - 1, int((j + 0.5) * m / n))
+
+
+def recovery_sources(stage: int, n_stages: int, plus: bool) -> list[int] | None:
+    """Stages a lost ``stage`` is rebuilt from: two neighbours to average, one swap partner to copy (CheckFree+),
+    or ``None`` for an edge stage of plain CheckFree (restored from an earlier copy, not from neighbours).
+
+    CheckFree+ (reference ``ours-grad-avg`` with swapped stages): first <-> second and penultimate <-> last are
+    swap partners; the branches are tested in the reference's order (last, first, second, penultimate).
+    """
+    last = n_stages - 1
+    if plus:
+        if n_stages == 3 and stage == 1:
+            raise SurgeonError("recover --plus: with 3 stages the middle stage is both the second and the "
+                               "penultimate, so CheckFree+'s swap pairs overlap; recover it without --plus (average)")
+        if stage == last:
+            return [last - 1]
+        if stage == 0:
+            return [1]
+        if stage == 1:
+            return [0]
+        if stage == last - 1:
+            return [last]
+    if stage in (0, last):
+        return None
+    return [stage - 1, stage + 1]
 
 
 def checkfree_average(prev: torch.Tensor, nxt: torch.Tensor, w_prev: float, w_next: float) -> torch.Tensor:
@@ -312,17 +346,24 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
             raise SurgeonError("recover: no lost stage given and none detected (no missing, NaN/Inf or all-zero "
                                "layer tensors" + ("" if params.scan else "; --no-scan skips NaN/zero checks") + ")")
         ctx.log("recover: detected lost stage(s) " + "; ".join(f"{s}: {_describe(damaged[s])}" for s in lost))
-    for a, b in itertools.pairwise(lost):
-        if b == a + 1:
-            raise SurgeonError(f"recover: stages {a} and {b} are both lost; CheckFree needs each lost stage's "
-                               f"neighbours intact (averaging a rebuilt neighbour would compound the error)")
-    edges = [s for s in lost if s in (0, n_stages - 1)]
-    if edges and not params.plus:
-        raise SurgeonError(f"recover: stage {edges[0]} is an edge stage ({'first' if edges[0] == 0 else 'last'}) "
-                           f"and has only one neighbour; CheckFree+ (--plus) copies it from that neighbour, "
-                           f"which is sound only for models trained with swapped edge stages")
     if n_stages < 2:
         raise SurgeonError("recover: a single stage has no neighbour to rebuild it from")
+    source_of = {s: recovery_sources(s, n_stages, params.plus) for s in lost}
+    for s, srcs in source_of.items():
+        for src in srcs or ():
+            if src in lost:
+                raise SurgeonError(f"recover: stages {min(s, src)} and {max(s, src)} are both lost; stage {s} is "
+                                   f"rebuilt from stage {src}, which must be intact (rebuilding from a rebuilt stage "
+                                   f"would compound the error)")
+    edges = [s for s, srcs in source_of.items() if srcs is None]
+    if edges and not params.edge_copy:
+        raise SurgeonError(f"recover: stage {edges[0]} is an edge stage ({'first' if edges[0] == 0 else 'last'}) "
+                           f"and has only one neighbour; give --edge-copy with an earlier checkpoint (the "
+                           f"reference restores edges from a periodic copy) or --plus (CheckFree+: copy from the "
+                           f"swap partner, sound only for models trained with swapped stages)")
+    stale = _open_edge_copy(params.edge_copy) if edges and params.edge_copy else None
+    if params.edge_copy and not edges:
+        warnings.append(f"--edge-copy {params.edge_copy} unused: no edge stage is lost")
 
     def weight(s: int) -> float:
         if norms is None:
@@ -336,13 +377,18 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     plans: list[dict[str, Any]] = []
     for s in lost:
         layers = partition[s]
-        if 0 < s < n_stages - 1:
-            sources = [(s - 1, weight(s - 1)), (s + 1, weight(s + 1))]
+        srcs_of_s = source_of[s]
+        if srcs_of_s is None:
+            assert stale is not None
+            plans.append(_restore_edge(stale, params.edge_copy or "", layout, graph, s, layers, new_nodes))
+            warnings.append(f"stage {s} restored from the earlier checkpoint {params.edge_copy} (stale copy)")
+            continue
+        if len(srcs_of_s) == 2:
+            sources = [(src, weight(src)) for src in srcs_of_s]
             mode = "average"
         else:
-            partner = 1 if s == 0 else n_stages - 2
-            sources = [(partner, 1.0)]
-            mode = "copy (CheckFree+)"
+            sources = [(srcs_of_s[0], 1.0)]
+            mode = "copy of swap partner (CheckFree+)"
         total = sum(w for _, w in sources)
         entry: dict[str, Any] = {"stage": s, "layers": layers, "mode": mode,
                                  "sources": [src for src, _ in sources],
@@ -389,6 +435,7 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
 
     report = {
         "method": "CheckFree+ (arXiv 2506.15461)" if params.plus else "CheckFree (arXiv 2506.15461)",
+        "edge_copy": params.edge_copy,
         "partition": [[ls[0], ls[-1]] for ls in partition], "lost": lost,
         "detected": {str(s): {r: {"count": len(v), "tensors": v[:8]} for r, v in d.items()}
                      for s, d in sorted(damaged.items())},
@@ -406,6 +453,33 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
                         "coefficients": {str(p["stage"]): p["coefficients"] for p in plans},
                         "warnings": warnings}, card_notes=[CARD_NOTE])
     return out
+
+
+def _open_edge_copy(path: str) -> Graph:
+    from surgeon.checkpoint import open_checkpoint
+    from surgeon.graph import Graph
+
+    return Graph.from_checkpoint(open_checkpoint(path))
+
+
+def _restore_edge(stale: Graph, path: str, layout: Layout, graph: Graph, stage: int, layers: list[int],
+                  new_nodes: dict[str, Node]) -> dict[str, Any]:
+    """Plain CheckFree edge stage: every tensor of its layers from the earlier checkpoint, checked intact."""
+    for l in layers:
+        for suffix in layout.suffixes:
+            name = layout.name(l, suffix)
+            if name not in stale:
+                raise SurgeonError(f"recover --edge-copy {path}: has no tensor {name} (the earlier copy of edge "
+                                   f"stage {stage})")
+            if name in graph and stale[name].shape != graph[name].shape:
+                raise SurgeonError(f"recover --edge-copy {path}: {name} has shape {list(stale[name].shape)}, the "
+                                   f"checkpoint {list(graph[name].shape)}")
+            reason = _corruption(_raw_value(stale, name))
+            if reason:
+                raise SurgeonError(f"recover --edge-copy {path}: {name} is {reason} there too")
+            new_nodes[name] = stale[name]
+    return {"stage": stage, "layers": layers, "mode": "earlier copy (plain CheckFree edge)", "sources": [path],
+            "coefficients": [1.0], "layer_sources": [{"layer": l, "from": [l]} for l in layers]}
 
 
 def _describe(d: dict[str, list[str]]) -> str:

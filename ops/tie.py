@@ -67,6 +67,11 @@ class Params(BaseModel):
                                                  "instead of the compact shared form.")
     tied_base: bool = Field(False, description="Write the unrolled checkpoint whose layers are plain copies of "
                                                "their shared slot, plus the lora/ adapter that relaxes it.")
+    lora_alpha_ratio: float = Field(
+        1.0, gt=0, description="lora_alpha = ratio x r, so each layer computes W' + ratio * B A with the SVD factors "
+                               "B = U_r S_r, A = V_r^T. 1 (default): the paper's init W' + BA ~ W, exact at full "
+                               "rank. 2: the Mixture-of-Recursions code (alpha_pattern 2.0), whose step-0 model "
+                               "adds the residual twice.")
     svd: Literal["auto", "exact", "randomized"] = Field(
         "auto", description="Truncated SVD: exact, randomized (Halko et al., oversampling 10, 4 power iterations) "
                             "or auto (randomized when the rank is well below the matrix size).")
@@ -161,8 +166,9 @@ def shared_sources(slots: Sequence[int], init: str) -> list[list[int]]:
     """For each slot, the layers whose mean is its shared weight (one layer for stepwise/lower).
 
     Unique slots (one member) keep their own layer. For tied slots over the region [a, b) of ``K`` slots:
-    average = mean of the members; stepwise = layer a + round((b-1-a)·j/(K-1)) for the j-th tied slot (keeps the
-    region's first and last layer, paper Sec. 3.2); lower = layer a + j.
+    average = mean of the members; stepwise = the j-th point of linspace(a, b-1, K) rounded half to even (Python's
+    ``round``, as the Mixture-of-Recursions reference code does; it keeps the region's first and last layer, paper
+    Sec. 3.2); lower = layer a + j.
     """
     n_slots = max(slots) + 1
     members = [[l for l, s in enumerate(slots) if s == k] for k in range(n_slots)]
@@ -178,11 +184,25 @@ def shared_sources(slots: Sequence[int], init: str) -> list[list[int]]:
             continue
         j, kk = tied.index(k), len(tied)
         if init == "stepwise":
-            src = a + (int((b - 1 - a) * j / (kk - 1) + 0.5) if kk > 1 else 0)
+            src = stepwise_layer(a, b - 1, kk, j)
         else:  # lower
             src = a + j
         out.append([src])
     return out
+
+
+def stepwise_layer(first: int, last: int, count: int, j: int) -> int:
+    """The j-th of ``count`` layers spread evenly over [first, last]: ``round(linspace(first, last, count)[j])``.
+
+    numpy's linspace computes ``first + j·step`` with ``step = (last − first)/(count − 1)`` and pins the last point
+    to ``last``; ``round`` is Python's (half to even), as in the reference code. Half-up rounding picks another layer
+    for one slot at L = 18, 22, 26 (e.g. 8.5 → 8, not 9, for L = 18, K = 9).
+    """
+    if count <= 1:
+        return first
+    if j == count - 1:
+        return last
+    return round(first + j * ((last - first) / (count - 1)))
 
 
 @dataclass
@@ -436,7 +456,7 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
                     if untied(s):
                         new[plan.layer(l, s)] = graph[plan.layer(l, s)]
                     elif form == "materialized" and rx is not None:
-                        new[plan.layer(l, s)] = LowRank(shared[(k, s)], rx.up, rx.down,
+                        new[plan.layer(l, s)] = LowRank(shared[(k, s)], rx.up * params.lora_alpha_ratio, rx.down,
                                                         transposed=plan.linears[s][1], label="tie.relaxed")
                     else:
                         new[plan.layer(l, s)] = shared[(k, s)]
@@ -447,7 +467,7 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
         "pattern": params.pattern, "loops": params.loops, "init": init, "n_layers": plan.n_layers,
         "n_slots": n_slots, "layer_to_slot": plan.slots, "shared_sources": plan.sources,
         "layer_prefix": plan.layer_prefix, "shared_prefix": plan.shared_prefix,
-        "untie_norms": params.untie_norms, "lora_alpha_equals_rank": True,
+        "untie_norms": params.untie_norms, "lora_alpha_ratio": params.lora_alpha_ratio,
         "ranks": {f"{l}:{s}": int(rx.up.shape[1]) for (l, s), rx in sorted(relax.items())},
     }
     counts = parameter_counts(graph, plan, relax, params, members)
@@ -457,7 +477,8 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
                "source": graph.base_model}
     out.extra_files["recursion.json"] = json.dumps(summary, indent=2) + "\n"
     if relax and form != "materialized":
-        out.extra_files.update(peft_adapter_files(relax, plan, graph, base=graph.base_model))
+        out.extra_files.update(peft_adapter_files(relax, plan, graph, base=graph.base_model,
+                                                  alpha_ratio=params.lora_alpha_ratio))
     mean_energy = (sum(e["retained_energy"] for e in stats) / len(stats)) if stats else 1.0
     ctx.report(tie={"form": form, "pattern": params.pattern, "loops": params.loops, "init": init,
                     "rank": params.rank, "rank_pattern": params.rank_pattern, "slots": n_slots,
@@ -507,10 +528,11 @@ def parameter_counts(graph: Graph, plan: Plan, relax: dict[tuple[int, str], Rela
 
 
 def peft_adapter_files(relax: dict[tuple[int, str], Relaxation], plan: Plan, graph: Graph,
-                       base: str | None) -> dict[str, str | bytes]:
+                       base: str | None, alpha_ratio: float = 1.0) -> dict[str, str | bytes]:
     """``lora/adapter_model.safetensors`` + ``lora/adapter_config.json`` for the unrolled tied model.
 
-    lora_alpha = r (scale 1) per module, other ranks in ``rank_pattern`` with ``alpha_pattern`` mirroring it;
+    lora_alpha = alpha_ratio · r per module (scale ``alpha_ratio``), other ranks in ``rank_pattern`` with
+    ``alpha_pattern`` = alpha_ratio · their rank;
     targets are the exact module names that carry a factor (zero residuals and unique layers get none).
     """
     from safetensors.torch import save
@@ -532,8 +554,9 @@ def peft_adapter_files(relax: dict[tuple[int, str], Relaxation], plan: Plan, gra
     r0 = max(counts, key=lambda r: (counts[r], r))
     # PEFT full-matches pattern keys as "(.*\.)?key": an escaped full module name hits that module only
     pattern = {re.escape(m): r for m, r in ranks.items() if r != r0}
-    config = adapter_config(base_model=base, target_modules=sorted(ranks), r=r0, alpha=r0, rank_pattern=pattern,
-                            alpha_pattern=dict(pattern), fan_in_fan_out=fan_in_fan_out)
+    config = adapter_config(base_model=base, target_modules=sorted(ranks), r=r0, alpha=alpha_ratio * r0,
+                            rank_pattern=pattern, alpha_pattern={m: alpha_ratio * r for m, r in pattern.items()},
+                            fan_in_fan_out=fan_in_fan_out)
     return {f"{ADAPTER_DIR}/adapter_model.safetensors": save(adapter_tensors(factors), metadata={"format": "pt"}),
             f"{ADAPTER_DIR}/adapter_config.json": json.dumps(config, indent=2, sort_keys=True) + "\n"}
 
@@ -543,7 +566,8 @@ def load_recursive(path: str, *, dtype: str | torch.dtype | None = None, device:
     """Load a compact recursive checkpoint written by ``surgeon tie`` as a transformers causal LM.
 
     Every unrolled layer's tied weight is the *same* ``nn.Parameter`` as its slot's (one storage, shared
-    ``data_ptr``); relaxed linears are wrapped in :class:`RecursiveLoRALinear` that adds ``B(Ax)`` (scale 1).
+    ``data_ptr``); relaxed linears are wrapped in :class:`RecursiveLoRALinear` that adds ``s·B(Ax)`` with
+    s = ``recursion["lora_alpha_ratio"]`` (1 when absent).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -562,6 +586,7 @@ def load_recursive(path: str, *, dtype: str | torch.dtype | None = None, device:
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
     layer_t, shared_t = rec["layer_prefix"], rec["shared_prefix"]
     slots: list[int] = rec["layer_to_slot"]
+    scale = float(rec.get("lora_alpha_ratio", 1.0))
     shared_params: dict[str, torch.nn.Parameter] = {}
     loaded: set[str] = set()
 
@@ -589,7 +614,7 @@ def load_recursive(path: str, *, dtype: str | torch.dtype | None = None, device:
             a_name = f"{lp}{mname}.lora_A.weight"
             if not mname or a_name not in ck.tensors:
                 continue
-            wrapped = _recursive_lora_class()(module, tensor(a_name), tensor(f"{lp}{mname}.lora_B.weight"))
+            wrapped = _recursive_lora_class()(module, tensor(a_name), tensor(f"{lp}{mname}.lora_B.weight"), scale)
             owner, _, attr = mname.rpartition(".")
             setattr(block.get_submodule(owner) if owner else block, attr, wrapped)
     missing = set(ck.tensors) - loaded
@@ -605,17 +630,18 @@ def _recursive_lora_class():
     import torch
 
     class RecursiveLoRALinear(torch.nn.Module):
-        """A shared linear (``base``, whose weight is the slot's parameter) plus this layer's ``B(Ax)``."""
+        """A shared linear (``base``, whose weight is the slot's parameter) plus this layer's ``scale·B(Ax)``."""
 
-        def __init__(self, base: torch.nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor):
+        def __init__(self, base: torch.nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float = 1.0):
             super().__init__()
             self.base = base
+            self.scale = scale
             self.lora_A = torch.nn.Parameter(lora_a, requires_grad=False)  # [r, in]
             self.lora_B = torch.nn.Parameter(lora_b, requires_grad=False)  # [out, r]
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             lora = torch.nn.functional.linear(torch.nn.functional.linear(x, self.lora_A), self.lora_B)
-            return self.base(x) + lora
+            return self.base(x) + (lora if self.scale == 1.0 else self.scale * lora)
 
     return RecursiveLoRALinear
 

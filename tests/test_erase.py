@@ -464,3 +464,83 @@ def test_float32_products_by_default_stay_within_a_millionth_of_the_update(sd, r
     for n in kv_names(g):
         w, a, b = g.value(n).double(), g2.value(n).double(), g64.value(n).double()
         assert float((a - b).norm() / (b - w).norm()) < 2e-6, n  # measured 2e-7
+
+
+# fidelity to the reference code (issue 20) -------------------------------------------------------------------
+REFERENCE_ARTISTS_SHA256 = "bdb49903f20efad24dcfb338eee54637a7ea51f4a5acec15d23fdc60eae0732d"
+
+
+def test_shipped_artist_list_is_the_reference_list():
+    """sha256 of the unique `artist` column of RECE's dataset/artists1734_prompts.csv, joined by newlines, in order
+    of first appearance (computed from the reference repository)."""
+    import hashlib
+
+    from surgeon.ops.erase.rece import artist_list
+
+    names = artist_list()
+    assert len(names) == 1734 and len(set(names)) == 1734
+    assert hashlib.sha256("\n".join(names).encode()).hexdigest() == REFERENCE_ARTISTS_SHA256
+
+
+def test_artist_preset_preserves_the_other_artists_like_the_reference(sd):
+    from surgeon.ops.erase.rece import artist_list, resolve_settings
+
+    # reference (train_uce.py / train_artists.py, concept_type 'art', no --preserve_concepts): every artist of the
+    # CSV whose lower-cased name is not an erased concept, after ''
+    concepts = ["Kelly McKernan", "thomas kinkade"]
+    old_texts_lower = [t.lower() for t in concepts]
+    expect = [t for t in artist_list() if t.lower() not in old_texts_lower]
+    settings = resolve_settings(UceParams(preset="artist", concept=concepts))
+    assert settings["preserve"] == expect and len(expect) == 1732
+    assert resolve_settings(UceParams(preset="artist", concept=concepts, preserve=[]))["preserve"] == []
+
+    # the UCE step with that list equals the reference's edit_model loop (technique 'replace'), written out
+    g = open_graph(sd)
+    ctx = Context(quiet=True)
+    params = UceParams(preset="artist", concept=["Kelly McKernan"])
+    out = apply_uce(g, params, ctx)
+    _, _, emb = prepare_erasure(g, params, ctx)
+    from surgeon.ops.erase.sd_keys import detect_layout
+    from surgeon.ops.erase.text import PromptEncoder
+
+    enc = PromptEncoder(g, detect_layout(g), ctx=ctx)
+    retain_texts = [""] + [t for t in artist_list() if t.lower() != "kelly mckernan"]
+    preserve_scale = round(max(0.1, 1 / len(retain_texts)), 3)
+    assert ctx.step_info["uce"]["preserve_scale"] == pytest.approx(preserve_scale)
+    retain = [enc.encode(retain_texts[i : i + 256]).hidden for i in range(0, len(retain_texts), 256)]
+    for name in kv_names(g)[:4]:
+        W = g.value(name).to(F64)
+        d = W.shape[1]
+        mat1, mat2 = params.uce_lambda * W, params.uce_lambda * torch.eye(d, dtype=F64)
+        for c, t in zip(emb["C"], emb["T"]):
+            mat1 += params.erase_scale * (W @ t)[:, None] @ c[None, :]
+            mat2 += params.erase_scale * c[:, None] @ c[None, :]
+        for block in retain:
+            p = block.reshape(-1, d)
+            mat1 += preserve_scale * (W @ p.T) @ p
+            mat2 += preserve_scale * p.T @ p
+        ref = mat1 @ torch.linalg.inv(mat2)
+        assert rel(out.value(name), ref) < 1e-5, name
+
+
+def test_rece_epochs_attack_the_bare_concept_like_the_reference(sd):
+    """RECE's train_artists.py / train_object.py build old_texts from the bare concepts only; the UCE step before
+    it may erase the templated prompts (--add_prompts)."""
+    g = open_graph(sd)
+    kw = {"preset": "artist", "concept": ["nudity", "a dog"], "templates": True, "preserve": ["a red cat"], "epochs": 2}
+    ctx = Context(quiet=True)
+    apply(g, ReceParams(**kw), ctx)
+    assert len(ctx.step_info["adversarial_norms"]) == 2 and all(len(a) == 2 for a in ctx.step_info["adversarial_norms"])
+    _, settings, emb = prepare_erasure(g, ReceParams(**kw), ctx)
+    assert len(settings["erased"]) == 12 and settings["attacked"] == ["nudity", "a dog"]
+    from surgeon.ops.erase.sd_keys import detect_layout
+    from surgeon.ops.erase.text import PromptEncoder
+
+    bare = PromptEncoder(g, detect_layout(g), ctx=ctx).encode(["nudity", "a dog"]).hidden
+    assert torch.equal(emb["concepts_full"], bare)
+    # the earlier behaviour stays reachable: every templated prompt attacked
+    ctx2 = Context(quiet=True)
+    apply(g, ReceParams(**kw, attack_templates=True), ctx2)
+    assert all(len(a) == 12 for a in ctx2.step_info["adversarial_norms"])
+    with pytest.raises(SurgeonError, match="attack_templates"):
+        prepare_erasure(g, ReceParams(concept=["nudity"], attack_templates=True), ctx)

@@ -105,3 +105,34 @@ def test_needs_base(family):
     graph, ctx = context_for({"a": family["a"], "b": family["b"]})
     with pytest.raises(SurgeonError, match="needs a base"):
         opcm.merge_opcm(graph, opcm.OpcmParams(), ctx)
+
+
+def _reference_cleaned_task_tv(previous_merged_tv: torch.Tensor, task_tv: torch.Tensor, alpha: float) -> torch.Tensor:
+    """fusion_bench ``OPCMForCLIP.merge_linear_weights``: full SVD, split_rank by argmax of the boolean test,
+    diagonal and leading split_rank block of Uᵀ τ V zeroed."""
+    u, s, vh = torch.linalg.svd(previous_merged_tv, full_matrices=True)
+    v = vh.T
+    split_rank = (s.cumsum(dim=0) / s.sum() > alpha).float().argmax().item()
+    projected_task_tv = u.T @ task_tv @ v
+    projected_task_tv.diagonal().fill_(0)
+    projected_task_tv[:split_rank, :split_rank] = 0
+    return u @ projected_task_tv @ v.T
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.5, 0.8, 1.0])
+def test_projection_matches_reference_code(alpha):
+    g = torch.Generator().manual_seed(3)
+    merged = torch.zeros(6, 4)
+    merged[0, 0], merged[1, 1], merged[2, 2] = 4.0, 2.0, 1.0  # σ = 4, 2, 1, 0: cumsum/Σ = 4/7, 6/7, 1, 1 exactly
+    tau = torch.randn(6, 4, generator=g)
+    ours, r = opcm.opcm_project(tau, merged, alpha)
+    assert torch.allclose(ours, _reference_cleaned_task_tv(merged, tau, alpha), atol=1e-5)
+    # α = 1: nothing passes "> 1", so r_α = 0 and only the diagonal goes (the whole block went before issue 20)
+    assert r == {0.3: 0, 0.5: 0, 0.8: 1, 1.0: 0}[alpha]
+    dense = torch.randn(5, 7, generator=g)
+    ours, _ = opcm.opcm_project(tau[:5, :].repeat(1, 2)[:, :7], dense, alpha)
+    assert torch.allclose(ours, _reference_cleaned_task_tv(dense, tau[:5, :].repeat(1, 2)[:, :7], alpha), atol=1e-4)
+
+
+def test_rank_alpha_is_zero_when_no_fraction_exceeds_alpha():
+    assert opcm.rank_alpha(torch.tensor([4.0, 2.0, 1.0, 1.0]), 1.0) == 0  # cumsum/Σ ends at exactly 1

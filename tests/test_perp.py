@@ -119,8 +119,8 @@ def test_lora_none_trains_norms_only_and_leaves_linears_lazy(task_model):
     g = magnitude.apply(Graph.from_checkpoint(open_checkpoint(task_model)), magnitude.Params(sparsity=0.5),
                         Context())
     ctx = Context()
-    g2 = perp.apply(g, perp.Params(data=str(task_model.parent / "train.txt"), lora="none", steps=3, seqlen=24),
-                    ctx)
+    g2 = perp.apply(g, perp.Params(data=str(task_model.parent / "train.txt"), lora="none", steps=3, seqlen=24,
+                                   head_lora=False), ctx)
     assert all(g2[n] is g[n] for n in _linears(g))
     changed = [n for n in g.names() if g2[n] is not g[n]]
     assert changed and all("norm" in n for n in changed)
@@ -132,7 +132,7 @@ def test_bad_input_is_named(tiny_llama):
         validate_step("retrain.perp", {})
     with pytest.raises(SurgeonError, match="nothing to train"):
         validate_step("retrain.perp", {"data": "x.txt", "lora": "none", "train_norms": False,
-                                       "train_biases": False})
+                                       "train_biases": False, "head_lora": False})
     with pytest.raises(SurgeonError):
         validate_step("retrain.perp", {"data": "x.txt", "seqlen": 4096})
     g = Graph.from_checkpoint(open_checkpoint(tiny_llama))
@@ -160,3 +160,47 @@ def test_prune_retrain_eval_recipe_chain(task_model, tmp_path):
     assert "perplexity" in ppl
     card = (tmp_path / "out" / "README.md").read_text()
     assert "retrain.perp" in card
+
+
+def _reference_trainable_count(g: Graph, names: list[str], rank: int) -> int:
+    """ZIB-IOL/PERP SelectivePEFT defaults (peft_use_bias, peft_use_ln, peft_use_lm_head, peft_use_lora): a rank-r
+    LoRA (r·(in + out)) on every pruned block linear and on lm_head, plus every norm parameter and bias."""
+    head = "lm_head.weight" if "lm_head.weight" in g.names() else "model.embed_tokens.weight"
+    lora = sum(rank * (g[n].shape[0] + g[n].shape[1]) for n in names + [head])
+    return lora + sum(g[n].shape[0] for n in g.names() if "norm" in n or n.endswith(".bias"))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_head_lora_like_the_reference(task_model, tmp_path, tied):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = task_model
+    if tied:  # the same trained model with the head tied to the embedding (as SmolLM2)
+        src = tmp_path / "tied"
+        shutil.copytree(task_model, src)
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["tie_word_embeddings"] = True
+        (src / "config.json").write_text(json.dumps(cfg))
+        sd = load_file(src / "model.safetensors")
+        del sd["lm_head.weight"]
+        save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    head = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    data = str(task_model.parent / "train.txt")
+    g = magnitude.apply(Graph.from_checkpoint(open_checkpoint(src)), magnitude.Params(sparsity=0.5), Context())
+    names = _linears(g)
+    ctx = Context()
+    g2 = perp.apply(g, perp.Params(data=data, steps=4, lr=5e-3, seqlen=24, batch_size=8, rank=4, alpha=8), ctx)
+    assert ctx.step_info["trainable_parameters"] == _reference_trainable_count(g, names, 4)
+    assert ctx.step_info["head_lora"] == {"tensor": head, "tied": tied}
+    delta = (g2.value(head) - g.value(head)).double()
+    sv = torch.linalg.svdvals(delta)
+    assert float(sv[0]) > 1e-4 and float(sv[4]) < 1e-6 * float(sv[0])  # a trained rank-4 update, merged densely
+    if not tied:
+        assert torch.equal(g2.value("model.embed_tokens.weight"), g.value("model.embed_tokens.weight"))
+    # reconstruct mode skips the head (the reference: "not pruned. Skipping."); head_lora=False leaves it alone
+    g3 = perp.apply(g, perp.Params(data=data, steps=2, seqlen=24, rank=4, alpha=8, mode="reconstruct"), Context())
+    g4 = perp.apply(g, perp.Params(data=data, steps=2, seqlen=24, rank=4, alpha=8, head_lora=False), Context())
+    for gx in (g3, g4):
+        assert gx[head] is g[head]

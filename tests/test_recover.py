@@ -192,7 +192,7 @@ def test_python_face_writes_recovery_json_and_card_note(trained, tmp_path):
 def test_checkfree_plus_copies_edge_stages(trained, tmp_path):
     broken = _drop_stage(trained, tmp_path / "broken", [6, 7])  # last stage
     with pytest.raises(SurgeonError, match="edge stage .*--plus"):
-        apply(_graph(broken), Params(stages=4), Context())
+        apply(_graph(broken), Params(stages=4), Context())  # plain CheckFree without an earlier copy
     g = apply(_graph(broken), Params(stages=4, plus=True), Context())
     src = _graph(trained)
     for j in (0, 1):
@@ -226,7 +226,77 @@ def test_damage_outside_lost_is_refused_and_intact_lost_is_warned(trained, tmp_p
 def test_adjacent_losses_are_refused(trained, tmp_path):
     broken = _drop_stage(trained, tmp_path / "broken", [2, 3, 4, 5])
     with pytest.raises(SurgeonError, match="stages 1 and 2 are both lost"):
-        apply(_graph(broken), Params(stages=4, plus=True), Context())
+        apply(_graph(broken), Params(stages=4), Context())
+    # CheckFree+: stage 1 copies stage 0 and stage 2 copies stage 3; neither source is lost
+    g = apply(_graph(broken), Params(stages=4, plus=True), Context())
+    src = _graph(trained)
+    assert torch.equal(g.value("model.layers.3.mlp.up_proj.weight"), src.value("model.layers.1.mlp.up_proj.weight"))
+    assert torch.equal(g.value("model.layers.4.mlp.up_proj.weight"), src.value("model.layers.6.mlp.up_proj.weight"))
+    with pytest.raises(SurgeonError, match="stages 0 and 1 are both lost"):
+        apply(_graph(_drop_stage(trained, tmp_path / "b01", [0, 1, 2, 3])), Params(stages=4, plus=True), Context())
+
+
+def _reference_checkfree_plus(stages: list[dict[str, torch.Tensor]], i: int, grad_norms: list[float]) -> dict:
+    """gensyn-ai/CheckFree ``convergence_training.py``, mode ``ours-grad-avg`` (CheckFree+ runs swap stages 1<->2
+    and n-1<->n on odd micro-batches). ``stages[0]`` holds the embeddings and never fails; transformer stages are
+    1..n. The reference hard-codes n = 6 (stages 5 and 6); here n = len(stages) - 1."""
+    n = len(stages) - 1
+    if i == n:
+        return dict(stages[n - 1])
+    elif i == 1:
+        return dict(stages[2])
+    elif i == 2:
+        return dict(stages[1])
+    elif i == n - 1:
+        return dict(stages[n])
+    m1, m2 = stages[i + 1], stages[i - 1]
+    alpha = abs(grad_norms[i + 1]) + 0.0001
+    beta = abs(grad_norms[i - 1]) + 0.0001
+    return {key: (alpha * m1[key] + beta * m2[key]) / (alpha + beta) for key in m1}
+
+
+@pytest.mark.parametrize("lost", range(8))
+def test_checkfree_plus_matches_the_reference_code(trained, tmp_path, lost):
+    # 8 stages of one layer each; reference stage i = our stage i - 1
+    sd = load_file(trained / "model.safetensors")
+    suffixes = sorted(k.removeprefix("model.layers.0.") for k in sd if k.startswith("model.layers.0."))
+    stages = [{}] + [{s: sd[f"model.layers.{l}.{s}"] for s in suffixes} for l in range(8)]
+    norms = [0.0] + [0.1 * (k + 1) for k in range(8)]  # reference indexing: norms[i] of transformer stage i
+    (tmp_path / "g.json").write_text(json.dumps(norms[1:]))
+    want = _reference_checkfree_plus(stages, lost + 1, norms)
+    g = apply(_graph(_drop_stage(trained, tmp_path / "b", [lost])),
+              Params(stages=8, plus=True, weights=str(tmp_path / "g.json")), Context())
+    for s in suffixes:
+        assert torch.allclose(g.value(f"model.layers.{lost}.{s}"), want[s], atol=1e-6), s
+
+
+def test_plain_checkfree_restores_an_edge_from_an_earlier_copy(trained, tmp_path):
+    # the earlier copy: the trained model a few steps before (here: perturbed), as the reference's periodic copy
+    earlier = tmp_path / "earlier"
+    shutil.copytree(trained, earlier)
+    sd = load_file(earlier / "model.safetensors")
+    gen = torch.Generator().manual_seed(5)
+    sd = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in sd.items()}
+    save_file(sd, earlier / "model.safetensors", metadata={"format": "pt"})
+    broken = _drop_stage(trained, tmp_path / "broken", [6, 7])
+    with pytest.raises(SurgeonError, match="edge stage .*--edge-copy"):
+        apply(_graph(broken), Params(stages=4), Context())
+    g = apply(_graph(broken), Params(stages=4, edge_copy=str(earlier)), Context())
+    current = load_file(trained / "model.safetensors")
+    for k in current:  # the reference: m3 = (1·checkpoints_last + 0·stage) / 1 for the last stage
+        want = sd[k] if k.startswith(("model.layers.6.", "model.layers.7.")) else current[k]
+        assert torch.equal(g.value(k), want), k
+    rep = json.loads(g.extra_files["recovery.json"])
+    assert rep["stages"][0]["mode"].startswith("earlier copy") and "stale" in rep["warnings"][0]
+    with pytest.raises(ValueError, match="exclusive"):
+        Params(stages=4, plus=True, edge_copy=str(earlier))
+    middle = apply(_graph(_drop_stage(trained, tmp_path / "b2", [2, 3])), Params(stages=4, edge_copy=str(earlier)),
+                   Context())
+    assert "unused" in json.loads(middle.extra_files["recovery.json"])["warnings"][0]
+    del sd["model.layers.7.mlp.up_proj.weight"]
+    save_file(sd, earlier / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SurgeonError, match="has no tensor model.layers.7.mlp.up_proj.weight"):
+        apply(_graph(broken), Params(stages=4, edge_copy=str(earlier)), Context())
 
 
 def test_lost_embedding_needs_a_replica(trained, tmp_path):

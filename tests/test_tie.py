@@ -87,6 +87,32 @@ def test_shared_sources_stepwise_keeps_first_and_last():
     assert shared_sources(mid, "stepwise") == [[0], [1], [4], [5]]
 
 
+def _reference_stepwise_sources(n_layers: int, loops: int, pattern: str) -> list[int]:
+    """Mixture-of-Recursions ``selection_initialize`` (stepwise): src_idxs = [round(x) for x in np.linspace(...)]
+    over all layers (cycle/sequence) or layers 1..L-2 (middle-*), one per shared slot, in slot order."""
+    import numpy as np
+
+    if pattern.startswith("middle"):
+        k = (n_layers - 2) // loops
+        return [round(x) for x in np.linspace(1, n_layers - 2, k)]
+    k = n_layers // loops
+    return [round(x) for x in np.linspace(0, n_layers - 1, k)]
+
+
+@pytest.mark.parametrize("n_layers,loops,pattern", [(18, 2, "cycle"), (22, 2, "sequence"), (26, 2, "cycle"),
+                                                    (20, 2, "middle-cycle"), (30, 2, "cycle"), (8, 2, "cycle")])
+def test_stepwise_rounds_half_to_even_like_the_reference(n_layers, loops, pattern):
+    slots = slot_map(n_layers, loops, pattern)
+    tied = [k for k in range(max(slots) + 1) if slots.count(k) > 1]
+    ours = [shared_sources(slots, "stepwise")[k][0] for k in tied]
+    assert ours == _reference_stepwise_sources(n_layers, loops, pattern)
+
+
+def test_stepwise_at_18_layers_picks_layer_8_not_9():
+    # linspace(0, 17, 9)[4] = 8.5: half-up rounding gave 9, the reference's round() gives 8
+    assert [s[0] for s in shared_sources(slot_map(18, 2, "cycle"), "stepwise")] == [0, 2, 4, 6, 8, 11, 13, 15, 17]
+
+
 # the paper's claims on a tiny llama --------------------------------------------------------------------------
 def test_full_rank_all_three_forms_equal_the_original(src, ids, tmp_path):
     ref = _logits(_hf(src), ids)
@@ -270,3 +296,50 @@ def test_gpt2_conv1d_full_rank_all_forms(tmp_path):
     relaxed = PeftModel.from_pretrained(_hf(base), base / "lora")
     for name, m in (("compact", compact), ("materialized", dense), ("peft", relaxed)):
         assert (_logits(m, ids) - ref).abs().max().item() < 1e-5, name
+
+
+def _reference_relaxed_weights(sd: dict[str, torch.Tensor], n_layers: int, loops: int, rank: int,
+                               alpha_multiplier: float) -> dict[str, torch.Tensor]:
+    """Mixture-of-Recursions code, cycle sharing, average init: W' = mean of the tied layers, LoRA from the SVD
+    of W_l − W' (B = U_r diag(S_r), A = V_r), PEFT alpha = rank · alpha_pattern, so layer l computes
+    W' + (alpha / r) · B A."""
+    base_depth = n_layers // loops
+    out = {}
+    keys = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+            "mlp.up_proj", "mlp.down_proj"]
+    for i in range(base_depth):
+        idxs = [i + rec * base_depth for rec in range(loops)]
+        for key in keys:
+            src = sum(sd[f"model.layers.{j}.{key}.weight"].float() for j in idxs) / loops
+            for t in idxs:
+                u, s, v = torch.linalg.svd(sd[f"model.layers.{t}.{key}.weight"].float() - src, full_matrices=False)
+                r = min(rank, *src.shape)
+                lora_a, lora_b = v[:r, :], u[:, :r] @ torch.diag(s[:r])
+                alpha = r * alpha_multiplier
+                out[f"model.layers.{t}.{key}.weight"] = src + (alpha / r) * (lora_b @ lora_a)
+    return out
+
+
+def test_lora_alpha_ratio_2_reproduces_the_reference_code(src, ids, tmp_path):
+    dense_dir = _tie(src, tmp_path / "m", rank=6, init="average", materialize=True, lora_alpha_ratio=2.0, svd="exact")
+    expect = _reference_relaxed_weights(load_file(src / "model.safetensors"), 4, 2, 6, 2.0)
+    got = load_file(dense_dir / "model.safetensors")
+    for name, w in expect.items():
+        assert torch.allclose(got[name].float(), w, atol=2e-5), name
+    # the three output forms agree at ratio 2 too; the adapter records lora_alpha = 2r
+    base = _tie(src, tmp_path / "b", rank=6, init="average", tied_base=True, lora_alpha_ratio=2.0, svd="exact")
+    cfg = json.loads((base / "lora" / "adapter_config.json").read_text())
+    assert cfg["r"] == 6 and cfg["lora_alpha"] == 12
+    from peft import PeftModel
+
+    dense = _logits(_hf(dense_dir), ids)
+    relaxed = PeftModel.from_pretrained(_hf(base), base / "lora")
+    assert (_logits(relaxed, ids) - dense).abs().max().item() < 1e-5
+    compact = load_recursive(str(_tie(src, tmp_path / "c", rank=6, init="average", lora_alpha_ratio=2.0,
+                                      svd="exact")))
+    assert (_logits(compact, ids) - dense).abs().max().item() < 1e-5
+    # default ratio 1 is the paper's init: W' + BA, exact at full rank (checked above), not the reference's W' + 2BA
+    ours = load_file(_tie(src, tmp_path / "m1", rank=6, init="average", materialize=True, svd="exact")
+                     / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert not torch.allclose(ours[name].float(), expect[name], atol=1e-3)

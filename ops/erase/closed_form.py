@@ -196,7 +196,13 @@ def square_root_rows(P: torch.Tensor) -> torch.Tensor:
     P = P.to(F64)
     if P.shape[0] <= P.shape[1]:
         return P
-    ev, V = torch.linalg.eigh(P.T @ P)
+    return square_root_gram(P.T @ P)
+
+
+def square_root_gram(G: torch.Tensor) -> torch.Tensor:
+    """Rows Q (at most d) with QᵀQ = G for a symmetric positive semi-definite ``G`` (eigenvalues below 1e-14 of
+    the largest are dropped)."""
+    ev, V = torch.linalg.eigh(G.to(F64))
     keep = ev > ev.max() * 1e-14
     return (V[:, keep] * ev[keep].sqrt()).T
 

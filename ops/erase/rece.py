@@ -30,6 +30,7 @@ from .closed_form import (
     GramAccumulator,
     lowrank_spectral_norm,
     rece_epochs,
+    square_root_gram,
     square_root_rows,
     uce_delta_factors,
 )
@@ -41,13 +42,30 @@ I2P_CONCEPTS = ["hate", "harassment", "violence", "suffering", "humiliation", "h
 ART_TEMPLATES = ["painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}"]
 OBJECT_TEMPLATES = ["image of {}", "photo of {}", "portrait of {}", "picture of {}", "painting of {}"]
 HARD_OBJECTS = {"church", "garbage truck"}  # RECE used λ_r = 1e-3 for these, 0.1 for the "easy" objects
+#: the artist preset's preserve set: every artist of this list except the erased ones (RECE/UCE code)
+ARTISTS_FILE = "artists1734.txt"
+OTHER_ARTISTS = "<other artists>"
+
+
+def artist_list() -> list[str]:
+    """The 1,734 artists of RECE's ``dataset/artists1734_prompts.csv`` (shipped as ``surgeon/assets``)."""
+    from importlib.resources import files
+
+    text = (files("surgeon") / "assets" / ARTISTS_FILE).read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def other_artists(concepts: list[str]) -> list[str]:
+    """The reference's artist preserve list: the shipped artists whose lower-cased name is not an erased concept."""
+    erased = {c.lower() for c in concepts}
+    return [a for a in artist_list() if a.lower() not in erased]
 
 PRESETS: dict[str, dict] = {
     "nudity": {"concept": ["nudity"], "target": [" "], "preserve": [], "regularizer": 0.1, "epochs": 3,
                "templates": []},
     "unsafe": {"concept": I2P_CONCEPTS, "target": [" "], "preserve": [], "regularizer": 0.1, "epochs": 2,
                "templates": []},
-    "artist": {"concept": [], "target": ["art"], "preserve": [], "regularizer": 1e-3, "epochs": 1,
+    "artist": {"concept": [], "target": ["art"], "preserve": [OTHER_ARTISTS], "regularizer": 1e-3, "epochs": 1,
                "templates": ART_TEMPLATES},
     "object": {"concept": [], "target": [" "], "preserve": [], "regularizer": 0.1, "epochs": 1,
                "templates": OBJECT_TEMPLATES},
@@ -61,17 +79,19 @@ class UceParams(BaseModel):
     preset: Literal["nudity", "unsafe", "artist", "object"] | None = Field(
         None, description="Defaults from ALGORITHMS.md §5.4: nudity (erase 'nudity' towards ' ', 3 RECE epochs, "
         "λ_r 0.1), unsafe (11 I2P categories, 2 epochs), artist (towards 'art', λ_r 1e-3, 1 epoch; give the "
-        "artists as --concept and others to keep as --preserve), object (towards ' ', 1 epoch). Every value "
-        "below overrides the preset.")
+        "artists as --concept; preserves the other 1,733 artists of RECE's list, as its code), object (towards "
+        "' ', 1 epoch). Every value below overrides the preset.")
     concept: list[str] = Field(default_factory=list, description="Concept prompt(s) to erase, e.g. nudity or "
                                "'Van Gogh'. Required unless the preset names them (nudity, unsafe).")
     target: list[str] | None = Field(None, description="Guide prompt(s) the erased concepts are mapped to: one for "
                                      "all, or one per concept. Default ' ' (unconditional); '' is read as ' ' as in "
                                      "the UCE code.")
     preserve: list[str] | None = Field(None, description="Prompts whose keys and values are kept (all 77 positions "
-                                       "each). The empty prompt '' is always preserved in the UCE step.")
+                                       "each). The empty prompt '' is always preserved in the UCE step. Default: "
+                                       "the preset's (artist: the other artists of RECE's list; others: none).")
     templates: bool = Field(False, description="Also erase the preset's templated prompts ('painting by X', ... for "
-                            "artist; 'photo of X', ... for object), as UCE's --add_prompts.")
+                            "artist; 'photo of X', ... for object) in the UCE step, as UCE's --add_prompts. RECE "
+                            "epochs still attack the bare concepts (as RECE's code) unless --attack-templates.")
     positions: Literal["uce2023", "last", "all"] = Field(
         "uce2023", description="Token positions of the UCE step: uce2023 = from the concept's last word token to "
         "the end, aligned with the target's (2023 UCE code); last = the last word token only (2025 rewrite); "
@@ -110,6 +130,9 @@ class ReceParams(UceParams):
     rece_erase_scale: float = Field(1.0, gt=0, description="η_e of each RECE edit.")
     rece_preserve_scale: float = Field(0.1, gt=0, description="η_p of each RECE edit; RECE preserves E(' ') once "
                                        "per concept plus --preserve.")
+    attack_templates: bool = Field(False, description="With --templates, RECE epochs also attack every templated "
+                                   "prompt (6x the adversarial embeddings); default: the bare concepts only, as "
+                                   "RECE's code.")
 
 
 # ---- embeddings --------------------------------------------------------------------------------------------
@@ -131,7 +154,15 @@ def resolve_settings(params: UceParams) -> dict:
         for prompt in [c] + [tpl.format(c) for tpl in templates]:
             erased.append(prompt)
             guides.append(t)
-    preserve = params.preserve if params.preserve is not None else list(base["preserve"])
+    attack_all = bool(getattr(params, "attack_templates", False))
+    if attack_all and not templates:
+        raise SurgeonError("attack_templates: needs --templates (there are no templated prompts to attack)")
+    attacked, attacked_targets = (erased, guides) if attack_all else (list(concepts), list(targets))
+    if params.preserve is not None:
+        preserve = list(params.preserve)
+    else:
+        preserve = [p for name in base["preserve"]
+                    for p in (other_artists(concepts) if name == OTHER_ARTISTS else [name])]
     lam_r = getattr(params, "regularizer", None)
     if lam_r is None:
         lam_r = base["regularizer"]
@@ -140,8 +171,8 @@ def resolve_settings(params: UceParams) -> dict:
     epochs = getattr(params, "epochs", None)
     if epochs is None:
         epochs = base["epochs"] if isinstance(params, ReceParams) else 0
-    return {"concepts": concepts, "erased": erased, "targets": guides, "preserve": preserve, "regularizer": lam_r,
-            "epochs": epochs}
+    return {"concepts": concepts, "erased": erased, "targets": guides, "attacked": attacked,
+            "attacked_targets": attacked_targets, "preserve": preserve, "regularizer": lam_r, "epochs": epochs}
 
 
 def aligned_rows(hc: torch.Tensor, nc: int, ht: torch.Tensor, nt: int, positions: str) -> tuple[torch.Tensor, ...]:
@@ -171,13 +202,23 @@ def erasure_embeddings(encoder, settings: dict, positions: str) -> dict[str, tor
         c, t = aligned_rows(hc, nc, ht, nt, positions)
         C_rows.append(c)
         T_rows.append(t)
-    retain = [""] + [p for p in settings["preserve"] if p != ""]
-    P = encoder.encode(retain).hidden
-    rece_preserve = [" "] * len(settings["concepts"]) + list(settings["preserve"])
+    preserve = [p for p in settings["preserve"] if p != ""]
+    retain = [""] + preserve
+    n_concepts = len(settings["concepts"])
+    if len(preserve) * encoder.max_length <= encoder.dim:  # few rows: keep them (Woodbury path, exact rows)
+        P = encoder.encode(retain).hidden.reshape(-1, encoder.dim)
+        rece_P = encoder.encode([" "] * n_concepts + preserve).hidden.reshape(-1, encoder.dim)
+    else:  # a long list (artist preset): only PᵀP matters, so encode it once, in batches, into a Gram
+        G = encoder.gram(preserve)
+        P = square_root_gram(G + encoder.gram([""]))
+        rece_P = square_root_gram(G + n_concepts * encoder.gram([" "]))
+    attacked = settings.get("attacked", settings["erased"])
+    attacked_targets = settings.get("attacked_targets", settings["targets"])
     return {
-        "C": torch.cat(C_rows), "T": torch.cat(T_rows), "P": P.reshape(-1, P.shape[-1]), "n_retain": len(retain),
-        "concepts_full": erased.hidden, "targets_full": guides.hidden,
-        "rece_P": encoder.encode(rece_preserve).hidden.reshape(-1, P.shape[-1]),
+        "C": torch.cat(C_rows), "T": torch.cat(T_rows), "P": P, "n_retain": len(retain),
+        "P_rows": len(retain) * encoder.max_length,
+        "concepts_full": encoder.encode(attacked).hidden, "targets_full": encoder.encode(attacked_targets).hidden,
+        "rece_P": rece_P,
     }
 
 
@@ -374,7 +415,7 @@ def erase(graph: Graph, params: UceParams, ctx, *, method: str) -> Graph:
         "matrices": len(names),
         "embedding_dim": d,
         "uce": {"lambda": params.uce_lambda, "erase_scale": params.erase_scale, "preserve_scale": eta_p,
-                "rows_erased": int(C.shape[0]), "rows_preserved": int(emb["P"].shape[0])},
+                "rows_erased": int(C.shape[0]), "rows_preserved": int(emb["P_rows"])},
         "matmul_dtype": str(mm_dtype).removeprefix("torch."),
         "edit_rank": int(L.shape[1]) if low_rank else d,
         "written_as": "low-rank" if low_rank else "dense",

@@ -129,23 +129,38 @@ class PromptEncoder:
     def _encode_new(self, prompts: list[str]) -> None:
         for i in range(0, len(prompts), self.batch_size):
             chunk = prompts[i : i + self.batch_size]
-            parts, lengths = [], None
-            for tok, model, spec in zip(self.tokenizers, self.models, self.layout.encoders):
-                length = tok.model_max_length if tok.model_max_length < 100_000 else \
-                    model.config.max_position_embeddings  # tokenizers saved without model_max_length
-                enc = tok(chunk, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-                ids = enc["input_ids"].to(self.device)
-                if ids.shape[1] > model.config.max_position_embeddings:
-                    raise SurgeonError(f"{spec.component}: tokenizer pads to {ids.shape[1]} tokens but the encoder "
-                                       f"has {model.config.max_position_embeddings} positions")
-                out = model(ids, output_hidden_states=spec.layer == "penultimate")
-                h = out.hidden_states[-2] if spec.layer == "penultimate" else out.last_hidden_state
-                parts.append(h.to(torch.float64).cpu())
-                if lengths is None:
-                    lengths = word_token_counts(enc["input_ids"], enc["attention_mask"], tok)
-            hidden = torch.cat(parts, dim=-1)
-            for p, h, n in zip(chunk, hidden, lengths or []):
+            hidden, lengths = self._encode_batch(chunk)
+            for p, h, n in zip(chunk, hidden, lengths):
                 self.cache[p] = (h, int(n))
+
+    @torch.inference_mode()
+    def gram(self, prompts: list[str]) -> torch.Tensor:
+        """Σ over prompts and all positions of h hᵀ (float64 ``[d, d]``), encoded in batches without caching:
+        a long preserve list (the artist preset's 1,733 names) never holds all its embeddings at once."""
+        H = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        for i in range(0, len(prompts), self.batch_size):
+            hidden, _ = self._encode_batch(prompts[i : i + self.batch_size])
+            rows = hidden.reshape(-1, hidden.shape[-1])
+            H += rows.T @ rows
+        return H
+
+    def _encode_batch(self, chunk: list[str]) -> tuple[torch.Tensor, list[int]]:
+        """Hidden states ``[len(chunk), L, d]`` (float64, CPU) and word-token counts of one batch."""
+        parts, lengths = [], None
+        for tok, model, spec in zip(self.tokenizers, self.models, self.layout.encoders):
+            length = tok.model_max_length if tok.model_max_length < 100_000 else \
+                model.config.max_position_embeddings  # tokenizers saved without model_max_length
+            enc = tok(chunk, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+            ids = enc["input_ids"].to(self.device)
+            if ids.shape[1] > model.config.max_position_embeddings:
+                raise SurgeonError(f"{spec.component}: tokenizer pads to {ids.shape[1]} tokens but the encoder "
+                                   f"has {model.config.max_position_embeddings} positions")
+            out = model(ids, output_hidden_states=spec.layer == "penultimate")
+            h = out.hidden_states[-2] if spec.layer == "penultimate" else out.last_hidden_state
+            parts.append(h.to(torch.float64).cpu())
+            if lengths is None:
+                lengths = word_token_counts(enc["input_ids"], enc["attention_mask"], tok)
+        return torch.cat(parts, dim=-1), list(lengths or [])
 
     def encode(self, prompts: list[str]) -> Encoded:
         new = list(dict.fromkeys(p for p in prompts if p not in self.cache))

@@ -45,13 +45,16 @@ STATE_VERSION = 1
 
 
 def rank_alpha(s: torch.Tensor, alpha: float) -> int:
-    """First 0-based k with cumsum(σ)_k / Σσ > α (the reference code's r_α; its docs are off by one)."""
-    total = float(s.sum())
-    if total <= 0:
+    """First 0-based k with cumsum(σ)_k / Σσ > α (the reference code's r_α; its docs are off by one).
+
+    As the reference (``argmax`` of the boolean test), no k passing the test gives 0: at α = 1 only the diagonal
+    is removed, not the whole block. The ratio is computed in σ's dtype, as there.
+    """
+    total = s.sum()
+    if float(total) <= 0:
         return 0
-    frac = torch.cumsum(s, 0) / total
-    hits = torch.nonzero(frac > alpha)
-    return int(hits[0]) if hits.numel() else s.numel()
+    hits = torch.nonzero(torch.cumsum(s, 0) / total > alpha)
+    return int(hits[0]) if hits.numel() else 0
 
 
 def projection_mask(k: int, r_alpha: int) -> torch.Tensor:

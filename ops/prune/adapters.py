@@ -5,6 +5,8 @@ Both act on the *stored* weight (whatever its orientation: Linear [out, in] or C
 
 - MaskLoRA: W' = W + s·(M ⊙ B A), M = 1[W ≠ 0], s = α / r; B starts at zero, A Kaiming-uniform (as LoRA).
 - ScaleLoRA: W' = W ⊙ (B A), A and B all 1/√r so B A = 1 at the start (identity); no α.
+- PlainLoRA (the reference's classical LoRA on the unpruned ``lm_head``): W' = W + s·B A, s = α / r, initialised
+  as MaskLoRA; dense, so it is only for tensors that were not pruned.
 
 Both leave W' = 0 wherever W = 0, so the merge (W' computed in fp32, cast to the stored dtype) is exact and the
 mask survives.
@@ -36,6 +38,15 @@ class MaskLoRA(nn.Module):
         return w + self.delta()
 
 
+class PlainLoRA(MaskLoRA):
+    def __init__(self, weight: torch.Tensor, rank: int, alpha: float):
+        super().__init__(weight, rank, alpha)
+        self.mask = None  # no mask: the delta is dense
+
+    def delta(self) -> torch.Tensor:
+        return self.scale * (self.lora_B @ self.lora_A)
+
+
 class ScaleLoRA(nn.Module):
     def __init__(self, weight: torch.Tensor, rank: int, alpha: float = 0.0):
         super().__init__()
@@ -48,7 +59,7 @@ class ScaleLoRA(nn.Module):
         return w * (self.lora_B @ self.lora_A)
 
 
-ADAPTERS = {"mask": MaskLoRA, "scale": ScaleLoRA}
+ADAPTERS = {"mask": MaskLoRA, "scale": ScaleLoRA, "plain": PlainLoRA}
 
 
 @dataclass
@@ -72,6 +83,8 @@ def merged_weight(a: Attached) -> torch.Tensor:
     with torch.no_grad():
         w = a.module.parametrizations[a.leaf].original.float()
         ad = a.adapter
+        if isinstance(ad, PlainLoRA):
+            return w + ad.scale * (ad.lora_B.float() @ ad.lora_A.float())
         if isinstance(ad, MaskLoRA):
             return w + ad.scale * (ad.lora_B.float() @ ad.lora_A.float()) * (w != 0)
         return w * (ad.lora_B.float() @ ad.lora_A.float())

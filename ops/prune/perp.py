@@ -3,7 +3,9 @@
 
 After pruning, only biases, norm parameters and sparsity-preserving adapters on the pruned linears are trained
 (MaskLoRA r=16, α=32 by default, or ScaleLoRA, or none), then the adapters are merged exactly: W' = W + s·(M⊙BA)
-or W ⊙ BA, so every zero of the pruned model is still zero (checked before the graph is returned).
+or W ⊙ BA, so every zero of the pruned model is still zero (checked before the graph is returned). In retrain mode
+the (unpruned) output head also gets a classical LoRA (W + s·BA, same r and α), as in the reference's default
+``peft_use_lm_head=True``; with tied embeddings its merge changes the shared tensor, as PEFT's in-place merge does.
 
 Modes:
 - ``retrain``: causal-LM loss over token windows of ``data``; AdamW (weight decay 0), linear schedule with warmup.
@@ -61,6 +63,10 @@ class Params(BaseModel):
                                                     "(low memory; needs a prune step earlier in the same run).")
     train_norms: bool = Field(True, description="Train the norm weights (and biases) of LayerNorm/RMSNorm.")
     train_biases: bool = Field(True, description="Train the biases of all linear layers (OPT, GPT-2, Qwen2).")
+    head_lora: bool = Field(True, description="retrain mode: also train a plain LoRA (rank, alpha) on the output "
+                            "head and merge it densely, as the reference (peft_use_lm_head); with tied embeddings "
+                            "the merged delta lands in the shared embedding. Skipped in reconstruct mode (so is "
+                            "the reference's).")
     include: list[str] | None = Field(None, description="Selectors of the linears that get adapters. Default: "
                                       "every block linear.")
     exclude: list[str] = Field(default_factory=list, description=EXCLUDE_HELP)
@@ -68,8 +74,10 @@ class Params(BaseModel):
 
     @model_validator(mode="after")
     def _something_trains(self) -> Params:
-        if self.lora == "none" and not self.train_norms and not self.train_biases:
-            raise ValueError("nothing to train: lora=none with train_norms and train_biases off")
+        head = self.head_lora and self.mode == "retrain"
+        if self.lora == "none" and not self.train_norms and not self.train_biases and not head:
+            raise ValueError("nothing to train: lora=none with train_norms and train_biases off (and no head_lora "
+                             "in retrain mode)")
         return self
 
 
@@ -223,6 +231,21 @@ def perp_reconstruct(model: nn.Module, layers: list[nn.Module], targets_by_layer
 
 # --- graph wiring ---------------------------------------------------------------------------------------------
 
+def _attach_head(model: nn.Module, graph: Graph, p: Params, adapted: list[str]) -> tuple[str, Attached] | None:
+    """A plain LoRA on the output head (``lm_head``, or the tied embedding it shares): (graph name, adapter).
+
+    None when the model has no separate output projection or the head is already among the adapted linears."""
+    r = roles(graph, p.arch)
+    name = r.lm_head or (r.embed if r.tied else None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if name is None or head is None or name in adapted or not isinstance(getattr(head, "weight", None), nn.Parameter):
+        return None
+    if tuple(head.weight.shape) != tuple(graph[name].shape):
+        raise SurgeonError(f"retrain.perp head_lora: output head {list(head.weight.shape)} does not match {name} "
+                           f"{list(graph[name].shape)}")
+    return name, attach(head, "weight", "plain", p.rank, p.alpha)
+
+
 def _dense_weights(graph: Graph, names: list[str]) -> dict[str, torch.Tensor]:
     missing = [n for n in names if not isinstance(graph[n], Pruned)]
     if missing:
@@ -258,7 +281,12 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
         if params.lora != "none":
             attached = [attach(*module_of(model, n)[:2], params.lora, params.rank, params.alpha) for n in names]
         extras = extra_trainables(model, norms=params.train_norms, biases=params.train_biases)
+        head = _attach_head(model, graph, params, names) if params.head_lora else None
+        if head is not None:
+            facts["head_lora"] = {"tensor": head[0], "tied": head[0] != roles(graph, params.arch).lm_head}
         trainable = [q for a in attached for q in a.adapter.parameters()] + list(extras.values())
+        if head is not None:
+            trainable += list(head[1].adapter.parameters())
         for q in trainable:
             q.requires_grad_(True)
         n_trainable = _count(trainable)
@@ -269,6 +297,9 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
         for n, a in zip(names, attached):
             merged[n] = merged_weight(a)
             detach(a, merged[n])
+        if head is not None:
+            head_weight = merged_weight(head[1])
+            detach(head[1], head_weight)
         k = max(1, len(losses) // 10)
         facts.update(loss_first=round(sum(losses[:k]) / k, 4), loss_last=round(sum(losses[-k:]) / k, 4))
     else:
@@ -283,6 +314,7 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
                                            progress=ctx.progress, status=ctx.status)
         n_trainable = rec.pop("trainable_parameters")
         facts.update(rec)
+        head = None
         extras = extra_trainables(model, norms=params.train_norms, biases=params.train_biases)
         extras = {n: q for n, q in extras.items() if any(n.startswith(p) for p in prefixes)}
 
@@ -300,6 +332,8 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
         per_tensor[n] = (int((new == 0).sum()), new.numel())
     for n, q in extras.items():
         out.nodes[n] = Const(q.detach().cpu().to(graph[n].dtype), label="perp")
+    if head is not None:
+        out.nodes[head[0]] = Const(head_weight.cpu().to(graph[head[0]].dtype), label="perp.head_lora")
     ctx.report(**facts, trainable_parameters=n_trainable, total_parameters=total,
                trainable_fraction=round(n_trainable / total, 6), **sparsity_facts(per_tensor))
     return out
