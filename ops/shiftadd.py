@@ -14,6 +14,7 @@ sum of ``pot_terms`` signed powers of two (APoT, arXiv 1909.13144), so x·W is t
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -105,11 +106,17 @@ def pot_round(alpha: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tens
     Terms below 2^(k1−10) are dropped so the value is exact in fp16. Returns (values fp32, exponents int8
     [..., terms] with ``ABSENT_EXP`` for unused terms, negative-term bits uint8 [...]).
     """
-    a = alpha.double()
-    resid = a.clone()
-    value = torch.zeros_like(a)
-    exps = torch.full((*a.shape, terms), ABSENT_EXP, dtype=torch.int8, device=a.device)
-    neg = torch.zeros(a.shape, dtype=torch.uint8, device=a.device)
+    exps = torch.full((*alpha.shape, terms), ABSENT_EXP, dtype=torch.int8, device=alpha.device)
+    neg = torch.zeros(alpha.shape, dtype=torch.uint8, device=alpha.device)
+    value = _pot_greedy(alpha, terms, exps, neg)
+    return value, exps, neg
+
+
+def _pot_greedy(alpha: torch.Tensor, terms: int, exps: torch.Tensor | None = None, neg: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """The greedy APoT value of :func:`pot_round` (fp32); fills ``exps``/``neg`` when given."""
+    resid = alpha.double().clone()
+    value = torch.zeros_like(resid)
     lead = None
     for t in range(terms):
         nz = resid != 0
@@ -119,12 +126,13 @@ def pot_round(alpha: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tens
             use = nz
         else:
             use = nz & (k >= lead - FP16_SPAN)
-        term = torch.where(use, torch.sign(resid) * torch.exp2(k), torch.zeros_like(resid))
+        term = torch.where(use, torch.sign(resid) * torch.exp2(k), 0.0)
         value += term
         resid -= term
-        exps[..., t] = torch.where(use, k, torch.full_like(k, ABSENT_EXP)).to(torch.int8)
-        neg |= ((term < 0).to(torch.uint8) << t)
-    return value.float(), exps, neg
+        if exps is not None and neg is not None:
+            exps[..., t] = torch.where(use, k, ABSENT_EXP).to(torch.int8)
+            neg |= ((term < 0).to(torch.uint8) << t)
+    return value.float()
 
 
 def pot_decode(exps: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -172,15 +180,16 @@ def pot_decompose(values: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch
 def round_scales(alpha: torch.Tensor, pot_terms: int) -> torch.Tensor:
     """α as it will be stored: APoT values (``pot_terms`` > 0) or fp16-rounded values."""
     if pot_terms > 0:
-        return pot_round(alpha, pot_terms)[0]
+        return _pot_greedy(alpha, pot_terms)
     return alpha.half().float()
 
 
 # ==============================================================================================================
 # BCQ: greedy init + alternating least squares / nearest codeword (arXiv 1802.00150)
 # ==============================================================================================================
+@functools.lru_cache(maxsize=32)
 def _codebook(bits: int, device: torch.device) -> torch.Tensor:
-    """All 2^q sign combinations, [2^q, q] of ±1."""
+    """All 2^q sign combinations, [2^q, q] of ±1 (cached: the BCQ loop asks for it thousands of times)."""
     idx = torch.arange(2 ** bits, device=device)
     return (((idx[:, None] >> torch.arange(bits, device=device)) & 1) * 2 - 1).float()
 

@@ -330,10 +330,10 @@ def test_sensitivity_score_follows_the_sheet_formula():
 
 
 # --------------------------------------------------------------------------------------------- params
-@pytest.mark.parametrize("bad", [dict(group_size=12), dict(bits_budget=3.5), dict(bits=1, bits_budget=1.0),
-                                 dict(pot_terms=4), dict(bogus=1), dict(weight_only=True, data="calib.txt"),
-                                 dict(scale_layout="lat"), dict(scale_layout="acc", materialize=True,
-                                                                weight_only=True), dict(scale_layout="rows")])
+@pytest.mark.parametrize("bad", [{"group_size": 12}, {"bits_budget": 3.5}, {"bits": 1, "bits_budget": 1.0},
+                                 {"pot_terms": 4}, {"bogus": 1}, {"weight_only": True, "data": "calib.txt"},
+                                 {"scale_layout": "lat"}, {"scale_layout": "acc", "materialize": True,
+                                                           "weight_only": True}, {"scale_layout": "rows"}])
 def test_bad_params_fail_validation(bad):
     with pytest.raises(ValueError):
         Params(**bad)
