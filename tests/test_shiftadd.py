@@ -450,6 +450,22 @@ def test_calibrated_is_the_default_and_weight_only_is_explicit(tiny_llama, tmp_p
     assert not (tmp_path / "both").exists()
 
 
+@pytest.mark.parametrize("layout", ["lat", "acc"])
+def test_reference_layouts_run_end_to_end_as_dense_output(tiny_llama, tmp_path, layout):
+    from transformers import AutoModelForCausalLM
+
+    g2, ctx = _run(tiny_llama, tmp_path / layout, bits=2, group_size=16, rounds=1, data="model:2", seqlen=16,
+                   scale_layout=layout, materialize=True)
+    assert ctx.step_info["format"] == "dense (materialized)" and "quantization_config" not in g2.config
+    w = g2.value("model.layers.0.mlp.down_proj.weight")  # [64, 128], 2 planes: at most 4 values per α group
+    if layout == "acc":  # α per (column, 16 rows)
+        blocks = w.reshape(4, 16, 128).permute(0, 2, 1).reshape(-1, 16)
+    else:  # α per (8 columns, 2 rows); act-order keeps 8-column blocks whole
+        blocks = w.reshape(32, 2, 16, 8).permute(0, 2, 1, 3).reshape(-1, 16)
+    assert max(len(set(b.tolist())) for b in blocks) <= 4
+    AutoModelForCausalLM.from_pretrained(tmp_path / layout)
+
+
 def test_loader_refuses_a_folder_that_is_not_shiftadd(tiny_llama):
     from surgeon.ops.shiftadd import load_shiftadd
 
