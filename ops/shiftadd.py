@@ -4,10 +4,12 @@ You et al., NeurIPS 2024, arXiv 2406.05981; ALGORITHMS.md §7).
 W ≈ Σ_{i=1..q} α_i ⊙ B_i, B_i ∈ {−1,+1}^{N×K}, α per (plane, row, group of ``group_size`` input columns), each α a
 sum of ``pot_terms`` signed powers of two (APoT, arXiv 1909.13144), so x·W is table lookups, shifts and adds.
 
-- weight-only (no ``data``): per-group BCQ with alternating rounds (arXiv 1802.00150); lazy, one tensor at a time.
-- activation-aware (``data``): the GPTQ column loop (arXiv 2210.17323) with the calibration Hessian H = XXᵀ/n,
-  BCQ fit of α at each group start, then per column the nearest codeword and the error fed forward through
-  chol(H⁻¹) — the objective is the layer output error ‖(W − Ŵ)X‖.
+- activation-aware (the default; ``data`` = a text file or ``model:N``, self-sampled ``model:32`` when not given):
+  the GPTQ column loop (arXiv 2210.17323) with the calibration Hessian H = XXᵀ/n, BCQ fit of α at each group start
+  (``scale_layout`` ``lat``/``acc``: re-fitted inside the loop as in the authors' code), then per column the nearest
+  codeword and the error fed forward through chol(H⁻¹) — the objective is the layer output error ‖(W − Ŵ)X‖.
+- weight-only (``weight_only``): per-group BCQ with alternating rounds (arXiv 1802.00150); lazy, one tensor at a
+  time.
 - ``bits_budget``: per-layer bits (bits−1 or bits) from the sensitivity score ‖M‖_F·std(M)², M = W / diag(U).
 - output: the packed format (``X.qweight`` bit-planes, ``X.pot_exp``/``X.pot_sign`` or ``X.scales``, ``X.perm``)
   read by :func:`load_shiftadd`, or a dense checkpoint with ``materialize``.
@@ -65,7 +67,7 @@ class Params(BaseModel):
     damping: float = Field(0.01, gt=0, lt=1, description="Hessian damping: + damping·mean(diag H)·I.")
     block_size: int = Field(128, ge=8, description="GPTQ lazy-update block (columns; rounded up to whole groups).")
     act_order: bool = Field(True, description="Quantise 8-column blocks in order of decreasing Hessian diagonal "
-                                              "(stores X.perm); only with --data.")
+                                              "(stores X.perm); calibrated fits only.")
     bits_budget: float | None = Field(None, description="Average bits per weight (numel-weighted) between "
                                                         "bits-1 and bits; layers are ranked by sensitivity.")
     materialize: bool = Field(False, description="Write dense Ŵ = Σα·B in the original dtype (loads anywhere) "
@@ -601,7 +603,7 @@ def _packed_bytes(bits_of: dict[str, int], graph: Graph, transposed: dict[str, b
 
 @register("shiftadd", Params)
 def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
-    """ShiftAdd reparameterisation of every block linear (weight-only lazy, or activation-aware with data)."""
+    """ShiftAdd reparameterisation of every block linear (activation-aware by default, or lazy weight-only)."""
     graph = graph.copy()
     linears = block_linear_names(graph)
     transposed = dict(linears)
