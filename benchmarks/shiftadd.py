@@ -103,8 +103,8 @@ def smollm2_section(bits: int, group: int, calibrated: bool) -> None:
     folder = cached_conversion(src)
     g = Graph.from_checkpoint(open_checkpoint(folder))
     with tempfile.TemporaryDirectory() as tmp:
-        for label, extra in (("weight-only", {}), ("calibrated", {"data": "model:32", "seqlen": 128, "max_windows": 32,
-                                                               "rounds": 4})):
+        for label, extra in (("weight-only", {"weight_only": True}),
+                             ("calibrated", {"data": "model:32", "seqlen": 128, "max_windows": 32, "rounds": 4})):
             if label == "calibrated" and not calibrated:
                 continue
             ctx = Context(quiet=True)

@@ -4,20 +4,23 @@ You et al., NeurIPS 2024, arXiv 2406.05981; ALGORITHMS.md §7).
 W ≈ Σ_{i=1..q} α_i ⊙ B_i, B_i ∈ {−1,+1}^{N×K}, α per (plane, row, group of ``group_size`` input columns), each α a
 sum of ``pot_terms`` signed powers of two (APoT, arXiv 1909.13144), so x·W is table lookups, shifts and adds.
 
-- weight-only (no ``data``): per-group BCQ with alternating rounds (arXiv 1802.00150); lazy, one tensor at a time.
-- activation-aware (``data``): the GPTQ column loop (arXiv 2210.17323) with the calibration Hessian H = XXᵀ/n,
-  BCQ fit of α at each group start, then per column the nearest codeword and the error fed forward through
-  chol(H⁻¹) — the objective is the layer output error ‖(W − Ŵ)X‖.
+- activation-aware (the default; ``data`` = a text file or ``model:N``, self-sampled ``model:32`` when not given):
+  the GPTQ column loop (arXiv 2210.17323) with the calibration Hessian H = XXᵀ/n, BCQ fit of α at each group start
+  (``scale_layout`` ``lat``/``acc``: re-fitted inside the loop as in the authors' code), then per column the nearest
+  codeword and the error fed forward through chol(H⁻¹) — the objective is the layer output error ‖(W − Ŵ)X‖.
+- weight-only (``weight_only``): per-group BCQ with alternating rounds (arXiv 1802.00150); lazy, one tensor at a
+  time.
 - ``bits_budget``: per-layer bits (bits−1 or bits) from the sensitivity score ‖M‖_F·std(M)², M = W / diag(U).
 - output: the packed format (``X.qweight`` bit-planes, ``X.pot_exp``/``X.pot_sign`` or ``X.scales``, ``X.perm``)
   read by :func:`load_shiftadd`, or a dense checkpoint with ``materialize``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -35,6 +38,7 @@ LAYOUT_VERSION = 1
 QUANT_METHOD = "shiftadd"
 ABSENT_EXP = -128  # pot_exp value of an unused APoT term
 FP16_SPAN = 10  # APoT terms lie within 2^-10 of the leading one, so every scale is exact in fp16
+SCALE_LAYOUTS = ("row", "lat", "acc")  # where α lives and is refitted in the calibrated loop (quantize_gptq)
 
 
 class Params(BaseModel):
@@ -48,14 +52,22 @@ class Params(BaseModel):
                                                       "ShiftAddLLM's default; 0 = plain fp16 scales (BCQ).")
     rounds: int = Field(20, ge=0, le=1000, description="Alternating BCQ rounds (least-squares scales, then "
                                                        "nearest codewords) per group.")
-    data: str | None = Field(None, description="Calibration text (file, or `model`/`model:N` for self-sampled) "
-                                               "for the activation-aware fit; weight-only when absent.")
+    data: str = Field("model:32", description="Calibration text for the activation-aware fit (the paper's "
+                                              "method): a text file, or `model`/`model:N` for N sequences "
+                                              "sampled from the model itself.")
+    weight_only: bool = Field(False, description="Skip calibration: per-group BCQ of the weights alone (no forward "
+                                                 "passes, streams one linear at a time; far worse perplexity).")
+    scale_layout: Literal["row", "lat", "acc"] = Field(
+        "row", description="Where α lives and is refitted in the calibrated loop: `row` = per (row, group_size "
+                           "columns) at each group start (packed LUT format); `lat` / `acc` = ShiftAddLLM's lat. "
+                           "mode (per 8 columns × group_size/8 rows, refitted every 8 columns) / acc. mode (per "
+                           "column × group_size rows, refitted every column; no QuIP) — dense output only.")
     seqlen: int = Field(256, ge=8, description="Calibration window length in tokens.")
     max_windows: int = Field(32, ge=1, description="Number of calibration windows.")
     damping: float = Field(0.01, gt=0, lt=1, description="Hessian damping: + damping·mean(diag H)·I.")
     block_size: int = Field(128, ge=8, description="GPTQ lazy-update block (columns; rounded up to whole groups).")
     act_order: bool = Field(True, description="Quantise 8-column blocks in order of decreasing Hessian diagonal "
-                                              "(stores X.perm); only with --data.")
+                                              "(stores X.perm); calibrated fits only.")
     bits_budget: float | None = Field(None, description="Average bits per weight (numel-weighted) between "
                                                         "bits-1 and bits; layers are ranked by sensitivity.")
     materialize: bool = Field(False, description="Write dense Ŵ = Σα·B in the original dtype (loads anywhere) "
@@ -67,6 +79,15 @@ class Params(BaseModel):
         if v % 8:
             raise ValueError(f"group_size {v}: expected a multiple of 8")
         return v
+
+    @model_validator(mode="after")
+    def _calibration_choice(self) -> Params:
+        if self.weight_only and "data" in self.model_fields_set:
+            raise ValueError("weight_only and data exclude each other: weight-only BCQ uses no calibration text")
+        if self.scale_layout != "row" and (self.weight_only or not self.materialize):
+            raise ValueError(f"scale_layout {self.scale_layout!r}: only for the calibrated fit with materialize "
+                             "(the packed format stores α per (row, group); use scale_layout row)")
+        return self
 
     @model_validator(mode="after")
     def _budget_in_range(self) -> Params:
@@ -87,11 +108,17 @@ def pot_round(alpha: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tens
     Terms below 2^(k1−10) are dropped so the value is exact in fp16. Returns (values fp32, exponents int8
     [..., terms] with ``ABSENT_EXP`` for unused terms, negative-term bits uint8 [...]).
     """
-    a = alpha.double()
-    resid = a.clone()
-    value = torch.zeros_like(a)
-    exps = torch.full((*a.shape, terms), ABSENT_EXP, dtype=torch.int8, device=a.device)
-    neg = torch.zeros(a.shape, dtype=torch.uint8, device=a.device)
+    exps = torch.full((*alpha.shape, terms), ABSENT_EXP, dtype=torch.int8, device=alpha.device)
+    neg = torch.zeros(alpha.shape, dtype=torch.uint8, device=alpha.device)
+    value = _pot_greedy(alpha, terms, exps, neg)
+    return value, exps, neg
+
+
+def _pot_greedy(alpha: torch.Tensor, terms: int, exps: torch.Tensor | None = None, neg: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """The greedy APoT value of :func:`pot_round` (fp32); fills ``exps``/``neg`` when given."""
+    resid = alpha.double().clone()
+    value = torch.zeros_like(resid)
     lead = None
     for t in range(terms):
         nz = resid != 0
@@ -101,12 +128,13 @@ def pot_round(alpha: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tens
             use = nz
         else:
             use = nz & (k >= lead - FP16_SPAN)
-        term = torch.where(use, torch.sign(resid) * torch.exp2(k), torch.zeros_like(resid))
+        term = torch.where(use, torch.sign(resid) * torch.exp2(k), 0.0)
         value += term
         resid -= term
-        exps[..., t] = torch.where(use, k, torch.full_like(k, ABSENT_EXP)).to(torch.int8)
-        neg |= ((term < 0).to(torch.uint8) << t)
-    return value.float(), exps, neg
+        if exps is not None and neg is not None:
+            exps[..., t] = torch.where(use, k, ABSENT_EXP).to(torch.int8)
+            neg |= ((term < 0).to(torch.uint8) << t)
+    return value.float()
 
 
 def pot_decode(exps: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -154,15 +182,16 @@ def pot_decompose(values: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch
 def round_scales(alpha: torch.Tensor, pot_terms: int) -> torch.Tensor:
     """α as it will be stored: APoT values (``pot_terms`` > 0) or fp16-rounded values."""
     if pot_terms > 0:
-        return pot_round(alpha, pot_terms)[0]
+        return _pot_greedy(alpha, pot_terms)
     return alpha.half().float()
 
 
 # ==============================================================================================================
 # BCQ: greedy init + alternating least squares / nearest codeword (arXiv 1802.00150)
 # ==============================================================================================================
+@functools.lru_cache(maxsize=32)
 def _codebook(bits: int, device: torch.device) -> torch.Tensor:
-    """All 2^q sign combinations, [2^q, q] of ±1."""
+    """All 2^q sign combinations, [2^q, q] of ±1 (cached: the BCQ loop asks for it thousands of times)."""
     idx = torch.arange(2 ** bits, device=device)
     return (((idx[:, None] >> torch.arange(bits, device=device)) & 1) * 2 - 1).float()
 
@@ -172,15 +201,26 @@ def _codeword_values(alpha: torch.Tensor) -> torch.Tensor:
     return alpha @ _codebook(alpha.shape[1], alpha.device).T
 
 
+def _codeword_search(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Midpoints between the sorted codeword values of each row [R, 2^q − 1] and the codebook index of each sorted
+    value [R, 2^q], for :func:`_nearest_in`."""
+    values, order = _codeword_values(alpha).sort(dim=1)
+    return (0.5 * (values[:, 1:] + values[:, :-1])).contiguous(), order
+
+
+def _nearest_in(w: torch.Tensor, mids: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Codebook index of the codeword nearest to each element of ``w`` [R, C] by binary search on the midpoints; a
+    weight exactly on a midpoint takes the larger codeword (as the reference's find_B_torch)."""
+    return order.gather(1, torch.searchsorted(mids, w.contiguous(), right=True))
+
+
 def nearest_code(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """Index (into :func:`_codebook`) of the codeword nearest to each element of ``w`` [R, C]; int64 [R, C].
 
     The 2^q values of a row are sorted once and each weight is placed by binary search on the midpoints
     between neighbours, O(R·C·q) instead of comparing against all 2^q codewords.
     """
-    values, order = _codeword_values(alpha).sort(dim=1)
-    mids = 0.5 * (values[:, 1:] + values[:, :-1])
-    return order.gather(1, torch.searchsorted(mids.contiguous(), w.contiguous()))
+    return _nearest_in(w, *_codeword_search(alpha))
 
 
 def nearest_codeword(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -354,32 +394,60 @@ def allocate_bits(scores: dict[str, float], numels: dict[str, int], budget: floa
     return bits
 
 
+def _fit_row_groups(x: torch.Tensor, rows_per_group: int, bits: int, *, rounds: int, pot_terms: int
+                    ) -> torch.Tensor:
+    """One α-vector per group of ``rows_per_group`` consecutive rows of ``x`` [N, c], fitted by BCQ on the group's
+    rows·c weights (a shorter last group when N is not a multiple); [⌈N/rows⌉, q]."""
+    n = x.shape[0]
+    full = n // rows_per_group
+    parts = []
+    if full:
+        parts.append(bcq_fit(x[:full * rows_per_group].reshape(full, -1), bits, rounds=rounds,
+                             pot_terms=pot_terms)[0])
+    if full * rows_per_group < n:
+        parts.append(bcq_fit(x[full * rows_per_group:].reshape(1, -1), bits, rounds=rounds, pot_terms=pot_terms)[0])
+    return torch.cat(parts)
+
+
 def quantize_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, *, rounds: int = 20,
                   pot_terms: int = 3, damping: float = 0.01, block_size: int = 128, act_order: bool = True,
-                  device: str = "cpu") -> QuantizedLinear:
+                  scale_layout: str = "row", device: str = "cpu") -> QuantizedLinear:
     """Activation-aware BCQ (§7.2): the GPTQ column loop with ``h`` = XXᵀ/n.
 
-    At each group start α is fitted by BCQ on the error-updated columns of the group; then each column takes
-    its nearest codeword and its error e = (w_j − q_j)/U_jj is pushed onto the later columns through U (lazy
-    per block). With H = I (no off-diagonal coupling) this is exactly per-group BCQ.
+    Each column takes its nearest codeword under the current α and its error e = (w_j − q_j)/U_jj is pushed onto
+    the later columns through U (lazy per block). Where α is (re)fitted by BCQ on the error-updated columns:
+
+    - ``row`` (ours): one α per (row, ``group_size`` columns), fitted at the group's first column;
+    - ``lat`` (ShiftAddLLM lat. mode): one α per (8 columns, ``group_size``/8 rows), fitted at each 8-column block;
+    - ``acc`` (ShiftAddLLM acc. mode, without its QuIP incoherence): one α per (column, ``group_size`` rows),
+      fitted at every column; act-order is then per column (not by 8-column blocks).
+
+    With H = I (no off-diagonal coupling) ``row`` is exactly per-group BCQ. The result stores α per row
+    (``lat``: group size 8; ``acc``: group size 1).
     """
+    if scale_layout not in SCALE_LAYOUTS:
+        raise SurgeonError(f"scale_layout {scale_layout!r}: expected one of {', '.join(SCALE_LAYOUTS)}")
     n, k = w.shape
     w = w.to(device=device, dtype=torch.float32).clone()
     h = h.to(device=device, dtype=torch.float64).clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    perm = act_order_perm(h.diagonal().cpu()).to(device) if act_order else None
-    if perm is not None:
+    perm = None
+    if act_order:
+        diag = h.diagonal().cpu()
+        perm = (diag.argsort(descending=True, stable=True) if scale_layout == "acc" else act_order_perm(diag)
+                ).to(device)
         w = w[:, perm]
         h = h[perm][:, perm]
     u = _inverse_cholesky_upper(h, damping)
     block = -(-max(block_size, group_size) // group_size) * group_size  # whole groups per block
-    n_groups = -(-k // group_size)
-    alpha = torch.empty(bits, n, n_groups, device=device)
+    refit_every, stored_gs, rows_per_alpha = {"row": (group_size, group_size, 1), "lat": (8, 8, group_size // 8),
+                                              "acc": (1, 1, group_size)}[scale_layout]
+    alpha = torch.empty(bits, n, -(-k // stored_gs), device=device)
     codes = torch.empty(n, k, dtype=torch.long, device=device)  # index of the chosen codeword per weight
     book = _codebook(bits, torch.device(device))  # [2^q, q]
-    values = None  # codeword values of the current group, [N, 2^q]
+    search = None  # sorted codeword midpoints and their codebook indices under the current α
     for b1 in range(0, k, block):
         b2 = min(k, b1 + block)
         w1 = w[:, b1:b2].clone()
@@ -387,20 +455,25 @@ def quantize_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
         u1 = u[b1:b2, b1:b2]
         for j in range(b2 - b1):
             col = b1 + j
-            if col % group_size == 0:
-                g = col // group_size
-                cur_alpha, _, _ = bcq_fit(w1[:, j:j + group_size], bits, rounds=rounds, pot_terms=pot_terms)
-                alpha[:, :, g] = cur_alpha.T
-                values = cur_alpha @ book.T
+            if col % refit_every == 0:
+                cols = w1[:, j:j + refit_every]
+                if scale_layout == "row":
+                    cur = bcq_fit(cols, bits, rounds=rounds, pot_terms=pot_terms)[0]
+                else:
+                    cur = _fit_row_groups(cols, rows_per_alpha, bits, rounds=rounds, pot_terms=pot_terms)
+                    cur = cur.repeat_interleave(rows_per_alpha, dim=0)[:n]
+                alpha[:, :, col // stored_gs] = cur.T
+                values = cur @ book.T
+                search = _codeword_search(cur)
             wj = w1[:, j]
-            idx = (wj[:, None] - values).abs().argmin(1)
-            codes[:, col] = idx
-            e = (wj - values.gather(1, idx[:, None])[:, 0]) / u1[j, j]
+            idx = _nearest_in(wj[:, None], *search)
+            codes[:, col] = idx[:, 0]
+            e = (wj - values.gather(1, idx)[:, 0]) / u1[j, j]
             w1[:, j:] -= e[:, None] * u1[j, j:][None, :]
             err1[:, j] = e
         w[:, b2:] -= err1 @ u[b1:b2, b2:]
     signs = book[codes].permute(2, 0, 1)  # [q, N, K]
-    return QuantizedLinear(signs.cpu(), alpha.cpu(), group_size, pot_terms, None if perm is None else perm.cpu())
+    return QuantizedLinear(signs.cpu(), alpha.cpu(), stored_gs, pot_terms, None if perm is None else perm.cpu())
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
@@ -516,7 +589,7 @@ def _quant_config(params: Params, bits_of: dict[str, int], transposed: dict[str,
             "bits": params.bits if params.bits_budget is None else None, "bits_budget": params.bits_budget,
             "group_size": params.group_size, "pot_terms": params.pot_terms,
             "scale_format": "pot" if params.pot_terms > 0 else "fp16", "act_order": act_order,
-            "calibrated": params.data is not None, "modules": modules}
+            "calibrated": not params.weight_only, "modules": modules}
 
 
 def _packed_bytes(bits_of: dict[str, int], graph: Graph, transposed: dict[str, bool], params: Params) -> int:
@@ -530,12 +603,12 @@ def _packed_bytes(bits_of: dict[str, int], graph: Graph, transposed: dict[str, b
 
 @register("shiftadd", Params)
 def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
-    """ShiftAdd reparameterisation of every block linear (weight-only lazy, or activation-aware with data)."""
+    """ShiftAdd reparameterisation of every block linear (activation-aware by default, or lazy weight-only)."""
     graph = graph.copy()
     linears = block_linear_names(graph)
     transposed = dict(linears)
     in_features = {n: graph[n].shape[0 if tr else 1] for n, tr in linears}
-    if params.data is not None:
+    if not params.weight_only:
         return _apply_calibrated(graph, params, ctx, linears, in_features)
     if params.bits_budget is not None:
         scores, numels = {}, {}
@@ -710,7 +783,7 @@ def _apply_calibrated(graph: Graph, params: Params, ctx: Context, linears: list[
             w = _weight_of(m, transposed[n])
             ql = quantize_gptq(w, hs[n], bits_of[n], params.group_size, rounds=params.rounds,
                                pot_terms=params.pot_terms, damping=params.damping, block_size=params.block_size,
-                               act_order=params.act_order, device=ctx.device)
+                               act_order=params.act_order, scale_layout=params.scale_layout, device=ctx.device)
             w_hat = ql.dense()
             rel_w[n] = float((w - w_hat).norm() / w.norm().clamp_min(1e-30))
             rel_out[n] = output_error(w, w_hat, hs[n].cpu())

@@ -59,7 +59,8 @@ def test_loaded_packed_model_on_cuda_equals_cpu(tiny_llama, tmp_path):
     from surgeon.writer import write_graph
 
     ctx = Context(device="cuda", quiet=True)
-    g2 = apply(Graph.from_checkpoint(open_checkpoint(tiny_llama)), Params(bits=3, group_size=32, rounds=3), ctx)
+    params = Params(bits=3, group_size=32, rounds=3, weight_only=True)
+    g2 = apply(Graph.from_checkpoint(open_checkpoint(tiny_llama)), params, ctx)
     write_graph(g2, tmp_path / "p", ctx=ctx)
     ids = torch.randint(0, 128, (1, 9))
     with torch.no_grad():
