@@ -5,7 +5,6 @@ The CLI subcommands, ``surgeon run RECIPE`` and :func:`surgeon.api.run_op` all e
 from __future__ import annotations
 
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +119,7 @@ def run_steps(models: dict[str, str], steps: list[tuple[str, Any]], options: Run
         torch.manual_seed(options.seed)
         ctx.step_info = {}
         t0 = time.perf_counter()
-        if not options.quiet and sys.stderr.isatty():
+        if not options.quiet:  # also off a terminal: a log then shows which step is running
             ctx.log(f"[bold]{spec.name}[/bold] …")
         result = spec.apply(graph, params, ctx)
         if result is None:

@@ -336,11 +336,17 @@ def _write_configs(graph: Graph, tmp: Path) -> None:
 
 
 class _Progress:
-    """A byte-based progress bar on stderr while shards are written (silent without a terminal)."""
+    """A byte-based progress bar on stderr while shards are written (a line every 30 s without a terminal)."""
 
     def __init__(self, ctx: Context | None, total: int):
         self.bar = None
-        if ctx is None or ctx.quiet or not os.isatty(2):
+        self.lines = None
+        if ctx is None or ctx.quiet:
+            return
+        if not os.isatty(2):
+            from surgeon.context import LineProgress
+
+            self.lines = LineProgress(ctx.log, "writing", total, unit="B")
             return
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
@@ -352,6 +358,8 @@ class _Progress:
     def advance(self, n: int) -> None:
         if self.bar is not None:
             self.bar.advance(self.task, n)
+        elif self.lines is not None:
+            self.lines.advance(n)
 
     def close(self) -> None:
         if self.bar is not None:
