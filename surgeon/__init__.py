@@ -36,6 +36,16 @@ def _mount_checkout_folders() -> None:
 
 _mount_checkout_folders()
 
+
+def _register_formats() -> None:
+    """transformers loads surgeon's packed/compact outputs after ``import surgeon`` (see surgeon.formats)."""
+    from surgeon.formats import install_transformers_hook
+
+    install_transformers_hook()
+
+
+_register_formats()
+
 __all__ = ["__version__", "SurgeonError", "open_checkpoint", "load_shiftadd", "load_recursive"]
 
 

@@ -330,6 +330,10 @@ def _write_configs(graph: Graph, tmp: Path) -> None:
         if dt is not None and comp == "" and ("torch_dtype" in cfg or "dtype" in cfg or "model_type" in cfg):
             key = "dtype" if "dtype" in cfg or "torch_dtype" not in cfg else "torch_dtype"
             cfg[key] = dt
+        if comp == "":
+            from surgeon.formats import to_disk
+
+            cfg = to_disk(cfg)  # packed / compact layouts get a surgeon model type (see surgeon.formats)
         dest = (tmp / comp if comp else tmp) / "config.json"
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
