@@ -177,10 +177,11 @@ def _jsonable(obj: Any) -> Any:
 
 def dry_run_plan(graph, graphs, validated, options: RunOptions) -> dict[str, Any]:
     """What would happen, without computing: steps, input sizes, output size and a memory estimate."""
+    from surgeon.memory import run_estimate
+
     largest = max((graph[n].nbytes for n in graph.names()), default=0)
     total = sum(graph[n].nbytes for n in graph.names())
-    model_level = any(spec.model_level for spec, _ in validated)
-    estimate = total * (2 if model_level else 0) + 2 * largest + (400 << 20)
+    memory = run_estimate(graph, validated)
     return {
         "output": options.output,
         "dry_run": True,
@@ -190,5 +191,6 @@ def dry_run_plan(graph, graphs, validated, options: RunOptions) -> dict[str, Any
         "tensors": len(graph),
         "input_bytes": total,
         "largest_tensor_bytes": largest,
-        "memory_estimate_bytes": estimate,
+        "memory_estimate_bytes": memory["peak_bytes"],
+        "memory_estimate_step_bytes": memory["step_peak_bytes"],
     }

@@ -1,0 +1,134 @@
+"""Peak-memory estimate of a run, for ``--dry-run`` (no tensor is read).
+
+A run's resident memory is the interpreter with its libraries, plus what the graph holds between steps
+(model-level ops return their changed tensors as constants), plus the largest working set of one step:
+
+- tensor-wise steps (merges, magnitude pruning, cast, tie, weight-only ShiftAdd, ...) and the writer stream a
+  few tensors at a time: a small multiple of the largest tensor in fp32;
+- model-level steps materialise the model in fp32, plus their own working set: EMMET/ROME may sample text
+  from a second fp32 copy of the model (``model:N``, skipped when the samples are cached); PERP keeps one
+  bool mask per pruned linear, the block inputs (gradient checkpointing) or every block's activations, and the
+  logits with their gradient; eval keeps one batch's logits.
+
+The constants below were fitted to peak RSS measured on SmolLM2-135M (2-core CPU VM; ``tests/test_memory.py``
+checks the demo's steps within 1.5x); they are estimates, not bounds.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from surgeon.graph import Graph
+    from surgeon.registry import OpSpec
+
+GB = 1 << 30
+MB = 1 << 20
+BASE_TORCH = 330 * MB  # python + torch + safetensors (tensor-wise runs)
+BASE_TRANSFORMERS = 520 * MB  # + transformers and a model class (model-level runs)
+STREAM_FACTOR = 3  # tensors alive at once while streaming: input, fp32 copy, result
+
+
+def _shape(graph: Graph) -> dict[str, int]:
+    """The sizes that working sets depend on, from the root config (0 where the config does not say)."""
+    cfg = graph.config
+    text = cfg.get("text_config") or {}
+
+    def get(*keys: str) -> int:
+        for src in (cfg, text):
+            for k in keys:
+                if isinstance(src.get(k), int):
+                    return int(src[k])
+        return 0
+
+    hidden = get("hidden_size", "n_embd", "d_model")
+    return {"hidden": hidden, "layers": get("num_hidden_layers", "n_layer", "num_layers"),
+            "vocab": get("vocab_size"), "ffn": get("intermediate_size", "n_inner", "ffn_dim") or 4 * hidden,
+            "heads": get("num_attention_heads", "n_head") or 1, "kv_heads": get("num_key_value_heads")}
+
+
+def _numel(graph: Graph) -> int:
+    import math
+
+    return sum(math.prod(graph[n].shape) for n in graph.names())
+
+
+def _largest_fp32(graph: Graph) -> int:
+    import math
+
+    return 4 * max((math.prod(graph[n].shape) for n in graph.names()), default=0)
+
+
+def _sampled(spec: Any) -> bool:
+    from surgeon.data import parse_model_spec
+
+    return isinstance(spec, str) and parse_model_spec(spec) is not None
+
+
+def _sampling_kv(s: dict[str, int], rows: int, length: int) -> int:
+    """KV cache of batched self-sampling (fp32)."""
+    kv_dim = s["hidden"] * (s["kv_heads"] or s["heads"]) // max(s["heads"], 1)
+    return 2 * s["layers"] * min(rows, 32) * length * kv_dim * 4
+
+
+def _perp(graph: Graph, params: Any, s: dict[str, int], model: int) -> int:
+    from surgeon.data import effective_seqlen
+
+    seqlen = effective_seqlen(params.seqlen, graph.config)
+    tokens = params.batch_size * seqlen
+    h, f = s["hidden"], s["ffn"]
+    block = tokens * (12 * h + 6 * f) * 4 + 3 * params.batch_size * s["heads"] * seqlen * seqlen * 4
+    inputs = s["layers"] * tokens * h * 4
+    acts = inputs + block if getattr(params, "checkpointing", True) else s["layers"] * block
+    logits = 4 * tokens * s["vocab"] * 4  # logits, their fp32 copy for the loss, log-softmax, gradient
+    mask = model // 4  # bool per weight of the pruned linears (bounded by all weights)
+    work = mask + acts + logits
+    if params.mode == "reconstruct":
+        work = 2 * model // max(s["layers"], 1) + block * 2  # one block's dense targets and activations
+    if _sampled(params.data):
+        work = max(work, _sampling_kv(s, 32, seqlen))
+    return work
+
+
+def step_estimate(graph: Graph, spec: OpSpec, params: BaseModel) -> dict[str, int]:
+    """``{"work": bytes one step needs besides the base, "held": bytes it leaves in the graph}``."""
+    streaming = STREAM_FACTOR * _largest_fp32(graph)
+    if not spec.model_level:
+        return {"work": streaming, "held": 0}
+    s = _shape(graph)
+    model = 4 * _numel(graph)
+    name = spec.name
+    p: Any = params
+    if name in ("edit.rome", "edit.emmet"):
+        work = model + 3 * 8 * s["ffn"] ** 2  # the fp32 model; C, its Cholesky factor and a solve (fp64)
+        if p.cov and _sampled(p.stats_data):  # samples come from a second copy (the run's input model)
+            work += model + _sampling_kv(s, 32, p.stats_seqlen)
+        return {"work": work, "held": 0}
+    if name == "retrain.perp":
+        from surgeon.data import effective_seqlen
+
+        del effective_seqlen
+        return {"work": model + _perp(graph, p, s, model), "held": 3 * model // 4}
+    if name == "eval":
+        from surgeon.data import effective_seqlen
+
+        seqlen = effective_seqlen(getattr(p, "seqlen", 512), graph.config)
+        logits = 3 * getattr(p, "batch_size", 1) * seqlen * s["vocab"] * 4
+        return {"work": model + logits, "held": 0}
+    # other model-level ops (Wanda, calibrated ShiftAdd, erase): the model plus activations of a calibration batch
+    return {"work": 2 * model, "held": model // 2}
+
+
+def run_estimate(graph: Graph, validated: list[tuple[OpSpec, BaseModel]]) -> dict[str, Any]:
+    """Peak of the whole run and of each step (see the module docstring)."""
+    model_level = any(spec.model_level for spec, _ in validated)
+    base = BASE_TRANSFORMERS if model_level else BASE_TORCH
+    held = 0
+    steps = []
+    for spec, params in validated:
+        est = step_estimate(graph, spec, params)
+        steps.append(base + held + est["work"])
+        held += est["held"]
+    write = base + held + STREAM_FACTOR * _largest_fp32(graph)
+    return {"peak_bytes": max([write, *steps]), "step_peak_bytes": steps, "write_peak_bytes": write}
