@@ -117,7 +117,8 @@ class Context:
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console(stderr=True, quiet=self.quiet)
+            # soft_wrap: a log line stays one line in a log file (rich would cut it at 80 columns off a terminal)
+            self._console = Console(stderr=True, quiet=self.quiet, soft_wrap=True)
         return self._console
 
     def log(self, message: str) -> None:

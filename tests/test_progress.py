@@ -91,3 +91,10 @@ def test_log_lines_reach_stderr_without_rich_markup(monkeypatch, clock):
     text = err.getvalue()
     assert "key statistics: 1/2 (50%), 31s elapsed, ETA 31s" in text
     assert "\x1b[" not in text  # no terminal escape codes in a log file
+
+
+def test_long_log_lines_are_not_wrapped_off_a_terminal(monkeypatch):
+    err = _not_a_tty(monkeypatch)
+    message = "model:12: sampling 12 × 256 tokens from the run's input model " + "x" * 120
+    Context(quiet=False).log(message)
+    assert err.getvalue() == message + "\n"
