@@ -43,9 +43,10 @@ class Params(BaseModel):
     data: str = Field(description="Training text: a .txt/.jsonl file, a datasets folder, or 'model:N' "
                       "(N sequences sampled from the run's input model, i.e. the dense model when "
                                   "pruning and PERP run in one recipe).")
-    steps: int = Field(30, ge=1, description="Optimizer steps (in reconstruct mode: per block). 30 steps of "
-                       "4 × 256 tokens take minutes on 2 CPU cores for a 135M model; only ~4 % of the weights "
-                       "train, and most of the recovery comes in the first steps.")
+    steps: int = Field(30, ge=1, description="Optimizer steps (in reconstruct mode: per block). Only ~4 % of the "
+                       "weights train and most of the recovery comes in the first steps; each step costs about "
+                       "three forward passes plus a full-size weight gradient per pruned linear (MaskLoRA's mask "
+                       "does not factor), so 30 steps of 4 × 128 tokens are the CPU default.")
     lora: Literal["mask", "scale", "none"] = Field("mask", description="Adapter on the pruned linears: mask "
                                                    "(MaskLoRA, W + s·(M⊙BA)), scale (ScaleLoRA, W⊙BA) or none "
                                                    "(biases and norms only).")
@@ -56,7 +57,7 @@ class Params(BaseModel):
                           "linearly; it then decays linearly to zero.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     batch_size: int = Field(4, ge=1, description="Windows per step.")
-    seqlen: int = Field(256, ge=2, le=2048, description="Tokens per window (capped by the model's context and 2048).")
+    seqlen: int = Field(128, ge=2, le=2048, description="Tokens per window (capped by the model's context and 2048).")
     max_windows: int = Field(256, ge=1, description="At most this many windows are cut from the data.")
     mode: Literal["retrain", "reconstruct"] = Field("retrain", description="retrain: language-model loss on the "
                                                     "whole model; reconstruct: per block, MSE to the dense block "
