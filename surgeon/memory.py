@@ -6,9 +6,9 @@ A run's resident memory is the interpreter with its libraries, plus what the gra
 - tensor-wise steps (merges, magnitude pruning, cast, tie, weight-only ShiftAdd, ...) and the writer stream a
   few tensors at a time: a small multiple of the largest tensor in fp32;
 - model-level steps materialise the model in fp32, plus their own working set: EMMET/ROME may sample text
-  from a second fp32 copy of the model (``model:N``, skipped when the samples are cached); PERP keeps one
-  bool mask per pruned linear, the block inputs (gradient checkpointing) or every block's activations, and the
-  logits with their gradient; eval keeps one batch's logits.
+  from a second fp32 copy of the model (``model:N``) with a KV cache; PERP keeps bool masks, adapters and
+  their optimizer state, the merged weights, the block inputs (activation checkpointing) or every block's
+  activations, and the logits with their gradient; eval keeps one batch's logits.
 
 The constants below were fitted to peak RSS measured on SmolLM2-135M (2-core CPU VM; ``tests/test_memory.py``
 checks the demo's steps within 1.5x); they are estimates, not bounds.
@@ -25,9 +25,9 @@ if TYPE_CHECKING:
 
 GB = 1 << 30
 MB = 1 << 20
-BASE_TORCH = 330 * MB  # python + torch + safetensors (tensor-wise runs)
+BASE_TORCH = 200 * MB  # python + torch + safetensors (tensor-wise runs; measured: 0.43 GiB pruning SmolLM2)
 BASE_TRANSFORMERS = 520 * MB  # + transformers and a model class (model-level runs)
-STREAM_FACTOR = 3  # tensors alive at once while streaming: input, fp32 copy, result
+STREAM_FACTOR = 2  # tensors alive at once while streaming (the input and its fp32 result)
 
 
 def _shape(graph: Graph) -> dict[str, int]:
@@ -82,8 +82,10 @@ def _perp(graph: Graph, params: Any, s: dict[str, int], model: int) -> int:
     inputs = s["layers"] * tokens * h * 4
     acts = inputs + block if getattr(params, "checkpointing", True) else s["layers"] * block
     logits = 4 * tokens * s["vocab"] * 4  # logits, their fp32 copy for the loss, log-softmax, gradient
-    mask = model // 4  # bool per weight of the pruned linears (bounded by all weights)
-    work = mask + acts + logits
+    # fitted: the masks and zero patterns (bool), adapters with AdamW state, the merged fp32 weights and their
+    # constants at the end, and what the allocator keeps of the per-linear full-size weight gradients: ~2x the
+    # fp32 model on SmolLM2 (peak RSS 2.99 GB at 4 x 128 tokens and 3.33 GB at 4 x 256, 2 and 4 steps)
+    work = 2 * model + acts + logits
     if params.mode == "reconstruct":
         work = 2 * model // max(s["layers"], 1) + block * 2  # one block's dense targets and activations
     if _sampled(params.data):
@@ -103,12 +105,12 @@ def step_estimate(graph: Graph, spec: OpSpec, params: BaseModel) -> dict[str, in
     if name in ("edit.rome", "edit.emmet"):
         work = model + 3 * 8 * s["ffn"] ** 2  # the fp32 model; C, its Cholesky factor and a solve (fp64)
         if p.cov and _sampled(p.stats_data):  # samples come from a second copy (the run's input model)
-            work += model + _sampling_kv(s, 32, p.stats_seqlen)
+            from surgeon.ops.edit.stats import default_stats_tokens
+
+            tokens = p.stats_tokens or default_stats_tokens(s["ffn"], p.stats_data)
+            work += model + _sampling_kv(s, -(-tokens // p.stats_seqlen), p.stats_seqlen)
         return {"work": work, "held": 0}
     if name == "retrain.perp":
-        from surgeon.data import effective_seqlen
-
-        del effective_seqlen
         return {"work": model + _perp(graph, p, s, model), "held": 3 * model // 4}
     if name == "eval":
         from surgeon.data import effective_seqlen
