@@ -3,8 +3,9 @@
 A run's resident memory is the interpreter with its libraries, plus what the graph holds between steps
 (model-level ops return their changed tensors as constants), plus the largest working set of one step:
 
-- tensor-wise steps (merges, magnitude pruning, cast, tie, weight-only ShiftAdd, ...) and the writer stream a
-  few tensors at a time: a small multiple of the largest tensor in fp32;
+- tensor-wise steps (magnitude pruning, cast, tie, weight-only ShiftAdd, ...) and the writer stream a few
+  tensors at a time: a small multiple of the largest tensor in fp32; a merge holds every model's copy of the
+  tensor, its task vector, trim mask and selection buffers (``MERGE_FACTOR`` per input model);
 - model-level steps materialise the model in fp32, plus their own working set: EMMET/ROME may sample text
   from a second fp32 copy of the model (``model:N``) with a KV cache; PERP keeps bool masks, adapters and
   their optimizer state, the merged weights, the block inputs (activation checkpointing) or every block's
@@ -28,6 +29,7 @@ MB = 1 << 20
 BASE_TORCH = 200 * MB  # python + torch + safetensors (tensor-wise runs; measured: 0.43 GiB pruning SmolLM2)
 BASE_TRANSFORMERS = 520 * MB  # + transformers and a model class (model-level runs)
 STREAM_FACTOR = 2  # tensors alive at once while streaming (the input and its fp32 result)
+MERGE_FACTOR = 3  # per input model of a merge (fitted: TIES of 3 SmolLM2 copies, peak RSS 1.38 GiB)
 
 
 def _shape(graph: Graph) -> dict[str, int]:
@@ -93,11 +95,13 @@ def _perp(graph: Graph, params: Any, s: dict[str, int], model: int) -> int:
     return work
 
 
-def step_estimate(graph: Graph, spec: OpSpec, params: BaseModel) -> dict[str, int]:
+def step_estimate(graph: Graph, spec: OpSpec, params: BaseModel, n_models: int = 1) -> dict[str, int]:
     """``{"work": bytes one step needs besides the base, "held": bytes it leaves in the graph}``."""
-    streaming = STREAM_FACTOR * _largest_fp32(graph)
+    largest = _largest_fp32(graph)
+    if spec.multi_model:
+        return {"work": (STREAM_FACTOR + MERGE_FACTOR * n_models) * largest, "held": 0}
     if not spec.model_level:
-        return {"work": streaming, "held": 0}
+        return {"work": STREAM_FACTOR * largest, "held": 0}
     s = _shape(graph)
     model = 4 * _numel(graph)
     name = spec.name
@@ -122,14 +126,14 @@ def step_estimate(graph: Graph, spec: OpSpec, params: BaseModel) -> dict[str, in
     return {"work": 2 * model, "held": model // 2}
 
 
-def run_estimate(graph: Graph, validated: list[tuple[OpSpec, BaseModel]]) -> dict[str, Any]:
-    """Peak of the whole run and of each step (see the module docstring)."""
+def run_estimate(graph: Graph, validated: list[tuple[OpSpec, BaseModel]], n_models: int = 1) -> dict[str, Any]:
+    """Peak of the whole run and of each step (see the module docstring); ``n_models``: inputs of a merge."""
     model_level = any(spec.model_level for spec, _ in validated)
     base = BASE_TRANSFORMERS if model_level else BASE_TORCH
     held = 0
     steps = []
     for spec, params in validated:
-        est = step_estimate(graph, spec, params)
+        est = step_estimate(graph, spec, params, n_models)
         steps.append(base + held + est["work"])
         held += est["held"]
     write = base + held + STREAM_FACTOR * _largest_fp32(graph)

@@ -181,7 +181,7 @@ def dry_run_plan(graph, graphs, validated, options: RunOptions) -> dict[str, Any
 
     largest = max((graph[n].nbytes for n in graph.names()), default=0)
     total = sum(graph[n].nbytes for n in graph.names())
-    memory = run_estimate(graph, validated)
+    memory = run_estimate(graph, validated, n_models=len(graphs))
     return {
         "output": options.output,
         "dry_run": True,
