@@ -5,7 +5,7 @@ A run's resident memory is the interpreter with its libraries, plus what the gra
 
 - tensor-wise steps (magnitude pruning, cast, tie, weight-only ShiftAdd, ...) and the writer stream a few
   tensors at a time: a small multiple of the largest tensor in fp32; a merge holds every model's copy of the
-  tensor, its task vector, trim mask and selection buffers (``MERGE_FACTOR`` per input model);
+  tensor (TIES/DARE: also its task vector, trim mask and selection buffers; ``MERGE_FACTOR`` per model);
 - model-level steps materialise the model in fp32, plus their own working set: EMMET/ROME may sample text
   from a second fp32 copy of the model (``model:N``) with a KV cache; PERP keeps bool masks, adapters and
   their optimizer state, the merged weights, the block inputs (activation checkpointing) or every block's
@@ -29,7 +29,9 @@ MB = 1 << 20
 BASE_TORCH = 200 * MB  # python + torch + safetensors (tensor-wise runs; measured: 0.43 GiB pruning SmolLM2)
 BASE_TRANSFORMERS = 520 * MB  # + transformers and a model class (model-level runs)
 STREAM_FACTOR = 2  # tensors alive at once while streaming (the input and its fp32 result)
-MERGE_FACTOR = 3  # per input model of a merge (fitted: TIES of 3 SmolLM2 copies, peak RSS 1.38 GiB)
+# per input model of a merge: its tensor in fp32, and for TIES/DARE its task vector, trim mask and selection
+# buffers (fitted on SmolLM2: TIES of 3 copies peak RSS 1.38 GiB, linear of 2 copies 0.56 GiB)
+MERGE_FACTOR = {"merge.ties": 3, "merge.dare": 3}
 
 
 def _shape(graph: Graph) -> dict[str, int]:
@@ -99,7 +101,7 @@ def step_estimate(graph: Graph, spec: OpSpec, params: BaseModel, n_models: int =
     """``{"work": bytes one step needs besides the base, "held": bytes it leaves in the graph}``."""
     largest = _largest_fp32(graph)
     if spec.multi_model:
-        return {"work": (STREAM_FACTOR + MERGE_FACTOR * n_models) * largest, "held": 0}
+        return {"work": (STREAM_FACTOR + MERGE_FACTOR.get(spec.name, 1) * n_models) * largest, "held": 0}
     if not spec.model_level:
         return {"work": STREAM_FACTOR * largest, "held": 0}
     s = _shape(graph)

@@ -5,6 +5,7 @@ The CLI subcommands, ``surgeon run RECIPE`` and :func:`surgeon.api.run_op` all e
 from __future__ import annotations
 
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,7 +120,7 @@ def run_steps(models: dict[str, str], steps: list[tuple[str, Any]], options: Run
         torch.manual_seed(options.seed)
         ctx.step_info = {}
         t0 = time.perf_counter()
-        if not options.quiet:  # also off a terminal: a log then shows which step is running
+        if not options.quiet and sys.stderr.isatty():  # off a terminal, progress lines name the step
             ctx.log(f"[bold]{spec.name}[/bold] …")
         result = spec.apply(graph, params, ctx)
         if result is None:
