@@ -918,7 +918,9 @@ def load_shiftadd(path: str | Path, *, dtype: torch.dtype = torch.float32, devic
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise SurgeonError(f"{folder}: no config.json (expected a folder written by `surgeon shiftadd`)")
-    cfg = json.loads(cfg_path.read_text())
+    from surgeon.formats import from_disk
+
+    cfg = from_disk(json.loads(cfg_path.read_text()))
     qc = cfg.pop("quantization_config", None)
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         raise SurgeonError(f"{cfg_path}: quantization_config.quant_method is not {QUANT_METHOD!r} "

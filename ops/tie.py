@@ -497,7 +497,8 @@ def _card_note(form: str, relaxed: bool) -> str:
     adapter = " `lora/` holds the PEFT adapter for the tied base (`--tied-base`)." if relaxed else ""
     if form == "compact":
         return ("Compact recursive checkpoint (shared block + per-layer LoRA, loop in config `recursion`): load it "
-                "with `surgeon.load_recursive(path)`; plain `from_pretrained` does not know the layout." + adapter)
+                "with `import surgeon` then `AutoModelForCausalLM.from_pretrained(path)` (or `surgeon.load_recursive(path)`); "
+                "without surgeon, transformers refuses its model type `surgeon_recursive`." + adapter)
     if form == "tied-base":
         return ("Unrolled tied base: every layer is a copy of its shared slot." + adapter +
                 " Apply it with `PeftModel.from_pretrained(model, path + '/lora')`.")
@@ -579,7 +580,7 @@ def load_recursive(path: str, *, dtype: str | torch.dtype | None = None, device:
     if not isinstance(rec, dict):
         raise SurgeonError(f"{path}: config.json has no 'recursion' entry; not a compact checkpoint from "
                            f"`surgeon tie` (materialized outputs load with AutoModelForCausalLM)")
-    cfg = AutoConfig.from_pretrained(str(ck.path))
+    cfg = AutoConfig.for_model(**ck.config)  # the base architecture's config (surgeon.formats.from_disk)
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if torch_dtype is None:
         torch_dtype = next((getattr(torch, t.dtype) for t in ck.tensors.values()), torch.float32)

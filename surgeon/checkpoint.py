@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from surgeon.errors import SurgeonError
+from surgeon.formats import from_disk
 
 if TYPE_CHECKING:
     import torch
@@ -337,7 +338,7 @@ def open_folder(folder: Path, allow_pickle: bool = False) -> Checkpoint:
         found, stem, files = _component_tensors(folder, "")
         tensors.update(found)
         used.update(files)
-        components[""] = Component("", folder, stem, _read_json(folder / "config.json"))
+        components[""] = Component("", folder, stem, from_disk(_read_json(folder / "config.json")))
     pickle_state = None
     if not tensors:
         pickles = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt")) + sorted(folder.glob("*.pth"))
@@ -377,7 +378,7 @@ def _load_pickles(files: list[Path]):
 def open_file(path: Path) -> Checkpoint:
     tensors, _ = parse_safetensors_header(path)
     folder = path.parent
-    config = _read_json(folder / "config.json")
+    config = from_disk(_read_json(folder / "config.json"))
     comp = Component("", folder, path.stem, config)
     return Checkpoint(path, tensors, {"": comp}, {}, None, str(path))
 

@@ -22,6 +22,56 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+LINE_INTERVAL_S = 30.0  # without a terminal, a long loop logs a progress line at least this often
+_clock = time.monotonic  # tests patch this
+
+
+def _duration(seconds: float) -> str:
+    s = round(max(seconds, 0.0))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class LineProgress:
+    """Progress for logs that are not a terminal (CI, ``nohup``, a pipe): one line at most every
+    ``interval`` seconds, with the count done, elapsed time and an ETA from the mean rate so far, e.g.
+    ``PERP: 12/100 (12%), 1m05s elapsed, ETA 7m57s, loss 3.210``. ``unit="B"`` shows bytes as MB."""
+
+    def __init__(self, log, description: str, total: float | None, *, interval: float = LINE_INTERVAL_S,
+                 unit: str = ""):
+        self.log, self.description, self.total, self.interval, self.unit = log, description, total, interval, unit
+        self.done = 0.0
+        self.text = ""
+        self.start = self.last = _clock()
+
+    def _amount(self, x: float) -> str:
+        return f"{x / 1e6:.0f} MB" if self.unit == "B" else f"{int(x)}"
+
+    def line(self) -> str:
+        elapsed = _clock() - self.start
+        head = f"{self.description or 'working'}: {self._amount(self.done)}"
+        if self.total:
+            head += f"/{self._amount(self.total)} ({100 * self.done / self.total:.0f}%)"
+        head += f", {_duration(elapsed)} elapsed"
+        if self.total and self.done > 0:
+            head += f", ETA {_duration(elapsed / self.done * (self.total - self.done))}"
+        elif self.total:
+            head += ", ETA unknown"
+        return head + (f", {self.text}" if self.text else "")
+
+    def advance(self, n: float = 1) -> None:
+        self.done += n
+        now = _clock()
+        if now - self.last >= self.interval:
+            self.last = now
+            self.log(self.line())
+
+    def status(self, text: str) -> None:
+        self.text = text
+
 
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when available else ``cpu``; ``cuda`` without a GPU is an error."""
@@ -67,7 +117,8 @@ class Context:
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console(stderr=True, quiet=self.quiet)
+            # soft_wrap: a log line stays one line in a log file (rich would cut it at 80 columns off a terminal)
+            self._console = Console(stderr=True, quiet=self.quiet, soft_wrap=True)
         return self._console
 
     def log(self, message: str) -> None:
@@ -75,14 +126,25 @@ class Context:
         self.console.print(message, highlight=False)
 
     def progress(self, items: Iterable[T], total: int | None = None, description: str = "") -> Iterator[T]:
-        """Wrap a loop in a rich progress bar on stderr (silent when quiet or not a terminal)."""
-        if self.quiet or not sys.stderr.isatty():
+        """Wrap a loop in progress on stderr: a rich bar on a terminal; otherwise a :class:`LineProgress` line
+        at least every 30 s (count, elapsed, ETA, the last :meth:`status`); nothing when quiet."""
+        if total is None and hasattr(items, "__len__"):
+            total = len(items)  # type: ignore[arg-type]
+        if self.quiet:
             yield from items
+            return
+        if not sys.stderr.isatty():
+            lines = LineProgress(self.log, description, total)
+            self._lines = lines
+            try:
+                for item in items:
+                    yield item
+                    lines.advance()
+            finally:
+                self._lines = None
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        if total is None and hasattr(items, "__len__"):
-            total = len(items)  # type: ignore[arg-type]
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       TextColumn("{task.fields[status]}"), console=self.console, transient=True) as bar:
             task = bar.add_task(description, total=total, status="")
@@ -99,6 +161,9 @@ class Context:
         bar = getattr(self, "_bar", None)
         if bar is not None:
             bar[0].update(bar[1], status=text)
+        lines = getattr(self, "_lines", None)
+        if lines is not None:
+            lines.status(text)
 
     @contextmanager
     def timed(self, what: str) -> Iterator[None]:

@@ -11,8 +11,10 @@ Sources (``spec``):
   the model's next-token distribution (temperature 1, top-k 50) with a generator seeded by ``ctx.seed``.
   Within a run the samples come from the run's *input* model (``ctx.origin``), not from the graph a step
   receives: a retraining step after pruning learns from the dense model's text, not from the damaged model's.
-  Samples of a run's input model are kept for the life of the process, keyed by the model's fingerprint, N,
-  length and seed: the steps of a run, and later runs on the same model (``surgeon demo``), share them.
+  Sampling is the slow part of data-free calibration (one decoding step per token, for every row): samples are
+  kept for the life of the process and on disk (``<cache>/samples/<key>.safetensors``, key = the model's
+  fingerprint, N, length, seed and batch size), so the steps of a run and later runs on the same model share
+  them; a progress line says how far it is. Pass a text file instead to skip sampling.
 
 Token windows: every text is tokenised without special tokens, followed by EOS, all concatenated (with BOS once
 in front when the tokenizer adds one), and cut into consecutive non-overlapping windows of ``seqlen`` tokens
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 
 MAX_SEQLEN = 2048
 SAMPLE_TOP_K = 50
+SAMPLE_BATCH = 32
 
 
 # ---------------------------------------------------------------------------------------------------- files
@@ -142,12 +145,12 @@ def parse_model_spec(spec: str) -> int | None:
 
 # -------------------------------------------------------------------------------------------- self-sampling
 def sample_token_sequences(model, *, n: int, length: int, seed: int, vocab_size: int,
-                           special_ids: set[int] | None = None, batch_size: int = 32,
-                           top_k: int = SAMPLE_TOP_K) -> torch.Tensor:
+                           special_ids: set[int] | None = None, batch_size: int = SAMPLE_BATCH,
+                           top_k: int = SAMPLE_TOP_K, progress: Any = None) -> torch.Tensor:
     """``[n, length]`` token ids sampled from ``model`` with a CPU generator seeded by ``seed``.
 
-    Decoding one token for a batch reads every weight once, so on CPU a step costs nearly the same for 8 rows as
-    for 32 (SmolLM2-135M, 2 cores: 0.25 s vs 0.31 s): rows are sampled ``batch_size`` at a time."""
+    Rows are decoded ``batch_size`` at a time with a KV cache (one weight pass per step for the whole batch).
+    ``progress(iterable, total, description)`` wraps the decoding steps (``Context.progress``)."""
     import torch
 
     from surgeon.model import decode_step
@@ -155,6 +158,9 @@ def sample_token_sequences(model, *, n: int, length: int, seed: int, vocab_size:
     g = torch.Generator().manual_seed(seed)
     allowed = torch.tensor([i for i in range(vocab_size) if i not in (special_ids or set())])
     dev = next(model.parameters()).device
+    n_steps = -(-n // batch_size) * (length - 1)
+    ticks = iter(progress(range(n_steps), n_steps, f"sampling {n} × {length} tokens")
+                 if progress is not None else range(n_steps))
     out = []
     with torch.no_grad():
         for start in range(0, n, batch_size):
@@ -163,6 +169,7 @@ def sample_token_sequences(model, *, n: int, length: int, seed: int, vocab_size:
             seq = [first]
             cur, past = first, None
             for _ in range(length - 1):
+                next(ticks, None)
                 last, past = decode_step(model, cur.to(dev), past)
                 logits = last[:, :vocab_size].float().cpu()
                 if 0 < top_k < logits.shape[-1]:
@@ -172,6 +179,7 @@ def sample_token_sequences(model, *, n: int, length: int, seed: int, vocab_size:
                 seq.append(cur)
             out.append(torch.cat(seq, dim=1))
             del past
+    next(ticks, None)  # let the progress finish
     return torch.cat(out, dim=0)
 
 
@@ -201,9 +209,47 @@ def sampler_fingerprint(graph: Graph | None, ctx: Context | None) -> str:
 _SAMPLES: dict[tuple[str, int, int, int], Any] = {}  # (input model fingerprint, n, length, seed) -> ids
 
 
+def samples_cache_path(fingerprint: str, n: int, length: int, seed: int) -> Path:
+    from surgeon.checkpoint import cache_dir
+
+    key = f"{fingerprint}-n{n}-len{length}-seed{seed}-b{SAMPLE_BATCH}-k{SAMPLE_TOP_K}"
+    return cache_dir() / "samples" / f"{key}.safetensors"
+
+
+def _read_samples(path: Path, n: int, length: int) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        ids = load_file(str(path))["ids"].long()
+    except Exception:  # noqa: BLE001 - a damaged cache entry is resampled, not trusted
+        return None
+    return ids if tuple(ids.shape) == (n, length) else None
+
+
+def _write_samples(path: Path, ids: torch.Tensor) -> None:
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({"ids": ids.int().contiguous()}, tmp, metadata={"format": "pt"})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError:
+        pass  # a read-only cache only costs the next run the sampling time
+
+
 def _sampled(graph: Graph | None, ctx: Context | None, n: int, length: int) -> tuple[torch.Tensor, Any]:
-    run_input = ctx is not None and ctx.origin is not None
-    source = ctx.origin if run_input else graph
+    source = ctx.origin if ctx is not None and ctx.origin is not None else graph
     if source is None:
         raise SurgeonError("model:N data needs a model to sample from")
     from surgeon.model import load_tokenizer, materialize
@@ -213,20 +259,31 @@ def _sampled(graph: Graph | None, ctx: Context | None, n: int, length: int) -> t
         tok = ctx.tokenizer(source) if ctx is not None else load_tokenizer(source)
     except SurgeonError:
         tok = None
-    key = (sampler_fingerprint(source, ctx), n, length, seed) if run_input else None
-    if key is not None and key in _SAMPLES:
+    fingerprint = sampler_fingerprint(source, ctx)
+    key = (fingerprint, n, length, seed)
+    if key in _SAMPLES:
         return _SAMPLES[key], tok
-    if ctx is not None and source is not graph:
-        ctx.log(f"model:{n}: sampling {n} × {length} tokens from the input model (once per process)")
+    disk = samples_cache_path(fingerprint, n, length, seed)
+    ids = _read_samples(disk, n, length)
+    if ids is not None:
+        if ctx is not None:
+            ctx.log(f"model:{n}: {n} × {length} tokens sampled from the model earlier (cache {disk})")
+        _SAMPLES[key] = ids
+        return ids, tok
+    if ctx is not None:
+        which = "the run's input model" if source is not graph else "the model"
+        ctx.log(f"model:{n}: sampling {n} × {length} tokens from {which} (cached for later runs; "
+                "pass a .txt/.jsonl file to use your own text instead)")
     model = ctx.module(source) if ctx is not None else materialize(source)
     vocab = int(model.get_output_embeddings().weight.shape[0])
     if tok is not None:
         vocab = min(vocab, len(tok))  # never sample ids the tokenizer cannot decode (padded embedding rows)
     specials = set(getattr(tok, "all_special_ids", []) or []) if tok is not None else set()
-    ids = sample_token_sequences(model, n=n, length=length, seed=seed, vocab_size=vocab, special_ids=specials)
+    ids = sample_token_sequences(model, n=n, length=length, seed=seed, vocab_size=vocab, special_ids=specials,
+                                 progress=ctx.progress if ctx is not None else None)
     del model
-    if key is not None:
-        _SAMPLES[key] = ids
+    _SAMPLES[key] = ids
+    _write_samples(disk, ids)
     return ids, tok
 
 

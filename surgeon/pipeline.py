@@ -173,7 +173,7 @@ def run_steps(models: dict[str, str], steps: list[tuple[str, Any]], options: Run
         torch.manual_seed(options.seed)
         ctx.step_info = {}
         t0 = time.perf_counter()
-        if not options.quiet and sys.stderr.isatty():
+        if not options.quiet and sys.stderr.isatty():  # off a terminal, progress lines name the step
             ctx.log(f"[bold]{spec.name}[/bold] …")
         result = spec.apply(graph, params, ctx)
         if result is None:
@@ -254,10 +254,11 @@ def planned_graph(graph, graphs, validated, options: RunOptions):
 
 def dry_run_plan(graph, graphs, validated, options: RunOptions) -> dict[str, Any]:
     """What would happen, without computing: steps, input sizes, output size and a memory estimate."""
+    from surgeon.memory import run_estimate
+
     largest = max((graph[n].nbytes for n in graph.names()), default=0)
     total = sum(graph[n].nbytes for n in graph.names())
-    model_level = any(spec.model_level for spec, _ in validated)
-    estimate = total * (2 if model_level else 0) + 2 * largest + (400 << 20)
+    memory = run_estimate(graph, validated, n_models=len(graphs))
     planned = planned_graph(graph, graphs, validated, options)
     return {
         "output": str(Path(options.output).expanduser().resolve()) if options.output else None,
@@ -270,7 +271,8 @@ def dry_run_plan(graph, graphs, validated, options: RunOptions) -> dict[str, Any
         "input_bytes": total,
         "output_bytes": None if planned is None else sum(planned[n].nbytes for n in planned.names()),
         "largest_tensor_bytes": largest,
-        "memory_estimate_bytes": estimate,
+        "memory_estimate_bytes": memory["peak_bytes"],
+        "memory_estimate_step_bytes": memory["step_peak_bytes"],
         "executor": executor_plan(graph if planned is None else planned, options),
     }
 

@@ -299,17 +299,27 @@ def _write_configs(graph: Graph, tmp: Path) -> None:
         if dt is not None and comp == "" and ("torch_dtype" in cfg or "dtype" in cfg or "model_type" in cfg):
             key = "dtype" if "dtype" in cfg or "torch_dtype" not in cfg else "torch_dtype"
             cfg[key] = dt
+        if comp == "":
+            from surgeon.formats import to_disk
+
+            cfg = to_disk(cfg)  # packed / compact layouts get a surgeon model type (see surgeon.formats)
         dest = (tmp / comp if comp else tmp) / "config.json"
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
 
 
 class _Progress:
-    """A byte-based progress bar on stderr while shards are written (silent without a terminal)."""
+    """A byte-based progress bar on stderr while shards are written (a line every 30 s without a terminal)."""
 
     def __init__(self, ctx: Context | None, total: int):
         self.bar = None
-        if ctx is None or ctx.quiet or not os.isatty(2):
+        self.lines = None
+        if ctx is None or ctx.quiet:
+            return
+        if not os.isatty(2):
+            from surgeon.context import LineProgress
+
+            self.lines = LineProgress(ctx.log, "writing", total, unit="B")
             return
         from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
@@ -321,6 +331,8 @@ class _Progress:
     def advance(self, n: int) -> None:
         if self.bar is not None:
             self.bar.advance(self.task, n)
+        elif self.lines is not None:
+            self.lines.advance(n)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -178,3 +178,31 @@ def test_bos_once_in_front_when_the_tokenizer_adds_it(tmp_path):
     p.write_text("w5 w6\n\nw7")
     w = token_windows(str(p), g, seqlen=64)
     assert w.tolist() == [[2, 9, 10, 3, 11, 3]]  # <bos> w5 w6 <eos> w7 <eos>
+
+
+def test_self_samples_are_cached_on_disk_for_later_processes(graph, tmp_path, monkeypatch):
+    import surgeon.data as data_mod
+    from surgeon.data import _SAMPLES, sampler_fingerprint, samples_cache_path
+
+    monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "cache"))
+    logged: list[str] = []
+    ctx = Context(seed=11, origin=graph)
+    monkeypatch.setattr(ctx, "log", logged.append)
+    first = token_windows("model:2", graph, ctx=ctx, seqlen=10)
+    path = samples_cache_path(sampler_fingerprint(graph, None), 2, 10, 11)
+    assert path.is_file() and any("sampling 2 × 10 tokens" in m for m in logged)
+    _SAMPLES.clear()  # a new process: only the disk cache is left
+
+    def no_sampling(*_a, **_k):
+        raise AssertionError("sampled again although the disk cache has the samples")
+
+    monkeypatch.setattr(data_mod, "sample_token_sequences", no_sampling)
+    ctx2 = Context(seed=11, origin=graph.copy())
+    monkeypatch.setattr(ctx2, "log", logged.append)
+    again = token_windows("model:2", graph, ctx=ctx2, seqlen=10)
+    assert torch.equal(first, again) and "sampled from the model earlier" in logged[-1]
+    path.write_bytes(b"damaged")  # a damaged entry is resampled, never trusted
+    _SAMPLES.clear()
+    monkeypatch.undo()
+    monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "cache"))
+    assert torch.equal(token_windows("model:2", graph, ctx=Context(seed=11, origin=graph.copy()), seqlen=10), first)

@@ -48,7 +48,9 @@ class EditParams(BaseModel):
     stats_data: str = Field("model", description="Text for the key covariance C: a .txt/.jsonl file or folder, "
                                                  "'model[:N]' (text sampled from the model), a ROME .npz "
                                                  "cache, or 'identity' (C = I, same as --no-cov).")
-    stats_tokens: int | None = Field(None, gt=0, description="Tokens for C (default 10·d_k).")
+    stats_tokens: int | None = Field(None, gt=0, description="Tokens for C (default 10·d_k from a text file; "
+                                     "2·d_k when sampled from the model, FastMEMIT's lower end, because "
+                                     "sampling costs one decoding step per token).")
     stats_seqlen: int = Field(256, ge=8, le=4096, description="Window length (tokens) for the statistics pass.")
     cov: bool = Field(True, description="Use the key covariance C (--no-cov: C = I, weaker locality).")
     stats_cache: bool = Field(True, description="Read/write covariance statistics in ~/.cache/surgeon/stats.")
@@ -100,11 +102,11 @@ def covariance(model, graph, ctx, site: EditSite, module, params: EditParams):
     """The CholeskyFactor of C (or of I with --no-cov) and facts for the report."""
     from surgeon.kernels.covariance import CholeskyFactor
 
-    from .stats import key_statistics
+    from .stats import default_stats_tokens, key_statistics
 
     if not params.cov or params.stats_data == "identity":
         return CholeskyFactor.identity(site.d_k, device=ctx.device), {"stats": "identity (C = I, unconstrained)"}
-    n_tokens = params.stats_tokens or 10 * site.d_k
+    n_tokens = params.stats_tokens or default_stats_tokens(site.d_k, params.stats_data)
     t0 = time.perf_counter()
     st = key_statistics(model, graph, ctx, site, module, _mlp_parent(model, site), spec=params.stats_data,
                         n_tokens=n_tokens, seqlen=params.stats_seqlen, use_cache=params.stats_cache)

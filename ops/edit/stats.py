@@ -3,7 +3,9 @@
 C is uncentred, over every non-pad token of packed windows of ``stats_data`` (a text file, .jsonl, a datasets
 folder, or ``model[:N]`` = text sampled from the model itself), accumulated in fp64 with
 :class:`surgeon.kernels.linalg.CovarianceAccumulator`; the forward pass stops at the edited layer. The default
-token count is 10·d_k (FastMEMIT, arXiv 2506.04226, finds 2–10·d_k enough).
+token count is 10·d_k for text files and 2·d_k for text sampled from the model (FastMEMIT, arXiv 2506.04226,
+finds 2–10·d_k enough; sampling costs one decoding step per token, so the data-free default takes the low end:
+SmolLM2-135M, 3,072 sampled tokens instead of 15,360).
 
 Cache: ``<cache_dir>/stats/<key>.safetensors`` with ``mom2`` (C, fp64) and ``count``; the key is the sha256 of
 the edited layer's MLP weights (down, and the up/gate tensors that make the keys), the layer, the data
@@ -29,6 +31,16 @@ from .keys_values import _StopForward
 from .site import EditSite
 
 STATS_VERSION = "2"
+TOKENS_PER_DK_FILE = 10
+TOKENS_PER_DK_SAMPLED = 2
+
+
+def default_stats_tokens(d_k: int, spec: str) -> int:
+    """Default token count for C: 10·d_k from text, 2·d_k from ``model[:N]`` samples (see the module doc)."""
+    from surgeon.data import parse_model_spec
+
+    sampled = parse_model_spec(spec) is not None
+    return (TOKENS_PER_DK_SAMPLED if sampled else TOKENS_PER_DK_FILE) * d_k
 
 
 @dataclass
@@ -183,7 +195,7 @@ def key_statistics(model: torch.nn.Module, graph: Any, ctx: Any, site: EditSite,
     windows = ctx.tokens(spec, graph, seqlen=seqlen, max_windows=n_windows, n_samples=n_windows)
     if windows.numel() < n_tokens:
         ctx.log(f"[yellow]covariance statistics: {spec} gives {windows.numel()} tokens, fewer than the "
-                f"{n_tokens} asked (10·d_k); C may be rank-deficient and gets εI[/]")
+                f"{n_tokens} asked; C may be rank-deficient and gets εI[/]")
     mom2, count = accumulate_key_moment(model, module, windows, n_tokens=n_tokens, device=ctx.device,
                                         progress=lambda b: ctx.progress(b, description="key statistics"))
     stats = KeyStats(mom2, count, "computed", key, path)

@@ -25,14 +25,16 @@ class MaskLoRA(nn.Module):
     def __init__(self, weight: torch.Tensor, rank: int, alpha: float):
         super().__init__()
         rows, cols = weight.shape
-        self.register_buffer("mask", (weight != 0).to(weight.dtype), persistent=False)
+        # bool, not the weight's dtype: a quarter of the memory of an fp32 mask (SmolLM2-135M: 106 MB, not 424 MB)
+        self.register_buffer("mask", weight != 0, persistent=False)
         self.scale = alpha / rank
         self.lora_A = nn.Parameter(torch.empty(rank, cols, dtype=weight.dtype, device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(rows, rank, dtype=weight.dtype, device=weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def delta(self) -> torch.Tensor:
-        return self.scale * (self.lora_B @ self.lora_A) * self.mask
+        ba = self.lora_B @ self.lora_A
+        return torch.where(self.mask, self.scale * ba, ba.new_zeros(()))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return w + self.delta()

