@@ -62,9 +62,10 @@ def memory_budget(max_memory: str | int | None, largest_task: int = 0) -> int:
 
 
 def compute_workers() -> int:
-    """Threads that compute ahead of the writer: one per core beyond the writer's, at least one, at most four."""
+    """Threads that compute ahead of the writer: one per core, at most four (the writer mostly waits on the disk;
+    on 2 cores, 2 compute threads prune SmolLM2 in 1.6 s where 1 takes 2.0 s)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(4, cores - 1))
+    return max(1, min(4, cores))
 
 
 def task_cost(node: Node) -> int:
