@@ -846,8 +846,8 @@ def _reference_compute_z(model, tok, req, prefixes, layer_idx, *, steps, clamp, 
             nll_each = []
             for i, r in enumerate(rows[: len(rewriting)]):
                 n = len(r)
-                pos = range(n - len(target), n)  # the target's token at position p is read from logits at p − 1
-                nll_each.append(-sum(lp[i, p - 1, t] for p, t in zip(pos, target)) / len(target))
+                pos = range(n - len(target), n)  # rewriting_targets: gathered at the same positions
+                nll_each.append(-sum(lp[i, p, t] for p, t in zip(pos, target)) / len(target))
             nll = torch.stack(nll_each).mean()
             kl = kl_factor * torch.nn.functional.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
             loss = nll + kl + wd * (delta.norm() / state["init"].norm() ** 2)
@@ -890,7 +890,7 @@ def test_value_optimisation_matches_the_reference_loop(fact_model, norm_referenc
 def _reference_memit_loop(model, tok, reqs, prefixes, layers, zs, covs, lam):
     """A literal port of execute_memit's insertion loop (kmeng01/memit memit_main.py) on the toy Llama: keys by
     compute_ks (mean per template type, then over types), cur_zs = the top layer's output on the plain prompts
-    (here read from output_hidden_states), resid = (zs − cur_zs)/(layers left), adj_k = solve(λC + KKᵀ, K),
+    (a forward hook on the decoder layer, as nethook.TraceDict), resid = (zs − cur_zs)/(layers left), adj_k = solve(λC + KKᵀ, K),
     W += resid adj_kᵀ, in layer order."""
     def lookup(ids, subject):
         s = tok.convert_tokens_to_ids(subject)
@@ -915,9 +915,13 @@ def _reference_memit_loop(model, tok, reqs, prefixes, layers, zs, covs, lam):
         cur = []
         for r in reqs:
             ids = tok(r.text)["input_ids"]
+            out = []
+            h = model.model.layers[layers[-1]].register_forward_hook(
+                lambda m, a, o, out=out: out.append(o if isinstance(o, torch.Tensor) else o[0]))
             with torch.no_grad():
-                hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
-            cur.append(hs[layers[-1] + 1][0, lookup(ids, r.subject)])
+                model(input_ids=torch.tensor([ids]))
+            h.remove()
+            cur.append(out[0][0, lookup(ids, r.subject)])
         targets = zs.double() - torch.stack(cur, 1).double()
         adj_k = torch.linalg.solve(lam * covs[i] + ks @ ks.T, ks)
         resid = targets / (len(layers) - i)
