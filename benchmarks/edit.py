@@ -103,6 +103,7 @@ def main() -> None:
     edit_s = t["prefixes_s"] + t["keys_values_s"] + t["solve_s"]
     results["rome"] = {"edits": args.n_rome, "seconds_per_edit": round(edit_s / args.n_rome, 2),
                        "prefixes": N_PREFIXES["rome"], "timings_s": t, "metrics": ctx.step_info["metrics"]}
+    print("rome", json.dumps(results["rome"], default=str), flush=True)  # each stage as it ends (slow machines)
     # 3. EMMET, one batch, for each residual
     for residual in [x for x in args.residuals.split(",") if x]:
         ctx = Context(device=args.device, quiet=True)
@@ -113,6 +114,7 @@ def main() -> None:
         edit_s = t["prefixes_s"] + t["keys_values_s"] + t["solve_s"]
         results[f"emmet_{residual}"] = {"edits": args.n_emmet, "seconds": round(edit_s, 2), "timings_s": t,
                                         "metrics": ctx.step_info["metrics"]}
+        print(f"emmet_{residual}", json.dumps(results[f"emmet_{residual}"], default=str), flush=True)
     # 4. MEMIT, one batch spread over the default layers (statistics of every layer, cold, excluded)
     if not args.no_memit:
         ctx = Context(device=args.device, quiet=True)
