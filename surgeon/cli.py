@@ -25,7 +25,7 @@ from surgeon.registry import OP_INDEX, families
 
 FAMILY_HELP = {
     "merge": "Merge checkpoints: linear, task arithmetic, TIES, DARE, MWA, OPCM, RMM (+ revert).",
-    "edit": "Knowledge editing of MLP weights: ROME, EMMET.",
+    "edit": "Knowledge editing of MLP weights: ROME, EMMET, MEMIT.",
     "erase": "Concept erasure in diffusion cross-attention: UCE, RECE.",
     "prune": "Pruning: magnitude (per-layer, global, N:M), Wanda.",
     "retrain": "Cheap retraining after pruning: PERP.",

@@ -218,7 +218,8 @@ def test_emmet_equals_memit_least_squares(lam):
 
 
 def test_emmet_large_ridge_writes_only_part_of_the_residual():
-    """One key with kᵀC⁻¹k = s: the update writes s/(s + λ′) of the residual (λ′ ≫ s: MEMIT-like spreading)."""
+    """One key with kᵀC⁻¹k = s: the update writes s/(s + λ′) of the residual (λ′ ≫ s: MEMIT-like spreading).
+    EMMET adds λ′ to a single key only with ``ridge_single`` (the authors' code adds it for batches > 1)."""
     from surgeon.kernels.covariance import CholeskyFactor
     from surgeon.ops.edit.solve import emmet_update
 
@@ -226,7 +227,7 @@ def test_emmet_large_ridge_writes_only_part_of_the_residual():
     f = CholeskyFactor(cov)
     s = float(keys[:, 0] @ torch.linalg.solve(cov, keys[:, 0]))
     for lam in (0.0, s, 10 * s):
-        up, down = emmet_update(w, keys, values, f, lam=lam)
+        up, down = emmet_update(w, keys, values, f, lam=lam, ridge_single=True)
         written = (up @ down @ keys)[:, 0]
         torch.testing.assert_close(written, (values - w @ keys)[:, 0] * s / (s + lam), rtol=1e-9, atol=1e-10)
 
@@ -647,3 +648,351 @@ def test_rome_on_gpt2_conv1d_writes_the_transposed_update(tmp_path):
         p0 = ctx.module(g)(input_ids=ids).logits[0, -1].softmax(-1)[target]
         p1 = ctx.module(out)(input_ids=ids).logits[0, -1].softmax(-1)[target]
     assert float(p1) > 0.5 > float(p0)
+
+
+# ------------------------------------------------------------------- fidelity to the authors' reference code
+# Each oracle below is the reference's computation written out in the test (kmeng01/rome, kmeng01/memit,
+# scalable-model-editing/unified-model-editing), not a call into the code under test.
+def _ref_inverse_update(cov, keys, resid, lam, *, ridge_for_one: bool):
+    """emmet_main.py: C⁻¹ by inverse, D = KᵀC⁻¹K (+ λI only if D is larger than 1×1), ΔW = R (D⁻¹KᵀC⁻¹)."""
+    c_inv = torch.inverse(cov)
+    d = keys.T @ c_inv @ keys
+    if d.shape[0] > 1 or ridge_for_one:
+        d = d + lam * torch.eye(d.shape[0], dtype=d.dtype)
+    adj_k = (torch.inverse(d) @ keys.T @ c_inv).T
+    return resid @ adj_k.T
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_emmet_ridge_only_for_batches_of_more_than_one(n):
+    """Item 4: the reference adds λ only when D = KᵀC⁻¹K is larger than 1×1; ``ridge_single`` adds it always."""
+    from surgeon.kernels.covariance import CholeskyFactor
+    from surgeon.ops.edit.solve import emmet_update
+
+    w, cov, keys, values = _random_problem(n=n)
+    f = CholeskyFactor(cov)
+    lam = 50.0
+    up, down = emmet_update(w, keys, values, f, lam=lam)
+    ref = _ref_inverse_update(cov, keys, values - w @ keys, lam, ridge_for_one=False)
+    torch.testing.assert_close(up @ down, ref, rtol=1e-7, atol=1e-10)
+    up, down = emmet_update(w, keys, values, f, lam=lam, ridge_single=True)
+    ref = _ref_inverse_update(cov, keys, values - w @ keys, lam, ridge_for_one=True)
+    torch.testing.assert_close(up @ down, ref, rtol=1e-7, atol=1e-10)
+
+
+def test_emmet_delta_residual_is_the_reference_codes():
+    """Item 5: ``residual='delta'`` is the code's targets = zs − cur_zs = δ (v* − v₀ of the plain prompt), the
+    default the paper's v* − W k̄ − b; they differ by v₀ − W k̄ − b (averaged key vs the plain prompt's output)."""
+    from surgeon.kernels.covariance import CholeskyFactor
+    from surgeon.ops.edit.solve import emmet_update
+
+    w, cov, keys, values = _random_problem(n=4)
+    f = CholeskyFactor(cov)
+    v0 = values - 0.3 * torch.randn(values.shape, generator=torch.Generator().manual_seed(5), dtype=values.dtype)
+    up, down = emmet_update(w, keys, values, f, lam=0.1, initial=v0)
+    ref = _ref_inverse_update(cov, keys, values - v0, 0.1, ridge_for_one=False)
+    torch.testing.assert_close(up @ down, ref, rtol=1e-7, atol=1e-10)
+    paper_up, paper_down = emmet_update(w, keys, values, f, lam=0.1)
+    assert not torch.allclose(paper_up @ paper_down, ref)
+
+
+def test_reference_hparams_per_family():
+    """Item 6: the values shipped in the reference hparams files, written out here."""
+    from surgeon.ops.edit.editing import reference_defaults, settings_for
+    from surgeon.ops.edit.rome import Params
+
+    # kmeng01/rome hparams/ROME: gpt2-medium (clamp 3), gpt2-large/xl, EleutherAI_gpt-j-6B, gpt-neox-20b
+    assert reference_defaults("rome", "gpt2", 24) == (20, 0.5, 3.0, 0.0)
+    assert reference_defaults("rome", "gpt2", 36) == (20, 0.5, 4.0, 0.0)
+    assert reference_defaults("rome", "gpt2", 48) == (20, 0.5, 4.0, 0.0)
+    assert reference_defaults("rome", "gptj", 28) == (20, 0.5, 4.0, 0.0)
+    assert reference_defaults("rome", "gpt_neox", 44) == (20, 0.5, 4.0, 0.0)
+    # unified-model-editing hparams/EMMET (λ′ = mom2_update_weight · emmet_lambda): 1000·0.1, 1·0.1, 1·0.1
+    assert reference_defaults("emmet", "gpt2", 48) == (20, 0.5, 0.75, 100.0)
+    assert reference_defaults("emmet", "gptj", 28) == (25, 0.5, 0.75, 0.1)
+    assert reference_defaults("emmet", "llama", 32) == (25, 1e-3, 4.0, 0.1)
+    # kmeng01/memit hparams/MEMIT gpt2-xl, gpt-j; EasyEdit hparams/MEMIT/llama-7b.yaml
+    assert reference_defaults("memit", "gpt2", 48) == (20, 0.5, 0.75, 20000.0)
+    assert reference_defaults("memit", "gptj", 28) == (25, 0.5, 0.75, 15000.0)
+    assert reference_defaults("memit", "llama", 32) == (25, 1e-3, 4.0, 15000.0)
+    s, _ = settings_for("rome", "gpt2", Params(requests="x.jsonl"), 24)
+    assert (s.steps, s.weight_decay, s.clamp, s.norm_reference, s.uniform_keys) == (20, 0.5, 3.0, "mlp", True)
+    s, _ = settings_for("rome", "gpt2", Params(requests="x.jsonl", clamp=2.0, key_average="types"), 24)
+    assert (s.clamp, s.uniform_keys) == (2.0, False)
+
+
+def test_memit_default_layers_scale_the_reference_ranges():
+    from surgeon.ops.edit.memit import default_layers
+
+    assert default_layers("gpt2", 48)[0] == [13, 14, 15, 16, 17]  # kmeng01/memit gpt2-xl
+    assert default_layers("gptj", 28)[0] == [3, 4, 5, 6, 7, 8]  # kmeng01/memit gpt-j
+    assert default_layers("llama", 32)[0] == [4, 5, 6, 7, 8]  # EasyEdit llama-7b
+    assert default_layers("llama", 30)[0] == [4, 5, 6, 7, 8]  # SmolLM2-135M
+    layers, rule = default_layers("qwen2", 2)
+    assert layers == [0] and "no published" in rule
+
+
+def test_bare_targets_get_the_reference_leading_space():
+    """Item 3: rome_main.py / execute_memit / execute_emmet prepend " " when target_new["str"][0] != " "."""
+    from surgeon.ops.edit.requests import Request, with_leading_space
+
+    def ref(target: str) -> str:  # the reference's rule, written out
+        return target if target[0] == " " else " " + target
+
+    reqs = [Request.model_validate({"prompt": "{} is located in", "subject": "Louvre",
+                                    "target_new": {"str": "Sweden"}, "target_true": {"str": "France"}}),
+            Request(prompt="Louvre is in", subject="Louvre", target=" Rome"),
+            Request(prompt="Louvre is in ", subject="Louvre", target="Rome")]  # prompt ends in a space: kept
+    got = with_leading_space(reqs)
+    assert [g.target for g in got[:2]] == [ref("Sweden"), ref(" Rome")]
+    assert got[0].target_true == " France" and got[2].target == "Rome"
+    assert reqs[0].target == "Sweden"  # inputs are not modified
+
+
+def test_rome_prefixes_start_at_bos_and_count_the_seed(fact_model):
+    """Item 2: ROME's templates are sampled from "<|endoftext|>" (BOS) with max_out_len 5 and 10 counting the
+    seed token (4 and 9 new tokens); MEMIT/EMMET's from the seed words."""
+    from surgeon.ops.edit.keys_values import prefix_lengths, sample_prefixes, seed_ids
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
+    tok = _tokenizer()
+    assert seed_ids(tok, "bos", 3) == [[tok.bos_token_id]] * 3
+    assert seed_ids(tok, "words", 2) == [tok("The")["input_ids"], tok("Therefore")["input_ids"]]
+    assert prefix_lengths("rome", 20) == [5] * 10 + [10] * 10
+    seen = []
+    h = model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"]), with_kwargs=True)
+    texts = sample_prefixes(model, tok, [5, 10], seed=0, device="cpu", seeds="bos")
+    h.remove()
+    assert seen[0].tolist() == [[tok.bos_token_id]] * 2  # the first pass sees only BOS
+    assert len(seen) == 9  # 10 tokens in all, the BOS included
+    assert all(t.endswith(". ") for t in texts)
+
+
+def test_rome_key_is_the_uniform_mean_over_all_templates(fact_model):
+    """Item 2: compute_u averages the plain prompt and every prefixed one with equal weight (1/(1+P)); MEMIT's
+    compute_ks averages per template type: ½(plain + mean prefixed). Oracle: a forward hook per prompt."""
+    from surgeon.ops.edit.keys_values import ValueSettings, compute_keys, optimise_values
+    from surgeon.ops.edit.requests import Request
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
+    tok = _tokenizer()
+    down = model.model.layers[0].mlp.down_proj
+    req = Request(prompt="the capital of {} is", subject="Quenta", target=" Qel")
+    prefixes = ["it was cold . ", "we saw many old people . ", "rain . "]
+    seen = []
+    h = down.register_forward_pre_hook(lambda m, a: seen.append(a[0][0]))
+    with torch.no_grad():
+        for p in ("", *prefixes):
+            text = p + "the capital of Quenta"
+            model(input_ids=torch.tensor([tok(text)["input_ids"]]))
+    h.remove()
+    at_subject = torch.stack([x[-1] for x in seen])  # the prompt is cut after the subject: its last token
+    uniform = at_subject.mean(0)
+    types = 0.5 * (at_subject[0] + at_subject[1:].mean(0))
+    torch.testing.assert_close(compute_keys(model, tok, down, [req], prefixes, device="cpu", uniform=True)[:, 0],
+                               uniform)
+    torch.testing.assert_close(compute_keys(model, tok, down, [req], prefixes, device="cpu")[:, 0], types)
+    got = optimise_values(model, tok, down, [req], prefixes, ValueSettings(steps=1, uniform_keys=True),
+                          device="cpu").keys
+    torch.testing.assert_close(got[:, 0], uniform, rtol=1e-5, atol=1e-5)
+
+
+def _reference_compute_z(model, tok, req, prefixes, layer_idx, *, steps, clamp, wd, kl_factor=0.0625,
+                         at_layer_output=True):
+    """A literal port of compute_z (unified-model-editing emmet/compute_z.py; memit/compute_z.py) and, with
+    ``at_layer_output=False``, of ROME's compute_v value loop: δ added at the subject's last token of every
+    prompt (whole right-padded rows), target_init = that output on the plain prompt, loss = mean NLL + KL on
+    "{} is a" + wd·‖δ‖/‖target_init‖², Adam lr 0.5, projection onto ‖δ‖ ≤ clamp·‖target_init‖."""
+    target = tok(req.target, add_special_tokens=False)["input_ids"]
+    templates = ["{}", *[p + "{}" for p in prefixes]]
+    rewriting = [t.format(req.text) + (tok.decode(target[:-1]) if len(target) > 1 else "") for t in templates]
+    texts = rewriting + [f"{req.subject} is a"]
+    rows = [tok(t)["input_ids"] for t in texts]
+    subj_tok = tok.convert_tokens_to_ids(req.subject)
+    lookup = [max(i for i, x in enumerate(r) if x == subj_tok) for r in rows]
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+    site = model.model.layers[layer_idx] if at_layer_output else model.model.layers[layer_idx].mlp
+    delta = torch.zeros(model.config.hidden_size, requires_grad=True)
+    state = {}
+
+    def edit_output(_m, _a, out):
+        h = out if isinstance(out, torch.Tensor) else out[0]
+        if "init" not in state:
+            state["init"] = h[0, lookup[0]].detach().clone()
+        h = h.clone()
+        for i, idx in enumerate(lookup):
+            h[i, idx] = h[i, idx] + delta
+        return h if isinstance(out, torch.Tensor) else (h, *out[1:])
+
+    handle = site.register_forward_hook(edit_output)
+    opt = torch.optim.Adam([delta], lr=0.5)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    kl_init = None
+    try:
+        for it in range(steps):
+            opt.zero_grad()
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            kl_lp = torch.log_softmax(logits[len(rows) - 1, lookup[-1]][None], -1)
+            if kl_init is None:
+                kl_init = kl_lp.detach().clone()
+            lp = torch.log_softmax(logits[: len(rewriting)], -1)
+            nll_each = []
+            for i, r in enumerate(rows[: len(rewriting)]):
+                n = len(r)
+                pos = range(n - len(target), n)  # rewriting_targets: gathered at the same positions
+                nll_each.append(-sum(lp[i, p, t] for p, t in zip(pos, target)) / len(target))
+            nll = torch.stack(nll_each).mean()
+            kl = kl_factor * torch.nn.functional.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
+            loss = nll + kl + wd * (delta.norm() / state["init"].norm() ** 2)
+            if loss < 5e-2 or it == steps - 1:
+                break
+            loss.backward()
+            opt.step()
+            max_norm = clamp * state["init"].norm()
+            if delta.norm() > max_norm:
+                with torch.no_grad():
+                    delta[...] = delta * max_norm / delta.norm()
+    finally:
+        handle.remove()
+    return delta.detach(), state["init"]
+
+
+@pytest.mark.parametrize("norm_reference", ["layer", "mlp"])
+def test_value_optimisation_matches_the_reference_loop(fact_model, norm_reference):
+    """Item 1: with norm_reference 'layer' (EMMET/MEMIT) the clamp ball and the weight decay are measured against
+    the layer output h_L, with 'mlp' (ROME) against the MLP output; the whole δ matches the reference loop."""
+    from surgeon.ops.edit.keys_values import ValueSettings, optimise_values
+    from surgeon.ops.edit.requests import Request
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
+    tok = _tokenizer()
+    req = Request(**_request(1, 7))
+    prefixes = ["it was cold . ", "rain . "]
+    # a tight ball (0.3) so that the projection is active, the reference's GPT-2/J weight decay 0.5
+    settings = ValueSettings(steps=8, lr=0.5, weight_decay=0.5, clamp=0.3, norm_reference=norm_reference)
+    ours = optimise_values(model, tok, model.model.layers[1].mlp.down_proj, [req], prefixes, settings,
+                           device="cpu")
+    ref_delta, init = _reference_compute_z(model, tok, req, prefixes, 1, steps=8, clamp=0.3, wd=0.5,
+                                           at_layer_output=norm_reference == "layer")
+    delta = (ours.values - ours.initial)[:, 0]
+    torch.testing.assert_close(delta, ref_delta, rtol=2e-4, atol=2e-5)
+    assert abs(float(delta.norm()) - 0.3 * float(init.norm())) < 1e-3 * float(init.norm())  # on the ball
+
+
+def _reference_memit_loop(model, tok, reqs, prefixes, layers, zs, covs, lam):
+    """A literal port of execute_memit's insertion loop (kmeng01/memit memit_main.py) on the toy Llama: keys by
+    compute_ks (mean per template type, then over types), cur_zs = the top layer's output on the plain prompts
+    (a forward hook on the decoder layer, as nethook.TraceDict), resid = (zs − cur_zs)/(layers left), adj_k = solve(λC + KKᵀ, K),
+    W += resid adj_kᵀ, in layer order."""
+    def lookup(ids, subject):
+        s = tok.convert_tokens_to_ids(subject)
+        return max(i for i, x in enumerate(ids) if x == s)
+
+    for i, layer in enumerate(layers):
+        down = model.model.layers[layer].mlp.down_proj
+        cols = []
+        for r in reqs:
+            got = []
+            for t in ["{}", *[p + "{}" for p in prefixes]]:
+                ids = tok(t.format(r.text))["input_ids"]
+                seen = []
+                h = down.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0][0].detach()))
+                with torch.no_grad():
+                    model(input_ids=torch.tensor([ids]))
+                h.remove()
+                got.append(seen[0][lookup(ids, r.subject)])
+            types = [got[0], torch.stack(got[1:]).mean(0)] if prefixes else [got[0]]
+            cols.append(torch.stack(types).mean(0))
+        ks = torch.stack(cols, 1).double()
+        cur = []
+        for r in reqs:
+            ids = tok(r.text)["input_ids"]
+            out = []
+            h = model.model.layers[layers[-1]].register_forward_hook(
+                lambda m, a, o, out=out: out.append(o if isinstance(o, torch.Tensor) else o[0]))
+            with torch.no_grad():
+                model(input_ids=torch.tensor([ids]))
+            h.remove()
+            cur.append(out[0][0, lookup(ids, r.subject)])
+        targets = zs.double() - torch.stack(cur, 1).double()
+        adj_k = torch.linalg.solve(lam * covs[i] + ks @ ks.T, ks)
+        resid = targets / (len(layers) - i)
+        with torch.no_grad():
+            down.weight += (resid @ adj_k.T).float()
+
+
+def test_memit_spread_matches_the_reference_loop(fact_model):
+    """Item 7: our spreading (factored solve, keys from a forward pass stopping at each layer) gives the weights
+    of the reference's loop over layers, each layer's update applied before the next one's keys are taken."""
+    import copy
+
+    from surgeon.kernels.covariance import CholeskyFactor
+    from surgeon.ops.edit.keys_values import layer_outputs
+    from surgeon.ops.edit.memit import spread
+    from surgeon.ops.edit.requests import Request
+    from surgeon.ops.edit.site import EditSite
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
+    twin = copy.deepcopy(model)
+    tok = _tokenizer()
+    reqs = [Request(**_request(i, (i + 4) % len(OBJECTS))) for i in range(3)]
+    prefixes = ["it was cold . ", "rain . "]
+    layers = [0, 1]
+    g = torch.Generator().manual_seed(3)
+    covs = []
+    for _ in layers:
+        x = torch.randn(300, 256, generator=g, dtype=torch.float64)
+        covs.append(x.T @ x / 300 + 0.1 * torch.eye(256, dtype=torch.float64))
+    h0 = layer_outputs(model, tok, model.model.layers[1], reqs, device="cpu")
+    zs = h0 + 2.0 * torch.randn(h0.shape, generator=g)
+    lam = 3.0
+    sites = [EditSite(x, f"model.layers.{x}.mlp.down_proj.weight", False, 64, 256, None, "llama", "test", 2)
+             for x in layers]
+    modules = [model.model.layers[x].mlp.down_proj for x in layers]
+    before = [m.weight.detach().clone() for m in modules]
+    parts = spread(model, tok, sites, modules, [CholeskyFactor(c) for c in covs], reqs, prefixes, zs, lam,
+                   device="cpu")
+    _reference_memit_loop(twin, tok, reqs, prefixes, layers, zs, covs, lam)
+    for x, m, b, (up, down) in zip(layers, modules, before, parts):
+        ref = twin.model.layers[x].mlp.down_proj.weight
+        torch.testing.assert_close(m.weight, ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b + (up @ down).float(), ref, rtol=1e-4, atol=1e-5)
+    # the last layer gets the whole remainder: with a small λ the top layer's output reaches z
+    assert float((layer_outputs(model, tok, model.model.layers[1], reqs, device="cpu") - zs).norm()) < \
+        0.5 * float((h0 - zs).norm())
+
+
+def test_memit_edits_facts_over_two_layers(fact_model, tmp_path):
+    """Item 7 behaviour: edit.memit on the toy model, both layers written, the edits stick after reloading."""
+    from safetensors.torch import load_file
+
+    from surgeon.api import run_op
+
+    stats = _stats_text(tmp_path / "stats.txt")
+    out = tmp_path / "edited"
+    reqs = [_request(i, (i + 2) % 8) for i in range(4)]
+    res = run_op("edit.memit", str(fact_model), output=str(out), device="cpu", requests=reqs, stats_data=stats,
+                 n_prefixes=2, layers=[0, 1], lam=100.0)
+    info = res["steps"][0]["info"]
+    assert info["layers"] == [0, 1] and info["style"]["norm_reference"] == "layer"
+    metrics = res["results"][-1]
+    assert metrics["efficacy"] == 1.0
+    got = _answers(out, [TEMPLATES[0].format(s) for s in SUBJECTS])
+    assert got[:4] == [OBJECTS[(i + 2) % 8] for i in range(4)]
+    assert sum(a == b for a, b in zip(got[8:], OBJECTS[8:])) >= 15  # untouched facts mostly kept
+    before, after = load_file(fact_model / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed == ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    undo = load_file(out / "edits.safetensors")
+    for k in changed:
+        assert torch.equal(undo[k + ".original"], before[k])
+        torch.testing.assert_close(before[k] + undo[k + ".up"] @ undo[k + ".down"], after[k])

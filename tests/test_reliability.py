@@ -51,6 +51,8 @@ CASES: dict[str, Case] = {
                                     "--no-stats-cache", "--layer", "1"], data_flag="--stats-data"),
     "edit.emmet": Case("edit.emmet", ["--requests", "{requests}", "--stats-data", "{data}", "--steps", "5",
                                       "--no-stats-cache", "--layer", "1"], data_flag="--stats-data"),
+    "edit.memit": Case("edit.memit", ["--requests", "{requests}", "--stats-data", "{data}", "--steps", "5",
+                                      "--no-stats-cache", "--layers", "0,1"], data_flag="--stats-data"),
     "prune.magnitude": Case("prune.magnitude", ["--sparsity", "0.5"]),
     "prune.wanda": Case("prune.wanda", ["--data", "{data}", "--seqlen", "16", "--n-windows", "4"],
                         data_flag="--data"),

@@ -1,5 +1,5 @@
-"""The flow shared by ``edit.rome`` and ``edit.emmet``: materialise, locate, statistics, keys, values, closed
-form, write the low-rank update back into the graph, measure.
+"""The flow shared by ``edit.rome`` and ``edit.emmet`` (``edit.memit`` reuses its parts): materialise, locate,
+statistics, keys, values, closed form, write the low-rank update back into the graph, measure.
 
 The materialised module is edited in place (fp32) after each request (ROME) or batch (EMMET), so sequential
 edits see the earlier ones; the graph gets one :class:`~surgeon.graph.LowRank` node whose factors are the
@@ -20,18 +20,33 @@ from surgeon.errors import SurgeonError
 
 from . import keys_values as kv
 from . import metrics as mx
-from .requests import Request, duplicate_subjects, resolve_requests, subject_batches
+from .requests import Request, duplicate_subjects, resolve_requests, subject_batches, with_leading_space
 from .site import EditSite, find_submodule, locate
 from .solve import emmet_update, rome_update
 
-Method = Literal["rome", "emmet"]
+Method = Literal["rome", "emmet", "memit"]
 
-#: §4.5 defaults: method -> family -> (steps, weight decay, clamp, λ′); "*" for every other family
+#: §4.5 defaults from the reference hparams: method -> family -> (steps, weight decay, clamp, λ′); "*" for every
+#: other family (the Llama-2 values). ROME: kmeng01/rome hparams/ROME (GPT-2 XL/large, GPT-J, NeoX-20B);
+#: EMMET: unified-model-editing hparams/EMMET (λ′ = mom2_update_weight · emmet_lambda); MEMIT: kmeng01/memit
+#: hparams/MEMIT (GPT-2 XL, GPT-J) and EasyEdit's llama-7b (λ = mom2_update_weight).
 DEFAULTS: dict[str, dict[str, tuple[int, float, float, float]]] = {
-    "rome": {"gpt2": (20, 0.5, 4.0, 0.0), "gptj": (20, 0.5, 4.0, 0.0), "*": (25, 1e-3, 4.0, 0.0)},
+    "rome": {"gpt2": (20, 0.5, 4.0, 0.0), "gptj": (20, 0.5, 4.0, 0.0), "gpt_neox": (20, 0.5, 4.0, 0.0),
+             "*": (25, 1e-3, 4.0, 0.0)},
     "emmet": {"gpt2": (20, 0.5, 0.75, 100.0), "gptj": (25, 0.5, 0.75, 0.1), "*": (25, 1e-3, 4.0, 0.1)},
+    "memit": {"gpt2": (20, 0.5, 0.75, 20000.0), "gptj": (25, 0.5, 0.75, 15000.0), "*": (25, 1e-3, 4.0, 15000.0)},
 }
-N_PREFIXES = {"rome": 20, "emmet": 5}
+#: defaults that the reference ships for one size of a family: (method, family, n_layers) -> as above
+EXACT_DEFAULTS: dict[tuple[str, str, int], tuple[int, float, float, float]] = {
+    ("rome", "gpt2", 24): (20, 0.5, 3.0, 0.0),  # GPT-2 medium: clamp 3 (hparams/ROME/gpt2-medium.json)
+}
+N_PREFIXES = {"rome": 20, "emmet": 5, "memit": 5}
+#: how each method's reference computes keys and values: clamp/decay reference norm, prefix seeds, key average
+STYLE: dict[str, dict[str, str]] = {
+    "rome": {"norm_reference": "mlp", "prefix_seeds": "bos", "key_average": "uniform"},
+    "emmet": {"norm_reference": "layer", "prefix_seeds": "words", "key_average": "types"},
+    "memit": {"norm_reference": "layer", "prefix_seeds": "words", "key_average": "types"},
+}
 SEQUENTIAL_WARNING = 50  # degradation is reported past a few dozen sequential edits (§4.7)
 
 
@@ -56,11 +71,24 @@ class EditParams(BaseModel):
     stats_cache: bool = Field(True, description="Read/write covariance statistics in ~/.cache/surgeon/stats.")
     steps: int | None = Field(None, ge=1, le=1000, description="Adam steps for the value (default 25; GPT-2 20).")
     lr: float = Field(0.5, gt=0, description="Adam learning rate for the value.")
-    weight_decay: float | None = Field(None, ge=0, description="Weight on ‖δ‖/‖v₀‖² (default 1e-3; GPT-2/J 0.5).")
-    clamp: float | None = Field(None, gt=0, description="Keep ‖δ‖ ≤ clamp·‖v₀‖ (default 4; EMMET GPT-2/J 0.75).")
+    weight_decay: float | None = Field(None, ge=0, description="Weight on ‖δ‖/‖v₀‖² (ROME) or ‖δ‖/‖h_L‖² "
+                                                                "(EMMET/MEMIT) (default 1e-3; GPT-2/J/NeoX 0.5).")
+    clamp: float | None = Field(None, gt=0, description="Keep ‖δ‖ ≤ clamp·‖v₀‖ (ROME) or clamp·‖h_L‖ (EMMET/MEMIT) "
+                                                         "(default 4; GPT-2 medium ROME 3; EMMET/MEMIT GPT-2/J 0.75).")
     kl_factor: float = Field(0.0625, ge=0, description="Weight of the KL term on '{subject} is a'.")
     n_prefixes: int | None = Field(None, ge=0, le=64, description="Model-sampled prefixes averaged into keys and "
                                                                   "values (default ROME 20, EMMET 5).")
+    norm_reference: Literal["mlp", "layer"] | None = Field(
+        None, description="What clamp and weight decay are relative to: the MLP output v₀ ('mlp', ROME's code) or "
+                          "the layer output h_L ('layer', the MEMIT/EMMET code). Default: the method's reference.")
+    prefix_seeds: Literal["bos", "words"] | None = Field(
+        None, description="Sampled prefixes start from the BOS token ('bos', ROME) or from 'The', 'Therefore', "
+                          "'Because', 'I', 'You' ('words', MEMIT/EMMET, EasyEdit's ROME). Default: the method's.")
+    key_average: Literal["uniform", "types"] | None = Field(
+        None, description="Key average over the templates: 'uniform' (ROME: 1/(1+prefixes) each) or 'types' "
+                          "(MEMIT/EMMET: ½ plain + ½ mean of the prefixed). Default: the method's reference.")
+    target_space: bool = Field(True, description="Prepend a space to targets that start without one (both "
+                                                 "reference codes do; CounterFact's targets have none).")
     metrics: bool = Field(True, description="Measure efficacy, paraphrase and neighbourhood before/after.")
     eval_data: str | None = Field(None, description="Text for perplexity before/after (file or 'model[:N]').")
 
@@ -74,12 +102,38 @@ class EditParams(BaseModel):
         return v
 
 
-def settings_for(method: Method, family: str, params: EditParams) -> tuple[kv.ValueSettings, float]:
-    steps, wd, clamp, lam = DEFAULTS[method].get(family, DEFAULTS[method]["*"])
+def reference_defaults(method: Method, family: str, n_layers: int = 0) -> tuple[int, float, float, float]:
+    """(steps, weight decay, clamp, λ′) the reference ships for this method and model (§4.5)."""
+    exact = EXACT_DEFAULTS.get((method, family, n_layers))
+    return exact if exact is not None else DEFAULTS[method].get(family, DEFAULTS[method]["*"])
+
+
+def style(method: Method, params: EditParams) -> dict[str, str]:
+    """The method's reference style with the user's overrides."""
+    return {k: getattr(params, k) or v for k, v in STYLE[method].items()}
+
+
+def settings_for(method: Method, family: str, params: EditParams, n_layers: int = 0
+                 ) -> tuple[kv.ValueSettings, float]:
+    steps, wd, clamp, lam = reference_defaults(method, family, n_layers)
+    st = style(method, params)
     s = kv.ValueSettings(steps=params.steps or steps, lr=params.lr,
                          weight_decay=wd if params.weight_decay is None else params.weight_decay,
-                         clamp=params.clamp or clamp, kl_factor=params.kl_factor)
+                         clamp=params.clamp or clamp, kl_factor=params.kl_factor,
+                         norm_reference=st["norm_reference"], uniform_keys=st["key_average"] == "uniform")
     return s, lam
+
+
+def edit_requests(params: EditParams) -> list[Request]:
+    """The requests, with the reference's leading space on bare targets unless ``target_space`` is off."""
+    requests = resolve_requests(params.requests)
+    return with_leading_space(requests) if params.target_space else requests
+
+
+def prefixes_for(method: Method, model, tok, params: EditParams, ctx) -> list[str]:
+    n_pre = N_PREFIXES[method] if params.n_prefixes is None else params.n_prefixes
+    return kv.sample_prefixes(model, tok, kv.prefix_lengths(method, n_pre), seed=ctx.seed, device=ctx.device,
+                              seeds=style(method, params)["prefix_seeds"])
 
 
 def _mlp_parent(model: torch.nn.Module, site: EditSite) -> torch.nn.Module:
@@ -122,32 +176,36 @@ def covariance(model, graph, ctx, site: EditSite, module, params: EditParams):
     return factor, info
 
 
-def write_back(graph, site: EditSite, ups: Sequence[torch.Tensor], downs: Sequence[torch.Tensor]) -> None:
-    """Put ΔW = Σ up@down into the graph as one low-rank node and the undo file into ``edits.safetensors``."""
+def write_back(graph, edits: Sequence[tuple[EditSite, Sequence[torch.Tensor], Sequence[torch.Tensor]]]) -> None:
+    """Put ΔW = Σ up@down of each edited tensor into the graph as one low-rank node, and the factors and the
+    original tensors into ``edits.safetensors``."""
     from surgeon.writer import safetensors_bytes  # deterministic bytes (sorted metadata)
 
     from surgeon.graph import Executor, LowRank
 
-    # fp32 factors: the node and edits.safetensors hold the very numbers that are added to the weight
-    up, down = torch.cat(list(ups), 1).float(), torch.cat(list(downs), 0).float()
-    node = graph[site.name]
-    if isinstance(node, LowRank) and node.transposed == site.transposed:
-        base, up, down = node.inputs[0], torch.cat([node.up, up], 1), torch.cat([node.down, down], 0)
-    else:
-        base = node
-    graph.nodes[site.name] = LowRank(base, up, down, transposed=site.transposed, label="edit")
-    original = Executor([base]).evaluate_all()[0]
-    tensors = {f"{site.name}.up": up.contiguous(), f"{site.name}.down": down.contiguous(),
-               f"{site.name}.original": original.contiguous()}
+    tensors: dict[str, torch.Tensor] = {}
+    for site, ups, downs in edits:
+        # fp32 factors: the node and edits.safetensors hold the very numbers that are added to the weight
+        up, down = torch.cat(list(ups), 1).float(), torch.cat(list(downs), 0).float()
+        node = graph[site.name]
+        if isinstance(node, LowRank) and node.transposed == site.transposed:
+            base, up, down = node.inputs[0], torch.cat([node.up, up], 1), torch.cat([node.down, down], 0)
+        else:
+            base = node
+        graph.nodes[site.name] = LowRank(base, up, down, transposed=site.transposed, label="edit")
+        original = Executor([base]).evaluate_all()[0]
+        tensors.update({f"{site.name}.up": up.contiguous(), f"{site.name}.down": down.contiguous(),
+                        f"{site.name}.original": original.contiguous()})
     graph.extra_files["edits.safetensors"] = safetensors_bytes(
         tensors, metadata={"delta": "W_linear += up @ down (transpose for Conv1D)",
-                           "transposed": str(site.transposed).lower(), "tensor": site.name})
+                           "transposed": ",".join(str(e[0].transposed).lower() for e in edits),
+                           "tensor": ",".join(e[0].name for e in edits)})
 
 
 def run_edit(graph, params: EditParams, ctx, method: Method, *, lam: float | None = None,
-             batch_size: int = 1) -> Any:
+             batch_size: int = 1, residual: str = "paper", ridge_single: bool = False) -> Any:
     """Edit ``graph`` with ROME (one request at a time) or EMMET (batches of unique subjects)."""
-    requests = resolve_requests(params.requests)
+    requests = edit_requests(params)
     dups = duplicate_subjects(requests)
     if dups and method == "emmet":
         ctx.log("[yellow]subjects requested more than once: " + ", ".join(f"{s!r}×{n}" for s, n in dups.items())
@@ -162,7 +220,7 @@ def run_edit(graph, params: EditParams, ctx, method: Method, *, lam: float | Non
     module = find_submodule(model, site.module_path)
     if not hasattr(module, "weight") or tuple(module.weight.shape) != tuple(graph[site.name].shape):
         raise SurgeonError(f"{site.name}: the materialised module has a different shape")
-    settings, default_lam = settings_for(method, site.family, params)
+    settings, default_lam = settings_for(method, site.family, params, site.n_layers)
     lam = default_lam if lam is None else lam
     ctx.log(f"{method}: {len(requests)} request(s) into {site.name} (layer {site.layer}: {site.rule})")
 
@@ -182,8 +240,7 @@ def run_edit(graph, params: EditParams, ctx, method: Method, *, lam: float | Non
         ppl["perplexity_before"] = mx.perplexity(model, ppl_windows, device=ctx.device)
 
     t0 = time.perf_counter()
-    n_pre = N_PREFIXES[method] if params.n_prefixes is None else params.n_prefixes
-    prefixes = kv.sample_prefixes(model, tok, kv.prefix_lengths(method, n_pre), seed=ctx.seed, device=ctx.device)
+    prefixes = prefixes_for(method, model, tok, params, ctx)
     timings["prefixes_s"] = time.perf_counter() - t0
 
     batches = [[r] for r in requests] if method == "rome" else subject_batches(requests, batch_size)
@@ -203,7 +260,8 @@ def run_edit(graph, params: EditParams, ctx, method: Method, *, lam: float | Non
         if method == "rome":
             up, down = rome_update(w, keys[:, 0], vals.values[:, 0], factor, bias=b)
         else:
-            up, down = emmet_update(w, keys, vals.values, factor, lam, bias=b)
+            up, down = emmet_update(w, keys, vals.values, factor, lam, bias=b, ridge_single=ridge_single,
+                                    initial=vals.initial if residual == "delta" else None)
         t_solve += time.perf_counter() - t
         # how well the new weight maps each key to its value (0 for ROME, small for EMMET with small λ′)
         new_w = w.double() + up.double() @ down.double()
@@ -220,7 +278,7 @@ def run_edit(graph, params: EditParams, ctx, method: Method, *, lam: float | Non
         downs.append(down)
     timings.update(keys_values_s=t_values, solve_s=t_solve)
 
-    write_back(graph, site, ups, downs)
+    write_back(graph, [(site, ups, downs)])
     result: dict[str, Any] = {"kind": f"edit.{method}", "title": f"Knowledge edit ({method.upper()})",
                               "requests": len(requests), "layer": site.layer}
     if before is not None:
@@ -242,6 +300,7 @@ def run_edit(graph, params: EditParams, ctx, method: Method, *, lam: float | Non
         ctx.log(f"[yellow]{notes[-1]}[/]")
     ctx.report(method=method, tensor=site.name, layer=site.layer, layer_rule=site.rule, family=site.family,
                lam=lam if method == "emmet" else 0.0, batches=len(batches), n_prefixes=len(prefixes),
+               style=style(method, params), **({"residual": residual} if method == "emmet" else {}),
                value_settings=vars(settings), **stats_info, edits=per_edit, metrics=result,
                timings_s={k: round(v, 3) for k, v in timings.items()}, card_notes=notes)
     graph.tags = sorted(set(graph.tags) | {"knowledge-editing", method})

@@ -8,6 +8,8 @@ unique subjects; larger sets (and repeated subjects) are applied in sequential b
 """
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from surgeon.registry import register
@@ -22,9 +24,16 @@ class Params(EditParams):
                                                       "(GPT-2: 100); ≳ d_k behaves like MEMIT.")
     batch_size: int = Field(1024, ge=1, le=1024, description="Unique subjects per batch (≤ 1024); more are "
                                                              "applied in sequential batches.")
+    residual: Literal["paper", "delta"] = Field(
+        "paper", description="Residual of the closed form: 'paper' R = v* − Wk̄ with the averaged key (the "
+                             "paper's equation, r-ROME's consistent form) or 'delta' R = δ = v* − v₀ (the authors' "
+                             "code). See docs/edit.md for both measured.")
+    ridge_single: bool = Field(False, description="Add λ′ also for a batch of one key (the authors' code adds it "
+                                                  "only for batches of more than one).")
 
 
 @register("edit.emmet", Params, model_level=True)
 def apply(graph, params: Params, ctx):
     """Rewrite all requests' facts with one closed-form update per batch."""
-    return run_edit(graph, params, ctx, "emmet", lam=params.lam, batch_size=params.batch_size)
+    return run_edit(graph, params, ctx, "emmet", lam=params.lam, batch_size=params.batch_size,
+                    residual=params.residual, ridge_single=params.ridge_single)

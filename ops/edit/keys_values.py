@@ -2,13 +2,16 @@
 
 - **Prefixes**: short texts sampled from the model itself (top-k 5, seeded), so that the key and value hold
   whatever comes before the prompt. ``"<sample>. <prompt>"``.
-- **Key**: input of the edited down-projection at the subject's last token, ``k = ½(k_plain + mean_j k_j)``
-  over the plain prompt and the prefixed prompts. The same averaged k is used in the direction, the residual and
-  the denominator of the update (the consistent r-ROME form).
+- **Key**: input of the edited down-projection at the subject's last token, averaged over the plain prompt and
+  the prefixed prompts: uniformly for ROME (``kmeng01/rome`` ``compute_u``: 1/21 each), per template type for
+  MEMIT/EMMET (``compute_ks``: ``k = ½(k_plain + mean_j k_j)``). The same averaged k is used in the direction,
+  the residual and the denominator of the update (the consistent r-ROME form).
 - **Value**: δ added to the down-projection's output at the subject's last token of every prompt (for one
   layer this equals adding it to the residual stream after that layer), optimised with Adam to make the
-  target likely: loss = mean NLL(target) + kl_factor·KL(P_δ ‖ P_0) on ``"{subject} is a"`` + wd·‖δ‖/‖v₀‖²;
-  ‖δ‖ ≤ clamp·‖v₀‖ after every step; stop when the loss is below ``stop_loss``. v* = v₀ + δ.
+  target likely: loss = mean NLL(target) + kl_factor·KL(P_δ ‖ P_0) on ``"{subject} is a"`` + wd·‖δ‖/‖r‖²;
+  ‖δ‖ ≤ clamp·‖r‖ after every step; stop when the loss is below ``stop_loss``. v* = v₀ + δ. The reference
+  norm r is the MLP output v₀ for ROME (``rome/compute_v.py``) and the layer output h_L (the residual stream)
+  for MEMIT/EMMET (``compute_z.py``), both at the plain prompt's subject token.
 
 Several requests are optimised together (one δ row each, the loss a sum of per-request losses, per-request
 early stopping: a converged request's rows leave the batch), which gives exactly the per-request result because
@@ -32,7 +35,7 @@ from surgeon.errors import SurgeonError
 
 from .requests import Request
 
-#: EMMET/MEMIT prefix seeds (§4.2)
+#: EMMET/MEMIT prefix seeds (§4.2); ROME seeds its prefixes from the BOS token instead (``kmeng01/rome``)
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
 #: tokens per forward pass when batching rows (bounds activation memory)
 TOKENS_PER_BATCH = 4096
@@ -244,24 +247,43 @@ def final_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, 
 
 
 # ------------------------------------------------------------------------------------------------ prefixes
-def sample_prefixes(model: torch.nn.Module, tok: Any, lengths: Sequence[int], *, seed: int, device: str,
-                    top_k: int = 5) -> list[str]:
-    """One sampled text per entry of ``lengths`` (new tokens), seeds cycling through :data:`SEED_WORDS`,
-    each ending in ``". "`` so that a prompt can follow. Deterministic for a fixed seed.
+def seed_ids(tok: Any, seeds: str, n: int) -> list[list[int]]:
+    """Token ids each sampled prefix starts from: the BOS token (``seeds="bos"``, ROME's ``"<|endoftext|>"``;
+    EOS or the first special token where a tokenizer has no BOS) or the words of :data:`SEED_WORDS` in turn
+    (``"words"``, MEMIT/EMMET; with the special tokens the tokenizer adds, as the reference's batch has them)."""
+    if seeds == "bos":
+        bos = next((v for v in (getattr(tok, "bos_token_id", None), getattr(tok, "eos_token_id", None))
+                    if isinstance(v, int)), None)
+        if bos is None:
+            raise SurgeonError("prefix seeds 'bos': the tokenizer has neither a BOS nor an EOS token "
+                               "(use prefix_seeds: words)")
+        return [[bos] for _ in range(n)]
+    if seeds != "words":
+        raise SurgeonError(f"prefix seeds {seeds!r}: expected 'bos' or 'words'")
+    return [list(tok(SEED_WORDS[i % len(SEED_WORDS)])["input_ids"]) for i in range(n)]
 
-    All texts are drawn together, one token per step with a key/value cache: max(lengths) forward passes in all
-    (a pass over a 135M model reads its weights once, whatever the batch, so this is the cost that matters)."""
+
+def sample_prefixes(model: torch.nn.Module, tok: Any, lengths: Sequence[int], *, seed: int, device: str,
+                    top_k: int = 5, seeds: str = "words") -> list[str]:
+    """One sampled text per entry of ``lengths``, each ending in ``". "`` so that a prompt can follow.
+    Deterministic for a fixed seed. A length counts the seed's tokens too, as the reference's
+    ``generate_fast(max_out_len=length)`` does: ROME's 5 and 10 from BOS draw 4 and 9 new tokens, EMMET's 10
+    from a one-token word draws 9. ``seeds``: see :func:`seed_ids`.
+
+    All texts are drawn together, one token per step with a key/value cache: max(new tokens) forward passes in
+    all (a pass over a 135M model reads its weights once, whatever the batch, so this is the cost that matters)."""
     if not lengths:
         return []
     from transformers import DynamicCache
 
     gen = torch.Generator().manual_seed(seed)
-    starts = [list(tok(SEED_WORDS[i % len(SEED_WORDS)])["input_ids"]) for i in range(len(lengths))]
+    starts = seed_ids(tok, seeds, len(lengths))
+    n_new = [max(length - len(st), 1) for st, length in zip(starts, lengths)]
     ids, mask = left_pad(starts, pad_id_of(tok))  # every row's next token is at the same column
     cache = DynamicCache()
     step_ids, drawn = ids, []
     with torch.no_grad():
-        for _ in range(max(lengths)):
+        for _ in range(max(n_new)):
             pos = positions_of(mask)[:, -step_ids.shape[1]:]
             out = model(input_ids=step_ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                         use_cache=True, **{_cache_kwarg(model): cache})
@@ -273,22 +295,32 @@ def sample_prefixes(model: torch.nn.Module, tok: Any, lengths: Sequence[int], *,
             mask = torch.cat([mask, torch.ones_like(step_ids)], 1)
     new = torch.cat(drawn, 1).tolist()
     out_texts = []
-    for st, row, n in zip(starts, new, lengths):
+    for st, row, n in zip(starts, new, n_new):
         text = tok.decode(st + row[:n], skip_special_tokens=True).replace("{", " ").replace("}", " ").strip()
         out_texts.append(text + ". ")
     return out_texts
 
 
 def prefix_lengths(kind: str, n: int) -> list[int]:
-    """ROME: half of 5 tokens, half of 10 (20 by default); EMMET/MEMIT: all of 10 (5 by default)."""
+    """Sampled lengths (seed tokens included). ROME: half of 5 tokens, half of 10 (20 by default); EMMET/MEMIT:
+    all of 10 (5 by default)."""
     if kind == "rome":
         return [5] * (n // 2) + [10] * (n - n // 2)
     return [10] * n
 
 
+def average_keys(keys: torch.Tensor, uniform: bool) -> torch.Tensor:
+    """[n, 1 + prefixes, d] keys per request and template -> [n, d]. ``uniform``: the mean over every template
+    (ROME's ``compute_u``); otherwise the mean of the plain key and the prefixed keys' mean (MEMIT/EMMET's
+    ``compute_ks``: one average per template type, then over types)."""
+    if keys.shape[1] == 1 or uniform:
+        return keys.mean(1)
+    return 0.5 * (keys[:, 0] + keys[:, 1:].mean(1))
+
+
 # ---------------------------------------------------------------------------------------------------- keys
 def compute_keys(model: torch.nn.Module, tok: Any, module: torch.nn.Module, requests: Sequence[Request],
-                 prefixes: Sequence[str], *, device: str) -> torch.Tensor:
+                 prefixes: Sequence[str], *, device: str, uniform: bool = False) -> torch.Tensor:
     """Averaged keys, one column per request: [d_k, n] (fp32, CPU), from a forward pass that stops at the edited
     module. The edit itself takes the same keys from the value loop's first pass (:attr:`ValueResult.keys`)."""
     encoded: list[Encoded] = []
@@ -303,11 +335,43 @@ def compute_keys(model: torch.nn.Module, tok: Any, module: torch.nn.Module, requ
         x = capture_inputs(model, module, ids, mask)
         found.append(x[torch.arange(len(rows), device=x.device), torch.tensor([e.lookup for e in rows])].float().cpu())
     keys = torch.cat(found).reshape(len(requests), 1 + len(prefixes), -1)
-    if prefixes:
-        keys = 0.5 * (keys[:, 0] + keys[:, 1:].mean(1))
-    else:
-        keys = keys[:, 0]
-    return keys.T.contiguous()
+    return average_keys(keys, uniform).T.contiguous()
+
+
+def layer_outputs(model: torch.nn.Module, tok: Any, layer: torch.nn.Module, requests: Sequence[Request], *,
+                  device: str) -> torch.Tensor:
+    """Output of decoder ``layer`` (the residual stream h_L) at the subject's last token of each plain prompt:
+    [d_model, n] (fp32, CPU); the forward pass stops after ``layer``. MEMIT's ``cur_zs``."""
+    encoded = [encode_subject(tok, *subject_span(r)) for r in requests]
+    width = max(len(e.ids) for e in encoded)
+    found: list[torch.Tensor] = []
+
+    def hook(_m, _args, out):
+        found.append(_hidden(out).detach())
+        raise _StopForward
+
+    for part in chunks(len(encoded), width):
+        rows = [encoded[i] for i in part]
+        ids, mask = pad_rows([e.ids for e in rows], pad_id_of(tok), device)
+        before = len(found)
+        handle = layer.register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if len(found) == before:
+            raise SurgeonError("internal: the edited layer was not called during the forward pass")
+        x = found[-1]
+        found[-1] = x[torch.arange(len(rows), device=x.device), torch.tensor([e.lookup for e in rows])].float().cpu()
+    return torch.cat(found).T.contiguous()
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    """The hidden states of a decoder layer's output (a tensor in transformers ≥ 4.54, a tuple before)."""
+    return out if isinstance(out, torch.Tensor) else out[0]
 
 
 # -------------------------------------------------------------------------------------------------- values
@@ -319,6 +383,10 @@ class ValueSettings:
     clamp: float = 4.0
     kl_factor: float = 0.0625
     stop_loss: float = 0.05
+    #: what clamp and weight decay are relative to: "mlp" (v₀, ROME) or "layer" (h_L, MEMIT/EMMET)
+    norm_reference: str = "mlp"
+    #: key average over templates: uniform (ROME) or per template type (MEMIT/EMMET), see :func:`average_keys`
+    uniform_keys: bool = False
 
 
 @dataclass
@@ -502,17 +570,31 @@ def suffix_logits(model: torch.nn.Module, split: _Split, kv: ContextCache | None
     return (picked if whole else head(picked)).float()
 
 
-def layers_before(model: torch.nn.Module, module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder layers that run before the one holding ``module`` (found as the ModuleList on its path)."""
+def _decoder_stack(model: torch.nn.Module, module: torch.nn.Module) -> tuple[list[torch.nn.Module], int] | None:
+    """(the decoder layers, index of the one holding ``module``), found as the ModuleList on its path."""
     path = next((name for name, m in model.named_modules() if m is module), None)
     if path is None:
-        return []
+        return None
     parts = path.split(".")
     for i in range(len(parts) - 1, 0, -1):
         parent = model.get_submodule(".".join(parts[:i]))
         if isinstance(parent, torch.nn.ModuleList) and parts[i].isdigit():
-            return list(parent)[: int(parts[i])]
-    return []
+            return list(parent), int(parts[i])
+    return None
+
+
+def layers_before(model: torch.nn.Module, module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers that run before the one holding ``module``."""
+    found = _decoder_stack(model, module)
+    return found[0][: found[1]] if found else []
+
+
+def decoder_layer(model: torch.nn.Module, module: torch.nn.Module) -> torch.nn.Module:
+    """The decoder layer holding ``module`` (its output is the residual stream h_L)."""
+    found = _decoder_stack(model, module)
+    if found is None:
+        raise SurgeonError("internal: cannot find the decoder layer that holds the edited module")
+    return found[0][found[1]]
 
 
 class _SkipEarlyLayers:
@@ -622,8 +704,17 @@ def optimise_values(model: torch.nn.Module, tok: Any, module: torch.nn.Module, r
         at_pos = torch.cat([tgt_pos[t], torch.zeros_like(kl)])
         return idx, t, at_rows, at_pos
 
+    def layer_out(_m, _args, out):  # h_L at the subject's last token, δ = 0: the reference norm of MEMIT/EMMET
+        if state["mode"] == "capture":
+            h = _hidden(out)
+            if "h0" not in state:
+                state["h0"] = h.new_zeros(n_rows, h.shape[-1], dtype=torch.float32)
+            state["h0"][state["owners_rows"]] = h[:, 0].detach().float()
+
     handle = module.register_forward_hook(at_subject)
     pre_handle = module.register_forward_pre_hook(key_in)
+    layer_handle = (decoder_layer(model, module).register_forward_hook(layer_out)
+                    if settings.norm_reference == "layer" else None)
     early = layers_before(model, module)
     skip = _SkipEarlyLayers(early, state, n_rows, split.suffix_ids.shape[1])
     try:
@@ -635,15 +726,16 @@ def optimise_values(model: torch.nn.Module, tok: Any, module: torch.nn.Module, r
             state["mode"] = "capture"
             logits = suffix_logits(model, split, kv, idx, at_rows, at_pos, on_rows=set_owners)
             kl_init = logits[len(t):].detach().log_softmax(-1)
-            v0 = state["v0"][torch.arange(n, device=device) * n_ctx]  # the plain prompt's row of each request
-            k_rows = state["k"][:n_rewrite].reshape(n, n_ctx, -1)
-            keys = 0.5 * (k_rows[:, 0] + k_rows[:, 1:].mean(1)) if n_ctx > 1 else k_rows[:, 0]
+            plain = torch.arange(n, device=device) * n_ctx  # the plain prompt's row of each request
+            v0 = state["v0"][plain]
+            ref = state["h0"][plain] if settings.norm_reference == "layer" else v0
+            keys = average_keys(state["k"][:n_rewrite].reshape(n, n_ctx, -1), settings.uniform_keys)
             state["mode"] = "add"
             skip.engage()  # from here on the layers before the edited one return their recorded output
             delta = state["delta"]
             opt = torch.optim.Adam([delta], lr=settings.lr)
-            max_norm = settings.clamp * v0.norm(dim=1)
-            v0_sq = v0.norm(dim=1) ** 2
+            max_norm = settings.clamp * ref.norm(dim=1)
+            ref_sq = ref.norm(dim=1) ** 2
             done = torch.zeros(n, dtype=torch.bool, device=device)
             steps_taken = torch.zeros(n, dtype=torch.long)
             losses = torch.zeros(n, device=device)
@@ -660,7 +752,7 @@ def optimise_values(model: torch.nn.Module, tok: Any, module: torch.nn.Module, r
                 nll = nll_prompt.reshape(n, n_ctx).mean(1)[live]
                 kl_lp = logp[len(t):]
                 kl = (kl_lp.exp() * (kl_lp - kl_init[live])).sum(-1)
-                wd = (settings.weight_decay * delta.norm(dim=1) / v0_sq)[live]
+                wd = (settings.weight_decay * delta.norm(dim=1) / ref_sq)[live]
                 loss = nll + settings.kl_factor * kl + wd
                 with torch.no_grad():
                     losses[live] = loss.detach()
@@ -686,6 +778,8 @@ def optimise_values(model: torch.nn.Module, tok: Any, module: torch.nn.Module, r
     finally:
         handle.remove()
         pre_handle.remove()
+        if layer_handle is not None:
+            layer_handle.remove()
         skip.release()
     d = delta.detach()
     return ValueResult((v0 + d).T.cpu(), v0.T.cpu(), losses.tolist(), probs.tolist(), steps_taken.tolist(),

@@ -154,6 +154,22 @@ def resolve_requests(spec: list[Request] | str) -> list[Request]:
     return list(spec)
 
 
+def with_leading_space(requests: list[Request]) -> list[Request]:
+    """Targets (new and old) that start without whitespace get a space, as ``kmeng01/rome``'s ``rome_main.py``
+    and the MEMIT/EMMET ``execute_*`` functions do before tokenising (CounterFact's ``{"str": "Sweden"}`` would
+    otherwise be read glued to the prompt: "located inSweden"). A prompt that itself ends in whitespace keeps its
+    target as given (the reference would write two spaces)."""
+    out = []
+    for r in requests:
+        if r.text[-1:].isspace():
+            out.append(r)
+            continue
+        update = {f: " " + v for f in ("target", "target_true")
+                  if (v := getattr(r, f)) is not None and not v[:1].isspace()}
+        out.append(r.model_copy(update=update) if update else r)
+    return out
+
+
 def duplicate_subjects(requests: list[Request]) -> dict[str, int]:
     """Subjects occurring more than once (an EMMET batch with two targets for one key is singular)."""
     seen: dict[str, int] = {}

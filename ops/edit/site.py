@@ -50,6 +50,7 @@ class EditSite:
     bias_name: str | None
     family: str
     rule: str  # how the layer was chosen
+    n_layers: int = 0  # decoder layers of the model
 
     @property
     def module_path(self) -> str:
@@ -79,7 +80,7 @@ def locate(graph: Any, layer: int | None) -> EditSite:
         raise SurgeonError(f"{name}: expected a 2-D weight, got shape {list(shape)}")
     d_out, d_k = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
     bias = name.removesuffix("weight") + "bias"
-    return EditSite(layer, name, transposed, d_out, d_k, bias if bias in graph else None, roles.family, rule)
+    return EditSite(layer, name, transposed, d_out, d_k, bias if bias in graph else None, roles.family, rule, n)
 
 
 def find_submodule(model: torch.nn.Module, path: str) -> torch.nn.Module:
