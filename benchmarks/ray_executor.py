@@ -73,10 +73,13 @@ def main() -> None:
         print(f"{'ray':<8} {ray_s:8.2f}   ({ray_s / local_s:.2f}x local; outputs byte-identical: {same})")
         print(f"per-task overhead: {overhead:.2f} s (connect, ship the shard's graph, worker start-up, result)")
         per_task_work = local_s / tasks
+        work_5gb = local_s * 5e9 / (args.gib * (1 << 30))  # the same job's work for one 5 GB shard
+        o = max(overhead, 0.0)
+        print(f"work per shard here: {per_task_work:.2f} s ({work_5gb:.0f} s for a 5 GB shard). With many more shards "
+              "than hosts, each host with its own disk, N hosts give about N x work / (work + overhead):")
         for hosts in (2, 8, 32):
-            predicted = tasks / hosts * (per_task_work + max(overhead, 0.0))
-            print(f"predicted for {hosts:>2} hosts with their own disks: {predicted:7.2f} s "
-                  f"({local_s / predicted:.1f}x local)")
+            print(f"  {hosts:>2} hosts: {hosts * per_task_work / (per_task_work + o):5.1f}x local with these shards, "
+                  f"{hosts * work_5gb / (work_5gb + o):5.1f}x with 5 GB shards")
     finally:
         subprocess.run([RAY, "stop", "--force"], check=False, capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
