@@ -158,3 +158,28 @@ def test_nothing_computed_at_plan_time(family, monkeypatch):
     assert calls == []
     g.value("model.norm.weight")
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("case", ["random", "zero-ties", "nonzero-ties", "all-zero"])
+def test_trim_mask_keeps_exactly_the_k_largest_like_argsort(case):
+    """Oracle: mergekit's rule, `argsort(|δ|, descending)[:k]`, written out; ties at zero may be any zeros."""
+    from surgeon.ops.merge.classic import trim_mask
+
+    g = torch.Generator().manual_seed(5)
+    delta = torch.randn(300, 70, generator=g)
+    if case == "zero-ties":
+        delta[:, 20:] = 0.0
+    elif case == "nonzero-ties":
+        delta[::3] = 0.25
+    elif case == "all-zero":
+        delta.zero_()
+    for density in (0.05, 0.3, 0.5, 0.6, 0.9):  # 0.6 cuts through the 0.25 ties
+        k = int(density * delta.numel())
+        mask = trim_mask(delta, density)
+        expected = torch.zeros(delta.numel(), dtype=torch.bool)
+        expected[torch.argsort(delta.abs().reshape(-1), descending=True)[:k]] = True
+        assert int(mask.sum()) == k
+        kept = delta.reshape(-1)[mask.reshape(-1)].abs().sort().values
+        assert torch.equal(kept, delta.reshape(-1)[expected].abs().sort().values)  # the same magnitudes
+        if case != "zero-ties" and case != "all-zero":
+            assert torch.equal(mask.reshape(-1), expected)

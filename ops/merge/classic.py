@@ -24,6 +24,7 @@ from pydantic import Field, field_validator, model_validator
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
+from surgeon.kernels.select import kth_smallest
 from surgeon.ops.merge._common import (
     LayerValue,
     MergeParams,
@@ -74,24 +75,30 @@ def task_arithmetic(base: torch.Tensor, values: Sequence[torch.Tensor], weights:
 
 
 def trim_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask of exactly ``k = int(density·numel)`` largest |δ|; entries tied at the threshold are chosen
-    as ``torch.argsort(|δ|, descending=True)[:k]`` chooses them (mergekit's rule)."""
+    """Boolean mask of exactly ``k = int(density·numel)`` largest |δ| (TIES "trim").
+
+    The k-th largest |δ| comes from the O(n) radix selection of :mod:`surgeon.kernels.select` (no sort, no index
+    tensor). Entries tied at a non-zero threshold are chosen as ``torch.argsort(|δ|, descending=True)[:k]``
+    chooses them (mergekit's rule; continuous task vectors have practically no such ties); ties at zero (common:
+    a tensor a fine-tune left unchanged) are taken in flat order without sorting, since zeros add nothing."""
     if density >= 1.0:
         return torch.ones(delta.shape, dtype=torch.bool)
-    k = int(density * delta.numel())
+    n = delta.numel()
+    k = int(density * n)
     if k <= 0:
         return torch.zeros(delta.shape, dtype=torch.bool)
-    a = delta.abs().reshape(-1)
-    thr = torch.kthvalue(a, a.numel() - k + 1).values
-    mask = a > thr
-    need = k - int(mask.sum())
-    if need > 0 and int((a == thr).sum()) > need:
-        # entries tied at the threshold: pick them as torch's descending argsort does (mergekit's rule), so the
-        # same torch build gives the same k entries
+    kth = kth_smallest(delta, n - k + 1, absolute=True)
+    a = delta.detach().reshape(-1).abs()
+    mask = a > kth.value
+    need = k - (n - kth.n_less - kth.n_equal)  # how many entries equal to the threshold to keep
+    if need == kth.n_equal:
+        mask |= a == kth.value
+    elif need > 0 and kth.value == 0.0:
+        zeros = a == 0
+        mask |= zeros & (zeros.cumsum(0) <= need)
+    elif need > 0:
         mask = torch.zeros_like(mask)
         mask[torch.argsort(a, descending=True)[:k]] = True
-    elif need > 0:
-        mask |= a == thr
     return mask.reshape(delta.shape)
 
 
