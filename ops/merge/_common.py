@@ -274,7 +274,10 @@ def layer_value(value: Any, name: str, n_layers: int, *, embeddings: set[str] | 
     """Resolve a :data:`LayerValue` for one tensor.
 
     A list of length ``n_layers`` gives one value per layer; another length is a gradient interpolated over the
-    layers (mergekit semantics); tensors outside layers take the first value if they are embeddings, else the last.
+    layers (mergekit semantics). Tensors outside the layers (embeddings, final norm, LM head) take the first value:
+    mergekit 0.1.5 plans them at gradient position t = 0 (``MergePlanner.plan_module``), measured on a tiny Llama
+    (``weight: [0, 1]`` gives lm_head and model.norm weight 0). ``embeddings`` is accepted for compatibility and
+    unused.
     A dict is searched in order: keys ``re:<regex>`` full-match the tensor name, other keys match as substrings,
     ``default``/``*`` match everything; the first hit wins; its value may itself be a list.
     """
@@ -300,7 +303,7 @@ def layer_value(value: Any, name: str, n_layers: int, *, embeddings: set[str] | 
             raise SurgeonError("an empty list is not a valid per-layer value")
         i = layer_index(name)
         if i is None:
-            return float(value[0] if embeddings and name in embeddings else value[-1])
+            return float(value[0])
         if len(value) == n_layers:
             return float(value[min(i, n_layers - 1)])
         return _gradient(value, i / max(1, n_layers - 1))
