@@ -336,6 +336,18 @@ def merged_graph(inputs: MergeInputs, params: MergeParams, plan: dict[str, str],
     return g
 
 
+def resolve_model_key(key: str, names: Sequence[str], *, what: str) -> str:
+    """The input model a user-written ``key`` refers to: an exact name, else the one whose folder name is ``key``."""
+    if key in names:
+        return key
+    from pathlib import PurePath
+
+    hits = [n for n in names if PurePath(n).name == key or PurePath(n.rstrip("/")).name == key]
+    if len(hits) == 1:
+        return hits[0]
+    raise SurgeonError(f"{what}: {key!r} is not one of the input models (have: {', '.join(names)})")
+
+
 def check_weights(weights: list[float] | None, n: int, *, op: str) -> list[float]:
     if weights is None:
         return [1.0] * n
