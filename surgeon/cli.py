@@ -357,6 +357,16 @@ def run(
 
     r = load_recipe(recipe, set_ or [])
     result = execute_recipe(r, output=output, force=force, dry_run=dry_run, quiet=quiet, device=device)
+    if dry_run:
+        from surgeon.mergekit_config import translation_of
+
+        translated = translation_of(recipe)
+        if translated is not None:  # a mergekit config: show the recipe it became
+            result["recipe"] = translated
+            if not json_out and not quiet:
+                from surgeon.mergekit_config import recipe_yaml
+
+                sys.stderr.write("# mergekit config translated to this surgeon recipe:\n" + recipe_yaml(translated))
     emit(result, json_out, quiet)
 
 

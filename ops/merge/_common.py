@@ -336,6 +336,36 @@ def merged_graph(inputs: MergeInputs, params: MergeParams, plan: dict[str, str],
     return g
 
 
+def per_model_field():
+    return Field(default_factory=dict, description=(
+        "Per-model overrides, as mergekit's per-model parameters: {model: {weight: [0, 1], density: 0.3}}; "
+        "values may be per-layer lists or {pattern: value}. Keys: a model's name or folder name."))
+
+
+def resolve_per_model(per_model: dict[str, dict[str, Any]], names: Sequence[str], allowed: Sequence[str], *,
+                      op: str) -> dict[str, dict[str, Any]]:
+    """``per_model`` with keys resolved to input names; unknown models or parameters fail naming them."""
+    out = {}
+    for key, values in per_model.items():
+        name = resolve_model_key(key, names, what=f"{op}: per_model")
+        for k in values:
+            if k not in allowed:
+                raise SurgeonError(f"{op}: per_model[{key!r}] has unknown key {k!r} (allowed: {', '.join(allowed)})")
+        out[name] = dict(values)
+    return out
+
+
+def model_values(per_model: dict[str, dict[str, Any]], field: str, names: Sequence[str], tensor: str,
+                 n_layers: int, shared: Any) -> list[float]:
+    """One value of ``field`` per model for ``tensor``: the model's override, else ``shared`` (for ``weight``,
+    ``shared`` is the list of per-model weights)."""
+    out = []
+    for i, n in enumerate(names):
+        default = shared[i] if field == "weight" else shared
+        out.append(layer_value(per_model.get(n, {}).get(field, default), tensor, n_layers))
+    return out
+
+
 def resolve_model_key(key: str, names: Sequence[str], *, what: str) -> str:
     """The input model a user-written ``key`` refers to: an exact name, else the one whose folder name is ``key``."""
     if key in names:

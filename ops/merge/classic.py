@@ -35,6 +35,9 @@ from surgeon.ops.merge._common import (
     num_layers,
     parse_float_list,
     parse_layer_value,
+    per_model_field,
+    resolve_per_model,
+    model_values,
 )
 from surgeon.registry import register
 
@@ -132,7 +135,8 @@ def disjoint_mean(deltas: torch.Tensor, weights: Sequence[float], *, normalize: 
     return mixed
 
 
-def ties_merge(base: torch.Tensor, values: Sequence[torch.Tensor], weights: Sequence[float], *, density: float,
+def ties_merge(base: torch.Tensor, values: Sequence[torch.Tensor], weights: Sequence[float], *,
+               density: float | Sequence[float],
                scale: float = 1.0, normalize: bool = True,
                election: Election = "weighted", chunk: int = 1 << 22) -> torch.Tensor:
     """θ_b + λ·disjoint_mean(trim(τ_i)).
@@ -141,10 +145,11 @@ def ties_merge(base: torch.Tensor, values: Sequence[torch.Tensor], weights: Sequ
     the election and mean then run over ``chunk`` entries at a time, so temporaries stay small.
     """
     b = base.float().reshape(-1)
+    densities = [density] * len(values) if isinstance(density, (int, float)) else list(density)
     masks = []
-    for v in values:
+    for v, d in zip(values, densities):
         tau = v.float().reshape(-1) - b
-        masks.append(trim_mask(tau, density))
+        masks.append(trim_mask(tau, d))
         del tau
     out = torch.empty_like(b)
     flat = [v.reshape(-1) for v in values]
@@ -185,16 +190,18 @@ def dare_drop(delta: torch.Tensor, density: float, generator: torch.Generator, *
     return out / density if density > 0 else out
 
 
-def dare_merge(base: torch.Tensor, values: Sequence[torch.Tensor], weights: Sequence[float], *, density: float,
+def dare_merge(base: torch.Tensor, values: Sequence[torch.Tensor], weights: Sequence[float], *,
+               density: float | Sequence[float],
                seed: int, name: str, scale: float = 1.0, consensus: Literal["none", "ties"] = "none",
                normalize: bool = False, rescale: bool = True,
                rescale_norm: Literal["probability", "l1"] = "probability",
                election: Election = "weighted") -> torch.Tensor:
     """DARE: drop-and-rescale each τ_i (one RNG stream per tensor and model), then sum (or TIES-elect)."""
     taus = task_vectors(base, values)
+    densities = [density] * len(values) if isinstance(density, (int, float)) else list(density)
     for i in range(taus.shape[0]):
         g = torch.Generator().manual_seed(tensor_seed(seed + i, name))
-        taus[i] = dare_drop(taus[i], density, g, rescale=rescale, rescale_norm=rescale_norm)
+        taus[i] = dare_drop(taus[i], densities[i], g, rescale=rescale, rescale_norm=rescale_norm)
     if consensus == "ties":
         mixed = disjoint_mean(taus, weights, normalize=normalize, election=election)
     else:
@@ -216,6 +223,12 @@ def _weights_field():
 
 class _WeightsMixin(MergeParams):
     weights: list[float] | None = _weights_field()
+    per_model: dict[str, dict[str, LayerValue]] = per_model_field()
+
+    @field_validator("per_model", mode="before")
+    @classmethod
+    def _parse_per_model(cls, v: Any) -> Any:
+        return parse_layer_value(v) if isinstance(v, str) else v
 
     @field_validator("weights", mode="before")
     @classmethod
@@ -318,12 +331,15 @@ def merge_linear(graph: Graph, params: LinearParams, ctx: Context) -> Graph:
     weights = check_weights(params.weights, inputs.n, op="merge linear")
     if abs(sum(weights)) < 1e-8 and params.normalize:
         raise SurgeonError("merge linear: the weights sum to 0; cannot normalise (pass --no-normalize)")
+    per_model = resolve_per_model(params.per_model, inputs.names, ("weight",), op="merge linear")
     saved_base, inputs.base = inputs.base, None
     plan = check_compatible(inputs, params, op="merge linear")
     inputs.base = saved_base
+    n_layers = num_layers(inputs.primary)
 
     def make(name: str):
-        return lambda *vals: linear_merge(vals, weights, normalize=params.normalize)
+        w = model_values(per_model, "weight", inputs.names, name, n_layers, weights)
+        return lambda *vals: linear_merge(vals, w, normalize=params.normalize)
 
     g = merged_graph(inputs, params, plan, make, with_base=False, label="merge-linear")
     ctx.report(method="linear", models=inputs.names, weights=weights, normalize=params.normalize,
@@ -334,9 +350,23 @@ def merge_linear(graph: Graph, params: LinearParams, ctx: Context) -> Graph:
 def _task_setup(graph: Graph, params: TaskArithmeticParams, ctx: Context, op: str):
     inputs = gather_inputs(graph, params, ctx, need_base=True, min_models=1, op=op)
     weights = check_weights(params.weights, inputs.n, op=op)
+    allowed = ("weight", "density") if isinstance(params, (TiesParams, DareParams)) else ("weight",)
+    params.per_model = resolve_per_model(params.per_model, inputs.names, allowed, op=op)
     plan = check_compatible(inputs, params, op=op)
     n_layers = num_layers(inputs.primary)
     return inputs, weights, plan, n_layers
+
+
+def _weights_for(params: TaskArithmeticParams, inputs, weights: list[float], name: str, n_layers: int) -> list[float]:
+    return model_values(params.per_model, "weight", inputs.names, name, n_layers, weights)
+
+
+def _densities_for(params: TiesParams | DareParams, inputs, name: str, n_layers: int) -> list[float]:
+    dens = model_values(params.per_model, "density", inputs.names, name, n_layers, params.density)
+    for d in dens:
+        if not 0.0 <= d <= 1.0:
+            raise SurgeonError(f"{type(params).__name__}: density of tensor {name!r} is {d}, expected [0, 1]")
+    return dens
 
 
 @register("merge.task-arithmetic", TaskArithmeticParams, multi_model=True)
@@ -347,7 +377,8 @@ def merge_task_arithmetic(graph: Graph, params: TaskArithmeticParams, ctx: Conte
 
     def make(name: str):
         lam = layer_value(params.scale, name, n_layers)
-        return lambda base, *vals: task_arithmetic(base, vals, weights, scale=lam, normalize=params.normalize)
+        w = _weights_for(params, inputs, weights, name, n_layers)
+        return lambda base, *vals: task_arithmetic(base, vals, w, scale=lam, normalize=params.normalize)
 
     g = merged_graph(inputs, params, plan, make, with_base=True, label="merge-ta")
     ctx.report(method="task-arithmetic", models=inputs.names, base=inputs.base_name, weights=weights,
@@ -360,12 +391,12 @@ def merge_ties(graph: Graph, params: TiesParams, ctx: Context) -> Graph:
     """Keep the top-density |τ_i| per tensor, elect a sign per entry, average the agreeing entries, add λ× to the base."""
     op = "merge ties"
     inputs, weights, plan, n_layers = _task_setup(graph, params, ctx, op)
-    resolved = {t: (layer_value(params.density, t, n_layers),
-                    layer_value(params.scale, t, n_layers)) for t, k in plan.items() if k == "merge"}
+    resolved = {t: (_densities_for(params, inputs, t, n_layers), layer_value(params.scale, t, n_layers),
+                    _weights_for(params, inputs, weights, t, n_layers)) for t, k in plan.items() if k == "merge"}
 
     def make(name: str):
-        density, lam = resolved[name]
-        return lambda base, *vals: ties_merge(base, vals, weights, density=density, scale=lam,
+        density, lam, w = resolved[name]
+        return lambda base, *vals: ties_merge(base, vals, w, density=density, scale=lam,
                                               normalize=params.normalize, election=params.election)
 
     g = merged_graph(inputs, params, plan, make, with_base=True, label="merge-ties")
@@ -383,9 +414,10 @@ def merge_dare(graph: Graph, params: DareParams, ctx: Context) -> Graph:
     seed = params.seed
 
     def make(name: str):
-        density = layer_value(params.density, name, n_layers)
+        density = _densities_for(params, inputs, name, n_layers)
         lam = layer_value(params.scale, name, n_layers)
-        return lambda base, *vals: dare_merge(base, vals, weights, density=density, seed=seed, name=name,
+        w = _weights_for(params, inputs, weights, name, n_layers)
+        return lambda base, *vals: dare_merge(base, vals, w, density=density, seed=seed, name=name,
                                               scale=lam, consensus=params.consensus, normalize=normalize,
                                               rescale=params.rescale, rescale_norm=params.rescale_norm,
                                               election=params.election)

@@ -33,7 +33,9 @@ from surgeon.ops.merge._common import (
     num_layers,
     parse_float_list,
     parse_layer_value,
-    resolve_model_key,
+    model_values,
+    per_model_field,
+    resolve_per_model,
 )
 from surgeon.ops.merge.classic import l1_rescale, sign_election, tensor_seed
 from surgeon.registry import register
@@ -136,9 +138,7 @@ class _GtaParams(MergeParams):
     density: LayerValue = Field(1.0, description=(
         "Fraction of each task vector kept: a number, a list over layers or {pattern: value}."))
     scale: LayerValue = Field(1.0, description="λ multiplying the merged task vector (mergekit's lambda).")
-    per_model: dict[str, dict[str, LayerValue]] = Field(default_factory=dict, description=(
-        "Per-model overrides of weight/density (and gamma/epsilon where used): {model: {density: 0.3, "
-        "weight: [0, 1]}}, as mergekit's per-model parameters; values may be per-layer lists or pattern dicts."))
+    per_model: dict[str, dict[str, LayerValue]] = per_model_field()
 
     @field_validator("weights", mode="before")
     @classmethod
@@ -212,27 +212,12 @@ def _check_density(v: Any, what: str) -> None:
 # wiring
 
 
-def model_values(params: _GtaParams, field: str, names: list[str], tensor: str, n_layers: int,
-                 shared: Any) -> list[float]:
-    """One value per model for ``field``: its per-model override, else the shared value."""
-    out = []
-    for i, n in enumerate(names):
-        own = params.per_model.get(n, {})
-        v = own.get(field, shared[i] if isinstance(shared, list) and field == "weight" else shared)
-        out.append(layer_value(v, tensor, n_layers))
-    return out
-
-
 def _gta_setup(graph: Graph, params: _GtaParams, ctx: Context, op: str):
     inputs = gather_inputs(graph, params, ctx, need_base=True, min_models=1, op=op)
-    params.per_model = {resolve_model_key(k, inputs.names, what=f"{op}: per_model"): v
-                        for k, v in params.per_model.items()}
+    params.per_model = resolve_per_model(params.per_model, inputs.names, ("weight", "density", "gamma", "epsilon"),
+                                         op=op)
     if params.weights is not None and len(params.weights) != inputs.n:
         raise SurgeonError(f"{op}: --weights has {len(params.weights)} values for {inputs.n} models")
-    for n, d in params.per_model.items():
-        for k in d:
-            if k not in ("weight", "density", "gamma", "epsilon"):
-                raise SurgeonError(f"{op}: per_model[{n!r}] has unknown key {k!r} (weight, density, gamma, epsilon)")
     _check_density(params.density, "density")
     plan = check_compatible(inputs, params, op=op)
     return inputs, plan, num_layers(inputs.primary)
@@ -247,9 +232,9 @@ def _breadcrumbs(graph: Graph, params: BreadcrumbsParams, ctx: Context, *, conse
     sw = _shared_weights(params, inputs.n)
 
     def make(name: str):
-        w = model_values(params, "weight", inputs.names, name, n_layers, sw)
-        dens = model_values(params, "density", inputs.names, name, n_layers, params.density)
-        gam = model_values(params, "gamma", inputs.names, name, n_layers, params.gamma)
+        w = model_values(params.per_model, "weight", inputs.names, name, n_layers, sw)
+        dens = model_values(params.per_model, "density", inputs.names, name, n_layers, params.density)
+        gam = model_values(params.per_model, "gamma", inputs.names, name, n_layers, params.gamma)
         lam = layer_value(params.scale, name, n_layers)
 
         def sparsify(i: int, tau: torch.Tensor) -> torch.Tensor:
@@ -282,9 +267,9 @@ def _della(graph: Graph, params: DellaParams, ctx: Context, *, consensus: str, o
     normalize = params.normalize if params.normalize is not None else consensus != "none"
 
     def make(name: str):
-        w = model_values(params, "weight", inputs.names, name, n_layers, sw)
-        dens = model_values(params, "density", inputs.names, name, n_layers, params.density)
-        eps = model_values(params, "epsilon", inputs.names, name, n_layers, params.epsilon)
+        w = model_values(params.per_model, "weight", inputs.names, name, n_layers, sw)
+        dens = model_values(params.per_model, "density", inputs.names, name, n_layers, params.density)
+        eps = model_values(params.per_model, "epsilon", inputs.names, name, n_layers, params.epsilon)
         lam = layer_value(params.scale, name, n_layers)
         for d, e in zip(dens, eps):
             if d < 1.0 and not (0.0 < d - e and d + e < 1.0):
