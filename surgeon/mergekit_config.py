@@ -85,7 +85,7 @@ def _is_conditional(x: Any) -> bool:
 
 
 def _scalar(x: Any, where: str) -> Any:
-    if isinstance(x, bool) or isinstance(x, (int, float)):
+    if isinstance(x, (bool, int, float)):
         return x
     if isinstance(x, str):
         try:
@@ -181,7 +181,7 @@ def _check_keys(d: dict[str, Any], allowed: set[str], where: str) -> None:
 def _method_params(method: str, names: list[str], per_model_settings: dict[str, dict[str, Any]],
                    shared_settings: list[dict[str, Any] | None], where: str) -> dict[str, Any]:
     """Per-model and shared mergekit parameters -> the surgeon op's params."""
-    op, spec, fixed = METHODS[method]
+    _, spec, fixed = METHODS[method]
     out: dict[str, Any] = dict(fixed)
     known = set(spec) | IGNORED
     for scope_name, scope in [(f"models.{n}.parameters", per_model_settings.get(n)) for n in names] + [

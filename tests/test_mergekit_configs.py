@@ -297,13 +297,75 @@ def test_deterministic_configs_equal_mergekit(family, tmp_path):
               "    run_merge(MergeConfiguration.model_validate(yaml.safe_load(open(c))), o, MergeOptions())\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="")
     subprocess.run([MERGEKIT_PY, "-c", script, json.dumps(jobs)], check=True, env=env, capture_output=True)
+    from tokenizers import Tokenizer
+
     for name, (mk, ours) in outs.items():
         a, b = state(mk), state(ours)
+        if name == "tokenizer_union":  # mergekit numbers the new tokens in hash-map order: compare per token
+            mv = Tokenizer.from_file(str(mk / "tokenizer.json")).get_vocab(True)
+            ov = Tokenizer.from_file(str(ours / "tokenizer.json")).get_vocab(True)
+            assert set(mv) == set(ov) and len(ov) == 114  # 104 + 10 new words
+            assert all(mv[t] == ov[t] for t in mv if not t.startswith("new"))  # base tokens keep their ids
+            order = sorted(mv, key=mv.get)
+            perm = torch.tensor([ov[t] for t in order])
+            b = {k: (v[perm] if v.shape[0] == 114 else v) for k, v in b.items()}
         assert set(a) == set(b), name
         worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
         print(f"{name}: max |diff| vs mergekit = {worst:.3g}")
         assert worst <= 1e-6, name
-    # the union tokenizer: same tokens at the same ids as mergekit's
-    mk_vocab = json.loads((outs["tokenizer_union"][0] / "tokenizer.json").read_text())["model"]["vocab"]
-    our_vocab = json.loads((outs["tokenizer_union"][1] / "tokenizer.json").read_text())["model"]["vocab"]
-    assert mk_vocab == our_vocab
+    assert json.loads((outs["tokenizer_union"][1] / "config.json").read_text())["vocab_size"] == 114
+
+
+# ---- vocabularies ----------------------------------------------------------------------------------------
+
+
+def _vocab(folder: Path) -> dict[str, int]:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab(True)
+
+
+def test_different_vocabularies_are_refused_without_a_tokenizer_source(family):
+    from surgeon.ops.merge import classic
+    from tests.test_merge_helpers import context_for
+
+    graph, ctx = context_for({"a": family["a"], "v": family["v"]})
+    with pytest.raises(SurgeonError, match="vocabularies of 'a' and 'v' differ.*tokenizer_source"):
+        classic.merge_linear(graph, classic.LinearParams(), ctx)
+    graph, ctx = context_for({"a": family["a"], "b": family["b"]})  # same tokenizer: fine
+    classic.merge_linear(graph, classic.LinearParams(), ctx)
+
+
+@pytest.mark.parametrize("source", ["base", "union", "v"])
+def test_tokenizer_source_rows_follow_tokens(family, tmp_path, source):
+    from surgeon.api import run_op
+
+    out = tmp_path / f"tok_{source}"
+    run_op("merge.linear", {"a": str(family["a"]), "v": str(family["v"])},
+           weights=[0.5, 0.5], tokenizer_source=source, output=str(out), quiet=True)
+    va, vv, vo = _vocab(family["a"]), _vocab(family["v"]), _vocab(out)
+    sa, sv, so = state(family["a"]), state(family["v"]), state(out)
+    expect = {"base": va, "v": vv}.get(source)
+    if expect is not None:
+        assert vo == expect
+    else:
+        assert set(vo) == set(va) | set(vv) and all(vo[t] == i for t, i in va.items())
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == len(vo)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        e = so[name]
+        assert e.shape[0] == len(vo)
+        for tok in ("w5", "w80", "<s>"):  # in both: the mean of the two models' rows of that token
+            assert torch.allclose(e[vo[tok]], 0.5 * sa[name][va[tok]] + 0.5 * sv[name][vv[tok]], atol=1e-6)
+        for tok in ("new3", "w95"):  # in one model only: that model's row (mergekit fills the other's with it)
+            if tok in vo:
+                donor, dv = (sv, vv) if tok in vv else (sa, va)
+                assert torch.allclose(e[vo[tok]], donor[name][dv[tok]], atol=1e-6)
+
+
+def test_chat_template_written(family, tmp_path):
+    from surgeon.api import run_op
+
+    out = tmp_path / "ct"
+    run_op("merge.linear", {"a": str(family["a"]), "b": str(family["b"])}, chat_template="chatml",
+           output=str(out), quiet=True)
+    assert "<|im_start|>" in (out / "chat_template.jinja").read_text()

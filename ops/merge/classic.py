@@ -26,7 +26,7 @@ from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
 from surgeon.ops.merge._common import (
     LayerValue,
-    MergeParams,
+    VocabMergeParams,
     check_compatible,
     check_weights,
     gather_inputs,
@@ -221,7 +221,7 @@ def _weights_field():
     return Field(None, description="One weight per model, in order (default: all 1).")
 
 
-class _WeightsMixin(MergeParams):
+class _WeightsMixin(VocabMergeParams):
     weights: list[float] | None = _weights_field()
     per_model: dict[str, dict[str, LayerValue]] = per_model_field()
 

@@ -25,7 +25,7 @@ from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
 from surgeon.ops.merge._common import (
     LayerValue,
-    MergeParams,
+    VocabMergeParams,
     check_compatible,
     gather_inputs,
     layer_value,
@@ -133,7 +133,7 @@ def sce_merge(base: torch.Tensor, values: Sequence[torch.Tensor], *, select_topk
 # params
 
 
-class _GtaParams(MergeParams):
+class _GtaParams(VocabMergeParams):
     weights: list[float] | None = Field(None, description="One weight per model, in order (default: all 1).")
     density: LayerValue = Field(1.0, description=(
         "Fraction of each task vector kept: a number, a list over layers or {pattern: value}."))
@@ -184,7 +184,7 @@ class DellaParams(_GtaParams):
         return parse_layer_value(v)
 
 
-class SceParams(MergeParams):
+class SceParams(VocabMergeParams):
     select_topk: float = Field(1.0, ge=0.0, le=1.0, description=(
         "Fraction of entries kept by variance across the models (1 = keep all)."))
 

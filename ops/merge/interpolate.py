@@ -30,6 +30,7 @@ from surgeon.graph import Graph
 from surgeon.ops.merge._common import (
     LayerValue,
     MergeParams,
+    VocabMergeParams,
     check_compatible,
     check_weights,
     gather_inputs,
@@ -187,7 +188,7 @@ def nearswap(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # params
 
 
-class _WeightsParams(MergeParams):
+class _WeightsParams(VocabMergeParams):
     weights: list[float] | None = Field(None, description="One weight per model, in order (default: all 1).")
 
     @field_validator("weights", mode="before")
@@ -196,7 +197,7 @@ class _WeightsParams(MergeParams):
         return parse_float_list(v)
 
 
-class SlerpParams(MergeParams):
+class SlerpParams(VocabMergeParams):
     t: LayerValue = Field(0.5, description=(
         "Interpolation factor from the base (t = 0) to the other model (t = 1): a number, a list over layers "
         "(a gradient, as mergekit's), or {pattern: value} (e.g. {self_attn: [0, 0.5, 1], mlp: [1, 0.5, 0], "
@@ -224,11 +225,11 @@ class KarcherParams(_WeightsParams):
     tol: float = Field(1e-5, gt=0, description="Stop when the tangent step is shorter than this.")
 
 
-class ModelStockParams(MergeParams):
+class ModelStockParams(VocabMergeParams):
     filter_wise: bool = Field(False, description="One interpolation ratio per row instead of per tensor.")
 
 
-class NearswapParams(MergeParams):
+class NearswapParams(VocabMergeParams):
     t: LayerValue = Field(0.001, description=(
         "Similarity threshold: entries closer than t take the other model's value; a number, a list over layers "
         "or {pattern: value}."))
