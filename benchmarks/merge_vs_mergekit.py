@@ -106,7 +106,7 @@ def cases(p: dict[str, Path], n_layers: int) -> dict[str, tuple[dict, list[str],
     f32 = {"dtype": "float32", "out_dtype": "float32"}
     grad_t = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
               {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]
-    half = n_layers // 2 + 1
+    first = round(2 * n_layers / 3)  # SmolLM2 (30 layers): layers 0-19 of a, then 10-29 of b
     return {
         "linear": ({"merge_method": "linear", **f32, "models": [
             {"model": A, "parameters": {"weight": 0.3}}, {"model": Bm, "parameters": {"weight": 0.7}}]},
@@ -157,10 +157,10 @@ def cases(p: dict[str, Path], n_layers: int) -> dict[str, tuple[dict, list[str],
                       "models": [{"model": B}, {"model": A}]},
                      ["merge", "nearswap", A, "--base", B, "--t", "0.0001"], True),
         "passthrough slices": ({"merge_method": "passthrough", **f32, "slices": [
-            {"sources": [{"model": A, "layer_range": [0, half]}]},
-            {"sources": [{"model": Bm, "layer_range": [n_layers - half, n_layers]}]}]},
+            {"sources": [{"model": A, "layer_range": [0, first]}]},
+            {"sources": [{"model": Bm, "layer_range": [n_layers - first, n_layers]}]}]},
             ["merge", "passthrough", A, Bm, "--slices", json.dumps(
-                [{"model": "a", "layers": [0, half]}, {"model": "b", "layers": [n_layers - half, n_layers]}])], True),
+                [{"model": "a", "layers": [0, first]}, {"model": "b", "layers": [n_layers - first, n_layers]}])], True),
         "della": ({"merge_method": "della", **f32, "base_model": B, "models": [
             {"model": A, "parameters": {"weight": 0.5, "density": 0.5, "epsilon": 0.1}},
             {"model": Bm, "parameters": {"weight": 0.5, "density": 0.5, "epsilon": 0.1}}]},
@@ -269,7 +269,8 @@ def main() -> None:
                   env)
         diff, n, only, same = compare(out_s, out_m)
         rows.append((name, s, m, diff, n, only, same, deterministic))
-        print(f"{name}: max |diff| {diff:.3g} over {n} tensors{' (bytes equal)' if same else ''}", flush=True)
+        print(f"{name}: max |diff| {diff:.3g} over {n} tensors{' (bytes equal)' if same else ''}; surgeon "
+              f"{s[0]:.1f} s {s[1]:.0f} MiB, mergekit {m[0]:.1f} s {m[1]:.0f} MiB", flush=True)
 
     print(f"\ninputs: {args.inputs} ({size / 2**20:.0f} MiB per model, fp32, {n_layers} layers)")
     print("| method | max \\|diff\\| | tensors | surgeon s | mergekit s | time × | surgeon MiB | mergekit MiB | RSS × |")
