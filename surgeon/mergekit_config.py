@@ -327,6 +327,10 @@ def translate(raw: dict[str, Any], *, where: str = "config") -> dict[str, Any]:
             raise _err(f"dtype {dtype!r} is not supported (float32, float16, bfloat16)")
         params["dtype"] = DTYPE_NAMES[str(dtype)]
     recipe: dict[str, Any] = {"models": models, "steps": []}
+    if op == "merge.passthrough":
+        for key in ("tokenizer_source", "chat_template"):
+            if raw.get(key) is not None:
+                raise _err(f"key {key!r} is not supported with passthrough or slices")
     tok = raw.get("tokenizer_source")
     if tok is not None:
         tok = str(tok)

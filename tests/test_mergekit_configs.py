@@ -273,6 +273,8 @@ def test_dry_run_prints_the_translation(family, tmp_path):
     ("merge_method: ties\nbase_model: B\nmodels: [{model: A, parameters: {weight: 1, bar: 2}}]\n", "'bar'"),
     ("merge_method: linear\nmodels: [{model: A+lora, parameters: {weight: 1}}]\n", "'A+lora'"),
     ("merge_method: linear\nmodels: [{model: A, parameters: {weight: 1}}]\ndtype: int8\n", "'int8'"),
+    ("merge_method: passthrough\nslices: [{sources: [{model: A, layer_range: [0, 2]}]}]\ntokenizer_source: union\n",
+     "'tokenizer_source'"),
 ])
 def test_unsupported_keys_fail_in_one_line_naming_them(tmp_path, text, key):
     p = tmp_path / "c.yml"
