@@ -306,8 +306,8 @@ def test_deterministic_configs_equal_mergekit(family, tmp_path):
         if name == "tokenizer_union":  # mergekit numbers the new tokens in hash-map order: compare per token
             mv = Tokenizer.from_file(str(mk / "tokenizer.json")).get_vocab(True)
             ov = Tokenizer.from_file(str(ours / "tokenizer.json")).get_vocab(True)
+            # (and without base_model it takes the first model of a Python set as the base tokenizer)
             assert set(mv) == set(ov) and len(ov) == 114  # 104 + 10 new words
-            assert all(mv[t] == ov[t] for t in mv if not t.startswith("new"))  # base tokens keep their ids
             order = sorted(mv, key=mv.get)
             perm = torch.tensor([ov[t] for t in order])
             b = {k: (v[perm] if v.shape[0] == 114 else v) for k, v in b.items()}

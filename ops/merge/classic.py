@@ -135,6 +135,17 @@ def disjoint_mean(deltas: torch.Tensor, weights: Sequence[float], *, normalize: 
     return mixed
 
 
+def chunked_disjoint_mean(deltas: torch.Tensor, weights: Sequence[float], *, normalize: bool,
+                          election: Election = "weighted", chunk: int = 1 << 22) -> torch.Tensor:
+    """:func:`disjoint_mean` over ``chunk`` entries at a time (the same numbers; temporaries stay small)."""
+    flat = deltas.reshape(deltas.shape[0], -1)
+    out = torch.empty(flat.shape[1], dtype=torch.float32)
+    for start in range(0, flat.shape[1], chunk):
+        sl = slice(start, min(start + chunk, flat.shape[1]))
+        out[sl] = disjoint_mean(flat[:, sl], weights, normalize=normalize, election=election)
+    return out.reshape(deltas.shape[1:])
+
+
 def ties_merge(base: torch.Tensor, values: Sequence[torch.Tensor], weights: Sequence[float], *,
                density: float | Sequence[float],
                scale: float = 1.0, normalize: bool = True,
@@ -203,7 +214,7 @@ def dare_merge(base: torch.Tensor, values: Sequence[torch.Tensor], weights: Sequ
         g = torch.Generator().manual_seed(tensor_seed(seed + i, name))
         taus[i] = dare_drop(taus[i], densities[i], g, rescale=rescale, rescale_norm=rescale_norm)
     if consensus == "ties":
-        mixed = disjoint_mean(taus, weights, normalize=normalize, election=election)
+        mixed = chunked_disjoint_mean(taus, weights, normalize=normalize, election=election)
     else:
         w = torch.tensor([float(x) for x in weights]).reshape(-1, *([1] * (taus.dim() - 1)))
         mixed = (taus * w).sum(0)

@@ -37,7 +37,7 @@ from surgeon.ops.merge._common import (
     per_model_field,
     resolve_per_model,
 )
-from surgeon.ops.merge.classic import l1_rescale, sign_election, tensor_seed
+from surgeon.ops.merge.classic import chunked_disjoint_mean, l1_rescale, sign_election, tensor_seed
 from surgeon.registry import register
 
 # ---------------------------------------------------------------------------------------------------------
@@ -93,17 +93,14 @@ def generalised_task_arithmetic(base: torch.Tensor, values: Sequence[torch.Tenso
     b = base.float()
     deltas = torch.stack([sparsify(i, v.float() - b) for i, v in enumerate(values)])
     w = torch.tensor([float(x) for x in weights], dtype=torch.float32).reshape(-1, *([1] * b.dim()))
-    deltas.mul_(w)
     if consensus != "none":
-        gamma = sign_election(deltas, method=consensus)
-        agree = (torch.sign(deltas) == gamma).float()
-        mixed = (deltas * agree).sum(0)
-        divisor = (w * agree).sum(0)
-        divisor[divisor == 0] = 1.0
-    else:
-        mixed = deltas.sum(0)
-        total = float(sum(float(x) for x in weights))
-        divisor = torch.tensor(total if abs(total) >= 1e-8 else 1.0)
+        # sign of Σ w_i s(τ_i) (sum) or majority of sign(w_i s(τ_i)) (count); chunked so temporaries stay small
+        election = "weighted" if consensus == "sum" else "count"
+        return b + scale * chunked_disjoint_mean(deltas, weights, normalize=normalize, election=election)
+    deltas.mul_(w)
+    mixed = deltas.sum(0)
+    total = float(sum(float(x) for x in weights))
+    divisor = torch.tensor(total if abs(total) >= 1e-8 else 1.0)
     if normalize:
         mixed = mixed / divisor
     return b + scale * mixed
