@@ -563,6 +563,16 @@ def run(
     if target and not quiet and not dry_run:  # relative to the current folder, not the recipe's: say where
         sys.stderr.write(f"output: {Path(target).expanduser().resolve()}\n")
     result = execute_recipe(r, output=output, force=force, dry_run=dry_run, quiet=quiet, device=device)
+    if dry_run:
+        from surgeon.mergekit_config import translation_of
+
+        translated = translation_of(recipe)
+        if translated is not None:  # a mergekit config: show the recipe it became
+            result["recipe"] = translated
+            if not json_out and not quiet:
+                from surgeon.mergekit_config import recipe_yaml
+
+                sys.stderr.write("# mergekit config translated to this surgeon recipe:\n" + recipe_yaml(translated))
     emit(result, json_out, quiet)
 
 

@@ -163,6 +163,10 @@ def load_recipe(source: str | os.PathLike | dict[str, Any], overrides: list[str]
         where = str(p)
         if not isinstance(raw, dict):
             raise SurgeonError(f"{p}: a recipe is a YAML mapping with `model`/`models`, `steps` and `output`")
+    from surgeon.mergekit_config import is_mergekit_config, translate
+
+    if is_mergekit_config(raw):
+        raw = translate(raw, where=where)
     for a in overrides or []:
         apply_override(raw, a)
     unknown = [k for k in raw if k not in Recipe.model_fields]

@@ -100,8 +100,9 @@ def test_dtype_output_and_mixed_input_dtypes(family):
 def test_per_layer_values():
     assert layer_value([0.1, 0.2, 0.3], "model.layers.1.mlp.up_proj.weight", 3) == pytest.approx(0.2)
     assert layer_value([0.0, 1.0], "model.layers.2.mlp.up_proj.weight", 5) == pytest.approx(0.5)
-    assert layer_value([0.0, 1.0], "model.norm.weight", 5) == pytest.approx(1.0)
-    assert layer_value([0.0, 1.0], "model.embed_tokens.weight", 5, embeddings={"model.embed_tokens.weight"}) == 0.0
+    # outside the layers mergekit 0.1.5 plans at t = 0: the first value (embeddings, final norm and LM head alike)
+    for outside in ("model.norm.weight", "lm_head.weight", "model.embed_tokens.weight"):
+        assert layer_value([0.25, 1.0], outside, 5) == 0.25
     spec = {"re:.*self_attn\\.(q|k)_proj.*": 0.2, "mlp": [0.0, 1.0], "default": 0.9}
     assert layer_value(spec, "model.layers.0.self_attn.q_proj.weight", 3) == pytest.approx(0.2)
     assert layer_value(spec, "model.layers.1.mlp.gate_proj.weight", 3) == pytest.approx(0.5)
@@ -183,3 +184,67 @@ def test_trim_mask_keeps_exactly_the_k_largest_like_argsort(case):
         assert torch.equal(kept, delta.reshape(-1)[expected].abs().sort().values)  # the same magnitudes
         if case != "zero-ties" and case != "all-zero":
             assert torch.equal(mask.reshape(-1), expected)
+
+
+# ---- mergekit 0.1.5 conventions (issue 20 items 14-16): oracles are literal ports of mergekit's merge_group
+
+
+def _mergekit_gta(base, values, weights, *, consensus, normalize, lam=1.0):
+    """mergekit's GeneralizedTaskArithmeticMerge.merge_group after sparsification (density 1: nothing dropped)."""
+    deltas = torch.stack([v - base for v in values])
+    w = torch.tensor(weights).reshape(-1, *([1] * base.dim()))
+    deltas = deltas * w
+    if consensus is not None:
+        sign = deltas.sign()
+        if consensus == "sum":
+            majority = (deltas.sum(0) >= 0).float() * 2 - 1
+        else:
+            majority = (sign.sum(0) >= 0).float() * 2 - 1
+        mask = (sign == majority).float()
+        mixed = (deltas * mask).sum(0)
+        divisor = (w * mask).sum(0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(0)
+        divisor = w.sum(0)
+    if normalize:
+        mixed = mixed / divisor
+    return base + lam * mixed
+
+
+def test_dare_ties_defaults_equal_mergekit_at_density_one():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(16, 8, generator=g)
+    vals = [base + torch.randn(16, 8, generator=g) for _ in range(3)]
+    w = [0.5, 0.3, 0.9]
+    p = classic.DareParams(consensus="ties", density=1.0)
+    assert p.normalize is False  # mergekit's dare_ties default
+    ours = classic.dare_merge(base, vals, w, density=1.0, seed=0, name="x", consensus="ties", normalize=p.normalize)
+    ref = _mergekit_gta(base, vals, w, consensus="sum", normalize=False)
+    assert float((ours - ref).abs().max()) <= 1e-6
+    normalised = _mergekit_gta(base, vals, w, consensus="sum", normalize=True)
+    assert float((ours - normalised).abs().max()) > 0.1  # the old default differs: the test can tell
+
+
+def test_ties_count_election_equals_mergekit_count():
+    g = torch.Generator().manual_seed(1)
+    base = torch.zeros(64)
+    vals = [torch.randn(64, generator=g) * s for s in (1.0, 3.0, 0.5)]
+    w = [1.0, 0.2, 1.0]
+    ours = classic.ties_merge(base, vals, w, density=1.0, election="count")
+    ref = _mergekit_gta(base, vals, w, consensus="count", normalize=True)
+    assert float((ours - ref).abs().max()) <= 1e-6
+    weighted = classic.ties_merge(base, vals, w, density=1.0, election="weighted")
+    assert not torch.allclose(ours, weighted)
+    # one entry where count and sum disagree: two small positives vs one large negative
+    x = classic.ties_merge(torch.zeros(1), [torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([-5.0])],
+                           [1.0, 1.0, 1.0], density=1.0, election="count")
+    assert float(x) == 1.0
+
+
+def test_dare_l1_rescale_keeps_the_l1_norm():
+    g = torch.Generator().manual_seed(3)
+    tau = torch.randn(100, 100, generator=g)
+    out = classic.dare_drop(tau, 0.3, torch.Generator().manual_seed(0), rescale_norm="l1")
+    assert float(out.abs().sum()) == pytest.approx(float(tau.abs().sum()), rel=1e-5)
+    assert abs(float((out != 0).float().mean()) - 0.3) < 0.02

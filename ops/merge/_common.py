@@ -82,6 +82,17 @@ class MergeParams(BaseModel):
         return v
 
 
+class VocabMergeParams(MergeParams):
+    """A merge that can build its output vocabulary (mergekit's ``tokenizer_source``) and set a chat template."""
+
+    tokenizer_source: str | None = Field(None, description=(
+        "Output vocabulary: base, union (all inputs' tokens) or an input model's name; every input's embedding "
+        "and LM-head rows are permuted into it first (missing tokens: the only owner's row, else the base's, else "
+        "the mean). Required when the inputs' vocabularies differ."))
+    chat_template: str | None = Field(None, description=(
+        "Chat template of the output: auto (the most common among the inputs), chatml, or a Jinja template."))
+
+
 def out_dtype(params: MergeParams, node: Node) -> torch.dtype:
     import torch
 
@@ -103,6 +114,7 @@ class MergeInputs:
     base_name: str | None
     base: Graph | None
     primary: Graph
+    vocab_aligned: bool = False  # rows permuted into one output vocabulary (tokenizer_source)
 
     @property
     def n(self) -> int:
@@ -157,7 +169,62 @@ def gather_inputs(graph: Graph, params: MergeParams, ctx: Context, *, need_base:
             g = open_adapter(folder).apply_to(base, what=n)
         resolved.append(g)
     primary = base if base is not None else resolved[0]
-    return MergeInputs(names, resolved, base_name, base, primary)
+    inputs = MergeInputs(names, resolved, base_name, base, primary)
+    source = getattr(params, "tokenizer_source", None)
+    if source is not None:
+        _align_vocabularies(inputs, str(source), graphs)
+    template = getattr(params, "chat_template", None)
+    if template is not None:
+        _set_chat_template(inputs, str(template))
+    return inputs
+
+
+def _align_vocabularies(inputs: MergeInputs, source: str, graphs: dict[str, Graph]) -> None:
+    from surgeon.ops.merge.vocab import TOKENIZER_FILES, apply_tokenizer_source
+
+    participants = ([(inputs.base_name, inputs.base)] if inputs.base is not None else []) + \
+        list(zip(inputs.names, inputs.graphs))
+    vocab_tensors = set()
+    for _, g in participants:
+        vocab_tensors |= embedding_names(g)
+    aligned, files = apply_tokenizer_source(participants, source, graphs, inputs.base_name, vocab_tensors)
+    was_base = inputs.primary is inputs.base
+    if inputs.base is not None:
+        inputs.base = aligned[inputs.base_name]
+    inputs.graphs = [aligned[n] for n in inputs.names]
+    inputs.primary = inputs.base if was_base else inputs.graphs[0]  # fresh copies: safe to change
+    for rel in TOKENIZER_FILES:
+        inputs.primary.side_files.pop(rel, None)
+    inputs.primary.extra_files.update(files)
+    inputs.vocab_aligned = True
+
+
+def _set_chat_template(inputs: MergeInputs, value: str) -> None:
+    from pathlib import Path
+
+    from surgeon.ops.merge.vocab import resolve_chat_template
+
+    template = resolve_chat_template(value, ([inputs.base] if inputs.base is not None else []) + inputs.graphs)
+    if template is None:
+        return
+    # the primary's copy replaces it everywhere (ops may pick the primary again from base/graphs)
+    prim = inputs.primary.copy()
+    if inputs.primary is inputs.base:
+        inputs.base = prim
+    inputs.graphs = [prim if g is inputs.primary else g for g in inputs.graphs]
+    inputs.primary = prim
+    prim.extra_files["chat_template.jinja"] = template
+    prim.side_files.pop("chat_template.jinja", None)
+    cfg_bytes = prim.extra_files.get("tokenizer_config.json")
+    src = prim.side_files.get("tokenizer_config.json")
+    if cfg_bytes is None and src is not None:
+        cfg_bytes = Path(src).read_bytes()
+    if cfg_bytes is not None:
+        cfg = json.loads(cfg_bytes)
+        if "chat_template" in cfg:
+            cfg.pop("chat_template")
+            prim.side_files.pop("tokenizer_config.json", None)
+            prim.extra_files["tokenizer_config.json"] = json.dumps(cfg, indent=2, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -205,6 +272,10 @@ def check_compatible(inputs: MergeInputs, params: MergeParams, *, op: str = "mer
             if a is not None and b is not None and a != b:
                 raise SurgeonError(f"{op}: {name!r} has {key} {json.dumps(b)}, {ref_name!r} has {json.dumps(a)}; "
                                    "merging needs one architecture")
+    if not params.backbone_only and not inputs.vocab_aligned:
+        from surgeon.ops.merge.vocab import check_same_vocabulary
+
+        check_same_vocabulary(all_graphs, op=op)
     skip = embedding_names(inputs.primary) if params.backbone_only else set()
     plan: dict[str, str] = {}
     prim = inputs.primary
@@ -274,7 +345,10 @@ def layer_value(value: Any, name: str, n_layers: int, *, embeddings: set[str] | 
     """Resolve a :data:`LayerValue` for one tensor.
 
     A list of length ``n_layers`` gives one value per layer; another length is a gradient interpolated over the
-    layers (mergekit semantics); tensors outside layers take the first value if they are embeddings, else the last.
+    layers (mergekit semantics). Tensors outside the layers (embeddings, final norm, LM head) take the first value:
+    mergekit 0.1.5 plans them at gradient position t = 0 (``MergePlanner.plan_module``), measured on a tiny Llama
+    (``weight: [0, 1]`` gives lm_head and model.norm weight 0). ``embeddings`` is accepted for compatibility and
+    unused.
     A dict is searched in order: keys ``re:<regex>`` full-match the tensor name, other keys match as substrings,
     ``default``/``*`` match everything; the first hit wins; its value may itself be a list.
     """
@@ -300,7 +374,7 @@ def layer_value(value: Any, name: str, n_layers: int, *, embeddings: set[str] | 
             raise SurgeonError("an empty list is not a valid per-layer value")
         i = layer_index(name)
         if i is None:
-            return float(value[0] if embeddings and name in embeddings else value[-1])
+            return float(value[0])
         if len(value) == n_layers:
             return float(value[min(i, n_layers - 1)])
         return _gradient(value, i / max(1, n_layers - 1))
@@ -331,6 +405,48 @@ def merged_graph(inputs: MergeInputs, params: MergeParams, plan: dict[str, str],
         g.nodes[t] = Apply(make_fn(t), srcs, label=label, dtype=out_dtype(params, node))
     g.tags = sorted(set(g.tags) | {"merge"})
     return g
+
+
+def per_model_field():
+    return Field(default_factory=dict, description=(
+        "Per-model overrides, as mergekit's per-model parameters: {model: {weight: [0, 1], density: 0.3}}; "
+        "values may be per-layer lists or {pattern: value}. Keys: a model's name or folder name."))
+
+
+def resolve_per_model(per_model: dict[str, dict[str, Any]], names: Sequence[str], allowed: Sequence[str], *,
+                      op: str) -> dict[str, dict[str, Any]]:
+    """``per_model`` with keys resolved to input names; unknown models or parameters fail naming them."""
+    out = {}
+    for key, values in per_model.items():
+        name = resolve_model_key(key, names, what=f"{op}: per_model")
+        for k in values:
+            if k not in allowed:
+                raise SurgeonError(f"{op}: per_model[{key!r}] has unknown key {k!r} (allowed: {', '.join(allowed)})")
+        out[name] = dict(values)
+    return out
+
+
+def model_values(per_model: dict[str, dict[str, Any]], field: str, names: Sequence[str], tensor: str,
+                 n_layers: int, shared: Any) -> list[float]:
+    """One value of ``field`` per model for ``tensor``: the model's override, else ``shared`` (for ``weight``,
+    ``shared`` is the list of per-model weights)."""
+    out = []
+    for i, n in enumerate(names):
+        default = shared[i] if field == "weight" else shared
+        out.append(layer_value(per_model.get(n, {}).get(field, default), tensor, n_layers))
+    return out
+
+
+def resolve_model_key(key: str, names: Sequence[str], *, what: str) -> str:
+    """The input model a user-written ``key`` refers to: an exact name, else the one whose folder name is ``key``."""
+    if key in names:
+        return key
+    from pathlib import PurePath
+
+    hits = [n for n in names if PurePath(n).name == key or PurePath(n.rstrip("/")).name == key]
+    if len(hits) == 1:
+        return hits[0]
+    raise SurgeonError(f"{what}: {key!r} is not one of the input models (have: {', '.join(names)})")
 
 
 def check_weights(weights: list[float] | None, n: int, *, op: str) -> list[float]:

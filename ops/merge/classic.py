@@ -27,16 +27,18 @@ from surgeon.graph import Graph
 from surgeon.kernels.select import kth_smallest
 from surgeon.ops.merge._common import (
     LayerValue,
-    MergeParams,
+    VocabMergeParams,
     check_compatible,
     check_weights,
-    embedding_names,
     gather_inputs,
     layer_value,
     merged_graph,
     num_layers,
     parse_float_list,
     parse_layer_value,
+    per_model_field,
+    resolve_per_model,
+    model_values,
 )
 from surgeon.registry import register
 
@@ -110,17 +112,27 @@ def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def sign_election(weighted: torch.Tensor, *, method: Literal["sum", "count"] = "sum") -> torch.Tensor:
-    """γ = sign of Σ_i (weighted τ̂_i) per element (+1 on ties), or of the count of signs."""
+    """γ = sign of Σ_i (weighted τ̂_i) per element (+1 on ties), or of the count of signs Σ_i sign(w_i τ̂_i)."""
     s = weighted.sum(0) if method == "sum" else torch.sign(weighted).sum(0)
     return torch.where(s >= 0, 1.0, -1.0)
 
 
+Election = Literal["weighted", "unweighted", "count"]
+
+
 def disjoint_mean(deltas: torch.Tensor, weights: Sequence[float], *, normalize: bool = True,
-                  election: Literal["weighted", "unweighted"] = "weighted") -> torch.Tensor:
-    """TIES disjoint merge of trimmed task vectors ``deltas`` [n, ...]: Σ_agree w τ̂ / Σ_agree w (0 if none)."""
+                  election: Election = "weighted") -> torch.Tensor:
+    """TIES disjoint merge of trimmed task vectors ``deltas`` [n, ...]: Σ_agree w τ̂ / Σ_agree w (0 if none).
+
+    ``election``: sign of Σ w_i τ̂_i (weighted: mergekit's ``sum``), of Σ τ̂_i (unweighted: the paper's Eq. 2), or
+    the majority of the signs of w_i τ̂_i (count: mergekit's ``consensus_method: count``; zeros do not vote).
+    """
     w = torch.tensor([float(x) for x in weights], dtype=torch.float32).reshape(-1, *([1] * (deltas.dim() - 1)))
     weighted = deltas * w
-    gamma = sign_election(weighted if election == "weighted" else deltas)
+    if election == "count":
+        gamma = sign_election(weighted, method="count")
+    else:
+        gamma = sign_election(weighted if election == "weighted" else deltas)
     agree = torch.sign(weighted) == gamma
     mixed = (weighted * agree).sum(0)
     if normalize:
@@ -130,19 +142,32 @@ def disjoint_mean(deltas: torch.Tensor, weights: Sequence[float], *, normalize: 
     return mixed
 
 
-def ties_merge(base: torch.Tensor, values: Sequence[torch.Tensor], weights: Sequence[float], *, density: float,
+def chunked_disjoint_mean(deltas: torch.Tensor, weights: Sequence[float], *, normalize: bool,
+                          election: Election = "weighted", chunk: int = 1 << 22) -> torch.Tensor:
+    """:func:`disjoint_mean` over ``chunk`` entries at a time (the same numbers; temporaries stay small)."""
+    flat = deltas.reshape(deltas.shape[0], -1)
+    out = torch.empty(flat.shape[1], dtype=torch.float32)
+    for start in range(0, flat.shape[1], chunk):
+        sl = slice(start, min(start + chunk, flat.shape[1]))
+        out[sl] = disjoint_mean(flat[:, sl], weights, normalize=normalize, election=election)
+    return out.reshape(deltas.shape[1:])
+
+
+def ties_merge(base: torch.Tensor, values: Sequence[torch.Tensor], weights: Sequence[float], *,
+               density: float | Sequence[float],
                scale: float = 1.0, normalize: bool = True,
-               election: Literal["weighted", "unweighted"] = "weighted", chunk: int = 1 << 22) -> torch.Tensor:
+               election: Election = "weighted", chunk: int = 1 << 22) -> torch.Tensor:
     """θ_b + λ·disjoint_mean(trim(τ_i)).
 
     Memory: one trim mask (1 byte/entry) per model is computed from its full τ_i (the threshold is per tensor);
     the election and mean then run over ``chunk`` entries at a time, so temporaries stay small.
     """
     b = base.float().reshape(-1)
+    densities = [density] * len(values) if isinstance(density, (int, float)) else list(density)
     masks = []
-    for v in values:
+    for v, d in zip(values, densities):
         tau = v.float().reshape(-1) - b
-        masks.append(trim_mask(tau, density))
+        masks.append(trim_mask(tau, d))
         del tau
     out = torch.empty_like(b)
     flat = [v.reshape(-1) for v in values]
@@ -160,25 +185,43 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
-def dare_drop(delta: torch.Tensor, density: float, generator: torch.Generator, *, rescale: bool = True) -> torch.Tensor:
-    """τ ⊙ m (/ p when ``rescale``), m ~ Bernoulli(p = density)."""
+def l1_rescale(kept: torch.Tensor, full: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """``kept`` scaled so that its L1 norm equals ``full``'s (mergekit's ``rescale`` for DARE/DELLA); unchanged
+    when either norm is below ``eps``."""
+    before, after = float(full.abs().sum()), float(kept.abs().sum())
+    if before < eps or after < eps:
+        return kept
+    return kept * (before / after)
+
+
+def dare_drop(delta: torch.Tensor, density: float, generator: torch.Generator, *, rescale: bool = True,
+              rescale_norm: Literal["probability", "l1"] = "probability") -> torch.Tensor:
+    """τ ⊙ m, m ~ Bernoulli(p = density), rescaled by 1/p (the paper's Eq. 3) or to τ's L1 norm (mergekit)."""
     if density >= 1.0:
         return delta
     keep = torch.rand(delta.shape, generator=generator) < density
     out = delta * keep
-    return out / density if rescale and density > 0 else out
+    if not rescale:
+        return out
+    if rescale_norm == "l1":
+        return l1_rescale(out, delta)
+    return out / density if density > 0 else out
 
 
-def dare_merge(base: torch.Tensor, values: Sequence[torch.Tensor], weights: Sequence[float], *, density: float,
+def dare_merge(base: torch.Tensor, values: Sequence[torch.Tensor], weights: Sequence[float], *,
+               density: float | Sequence[float],
                seed: int, name: str, scale: float = 1.0, consensus: Literal["none", "ties"] = "none",
-               normalize: bool = False, rescale: bool = True) -> torch.Tensor:
+               normalize: bool = False, rescale: bool = True,
+               rescale_norm: Literal["probability", "l1"] = "probability",
+               election: Election = "weighted") -> torch.Tensor:
     """DARE: drop-and-rescale each τ_i (one RNG stream per tensor and model), then sum (or TIES-elect)."""
     taus = task_vectors(base, values)
+    densities = [density] * len(values) if isinstance(density, (int, float)) else list(density)
     for i in range(taus.shape[0]):
         g = torch.Generator().manual_seed(tensor_seed(seed + i, name))
-        taus[i] = dare_drop(taus[i], density, g, rescale=rescale)
+        taus[i] = dare_drop(taus[i], densities[i], g, rescale=rescale, rescale_norm=rescale_norm)
     if consensus == "ties":
-        mixed = disjoint_mean(taus, weights, normalize=normalize)
+        mixed = chunked_disjoint_mean(taus, weights, normalize=normalize, election=election)
     else:
         w = torch.tensor([float(x) for x in weights]).reshape(-1, *([1] * (taus.dim() - 1)))
         mixed = (taus * w).sum(0)
@@ -196,8 +239,14 @@ def _weights_field():
     return Field(None, description="One weight per model, in order (default: all 1).")
 
 
-class _WeightsMixin(MergeParams):
+class _WeightsMixin(VocabMergeParams):
     weights: list[float] | None = _weights_field()
+    per_model: dict[str, dict[str, LayerValue]] = per_model_field()
+
+    @field_validator("per_model", mode="before")
+    @classmethod
+    def _parse_per_model(cls, v: Any) -> Any:
+        return parse_layer_value(v) if isinstance(v, str) else v
 
     @field_validator("weights", mode="before")
     @classmethod
@@ -244,8 +293,9 @@ class TiesParams(TaskArithmeticParams):
         "Fraction of each task vector kept (largest magnitudes): a number in [0, 1], a list over layers, "
         "or {pattern: value}."))
     normalize: bool = Field(True, description="Disjoint mean: divide by the weights of the agreeing models.")
-    election: Literal["weighted", "unweighted"] = Field("weighted", description=(
-        "Sign election on Σ w_i τ̂_i (weighted, as mergekit) or Σ τ̂_i (unweighted, as the paper)."))
+    election: Election = Field("weighted", description=(
+        "Sign election: on Σ w_i τ̂_i (weighted, mergekit's default 'sum'), on Σ τ̂_i (unweighted, the paper's "
+        "Eq. 2), or by the majority of signs (count, mergekit's consensus_method: count)."))
 
     @field_validator("density", mode="before")
     @classmethod
@@ -265,9 +315,15 @@ class DareParams(TaskArithmeticParams):
     seed: int = Field(0, description="Seed of the random masks (each tensor's mask depends on seed and name only).")
     consensus: Literal["none", "ties"] = Field("none", description=(
         "After dropping: sum the task vectors (none = dare_linear) or TIES sign election (ties = dare_ties)."))
-    rescale: bool = Field(True, description="Divide the kept entries by p (DARE's rescale).")
-    normalize: bool | None = Field(None, description=(
-        "Divide by the (agreeing) weights; default true with --consensus ties, false otherwise."))
+    rescale: bool = Field(True, description="Rescale the kept entries (DARE's rescale).")
+    rescale_norm: Literal["probability", "l1"] = Field("probability", description=(
+        "How kept entries are rescaled: by 1/p (probability, the paper's Eq. 3) or so that each task vector keeps "
+        "its L1 norm (l1, what mergekit 0.1.5 does)."))
+    election: Election = Field("weighted", description=(
+        "Sign election with --consensus ties: weighted (mergekit's sum), unweighted (the TIES paper) or count."))
+    normalize: bool = Field(False, description=(
+        "Divide by the (agreeing) weights. Off by default, as mergekit's dare_ties and dare_linear; with "
+        "--consensus ties and --density 1 the result then equals mergekit's dare_ties exactly."))
 
     @field_validator("density", mode="before")
     @classmethod
@@ -293,12 +349,15 @@ def merge_linear(graph: Graph, params: LinearParams, ctx: Context) -> Graph:
     weights = check_weights(params.weights, inputs.n, op="merge linear")
     if abs(sum(weights)) < 1e-8 and params.normalize:
         raise SurgeonError("merge linear: the weights sum to 0; cannot normalise (pass --no-normalize)")
+    per_model = resolve_per_model(params.per_model, inputs.names, ("weight",), op="merge linear")
     saved_base, inputs.base = inputs.base, None
     plan = check_compatible(inputs, params, op="merge linear")
     inputs.base = saved_base
+    n_layers = num_layers(inputs.primary)
 
     def make(name: str):
-        return lambda *vals: linear_merge(vals, weights, normalize=params.normalize)
+        w = model_values(per_model, "weight", inputs.names, name, n_layers, weights)
+        return lambda *vals: linear_merge(vals, w, normalize=params.normalize)
 
     g = merged_graph(inputs, params, plan, make, with_base=False, label="merge-linear")
     ctx.report(method="linear", models=inputs.names, weights=weights, normalize=params.normalize,
@@ -309,21 +368,35 @@ def merge_linear(graph: Graph, params: LinearParams, ctx: Context) -> Graph:
 def _task_setup(graph: Graph, params: TaskArithmeticParams, ctx: Context, op: str):
     inputs = gather_inputs(graph, params, ctx, need_base=True, min_models=1, op=op)
     weights = check_weights(params.weights, inputs.n, op=op)
+    allowed = ("weight", "density") if isinstance(params, (TiesParams, DareParams)) else ("weight",)
+    params.per_model = resolve_per_model(params.per_model, inputs.names, allowed, op=op)
     plan = check_compatible(inputs, params, op=op)
     n_layers = num_layers(inputs.primary)
-    emb = embedding_names(inputs.primary)
-    return inputs, weights, plan, n_layers, emb
+    return inputs, weights, plan, n_layers
+
+
+def _weights_for(params: TaskArithmeticParams, inputs, weights: list[float], name: str, n_layers: int) -> list[float]:
+    return model_values(params.per_model, "weight", inputs.names, name, n_layers, weights)
+
+
+def _densities_for(params: TiesParams | DareParams, inputs, name: str, n_layers: int) -> list[float]:
+    dens = model_values(params.per_model, "density", inputs.names, name, n_layers, params.density)
+    for d in dens:
+        if not 0.0 <= d <= 1.0:
+            raise SurgeonError(f"{type(params).__name__}: density of tensor {name!r} is {d}, expected [0, 1]")
+    return dens
 
 
 @register("merge.task-arithmetic", TaskArithmeticParams, multi_model=True)
 def merge_task_arithmetic(graph: Graph, params: TaskArithmeticParams, ctx: Context) -> Graph:
     """θ = θ_b + λ Σ w_i (θ_i − θ_b); --scale may vary per layer or per role."""
     op = "merge task-arithmetic"
-    inputs, weights, plan, n_layers, emb = _task_setup(graph, params, ctx, op)
+    inputs, weights, plan, n_layers = _task_setup(graph, params, ctx, op)
 
     def make(name: str):
-        lam = layer_value(params.scale, name, n_layers, embeddings=emb)
-        return lambda base, *vals: task_arithmetic(base, vals, weights, scale=lam, normalize=params.normalize)
+        lam = layer_value(params.scale, name, n_layers)
+        w = _weights_for(params, inputs, weights, name, n_layers)
+        return lambda base, *vals: task_arithmetic(base, vals, w, scale=lam, normalize=params.normalize)
 
     g = merged_graph(inputs, params, plan, make, with_base=True, label="merge-ta")
     ctx.report(method="task-arithmetic", models=inputs.names, base=inputs.base_name, weights=weights,
@@ -335,13 +408,13 @@ def merge_task_arithmetic(graph: Graph, params: TaskArithmeticParams, ctx: Conte
 def merge_ties(graph: Graph, params: TiesParams, ctx: Context) -> Graph:
     """Keep the top-density |τ_i| per tensor, elect a sign per entry, average the agreeing entries, add λ× to the base."""
     op = "merge ties"
-    inputs, weights, plan, n_layers, emb = _task_setup(graph, params, ctx, op)
-    resolved = {t: (layer_value(params.density, t, n_layers, embeddings=emb),
-                    layer_value(params.scale, t, n_layers, embeddings=emb)) for t, k in plan.items() if k == "merge"}
+    inputs, weights, plan, n_layers = _task_setup(graph, params, ctx, op)
+    resolved = {t: (_densities_for(params, inputs, t, n_layers), layer_value(params.scale, t, n_layers),
+                    _weights_for(params, inputs, weights, t, n_layers)) for t, k in plan.items() if k == "merge"}
 
     def make(name: str):
-        density, lam = resolved[name]
-        return lambda base, *vals: ties_merge(base, vals, weights, density=density, scale=lam,
+        density, lam, w = resolved[name]
+        return lambda base, *vals: ties_merge(base, vals, w, density=density, scale=lam,
                                               normalize=params.normalize, election=params.election)
 
     g = merged_graph(inputs, params, plan, make, with_base=True, label="merge-ties")
@@ -354,16 +427,18 @@ def merge_ties(graph: Graph, params: TiesParams, ctx: Context) -> Graph:
 def merge_dare(graph: Graph, params: DareParams, ctx: Context) -> Graph:
     """Drop each task-vector entry with probability 1 − density, rescale by 1/density, then sum (or TIES with --consensus ties)."""
     op = "merge dare"
-    inputs, weights, plan, n_layers, emb = _task_setup(graph, params, ctx, op)
-    normalize = params.normalize if params.normalize is not None else params.consensus == "ties"
+    inputs, weights, plan, n_layers = _task_setup(graph, params, ctx, op)
+    normalize = params.normalize
     seed = params.seed
 
     def make(name: str):
-        density = layer_value(params.density, name, n_layers, embeddings=emb)
-        lam = layer_value(params.scale, name, n_layers, embeddings=emb)
-        return lambda base, *vals: dare_merge(base, vals, weights, density=density, seed=seed, name=name,
+        density = _densities_for(params, inputs, name, n_layers)
+        lam = layer_value(params.scale, name, n_layers)
+        w = _weights_for(params, inputs, weights, name, n_layers)
+        return lambda base, *vals: dare_merge(base, vals, w, density=density, seed=seed, name=name,
                                               scale=lam, consensus=params.consensus, normalize=normalize,
-                                              rescale=params.rescale)
+                                              rescale=params.rescale, rescale_norm=params.rescale_norm,
+                                              election=params.election)
 
     g = merged_graph(inputs, params, plan, make, with_base=True, label="merge-dare")
     ctx.report(method="dare", models=inputs.names, base=inputs.base_name, weights=weights, density=params.density,
