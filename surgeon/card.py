@@ -21,7 +21,12 @@ def _is_local_path(text: str) -> bool:
         return False
     if text.startswith(("/", "~", "./", "../")) or Path(text).is_absolute():
         return True
-    return ("/" in text or os.sep in text) and Path(text).exists()
+    if not ("/" in text or os.sep in text) or any(c.isspace() for c in text):
+        return False  # free text (a sentence that mentions `lora/`) is not a relative path
+    try:
+        return Path(text).exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte: not an existing path
+        return False
 
 
 def public_name(text: str) -> str:

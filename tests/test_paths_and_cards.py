@@ -133,3 +133,12 @@ def test_relative_recipe_paths_are_relative_to_the_current_folder(model, tmp_pat
     assert f"output: {work / 'pruned'}" in captured.err
     assert main(["run", "recipes/r.yaml", "--dry-run", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["output"] == str(work / "pruned")
+
+
+def test_long_free_text_with_slashes_is_not_taken_for_a_path():
+    """A report sentence longer than a file name may be (it mentions `lora/`) is text, not a path."""
+    from surgeon.card import public_name
+
+    text = "Compact recursive checkpoint: " + "load it with surgeon; " * 20 + "`lora/` holds the adapter."
+    assert public_name(text) == text
+    assert public_name("x/" * 300) == "x/" * 300

@@ -35,6 +35,7 @@ class Case:
     fixture: str = "llama"
     skip_nan: bool = False
     tags: set[str] = field(default_factory=set)
+    model_key: str = "base"  # which input a one-model case reads (nearswap: one model besides --base)
 
 
 CASES: dict[str, Case] = {
@@ -47,6 +48,17 @@ CASES: dict[str, Case] = {
     "merge.ties": Case("merge.ties", ["--base", "{base}", "--density", "0.5"], n_models=2),
     "merge.dare": Case("merge.dare", ["--base", "{base}", "--density", "0.5"], n_models=2),
     "merge.opcm": Case("merge.opcm", ["--base", "{base}"], n_models=2),
+    "merge.slerp": Case("merge.slerp", ["--base", "{base}"], model_key="other"),
+    "merge.nuslerp": Case("merge.nuslerp", [], n_models=2),
+    "merge.multislerp": Case("merge.multislerp", [], n_models=2),
+    "merge.karcher": Case("merge.karcher", [], n_models=2),
+    "merge.model-stock": Case("merge.model-stock", ["--base", "{base}"], n_models=2),
+    "merge.nearswap": Case("merge.nearswap", ["--base", "{base}"], model_key="other"),
+    "merge.breadcrumbs": Case("merge.breadcrumbs", ["--base", "{base}"], n_models=2),
+    "merge.breadcrumbs-ties": Case("merge.breadcrumbs-ties", ["--base", "{base}"], n_models=2),
+    "merge.della": Case("merge.della", ["--base", "{base}"], n_models=2),
+    "merge.della-linear": Case("merge.della-linear", ["--base", "{base}"], n_models=2),
+    "merge.sce": Case("merge.sce", ["--base", "{base}"], n_models=2),
     "edit.rome": Case("edit.rome", ["--requests", "{requests}", "--stats-data", "{data}", "--steps", "5",
                                     "--no-stats-cache", "--layer", "1"], data_flag="--stats-data"),
     "edit.emmet": Case("edit.emmet", ["--requests", "{requests}", "--stats-data", "{data}", "--steps", "5",
@@ -67,7 +79,8 @@ CASES: dict[str, Case] = {
 }
 # ops whose inputs are special folders (LoRA adapters, a run's checkpoints, an RMM output) are swept in their
 # own test files: merge.mwa (tests/test_merge_mwa.py), merge.rmm and merge.revert (tests/test_merge_rmm.py)
-SPECIAL = {"merge.mwa", "merge.rmm", "merge.revert"}
+# merge.passthrough needs slices naming its inputs: tests/test_merge_methods.py and tests/test_mergekit_configs.py
+SPECIAL = {"merge.mwa", "merge.rmm", "merge.revert", "merge.passthrough"}
 
 
 def test_every_op_is_swept():
@@ -119,7 +132,7 @@ def _argv(case: Case, inputs: dict[str, Path], out: Path | None, **subst: str) -
             pytest.skip("diffusers is not installed")
         models = [str(subst.get("model", inputs["sd"]))]
     elif case.n_models == 1:
-        models = [str(subst.get("model", inputs["base"]))]
+        models = [str(subst.get("model", inputs[case.model_key]))]
     else:
         models = [str(subst.get("model", inputs["other"])), str(subst.get("model2", inputs["third"]))]
     values = {"data": str(subst.get("data", inputs["data"])), "requests": str(inputs["requests"]),
@@ -182,7 +195,7 @@ BAD_SOURCES = ["truncate", "offsets", "nan", "arch", "shape"]
 @pytest.mark.parametrize("op", sorted(CASES))
 def test_bad_input_refused_without_output(op, inputs, tmp_path, capsys):
     case = CASES[op]
-    src = inputs["sd"] if case.fixture == "sd" and "sd" in inputs else inputs["base"]
+    src = inputs["sd"] if case.fixture == "sd" and "sd" in inputs else inputs[case.model_key]
     if case.n_models > 1:
         src = inputs["other"]
     tried = []
