@@ -254,6 +254,19 @@ def guess_base_model(ck: Checkpoint) -> str | None:
     return None
 
 
+def reachable(outputs: Sequence[Node]) -> Iterator[Node]:
+    """Every node that ``outputs`` depend on (themselves included), each once."""
+    stack = list(outputs)
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
+        stack.extend(node.inputs)
+
+
 class Executor:
     """Evaluates nodes with reference-counted memoisation; safe to call from several threads.
 
@@ -269,18 +282,11 @@ class Executor:
         self.max_live = 0
         self._lock = threading.Lock()
         self._computing: dict[int, Future] = {}
-        stack = list(outputs)
         for o in outputs:
             self.refs[id(o)] = self.refs.get(id(o), 0) + 1
-        seen: set[int] = set()
-        while stack:
-            node = stack.pop()
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
+        for node in reachable(outputs):
             for i in node.inputs:
                 self.refs[id(i)] = self.refs.get(id(i), 0) + 1
-                stack.append(i)
         self.outputs = list(outputs)
 
     @property

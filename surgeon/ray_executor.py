@@ -61,19 +61,9 @@ def reductions_resolved(graph: Graph, names: list[str], ray: Any = None) -> Grap
     """A copy of ``graph`` whose global reductions (``Reduce`` nodes) are evaluated and replaced by constants,
     with every consumer rebuilt around them; other nodes are shared, not copied. With ``ray``, a reduction that
     can be merged is split into map tasks over chunks of its inputs, whose partial results the driver merges."""
-    from surgeon.graph import Const, Reduce
+    from surgeon.graph import Const, Reduce, reachable
 
-    reduces: dict[int, Reduce] = {}
-    stack = [graph[n] for n in names]
-    seen: set[int] = set()
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        if isinstance(node, Reduce):
-            reduces[id(node)] = node
-        stack.extend(node.inputs)
+    reduces = {id(node): node for node in reachable([graph[n] for n in names]) if isinstance(node, Reduce)}
     if not reduces:
         return graph
     values: dict[int, Any] = {}
