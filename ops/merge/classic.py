@@ -254,7 +254,8 @@ class _WeightsMixin(VocabMergeParams):
         return parse_float_list(v)
 
 
-def _check_unit(v: Any, what: str, *, low_open: bool = False) -> None:
+def check_unit_interval(v: Any, what: str, *, low_open: bool = False) -> None:
+    """Every number in ``v`` (a float, a per-layer list or a per-pattern mapping) lies in [0, 1] (or (0, 1])."""
     vals: list[float] = []
 
     def walk(x: Any) -> None:
@@ -304,7 +305,7 @@ class TiesParams(TaskArithmeticParams):
 
     @model_validator(mode="after")
     def _check(self):
-        _check_unit(self.density, "density")
+        check_unit_interval(self.density, "density")
         return self
 
 
@@ -332,7 +333,7 @@ class DareParams(TaskArithmeticParams):
 
     @model_validator(mode="after")
     def _check(self):
-        _check_unit(self.density, "density", low_open=True)
+        check_unit_interval(self.density, "density", low_open=True)
         return self
 
 

@@ -37,7 +37,13 @@ from surgeon.ops.merge._common import (
     per_model_field,
     resolve_per_model,
 )
-from surgeon.ops.merge.classic import chunked_disjoint_mean, l1_rescale, sign_election, tensor_seed
+from surgeon.ops.merge.classic import (
+    check_unit_interval,
+    chunked_disjoint_mean,
+    l1_rescale,
+    sign_election,
+    tensor_seed,
+)
 from surgeon.registry import register
 
 # ---------------------------------------------------------------------------------------------------------
@@ -186,25 +192,6 @@ class SceParams(VocabMergeParams):
         "Fraction of entries kept by variance across the models (1 = keep all)."))
 
 
-def _check_density(v: Any, what: str) -> None:
-    vals: list[float] = []
-
-    def walk(x: Any) -> None:
-        if isinstance(x, dict):
-            for y in x.values():
-                walk(y)
-        elif isinstance(x, (list, tuple)):
-            for y in x:
-                walk(y)
-        else:
-            vals.append(float(x))
-
-    walk(v)
-    for x in vals:
-        if not 0.0 <= x <= 1.0:
-            raise ValueError(f"{what} must be in [0, 1], got {x}")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # wiring
 
@@ -215,7 +202,7 @@ def _gta_setup(graph: Graph, params: _GtaParams, ctx: Context, op: str):
                                          op=op)
     if params.weights is not None and len(params.weights) != inputs.n:
         raise SurgeonError(f"{op}: --weights has {len(params.weights)} values for {inputs.n} models")
-    _check_density(params.density, "density")
+    check_unit_interval(params.density, "density")
     plan = check_compatible(inputs, params, op=op)
     return inputs, plan, num_layers(inputs.primary)
 
