@@ -49,6 +49,8 @@ OP_INDEX: dict[str, tuple[str, str]] = {
     "erase.uce": ("surgeon.ops.erase.rece", "UCE closed-form concept erasure (Gandikota et al. 2024)."),
     "prune.magnitude": ("surgeon.ops.prune.magnitude", "Magnitude pruning: per-layer, global or N:M."),
     "prune.wanda": ("surgeon.ops.prune.wanda", "Wanda pruning: |W|·‖X‖ with calibration data (Sun et al. 2024)."),
+    "prune.sparsegpt": ("surgeon.ops.prune.sparsegpt", "SparseGPT: one-shot pruning with OBS weight updates (Frantar & Alistarh 2023)."),
+    "prune.layers": ("surgeon.ops.prune.layers", "Remove whole decoder blocks, by block influence or by index (ShortGPT)."),
     "retrain.perp": ("surgeon.ops.prune.perp", "PERP: retrain norms, biases and MaskLoRA after pruning."),
     "shiftadd": ("surgeon.ops.shiftadd", "ShiftAdd: binary-coded weights with power-of-two scales + LUT kernel."),
     "tie": ("surgeon.ops.tie", "Relaxed Recursive Transformer: tie layers, relax with SVD LoRA."),

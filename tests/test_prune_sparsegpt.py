@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from surgeon.ops.prune.sparsegpt import hessian, sparsegpt_prune
+from test_prune_helpers import task_model_fixture  # noqa: F401  (fixture)
 
 # --- the oracle -------------------------------------------------------------------------------------------------
 
@@ -161,3 +162,102 @@ def test_bad_blocksize_for_nm():
 
     with pytest.raises(SurgeonError, match="multiple of M"):
         sparsegpt_prune(weights(4, 16, 0), torch.eye(16), nm=(2, 4), blocksize=6)
+
+
+# --- the op on a model ----------------------------------------------------------------------------------------------
+
+def _reference_sequential(model, layers_names, tokens, sparsity):
+    """Per block: whole-model forward passes with hooks (blocks before it already pruned), then the layer-wise
+    SparseGPT of every linear of the block from those Hessians (the reference's default, not true-sequential)."""
+    mods = dict(model.named_modules())
+    for names in layers_names:
+        grams: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        hooks = []
+        for n in names:
+            def hook(m, args, out, n=n, grams=grams, counts=counts):
+                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                grams[n] = grams.get(n, 0) + x.T @ x
+                counts[n] = counts.get(n, 0) + x.shape[0]
+
+            hooks.append(mods[n.rsplit(".", 1)[0]].register_forward_hook(hook))
+        with torch.no_grad():
+            model(input_ids=tokens, use_cache=False)
+        for h in hooks:
+            h.remove()
+        for n in names:
+            w = mods[n.rsplit(".", 1)[0]].weight
+            new = sparsegpt_prune(w.detach().float(), hessian(grams[n], counts[n]), sparsity=sparsity).weight
+            with torch.no_grad():
+                w.copy_(new)
+    return model
+
+
+def _block_linears(g, i):
+    return [n for n in g.names() if f"layers.{i}." in n and n.endswith("proj.weight")]
+
+
+def test_sequential_calibration_equals_reference(task_model):
+    from surgeon.ops.prune import sparsegpt
+
+    from surgeon.checkpoint import open_checkpoint
+    from surgeon.context import Context
+    from surgeon.graph import Graph
+
+    g = Graph.from_checkpoint(open_checkpoint(task_model))
+    data = str(task_model.parent / "train.txt")
+    ctx = Context()
+    g2 = sparsegpt.apply(g, sparsegpt.Params(data=data, sparsity=0.5, seqlen=24, n_windows=16, batch_size=5), ctx)
+    tokens = ctx.tokens(data, g, seqlen=24, max_windows=16)
+    ref = _reference_sequential(ctx.module(g), [_block_linears(g, i) for i in range(2)], tokens, 0.5)
+    sd = dict(ref.named_parameters())
+    for n in _block_linears(g, 0) + _block_linears(g, 1):
+        got = g2.value(n)
+        assert int((got == 0).sum()) == got.numel() // 2, n  # exact per matrix
+        assert (got == 0).eq(sd[n] == 0).float().mean() > 0.99, n
+        torch.testing.assert_close(got, sd[n].detach(), rtol=1e-3, atol=2e-3)
+    info = ctx.step_info
+    assert info["sparsity"] == pytest.approx(0.5) and info["method"] == "sparsegpt"
+    assert info["calibration_windows"] == 16
+
+
+def test_sparsegpt_beats_wanda_and_magnitude_on_the_trained_task(task_model):
+    from surgeon.ops.prune import magnitude, sparsegpt, wanda
+    from test_prune_helpers import graph_loss
+
+    from surgeon.checkpoint import open_checkpoint
+    from surgeon.context import Context
+    from surgeon.graph import Graph
+
+    g = Graph.from_checkpoint(open_checkpoint(task_model))
+    held, train = task_model.parent / "heldout.txt", str(task_model.parent / "train.txt")
+    gs = sparsegpt.apply(g, sparsegpt.Params(data=train, sparsity=0.6, seqlen=24), Context())
+    gw = wanda.apply(g, wanda.Params(data=train, sparsity=0.6, seqlen=24), Context())
+    gm = magnitude.apply(g, magnitude.Params(sparsity=0.6), Context())
+    dense, ls, lw, lm = (graph_loss(x, held) for x in (g, gs, gw, gm))
+    print(f"\nheld-out NLL at 60%: dense {dense:.3f}  sparsegpt {ls:.3f}  wanda {lw:.3f}  magnitude {lm:.3f}")
+    assert dense < ls < lw < lm
+
+
+def test_nm_on_a_model_and_bad_input(task_model, tiny_llama):
+    from surgeon.ops.prune import sparsegpt
+
+    from surgeon.checkpoint import open_checkpoint
+    from surgeon.context import Context
+    from surgeon.errors import SurgeonError
+    from surgeon.graph import Graph
+    from surgeon.pipeline import validate_step
+
+    g = Graph.from_checkpoint(open_checkpoint(task_model))
+    g2 = sparsegpt.apply(g, sparsegpt.Params(data=str(task_model.parent / "train.txt"), nm="2:4", seqlen=24),
+                         Context())
+    for n in _block_linears(g, 0) + _block_linears(g, 1):
+        w = g2.value(n)
+        assert bool(((w != 0).reshape(w.shape[0], -1, 4).sum(-1) == 2).all()), n
+    with pytest.raises(SurgeonError, match="multiple of M"):
+        validate_step("prune.sparsegpt", {"nm": "2:4", "blocksize": 6})
+    with pytest.raises(SurgeonError, match="contradicts"):
+        validate_step("prune.sparsegpt", {"nm": "2:4", "sparsity": 0.7})
+    with pytest.raises(SurgeonError, match="inside a decoder block"):
+        sparsegpt.apply(Graph.from_checkpoint(open_checkpoint(tiny_llama)), sparsegpt.Params(include=["lm_head"]),
+                        Context())

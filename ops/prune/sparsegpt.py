@@ -18,10 +18,64 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
 
+from surgeon.context import Context
 from surgeon.errors import SurgeonError
+from surgeon.graph import Const, Graph
+from surgeon.registry import register
+
+from .blocks import advance, capture_block_inputs, layer_modules, module_of
+from .common import (
+    ARCH_HELP,
+    EXCLUDE_HELP,
+    INCLUDE_HELP,
+    Pruned,
+    check_nm_shapes,
+    parse_nm,
+    prune_targets,
+    sparsity_facts,
+    transposed_names,
+)
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field("model:32", description="Calibration text: a .txt/.jsonl file, a datasets folder, or "
+                      "'model:N' (N sequences sampled from the model itself).")
+    sparsity: float = Field(0.5, ge=0, lt=1, description="Fraction of each matrix's weights set to zero (exact).")
+    nm: str | None = Field(None, description="Semi-structured N:M pattern instead of a sparsity, e.g. '2:4'.")
+    blocksize: int = Field(128, ge=1, description="Columns per block: the mask is chosen per block and updates to "
+                           "later blocks are batched (the reference's 128).")
+    percdamp: float = Field(0.01, gt=0, le=1, description="Damping added to the Hessian's diagonal, as a fraction "
+                            "of its mean.")
+    seqlen: int = Field(512, ge=2, le=2048, description="Tokens per calibration window (capped by the model's "
+                        "context; at most 2048 so long-context models do not hang).")
+    n_windows: int = Field(64, ge=1, le=4096, description="Number of calibration windows (the reference uses 128).")
+    batch_size: int = Field(8, ge=1, description="Windows per forward pass during calibration.")
+    include: list[str] | None = Field(None, description=INCLUDE_HELP)
+    exclude: list[str] = Field(default_factory=list, description=EXCLUDE_HELP)
+    arch: dict[str, Any] | None = Field(None, description=ARCH_HELP)
+
+    @field_validator("nm")
+    @classmethod
+    def _nm(cls, v: str | None) -> str | None:
+        parse_nm(v)
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Params:
+        nm = parse_nm(self.nm)
+        if nm is not None and "sparsity" in self.model_fields_set and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+            raise ValueError(f"sparsity={self.sparsity} contradicts nm={self.nm}; give one of them")
+        if nm is not None and self.blocksize % nm[1]:
+            raise ValueError(f"blocksize {self.blocksize} is not a multiple of M={nm[1]}")
+        return self
 
 
 @dataclass
@@ -128,3 +182,108 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, *, sparsity: float = 0.5, 
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
     w.masked_fill_(mask, 0)
     return SparseGPTResult(w, mask, float(error))
+
+
+# --- calibration wiring -------------------------------------------------------------------------------------------
+
+class InputGram:
+    """Forward hooks accumulating Σ x xᵀ (fp64) and the token count at the input of each watched module."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.xtx: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {}
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            self.xtx[name] = self.xtx[name] + x.T @ x if name in self.xtx else x.T @ x
+            self.count[name] = self.count.get(name, 0) + x.shape[0]
+
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def prune_weight(w: torch.Tensor, xtx: torch.Tensor, n_tokens: int, params: Params, *, transposed: bool,
+                 name: str) -> SparseGPTResult:
+    """SparseGPT on a stored weight (Conv1D ``[in, out]`` is transposed to Linear orientation and back), fp32."""
+    wf = w.detach().float()
+    wf = wf.T if transposed else wf
+    res = sparsegpt_prune(wf, hessian(xtx, n_tokens).to(wf.device), sparsity=params.sparsity,
+                          nm=parse_nm(params.nm), blocksize=params.blocksize, percdamp=params.percdamp, name=name)
+    if transposed:
+        res = SparseGPTResult(res.weight.T.contiguous(), res.mask.T.contiguous(), res.error)
+    return res
+
+
+def sparsegpt_model(model: nn.Module, layers: list[nn.Module], targets_by_layer: list[list[str]], batches,
+                    params: Params, *, transposed: set[str], progress=None) -> dict[str, SparseGPTResult]:
+    """Sequential SparseGPT over ``layers``: block l's Hessians come from the outputs of the already pruned
+    blocks < l (all linears of a block see the same, unpruned-block inputs, as the reference's default)."""
+    results: dict[str, SparseGPTResult] = {}
+    steps = range(len(layers)) if progress is None else progress(range(len(layers)), len(layers), "SparseGPT")
+    for i in steps:
+        layer, names = layers[i], targets_by_layer[i]
+        gram = InputGram({n: module_of(model, n)[0] for n in names})
+        inputs = [b.hidden for b in batches]
+        try:
+            advance(layer, batches)
+        finally:
+            gram.close()
+        for b, h in zip(batches, inputs):  # rewind: the block's outputs are recomputed after pruning
+            b.hidden = h
+        for n in names:
+            if n not in gram.xtx:
+                raise SurgeonError(f"{n!r}: its module was not called during calibration (not a linear?)")
+            mod, leaf, _ = module_of(model, n)
+            w = getattr(mod, leaf)
+            res = prune_weight(w, gram.xtx.pop(n), gram.count[n], params, transposed=n in transposed, name=n)
+            with torch.no_grad():
+                w.copy_(res.weight.to(w.dtype))
+            results[n] = SparseGPTResult(res.weight.cpu(), res.mask.cpu(), res.error)
+        advance(layer, batches)
+    return results
+
+
+def _pruned_value(new: torch.Tensor) -> torch.Tensor:
+    return new
+
+
+@register("prune.sparsegpt", Params, model_level=True)
+def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
+    """SparseGPT pruning: OBS weight updates from calibration Hessians."""
+    names = prune_targets(graph, params.include, params.exclude, params.arch)
+    nm = parse_nm(params.nm)
+    trans = transposed_names(graph, names, params.arch)
+    if nm is not None:
+        check_nm_shapes(graph, names, nm[1], trans)
+    r = ctx.roles(graph, overrides=params.arch)
+    prefixes = [r.layer_prefix(i) for i in range(r.n_layers)]
+    by_layer: list[list[str]] = [[] for _ in prefixes]
+    for n in names:
+        i = next((i for i, p in enumerate(prefixes) if n.startswith(p)), None)
+        if i is None:
+            raise SurgeonError(f"prune.sparsegpt: {n!r} is not inside a decoder block (SparseGPT prunes block "
+                               "linears; use prune.magnitude for embeddings or lm_head)")
+        by_layer[i].append(n)
+    tokens = ctx.tokens(params.data, graph, seqlen=params.seqlen, max_windows=params.n_windows)
+    model = ctx.module(graph, dtype="float32")
+    layers = layer_modules(model, prefixes)
+    with ctx.timed("calibrate"):
+        batches = capture_block_inputs(model, layers[0], tokens, params.batch_size)
+        results = sparsegpt_model(model, layers, by_layer, batches, params, transposed=trans, progress=ctx.progress)
+    del model, batches
+    out = graph.copy()
+    per_tensor = {}
+    for n, res in results.items():
+        dense = graph[n]
+        out.replace(n, Pruned(_pruned_value, [Const(res.weight.to(dense.dtype), label="sparsegpt-weight")],
+                              dense=dense, label="prune-sparsegpt"))
+        per_tensor[n] = (int(res.mask.sum()), res.mask.numel())
+    ctx.report(method="sparsegpt", nm=params.nm, blocksize=params.blocksize, percdamp=params.percdamp,
+               calibration_windows=int(tokens.shape[0]), calibration_seqlen=int(tokens.shape[1]),
+               obs_error=round(sum(r.error for r in results.values()), 6), **sparsity_facts(per_tensor))
+    return out
