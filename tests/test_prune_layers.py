@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 from conftest import save_tiny_llama, save_tiny_llama_with_tokenizer, word_text
+from surgeon.ops.prune.layers import InfluenceMeter, least_influential, shrink_config, token_cosines
 
 from surgeon.errors import SurgeonError
-from surgeon.ops.prune.layers import InfluenceMeter, least_influential, shrink_config, token_cosines
 
 
 def bi_literal(h_in: torch.Tensor, h_out: torch.Tensor) -> float:
