@@ -141,3 +141,24 @@ def test_bad_requests(tmp_path):
     with pytest.raises(SurgeonError, match="either remove"):
         validate_step("prune.layers", {"remove": 1, "layers": [0]})
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o3").exists()
+
+
+def test_gpt2_layout(tmp_path):
+    """Another family's numbering (``transformer.h.{i}.``) and layer-count key (``n_layer``)."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from surgeon.api import run_op
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=96, n_positions=64, n_embd=32, n_layer=4, n_head=4)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "src", safe_serialization=True)
+    run_op("prune.layers", str(tmp_path / "src"), output=str(tmp_path / "out"), device="cpu", layers=[2])
+    model, loading = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"], loading
+    assert model.config.n_layer == 3
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "src").eval()
+    del ref.transformer.h[2]
+    ref.config.n_layer = 3
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, ref(ids, use_cache=False).logits, rtol=0, atol=0)
