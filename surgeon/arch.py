@@ -487,3 +487,39 @@ def iter_layer_roles(r: Roles, roles: Iterable[str] | None = None) -> Iterable[t
             name = r._lookup(i, role)
             if name is not None:
                 yield i, role, name
+
+
+#: config keys whose forward post-processes the head's logits, and how (transformers' own code per family)
+_LOGIT_TRANSFORMS: dict[str, Any] = {
+    "final_logit_softcapping": lambda c: (lambda x: torch_tanh(x / c) * c),  # gemma2/3
+    "logit_scale": lambda c: (lambda x: x * c),  # cohere
+    "logits_scaling": lambda c: (lambda x: x / c),  # granite
+}
+
+
+def torch_tanh(x):
+    import torch
+
+    return torch.tanh(x)
+
+
+def logit_transform(config: dict[str, Any]):
+    """The function a family's forward applies to the head's logits (soft-capping, scaling), or None.
+
+    A key we do not know how to apply is refused rather than ignored."""
+    fns = []
+    for key, value in ((k, _cfg(config, k)) for k in (*_LOGIT_TRANSFORMS, "output_multiplier_scale")):
+        if value is None or value in (1, 1.0):
+            continue
+        if key not in _LOGIT_TRANSFORMS:
+            raise SurgeonError(f"config {key}={value}: the engine does not know how this family transforms logits")
+        fns.append(_LOGIT_TRANSFORMS[key](value))
+    if not fns:
+        return None
+
+    def apply(x):
+        for f in fns:
+            x = f(x)
+        return x
+
+    return apply
