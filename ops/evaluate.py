@@ -228,9 +228,63 @@ def _table(result: dict[str, Any]):
     return table
 
 
+def engine_scores(engine, windows: torch.Tensor | None, tok, facts: list[dict[str, str]] | None,
+                  progress=None) -> dict[str, Any]:
+    """Perplexity and fact recall from one pass of ``engine`` (block by block) over the windows and the facts'
+    prompt+target rows; same definitions as :func:`perplexity` and :func:`fact_recall`. Under ``torchrun``
+    each rank scores its slice and the totals are summed."""
+    import torch
+
+    from surgeon.engine import dist
+
+    rows: list[torch.Tensor] = [] if windows is None else [windows[i] for i in range(windows.shape[0])]
+    n_win = len(rows)
+    if windows is not None and (windows.ndim != 2 or windows.shape[1] < 2):
+        raise SurgeonError(f"perplexity: expected token windows [n >= 1, seqlen >= 2], got {list(windows.shape)}")
+    spans = []
+    for f in facts or []:
+        p, t = _target_ids(tok, f["prompt"], f["target"])
+        rows.append(torch.tensor(p + t))
+        spans.append((len(p), t))
+    scored = engine.score(rows, progress=progress)
+    out: dict[str, Any] = {}
+    if n_win:
+        local = [i for i in scored.nll if i < n_win]
+        acc = torch.tensor([sum(float(scored.nll[i].sum()) for i in local),
+                            float(sum(scored.nll[i].numel() for i in local))], dtype=torch.float64)
+        dist.all_reduce_(acc)
+        mean = float(acc[0]) / float(acc[1])
+        out["perplexity"] = {"perplexity": math.exp(mean) if mean < 700 else float("inf"), "nll": mean,
+                             "tokens": int(acc[1]), "windows": n_win, "seqlen": int(windows.shape[1])}
+    if facts:
+        mine = {}
+        for k, (lp_len, t) in enumerate(spans):
+            gi = n_win + k
+            if gi not in scored.nll:
+                continue
+            nll, am = scored.nll[gi], scored.argmax[gi]
+            pred = int(am[lp_len - 1])
+            mine[k] = {"prompt": facts[k]["prompt"], "target": facts[k]["target"], "predicted": tok.decode([pred]),
+                       "hit": pred == t[0], "logprob": -float(nll[lp_len - 1: lp_len - 1 + len(t)].sum())}
+        merged: dict[int, Any] = {}
+        for part in dist.gather_objects(mine):
+            merged.update(part)
+        items = [merged[k] for k in range(len(spans))]
+        out["facts"] = {"recall": sum(i["hit"] for i in items) / len(items),
+                        "mean_logprob": sum(i["logprob"] for i in items) / len(items), "n": len(items),
+                        "items": items}
+    return out
+
+
 @register("eval", Params, writes=False, model_level=True)
 def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
-    """Evaluate perplexity, fact recall and greedy samples; append one results row to the graph."""
+    """Evaluate perplexity, fact recall and greedy samples; append one results row to the graph.
+
+    Perplexity and fact recall run on the block-by-block engine (memory: one block + activations + the output
+    embedding); greedy generation builds the whole module (incremental decoding with a KV cache), so it is
+    meant for models that fit in memory."""
+    from surgeon import engine as engine_mod
+
     ppl_spec, facts_spec = params.perplexity, params.facts
     if ppl_spec is None and facts_spec is None and not params.generate:
         ppl_spec, facts_spec = "default", "default"
@@ -242,23 +296,26 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     t0 = time.perf_counter()
     windows = ctx.tokens(ppl_spec, graph, seqlen=params.seqlen, max_windows=params.max_windows,
                          field=params.field) if ppl_spec else None
-    model = ctx.module(graph, dtype=params.dtype)
     tok = ctx.tokenizer(graph) if (facts or params.generate) else None
     result: dict[str, Any] = {"kind": "eval", "title": "Evaluation"}
-    if windows is not None:
-        ppl = perplexity(model, windows, params.batch_size, progress=ctx.progress)
-        result.update(ppl)
-        result.update(window_mode=WINDOW_MODE, perplexity_data=ppl_spec
-                      if not ppl_spec.startswith(str(_assets_dir())) else "surgeon:eval.txt")
-    if facts:
-        fr = fact_recall(model, tok, facts)
-        result.update(fact_recall=fr["recall"], fact_mean_logprob=fr["mean_logprob"], facts=fr["n"],
-                      fact_items=fr["items"])
+    if windows is not None or facts:
+        eng = engine_mod.from_context(graph, ctx, dtype=params.dtype, micro_batch=params.batch_size)
+        scores = engine_scores(eng, windows, tok, facts, progress=ctx.progress)
+        del eng
+        if "perplexity" in scores:
+            result.update(scores["perplexity"])
+            result.update(window_mode=WINDOW_MODE, perplexity_data=ppl_spec
+                          if not ppl_spec.startswith(str(_assets_dir())) else "surgeon:eval.txt")
+        if "facts" in scores:
+            fr = scores["facts"]
+            result.update(fact_recall=fr["recall"], fact_mean_logprob=fr["mean_logprob"], facts=fr["n"],
+                          fact_items=fr["items"])
     if params.generate:
+        model = ctx.module(graph, dtype=params.dtype)
         result["samples"] = [{"prompt": p, "completion": greedy_generate(model, tok, p, params.max_new_tokens)}
                              for p in params.generate]
+        del model
     result["seconds"] = round(time.perf_counter() - t0, 3)
-    del model
     ctx.report(**{k: v for k, v in result.items() if k not in ("kind", "title")})
     ctx.log(_table(result))
     out = graph.copy()

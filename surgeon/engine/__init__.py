@@ -8,8 +8,18 @@ from surgeon.engine.core import Block, Engine, HeadOutput, MicroBatch
 from surgeon.engine.stats import InputStats, StatsHooks
 from surgeon.engine.store import HiddenStore, Spilled, SpillStore
 
-__all__ = ["Block", "Engine", "HeadOutput", "HiddenStore", "InputStats", "MicroBatch", "Spilled", "SpillStore",
-           "StatsHooks", "from_context"]
+__all__ = [
+    "Block",
+    "Engine",
+    "HeadOutput",
+    "HiddenStore",
+    "InputStats",
+    "MicroBatch",
+    "SpillStore",
+    "Spilled",
+    "StatsHooks",
+    "from_context",
+]
 
 
 def from_context(graph, ctx, **kw) -> Engine:

@@ -409,16 +409,17 @@ class Engine:
 
     def run(self, samples, *, observe: dict[str, Sequence[str]] | None = None,
             change: Callable[[Block, dict[str, InputStats]], None] | None = None, head: bool = False,
-            layers: Sequence[int] | None = None, progress: Callable | None = None,
+            layers: Sequence[int] | None = None, progress: Callable | None = None, record: bool = True,
             transposed: set[str] | frozenset = frozenset()) -> HeadOutput | None:
         """The declarative face: per block, gather ``observe`` statistics of the block's tensors
         (``{graph name: kinds}``; names outside the block are ignored), call ``change(block, stats)``, advance.
         With ``head`` the final hidden states are scored (:meth:`head`)."""
         observe = observe or {}
-        for block in self.blocks(samples, layers=layers, progress=progress):
+        wanted = set(range(self.roles.n_layers) if layers is None else layers)
+        for block in self.blocks(samples, layers=layers, record=record, progress=progress):
             req = {n: k for n, k in observe.items() if n in block.names}
             stats = block.observe(req, transposed=transposed) if req else {}
-            if change is not None:
+            if change is not None and block.index in wanted:
                 change(block, stats)
         return self.head() if head else None
 
