@@ -210,7 +210,7 @@ class Engine:
         if self.roles.n_layers == 0:
             raise SurgeonError(f"engine: found no decoder blocks in this {self.roles.family} model")
         cfg = _component_config(self.graph, "")
-        self.skeleton = _build_empty("causal-lm", cfg)
+        self.skeleton = _build_empty("causal-lm", cfg).eval()
         self.config = self.skeleton.config
         self.pnames = _graph_names(self.skeleton, self.graph.names())  # module param -> graph name
         self.layer_paths = [_layer_path(self.skeleton, p) for p in self.roles.prefixes]
