@@ -1,8 +1,10 @@
 """What an op gets besides its graph and params: device, seed, named input models, data, progress, results.
 
-Ops never open files or print: data arrives through :meth:`Context.tokens` / :meth:`Context.texts`, models are
-materialised with :meth:`Context.module`, progress goes through :meth:`Context.progress`, messages through
-:meth:`Context.log`.
+Ops never open files or print. Data arrives through :meth:`Context.tokens` / :meth:`Context.texts`; side
+files through :meth:`Context.read`; cached statistics through :meth:`Context.cache`; resumable state through
+:meth:`Context.state`; extra output files through :meth:`Context.attach`; other checkpoints through
+:meth:`Context.open_source`. Architecture roles come from :meth:`Context.roles` (the run's ``arch:``
+overrides applied). Progress goes through :meth:`Context.progress`, messages through :meth:`Context.log`.
 """
 from __future__ import annotations
 
@@ -18,7 +20,10 @@ from surgeon.errors import SurgeonError
 if TYPE_CHECKING:
     import torch
 
+    from surgeon.arch import Roles
+    from surgeon.checkpoint import Checkpoint
     from surgeon.graph import Graph
+    from surgeon.storage import CacheEntry, StateFolder
 
 T = TypeVar("T")
 
@@ -99,6 +104,10 @@ class Context:
     step_info: dict[str, Any] = field(default_factory=dict)  # what the current step reports for provenance
     origin: Graph | None = None  # the run's input model before any step changed it (``model:N`` samples it)
     origin_fingerprint: str | None = None  # memo of surgeon.data.sampler_fingerprint(origin)
+    arch: dict[str, Any] | None = None  # the run's architecture role overrides (recipe ``arch:``)
+    allow_pickle: bool = False
+    online: bool = False
+    use_cache: bool = True  # False: ctx.cache entries always miss and are not written
     _console: Any = None
 
     @classmethod
@@ -207,3 +216,69 @@ class Context:
 
         return token_windows(spec, graph, ctx=self, seqlen=seqlen, max_windows=max_windows, field=field,
                              n_samples=n_samples)
+
+    # run-level settings ------------------------------------------------------------------------------------
+    def roles(self, graph: Graph, *, component: str = "", overrides: dict[str, Any] | None = None) -> Roles:
+        """The architecture roles of ``graph`` (see :mod:`surgeon.arch`) with the run's ``arch:`` overrides,
+        and an op's own ``overrides`` over those."""
+        from surgeon.arch import roles_for
+
+        merged = {**(self.arch or {}), **(overrides or {})} or None
+        cfg = graph.configs.get(component, {}) if component else graph.config
+        names = graph.names()
+        if component:
+            names = [n[len(component) + 1:] for n in names if n.startswith(component + "/")] or names
+        return roles_for(cfg, names, merged)
+
+    def seed_for(self, offset: int = 0) -> int:
+        """The run's seed shifted by an op's own ``offset`` (ops never replace the run's seed)."""
+        return self.seed + offset
+
+    # files, on the op's behalf -----------------------------------------------------------------------------
+    def read(self, path: str, *, what: str) -> bytes:
+        """The bytes of a side file the user named; ``what`` names the option (``--requests``)."""
+        from surgeon.storage import read_side_file
+
+        return read_side_file(path, what=what)
+
+    def read_text(self, path: str, *, what: str) -> str:
+        data = self.read(path, what=what)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SurgeonError(f"{what}: {path} is not UTF-8 text") from None
+
+    def read_json(self, path: str, *, what: str) -> Any:
+        from surgeon.storage import decode_json
+
+        return decode_json(self.read(path, what=what), where=f"{what}: {path}")
+
+    def open_source(self, source: str) -> Checkpoint:
+        """Another checkpoint (folder, file, repo id, GGUF, builtin) opened read-only and lazily."""
+        from surgeon.checkpoint import open_checkpoint
+
+        return open_checkpoint(source, allow_pickle=self.allow_pickle, online=self.online,
+                               allow_nonfinite=self.allow_nonfinite)
+
+    def cache(self, namespace: str, key: str) -> CacheEntry:
+        """A cache entry under ``$SURGEON_CACHE/<namespace>/<key>.safetensors`` (statistics, projectors)."""
+        from surgeon.storage import cache_entry
+
+        return cache_entry(namespace, key, enabled=self.use_cache)
+
+    def state(self, folder: str | None, *, what: str) -> StateFolder:
+        """Resumable state: the user's ``folder`` (kept), or a temporary one removed when unused."""
+        from surgeon.storage import StateFolder
+
+        return StateFolder(folder, what=what)
+
+    def attach(self, graph: Graph, name: str, data: str | bytes | dict[str, torch.Tensor], *,
+               metadata: dict[str, str] | None = None) -> None:
+        """Add an extra output file to ``graph`` (a report, an undo file): text, bytes, or tensors (stored as a
+        deterministic safetensors file with ``metadata``)."""
+        if isinstance(data, dict):
+            from surgeon.writer import safetensors_bytes
+
+            data = safetensors_bytes(data, metadata)
+        graph.extra_files[name] = data
+

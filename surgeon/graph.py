@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,6 +237,75 @@ class Graph:
             v = ex.value(node)
             ex.release(node)
             yield n, v
+
+    def items(self) -> Iterator[tuple[str, Node]]:
+        return iter(list(self.nodes.items()))
+
+    # edits (ops change a graph only through these) ----------------------------------------------------------
+    def replace(self, name: str, node: Node) -> None:
+        """Put ``node`` in place of the existing tensor ``name`` (same position in model order)."""
+        self[name]
+        self.nodes[name] = node
+
+    def add(self, name: str, node: Node) -> None:
+        """Append a new tensor (an error if ``name`` exists: use :meth:`replace`)."""
+        if name in self.nodes:
+            raise SurgeonError(f"internal: tensor {name!r} already exists (use replace)")
+        self.nodes[name] = node
+
+    def insert_after(self, anchor: str, new: Mapping[str, Node]) -> None:
+        """Insert ``new`` tensors right after ``anchor``, in their given order."""
+        self[anchor]
+        clash = [n for n in new if n in self.nodes]
+        if clash:
+            raise SurgeonError(f"internal: tensor {clash[0]!r} already exists (use replace)")
+        out: dict[str, Node] = {}
+        for key, node in self.nodes.items():
+            out[key] = node
+            if key == anchor:
+                out.update(new)
+        self.nodes = out
+
+    def splice(self, name: str, new: Mapping[str, Node]) -> None:
+        """Replace tensor ``name`` by the tensors ``new`` at its position (one weight -> its packed parts)."""
+        self[name]
+        clash = [n for n in new if n in self.nodes and n != name]
+        if clash:
+            raise SurgeonError(f"internal: tensor {clash[0]!r} already exists")
+        out: dict[str, Node] = {}
+        for key, node in self.nodes.items():
+            if key == name:
+                out.update(new)
+            else:
+                out[key] = node
+        self.nodes = out
+
+    def remove(self, *names: str) -> None:
+        for n in names:
+            self[n]
+        for n in names:
+            del self.nodes[n]
+
+    def reorder(self, order: Sequence[str], new: Mapping[str, Node] | None = None) -> None:
+        """Make the graph exactly ``order``: each name's node from ``new`` when given there, else the current
+        one; names in neither are an error, current names left out are dropped."""
+        new = new or {}
+        missing = [n for n in order if n not in new and n not in self.nodes]
+        if missing:
+            raise SurgeonError(f"internal: reorder names {missing[0]!r}, which is neither in the graph nor new")
+        if len(set(order)) != len(order):
+            raise SurgeonError("internal: reorder lists a tensor twice")
+        self.nodes = {n: new[n] if n in new else self.nodes[n] for n in order}
+
+    def rename(self, mapping: Mapping[str, str]) -> None:
+        """Rename tensors in place (model order kept); two tensors ending on one name is an error."""
+        out: dict[str, Node] = {}
+        for key, node in self.nodes.items():
+            target = mapping.get(key, key)
+            if target in out:
+                raise SurgeonError(f"{key!r} and another tensor would both become {target!r}")
+            out[target] = node
+        self.nodes = out
 
     def untouched(self, name: str) -> bool:
         """True when the tensor is still the source's bytes (a byte-for-byte copy is allowed)."""

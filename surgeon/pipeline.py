@@ -35,6 +35,7 @@ class RunOptions:
     quiet: bool = False
     dry_run: bool = False
     record_paths: bool = False  # full local paths in surgeon.json (the card never has them)
+    arch: dict[str, Any] | None = None  # architecture role overrides for every step (recipe ``arch:``)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -164,7 +165,8 @@ def run_steps(models: dict[str, str], steps: list[tuple[str, Any]], options: Run
         if options.output:
             recipe["output"] = str(options.output)
     ctx = Context.create(options.device, seed=options.seed, graphs=graphs, base_name=base,
-                        quiet=options.quiet, allow_nonfinite=options.allow_nonfinite, origin=graph)
+                         quiet=options.quiet, allow_nonfinite=options.allow_nonfinite, origin=graph,
+                         arch=options.arch, allow_pickle=options.allow_pickle, online=options.online)
     t_start = time.perf_counter()
     step_log: list[dict[str, Any]] = []
     import torch

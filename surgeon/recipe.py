@@ -210,13 +210,13 @@ def execute_recipe(recipe: Recipe, *, output: str | None = None, force: bool = F
     for step in recipe.steps:
         (op, params), = step.items()
         params = dict(params or {})
-        if recipe.arch and "arch" in _fields_of(op):
+        if recipe.arch and "arch" in _fields_of(op):  # ops with their own ``arch`` field see it there too
             params.setdefault("arch", recipe.arch)
         steps.append((op, params))
     opts = RunOptions(output=output or recipe.output, force=force, device=device or recipe.device,
                       seed=recipe.seed, max_shard_size=recipe.max_shard_size, quiet=quiet, dry_run=dry_run,
                       max_memory=recipe.max_memory, executor=recipe.executor,
-                      allow_nonfinite=recipe.allow_nonfinite, record_paths=recipe.record_paths)
+                      allow_nonfinite=recipe.allow_nonfinite, record_paths=recipe.record_paths, arch=recipe.arch)
     result = run_steps(recipe_models(recipe), steps, opts, recipe=recipe.model_dump(mode="json", exclude_none=True),
                        base=recipe.base)
     if recipe.push is not None and not dry_run and result.get("output"):
