@@ -29,7 +29,6 @@ from .common import (
     nm_prune,
     parse_nm,
     prune_targets,
-    roles,
     sparsity_facts,
     transposed_names,
 )
@@ -121,7 +120,7 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     trans = transposed_names(graph, names, params.arch)
     if nm is not None:
         check_nm_shapes(graph, names, nm[1], trans)
-    r = roles(graph, params.arch)
+    r = ctx.roles(graph, overrides=params.arch)
     by_layer: list[list[str]] = [[] for _ in range(r.n_layers)]
     prefixes = [r.layer_prefix(i) for i in range(r.n_layers)]
     for n in names:
@@ -149,7 +148,7 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     out = graph.copy()
     for n, mask_node in mask_nodes.items():
         dense = graph[n]
-        out.nodes[n] = Pruned(_apply_mask, [dense, mask_node], dense=dense, label="prune-wanda")
+        out.replace(n, Pruned(_apply_mask, [dense, mask_node], dense=dense, label="prune-wanda"))
     ctx.report(method="wanda", nm=params.nm, calibration_windows=int(tokens.shape[0]),
                calibration_seqlen=int(tokens.shape[1]), **sparsity_facts(per_tensor))
     return out

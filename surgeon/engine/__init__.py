@@ -30,7 +30,12 @@ def from_context(graph, ctx, **kw) -> Engine:
     dist.setup(ctx.device)
     roles_fn = getattr(ctx, "roles", None)
     if callable(roles_fn) and "roles" not in kw:
-        kw["roles"] = roles_fn(graph)
+        from surgeon.errors import SurgeonError
+
+        try:
+            kw["roles"] = roles_fn(graph)
+        except SurgeonError as e:
+            raise SurgeonError(f"engine: cannot find the decoder blocks of this model: {e}") from None
     mm = getattr(ctx, "max_memory", None)
     if mm is not None and "max_memory" not in kw:
         kw["max_memory"] = parse_size(mm, flag="--max-memory") if isinstance(mm, str) else int(mm)

@@ -398,7 +398,7 @@ class Engine:
                     for g in block.changed():
                         node = self.graph[g]
                         self.changed[g] = self.spill.put(g, block.param(g).detach().to(node.dtype), label="engine")
-                        self.graph.nodes[g] = self.changed[g]
+                        self.graph.replace(g, self.changed[g])
             outs = block._outputs()
             self._hidden.clear()
             self._hidden = outs
@@ -464,7 +464,8 @@ class Engine:
     def apply_changes(self, graph: Graph) -> Graph:
         """A copy of ``graph`` whose changed tensors are the spill store's lazy nodes."""
         out = graph.copy()
-        out.nodes.update(self.changed)
+        for name, node in self.changed.items():
+            out.replace(name, node)
         return out
 
 
