@@ -301,6 +301,7 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     if windows is not None or facts:
         eng = engine_mod.from_context(graph, ctx, dtype=params.dtype, micro_batch=params.batch_size)
         scores = engine_scores(eng, windows, tok, facts, progress=ctx.progress)
+        ctx.report(**eng.timing())
         del eng
         if "perplexity" in scores:
             result.update(scores["perplexity"])

@@ -144,6 +144,7 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     with ctx.timed("calibrate"):
         eng.run(tokens, observe={n: ("sq_norm",) for n in names}, change=change, record=False,
                 layers=[i for i, ns in enumerate(by_layer) if ns], transposed=trans, progress=ctx.progress)
+    ctx.report(**eng.timing())
     del eng
     out = graph.copy()
     for n, mask_node in mask_nodes.items():

@@ -461,6 +461,12 @@ class Engine:
             pass
         return self.head()
 
+    def timing(self) -> dict[str, float]:
+        """Blocks run so far and their mean / max wall seconds (for reports and benchmarks)."""
+        t = self.timings
+        return {"engine_blocks": len(t), "engine_block_s_mean": round(sum(t) / len(t), 3) if t else 0.0,
+                "engine_block_s_max": round(max(t), 3) if t else 0.0}
+
     def apply_changes(self, graph: Graph) -> Graph:
         """A copy of ``graph`` whose changed tensors are the spill store's lazy nodes."""
         out = graph.copy()
