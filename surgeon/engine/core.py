@@ -233,6 +233,22 @@ class Engine:
         self.timings: list[float] = []
 
     # ---------------------------------------------------------------------------------------------- set-up
+    def _read_unchecked(self, gname: str) -> torch.Tensor:
+        """One graph tensor; a source tensor is read without the whole-tensor finiteness check (which makes an
+        fp32 copy: 2 GB for a 128k x 4096 bf16 embedding): callers check the rows or chunks they use."""
+        from surgeon.graph import Load
+
+        node = self.graph[gname]
+        if isinstance(node, Load):
+            return node.checkpoint.load(node.name, check=False)
+        return self.graph.value(gname)
+
+    def _check(self, name: str, t: torch.Tensor) -> None:
+        if self.check_finite:
+            from surgeon.checkpoint import check_finite as refuse_nonfinite
+
+            refuse_nonfinite(name, t)
+
     def _block_bytes(self, i: int) -> int:
         p = self.layer_paths[i] + "."
         return sum(math.prod(self.graph[g].shape) * _dtype_size(self.dtype)
@@ -324,15 +340,14 @@ class Engine:
         uniq = torch.unique(ids)
         emb_p = self._embed_pname()
         emb_mod = self.skeleton.get_submodule(emb_p.rpartition(".")[0])
-        table = self.graph.value(self.pnames[emb_p])
+        table = self._read_unchecked(self.pnames[emb_p])
         if int(uniq.max()) >= table.shape[0] or int(uniq.min()) < 0:
             raise SurgeonError(f"engine: token id {int(uniq.max())} is outside the vocabulary ({table.shape[0]})")
-        if self.check_finite:
-            from surgeon.checkpoint import check_finite as refuse_nonfinite
-
-            refuse_nonfinite(self.pnames[emb_p], table[uniq])
-        _assign(self.skeleton, emb_p, table[uniq].to(device=self.device, dtype=self.dtype), is_param=True)
+        rows_used = table[uniq]
         del table
+        self._check(self.pnames[emb_p], rows_used)
+        _assign(self.skeleton, emb_p, rows_used.to(device=self.device, dtype=self.dtype), is_param=True)
+        del rows_used
         pad = getattr(emb_mod, "padding_idx", None)
         emb_mod.padding_idx = None  # the compact table has other row numbers; padding only matters for grads
         first = self.skeleton.get_submodule(self.layer_paths[0])
@@ -435,7 +450,7 @@ class Engine:
         if gname is None:
             raise SurgeonError(f"engine: no output embedding (lm_head) in this {self.roles.family} model")
         graph = self.graph
-        w = graph.value(gname)
+        w = self._read_unchecked(gname)
         head_mod = self.skeleton.get_output_embeddings()
         bias_p = self._pname_of(head_mod, "bias", "bias", required=False) if getattr(head_mod, "bias", None) \
             is not None else None
@@ -448,7 +463,8 @@ class Engine:
                 h = norm(h) if norm is not None else h
                 ids = torch.stack([self._rows[i].reshape(-1) for i in mb.indices])
                 nll, am = _chunked_nll(h[:, :-1].reshape(-1, h.shape[-1]), w, bias,
-                                       ids[:, 1:].reshape(-1).to(self.device), self.dtype, transform)
+                                       ids[:, 1:].reshape(-1).to(self.device), self.dtype, transform,
+                                       check=(lambda c: self._check(gname, c)) if j == 0 else None)
                 for k, gi in enumerate(mb.indices):
                     n = mb.length - 1
                     out.nll[gi] = nll[k * n:(k + 1) * n].cpu()
@@ -519,7 +535,7 @@ def _final_norm(engine: Engine):
 
 
 def _chunked_nll(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                 dtype: torch.dtype, transform) -> tuple[torch.Tensor, torch.Tensor]:
+                 dtype: torch.dtype, transform, check=None) -> tuple[torch.Tensor, torch.Tensor]:
     """NLL (fp64) of ``targets`` and the argmax over the vocabulary for hidden rows ``h [n, d]``, with the
     output embedding ``w [V, d]`` applied ``VOCAB_CHUNK`` rows at a time (running max / log-sum-exp)."""
     n = h.shape[0]
@@ -530,6 +546,8 @@ def _chunked_nll(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ta
     tgt = torch.zeros(n, dtype=torch.float64, device=dev)
     for v0 in range(0, w.shape[0], VOCAB_CHUNK):
         wc = w[v0:v0 + VOCAB_CHUNK].to(device=dev, dtype=dtype)
+        if check is not None:
+            check(wc)
         logits = h @ wc.T
         if bias is not None:
             logits = logits + bias[v0:v0 + VOCAB_CHUNK].to(device=dev, dtype=dtype)
