@@ -278,11 +278,9 @@ def engine_scores(engine, windows: torch.Tensor | None, tok, facts: list[dict[st
 
 @register("eval", Params, writes=False, model_level=True)
 def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
-    """Evaluate perplexity, fact recall and greedy samples; append one results row to the graph.
-
-    Perplexity and fact recall run on the block-by-block engine (memory: one block + activations + the output
-    embedding); greedy generation builds the whole module (incremental decoding with a KV cache), so it is
-    meant for models that fit in memory."""
+    """Evaluate perplexity, fact recall and greedy samples; append one results row to the graph."""
+    # perplexity and fact recall run on the block-by-block engine (memory: one block + activations + the output
+    # embedding); greedy generation builds the whole module (KV-cache decoding): for models that fit in memory
     from surgeon import engine as engine_mod
 
     ppl_spec, facts_spec = params.perplexity, params.facts
