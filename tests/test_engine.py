@@ -228,3 +228,22 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     assert len(masks) == 21
     for k in masks:
         assert torch.equal(one[k], two[k]), k
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_blocks_equal_cpu(tmp_path):
+    """--device cuda streams each block to the GPU: scores and Wanda-style statistics equal the CPU run."""
+    folder = _save("llama", tmp_path / "m")
+    g = _graph(folder)
+    ids = torch.randint(0, 60, (4, 16), generator=torch.Generator().manual_seed(6))
+    name = "model.layers.1.mlp.down_proj.weight"
+    res = {}
+    for dev in ("cpu", "cuda"):
+        eng = Engine(g, device=dev, micro_batch=2)
+        for block in eng.blocks(ids, layers=[1]):
+            res[dev, "sq"] = block.observe({name: ("sq_norm",)})[name].sq_norm.cpu()
+        out = Engine(g, device=dev, micro_batch=2).score(ids)
+        res[dev, "nll"] = torch.stack([out.nll[i] for i in range(4)])
+    assert torch.allclose(res["cuda", "sq"], res["cpu", "sq"], rtol=1e-4)
+    assert torch.allclose(res["cuda", "nll"], res["cpu", "nll"], rtol=1e-4, atol=1e-4)
