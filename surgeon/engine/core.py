@@ -221,8 +221,7 @@ class Engine:
         if max_memory is not None and largest > max_memory:
             i = self.block_bytes.index(largest)
             raise SurgeonError(f"--max-memory {_mb(max_memory)}: decoder block {self.roles.prefixes[i]!r} alone "
-                               f"needs {_mb(largest)} in {str(self.dtype).removeprefix('torch.')}; raise it "
-                               "or use a smaller --dtype")
+                               f"needs {_mb(largest)} in {str(self.dtype).removeprefix('torch.')}; raise --max-memory")
         if hidden_budget is None:
             hidden_budget = (max(max_memory - 2 * largest, 0) if max_memory is not None else DEFAULT_HIDDEN_BUDGET)
         self.hidden_budget = hidden_budget
