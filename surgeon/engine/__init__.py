@@ -30,10 +30,13 @@ def from_context(graph, ctx, **kw) -> Engine:
     dist.setup(ctx.device)
     roles_fn = getattr(ctx, "roles", None)
     if callable(roles_fn) and "roles" not in kw:
+        from surgeon.arch import LayerCountError
         from surgeon.errors import SurgeonError
 
         try:
             kw["roles"] = roles_fn(graph)
+        except LayerCountError:
+            raise
         except SurgeonError as e:
             raise SurgeonError(f"engine: cannot find the decoder blocks of this model: {e}") from None
     mm = getattr(ctx, "max_memory", None)

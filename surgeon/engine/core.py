@@ -492,10 +492,12 @@ class Engine:
 
 # -------------------------------------------------------------------------------------------------- helpers
 def _roles(graph: Graph) -> Roles:
-    from surgeon.arch import roles_for
+    from surgeon.arch import LayerCountError, roles_for
 
     try:
         return roles_for(graph.config, graph.names())
+    except LayerCountError:
+        raise
     except SurgeonError as e:
         raise SurgeonError(f"engine: cannot find the decoder blocks of this model: {e}") from None
 
