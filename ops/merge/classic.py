@@ -20,26 +20,28 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
-
-from surgeon.context import Context
-from surgeon.errors import SurgeonError
-from surgeon.graph import Graph
 from surgeon.kernels.select import kth_smallest
-from surgeon.ops.merge._common import (
-    LayerValue,
+from surgeon.ops.merge.inputs import (
     VocabMergeParams,
     check_compatible,
     check_weights,
     gather_inputs,
-    layer_value,
     merged_graph,
+)
+from surgeon.ops.merge.values import (
+    LayerValue,
+    layer_value,
+    model_values,
     num_layers,
     parse_float_list,
     parse_layer_value,
     per_model_field,
     resolve_per_model,
-    model_values,
 )
+
+from surgeon.context import Context
+from surgeon.errors import SurgeonError
+from surgeon.graph import Graph
 from surgeon.registry import register
 
 # ---------------------------------------------------------------------------------------------------------

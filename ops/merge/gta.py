@@ -19,24 +19,6 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
-
-from surgeon.context import Context
-from surgeon.errors import SurgeonError
-from surgeon.graph import Graph
-from surgeon.ops.merge._common import (
-    LayerValue,
-    VocabMergeParams,
-    check_compatible,
-    gather_inputs,
-    layer_value,
-    merged_graph,
-    num_layers,
-    parse_float_list,
-    parse_layer_value,
-    model_values,
-    per_model_field,
-    resolve_per_model,
-)
 from surgeon.ops.merge.classic import (
     check_unit_interval,
     chunked_disjoint_mean,
@@ -44,6 +26,21 @@ from surgeon.ops.merge.classic import (
     sign_election,
     tensor_seed,
 )
+from surgeon.ops.merge.inputs import VocabMergeParams, check_compatible, gather_inputs, merged_graph
+from surgeon.ops.merge.values import (
+    LayerValue,
+    layer_value,
+    model_values,
+    num_layers,
+    parse_float_list,
+    parse_layer_value,
+    per_model_field,
+    resolve_per_model,
+)
+
+from surgeon.context import Context
+from surgeon.errors import SurgeonError
+from surgeon.graph import Graph
 from surgeon.registry import register
 
 # ---------------------------------------------------------------------------------------------------------

@@ -19,15 +19,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from torch import nn
-
-from surgeon.context import Context
-from surgeon.errors import SurgeonError
-from surgeon.graph import Const, Graph
-from surgeon.registry import register
-
-from .adapters import Attached, attach, detach, merged_weight
-from .blocks import (
+from surgeon.ops.prune.blocks import (
     BlockBatch,
     advance,
     capture_block_inputs,
@@ -36,7 +28,14 @@ from .blocks import (
     module_of,
     run_block,
 )
-from .common import ARCH_HELP, EXCLUDE_HELP, Pruned, prune_targets, roles, sparsity_facts
+from surgeon.ops.prune.common import ARCH_HELP, EXCLUDE_HELP, Pruned, prune_targets, roles, sparsity_facts
+from surgeon.ops.retrain.adapters import Attached, attach, detach, merged_weight
+from torch import nn
+
+from surgeon.context import Context
+from surgeon.errors import SurgeonError
+from surgeon.graph import Const, Graph
+from surgeon.registry import register
 
 
 class Params(BaseModel):
