@@ -350,16 +350,6 @@ def translate(raw: dict[str, Any], *, where: str = "config") -> dict[str, Any]:
     return recipe
 
 
-def translate_file(path: str | os.PathLike) -> dict[str, Any]:
-    import yaml
-
-    p = Path(path)
-    raw = yaml.safe_load(p.read_text())
-    if not is_mergekit_config(raw):
-        raise _err(f"{p}: not a mergekit config (no merge_method)")
-    return translate(raw, where=str(p))
-
-
 def translation_of(path: str | os.PathLike) -> dict[str, Any] | None:
     """The recipe a mergekit config file becomes (paths as written), or None for a surgeon recipe."""
     import yaml
