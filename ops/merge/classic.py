@@ -237,8 +237,8 @@ class DareParams(TaskArithmeticParams):
         "Keep probability p of each task-vector entry (drop rate 1 − p): a number in (0, 1], a list over "
         "layers, or {pattern: value}."))
     seed: int = Field(0, description=(
-        "Offset added to the run's --seed for the random masks (each tensor's mask depends on the seed and the "
-        "tensor's name only)."))
+        "Seed of the random masks, added to the run's seed (a recipe's top-level seed; 0 from the command line). "
+        "Each tensor's mask depends on that sum and the tensor's name only."))
     consensus: Literal["none", "ties"] = Field("none", description=(
         "After dropping: sum the task vectors (none = dare_linear) or TIES sign election (ties = dare_ties)."))
     rescale: bool = Field(True, description="Rescale the kept entries (DARE's rescale).")

@@ -172,8 +172,8 @@ class DellaParams(_GtaParams):
     epsilon: LayerValue = Field(0.15, description=(
         "Half-width of the keep probabilities: from density − ε (smallest |τ|) to density + ε (largest)."))
     seed: int = Field(0, description=(
-        "Offset added to the run's --seed for the random masks (each tensor's mask depends on the seed, the "
-        "tensor's name and the model)."))
+        "Seed of the random masks, added to the run's seed (a recipe's top-level seed; 0 from the command line). "
+        "Each tensor's mask depends on that sum, the tensor's name and the model."))
     rescale: Literal["probability", "l1", "none"] = Field("probability", description=(
         "Rescale kept entries by 1/p (probability, the paper's Eq. 2), to the task vector's L1 norm (l1, "
         "mergekit 0.1.5) or not at all (none)."))
