@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from surgeon.ops.merge import opcm
 
 from surgeon.errors import SurgeonError
+from surgeon.ops.merge import opcm
 from tests.conftest import save_tiny_llama
 from tests.test_merge_helpers import context_for, perturbed_copy, state
 

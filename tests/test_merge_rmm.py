@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from surgeon.ops.merge import revert, rmm
 
 from surgeon.errors import SurgeonError
+from surgeon.ops.merge import revert, rmm
 from surgeon.writer import write_graph
 from tests.conftest import save_tiny_llama
 from tests.test_merge_helpers import context_for, perturbed_copy, save_lora, state

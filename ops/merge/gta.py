@@ -8,7 +8,8 @@ base times λ. The sparsifiers:
   keeping ``int(density·N)`` entries just below the outliers (fewer outliers are dropped when density + γ > 1).
 - DELLA MagPrune (Deep et al. 2024, arXiv 2406.11617, §3.1): per row, rank |τ| ascending; entry r (of n) is kept
   with probability p_r = (density − ε) + 2ε·(r − 1)/(n − 1); kept entries are rescaled by 1/p_r (the paper's
-  Eq. 2) or so that τ keeps its L1 norm (mergekit). Seeded per (run seed + the op's offset, tensor, model): order-independent.
+  Eq. 2) or so that τ keeps its L1 norm (mergekit). Seeded per (run seed + the op's offset, tensor, model):
+  order-independent.
 - SCE (Wan et al. 2024, arXiv 2408.07990): Select the top-k entries by the variance across models, Calculate
   per-model weights ∝ mean τ_i², Erase minority signs (TIES sum election), merge Σ w_i τ_i / Σ_agree w_i.
 """
@@ -19,6 +20,10 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
+
+from surgeon.context import Context
+from surgeon.errors import SurgeonError
+from surgeon.graph import Graph
 from surgeon.ops.merge.inputs import VocabMergeParams, check_compatible, gather_inputs, merged_graph
 from surgeon.ops.merge.sparsify import (
     check_unit_interval,
@@ -37,10 +42,6 @@ from surgeon.ops.merge.values import (
     per_model_field,
     resolve_per_model,
 )
-
-from surgeon.context import Context
-from surgeon.errors import SurgeonError
-from surgeon.graph import Graph
 from surgeon.registry import register
 
 # ---------------------------------------------------------------------------------------------------------

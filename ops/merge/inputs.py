@@ -158,7 +158,7 @@ def embedding_names(g: Graph, ctx: Context) -> set[str]:
             name = getattr(r, attr, None)
             if isinstance(name, str) and name in g:
                 out.add(name)
-    except Exception:  # arch unknown or module not there yet: fall back to names
+    except Exception:  # noqa: BLE001, S110 - an unknown or odd architecture falls back to names and shapes
         pass
     vocab = g.config.get("vocab_size") if isinstance(g.config, dict) else None
     for n in g.names():

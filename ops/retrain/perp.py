@@ -20,6 +20,11 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from surgeon.context import Context
+from surgeon.errors import SurgeonError
+from surgeon.graph import Const, Graph
 from surgeon.ops.prune.blocks import (
     BlockBatch,
     advance,
@@ -31,11 +36,6 @@ from surgeon.ops.prune.blocks import (
 )
 from surgeon.ops.prune.common import ARCH_HELP, EXCLUDE_HELP, Pruned, prune_targets, roles, sparsity_facts
 from surgeon.ops.retrain.adapters import Attached, attach, detach, merged_weight
-from torch import nn
-
-from surgeon.context import Context
-from surgeon.errors import SurgeonError
-from surgeon.graph import Const, Graph
 from surgeon.registry import register
 
 
