@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from surgeon.ops.evaluate import perplexity
-from surgeon.ops.prune import magnitude, perp
+from surgeon.ops.prune import magnitude
+from surgeon.ops.retrain import perp
 
 import surgeon
 from surgeon.checkpoint import open_checkpoint

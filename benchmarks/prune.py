@@ -61,7 +61,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from surgeon.kernels.select import kth_smallest
-    from surgeon.ops.prune import magnitude, perp, wanda
+    from surgeon.ops.prune import magnitude, wanda
+    from surgeon.ops.retrain import perp
 
     from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from surgeon.errors import SurgeonError
 from surgeon.formats import from_disk
+from surgeon.numeric import check_finite  # noqa: F401 - moved; re-exported for the executor and model
 
 if TYPE_CHECKING:
     import torch
@@ -133,22 +134,6 @@ class Checkpoint:
                 head = fh.read(n) if n else b""
             out[str(f)] = {"bytes": f.stat().st_size, "header_sha256": hashlib.sha256(head).hexdigest()}
         return out
-
-
-def check_finite(name: str, t: torch.Tensor, hint: str = "pass --allow-nonfinite to accept it") -> None:
-    """NaN/Inf refusal. A sum propagates both and is ~20x faster than ``isfinite(t).all()``; only when the sum
-    is not finite (possibly an overflow of finite values) does the exact check run."""
-    import torch
-
-    if not t.dtype.is_floating_point or not t.numel():
-        return
-    if t.element_size() == 1:  # float8: no reduction kernels
-        t = t.float()
-    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    if bool(torch.isfinite(t.sum(dtype=acc))):
-        return
-    if not bool(torch.isfinite(t).all()):
-        raise SurgeonError(f"tensor {name!r} contains NaN or Inf ({hint})")
 
 
 def read_exact(path: Path, offset: int, view: memoryview) -> None:

