@@ -253,6 +253,16 @@ class Context:
 
         return decode_json(self.read(path, what=what), where=f"{what}: {path}")
 
+    def fingerprint(self, path: str, *, what: str) -> str | None:
+        """sha256 of the content of a side file or folder (for cache keys); ``None`` when ``path`` names no
+        file or folder (a spec such as ``model:N``)."""
+        from surgeon.storage import content_fingerprint
+
+        try:
+            return content_fingerprint(path)
+        except OSError as e:
+            raise SurgeonError(f"{what}: cannot read {path} ({e.strerror or e})") from None
+
     def open_source(self, source: str) -> Checkpoint:
         """Another checkpoint (folder, file, repo id, GGUF, builtin) opened read-only and lazily."""
         from surgeon.checkpoint import open_checkpoint

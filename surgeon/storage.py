@@ -2,6 +2,7 @@
 
 - :func:`read_side_file`: bytes of a user-named side file (requests, facts, metrics, a tokenizer folder's
   files), with one-line errors that name the option and the path.
+- :func:`content_fingerprint`: sha256 of a side file's or folder's content (cache keys).
 - :class:`CacheEntry`: a content-addressed safetensors file under ``$SURGEON_CACHE/<namespace>/`` written
   atomically; a damaged entry reads as a miss.
 - :class:`StateFolder`: a folder for resumable state (a JSON document and tensor files streamed tensor by
@@ -43,6 +44,24 @@ def read_side_file(path: str | os.PathLike, *, what: str) -> bytes:
         return p.read_bytes()
     except OSError as e:
         raise SurgeonError(f"{what}: cannot read {p} ({e.strerror or e})") from None
+
+
+def content_fingerprint(path: str | os.PathLike) -> str | None:
+    """sha256 of a file's or a folder's content (each file's relative name, then its bytes, in sorted order);
+    ``None`` when nothing exists at ``path`` (then it names something else, e.g. ``model:N``)."""
+    import hashlib
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        return None
+    h = hashlib.sha256()
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    for f in files:
+        h.update(str(f.relative_to(p) if f != p else f.name).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def decode_json(data: bytes, *, where: str) -> Any:

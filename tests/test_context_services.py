@@ -167,3 +167,18 @@ def test_open_source_names_the_source(tmp_path):
         Context().open_source(str(tmp_path / "nothing"))
     save_file({"w": torch.ones(2)}, str(tmp_path / "m.safetensors"))
     assert Context().open_source(str(tmp_path / "m.safetensors")).tensors["w"].shape == (2,)
+
+
+def test_fingerprint_of_file_and_folder_and_missing(tmp_path):
+    import hashlib
+
+    ctx = Context()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "b.txt").write_bytes(b"beta")
+    (tmp_path / "d" / "a.txt").write_bytes(b"alpha")
+    # oracle: names (relative, sorted) and bytes in turn
+    want = hashlib.sha256(b"a.txt" + b"alpha" + b"b.txt" + b"beta").hexdigest()
+    assert ctx.fingerprint(str(tmp_path / "d"), what="--data") == want
+    assert ctx.fingerprint(str(tmp_path / "d" / "a.txt"), what="--data") == hashlib.sha256(
+        b"a.txt" + b"alpha").hexdigest()
+    assert ctx.fingerprint("model:64", what="--data") is None

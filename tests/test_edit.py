@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from surgeon.context import Context
 from surgeon.errors import SurgeonError
 
 SUBJECTS = ["Zorbia", "Quenta", "Maldor", "Fenwick", "Tarsis", "Ulmora", "Brevik", "Korrin", "Xanthe", "Lumos",
@@ -274,12 +275,12 @@ def test_requests_load_jsonl_yaml_and_placeholder(tmp_path):
     p.write_text(json.dumps({"prompt": "{} is in the city of", "subject": "Eiffel Tower", "target_new": " Rome"})
                  + "\n\n" + json.dumps({"prompt": "The Louvre is in", "subject": "Louvre", "target": " Oslo",
                                         "paraphrases": ["Where is {}? In"]}) + "\n")
-    reqs = load_requests(p)
+    reqs = load_requests(p, Context())
     assert [r.text for r in reqs] == ["Eiffel Tower is in the city of", "The Louvre is in"]
     assert reqs[0].target == " Rome" and reqs[1].paraphrase_texts() == ["Where is Louvre? In"]
     y = tmp_path / "r.yaml"
     y.write_text("- prompt: The Louvre is in\n  subject: Louvre\n  target: ' Oslo'\n")
-    assert load_requests(y)[0].template == "The {} is in"
+    assert load_requests(y, Context())[0].template == "The {} is in"
 
 
 @pytest.mark.parametrize("line, message", [
@@ -295,15 +296,15 @@ def test_bad_requests_name_file_and_line(tmp_path, line, message):
     p = tmp_path / "r.jsonl"
     p.write_text('{"prompt": "{} is in", "subject": "Louvre", "target": " Paris"}\n' + line + "\n")
     with pytest.raises(SurgeonError, match=message) as e:
-        load_requests(p)
+        load_requests(p, Context())
     assert f"{p}:2" in str(e.value)
 
 
 def test_missing_requests_file_is_clear(tmp_path):
     from surgeon.ops.edit.requests import load_requests
 
-    with pytest.raises(SurgeonError, match="no such file"):
-        load_requests(tmp_path / "nope.jsonl")
+    with pytest.raises(SurgeonError, match="--requests: .*nope.jsonl does not exist"):
+        load_requests(tmp_path / "nope.jsonl", Context())
 
 
 def test_duplicate_subjects_go_to_later_batches():
@@ -562,7 +563,7 @@ def test_stats_are_cached_and_keyed_by_weights(fact_model, tmp_path):
     stats = _stats_text(tmp_path / "stats.txt")
     g = _graph(fact_model)
     ctx = Context(quiet=True)
-    site = locate(g, None)
+    site = locate(g, None, ctx.roles(g))
     params = Params(requests=[_request(0, 1)], stats_data=stats)
     model = ctx.module(g)
     module = find_submodule(model, site.module_path)
@@ -573,9 +574,9 @@ def test_stats_are_cached_and_keyed_by_weights(fact_model, tmp_path):
     torch.testing.assert_close(f1.lower, f2.lower)
     # C really is E[kkᵀ] over the corpus' tokens (windows capped at the model's 64-token context)
     from surgeon.data import effective_seqlen
-    from surgeon.ops.edit.stats import read_cache
+    from safetensors.torch import load_file
 
-    mom2 = read_cache(Path(info1["stats_file"])).mom2
+    mom2 = load_file(info1["stats_file"])["mom2"].double()
     seqlen = effective_seqlen(256, g.config)
     windows = ctx.tokens(stats, g, seqlen=seqlen, max_windows=-(-10 * site.d_k // seqlen))
     seen = []

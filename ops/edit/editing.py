@@ -92,6 +92,13 @@ class EditParams(BaseModel):
     metrics: bool = Field(True, description="Measure efficacy, paraphrase and neighbourhood before/after.")
     eval_data: str | None = Field(None, description="Text for perplexity before/after (file or 'model[:N]').")
 
+    def stats_token_count(self, d_k: int) -> int:
+        """Tokens for C: ``stats_tokens``, else the default for ``stats_data`` (see :mod:`.stats`); also used by
+        the ``--dry-run`` memory estimate."""
+        from .stats import default_stats_tokens
+
+        return self.stats_tokens or default_stats_tokens(d_k, self.stats_data)
+
     @field_validator("requests")
     @classmethod
     def _requests_nonempty(cls, v: Any) -> Any:
@@ -124,9 +131,9 @@ def settings_for(method: Method, family: str, params: EditParams, n_layers: int 
     return s, lam
 
 
-def edit_requests(params: EditParams) -> list[Request]:
+def edit_requests(params: EditParams, ctx) -> list[Request]:
     """The requests, with the reference's leading space on bare targets unless ``target_space`` is off."""
-    requests = resolve_requests(params.requests)
+    requests = resolve_requests(params.requests, ctx)
     return with_leading_space(requests) if params.target_space else requests
 
 
@@ -156,11 +163,11 @@ def covariance(model, graph, ctx, site: EditSite, module, params: EditParams):
     """The CholeskyFactor of C (or of I with --no-cov) and facts for the report."""
     from surgeon.kernels.covariance import CholeskyFactor
 
-    from .stats import default_stats_tokens, key_statistics
+    from .stats import key_statistics
 
     if not params.cov or params.stats_data == "identity":
         return CholeskyFactor.identity(site.d_k, device=ctx.device), {"stats": "identity (C = I, unconstrained)"}
-    n_tokens = params.stats_tokens or default_stats_tokens(site.d_k, params.stats_data)
+    n_tokens = params.stats_token_count(site.d_k)
     t0 = time.perf_counter()
     st = key_statistics(model, graph, ctx, site, module, _mlp_parent(model, site), spec=params.stats_data,
                         n_tokens=n_tokens, seqlen=params.stats_seqlen, use_cache=params.stats_cache)
@@ -176,11 +183,10 @@ def covariance(model, graph, ctx, site: EditSite, module, params: EditParams):
     return factor, info
 
 
-def write_back(graph, edits: Sequence[tuple[EditSite, Sequence[torch.Tensor], Sequence[torch.Tensor]]]) -> None:
+def write_back(graph, edits: Sequence[tuple[EditSite, Sequence[torch.Tensor], Sequence[torch.Tensor]]],
+               ctx) -> None:
     """Put ΔW = Σ up@down of each edited tensor into the graph as one low-rank node, and the factors and the
-    original tensors into ``edits.safetensors``."""
-    from surgeon.writer import safetensors_bytes  # deterministic bytes (sorted metadata)
-
+    original tensors into ``edits.safetensors`` (attached through ``ctx``: deterministic bytes)."""
     from surgeon.graph import Executor, LowRank
 
     tensors: dict[str, torch.Tensor] = {}
@@ -192,25 +198,25 @@ def write_back(graph, edits: Sequence[tuple[EditSite, Sequence[torch.Tensor], Se
             base, up, down = node.inputs[0], torch.cat([node.up, up], 1), torch.cat([node.down, down], 0)
         else:
             base = node
-        graph.nodes[site.name] = LowRank(base, up, down, transposed=site.transposed, label="edit")
+        graph.replace(site.name, LowRank(base, up, down, transposed=site.transposed, label="edit"))
         original = Executor([base]).evaluate_all()[0]
         tensors.update({f"{site.name}.up": up.contiguous(), f"{site.name}.down": down.contiguous(),
                         f"{site.name}.original": original.contiguous()})
-    graph.extra_files["edits.safetensors"] = safetensors_bytes(
-        tensors, metadata={"delta": "W_linear += up @ down (transpose for Conv1D)",
-                           "transposed": ",".join(str(e[0].transposed).lower() for e in edits),
-                           "tensor": ",".join(e[0].name for e in edits)})
+    ctx.attach(graph, "edits.safetensors", tensors,
+               metadata={"delta": "W_linear += up @ down (transpose for Conv1D)",
+                         "transposed": ",".join(str(e[0].transposed).lower() for e in edits),
+                         "tensor": ",".join(e[0].name for e in edits)})
 
 
 def run_edit(graph, params: EditParams, ctx, method: Method, *, lam: float | None = None,
              batch_size: int = 1, residual: str = "paper", ridge_single: bool = False) -> Any:
     """Edit ``graph`` with ROME (one request at a time) or EMMET (batches of unique subjects)."""
-    requests = edit_requests(params)
+    requests = edit_requests(params, ctx)
     dups = duplicate_subjects(requests)
     if dups and method == "emmet":
         ctx.log("[yellow]subjects requested more than once: " + ", ".join(f"{s!r}×{n}" for s, n in dups.items())
                 + " — their later requests go into later batches (applied on top)[/]")
-    site = locate(graph, params.layer)
+    site = locate(graph, params.layer, ctx.roles(graph))
     graph = graph.copy()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -278,7 +284,7 @@ def run_edit(graph, params: EditParams, ctx, method: Method, *, lam: float | Non
         downs.append(down)
     timings.update(keys_values_s=t_values, solve_s=t_solve)
 
-    write_back(graph, [(site, ups, downs)])
+    write_back(graph, [(site, ups, downs)], ctx)
     result: dict[str, Any] = {"kind": f"edit.{method}", "title": f"Knowledge edit ({method.upper()})",
                               "requests": len(requests), "layer": site.layer}
     if before is not None:

@@ -85,16 +85,14 @@ def spread(model: torch.nn.Module, tok: Any, sites: list[EditSite], modules: lis
 @register("edit.memit", Params, model_level=True)
 def apply(graph, params: Params, ctx):
     """Rewrite all requests' facts, one batch at a time, spreading each batch's update over the layers."""
-    from surgeon.arch import roles_for
-
-    requests = edit_requests(params)
+    requests = edit_requests(params, ctx)
     dups = duplicate_subjects(requests)
     if dups:
         ctx.log("[yellow]subjects requested more than once: " + ", ".join(f"{s!r}×{n}" for s, n in dups.items())
                 + " — their later requests go into later batches (applied on top)[/]")
     if params.layer is not None:
         raise SurgeonError("edit.memit: use --layers (a list) instead of --layer")
-    roles = roles_for(graph.config, graph.names())
+    roles = ctx.roles(graph)
     if params.layers:
         layers, rule = sorted(set(params.layers)), "--layers"
         bad = [x for x in layers if not 0 <= x < roles.n_layers]
@@ -102,7 +100,7 @@ def apply(graph, params: Params, ctx):
             raise SurgeonError(f"--layers {bad[0]}: the model has layers 0..{roles.n_layers - 1}")
     else:
         layers, rule = default_layers(roles.family, roles.n_layers)
-    sites = [locate(graph, x) for x in layers]
+    sites = [locate(graph, x, roles) for x in layers]
     graph = graph.copy()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -158,7 +156,7 @@ def apply(graph, params: Params, ctx):
             acc.append(part)
     timings.update(keys_values_s=t_values, spread_s=t_solve)
 
-    write_back(graph, [(s, [u for u, _ in acc], [d for _, d in acc]) for s, acc in zip(sites, per_layer)])
+    write_back(graph, [(s, [u for u, _ in acc], [d for _, d in acc]) for s, acc in zip(sites, per_layer)], ctx)
     result: dict[str, Any] = {"kind": "edit.memit", "title": "Knowledge edit (MEMIT)", "requests": len(requests),
                               "layers": layers}
     if before is not None:

@@ -61,11 +61,8 @@ class EditSite:
         return tensor.T if self.transposed else tensor
 
 
-def locate(graph: Any, layer: int | None) -> EditSite:
-    """The MLP down-projection of ``layer`` (or of the family's default layer)."""
-    from surgeon.arch import roles_for
-
-    roles = roles_for(graph.config, graph.names())
+def locate(graph: Any, layer: int | None, roles: Any) -> EditSite:
+    """The MLP down-projection of ``layer`` (or of the family's default layer); ``roles`` from ``ctx.roles``."""
     n = roles.n_layers
     if layer is None:
         layer, rule = default_layer(roles.family, n)
