@@ -380,12 +380,23 @@ def test_values_per_request_equal_the_joint_batch_and_stop_early(fact_model):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def final_logits(model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
+                 ) -> torch.Tensor:
+    """Reference: logits at (row, position) pairs of whole rows (the head applied to the gathered hidden states)."""
+    base, head = model.base_model, model.get_output_embeddings()
+    if base is model or head is None:
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[rows, positions].float()
+    hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    return head(hidden[rows, positions]).float()
+
+
 def test_suffix_on_cached_context_equals_whole_rows_with_delta(fact_model, monkeypatch):
     """The value loop's forward (context keys/values cached once, only the suffix from the δ position run) gives
     the logits of whole right-padded rows with δ added at the subject's last token, also for a row whose subject
     starts at position 0 (empty context) next to longer ones."""
-    import surgeon.ops.edit.keys_values as kvmod
-    from surgeon.ops.edit.keys_values import context_cache, final_logits, pad_rows, split_rows, suffix_logits
+    import surgeon.ops.edit.forward as fwdmod
+    from surgeon.ops.edit.forward import context_cache, suffix_logits
+    from surgeon.ops.edit.rows import pad_rows, split_rows
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
@@ -429,7 +440,7 @@ def test_suffix_on_cached_context_equals_whole_rows_with_delta(fact_model, monke
     with torch.no_grad():
         got = suffix_logits(model, split, kv, torch.arange(3), at_rows, at_pos - lk[at_rows], on_rows=on_rows)
         assert len(seen.pop("calls")) == 1  # 3 rows: padding them to one length is cheaper than 3 passes
-        monkeypatch.setattr(kvmod, "PAD_TOKENS_PER_PASS", 0)
+        monkeypatch.setattr(fwdmod, "PAD_TOKENS_PER_PASS", 0)
         apart = suffix_logits(model, split, kv, torch.arange(3), at_rows, at_pos - lk[at_rows], on_rows=on_rows)
         assert len(seen.pop("calls")) == 3  # one bucket per suffix length
         # a subset of rows, in another order, picks the same cached context
@@ -446,8 +457,8 @@ def test_suffix_on_cached_context_equals_whole_rows_with_delta(fact_model, monke
 def test_layers_before_the_edit_are_replayed_not_run(fact_model, monkeypatch):
     """Editing the second layer: after the first pass the first layer is not run again (its recorded output is
     replayed), and the values equal those of a run where every layer runs."""
-    import surgeon.ops.edit.keys_values as kvmod
-    from surgeon.ops.edit.keys_values import ValueSettings, layers_before, optimise_values
+    from surgeon.ops.edit.forward import SkipEarlyLayers, layers_before
+    from surgeon.ops.edit.keys_values import ValueSettings, optimise_values
     from surgeon.ops.edit.requests import Request
     from transformers import AutoModelForCausalLM
 
@@ -461,7 +472,7 @@ def test_layers_before_the_edit_are_replayed_not_run(fact_model, monkeypatch):
     h = model.model.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))
     fast = optimise_values(model, tok, down, reqs, ["Once upon a time. "], settings, device="cpu")
     runs_fast = len(calls)
-    monkeypatch.setattr(kvmod._SkipEarlyLayers, "engage", lambda self: None)
+    monkeypatch.setattr(SkipEarlyLayers, "engage", lambda self: None)
     calls.clear()
     slow = optimise_values(model, tok, down, reqs, ["Once upon a time. "], settings, device="cpu")
     h.remove()
@@ -476,20 +487,17 @@ def test_grouped_eager_attention_equals_sdpa(fact_model):
     model's own SDPA logits, with padding and a cache; the model's attention is restored afterwards."""
     from types import SimpleNamespace
 
-    from surgeon.ops.edit.keys_values import (
-        GROUPED_ATTENTION,
-        attention,
-        context_cache,
-        cpu_attention,
-        split_rows,
-        suffix_logits,
-    )
+    from surgeon.arch import attention_implementation
+    from surgeon.kernels.attention import GROUPED_ATTENTION
+    from surgeon.ops.edit.forward import attention, context_cache, suffix_logits
+    from surgeon.ops.edit.rows import split_rows
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
     assert model.config.num_attention_heads != model.config.num_key_value_heads  # grouped-query attention
-    assert cpu_attention(model) == GROUPED_ATTENTION
-    assert cpu_attention(SimpleNamespace(config=SimpleNamespace(model_type="gemma2"))) == "eager"  # soft-capping
+    assert attention_implementation(model.config.model_type, "cpu") == GROUPED_ATTENTION
+    assert attention_implementation("gemma2", "cpu") == "eager"  # soft-capping
+    assert attention_implementation("llama", "cuda") is None
     tok = _tokenizer()
     rows = [tok(TEMPLATES[0].format(s))["input_ids"] for s in SUBJECTS[:3]]
     rows.append(tok("x y " + SUBJECTS[3])["input_ids"])
@@ -753,7 +761,7 @@ def test_bare_targets_get_the_reference_leading_space():
 def test_rome_prefixes_start_at_bos_and_count_the_seed(fact_model):
     """Item 2: ROME's templates are sampled from "<|endoftext|>" (BOS) with max_out_len 5 and 10 counting the
     seed token (4 and 9 new tokens); MEMIT/EMMET's from the seed words."""
-    from surgeon.ops.edit.keys_values import prefix_lengths, sample_prefixes, seed_ids
+    from surgeon.ops.edit.prefixes import prefix_lengths, sample_prefixes, seed_ids
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(fact_model).eval()

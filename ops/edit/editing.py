@@ -20,6 +20,7 @@ from surgeon.errors import SurgeonError
 
 from . import keys_values as kv
 from . import metrics as mx
+from . import prefixes as pf
 from .requests import Request, duplicate_subjects, resolve_requests, subject_batches, with_leading_space
 from .site import EditSite, find_submodule, locate
 from .solve import emmet_update, rome_update
@@ -139,7 +140,7 @@ def edit_requests(params: EditParams, ctx) -> list[Request]:
 
 def prefixes_for(method: Method, model, tok, params: EditParams, ctx) -> list[str]:
     n_pre = N_PREFIXES[method] if params.n_prefixes is None else params.n_prefixes
-    return kv.sample_prefixes(model, tok, kv.prefix_lengths(method, n_pre), seed=ctx.seed, device=ctx.device,
+    return pf.sample_prefixes(model, tok, pf.prefix_lengths(method, n_pre), seed=ctx.seed_for(0), device=ctx.device,
                               seeds=style(method, params)["prefix_seeds"])
 
 

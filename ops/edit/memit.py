@@ -34,6 +34,7 @@ from .editing import (
     style,
     write_back,
 )
+from .forward import decoder_layer
 from .requests import Request, duplicate_subjects, subject_batches
 from .site import EditSite, find_submodule, locate
 from .solve import ridge_factors
@@ -70,7 +71,7 @@ def spread(model: torch.nn.Module, tok: Any, sites: list[EditSite], modules: lis
     """MEMIT's insertion loop: ``(up, down)`` per layer, each applied to its module in place before the next
     layer's keys and the top layer's output are read. ``zs`` [d_model, n] are the targets of the last layer's
     output; ``factors`` the Cholesky factors of each layer's C."""
-    top = kv.decoder_layer(model, modules[-1])
+    top = decoder_layer(model, modules[-1])
     out = []
     for i, (site, module, factor) in enumerate(zip(sites, modules, factors)):
         keys = kv.compute_keys(model, tok, module, requests, prefixes, device=device, uniform=uniform_keys)
@@ -130,7 +131,7 @@ def apply(graph, params: Params, ctx):
     t0 = time.perf_counter()
     prefixes = prefixes_for("memit", model, tok, params, ctx)
     timings["prefixes_s"] = time.perf_counter() - t0
-    top = kv.decoder_layer(model, modules[-1])
+    top = decoder_layer(model, modules[-1])
     per_layer: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in sites]
     per_edit: list[dict[str, Any]] = []
     batches = subject_batches(requests, params.batch_size)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .keys_values import pad_id_of, pad_rows, target_ids
+from .rows import pad_id_of, pad_rows, target_ids
 from .requests import Request
 
 BATCH_ROWS = 32

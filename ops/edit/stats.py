@@ -25,7 +25,7 @@ import torch
 from surgeon.errors import SurgeonError
 from surgeon.kernels.linalg import CovarianceAccumulator
 
-from .keys_values import _StopForward
+from .forward import StopForward
 from .site import EditSite
 
 STATS_VERSION = "2"
@@ -111,7 +111,7 @@ def accumulate_key_moment(model: torch.nn.Module, module: torch.nn.Module, windo
 
     def hook(_m, args):
         got.append(args[0].detach())
-        raise _StopForward
+        raise StopForward
 
     handle = module.register_forward_pre_hook(hook)
     try:
@@ -121,7 +121,7 @@ def accumulate_key_moment(model: torch.nn.Module, module: torch.nn.Module, windo
             try:
                 with torch.no_grad():
                     model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
             x = got[0]
             x = x[mask.to(x.device).bool()]
