@@ -22,7 +22,9 @@ from surgeon.ops.erase.closed_form import (
     uce_delta,
     uce_edit_per_matrix,
 )
-from surgeon.ops.erase.rece import ReceParams, UceParams, apply, apply_uce, prepare_erasure
+from surgeon.ops.erase.rece import ReceParams, apply
+from surgeon.ops.erase.uce import UceParams, prepare_erasure
+from surgeon.ops.erase.uce import apply as apply_uce
 from surgeon.ops.erase.sd_keys import compvis_to_diffusers_attention
 from test_erase_helpers import save_compvis_copy, save_tiny_sd
 
@@ -190,7 +192,7 @@ def test_erased_concept_moves_to_target_preserved_prompts_stay(tmp_path):
     ctx = Context(quiet=True)
     params = UceParams(concept=["nudity"], target=["dog"], positions="last", preserve=["a red cat", "the house"])
     g2 = apply_uce(g, params, ctx)
-    from surgeon.ops.erase.rece import erasure_embeddings
+    from surgeon.ops.erase.uce import erasure_embeddings
     from surgeon.ops.erase.sd_keys import detect_layout
     from surgeon.ops.erase.text import PromptEncoder
 
@@ -438,7 +440,7 @@ def test_factored_epochs_equal_dense_epochs(rece_run):
 def test_stacked_chunks_and_reread_give_the_same_edit(sd, rece_run, monkeypatch):
     """Weights stacked a few matrices per product, read again for the apply pass (nothing kept), give the same
     output and report as the default (one chunk, kept between the passes)."""
-    import surgeon.ops.erase.rece as rece_mod
+    import surgeon.ops.erase.weights as rece_mod
 
     g, g2, _, params = rece_run
     rows = [g[n].shape[0] for n in kv_names(g)]
@@ -475,7 +477,7 @@ def test_shipped_artist_list_is_the_reference_list():
     of first appearance (computed from the reference repository)."""
     import hashlib
 
-    from surgeon.ops.erase.rece import artist_list
+    from surgeon.ops.erase.uce import artist_list
 
     names = artist_list()
     assert len(names) == 1734 and len(set(names)) == 1734
@@ -483,7 +485,7 @@ def test_shipped_artist_list_is_the_reference_list():
 
 
 def test_artist_preset_preserves_the_other_artists_like_the_reference(sd):
-    from surgeon.ops.erase.rece import artist_list, resolve_settings
+    from surgeon.ops.erase.uce import artist_list, resolve_settings
 
     # reference (train_uce.py / train_artists.py, concept_type 'art', no --preserve_concepts): every artist of the
     # CSV whose lower-cased name is not an erased concept, after ''
