@@ -64,6 +64,29 @@ def content_fingerprint(path: str | os.PathLike) -> str | None:
     return h.hexdigest()
 
 
+def load_tokenizer_folder(folder: str | os.PathLike, *, cls: str, what: str) -> Any:
+    """A transformers tokenizer of class ``cls`` (``CLIPTokenizer``, ``AutoTokenizer``) from a tokenizer folder."""
+    p = Path(folder).expanduser()
+    if not p.is_dir():
+        raise SurgeonError(f"{what}: {p} is not a folder")
+    import transformers
+
+    try:
+        return getattr(transformers, cls).from_pretrained(str(p))
+    except Exception as e:  # noqa: BLE001 - tokenizer files can fail in many ways; name the folder
+        raise SurgeonError(f"{what}: {p}: cannot load a {cls} ({e.__class__.__name__}: {e})") from None
+
+
+def hub_cached_folder(repo: str, filename: str) -> Path | None:
+    """The local Hub cache folder of ``repo`` that holds ``filename`` (never downloads); None when not cached."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    hit = try_to_load_from_cache(repo, filename)
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
 def decode_json(data: bytes, *, where: str) -> Any:
     try:
         return json.loads(data)

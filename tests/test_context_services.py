@@ -182,3 +182,15 @@ def test_fingerprint_of_file_and_folder_and_missing(tmp_path):
     assert ctx.fingerprint(str(tmp_path / "d" / "a.txt"), what="--data") == hashlib.sha256(
         b"a.txt" + b"alpha").hexdigest()
     assert ctx.fingerprint("model:64", what="--data") is None
+
+
+def test_tokenizer_from_folder_hub_cache_and_errors(tmp_path):
+    ctx = Context()
+    assert ctx.tokenizer_from(None, cls="CLIPTokenizer", hub_repo="surgeon-tests/not-cached", what="tok") is None
+    with pytest.raises(SurgeonError, match=r"--tokenizer: .*nope is not a folder"):
+        ctx.tokenizer_from(str(tmp_path / "nope"), cls="CLIPTokenizer", what="--tokenizer")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "vocab.json").write_text("{not json")
+    (tmp_path / "bad" / "merges.txt").write_text("")
+    with pytest.raises(SurgeonError, match=r"--tokenizer: .*bad: cannot load a CLIPTokenizer"):
+        ctx.tokenizer_from(str(tmp_path / "bad"), cls="CLIPTokenizer", what="--tokenizer")

@@ -25,7 +25,7 @@ from surgeon.ops.erase.closed_form import (
 from surgeon.ops.erase.rece import ReceParams, apply
 from surgeon.ops.erase.uce import UceParams, prepare_erasure
 from surgeon.ops.erase.uce import apply as apply_uce
-from surgeon.ops.erase.sd_keys import compvis_to_diffusers_attention
+from test_erase_helpers import compvis_to_diffusers_attention
 from test_erase_helpers import save_compvis_copy, save_tiny_sd
 
 from surgeon.checkpoint import open_checkpoint
@@ -196,7 +196,7 @@ def test_erased_concept_moves_to_target_preserved_prompts_stay(tmp_path):
     from surgeon.ops.erase.sd_keys import detect_layout
     from surgeon.ops.erase.text import PromptEncoder
 
-    enc = PromptEncoder(g, detect_layout(g), ctx=ctx)
+    enc = PromptEncoder(g, detect_layout(g, ctx), ctx=ctx)
     keep = erasure_embeddings(enc, {"erased": ["a red cat"], "targets": ["a red cat"], "preserve": [],
                                     "concepts": ["a red cat"]}, "all")["concepts_full"][0]
     emb = prepare_erasure(g, params, ctx)[2]
@@ -505,7 +505,7 @@ def test_artist_preset_preserves_the_other_artists_like_the_reference(sd):
     from surgeon.ops.erase.sd_keys import detect_layout
     from surgeon.ops.erase.text import PromptEncoder
 
-    enc = PromptEncoder(g, detect_layout(g), ctx=ctx)
+    enc = PromptEncoder(g, detect_layout(g, ctx), ctx=ctx)
     retain_texts = [""] + [t for t in artist_list() if t.lower() != "kelly mckernan"]
     preserve_scale = round(max(0.1, 1 / len(retain_texts)), 3)
     assert ctx.step_info["uce"]["preserve_scale"] == pytest.approx(preserve_scale)
@@ -538,7 +538,7 @@ def test_rece_epochs_attack_the_bare_concept_like_the_reference(sd):
     from surgeon.ops.erase.sd_keys import detect_layout
     from surgeon.ops.erase.text import PromptEncoder
 
-    bare = PromptEncoder(g, detect_layout(g), ctx=ctx).encode(["nudity", "a dog"]).hidden
+    bare = PromptEncoder(g, detect_layout(g, ctx), ctx=ctx).encode(["nudity", "a dog"]).hidden
     assert torch.equal(emb["concepts_full"], bare)
     # the earlier behaviour stays reachable: every templated prompt attacked
     ctx2 = Context(quiet=True)

@@ -213,7 +213,7 @@ def erasure_embeddings(encoder, settings: dict, positions: str) -> dict[str, tor
 def prepare_erasure(graph: Graph, params: UceParams, ctx) -> tuple[SDLayout, dict, dict[str, torch.Tensor]]:
     """Layout, resolved settings and every embedding the edit needs (text encoders are freed afterwards)."""
     settings = resolve_settings(params)
-    layout = detect_layout(graph, params.tokenizer)
+    layout = detect_layout(graph, ctx, params.tokenizer)
     from .text import PromptEncoder
 
     encoder = PromptEncoder(graph, layout, device=ctx.device, ctx=ctx)

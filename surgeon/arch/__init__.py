@@ -30,7 +30,6 @@ A list of selectors is their union, in model order. An empty result is an error.
 from __future__ import annotations
 
 import fnmatch
-import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,98 +37,13 @@ from typing import Any
 
 from surgeon.errors import SurgeonError
 
+from .attention import PLAIN_ATTENTION_FAMILIES, attention_implementation  # noqa: F401 - ops ask surgeon.arch
+from .families import ALIASES, FAMILIES
+
 #: The roles every family is asked about. Families may add more (``norm.q``, ``xattn.k``, ...).
 CORE_ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down", "norm.attn", "norm.mlp")
 GLOBAL_ROLES = ("embed", "pos_embed", "lm_head", "final_norm")
 BASE_PREFIXES = ("model.", "transformer.")
-
-_LLAMA_ROLES = {
-    "attn.q": "self_attn.q_proj.weight",
-    "attn.k": "self_attn.k_proj.weight",
-    "attn.v": "self_attn.v_proj.weight",
-    "attn.o": "self_attn.o_proj.weight",
-    "mlp.gate": "mlp.gate_proj.weight",
-    "mlp.up": "mlp.up_proj.weight",
-    "mlp.down": "mlp.down_proj.weight",
-    "norm.attn": "input_layernorm.weight",
-    "norm.mlp": "post_attention_layernorm.weight",
-}
-_LLAMA_GLOBALS = {"embed": "model.embed_tokens.weight", "lm_head": "lm_head.weight", "final_norm": "model.norm.weight"}
-
-# Gemma 2/3 put a norm before AND after each sub-block; the one *feeding* the MLP is pre_feedforward_layernorm.
-_GEMMA2_ROLES = {
-    **_LLAMA_ROLES,
-    "norm.mlp": "pre_feedforward_layernorm.weight",
-    "norm.attn_out": "post_attention_layernorm.weight",
-    "norm.mlp_out": "post_feedforward_layernorm.weight",
-}
-
-#: family -> layout. ``layers``: candidate layer-prefix templates (first that exists wins); ``roles``: suffixes
-#: after the layer prefix; ``fused``: role -> (tensor role it lives in, slice key); ``transposed``: Conv1D roles.
-FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": {"layers": ["model.layers.{i}."], "roles": _LLAMA_ROLES, **_LLAMA_GLOBALS, "tie_default": False},
-    "mistral": {"layers": ["model.layers.{i}."], "roles": _LLAMA_ROLES, **_LLAMA_GLOBALS, "tie_default": False},
-    "qwen2": {"layers": ["model.layers.{i}."], "roles": _LLAMA_ROLES, **_LLAMA_GLOBALS, "tie_default": False},
-    "qwen3": {"layers": ["model.layers.{i}."],
-              "roles": {**_LLAMA_ROLES, "norm.q": "self_attn.q_norm.weight", "norm.k": "self_attn.k_norm.weight"},
-              **_LLAMA_GLOBALS, "tie_default": False},
-    "gemma": {"layers": ["model.layers.{i}."], "roles": _LLAMA_ROLES, **_LLAMA_GLOBALS, "tie_default": True,
-              "norm_offset": True},
-    "gemma2": {"layers": ["model.layers.{i}."], "roles": _GEMMA2_ROLES, **_LLAMA_GLOBALS, "tie_default": True,
-               "norm_offset": True},
-    "gemma3_text": {"layers": ["model.layers.{i}.", "language_model.model.layers.{i}.",
-                               "model.language_model.layers.{i}."],
-                    "roles": {**_GEMMA2_ROLES, "norm.q": "self_attn.q_norm.weight",
-                              "norm.k": "self_attn.k_norm.weight"},
-                    "embed": ["model.embed_tokens.weight", "language_model.model.embed_tokens.weight",
-                              "model.language_model.embed_tokens.weight"],
-                    "lm_head": ["lm_head.weight", "language_model.lm_head.weight"],
-                    "final_norm": ["model.norm.weight", "language_model.model.norm.weight",
-                                   "model.language_model.norm.weight"],
-                    "tie_default": True, "norm_offset": True},
-    "phi3": {"layers": ["model.layers.{i}."],
-             "roles": {"attn.qkv": "self_attn.qkv_proj.weight", "attn.o": "self_attn.o_proj.weight",
-                       "mlp.gate_up": "mlp.gate_up_proj.weight", "mlp.down": "mlp.down_proj.weight",
-                       "norm.attn": "input_layernorm.weight", "norm.mlp": "post_attention_layernorm.weight"},
-             "fused": {"attn.q": ("attn.qkv", "q"), "attn.k": ("attn.qkv", "k"), "attn.v": ("attn.qkv", "v"),
-                       "mlp.gate": ("mlp.gate_up", "gate"), "mlp.up": ("mlp.gate_up", "up")},
-             **_LLAMA_GLOBALS, "tie_default": False},
-    "gpt2": {"layers": ["transformer.h.{i}."],
-             "roles": {"attn.qkv": "attn.c_attn.weight", "attn.o": "attn.c_proj.weight",
-                       "mlp.up": "mlp.c_fc.weight", "mlp.down": "mlp.c_proj.weight",
-                       "norm.attn": "ln_1.weight", "norm.mlp": "ln_2.weight"},
-             "fused": {"attn.q": ("attn.qkv", "q"), "attn.k": ("attn.qkv", "k"), "attn.v": ("attn.qkv", "v")},
-             "transposed": ["attn.qkv", "attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"],
-             "embed": "transformer.wte.weight", "pos_embed": "transformer.wpe.weight", "lm_head": "lm_head.weight",
-             "final_norm": "transformer.ln_f.weight", "tie_default": True},
-    "gptj": {"layers": ["transformer.h.{i}."],
-             "roles": {"attn.q": "attn.q_proj.weight", "attn.k": "attn.k_proj.weight", "attn.v": "attn.v_proj.weight",
-                       "attn.o": "attn.out_proj.weight", "mlp.up": "mlp.fc_in.weight", "mlp.down": "mlp.fc_out.weight",
-                       "norm.attn": "ln_1.weight"},
-             # GPT-J runs attention and MLP in parallel from one norm: norm.mlp is the same tensor as norm.attn.
-             "aliases": {"norm.mlp": "norm.attn"},
-             "embed": "transformer.wte.weight", "lm_head": "lm_head.weight", "final_norm": "transformer.ln_f.weight",
-             "tie_default": False},
-    "opt": {"layers": ["model.decoder.layers.{i}."],
-            "roles": {"attn.q": "self_attn.q_proj.weight", "attn.k": "self_attn.k_proj.weight",
-                      "attn.v": "self_attn.v_proj.weight", "attn.o": "self_attn.out_proj.weight",
-                      "mlp.up": "fc1.weight", "mlp.down": "fc2.weight",
-                      "norm.attn": "self_attn_layer_norm.weight", "norm.mlp": "final_layer_norm.weight"},
-            "embed": "model.decoder.embed_tokens.weight", "pos_embed": "model.decoder.embed_positions.weight",
-            "lm_head": "lm_head.weight", "final_norm": "model.decoder.final_layer_norm.weight", "tie_default": True},
-    # diffusers UNet2DConditionModel: a "layer" is one transformer block that has cross-attention (attn2).
-    "unet": {"layers": "attn2-blocks",
-             "roles": {"attn.q": "attn1.to_q.weight", "attn.k": "attn1.to_k.weight", "attn.v": "attn1.to_v.weight",
-                       "attn.o": "attn1.to_out.0.weight",
-                       "xattn.q": "attn2.to_q.weight", "xattn.k": "attn2.to_k.weight", "xattn.v": "attn2.to_v.weight",
-                       "xattn.o": "attn2.to_out.0.weight",
-                       "mlp.up": "ff.net.0.proj.weight", "mlp.down": "ff.net.2.weight",
-                       "norm.attn": "norm1.weight", "norm.xattn": "norm2.weight", "norm.mlp": "norm3.weight"},
-             "tie_default": False},
-}
-
-#: config ``model_type`` / diffusers ``_class_name`` -> family
-ALIASES = {"gemma3": "gemma3_text", "UNet2DConditionModel": "unet"}
 
 
 def _natural_key(s: str) -> list[Any]:
@@ -488,38 +402,3 @@ def iter_layer_roles(r: Roles, roles: Iterable[str] | None = None) -> Iterable[t
             name = r._lookup(i, role)
             if name is not None:
                 yield i, role, name
-
-
-# ---- attention implementation per family ------------------------------------------------------------------------
-
-#: families whose own eager attention is the plain softmax(QKᵀ·scale + mask)·V that
-#: :func:`surgeon.kernels.attention.grouped_eager_attention` reproduces (no logit soft-capping, no attention sinks)
-PLAIN_ATTENTION_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "olmo2"})
-
-
-def attention_implementation(model_type: str | None, device: str) -> str | None:
-    """The attention for many short queries on short cached contexts (the edit value loop): on CPU, eager is
-    about 10 % faster than SDPA, and the grouped eager kernel (registered into transformers here, once, as
-    ``surgeon_grouped_eager``) saves the key/value copies of grouped-query models on top. ``None`` (keep the
-    model's own) on other devices."""
-    if str(device) != "cpu":
-        return None
-    if model_type in PLAIN_ATTENTION_FAMILIES and _register_grouped_attention():
-        from surgeon.kernels.attention import GROUPED_ATTENTION
-
-        return GROUPED_ATTENTION
-    return "eager"
-
-
-@functools.cache
-def _register_grouped_attention() -> bool:
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
-    except ImportError:
-        return False
-    from surgeon.kernels.attention import GROUPED_ATTENTION, grouped_eager_attention
-
-    AttentionInterface.register(GROUPED_ATTENTION, grouped_eager_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_ATTENTION, eager_mask)
-    return True
