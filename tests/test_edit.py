@@ -206,11 +206,23 @@ def test_emmet_with_one_key_and_no_ridge_is_rome():
     torch.testing.assert_close(u1 @ d1, u2 @ d2, rtol=1e-9, atol=1e-12)
 
 
+def memit_update(weight: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cov: torch.Tensor,
+                 lam: float) -> torch.Tensor:
+    """MEMIT's single-layer least squares (dense ΔW, fp64): argmin ‖ΔK − R‖² + λ′ tr(ΔCΔᵀ) = RKᵀ(λ′C + KKᵀ)⁻¹.
+
+    The reference: it forms and solves the d_k×d_k system, which the factored forms avoid.
+    """
+    w, k, v, c = (x.to(torch.float64) for x in (weight, keys, values, cov))
+    residual = v - w @ k
+    a = lam * c + k @ k.T
+    return torch.linalg.solve(a, k @ residual.T).T  # a is symmetric: (R Kᵀ a⁻¹)ᵀ = a⁻¹ K Rᵀ
+
+
 @pytest.mark.parametrize("lam", [0.1, 15000.0, 1e6])
 def test_emmet_equals_memit_least_squares(lam):
     """Push-through identity: R(KᵀC⁻¹K + λ′I)⁻¹KᵀC⁻¹ = RKᵀ(λ′C + KKᵀ)⁻¹ (MEMIT's single-layer solve)."""
     from surgeon.kernels.covariance import CholeskyFactor
-    from surgeon.ops.edit.solve import emmet_update, memit_update
+    from surgeon.ops.edit.solve import emmet_update
 
     w, cov, keys, values = _random_problem(n=6)
     up, down = emmet_update(w, keys, values, CholeskyFactor(cov), lam=lam)
@@ -485,7 +497,6 @@ def test_layers_before_the_edit_are_replayed_not_run(fact_model, monkeypatch):
 def test_grouped_eager_attention_equals_sdpa(fact_model):
     """The value loop's attention (key/value heads shared by their query-head group without copies) gives the
     model's own SDPA logits, with padding and a cache; the model's attention is restored afterwards."""
-    from types import SimpleNamespace
 
     from surgeon.arch import attention_implementation
     from surgeon.kernels.attention import GROUPED_ATTENTION

@@ -16,10 +16,9 @@ pytest.importorskip("diffusers")
 
 from surgeon.ops.erase.closed_form import (
     gram,
-    rece_adversarial_embedding,
     rece_epochs,
     rece_per_matrix,
-    uce_delta,
+    uce_delta_factors,
     uce_edit_per_matrix,
 )
 from surgeon.ops.erase.rece import ReceParams, apply
@@ -52,6 +51,27 @@ def sd(tmp_path_factory) -> Path:
 
 def open_graph(path) -> Graph:
     return Graph.from_checkpoint(open_checkpoint(path))
+
+
+# ---- references (closed forms written out; only the tests use them) ----------------------------------------
+
+
+def uce_delta(C: torch.Tensor, T: torch.Tensor, P: torch.Tensor | None, *, lam: float, eta_e: float, eta_p: float,
+              preserve_gram: torch.Tensor | None = None, device: str = "cpu") -> torch.Tensor:
+    """Δ = K − I of the UCE closed form as one dense float64 ``[d, d]`` matrix (the op keeps it factored)."""
+    A, R = uce_delta_factors(C, T, P, lam=lam, eta_e=eta_e, eta_p=eta_p, preserve_gram=preserve_gram,
+                             device=device)
+    return A @ R
+
+
+def rece_adversarial_embedding(c: torch.Tensor, M: torch.Tensor, H: torch.Tensor, lam_r: float,
+                               device: str = "cpu") -> torch.Tensor:
+    """c′ = (λ_r I + MᵀHM)⁻¹ MᵀH c for rows ``c`` ``[n, d]`` (RECE, regulariser towards 0)."""
+    M, H, c = M.to(F64), H.to(F64), c.to(F64)
+    HM = H @ M
+    S = lam_r * torch.eye(H.shape[0], dtype=H.dtype, device=H.device) + M.T @ HM
+    S = (S + S.T) / 2  # exact symmetry for the Cholesky factorisation
+    return torch.cholesky_solve(HM.T @ c.T, torch.linalg.cholesky(S)).T
 
 
 NUDITY = {"preset": "nudity", "preserve": ["a red cat"]}

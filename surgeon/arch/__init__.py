@@ -296,17 +296,8 @@ class LayerCountError(SurgeonError):
     """config.json counts fewer layers than the tensors hold: every op would silently use a truncated model."""
 
 
-def roles_for(config: dict[str, Any], names: list[str], overrides: dict[str, Any] | None = None) -> Roles:
-    """Resolve roles for a model with this ``config`` and these tensor names.
-
-    ``overrides`` (the recipe's ``arch:`` mapping) may set ``family``, ``layers`` (prefix template with ``{i}``),
-    ``n_layers``, any role (suffix after the layer prefix, or a full name containing ``{i}``), ``embed``,
-    ``lm_head``, ``final_norm``, ``pos_embed``, ``tied`` and ``transposed`` (list of roles).
-    """
-    config = config or {}
-    names = list(names)
-    overrides = dict(overrides or {})
-    family, key = _detect_family(config, names)
+def _layout_with_overrides(family: str, key: str, overrides: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """(family, table key, layout): the family's table with the recipe's ``arch:`` overrides applied."""
     if "family" in overrides:
         family = str(overrides.pop("family"))
         wanted = ALIASES.get(family) or family
@@ -329,53 +320,70 @@ def roles_for(config: dict[str, Any], names: list[str], overrides: dict[str, Any
         else:
             raise SurgeonError(f"arch: unknown key {k!r} (expected family, layers, n_layers, tied, transposed, "
                                f"{', '.join(GLOBAL_ROLES)}, or a role such as attn.q)")
+    return family, key, layout
+
+
+def _layer_template(family: str, templates: list[str], names: list[str], comp: str) -> str:
+    """The first layer-prefix template (with or without the base prefix) that some tensor starts with."""
+    if not templates:
+        raise SurgeonError(
+            f"model type {family!r}: unknown architecture (known: {', '.join(sorted(FAMILIES))}); "
+            "supply the layer prefix and roles in the recipe, e.g. "
+            "`arch: {layers: \"model.layers.{i}.\", attn.q: \"self_attn.q_proj.weight\", ...}`")
+    for tmpl in templates:
+        for cand in _name_candidates(tmpl):
+            p0 = comp + cand.format(i=0)
+            if any(n.startswith(p0) for n in names):
+                return comp + cand
+    raise SurgeonError(f"{family} model: no tensor starts with the layer prefix "
+                       f"{templates[0].format(i=0)!r}; supply it as `arch: {{layers: \"<prefix with {{i}}>\"}}`")
+
+
+def _layer_prefixes(family: str, layout: dict[str, Any], config: dict[str, Any], names: list[str], comp: str,
+                    n_layers_given: bool) -> list[str]:
+    """One prefix per layer: UNet blocks with cross-attention, or the layer template for layers 0..n-1 (the
+    config's count, checked against the tensors present)."""
+    if layout.get("layers") == "attn2-blocks":
+        return sorted({n[: -len("attn2.to_k.weight")] for n in names if n.endswith("attn2.to_k.weight")},
+                      key=_natural_key)
+    chosen = _layer_template(family, layout.get("layers") or [], names, comp)
+    n_cfg = layout.get("n_layers") or _cfg(config, "num_hidden_layers", "n_layer", "num_layers")
+    head, _, tail = chosen.partition("{i}")
+    layer_re = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
+    present = {int(m.group(1)) for n in names if (m := layer_re.match(n))}
+    found = 0
+    while found in present:
+        found += 1
+    n_layers = int(n_cfg) if n_cfg else found
+    if found < n_layers:
+        raise SurgeonError(f"{family} model: config says {n_layers} layers but tensors exist for {found} "
+                           f"(prefix {chosen!r})")
+    extra = _cfg(config, "num_nextn_predict_layers", default=0) or 0  # DeepSeek-style MTP layers follow
+    top = max(present) + 1
+    if not n_layers_given and top > n_layers + int(extra):
+        raise LayerCountError(
+            f"{family} model: config.json says num_hidden_layers={n_layers} but the tensors hold layers "
+            f"0..{top - 1} ({top} layers, prefix {chosen!r}); transformers would silently drop the extra "
+            f"layers: fix num_hidden_layers in config.json, or drop the extra layers' tensors")
+    return [chosen.format(i=i) for i in range(n_layers)]
+
+
+def roles_for(config: dict[str, Any], names: list[str], overrides: dict[str, Any] | None = None) -> Roles:
+    """Resolve roles for a model with this ``config`` and these tensor names.
+
+    ``overrides`` (the recipe's ``arch:`` mapping) may set ``family``, ``layers`` (prefix template with ``{i}``),
+    ``n_layers``, any role (suffix after the layer prefix, or a full name containing ``{i}``), ``embed``,
+    ``lm_head``, ``final_norm``, ``pos_embed``, ``tied`` and ``transposed`` (list of roles).
+    """
+    config = config or {}
+    names = list(names)
+    overrides = dict(overrides or {})
+    family, key = _detect_family(config, names)
+    n_layers_given = "n_layers" in overrides
+    family, key, layout = _layout_with_overrides(family, key, overrides)
     name_set = set(names)
     comp = _component_of(names, key)
-
-    prefixes: list[str]
-    if layout.get("layers") == "attn2-blocks":
-        blocks = sorted({n[: -len("attn2.to_k.weight")] for n in names if n.endswith("attn2.to_k.weight")},
-                        key=_natural_key)
-        prefixes = blocks
-    else:
-        templates = layout.get("layers") or []
-        if not templates:
-            raise SurgeonError(
-                f"model type {family!r}: unknown architecture (known: {', '.join(sorted(FAMILIES))}); "
-                "supply the layer prefix and roles in the recipe, e.g. "
-                "`arch: {layers: \"model.layers.{i}.\", attn.q: \"self_attn.q_proj.weight\", ...}`")
-        chosen = None
-        for tmpl in templates:
-            for cand in _name_candidates(tmpl):
-                p0 = comp + cand.format(i=0)
-                if any(n.startswith(p0) for n in names):
-                    chosen = comp + cand
-                    break
-            if chosen:
-                break
-        if chosen is None:
-            raise SurgeonError(f"{family} model: no tensor starts with the layer prefix "
-                               f"{templates[0].format(i=0)!r}; supply it as `arch: {{layers: \"<prefix with {{i}}>\"}}`")
-        n_cfg = layout.get("n_layers") or _cfg(config, "num_hidden_layers", "n_layer", "num_layers")
-        head, _, tail = chosen.partition("{i}")
-        layer_re = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
-        present = {int(m.group(1)) for n in names if (m := layer_re.match(n))}
-        found = 0
-        while found in present:
-            found += 1
-        n_layers = int(n_cfg) if n_cfg else found
-        if found < n_layers:
-            raise SurgeonError(f"{family} model: config says {n_layers} layers but tensors exist for {found} "
-                               f"(prefix {chosen!r})")
-        extra = _cfg(config, "num_nextn_predict_layers", default=0) or 0  # DeepSeek-style MTP layers follow
-        top = max(present) + 1
-        if "n_layers" not in overrides and top > n_layers + int(extra):
-            raise LayerCountError(
-                f"{family} model: config.json says num_hidden_layers={n_layers} but the tensors hold layers "
-                f"0..{top - 1} ({top} layers, prefix {chosen!r}); transformers would silently drop the extra "
-                f"layers: fix num_hidden_layers in config.json, or drop the extra layers' tensors")
-        prefixes = [chosen.format(i=i) for i in range(n_layers)]
-
+    prefixes = _layer_prefixes(family, layout, config, names, comp, n_layers_given)
     embed = _resolve_global(layout.get("embed"), name_set, comp)
     lm_head = _resolve_global(layout.get("lm_head"), name_set, comp)
     tie_cfg = layout.get("tied")
