@@ -24,8 +24,7 @@ from surgeon.ops.erase.closed_form import (
 from surgeon.ops.erase.rece import ReceParams, apply
 from surgeon.ops.erase.uce import UceParams, prepare_erasure
 from surgeon.ops.erase.uce import apply as apply_uce
-from test_erase_helpers import compvis_to_diffusers_attention
-from test_erase_helpers import save_compvis_copy, save_tiny_sd
+from test_erase_helpers import compvis_to_diffusers_attention, save_compvis_copy, save_tiny_sd
 
 from surgeon.checkpoint import open_checkpoint
 from surgeon.context import Context
@@ -212,9 +211,9 @@ def test_erased_concept_moves_to_target_preserved_prompts_stay(tmp_path):
     ctx = Context(quiet=True)
     params = UceParams(concept=["nudity"], target=["dog"], positions="last", preserve=["a red cat", "the house"])
     g2 = apply_uce(g, params, ctx)
-    from surgeon.ops.erase.uce import erasure_embeddings
     from surgeon.ops.erase.sd_keys import detect_layout
     from surgeon.ops.erase.text import PromptEncoder
+    from surgeon.ops.erase.uce import erasure_embeddings
 
     enc = PromptEncoder(g, detect_layout(g, ctx), ctx=ctx)
     keep = erasure_embeddings(enc, {"erased": ["a red cat"], "targets": ["a red cat"], "preserve": [],

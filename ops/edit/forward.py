@@ -19,6 +19,7 @@ from surgeon.errors import SurgeonError
 
 from .rows import Split, chunks, positions_of
 
+
 @contextmanager
 def frozen(model: torch.nn.Module):
     """No parameter gradients while optimising δ; restores the flags afterwards."""

@@ -45,7 +45,18 @@ from .forward import (
     suffix_logits,
 )
 from .requests import Request
-from .rows import Encoded, Rows, Split, build_rows, chunks, encode_subject, pad_id_of, pad_rows, split_rows, subject_span
+from .rows import (
+    Encoded,
+    Rows,
+    Split,
+    build_rows,
+    chunks,
+    encode_subject,
+    pad_id_of,
+    pad_rows,
+    split_rows,
+    subject_span,
+)
 
 #: rows optimised together for the values (EMMET: 1 + prefixes + 1 rows per request, so 36 requests at 5 prefixes)
 ROWS_PER_GROUP = 256

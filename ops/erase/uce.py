@@ -25,9 +25,9 @@ from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
 from surgeon.registry import register
 
+from . import weights
 from .closed_form import lowrank_spectral_norm, square_root_gram, uce_delta_factors
 from .sd_keys import SDLayout, detect_layout
-from . import weights
 from .weights import (
     WeightChunk,
     apply_edit,

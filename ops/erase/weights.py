@@ -13,7 +13,6 @@ from surgeon.graph import Const, Graph, LowRank
 from .closed_form import F64, square_root_rows
 from .sd_keys import SDLayout
 
-
 #: rows of stacked weights per product: the Gram and the apply pass multiply [≤ CHUNK_ROWS, d] blocks, so a
 #: product has a long inner dimension even when a matrix has 320 rows, and memory stays bounded
 CHUNK_ROWS = 8192
