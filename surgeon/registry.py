@@ -46,7 +46,7 @@ OP_INDEX: dict[str, tuple[str, str]] = {
     "edit.emmet": ("surgeon.ops.edit.emmet", "EMMET batched equality-constrained edits (Gupta et al. 2024)."),
     "edit.memit": ("surgeon.ops.edit.memit", "MEMIT mass edits spread over several MLP layers (Meng et al. 2023)."),
     "erase.rece": ("surgeon.ops.erase.rece", "RECE concept erasure in cross-attention (Gong et al. 2024)."),
-    "erase.uce": ("surgeon.ops.erase.rece", "UCE closed-form concept erasure (Gandikota et al. 2024)."),
+    "erase.uce": ("surgeon.ops.erase.uce", "UCE closed-form concept erasure (Gandikota et al. 2024)."),
     "prune.magnitude": ("surgeon.ops.prune.magnitude", "Magnitude pruning: per-layer, global or N:M."),
     "prune.wanda": ("surgeon.ops.prune.wanda", "Wanda pruning: |W|·‖X‖ with calibration data (Sun et al. 2024)."),
     "retrain.perp": ("surgeon.ops.retrain.perp", "PERP: retrain norms, biases and MaskLoRA after pruning."),
