@@ -87,7 +87,8 @@ def decode_tokens_per_s(model, n_tokens: int = 16) -> float:
 
 def smollm2_section(bits: int, group: int, calibrated: bool) -> None:
     from surgeon.kernels.shiftadd import KERNEL_CALLS
-    from surgeon.ops.shiftadd import Params, apply, load_shiftadd
+    from surgeon.formats.shiftadd import load_shiftadd
+    from surgeon.ops.shiftadd.op import Params, apply
 
     from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context

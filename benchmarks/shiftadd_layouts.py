@@ -33,7 +33,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from surgeon.ops.evaluate import _assets_dir, perplexity
-    from surgeon.ops.shiftadd import Params, apply
+    from surgeon.ops.shiftadd.op import Params, apply
 
     from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context

@@ -62,7 +62,7 @@ def _register_formats() -> None:
 
 _register_formats()
 
-__all__ = ["__version__", "SurgeonError", "open_checkpoint", "load_shiftadd", "load_recursive"]
+__all__ = ["SurgeonError", "__version__", "load_recursive", "load_shiftadd", "open_checkpoint"]
 
 
 def __getattr__(name: str):  # lazy public API
@@ -75,11 +75,11 @@ def __getattr__(name: str):  # lazy public API
 
         return open_checkpoint
     if name == "load_shiftadd":
-        from surgeon.ops.shiftadd import load_shiftadd
+        from surgeon.formats.shiftadd import load_shiftadd
 
         return load_shiftadd
     if name == "load_recursive":
-        from surgeon.ops.tie import load_recursive
+        from surgeon.formats.recursive import load_recursive
 
         return load_recursive
     raise AttributeError(name)

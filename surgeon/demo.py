@@ -112,8 +112,8 @@ def run_demo(output: str | None = None, quick: bool = False) -> dict[str, Any]:
     del model
 
     if not quick:
-        from surgeon.ops.shiftadd import load_shiftadd
-        from surgeon.ops.tie import load_recursive
+        from surgeon.formats.recursive import load_recursive
+        from surgeon.formats.shiftadd import load_shiftadd
 
         console.print("[bold]3/4[/bold] ShiftAdd: 3-bit binary-coded weights, power-of-two scales (packed)")
         t = time.perf_counter()

@@ -145,9 +145,10 @@ def materialize(graph: Graph, device: str = "cpu", dtype: str | torch.dtype = "f
 
     if kind not in KINDS:
         raise SurgeonError(f"kind {kind!r}: expected one of {', '.join(KINDS)}")
-    qc = graph.configs.get(component or "", {}).get("quantization_config")
-    if isinstance(qc, dict) and qc.get("quant_method") == "shiftadd":  # packed weights: a lazy dense view
-        from surgeon.ops.shiftadd import dense_view
+    from surgeon.formats.hf import is_shiftadd_packed
+
+    if is_shiftadd_packed(graph.configs.get(component or "", {})):  # packed weights: a lazy dense view
+        from surgeon.formats.shiftadd import dense_view
 
         graph = dense_view(graph)
     if component is None or (component == "" and kind != "causal-lm" and not graph.configs.get("")):

@@ -77,7 +77,7 @@ def test_to_disk_and_from_disk_are_inverse():
 
 
 def test_automodel_loads_packed_shiftadd_after_import_surgeon(outputs):
-    from surgeon.ops.shiftadd import ShiftAddLinear, load_shiftadd
+    from surgeon.formats.shiftadd import ShiftAddLinear, load_shiftadd
     from transformers import AutoModelForCausalLM
 
     import surgeon  # noqa: F401 - the registration this test is about
@@ -95,7 +95,7 @@ def test_automodel_loads_packed_shiftadd_after_import_surgeon(outputs):
 
 
 def test_automodel_loads_compact_recursive_after_import_surgeon(outputs):
-    from surgeon.ops.tie import load_recursive
+    from surgeon.formats.recursive import load_recursive
     from transformers import AutoModelForCausalLM
 
     import surgeon  # noqa: F401

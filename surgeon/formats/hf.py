@@ -1,4 +1,4 @@
-"""Surgeon's own checkpoint formats on disk, and how transformers loads them.
+"""How surgeon's own formats look to transformers: their model types on disk and the Auto-class registration.
 
 Two outputs are not plain transformers layouts: the packed ShiftAdd form (``X.qweight`` bit-planes + scales,
 ``quantization_config.quant_method = "shiftadd"``) and the compact recursive form of ``surgeon tie`` (a shared
@@ -13,7 +13,8 @@ skips a ``quant_method`` it does not know). So their ``config.json`` names a sur
   Transformers does not recognize this architecture"), never loads random weights.
 - after ``import surgeon`` the two model types are registered with transformers' Auto classes (its extension
   point for model types it does not ship): ``AutoModelForCausalLM.from_pretrained(folder)`` returns the model
-  from :func:`surgeon.ops.shiftadd.load_shiftadd` / :func:`surgeon.ops.tie.load_recursive`. The registration
+  from :func:`surgeon.formats.shiftadd.load_shiftadd` /
+  :func:`surgeon.formats.recursive.load_recursive`. The registration
   runs when transformers' auto modules are imported (an import hook), so ``import surgeon`` stays free of
   torch and transformers.
 """
@@ -28,6 +29,7 @@ from typing import Any
 SHIFTADD_MODEL_TYPE = "surgeon_shiftadd"
 RECURSIVE_MODEL_TYPE = "surgeon_recursive"
 BASE_TYPE_KEY = "surgeon_base_model_type"
+SHIFTADD_QUANT_METHOD = "shiftadd"
 SURGEON_MODEL_TYPES = (SHIFTADD_MODEL_TYPE, RECURSIVE_MODEL_TYPE)
 HOW_TO_LOAD = {
     SHIFTADD_MODEL_TYPE: "a ShiftAdd-packed checkpoint: `import surgeon` first (then AutoModelForCausalLM loads "
@@ -38,10 +40,15 @@ HOW_TO_LOAD = {
 }
 
 
+def is_shiftadd_packed(config: dict[str, Any]) -> bool:
+    """True when ``config`` (in memory form) describes a ShiftAdd-packed checkpoint."""
+    qc = config.get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") == SHIFTADD_QUANT_METHOD
+
+
 def surgeon_model_type(config: dict[str, Any]) -> str | None:
     """The surgeon model type a config (in memory form) must carry on disk, or None for a plain layout."""
-    qc = config.get("quantization_config")
-    if isinstance(qc, dict) and qc.get("quant_method") == "shiftadd":
+    if is_shiftadd_packed(config):
         return SHIFTADD_MODEL_TYPE
     if isinstance(config.get("recursion"), dict):
         return RECURSIVE_MODEL_TYPE
@@ -101,11 +108,11 @@ def _load(model_type: str, path: Any, kwargs: dict[str, Any]):
     if model_type == SHIFTADD_MODEL_TYPE:
         import torch
 
-        from surgeon.ops.shiftadd import load_shiftadd
+        from surgeon.formats.shiftadd import load_shiftadd
 
         return load_shiftadd(path, dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
                              device=device)
-    from surgeon.ops.tie import load_recursive
+    from surgeon.formats.recursive import load_recursive
 
     return load_recursive(path, dtype=None if dtype in (None, "auto") else dtype, device=device)
 
