@@ -280,7 +280,7 @@ def test_heatmap_unchanged_cells_read_as_unchanged():
 
 # item 15: the tie help --------------------------------------------------------------------------------------
 def test_tie_help_says_full_rank_is_exact_only_with_untied_norms(capsys):
-    from surgeon.ops.tie import Params
+    from surgeon.ops.tie.op import Params
 
     text = Params.model_fields["rank"].description
     assert "exact" in text and "--untie-norms" in text

