@@ -52,7 +52,7 @@ OP_INDEX: dict[str, tuple[str, str]] = {
     "retrain.perp": ("surgeon.ops.prune.perp", "PERP: retrain norms, biases and MaskLoRA after pruning."),
     "shiftadd": ("surgeon.ops.shiftadd.op", "ShiftAdd: binary-coded weights with power-of-two scales + LUT kernel."),
     "tie": ("surgeon.ops.tie.op", "Relaxed Recursive Transformer: tie layers, relax with SVD LoRA."),
-    "recover": ("surgeon.ops.recover", "CheckFree: rebuild a lost pipeline stage from its neighbours."),
+    "recover": ("surgeon.ops.recover.op", "CheckFree: rebuild a lost pipeline stage from its neighbours."),
 }
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from surgeon.ops.recover import Params, aligned_layer, apply, load_grad_norms, stage_partition
+from surgeon.ops.recover.op import Params, apply
+from surgeon.ops.recover.stages import aligned_layer, grad_norms_from, stage_partition
 
 from surgeon.checkpoint import open_checkpoint
 from surgeon.context import Context
@@ -340,21 +341,18 @@ def test_unequal_stages_average_by_relative_position(trained, tmp_path):
     assert torch.equal(g.value("model.layers.4.mlp.gate_proj.weight"), want)
 
 
-def test_weights_json_is_validated(tmp_path):
-    p = tmp_path / "w.json"
-    p.write_text("[1.0, 2.0")
-    with pytest.raises(SurgeonError, match="not valid JSON"):
-        load_grad_norms(str(p), 4)
-    p.write_text(json.dumps([1.0, -2.0]))
-    with pytest.raises(SurgeonError, match="stage 1: gradient norm must be a finite number"):
-        load_grad_norms(str(p), 4)
-    p.write_text(json.dumps({"9": 1.0}))
+def test_weights_json_is_validated(trained, tmp_path):
+    with pytest.raises(SurgeonError, match="w.json: stage 1: gradient norm must be a finite number"):
+        grad_norms_from([1.0, -2.0], 4, "w.json")
     with pytest.raises(SurgeonError, match="stage 9 out of range"):
-        load_grad_norms(str(p), 4)
-    p.write_text(json.dumps({"grad_norms": [0.5, 1.0, 0.0, 2.0]}))
-    assert load_grad_norms(str(p), 4) == {0: 0.5, 1: 1.0, 2: 0.0, 3: 2.0}
-    with pytest.raises(SurgeonError, match="not found"):
-        load_grad_norms(str(tmp_path / "nope.json"), 4)
+        grad_norms_from({"9": 1.0}, 4, "w.json")
+    assert grad_norms_from({"grad_norms": [0.5, 1.0, 0.0, 2.0]}, 4, "w.json") == {0: 0.5, 1: 1.0, 2: 0.0, 3: 2.0}
+    p = tmp_path / "w.json"
+    p.write_text("[1.0, 2.0")  # the file is read through the Context: one-line errors naming --weights
+    with pytest.raises(SurgeonError, match="--weights: .*w.json: invalid JSON"):
+        apply(_graph(trained), Params(stages=4, lost=[2], weights=str(p)), Context())
+    with pytest.raises(SurgeonError, match="--weights: .*nope.json does not exist"):
+        apply(_graph(trained), Params(stages=4, lost=[2], weights=str(tmp_path / "nope.json")), Context())
 
 
 def test_missing_neighbour_norm_and_bad_params(trained, tmp_path):
