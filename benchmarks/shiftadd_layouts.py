@@ -35,11 +35,11 @@ def main() -> None:
     from surgeon.ops.evaluate import _assets_dir, perplexity
     from surgeon.ops.shiftadd.op import Params, apply
 
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
     from surgeon.gguf import cached_conversion, smollm2_gguf_path
     from surgeon.graph import Graph
     from surgeon.model import materialize
+    from surgeon.sources import open_checkpoint
 
     torch.set_num_threads(args.threads)
     src = smollm2_gguf_path()

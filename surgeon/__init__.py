@@ -71,7 +71,7 @@ def __getattr__(name: str):  # lazy public API
 
         return SurgeonError
     if name == "open_checkpoint":
-        from surgeon.checkpoint import open_checkpoint
+        from surgeon.sources import open_checkpoint
 
         return open_checkpoint
     if name == "load_shiftadd":

@@ -229,8 +229,8 @@ def _check_value(flag: str, value: Any, entry: dict[str, Any]) -> None:
 def _precheck_run(models: dict[str, str], writes: bool, run_kw: dict[str, Any]) -> None:
     """Mistakes that need no tensor: an input that does not exist, no or an unusable ``-o``, a bad
     ``--max-shard-size``. Cheap, and before torch is imported (several seconds) or any model is read."""
-    from surgeon.checkpoint import missing_source_message
     from surgeon.outputs import check_output_location, parse_size
+    from surgeon.sources import missing_source_message
 
     for src in dict.fromkeys(models.values()):
         message = missing_source_message(src)
@@ -640,9 +640,9 @@ def diff(
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Per-tensor relative change, new zeros, delta rank; summary per layer."""
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.diff import check_plot_target, diff_checkpoints, plot_diff, render_diff
     from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
 
     plot_path = check_plot_target(plot) if plot else None  # before the diff, which can take minutes
     ga, gb = (Graph.from_checkpoint(open_checkpoint(x)) for x in (a, b))

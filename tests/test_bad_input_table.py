@@ -213,7 +213,7 @@ def test_inspect_reports_the_layer_count_problem(base, tmp_path, capsys):
 
 
 def test_index_entry_with_dot_slash_opens_like_the_plain_name(base, tmp_path):
-    from surgeon.checkpoint import open_checkpoint
+    from surgeon.sources import open_checkpoint
 
     m = _copy(base, tmp_path)
     names = list(load_file(m / "model.safetensors"))

@@ -26,10 +26,10 @@ from surgeon.ops.erase.rece import ReceParams, UceParams, apply, apply_uce, prep
 from surgeon.ops.erase.sd_keys import compvis_to_diffusers_attention
 from test_erase_helpers import save_compvis_copy, save_tiny_sd
 
-from surgeon.checkpoint import open_checkpoint
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Const, Graph, Load, LowRank
+from surgeon.sources import open_checkpoint
 
 F64 = torch.float64
 

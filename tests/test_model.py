@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgeon.checkpoint import open_checkpoint
 from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
 from surgeon.model import decode_step, lm_logits, load_tokenizer, materialize, write_back
+from surgeon.sources import open_checkpoint
 
 V = 96
 

@@ -14,10 +14,10 @@ from safetensors.torch import load_file, save_file
 from surgeon.ops.recover.op import Params, apply
 from surgeon.ops.recover.stages import aligned_layer, grad_norms_from, stage_partition
 
-from surgeon.checkpoint import open_checkpoint
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Graph, Load
+from surgeon.sources import open_checkpoint
 from surgeon.writer import write_graph
 
 VOCAB, HIDDEN, LAYERS, SEQ = 64, 32, 8, 32  # 4 stages × 2 layers

@@ -20,13 +20,13 @@ from surgeon.kernels.shiftadd_cpu import (
     pack_signs,
     unpack_signs,
 )
-from surgeon.formats.shiftadd import pot_decode
 from surgeon.ops.shiftadd.bcq import bcq_fit, codebook, nearest_code, quantize_weight_only
 from surgeon.ops.shiftadd.gptq import allocate_bits, output_error, quantize_gptq, sensitivity_score
 from surgeon.ops.shiftadd.op import Params
 from surgeon.ops.shiftadd.scales import pot_round
 
 from surgeon.errors import SurgeonError
+from surgeon.formats.shiftadd import pot_decode
 
 
 @pytest.fixture(autouse=True)
@@ -339,8 +339,8 @@ def test_bad_params_fail_validation(bad):
 
 # --------------------------------------------------------------------------------------- graph, format, loader
 def _graph(path: Path):
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
 
     return Graph.from_checkpoint(open_checkpoint(path))
 
@@ -382,8 +382,9 @@ def test_weight_only_is_lazy_and_writes_the_packed_format(tiny_llama, tmp_path):
 
 
 def test_packed_model_logits_equal_materialized_model(tiny_llama, tmp_path):
-    from surgeon.formats.shiftadd import ShiftAddLinear, load_shiftadd
     from transformers import AutoModelForCausalLM
+
+    from surgeon.formats.shiftadd import ShiftAddLinear, load_shiftadd
 
     _run(tiny_llama, tmp_path / "packed", bits=3, group_size=32, rounds=3, bits_budget=2.5, weight_only=True)
     _run(tiny_llama, tmp_path / "dense", bits=3, group_size=32, rounds=3, bits_budget=2.5, materialize=True,
@@ -406,8 +407,9 @@ def test_packed_model_logits_equal_materialized_model(tiny_llama, tmp_path):
 
 
 def test_calibrated_shiftadd_beats_weight_only_on_layer_outputs_and_loads(tiny_llama, tmp_path):
-    from surgeon.formats.shiftadd import load_shiftadd
     from transformers import AutoModelForCausalLM
+
+    from surgeon.formats.shiftadd import load_shiftadd
 
     _, ctx = _run(tiny_llama, tmp_path / "cal", bits=2, group_size=32, rounds=3, data="model:4", seqlen=32)
     info = ctx.step_info
@@ -493,10 +495,10 @@ def test_stored_pot_exponents_decode_exactly_to_the_fitted_scales():
 
 
 def test_dense_view_of_a_packed_graph_equals_the_materialized_graph(tiny_llama):
-    from surgeon.formats.shiftadd import dense_view
     from surgeon.ops.shiftadd.op import apply
 
     from surgeon.context import Context
+    from surgeon.formats.shiftadd import dense_view
 
     g = _graph(tiny_llama)
     packed = apply(g, Params(bits=2, group_size=16, rounds=2, weight_only=True), Context(quiet=True))

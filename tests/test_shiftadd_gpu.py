@@ -51,12 +51,12 @@ def test_gptq_bcq_on_cuda_matches_cpu():
 
 def test_loaded_packed_model_on_cuda_equals_cpu(tiny_llama, tmp_path):
     pytest.importorskip("triton")
-    from surgeon.formats.shiftadd import load_shiftadd
     from surgeon.ops.shiftadd.op import Params, apply
 
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
+    from surgeon.formats.shiftadd import load_shiftadd
     from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
     from surgeon.writer import write_graph
 
     ctx = Context(device="cuda", quiet=True)

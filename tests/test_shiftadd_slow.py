@@ -38,13 +38,13 @@ def smollm2() -> Path:
 
 def test_smollm2_3bit_calibrated_shiftadd_beats_rtn(smollm2, tmp_path):
     from surgeon.ops.evaluate import _assets_dir, perplexity
-    from surgeon.formats.shiftadd import load_shiftadd
     from surgeon.ops.shiftadd.op import Params, apply, block_linear_names
 
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
+    from surgeon.formats.shiftadd import load_shiftadd
     from surgeon.graph import Const, Graph
     from surgeon.model import materialize
+    from surgeon.sources import open_checkpoint
     from surgeon.writer import write_graph
 
     torch.set_num_threads(2)

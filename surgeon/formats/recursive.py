@@ -59,7 +59,7 @@ def load_recursive(path: str, *, dtype: str | torch.dtype | None = None, device:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from surgeon.checkpoint import open_checkpoint
+    from surgeon.sources import open_checkpoint
 
     ck = open_checkpoint(path)
     rec = ck.config.get(RECURSION_KEY)

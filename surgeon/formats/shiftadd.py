@@ -227,7 +227,7 @@ def load_shiftadd(path: str | Path, *, dtype: torch.dtype = torch.float32, devic
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from surgeon.checkpoint import open_checkpoint
+    from surgeon.sources import open_checkpoint
 
     folder = Path(path)
     cfg, qc = _read_packed_config(folder)
