@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracles.shiftadd import lut_gemv_reference
 from surgeon.kernels.shiftadd import KERNEL_CALLS, PackedLinear
 from surgeon.kernels.shiftadd_cpu import (
     CLutWeights,
@@ -16,7 +17,6 @@ from surgeon.kernels.shiftadd_cpu import (
     c_lut_gemv_prepared,
     dequantize,
     lut_gemv,
-    lut_gemv_reference,
     pack_signs,
     unpack_signs,
 )

@@ -199,7 +199,7 @@ def parameter_counts(graph: Graph, plan: Plan, relax: dict[tuple[int, str], Rela
                      members: list[list[int]]) -> dict[str, int]:
     """Parameter counts of the original, the pure recursive block, the LoRA factors and the compact form."""
     layer = {plan.layer(l, s) for l in range(plan.n_layers) for s in plan.suffixes}
-    total = sum(_numel(n.shape) for n in graph.nodes.values())
+    total = sum(_numel(graph[nm].shape) for nm in graph.names())
     outside = sum(_numel(graph[nm].shape) for nm in graph.names() if nm not in layer)
     block = sum(_numel(graph[plan.layer(0, s)].shape) for s in plan.suffixes)
     vec = sum(_numel(graph[plan.layer(0, s)].shape) for s in plan.suffixes
