@@ -246,18 +246,6 @@ def write_back(graph: Graph, module: nn.Module, names: list[str] | None = None, 
     return out
 
 
-def lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits ``[batch, seq, vocab]`` in fp32 for ``input_ids`` (moved to the model's device), without grad."""
-    import torch
-
-    dev = next(model.parameters()).device
-    with torch.no_grad():
-        kw: dict[str, Any] = {"input_ids": input_ids.to(dev), "use_cache": False}
-        if attention_mask is not None:
-            kw["attention_mask"] = attention_mask.to(dev)
-        return model(**kw).logits.float()
-
-
 def decode_step(model: nn.Module, input_ids: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
     """One incremental forward pass: last-position logits ``[batch, vocab]`` and the updated KV cache.
 

@@ -23,11 +23,17 @@ from surgeon.kernels.shiftadd_cpu import (
 from surgeon.ops.shiftadd.bcq import bcq_fit, codebook, nearest_code, quantize_weight_only
 from surgeon.ops.shiftadd.gptq import allocate_bits, output_error, quantize_gptq, sensitivity_score
 from surgeon.ops.shiftadd.op import Params
-from surgeon.ops.shiftadd.scales import pot_round
+from surgeon.ops.shiftadd.scales import pot_greedy
 
 from surgeon.errors import SurgeonError
-from surgeon.formats.shiftadd import pot_decode
+from surgeon.formats.shiftadd import ABSENT_EXP, pot_decode
 
+
+def pot_round(alpha: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values, exponents, negative-term bits) of the greedy APoT rounding."""
+    exps = torch.full((*alpha.shape, terms), ABSENT_EXP, dtype=torch.int8)
+    neg = torch.zeros(alpha.shape, dtype=torch.uint8)
+    return pot_greedy(alpha, terms, exps, neg), exps, neg
 
 @pytest.fixture(autouse=True)
 def _one_thread():

@@ -8,21 +8,12 @@ from surgeon.formats.shiftadd import ABSENT_EXP
 FP16_SPAN = 10  # APoT terms lie within 2^-10 of the leading one, so every scale is exact in fp16
 
 
-def pot_round(alpha: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Greedy APoT rounding (§7.1): k = round(log2|residual|), term = sign·2^k, repeat ``terms`` times.
+def pot_greedy(alpha: torch.Tensor, terms: int, exps: torch.Tensor | None = None, neg: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """Greedy APoT rounding (§7.1): k = round(log2|residual|), term = sign·2^k, repeat ``terms`` times; fp32 values.
 
-    Terms below 2^(k1−10) are dropped so the value is exact in fp16. Returns (values fp32, exponents int8
-    [..., terms] with ``ABSENT_EXP`` for unused terms, negative-term bits uint8 [...]).
-    """
-    exps = torch.full((*alpha.shape, terms), ABSENT_EXP, dtype=torch.int8, device=alpha.device)
-    neg = torch.zeros(alpha.shape, dtype=torch.uint8, device=alpha.device)
-    value = _pot_greedy(alpha, terms, exps, neg)
-    return value, exps, neg
-
-
-def _pot_greedy(alpha: torch.Tensor, terms: int, exps: torch.Tensor | None = None, neg: torch.Tensor | None = None
-                ) -> torch.Tensor:
-    """The greedy APoT value of :func:`pot_round` (fp32); fills ``exps``/``neg`` when given."""
+    Terms below 2^(k1−10) are dropped so the value is exact in fp16. When given, fills ``exps`` int8
+    [..., terms] (``ABSENT_EXP`` for unused terms) and ``neg`` uint8 [...] (bit t = term t negative)."""
     resid = alpha.double().clone()
     value = torch.zeros_like(resid)
     lead = None
@@ -46,5 +37,5 @@ def _pot_greedy(alpha: torch.Tensor, terms: int, exps: torch.Tensor | None = Non
 def round_scales(alpha: torch.Tensor, pot_terms: int) -> torch.Tensor:
     """α as it will be stored: APoT values (``pot_terms`` > 0) or fp16-rounded values."""
     if pot_terms > 0:
-        return _pot_greedy(alpha, pot_terms)
+        return pot_greedy(alpha, pot_terms)
     return alpha.half().float()
