@@ -526,6 +526,9 @@ def roles_with_gaps(config: dict[str, Any], names: list[str], overrides: dict[st
     if not by_head:
         raise SurgeonError("no numbered layers found in the checkpoint")
     head = max(by_head, key=lambda h: sum(len(v) for v in by_head[h].values()))
+    given = str((overrides or {}).get("layers", ""))
+    if given.endswith("{i}.") and given[: -len("{i}.")] in by_head:  # the recipe's `arch: {layers: ...}`
+        head = given[: -len("{i}.")]
     layers = by_head[head]
     n_cfg = _cfg(config or {}, "num_hidden_layers", "n_layer", "num_layers")
     n_layers = int(n_cfg) if isinstance(n_cfg, int) else max(layers) + 1

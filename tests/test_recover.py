@@ -368,3 +368,17 @@ def test_missing_neighbour_norm_and_bad_params(trained, tmp_path):
         Params(stage_layers="0..3")
     with pytest.raises(SurgeonError, match="partition has 4 stages"):
         apply(_graph(trained), Params(stages=4, lost=[4]), Context())
+
+
+def test_layout_of_a_checkpoint_with_a_missing_stage(trained, tmp_path):
+    from surgeon.arch import roles_with_gaps
+
+    g = _graph(_drop_stage(trained, tmp_path / "lost", [2, 3]))
+    gapped = roles_with_gaps(g.config, g.names())
+    assert gapped.template == "model.layers.{i}."
+    assert [bool(p) for p in gapped.present] == [True, True, False, False, True, True, True, True]
+    assert set(gapped.suffixes) == gapped.present[0] and "mlp.up_proj.weight" in gapped.suffixes
+    assert gapped.roles.n_layers == LAYERS and gapped.global_name("final_norm") == "model.norm.weight"
+    # the run's arch overrides reach recover: a wrong layer template is reported, not ignored
+    with pytest.raises(SurgeonError, match="recover: .*no tensor starts with the layer prefix"):
+        apply(g, Params(stages=4, lost=[1]), Context(arch={"layers": "model.blocks.{i}."}))
