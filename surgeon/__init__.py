@@ -55,7 +55,7 @@ _passive_openmp_waits()
 
 def _register_formats() -> None:
     """transformers loads surgeon's packed/compact outputs after ``import surgeon`` (see surgeon.formats)."""
-    from surgeon.formats import install_transformers_hook
+    from surgeon.formats.hf import install_transformers_hook
 
     install_transformers_hook()
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from surgeon.errors import SurgeonError
-from surgeon.formats import from_disk
+from surgeon.formats.model_types import from_disk
 from surgeon.tensorfile import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS  # noqa: F401 (TORCH_TO_: re-exported)
 
 if TYPE_CHECKING:

@@ -145,7 +145,7 @@ def materialize(graph: Graph, device: str = "cpu", dtype: str | torch.dtype = "f
 
     if kind not in KINDS:
         raise SurgeonError(f"kind {kind!r}: expected one of {', '.join(KINDS)}")
-    from surgeon.formats.hf import is_shiftadd_packed
+    from surgeon.formats.model_types import is_shiftadd_packed
 
     if is_shiftadd_packed(graph.configs.get(component or "", {})):  # packed weights: a lazy dense view
         from surgeon.formats.shiftadd import dense_view

@@ -298,7 +298,7 @@ def _write_configs(graph: Graph, tmp: Path) -> None:
             key = "dtype" if "dtype" in cfg or "torch_dtype" not in cfg else "torch_dtype"
             cfg[key] = dt
         if comp == "":
-            from surgeon.formats import to_disk
+            from surgeon.formats.model_types import to_disk
 
             cfg = to_disk(cfg)  # packed / compact layouts get a surgeon model type (see surgeon.formats)
         dest = (tmp / comp if comp else tmp) / "config.json"

@@ -1,4 +1,4 @@
-"""How surgeon's own formats look to transformers: their model types on disk and the Auto-class registration.
+"""How transformers loads surgeon's own formats: the Auto-class registration of their model types.
 
 Two outputs are not plain transformers layouts: the packed ShiftAdd form (``X.qweight`` bit-planes + scales,
 ``quantization_config.quant_method = "shiftadd"``) and the compact recursive form of ``surgeon tie`` (a shared
@@ -26,11 +26,8 @@ import importlib.machinery
 import sys
 from typing import Any
 
-SHIFTADD_MODEL_TYPE = "surgeon_shiftadd"
-RECURSIVE_MODEL_TYPE = "surgeon_recursive"
-BASE_TYPE_KEY = "surgeon_base_model_type"
-SHIFTADD_QUANT_METHOD = "shiftadd"
-SURGEON_MODEL_TYPES = (SHIFTADD_MODEL_TYPE, RECURSIVE_MODEL_TYPE)
+from surgeon.formats.model_types import RECURSIVE_MODEL_TYPE, SHIFTADD_MODEL_TYPE, SURGEON_MODEL_TYPES
+
 HOW_TO_LOAD = {
     SHIFTADD_MODEL_TYPE: "a ShiftAdd-packed checkpoint: `import surgeon` first (then AutoModelForCausalLM loads "
                          "it), or surgeon.load_shiftadd(path); `surgeon shiftadd --materialize` writes a dense one",
@@ -38,45 +35,6 @@ HOW_TO_LOAD = {
                           "loads it), or surgeon.load_recursive(path); `surgeon tie --materialize` writes a "
                           "dense one",
 }
-
-
-def is_shiftadd_packed(config: dict[str, Any]) -> bool:
-    """True when ``config`` (in memory form) describes a ShiftAdd-packed checkpoint."""
-    qc = config.get("quantization_config")
-    return isinstance(qc, dict) and qc.get("quant_method") == SHIFTADD_QUANT_METHOD
-
-
-def surgeon_model_type(config: dict[str, Any]) -> str | None:
-    """The surgeon model type a config (in memory form) must carry on disk, or None for a plain layout."""
-    if is_shiftadd_packed(config):
-        return SHIFTADD_MODEL_TYPE
-    if isinstance(config.get("recursion"), dict):
-        return RECURSIVE_MODEL_TYPE
-    return None
-
-
-def to_disk(config: dict[str, Any]) -> dict[str, Any]:
-    """The root ``config.json`` as written: a surgeon model type where the layout needs surgeon to load."""
-    kind = surgeon_model_type(config)
-    if kind is None or config.get("model_type") == kind:
-        return config
-    out = dict(config)
-    out[BASE_TYPE_KEY] = config.get("model_type")
-    out["model_type"] = kind
-    return out
-
-
-def from_disk(config: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The config as surgeon uses it: the architecture's own ``model_type`` back (inverse of :func:`to_disk`)."""
-    if not config or config.get("model_type") not in SURGEON_MODEL_TYPES:
-        return config
-    out = dict(config)
-    base = out.pop(BASE_TYPE_KEY, None)
-    if base is None:
-        del out["model_type"]
-    else:
-        out["model_type"] = base
-    return out
 
 
 # ------------------------------------------------------------------------------ transformers registration

@@ -20,7 +20,8 @@ from surgeon.errors import SurgeonError
 if TYPE_CHECKING:
     import torch
 
-RECURSION_KEY = "recursion"
+from surgeon.formats.model_types import RECURSION_KEY
+
 ADAPTER_DIR = "lora"
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from surgeon.errors import SurgeonError
-from surgeon.formats.hf import SHIFTADD_QUANT_METHOD, from_disk, is_shiftadd_packed
+from surgeon.formats.model_types import SHIFTADD_QUANT_METHOD, from_disk, is_shiftadd_packed
 from surgeon.kernels.shiftadd import PackedLinear
 
 if TYPE_CHECKING:
