@@ -209,7 +209,7 @@ class ShardPipeline:
 
     def write(self, fd: int, names: list[str], on_tensor: Callable[[int], None]) -> None:
         """Append the tensors ``names`` (one shard's, in order) to the open file ``fd``, computing ahead."""
-        from surgeon.tensorfile import tensor_bytes
+        from surgeon.writer import tensor_bytes  # via the writer at call time: a test patches it there
 
         queue: deque[_Ahead] = deque()
         upcoming = deque(names)
