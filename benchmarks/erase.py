@@ -139,9 +139,9 @@ def bench(kind: str, dtype: torch.dtype, work: Path, epochs: int, baseline_epoch
     from surgeon.ops.erase.uce import prepare_erasure
 
     from surgeon.api import run_op
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
     from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
 
     tag = f"{kind}-{str(dtype).removeprefix('torch.')}"
     t0 = time.perf_counter()

@@ -11,10 +11,10 @@ from surgeon.ops.prune import magnitude
 from surgeon.ops.retrain import perp
 
 import surgeon
-from surgeon.checkpoint import open_checkpoint
 from surgeon.context import Context
 from surgeon.gguf import cached_conversion, smollm2_gguf_path
 from surgeon.graph import Graph
+from surgeon.sources import open_checkpoint
 
 tmp = Path(tempfile.mkdtemp())
 paras = (Path(surgeon.__file__).parent / "assets" / "eval.txt").read_text().split("\n\n")

@@ -278,7 +278,7 @@ class Context:
 
     def open_source(self, source: str) -> Checkpoint:
         """Another checkpoint (folder, file, repo id, GGUF, builtin) opened read-only and lazily."""
-        from surgeon.checkpoint import open_checkpoint
+        from surgeon.sources import open_checkpoint
 
         return open_checkpoint(source, allow_pickle=self.allow_pickle, online=self.online,
                                allow_nonfinite=self.allow_nonfinite)
@@ -300,7 +300,7 @@ class Context:
         """Add an extra output file to ``graph`` (a report, an undo file): text, bytes, or tensors (stored as a
         deterministic safetensors file with ``metadata``)."""
         if isinstance(data, dict):
-            from surgeon.writer import safetensors_bytes
+            from surgeon.tensorfile import safetensors_bytes
 
             data = safetensors_bytes(data, metadata)
         graph.extra_files[name] = data

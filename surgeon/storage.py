@@ -128,7 +128,7 @@ class CacheEntry:
     def save(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
         if not self.enabled:
             return
-        from surgeon.writer import safetensors_bytes
+        from surgeon.tensorfile import safetensors_bytes
 
         write_atomic(self.path, safetensors_bytes(dict(tensors), dict(metadata or {})))
 
@@ -171,7 +171,7 @@ class TensorSpill:
         if tuple(t.shape) != tuple(self.shapes[name]):
             raise SurgeonError(f"internal: {self.path.name}: tensor {name!r} has shape {list(t.shape)}, "
                                f"declared {list(self.shapes[name])}")
-        from surgeon.writer import tensor_bytes
+        from surgeon.tensorfile import tensor_bytes
 
         self.fh.write(tensor_bytes(t.detach().to("cpu", self.dtype).contiguous()))
         self.i += 1

@@ -104,8 +104,8 @@ def _stats_text(path: Path) -> str:
 
 
 def _graph(folder: Path):
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
 
     return Graph.from_checkpoint(open_checkpoint(folder))
 
@@ -257,9 +257,10 @@ def test_singular_covariance_gets_jitter():
 
 def test_conv1d_and_linear_orientation_agree():
     """The same edit written into a Linear weight and into its Conv1D (transposed) storage gives Wᵀ-equal nodes."""
-    from surgeon.graph import Const, LowRank
     from surgeon.kernels.covariance import CholeskyFactor
     from surgeon.ops.edit.solve import rome_update
+
+    from surgeon.graph import Const, LowRank
 
     w, cov, keys, values = _random_problem()
     up, down = rome_update(w, keys[:, 0], values[:, 0], CholeskyFactor(cov))
@@ -330,7 +331,6 @@ def test_duplicate_subjects_go_to_later_batches():
 
 def test_params_forbid_unknown_and_validate():
     from pydantic import ValidationError
-
     from surgeon.ops.edit.emmet import Params as EmmetParams
     from surgeon.ops.edit.rome import Params as RomeParams
 
@@ -574,10 +574,11 @@ def test_emmet_edits_sixteen_facts_at_once(fact_model, tmp_path):
 
 
 def test_stats_are_cached_and_keyed_by_weights(fact_model, tmp_path):
-    from surgeon.context import Context
     from surgeon.ops.edit.editing import covariance
     from surgeon.ops.edit.rome import Params
     from surgeon.ops.edit.site import find_submodule, locate
+
+    from surgeon.context import Context
 
     stats = _stats_text(tmp_path / "stats.txt")
     g = _graph(fact_model)
@@ -592,8 +593,9 @@ def test_stats_are_cached_and_keyed_by_weights(fact_model, tmp_path):
     assert info1["stats_tokens"] >= 10 * site.d_k
     torch.testing.assert_close(f1.lower, f2.lower)
     # C really is E[kkᵀ] over the corpus' tokens (windows capped at the model's 64-token context)
-    from surgeon.data import effective_seqlen
     from safetensors.torch import load_file
+
+    from surgeon.data import effective_seqlen
 
     mom2 = load_file(info1["stats_file"])["mom2"].double()
     seqlen = effective_seqlen(256, g.config)
@@ -614,8 +616,9 @@ def test_stats_are_cached_and_keyed_by_weights(fact_model, tmp_path):
 
 
 def test_edit_is_deterministic_for_a_fixed_seed(fact_model, tmp_path):
-    from surgeon.context import Context
     from surgeon.ops.edit.rome import Params, apply
+
+    from surgeon.context import Context
 
     params = Params(requests=[_request(2, 7)], stats_data="identity", n_prefixes=2, metrics=False, steps=5)
     a = apply(_graph(fact_model), params, Context(quiet=True, seed=3))
@@ -626,8 +629,9 @@ def test_edit_is_deterministic_for_a_fixed_seed(fact_model, tmp_path):
 
 
 def test_unknown_layer_is_refused(fact_model):
-    from surgeon.context import Context
     from surgeon.ops.edit.rome import Params, apply
+
+    from surgeon.context import Context
 
     with pytest.raises(SurgeonError, match="layers 0..1"):
         apply(_graph(fact_model), Params(requests=[_request(0, 1)], layer=7), Context(quiet=True))
@@ -636,10 +640,10 @@ def test_unknown_layer_is_refused(fact_model):
 def test_rome_on_gpt2_conv1d_writes_the_transposed_update(tmp_path):
     """GPT-2 stores c_proj as Conv1D [d_k, d_out]: the edit is computed in Linear orientation and written back
     transposed; the edited module's output at the key is v* and the target becomes the greedy answer."""
+    from surgeon.ops.edit.rome import Params, apply
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from surgeon.context import Context
-    from surgeon.ops.edit.rome import Params, apply
 
     tok = _tokenizer()
     torch.manual_seed(0)

@@ -26,10 +26,10 @@ from surgeon.ops.erase.uce import UceParams, prepare_erasure
 from surgeon.ops.erase.uce import apply as apply_uce
 from test_erase_helpers import compvis_to_diffusers_attention, save_compvis_copy, save_tiny_sd
 
-from surgeon.checkpoint import open_checkpoint
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Const, Graph, Load, LowRank
+from surgeon.sources import open_checkpoint
 
 F64 = torch.float64
 
