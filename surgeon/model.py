@@ -131,9 +131,10 @@ def _assign(module: nn.Module, name: str, value: torch.Tensor, *, is_param: bool
 
 def dense_graph(graph: Graph, component: str = "") -> Graph:
     """``graph`` itself, or a lazy dense view when its weights are stored packed (ShiftAdd)."""
-    qc = graph.configs.get(component, {}).get("quantization_config")
-    if isinstance(qc, dict) and qc.get("quant_method") == "shiftadd":
-        from surgeon.ops.shiftadd import dense_view
+    from surgeon.formats.model_types import is_shiftadd_packed
+
+    if is_shiftadd_packed(graph.configs.get(component, {})):
+        from surgeon.formats.shiftadd import dense_view
 
         return dense_view(graph)
     return graph
@@ -249,18 +250,6 @@ def write_back(graph: Graph, module: nn.Module, names: list[str] | None = None, 
                     new = new.clone()
                 out.nodes[gname] = Const(new, label="module")
     return out
-
-
-def lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits ``[batch, seq, vocab]`` in fp32 for ``input_ids`` (moved to the model's device), without grad."""
-    import torch
-
-    dev = next(model.parameters()).device
-    with torch.no_grad():
-        kw: dict[str, Any] = {"input_ids": input_ids.to(dev), "use_cache": False}
-        if attention_mask is not None:
-            kw["attention_mask"] = attention_mask.to(dev)
-        return model(**kw).logits.float()
 
 
 def decode_step(model: nn.Module, input_ids: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
