@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from surgeon.checkpoint import open_checkpoint
 from surgeon.engine import Engine, InputStats, Spilled, SpillStore
 from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
+from surgeon.sources import open_checkpoint
 
 
 @pytest.fixture(autouse=True)

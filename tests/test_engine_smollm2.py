@@ -24,8 +24,8 @@ def smollm2():
 
 
 def _graph(folder):
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
 
     return Graph.from_checkpoint(open_checkpoint(folder))
 
