@@ -247,3 +247,15 @@ def test_cuda_blocks_equal_cpu(tmp_path):
         res[dev, "nll"] = torch.stack([out.nll[i] for i in range(4)])
     assert torch.allclose(res["cuda", "sq"], res["cpu", "sq"], rtol=1e-4)
     assert torch.allclose(res["cuda", "nll"], res["cpu", "nll"], rtol=1e-4, atol=1e-4)
+
+
+def test_logit_transforms_follow_the_config_and_unknown_ones_are_refused():
+    from surgeon.arch import logit_transform
+
+    x = torch.tensor([-4.0, 0.5, 8.0])
+    assert logit_transform({"model_type": "llama"}) is None
+    assert torch.allclose(logit_transform({"final_logit_softcapping": 2.0})(x), torch.tanh(x / 2) * 2)
+    assert torch.allclose(logit_transform({"text_config": {"logit_scale": 0.25}})(x), x * 0.25)
+    assert torch.allclose(logit_transform({"logits_scaling": 4.0})(x), x / 4)
+    with pytest.raises(SurgeonError, match="output_multiplier_scale=3"):
+        logit_transform({"output_multiplier_scale": 3})
