@@ -43,9 +43,9 @@ def test_eval_perplexity_equals_the_whole_model(smollm2):
 
     g = _graph(smollm2)
     ctx = Context(quiet=True)
-    from surgeon.ops.evaluate import DEFAULT_TEXT, _assets_dir
+    from surgeon.metrics import DEFAULT_TEXT, assets_dir
 
-    text = str(_assets_dir() / DEFAULT_TEXT)
+    text = str(assets_dir() / DEFAULT_TEXT)
     windows = ctx.tokens(text, g, seqlen=128, max_windows=4)
     got = apply(g, Params(perplexity=text, seqlen=128, max_windows=4, batch_size=2), ctx).results[-1]
     model = _whole_model(smollm2)
@@ -84,14 +84,14 @@ def _reference_wanda(model, layers_names, tokens, sparsity):
 
 
 def test_wanda_masks_equal_the_whole_model_reference(smollm2):
-    from surgeon.ops.evaluate import DEFAULT_TEXT, _assets_dir
     from surgeon.ops.prune import wanda
 
     from surgeon.context import Context
+    from surgeon.metrics import DEFAULT_TEXT, assets_dir
 
     g = _graph(smollm2)
     ctx = Context(quiet=True)
-    text = str(_assets_dir() / DEFAULT_TEXT)
+    text = str(assets_dir() / DEFAULT_TEXT)
     g2 = wanda.apply(g, wanda.Params(data=text, sparsity=0.5, seqlen=64, n_windows=4, batch_size=2), ctx)
     tokens = ctx.tokens(text, g, seqlen=64, max_windows=4)
     n_layers = g.config["num_hidden_layers"]
