@@ -61,12 +61,13 @@ def main() -> None:
     args = ap.parse_args()
 
     from surgeon.kernels.select import kth_smallest
-    from surgeon.ops.prune import magnitude, perp, wanda
+    from surgeon.ops.prune import magnitude, wanda
+    from surgeon.ops.retrain import perp
 
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
     from surgeon.gguf import cached_conversion, smollm2_gguf_path
     from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
     from surgeon.writer import write_graph
 
     gguf = smollm2_gguf_path()
@@ -111,9 +112,8 @@ def main() -> None:
         return
 
     # 3. quality ------------------------------------------------------------------------------------------------
-    from surgeon.ops.evaluate import perplexity
-
     import surgeon
+    from surgeon.metrics import perplexity
 
     train = args.train or str(default_train_text(tmp))
     heldout = args.heldout or str(Path(surgeon.__file__).parent / "assets" / "eval.txt")

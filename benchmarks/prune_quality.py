@@ -52,14 +52,14 @@ def main() -> None:
     ap.add_argument("--skip-layers", action="store_true")
     args = ap.parse_args()
 
-    from surgeon.ops.evaluate import perplexity
     from surgeon.ops.prune import layers, magnitude, sparsegpt, wanda
 
     from surgeon.api import run_op
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
     from surgeon.gguf import cached_conversion, smollm2_gguf_path
     from surgeon.graph import Graph
+    from surgeon.metrics import perplexity
+    from surgeon.sources import open_checkpoint
 
     torch.manual_seed(0)
     src = cached_conversion(smollm2_gguf_path())

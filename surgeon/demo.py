@@ -37,7 +37,7 @@ def _disk_bytes(folder: Path) -> int:
 
 
 def _stored_parameters(folder: Path) -> int:
-    from surgeon.checkpoint import open_checkpoint
+    from surgeon.sources import open_checkpoint
 
     ck = open_checkpoint(folder)
     return sum(t.numel for t in ck.tensors.values() if t.dtype not in ("uint8", "int8", "int32"))
@@ -47,12 +47,12 @@ def measure(name: str, model, tok, folder: Path, requests: list[dict[str, Any]] 
             ctx, graph) -> dict[str, Any]:
     """Perplexity (shipped text), fact recall (shipped facts) and edit efficacy of a loaded module."""
     from surgeon.data import token_windows
-    from surgeon.ops.evaluate import _assets_dir, fact_recall, load_facts, perplexity
+    from surgeon.metrics import assets_dir, fact_recall, load_facts, perplexity
 
-    windows = token_windows(str(_assets_dir() / "eval.txt"), graph, ctx=ctx, seqlen=EVAL_SEQLEN,
+    windows = token_windows(str(assets_dir() / "eval.txt"), graph, ctx=ctx, seqlen=EVAL_SEQLEN,
                             max_windows=EVAL_WINDOWS)
     ppl = perplexity(model, windows)["perplexity"]
-    facts = fact_recall(model, tok, load_facts(str(_assets_dir() / "facts.jsonl")))
+    facts = fact_recall(model, tok, load_facts(str(assets_dir() / "facts.jsonl")))
     edits = None if requests is None else fact_recall(
         model, tok, [{"prompt": r["prompt"], "target": r["target"]} for r in requests])["recall"]
     return {"variant": name, "disk_mb": _disk_bytes(folder) / 1e6, "params_m": _stored_parameters(folder) / 1e6,
@@ -66,11 +66,11 @@ def run_demo(output: str | None = None, quick: bool = False) -> dict[str, Any]:
     from rich.table import Table
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
     from surgeon.graph import Graph
     from surgeon.pipeline import RunOptions, run_steps
     from surgeon.recipe import execute_recipe, load_recipe
+    from surgeon.sources import open_checkpoint
 
     console = Console(stderr=True)
     torch.manual_seed(0)
@@ -112,8 +112,8 @@ def run_demo(output: str | None = None, quick: bool = False) -> dict[str, Any]:
     del model
 
     if not quick:
-        from surgeon.ops.shiftadd import load_shiftadd
-        from surgeon.ops.tie import load_recursive
+        from surgeon.formats.recursive import load_recursive
+        from surgeon.formats.shiftadd import load_shiftadd
 
         console.print("[bold]3/4[/bold] ShiftAdd: 3-bit binary-coded weights, power-of-two scales (packed)")
         t = time.perf_counter()

@@ -100,8 +100,8 @@ def validate_step(op: str, params: dict[str, Any] | BaseModel | None, where: str
 
 
 def open_models(models: dict[str, str], options: RunOptions):
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
 
     graphs = {}
     for name, src in models.items():
@@ -133,7 +133,7 @@ def run_steps(models: dict[str, str], steps: list[tuple[str, Any]], options: Run
     """
     if not models:
         raise SurgeonError("no input model given")
-    from surgeon.checkpoint import missing_source_message
+    from surgeon.sources import missing_source_message
 
     for src in models.values():  # before the op modules (and torch) are imported
         if missing_source_message(src):
@@ -166,7 +166,9 @@ def run_steps(models: dict[str, str], steps: list[tuple[str, Any]], options: Run
             recipe["output"] = str(options.output)
     ctx = Context.create(options.device, seed=options.seed, graphs=graphs, base_name=base,
                          quiet=options.quiet, allow_nonfinite=options.allow_nonfinite, origin=graph,
-                         arch=options.arch, allow_pickle=options.allow_pickle, online=options.online)
+                         arch=options.arch, allow_pickle=options.allow_pickle, online=options.online,
+                         max_memory=options.max_memory,
+                         work_dir=str(Path(options.output).resolve().parent) if options.output else None)
     t_start = time.perf_counter()
     step_log: list[dict[str, Any]] = []
     import torch
@@ -198,7 +200,9 @@ def run_steps(models: dict[str, str], steps: list[tuple[str, Any]], options: Run
         "results": graph.results,
     }
     out: dict[str, Any] = {"output": None, "steps": step_log, "results": graph.results}
-    if options.output is not None and writes:
+    from surgeon.engine.dist import is_writer
+
+    if options.output is not None and writes and is_writer():  # under torchrun only rank 0 writes
         summary = write_graph_with(graph, ctx, options, max_shard, provenance, recipe)
         out.update(summary)
     out["seconds"] = round(time.perf_counter() - t_start, 3)

@@ -99,9 +99,9 @@ def test_remove_k_by_block_influence_matches_transformers_hidden_states(tmp_path
     from transformers import AutoModelForCausalLM
 
     from surgeon.api import run_op
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
     from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
 
     src = save_tiny_llama_with_tokenizer(tmp_path / "src", layers=6)
     data = tmp_path / "calib.txt"

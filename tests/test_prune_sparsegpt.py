@@ -200,9 +200,9 @@ def _block_linears(g, i):
 def test_sequential_calibration_equals_reference(task_model):
     from surgeon.ops.prune import sparsegpt
 
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
     from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
 
     g = Graph.from_checkpoint(open_checkpoint(task_model))
     data = str(task_model.parent / "train.txt")
@@ -225,9 +225,9 @@ def test_sparsegpt_beats_wanda_and_magnitude_on_the_trained_task(task_model):
     from surgeon.ops.prune import magnitude, sparsegpt, wanda
     from test_prune_helpers import graph_loss
 
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
     from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
 
     g = Graph.from_checkpoint(open_checkpoint(task_model))
     held, train = task_model.parent / "heldout.txt", str(task_model.parent / "train.txt")
@@ -242,11 +242,11 @@ def test_sparsegpt_beats_wanda_and_magnitude_on_the_trained_task(task_model):
 def test_nm_on_a_model_and_bad_input(task_model, tiny_llama):
     from surgeon.ops.prune import sparsegpt
 
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
     from surgeon.errors import SurgeonError
     from surgeon.graph import Graph
     from surgeon.pipeline import validate_step
+    from surgeon.sources import open_checkpoint
 
     g = Graph.from_checkpoint(open_checkpoint(task_model))
     g2 = sparsegpt.apply(g, sparsegpt.Params(data=str(task_model.parent / "train.txt"), nm="2:4", seqlen=24),

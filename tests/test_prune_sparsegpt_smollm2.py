@@ -32,12 +32,12 @@ def _setup(tmp_path: Path):
 
 def test_smollm2_sparsegpt_beats_wanda_at_50(tmp_path):
     src = _setup(tmp_path)
-    from surgeon.ops.evaluate import perplexity
     from surgeon.ops.prune import sparsegpt, wanda
 
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
     from surgeon.graph import Graph
+    from surgeon.metrics import perplexity
+    from surgeon.sources import open_checkpoint
 
     g = Graph.from_checkpoint(open_checkpoint(src))
     ctx = Context()

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from surgeon import engine
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
 from surgeon.registry import register
 
-from .blocks import capture_block_inputs, layer_modules, run_block
 from .common import ARCH_HELP
 
 if TYPE_CHECKING:
@@ -73,6 +73,17 @@ class InfluenceMeter:
         cos = token_cosines(h_in, h_out)
         self.sums[block] += float((1 - cos).sum())
         self.counts[block] += cos.numel()
+
+    def all_reduce(self) -> None:
+        """Sum over data-parallel ranks (each ran its slice of the samples); no-op in one process."""
+        from surgeon.engine import dist
+
+        if not dist.active():
+            return
+        t = torch.tensor(self.sums + [float(c) for c in self.counts], dtype=torch.float64)
+        dist.all_reduce_(t)
+        n = len(self.sums)
+        self.sums, self.counts = t[:n].tolist(), [int(c) for c in t[n:].tolist()]
 
     def influence(self) -> list[float]:
         """BI per block (mean over tokens)."""
@@ -165,19 +176,17 @@ def _numel(shape: Sequence[int]) -> int:
 # --- wiring ---------------------------------------------------------------------------------------------------------
 
 def measure_influence(graph: Graph, params: Params, ctx: Context, roles: Roles) -> list[float]:
-    """BI of every block on the calibration windows, the dense model run block by block."""
+    """BI of every block on the calibration windows: the dense model run block by block on the engine."""
     tokens = ctx.tokens(params.data, graph, seqlen=params.seqlen, max_windows=params.n_windows)
-    model = ctx.module(graph, dtype="float32")
-    layers = layer_modules(model, roles.prefixes)
-    meter = InfluenceMeter(len(layers))
-    with ctx.timed("calibrate"), torch.no_grad():
-        batches = capture_block_inputs(model, layers[0], tokens, params.batch_size)
-        for i in ctx.progress(range(len(layers)), len(layers), "block influence"):
-            for b in batches:
-                out = run_block(layers[i], b).detach()
-                meter.add(i, b.hidden, out)
-                b.hidden = out
-    ctx.report(calibration_windows=int(tokens.shape[0]), calibration_seqlen=int(tokens.shape[1]))
+    eng = engine.from_context(graph, ctx, dtype="float32", micro_batch=params.batch_size, roles=roles)
+    meter = InfluenceMeter(roles.n_layers)
+    with ctx.timed("calibrate"):
+        for block in eng.blocks(tokens, record=False, progress=ctx.progress):
+            outs = block.forward(keep=True)
+            for j, (_, h) in enumerate(block.inputs()):
+                meter.add(block.index, h, outs.get(j, eng.device))
+    meter.all_reduce()
+    ctx.report(calibration_windows=int(tokens.shape[0]), calibration_seqlen=int(tokens.shape[1]), **eng.timing())
     return meter.influence()
 
 

@@ -24,14 +24,13 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from torch import nn
 
+from surgeon import engine
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
-from surgeon.graph import Const, Graph
+from surgeon.graph import Graph
 from surgeon.registry import register
 
-from .blocks import advance, capture_block_inputs, layer_modules, module_of
 from .common import (
     ARCH_HELP,
     EXCLUDE_HELP,
@@ -202,28 +201,7 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor, *, sparsity: float = 0.5, 
     return SparseGPTResult(w, mask, float(error))
 
 
-# --- calibration wiring -------------------------------------------------------------------------------------------
-
-class InputGram:
-    """Forward hooks accumulating Σ x xᵀ (fp64) and the token count at the input of each watched module."""
-
-    def __init__(self, modules: dict[str, nn.Module]):
-        self.xtx: dict[str, torch.Tensor] = {}
-        self.count: dict[str, int] = {}
-        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
-
-    def _hook(self, name: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            self.xtx[name] = self.xtx[name] + x.T @ x if name in self.xtx else x.T @ x
-            self.count[name] = self.count.get(name, 0) + x.shape[0]
-
-        return hook
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
+# --- calibration wiring (the model engine) --------------------------------------------------------------------------
 
 def prune_weight(w: torch.Tensor, xtx: torch.Tensor, n_tokens: int, params: Params, *, transposed: bool,
                  name: str) -> SparseGPTResult:
@@ -237,35 +215,6 @@ def prune_weight(w: torch.Tensor, xtx: torch.Tensor, n_tokens: int, params: Para
     return res
 
 
-def sparsegpt_model(model: nn.Module, layers: list[nn.Module], targets_by_layer: list[list[str]], batches,
-                    params: Params, *, transposed: set[str], progress=None) -> dict[str, SparseGPTResult]:
-    """Sequential SparseGPT over ``layers``: block l's Hessians come from the outputs of the already pruned
-    blocks < l (all linears of a block see the same, unpruned-block inputs, as the reference's default)."""
-    results: dict[str, SparseGPTResult] = {}
-    steps = range(len(layers)) if progress is None else progress(range(len(layers)), len(layers), "SparseGPT")
-    for i in steps:
-        layer, names = layers[i], targets_by_layer[i]
-        gram = InputGram({n: module_of(model, n)[0] for n in names})
-        inputs = [b.hidden for b in batches]
-        try:
-            advance(layer, batches)
-        finally:
-            gram.close()
-        for b, h in zip(batches, inputs):  # rewind: the block's outputs are recomputed after pruning
-            b.hidden = h
-        for n in names:
-            if n not in gram.xtx:
-                raise SurgeonError(f"{n!r}: its module was not called during calibration (not a linear?)")
-            mod, leaf, _ = module_of(model, n)
-            w = getattr(mod, leaf)
-            res = prune_weight(w, gram.xtx.pop(n), gram.count[n], params, transposed=n in transposed, name=n)
-            with torch.no_grad():
-                w.copy_(res.weight.to(w.dtype))
-            results[n] = SparseGPTResult(res.weight.cpu(), res.mask.cpu(), res.error)
-        advance(layer, batches)
-    return results
-
-
 def _pruned_value(new: torch.Tensor) -> torch.Tensor:
     return new
 
@@ -273,9 +222,9 @@ def _pruned_value(new: torch.Tensor) -> torch.Tensor:
 @register("prune.sparsegpt", Params, model_level=True)
 def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     """SparseGPT pruning: OBS weight updates from calibration Hessians."""
-    names = prune_targets(graph, params.include, params.exclude, params.arch)
+    names = prune_targets(graph, params.include, params.exclude, params.arch, ctx=ctx)
     nm = parse_nm(params.nm)
-    trans = transposed_names(graph, names, params.arch)
+    trans = transposed_names(graph, names, params.arch, ctx=ctx)
     if nm is not None:
         check_nm_shapes(graph, names, nm[1], trans)
     r = ctx.roles(graph, overrides=params.arch)
@@ -288,20 +237,29 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
                                "linears; use prune.magnitude for embeddings or lm_head)")
         by_layer[i].append(n)
     tokens = ctx.tokens(params.data, graph, seqlen=params.seqlen, max_windows=params.n_windows)
-    model = ctx.module(graph, dtype="float32")
-    layers = layer_modules(model, prefixes)
+    eng = engine.from_context(graph, ctx, dtype="float32", micro_batch=params.batch_size, roles=r)
+    per_tensor: dict[str, tuple[int, int]] = {}
+    errors: dict[str, float] = {}
+
+    def change(block, stats) -> None:
+        # every linear of the block from the unpruned block's inputs (the reference's default order)
+        for n in by_layer[block.index]:
+            st = stats[n]
+            res = prune_weight(block.param(n), st.xtx, st.count, params, transposed=n in trans, name=n)
+            block.set(n, res.weight)
+            per_tensor[n] = (int(res.mask.sum()), res.mask.numel())
+            errors[n] = res.error
+
     with ctx.timed("calibrate"):
-        batches = capture_block_inputs(model, layers[0], tokens, params.batch_size)
-        results = sparsegpt_model(model, layers, by_layer, batches, params, transposed=trans, progress=ctx.progress)
-    del model, batches
+        eng.run(tokens, observe={n: ("xtx",) for n in names}, change=change,
+                layers=[i for i, ns in enumerate(by_layer) if ns], transposed=trans, progress=ctx.progress)
+    ctx.report(**eng.timing())
     out = graph.copy()
-    per_tensor = {}
-    for n, res in results.items():
+    for n in per_tensor:
         dense = graph[n]
-        out.replace(n, Pruned(_pruned_value, [Const(res.weight.to(dense.dtype), label="sparsegpt-weight")],
-                              dense=dense, label="prune-sparsegpt"))
-        per_tensor[n] = (int(res.mask.sum()), res.mask.numel())
+        out.replace(n, Pruned(_pruned_value, [eng.changed[n]], dense=dense, label="prune-sparsegpt"))
+    del eng
     ctx.report(method="sparsegpt", nm=params.nm, blocksize=params.blocksize, percdamp=params.percdamp,
                calibration_windows=int(tokens.shape[0]), calibration_seqlen=int(tokens.shape[1]),
-               obs_error=round(sum(r.error for r in results.values()), 6), **sparsity_facts(per_tensor))
+               obs_error=round(sum(errors.values()), 6), **sparsity_facts(per_tensor))
     return out
