@@ -46,7 +46,9 @@ def test_smollm2_sparsegpt_beats_wanda_at_50(tmp_path):
     def ppl(graph: Graph) -> float:
         return float(perplexity(ctx.module(graph), windows, batch_size=4)["perplexity"])
 
-    cal = {"data": str(tmp_path / "calib.txt"), "seqlen": 256, "n_windows": 16, "sparsity": 0.5}
+    # the default calibration (32 samples of the model itself), as in docs/prune.md's table; with the license
+    # texts (legal English against the narrative held-out text) Wanda wins there (97.3 vs 101.2)
+    cal = {"data": "model:32", "seqlen": 256, "n_windows": 32, "sparsity": 0.5}
     sctx = Context()
     gs = sparsegpt.apply(g, sparsegpt.Params(**cal), sctx)
     gw = wanda.apply(g, wanda.Params(**cal), Context())
