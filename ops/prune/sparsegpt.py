@@ -8,7 +8,9 @@ columns. All the [H_F⁻¹] rows needed are the rows of the upper Cholesky facto
 [H_F⁻¹]_j,F / sqrt([H_F⁻¹]_jj) with F = {j, …}), so the whole pass costs one Cholesky (Algorithm 1). Updates
 within a column block of ``blocksize`` are applied eagerly, to later blocks lazily once per block.
 The mask of a column block is chosen at its start by the OBS saliency w²/[H_F⁻¹]_jj = w²/U_jj² (§3.3, adaptive
-mask selection); N:M masks are chosen every M columns on the current weights.
+mask selection); N:M masks are chosen every M columns on the current weights. Calibration runs block by block
+on the model engine (:mod:`surgeon.engine`), sequentially: block l's Hessians are measured on the outputs of the
+already pruned blocks < l.
 
 Differences from the reference code (documented in docs/prune.md): the reference prunes ⌊s·numel⌋ + 1 entries
 per column block (``tmp <= sorted[k]``), here each block prunes its share of exactly ⌊s·numel⌋ for the whole
