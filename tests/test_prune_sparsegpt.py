@@ -261,3 +261,23 @@ def test_nm_on_a_model_and_bad_input(task_model, tiny_llama):
     with pytest.raises(SurgeonError, match="inside a decoder block"):
         sparsegpt.apply(Graph.from_checkpoint(open_checkpoint(tiny_llama)), sparsegpt.Params(include=["lm_head"]),
                         Context())
+
+
+def test_perp_reconstruct_finds_the_dense_weights_after_sparsegpt(task_model):
+    """The pruned tensors keep their dense source (``Pruned``), so PERP's reconstruct mode can follow in a chain;
+    zeros stay zeros."""
+    from surgeon.ops.prune import sparsegpt
+    from surgeon.ops.retrain import perp
+
+    from surgeon.context import Context
+    from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
+
+    g = Graph.from_checkpoint(open_checkpoint(task_model))
+    data = str(task_model.parent / "train.txt")
+    g1 = sparsegpt.apply(g, sparsegpt.Params(data=data, sparsity=0.5, seqlen=24, n_windows=8), Context())
+    ctx = Context()
+    g2 = perp.apply(g1, perp.Params(data=data, mode="reconstruct", steps=2, seqlen=24, batch_size=4), ctx)
+    for n in _block_linears(g, 0) + _block_linears(g, 1):
+        assert torch.equal(g1.value(n) == 0, g2.value(n) == 0), n
+    assert len(ctx.step_info["block_error_before"]) == 2
