@@ -203,7 +203,7 @@ def _average_node(prev: Node, nxt: Node, w_prev: float, w_next: float, label: st
     return Apply(lambda a, b: checkfree_average(a, b, w_prev, w_next), [prev, nxt], label=label)
 
 
-@register("recover", Params)
+@register("recover", Params, summary="CheckFree: rebuild a lost pipeline stage from its neighbours.")
 def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     """Rebuild lost pipeline stages from their neighbours (CheckFree), or edges by copy (CheckFree+)."""
     layout = read_layout(graph, ctx)
