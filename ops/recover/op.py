@@ -139,9 +139,9 @@ class Layout:
 
 
 def read_layout(graph: Graph, ctx: Context) -> Layout:
-    """The layer template and the complete block from the layers that survived (:func:`surgeon.arch.roles_with_gaps`,
+    """The layer template and the complete block from the layers that survived (:func:`surgeon.arch.gaps.roles_with_gaps`,
     with the run's ``arch:`` overrides), and the global tensors expected."""
-    from surgeon.arch import roles_with_gaps
+    from surgeon.arch.gaps import roles_with_gaps
 
     try:
         gapped = roles_with_gaps(graph.config, graph.names(), ctx.arch or None)
