@@ -50,8 +50,7 @@ OP_INDEX: dict[str, tuple[str, str]] = {
     "prune.magnitude": ("surgeon.ops.prune.magnitude", "Magnitude pruning: per-layer, global or N:M."),
     "prune.wanda": ("surgeon.ops.prune.wanda", "Wanda pruning: |W|·‖X‖ with calibration data (Sun et al. 2024)."),
     "retrain.perp": ("surgeon.ops.prune.perp", "PERP: retrain norms, biases and MaskLoRA after pruning."),
-    "retrain.distill": ("surgeon.ops.retrain.distill", "Uptrain a tied (recursive) model toward the original by "
-                        "logit distillation."),
+    "retrain.distill": ("surgeon.ops.retrain.distill", "Uptrain a tie output toward the original by distillation."),
     "shiftadd": ("surgeon.ops.shiftadd", "ShiftAdd: binary-coded weights with power-of-two scales + LUT kernel."),
     "tie": ("surgeon.ops.tie", "Relaxed Recursive Transformer: tie layers, relax with SVD LoRA."),
     "recover": ("surgeon.ops.recover", "CheckFree: rebuild a lost pipeline stage from its neighbours."),

@@ -17,7 +17,7 @@ from surgeon.errors import SurgeonError
 from surgeon.pipeline import RunOptions, run_steps
 from tests.conftest import save_tiny_llama
 
-STEPS = dict(seqlen=WINDOW, steps=40, lr=5e-3, batch_size=8, device="cpu", quiet=True)
+STEPS = {"seqlen": WINDOW, "steps": 40, "lr": 5e-3, "batch_size": 8, "device": "cpu", "quiet": True}
 
 
 @pytest.fixture(autouse=True)
@@ -150,9 +150,9 @@ def test_compact_output_keeps_the_layout_and_shares_storage(tied, distilled):
 
 
 def _in_run(task_model: Path, out: Path, **tie: object) -> Path:
-    steps = [("tie", dict(loops=2, rank=2, untie_norms=True, **tie)),
-             ("retrain.distill", dict(data=str(task_model.parent / "train.txt"),
-                                      **{k: v for k, v in STEPS.items() if k not in ("device", "quiet")}))]
+    steps = [("tie", {"loops": 2, "rank": 2, "untie_norms": True, **tie}),
+             ("retrain.distill", {"data": str(task_model.parent / "train.txt"),
+                                  **{k: v for k, v in STEPS.items() if k not in ("device", "quiet")}})]
     run_steps({"m": str(task_model)}, steps, RunOptions(output=str(out), device="cpu", quiet=True))
     return out
 
@@ -215,3 +215,26 @@ def test_a_materialised_checkpoint_from_disk_is_refused(task_model, tmp_path):
 def test_no_teacher_is_an_error_naming_the_option(tied, task_model, tmp_path):
     _one_line_error("--teacher", "retrain.distill", str(tied), output=str(tmp_path / "o"),
                     data=str(task_model.parent / "train.txt"), **STEPS)
+
+
+def test_a_recipe_names_student_and_teacher(task_model, tied, tmp_path):
+    """`models: {student, teacher}`: the student is the first input, the teacher found by name (default)."""
+    from surgeon.api import run_recipe
+
+    recipe = {"version": 1, "models": {"student": str(tied), "teacher": str(task_model)},
+              "steps": [{"retrain.distill": {"data": str(task_model.parent / "train.txt"), "seqlen": WINDOW,
+                                             "steps": 2, "batch_size": 4}}],
+              "output": str(tmp_path / "out")}
+    res = run_recipe(recipe)
+    info = res["steps"][0]["info"]["distill"]
+    assert info["teacher"] == "teacher" and info["form"] == "compact"
+    assert info["teacher_perplexity"] < info["perplexity_before"]
+
+
+def test_cli_takes_teacher_and_exits_2_on_a_bad_student(task_model, tmp_path, capsys):
+    from surgeon.cli import main
+
+    code = main(["retrain", "distill", str(task_model), "--teacher", str(task_model), "--data",
+                 str(task_model.parent / "train.txt"), "-o", str(tmp_path / "o"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "not a tied model" in err and len(err.splitlines()) == 1
