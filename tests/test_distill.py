@@ -136,6 +136,15 @@ def test_distillation_moves_the_tied_model_to_its_teacher(task_model, tied, dist
     assert report["curve"][0][0] == 0 and report["curve"][-1][0] == STEPS["steps"]
 
 
+def test_top_k_targets_distill_too(task_model, tied, tmp_path):
+    """top_k: the teacher's targets are computed once (then the teacher is freed); KL still falls."""
+    res = run_op("retrain.distill", str(tied), output=str(tmp_path / "o"), teacher=str(task_model), top_k=4,
+                 teacher_batch=3, data=str(task_model.parent / "train.txt"), **{**STEPS, "steps": 20})
+    info = res["steps"][0]["info"]["distill"]
+    assert info["top_k"] == 4 and info["kl_last"] < 0.5 * info["kl_first"]
+    assert info["perplexity_after"] < info["perplexity_before"]
+
+
 def test_compact_output_keeps_the_layout_and_shares_storage(tied, distilled):
     from safetensors.torch import load_file
 

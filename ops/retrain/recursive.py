@@ -111,7 +111,7 @@ def _layer_suffixes(graph: Graph, prefix: str) -> list[str]:
     return [n[len(prefix):] for n in graph.names() if n.startswith(prefix)]
 
 
-def _split_layers(graph: Graph, info: dict[str, Any]) -> tuple[dict[str, Node], dict[str, Node], dict]:
+def _split_layers(graph: Graph, info: dict[str, Any]) -> tuple[dict[str, Node], dict[str, Node]]:
     """Shared nodes (each slot from its first layer) and the untied per-layer vectors of an unrolled graph."""
     slots = info["layer_to_slot"]
     first = {k: slots.index(k) for k in set(slots)}
@@ -125,13 +125,13 @@ def _split_layers(graph: Graph, info: dict[str, Any]) -> tuple[dict[str, Node], 
                 own[prefix + suffix] = node
             elif i == first[k]:
                 shared[info["shared_prefix"].format(k=k) + suffix] = node
-    return shared, own, first
+    return shared, own
 
 
 def _read_tied_base(graph: Graph, ctx: Context, summary: dict[str, Any], op: str) -> Recursion:
     from safetensors.torch import load
 
-    shared, own, _ = _split_layers(graph, summary)
+    shared, own = _split_layers(graph, summary)
     lora: dict[str, tuple[Node, Node]] = {}
     raw = _file_bytes(graph, ctx, ADAPTER_WEIGHTS)
     if raw is None and summary.get("ranks"):
@@ -147,8 +147,6 @@ def _read_tied_base(graph: Graph, ctx: Context, summary: dict[str, Any], op: str
 
 def _read_materialized(graph: Graph, summary: dict[str, Any], op: str) -> Recursion:
     scale = float(summary.get("lora_alpha_ratio", 1.0))
-    shared: dict[str, Node] = {}
-    own: dict[str, Node] = {}
     lora: dict[str, tuple[Node, Node]] = {}
     transposed: dict[str, bool] = {}
     unrolled = Graph(dict(graph.items()))
@@ -162,7 +160,7 @@ def _read_materialized(graph: Graph, summary: dict[str, Any], op: str) -> Recurs
         raise SurgeonError(f"{op}: a materialised tie output read from disk has lost the shared/LoRA split "
                            f"(W = W' + BA is one tensor); distill the compact output (`tie` without "
                            f"--materialize), or run tie --materialize and retrain.distill in one recipe")
-    shared, own, _ = _split_layers(unrolled, summary)
+    shared, own = _split_layers(unrolled, summary)
     return Recursion("materialized", summary, shared, own, lora, transposed)
 
 
