@@ -66,11 +66,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from surgeon.checkpoint import open_checkpoint
-    from surgeon.context import Context
-    from surgeon.graph import Graph
     from surgeon.ops.edit import emmet, memit, rome
     from surgeon.ops.edit.editing import N_PREFIXES
+
+    from surgeon.context import Context
+    from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
 
     if args.model is None:
         from surgeon.gguf import cached_conversion, smollm2_gguf_path

@@ -135,12 +135,13 @@ def _compute(info: dict, key: str) -> float:
 def bench(kind: str, dtype: torch.dtype, work: Path, epochs: int, baseline_epochs: int, full_unet_bytes: bool,
           threads: int, text_layers: int | None = None, repeats: int = 3) -> dict:
     from surgeon.ops.erase.closed_form import rece_per_matrix, uce_edit_per_matrix
-    from surgeon.ops.erase.rece import ReceParams, apply, prepare_erasure
+    from surgeon.ops.erase.rece import ReceParams, apply
+    from surgeon.ops.erase.uce import prepare_erasure
 
     from surgeon.api import run_op
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
     from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
 
     tag = f"{kind}-{str(dtype).removeprefix('torch.')}"
     t0 = time.perf_counter()

@@ -166,7 +166,8 @@ try:
         lambda: kth_smallest(vals, vals.numel() // 2, device="cuda"))
 except ImportError:
     out("k-th value: surgeon.kernels.select not available")
-from surgeon.ops.shiftadd import quantize_gptq, quantize_weight_only
+from surgeon.ops.shiftadd.bcq import quantize_weight_only
+from surgeon.ops.shiftadd.gptq import quantize_gptq
 w = torch.randn(1536, 576) * 0.05
 xx = torch.randn(4096, 576) * torch.exp(torch.randn(576))
 h = xx.T @ xx / xx.shape[0]

@@ -7,13 +7,14 @@ import time
 from pathlib import Path
 
 from surgeon.ops.evaluate import perplexity
-from surgeon.ops.prune import magnitude, perp
+from surgeon.ops.prune import magnitude
+from surgeon.ops.retrain import perp
 
 import surgeon
-from surgeon.checkpoint import open_checkpoint
 from surgeon.context import Context
 from surgeon.gguf import cached_conversion, smollm2_gguf_path
 from surgeon.graph import Graph
+from surgeon.sources import open_checkpoint
 
 tmp = Path(tempfile.mkdtemp())
 paras = (Path(surgeon.__file__).parent / "assets" / "eval.txt").read_text().split("\n\n")

@@ -61,12 +61,13 @@ def main() -> None:
     args = ap.parse_args()
 
     from surgeon.kernels.select import kth_smallest
-    from surgeon.ops.prune import magnitude, perp, wanda
+    from surgeon.ops.prune import magnitude, wanda
+    from surgeon.ops.retrain import perp
 
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
     from surgeon.gguf import cached_conversion, smollm2_gguf_path
     from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
     from surgeon.writer import write_graph
 
     gguf = smollm2_gguf_path()

@@ -87,13 +87,14 @@ def decode_tokens_per_s(model, n_tokens: int = 16) -> float:
 
 def smollm2_section(bits: int, group: int, calibrated: bool) -> None:
     from surgeon.kernels.shiftadd import KERNEL_CALLS
-    from surgeon.ops.shiftadd import Params, apply, load_shiftadd
+    from surgeon.ops.shiftadd.op import Params, apply
 
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
+    from surgeon.formats.shiftadd import load_shiftadd
     from surgeon.gguf import cached_conversion, smollm2_gguf_path
     from surgeon.graph import Graph
     from surgeon.model import materialize
+    from surgeon.sources import open_checkpoint
     from surgeon.writer import write_graph
 
     src = smollm2_gguf_path()

@@ -33,13 +33,13 @@ def main() -> None:
     args = ap.parse_args()
 
     from surgeon.ops.evaluate import _assets_dir, perplexity
-    from surgeon.ops.shiftadd import Params, apply
+    from surgeon.ops.shiftadd.op import Params, apply
 
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
     from surgeon.gguf import cached_conversion, smollm2_gguf_path
     from surgeon.graph import Graph
     from surgeon.model import materialize
+    from surgeon.sources import open_checkpoint
 
     torch.set_num_threads(args.threads)
     src = smollm2_gguf_path()

@@ -51,8 +51,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.gguf import cached_conversion, smollm2_gguf_path
+    from surgeon.sources import open_checkpoint
 
     gguf = smollm2_gguf_path()
     if gguf is None:

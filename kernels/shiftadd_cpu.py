@@ -52,13 +52,6 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, in_features: int, gr
     return (signs * alpha).sum(0)
 
 
-def lut_gemv_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, in_features: int,
-                       group_size: int) -> torch.Tensor:
-    """Plain-torch reference: ``x @ dequantize(...)ᵀ`` in fp64 (``x``: [M, K])."""
-    w = dequantize(qweight, scales, in_features, group_size).double()
-    return (x.double() @ w.T).float()
-
-
 # --------------------------------------------------------------------------------------------------------------
 # numba LUT GEMV
 # --------------------------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def cast(graph: Graph, params: CastParams, ctx: Context) -> Graph:
         target = cast_target(name, node.dtype, params)
         if target is None or target == node.dtype:
             continue
-        graph.nodes[name] = Apply(lambda t, d=target: t.to(d), [node], label=f"cast:{params.dtype}", dtype=target)
+        graph.replace(name, Apply(lambda t, d=target: t.to(d), [node], label=f"cast:{params.dtype}", dtype=target))
         changed += 1
     graph.config["dtype"] = params.dtype
     graph.config.pop("torch_dtype", None)
@@ -97,8 +97,7 @@ def drop(graph: Graph, params: DropParams, ctx: Context) -> Graph:
         raise SurgeonError(f"drop: pattern {params.pattern!r} matches no tensor")
     if len(gone) == len(graph):
         raise SurgeonError(f"drop: pattern {params.pattern!r} would remove every tensor")
-    for n in gone:
-        del graph.nodes[n]
+    graph.remove(*gone)
     ctx.report(dropped=gone)
     return graph
 
@@ -120,19 +119,21 @@ def rename(graph: Graph, params: RenameParams, ctx: Context) -> Graph:
     """Rename tensors by regex substitution; two tensors mapping to one name is an error."""
     graph = graph.copy()
     rx = re.compile(params.pattern)
-    new: dict[str, object] = {}
-    renamed = 0
-    for name, node in graph.nodes.items():
+    mapping: dict[str, str] = {}
+    taken: set[str] = set()
+    for name in graph.names():
         try:
             target = rx.sub(params.replacement, name)
         except re.error as e:
             raise SurgeonError(f"rename: replacement {params.replacement!r} is invalid ({e})") from None
-        if target in new:
+        if target in taken:
             raise SurgeonError(f"rename: {name!r} and another tensor would both become {target!r}")
-        renamed += target != name
-        new[target] = node
+        taken.add(target)
+        if target != name:
+            mapping[name] = target
+    renamed = len(mapping)
     if renamed == 0:
         raise SurgeonError(f"rename: pattern {params.pattern!r} matches no tensor name")
-    graph.nodes = new  # type: ignore[assignment]
+    graph.rename(mapping)
     ctx.report(renamed=renamed)
     return graph

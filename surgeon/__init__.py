@@ -55,14 +55,14 @@ _passive_openmp_waits()
 
 def _register_formats() -> None:
     """transformers loads surgeon's packed/compact outputs after ``import surgeon`` (see surgeon.formats)."""
-    from surgeon.formats import install_transformers_hook
+    from surgeon.formats.hf import install_transformers_hook
 
     install_transformers_hook()
 
 
 _register_formats()
 
-__all__ = ["__version__", "SurgeonError", "open_checkpoint", "load_shiftadd", "load_recursive"]
+__all__ = ["SurgeonError", "__version__", "load_recursive", "load_shiftadd", "open_checkpoint"]
 
 
 def __getattr__(name: str):  # lazy public API
@@ -71,15 +71,15 @@ def __getattr__(name: str):  # lazy public API
 
         return SurgeonError
     if name == "open_checkpoint":
-        from surgeon.checkpoint import open_checkpoint
+        from surgeon.sources import open_checkpoint
 
         return open_checkpoint
     if name == "load_shiftadd":
-        from surgeon.ops.shiftadd import load_shiftadd
+        from surgeon.formats.shiftadd import load_shiftadd
 
         return load_shiftadd
     if name == "load_recursive":
-        from surgeon.ops.tie import load_recursive
+        from surgeon.formats.recursive import load_recursive
 
         return load_recursive
     raise AttributeError(name)

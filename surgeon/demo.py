@@ -37,7 +37,7 @@ def _disk_bytes(folder: Path) -> int:
 
 
 def _stored_parameters(folder: Path) -> int:
-    from surgeon.checkpoint import open_checkpoint
+    from surgeon.sources import open_checkpoint
 
     ck = open_checkpoint(folder)
     return sum(t.numel for t in ck.tensors.values() if t.dtype not in ("uint8", "int8", "int32"))
@@ -66,11 +66,11 @@ def run_demo(output: str | None = None, quick: bool = False) -> dict[str, Any]:
     from rich.table import Table
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
     from surgeon.graph import Graph
     from surgeon.pipeline import RunOptions, run_steps
     from surgeon.recipe import execute_recipe, load_recipe
+    from surgeon.sources import open_checkpoint
 
     console = Console(stderr=True)
     torch.manual_seed(0)
@@ -112,8 +112,8 @@ def run_demo(output: str | None = None, quick: bool = False) -> dict[str, Any]:
     del model
 
     if not quick:
-        from surgeon.ops.shiftadd import load_shiftadd
-        from surgeon.ops.tie import load_recursive
+        from surgeon.formats.recursive import load_recursive
+        from surgeon.formats.shiftadd import load_shiftadd
 
         console.print("[bold]3/4[/bold] ShiftAdd: 3-bit binary-coded weights, power-of-two scales (packed)")
         t = time.perf_counter()

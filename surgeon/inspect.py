@@ -8,7 +8,7 @@ from surgeon.errors import SurgeonError
 
 
 def inspect_checkpoint(source: str, *, sparsity: bool = False, allow_pickle: bool = False) -> dict[str, Any]:
-    from surgeon.checkpoint import open_checkpoint
+    from surgeon.sources import open_checkpoint
 
     ck = open_checkpoint(source, allow_pickle=allow_pickle)
     cfg = ck.config

@@ -111,9 +111,7 @@ def step_estimate(graph: Graph, spec: OpSpec, params: BaseModel, n_models: int =
     if name in ("edit.rome", "edit.emmet"):
         work = model + 3 * 8 * s["ffn"] ** 2  # the fp32 model; C, its Cholesky factor and a solve (fp64)
         if p.cov and _sampled(p.stats_data):  # samples come from a second copy (the run's input model)
-            from surgeon.ops.edit.stats import default_stats_tokens
-
-            tokens = p.stats_tokens or default_stats_tokens(s["ffn"], p.stats_data)
+            tokens = p.stats_token_count(s["ffn"])  # the op's Params know their default token count
             work += model + _sampling_kv(s, -(-tokens // p.stats_seqlen), p.stats_seqlen)
         return {"work": work, "held": 0}
     if name == "retrain.perp":

@@ -236,6 +236,110 @@ def _method_params(method: str, names: list[str], per_model_settings: dict[str, 
     return out
 
 
+class _Models:
+    """The recipe's ``models`` map built while reading the config: each reference gets a short unique name."""
+
+    def __init__(self) -> None:
+        self.names = _Names()
+        self.paths: dict[str, str] = {}
+
+    def add(self, ref: Any, where: str) -> str:
+        path = _model_ref(ref, where)
+        n = self.names(path)
+        self.paths[n] = path
+        return n
+
+
+def _models_step(raw: dict[str, Any], method: str, base: str | None, models: _Models,
+                 global_params: Any) -> dict[str, Any]:
+    """Params of the step for a ``models:`` config."""
+    order: list[str] = []
+    pm: dict[str, dict[str, Any]] = {}
+    for i, m in enumerate(raw["models"]):
+        if not isinstance(m, dict) or "model" not in m:
+            raise _err(f"models[{i}]: expected {{model: ..., parameters: ...}}")
+        _check_keys(m, {"model", "parameters"}, f"models[{i}]")
+        n = models.add(m["model"], f"models[{i}].model")
+        pm[n] = m.get("parameters") or {}
+        if n != base:
+            order.append(n)
+    if method == "passthrough":
+        if len(order) + (1 if base else 0) != 1:
+            raise _err("passthrough takes exactly one model (use slices to combine several)")
+        only = order[0] if order else base
+        return {"models": [only], **_method_params(method, [only], pm, [global_params], "")}
+    params = _method_params(method, order, pm, [global_params], "")
+    params["models"] = order
+    if base is not None:
+        params["base"] = base
+    if method == "slerp" and base is None:
+        raise _err("slerp needs base_model (the t = 0 end)")
+    return params
+
+
+def _slice_entry(sl: dict[str, Any], i: int, method: str, base: str | None, models: _Models,
+                 global_params: Any) -> dict[str, Any]:
+    """One entry of ``merge.passthrough``'s ``slices`` for ``slices[i]`` of the config."""
+    _check_keys(sl, {"sources", "parameters", "base_model"}, f"slices[{i}]")
+    srcs = []
+    pm = {}
+    for j, src in enumerate(sl.get("sources") or []):
+        _check_keys(src, {"model", "layer_range", "parameters"}, f"slices[{i}].sources[{j}]")
+        n = models.add(src["model"], f"slices[{i}].sources[{j}].model")
+        lr = src.get("layer_range")
+        if not (isinstance(lr, list) and len(lr) == 2):
+            raise _err(f"slices[{i}].sources[{j}].layer_range: expected [start, end]")
+        srcs.append({"model": n, "layers": [int(lr[0]), int(lr[1])]})
+        pm[n] = src.get("parameters") or {}
+    if not srcs:
+        raise _err(f"slices[{i}]: no sources")
+    slice_base = models.add(sl["base_model"], f"slices[{i}].base_model") if sl.get("base_model") else base
+    entry: dict[str, Any] = {"sources": srcs}
+    shared = [sl.get("parameters"), global_params]
+    if method == "passthrough":
+        if len(srcs) != 1:
+            raise _err(f"slices[{i}]: passthrough takes one source per slice")
+        p = _method_params(method, [srcs[0]["model"]], pm, [pm[srcs[0]["model"]]] + shared, f"slices[{i}].")
+        if "scale" in p:
+            entry["scale"] = p["scale"]
+    else:
+        merged = [s["model"] for s in srcs if s["model"] != slice_base]
+        if slice_base is not None and slice_base not in [s["model"] for s in srcs]:
+            raise _err(f"slices[{i}]: the base model is not among the slice's sources")
+        entry["method"] = method
+        entry["params"] = _method_params(method, merged, pm, shared, f"slices[{i}].")
+        if slice_base is not None:
+            entry["base"] = slice_base
+    return entry
+
+
+def _output_params(raw: dict[str, Any], params: dict[str, Any], op: str, base: str | None,
+                   models: _Models) -> None:
+    """``dtype``, ``tokenizer_source`` and ``chat_template`` of the config into the step's params."""
+    dtype = raw.get("out_dtype") or raw.get("dtype")
+    if dtype is not None:
+        if str(dtype) not in DTYPE_NAMES:
+            raise _err(f"dtype {dtype!r} is not supported (float32, float16, bfloat16)")
+        params["dtype"] = DTYPE_NAMES[str(dtype)]
+    if op == "merge.passthrough":
+        for key in ("tokenizer_source", "chat_template"):
+            if raw.get(key) is not None:
+                raise _err(f"key {key!r} is not supported with passthrough or slices")
+    tok = raw.get("tokenizer_source")
+    if tok is not None:
+        tok = str(tok)
+        if tok not in ("base", "union"):
+            tok = models.names(_model_ref(tok, "tokenizer_source"))
+            if tok not in models.paths:
+                models.paths[tok] = str(raw["tokenizer_source"])
+        if tok == "base" and base is None:
+            raise _err("tokenizer_source: base needs base_model")
+        params["tokenizer_source"] = tok
+    ct = raw.get("chat_template")
+    if ct is not None:
+        params["chat_template"] = str(ct)
+
+
 def translate(raw: dict[str, Any], *, where: str = "config") -> dict[str, Any]:
     """mergekit config dict -> surgeon recipe dict (``models``, ``base``, ``steps``)."""
     for k in raw:
@@ -248,116 +352,21 @@ def translate(raw: dict[str, Any], *, where: str = "config") -> dict[str, Any]:
         raise _err(f"merge_method {method!r} is not supported (supported: {', '.join(sorted(METHODS))})")
     if bool(raw.get("models")) == bool(raw.get("slices")):
         raise _err("give exactly one of 'models' or 'slices'")
-    names = _Names()
-    models: dict[str, str] = {}
-
-    def add(ref: Any, where_: str) -> str:
-        path = _model_ref(ref, where_)
-        n = names(path)
-        models[n] = path
-        return n
-
-    base = add(raw["base_model"], "base_model") if raw.get("base_model") else None
+    models = _Models()
+    base = models.add(raw["base_model"], "base_model") if raw.get("base_model") else None
     global_params = raw.get("parameters")
-    params: dict[str, Any] = {}
-    op = METHODS[method][0]
     if raw.get("models"):
-        order: list[str] = []
-        pm: dict[str, dict[str, Any]] = {}
-        for i, m in enumerate(raw["models"]):
-            if not isinstance(m, dict) or "model" not in m:
-                raise _err(f"models[{i}]: expected {{model: ..., parameters: ...}}")
-            _check_keys(m, {"model", "parameters"}, f"models[{i}]")
-            n = add(m["model"], f"models[{i}].model")
-            pm[n] = m.get("parameters") or {}
-            if n != base:
-                order.append(n)
-        if method == "passthrough":
-            if len(order) + (1 if base else 0) != 1:
-                raise _err("passthrough takes exactly one model (use slices to combine several)")
-            only = order[0] if order else base
-            params = _method_params(method, [only], pm, [global_params], "")
-            params = {"models": [only], **params}
-        else:
-            params = _method_params(method, order, pm, [global_params], "")
-            params["models"] = order
-            if base is not None:
-                params["base"] = base
-            if method == "slerp" and base is None:
-                raise _err("slerp needs base_model (the t = 0 end)")
+        op = METHODS[method][0]
+        params = _models_step(raw, method, base, models, global_params)
     else:
-        out_slices = []
-        for i, sl in enumerate(raw["slices"]):
-            _check_keys(sl, {"sources", "parameters", "base_model"}, f"slices[{i}]")
-            srcs = []
-            pm = {}
-            for j, src in enumerate(sl.get("sources") or []):
-                _check_keys(src, {"model", "layer_range", "parameters"}, f"slices[{i}].sources[{j}]")
-                n = add(src["model"], f"slices[{i}].sources[{j}].model")
-                lr = src.get("layer_range")
-                if not (isinstance(lr, list) and len(lr) == 2):
-                    raise _err(f"slices[{i}].sources[{j}].layer_range: expected [start, end]")
-                srcs.append({"model": n, "layers": [int(lr[0]), int(lr[1])]})
-                pm[n] = src.get("parameters") or {}
-            if not srcs:
-                raise _err(f"slices[{i}]: no sources")
-            slice_base = add(sl["base_model"], f"slices[{i}].base_model") if sl.get("base_model") else base
-            entry: dict[str, Any] = {"sources": srcs}
-            shared = [sl.get("parameters"), global_params]
-            if method == "passthrough":
-                if len(srcs) != 1:
-                    raise _err(f"slices[{i}]: passthrough takes one source per slice")
-                p = _method_params(method, [srcs[0]["model"]], pm, [pm[srcs[0]["model"]]] + shared, f"slices[{i}].")
-                if "scale" in p:
-                    entry["scale"] = p["scale"]
-            else:
-                merged = [s["model"] for s in srcs if s["model"] != slice_base]
-                if slice_base is not None and slice_base not in [s["model"] for s in srcs]:
-                    raise _err(f"slices[{i}]: the base model is not among the slice's sources")
-                entry["method"] = method
-                entry["params"] = _method_params(method, merged, pm, shared, f"slices[{i}].")
-                if slice_base is not None:
-                    entry["base"] = slice_base
-            out_slices.append(entry)
-        params = {"slices": out_slices}
         op = "merge.passthrough"
-    dtype = raw.get("out_dtype") or raw.get("dtype")
-    if dtype is not None:
-        if str(dtype) not in DTYPE_NAMES:
-            raise _err(f"dtype {dtype!r} is not supported (float32, float16, bfloat16)")
-        params["dtype"] = DTYPE_NAMES[str(dtype)]
-    recipe: dict[str, Any] = {"models": models, "steps": []}
-    if op == "merge.passthrough":
-        for key in ("tokenizer_source", "chat_template"):
-            if raw.get(key) is not None:
-                raise _err(f"key {key!r} is not supported with passthrough or slices")
-    tok = raw.get("tokenizer_source")
-    if tok is not None:
-        tok = str(tok)
-        if tok not in ("base", "union"):
-            tok = names(_model_ref(tok, "tokenizer_source"))
-            if tok not in models:
-                models[tok] = str(raw["tokenizer_source"])
-        if tok == "base" and base is None:
-            raise _err("tokenizer_source: base needs base_model")
-        params["tokenizer_source"] = tok
-    ct = raw.get("chat_template")
-    if ct is not None:
-        params["chat_template"] = str(ct)
-    recipe["steps"].append({op: params})
+        params = {"slices": [_slice_entry(sl, i, method, base, models, global_params)
+                             for i, sl in enumerate(raw["slices"])]}
+    _output_params(raw, params, op, base, models)
+    recipe: dict[str, Any] = {"models": models.paths, "steps": [{op: params}]}
     if base is not None:
         recipe["base"] = base
     return recipe
-
-
-def translate_file(path: str | os.PathLike) -> dict[str, Any]:
-    import yaml
-
-    p = Path(path)
-    raw = yaml.safe_load(p.read_text())
-    if not is_mergekit_config(raw):
-        raise _err(f"{p}: not a mergekit config (no merge_method)")
-    return translate(raw, where=str(p))
 
 
 def translation_of(path: str | os.PathLike) -> dict[str, Any] | None:

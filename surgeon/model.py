@@ -145,9 +145,10 @@ def materialize(graph: Graph, device: str = "cpu", dtype: str | torch.dtype = "f
 
     if kind not in KINDS:
         raise SurgeonError(f"kind {kind!r}: expected one of {', '.join(KINDS)}")
-    qc = graph.configs.get(component or "", {}).get("quantization_config")
-    if isinstance(qc, dict) and qc.get("quant_method") == "shiftadd":  # packed weights: a lazy dense view
-        from surgeon.ops.shiftadd import dense_view
+    from surgeon.formats.model_types import is_shiftadd_packed
+
+    if is_shiftadd_packed(graph.configs.get(component or "", {})):  # packed weights: a lazy dense view
+        from surgeon.formats.shiftadd import dense_view
 
         graph = dense_view(graph)
     if component is None or (component == "" and kind != "causal-lm" and not graph.configs.get("")):
@@ -243,18 +244,6 @@ def write_back(graph: Graph, module: nn.Module, names: list[str] | None = None, 
                     new = new.clone()
                 out.nodes[gname] = Const(new, label="module")
     return out
-
-
-def lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits ``[batch, seq, vocab]`` in fp32 for ``input_ids`` (moved to the model's device), without grad."""
-    import torch
-
-    dev = next(model.parameters()).device
-    with torch.no_grad():
-        kw: dict[str, Any] = {"input_ids": input_ids.to(dev), "use_cache": False}
-        if attention_mask is not None:
-            kw["attention_mask"] = attention_mask.to(dev)
-        return model(**kw).logits.float()
 
 
 def decode_step(model: nn.Module, input_ids: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:

@@ -216,7 +216,7 @@ def _check_value(flag: str, value: Any, entry: dict[str, Any]) -> None:
 def _precheck_run(models: dict[str, str], writes: bool, run_kw: dict[str, Any]) -> None:
     """Mistakes that need no tensor: an input that does not exist, no or an unusable ``-o``, a bad
     ``--max-shard-size``. Cheap, and before torch is imported (several seconds) or any model is read."""
-    from surgeon.checkpoint import missing_source_message
+    from surgeon.sources import missing_source_message
     from surgeon.outputs import check_output_location, parse_size
 
     for src in dict.fromkeys(models.values()):

@@ -100,8 +100,8 @@ def validate_step(op: str, params: dict[str, Any] | BaseModel | None, where: str
 
 
 def open_models(models: dict[str, str], options: RunOptions):
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
 
     graphs = {}
     for name, src in models.items():
@@ -133,7 +133,7 @@ def run_steps(models: dict[str, str], steps: list[tuple[str, Any]], options: Run
     """
     if not models:
         raise SurgeonError("no input model given")
-    from surgeon.checkpoint import missing_source_message
+    from surgeon.sources import missing_source_message
 
     for src in models.values():  # before the op modules (and torch) are imported
         if missing_source_message(src):

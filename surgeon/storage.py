@@ -2,6 +2,7 @@
 
 - :func:`read_side_file`: bytes of a user-named side file (requests, facts, metrics, a tokenizer folder's
   files), with one-line errors that name the option and the path.
+- :func:`content_fingerprint`: sha256 of a side file's or folder's content (cache keys).
 - :class:`CacheEntry`: a content-addressed safetensors file under ``$SURGEON_CACHE/<namespace>/`` written
   atomically; a damaged entry reads as a miss.
 - :class:`StateFolder`: a folder for resumable state (a JSON document and tensor files streamed tensor by
@@ -45,6 +46,47 @@ def read_side_file(path: str | os.PathLike, *, what: str) -> bytes:
         raise SurgeonError(f"{what}: cannot read {p} ({e.strerror or e})") from None
 
 
+def content_fingerprint(path: str | os.PathLike) -> str | None:
+    """sha256 of a file's or a folder's content (each file's relative name, then its bytes, in sorted order);
+    ``None`` when nothing exists at ``path`` (then it names something else, e.g. ``model:N``)."""
+    import hashlib
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        return None
+    h = hashlib.sha256()
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    for f in files:
+        h.update(str(f.relative_to(p) if f != p else f.name).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def load_tokenizer_folder(folder: str | os.PathLike, *, cls: str, what: str) -> Any:
+    """A transformers tokenizer of class ``cls`` (``CLIPTokenizer``, ``AutoTokenizer``) from a tokenizer folder."""
+    p = Path(folder).expanduser()
+    if not p.is_dir():
+        raise SurgeonError(f"{what}: {p} is not a folder")
+    import transformers
+
+    try:
+        return getattr(transformers, cls).from_pretrained(str(p))
+    except Exception as e:  # noqa: BLE001 - tokenizer files can fail in many ways; name the folder
+        raise SurgeonError(f"{what}: {p}: cannot load a {cls} ({e.__class__.__name__}: {e})") from None
+
+
+def hub_cached_folder(repo: str, filename: str) -> Path | None:
+    """The local Hub cache folder of ``repo`` that holds ``filename`` (never downloads); None when not cached."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    hit = try_to_load_from_cache(repo, filename)
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
 def decode_json(data: bytes, *, where: str) -> Any:
     try:
         return json.loads(data)
@@ -86,7 +128,7 @@ class CacheEntry:
     def save(self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
         if not self.enabled:
             return
-        from surgeon.writer import safetensors_bytes
+        from surgeon.tensorfile import safetensors_bytes
 
         write_atomic(self.path, safetensors_bytes(dict(tensors), dict(metadata or {})))
 
@@ -129,7 +171,7 @@ class TensorSpill:
         if tuple(t.shape) != tuple(self.shapes[name]):
             raise SurgeonError(f"internal: {self.path.name}: tensor {name!r} has shape {list(t.shape)}, "
                                f"declared {list(self.shapes[name])}")
-        from surgeon.writer import tensor_bytes
+        from surgeon.tensorfile import tensor_bytes
 
         self.fh.write(tensor_bytes(t.detach().to("cpu", self.dtype).contiguous()))
         self.i += 1

@@ -21,11 +21,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from surgeon.checkpoint import TORCH_TO_SAFETENSORS
 from surgeon.errors import SurgeonError
 from surgeon.executor import write_all
 from surgeon.graph import Executor, Graph, Node
 from surgeon.outputs import check_output_location, parse_size, refuse_to_replace  # noqa: F401 (re-exported)
+from surgeon.tensorfile import (  # noqa: F401 (tensor_bytes, safetensors_bytes re-exported)
+    TORCH_TO_SAFETENSORS,
+    header_bytes,
+    safetensors_bytes,
+    tensor_bytes,
+)
 
 if TYPE_CHECKING:
     from surgeon.context import Context
@@ -88,14 +93,7 @@ def _header(graph: Graph, plan: ShardPlan) -> tuple[bytes, list[tuple[str, int]]
                           "shape": list(node.shape), "data_offsets": [offset, offset + size]}
         spans.append((n, size))
         offset += size
-    raw = json.dumps(entries, separators=(",", ":")).encode()
-    raw += b" " * ((8 - (8 + len(raw)) % 8) % 8)
-    return len(raw).to_bytes(8, "little") + raw, spans
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach().contiguous().cpu()
-    return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
+    return header_bytes(entries), spans
 
 
 def write_shard_file(graph: Graph, plan: ShardPlan, path: Path, *, pipeline: ShardPipeline | None = None,
@@ -300,7 +298,7 @@ def _write_configs(graph: Graph, tmp: Path) -> None:
             key = "dtype" if "dtype" in cfg or "torch_dtype" not in cfg else "torch_dtype"
             cfg[key] = dt
         if comp == "":
-            from surgeon.formats import to_disk
+            from surgeon.formats.model_types import to_disk
 
             cfg = to_disk(cfg)  # packed / compact layouts get a surgeon model type (see surgeon.formats)
         dest = (tmp / comp if comp else tmp) / "config.json"
@@ -337,26 +335,3 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
-
-
-def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    """A deterministic safetensors file (keys sorted, metadata sorted) for small side outputs such as undo
-    files and adapters. ``safetensors.torch.save`` orders metadata by a per-process hash, so two identical runs
-    would otherwise differ byte for byte."""
-    meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
-    header: dict[str, Any] = {"__metadata__": dict(sorted(meta.items()))}
-    offset = 0
-    blobs = []
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        dt = str(t.dtype).removeprefix("torch.")
-        if dt not in TORCH_TO_SAFETENSORS:
-            raise SurgeonError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors")
-        data = bytes(tensor_bytes(t))
-        header[name] = {"dtype": TORCH_TO_SAFETENSORS[dt], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        offset += len(data)
-        blobs.append(data)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * ((8 - (8 + len(raw)) % 8) % 8)
-    return len(raw).to_bytes(8, "little") + raw + b"".join(blobs)

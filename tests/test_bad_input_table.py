@@ -213,7 +213,7 @@ def test_inspect_reports_the_layer_count_problem(base, tmp_path, capsys):
 
 
 def test_index_entry_with_dot_slash_opens_like_the_plain_name(base, tmp_path):
-    from surgeon.checkpoint import open_checkpoint
+    from surgeon.sources import open_checkpoint
 
     m = _copy(base, tmp_path)
     names = list(load_file(m / "model.safetensors"))
@@ -280,7 +280,7 @@ def test_heatmap_unchanged_cells_read_as_unchanged():
 
 # item 15: the tie help --------------------------------------------------------------------------------------
 def test_tie_help_says_full_rank_is_exact_only_with_untied_norms(capsys):
-    from surgeon.ops.tie import Params
+    from surgeon.ops.tie.op import Params
 
     text = Params.model_fields["rank"].description
     assert "exact" in text and "--untie-norms" in text

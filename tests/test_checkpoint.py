@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from surgeon.checkpoint import open_checkpoint, parse_safetensors_header
+from surgeon.checkpoint import parse_safetensors_header
 from surgeon.errors import SurgeonError
+from surgeon.sources import open_checkpoint
 
 
 def _write_raw(path: Path, header: dict, data: bytes) -> Path:

@@ -167,3 +167,30 @@ def test_open_source_names_the_source(tmp_path):
         Context().open_source(str(tmp_path / "nothing"))
     save_file({"w": torch.ones(2)}, str(tmp_path / "m.safetensors"))
     assert Context().open_source(str(tmp_path / "m.safetensors")).tensors["w"].shape == (2,)
+
+
+def test_fingerprint_of_file_and_folder_and_missing(tmp_path):
+    import hashlib
+
+    ctx = Context()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "b.txt").write_bytes(b"beta")
+    (tmp_path / "d" / "a.txt").write_bytes(b"alpha")
+    # oracle: names (relative, sorted) and bytes in turn
+    want = hashlib.sha256(b"a.txt" + b"alpha" + b"b.txt" + b"beta").hexdigest()
+    assert ctx.fingerprint(str(tmp_path / "d"), what="--data") == want
+    assert ctx.fingerprint(str(tmp_path / "d" / "a.txt"), what="--data") == hashlib.sha256(
+        b"a.txt" + b"alpha").hexdigest()
+    assert ctx.fingerprint("model:64", what="--data") is None
+
+
+def test_tokenizer_from_folder_hub_cache_and_errors(tmp_path):
+    ctx = Context()
+    assert ctx.tokenizer_from(None, cls="CLIPTokenizer", hub_repo="surgeon-tests/not-cached", what="tok") is None
+    with pytest.raises(SurgeonError, match=r"--tokenizer: .*nope is not a folder"):
+        ctx.tokenizer_from(str(tmp_path / "nope"), cls="CLIPTokenizer", what="--tokenizer")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "vocab.json").write_text("{not json")
+    (tmp_path / "bad" / "merges.txt").write_text("")
+    with pytest.raises(SurgeonError, match=r"--tokenizer: .*bad: cannot load a CLIPTokenizer"):
+        ctx.tokenizer_from(str(tmp_path / "bad"), cls="CLIPTokenizer", what="--tokenizer")

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgeon.checkpoint import open_checkpoint
 from surgeon.context import Context
 from surgeon.data import load_texts, save_word_tokenizer, token_windows
 from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
+from surgeon.sources import open_checkpoint
 
 WORDS = [f"w{i}" for i in range(60)]  # + 4 specials = 64 = the model's vocab
 

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from surgeon.checkpoint import open_checkpoint
 from surgeon.diff import EXACT_RANK_MAX, delta_rank, diff_checkpoints, plot_diff
 from surgeon.errors import SurgeonError
 from surgeon.graph import Apply, Const, Graph, LowRank
+from surgeon.sources import open_checkpoint
 
 
 @pytest.fixture

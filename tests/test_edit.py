@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from surgeon.context import Context
 from surgeon.errors import SurgeonError
 
 SUBJECTS = ["Zorbia", "Quenta", "Maldor", "Fenwick", "Tarsis", "Ulmora", "Brevik", "Korrin", "Xanthe", "Lumos",
@@ -103,8 +104,8 @@ def _stats_text(path: Path) -> str:
 
 
 def _graph(folder: Path):
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
 
     return Graph.from_checkpoint(open_checkpoint(folder))
 
@@ -205,11 +206,23 @@ def test_emmet_with_one_key_and_no_ridge_is_rome():
     torch.testing.assert_close(u1 @ d1, u2 @ d2, rtol=1e-9, atol=1e-12)
 
 
+def memit_update(weight: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cov: torch.Tensor,
+                 lam: float) -> torch.Tensor:
+    """MEMIT's single-layer least squares (dense ΔW, fp64): argmin ‖ΔK − R‖² + λ′ tr(ΔCΔᵀ) = RKᵀ(λ′C + KKᵀ)⁻¹.
+
+    The reference: it forms and solves the d_k×d_k system, which the factored forms avoid.
+    """
+    w, k, v, c = (x.to(torch.float64) for x in (weight, keys, values, cov))
+    residual = v - w @ k
+    a = lam * c + k @ k.T
+    return torch.linalg.solve(a, k @ residual.T).T  # a is symmetric: (R Kᵀ a⁻¹)ᵀ = a⁻¹ K Rᵀ
+
+
 @pytest.mark.parametrize("lam", [0.1, 15000.0, 1e6])
 def test_emmet_equals_memit_least_squares(lam):
     """Push-through identity: R(KᵀC⁻¹K + λ′I)⁻¹KᵀC⁻¹ = RKᵀ(λ′C + KKᵀ)⁻¹ (MEMIT's single-layer solve)."""
     from surgeon.kernels.covariance import CholeskyFactor
-    from surgeon.ops.edit.solve import emmet_update, memit_update
+    from surgeon.ops.edit.solve import emmet_update
 
     w, cov, keys, values = _random_problem(n=6)
     up, down = emmet_update(w, keys, values, CholeskyFactor(cov), lam=lam)
@@ -244,9 +257,10 @@ def test_singular_covariance_gets_jitter():
 
 def test_conv1d_and_linear_orientation_agree():
     """The same edit written into a Linear weight and into its Conv1D (transposed) storage gives Wᵀ-equal nodes."""
-    from surgeon.graph import Const, LowRank
     from surgeon.kernels.covariance import CholeskyFactor
     from surgeon.ops.edit.solve import rome_update
+
+    from surgeon.graph import Const, LowRank
 
     w, cov, keys, values = _random_problem()
     up, down = rome_update(w, keys[:, 0], values[:, 0], CholeskyFactor(cov))
@@ -274,12 +288,12 @@ def test_requests_load_jsonl_yaml_and_placeholder(tmp_path):
     p.write_text(json.dumps({"prompt": "{} is in the city of", "subject": "Eiffel Tower", "target_new": " Rome"})
                  + "\n\n" + json.dumps({"prompt": "The Louvre is in", "subject": "Louvre", "target": " Oslo",
                                         "paraphrases": ["Where is {}? In"]}) + "\n")
-    reqs = load_requests(p)
+    reqs = load_requests(p, Context())
     assert [r.text for r in reqs] == ["Eiffel Tower is in the city of", "The Louvre is in"]
     assert reqs[0].target == " Rome" and reqs[1].paraphrase_texts() == ["Where is Louvre? In"]
     y = tmp_path / "r.yaml"
     y.write_text("- prompt: The Louvre is in\n  subject: Louvre\n  target: ' Oslo'\n")
-    assert load_requests(y)[0].template == "The {} is in"
+    assert load_requests(y, Context())[0].template == "The {} is in"
 
 
 @pytest.mark.parametrize("line, message", [
@@ -295,15 +309,15 @@ def test_bad_requests_name_file_and_line(tmp_path, line, message):
     p = tmp_path / "r.jsonl"
     p.write_text('{"prompt": "{} is in", "subject": "Louvre", "target": " Paris"}\n' + line + "\n")
     with pytest.raises(SurgeonError, match=message) as e:
-        load_requests(p)
+        load_requests(p, Context())
     assert f"{p}:2" in str(e.value)
 
 
 def test_missing_requests_file_is_clear(tmp_path):
     from surgeon.ops.edit.requests import load_requests
 
-    with pytest.raises(SurgeonError, match="no such file"):
-        load_requests(tmp_path / "nope.jsonl")
+    with pytest.raises(SurgeonError, match="--requests: .*nope.jsonl does not exist"):
+        load_requests(tmp_path / "nope.jsonl", Context())
 
 
 def test_duplicate_subjects_go_to_later_batches():
@@ -317,7 +331,6 @@ def test_duplicate_subjects_go_to_later_batches():
 
 def test_params_forbid_unknown_and_validate():
     from pydantic import ValidationError
-
     from surgeon.ops.edit.emmet import Params as EmmetParams
     from surgeon.ops.edit.rome import Params as RomeParams
 
@@ -379,12 +392,23 @@ def test_values_per_request_equal_the_joint_batch_and_stop_early(fact_model):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def final_logits(model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
+                 ) -> torch.Tensor:
+    """Reference: logits at (row, position) pairs of whole rows (the head applied to the gathered hidden states)."""
+    base, head = model.base_model, model.get_output_embeddings()
+    if base is model or head is None:
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[rows, positions].float()
+    hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    return head(hidden[rows, positions]).float()
+
+
 def test_suffix_on_cached_context_equals_whole_rows_with_delta(fact_model, monkeypatch):
     """The value loop's forward (context keys/values cached once, only the suffix from the δ position run) gives
     the logits of whole right-padded rows with δ added at the subject's last token, also for a row whose subject
     starts at position 0 (empty context) next to longer ones."""
-    import surgeon.ops.edit.keys_values as kvmod
-    from surgeon.ops.edit.keys_values import context_cache, final_logits, pad_rows, split_rows, suffix_logits
+    import surgeon.ops.edit.forward as fwdmod
+    from surgeon.ops.edit.forward import context_cache, suffix_logits
+    from surgeon.ops.edit.rows import pad_rows, split_rows
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
@@ -428,7 +452,7 @@ def test_suffix_on_cached_context_equals_whole_rows_with_delta(fact_model, monke
     with torch.no_grad():
         got = suffix_logits(model, split, kv, torch.arange(3), at_rows, at_pos - lk[at_rows], on_rows=on_rows)
         assert len(seen.pop("calls")) == 1  # 3 rows: padding them to one length is cheaper than 3 passes
-        monkeypatch.setattr(kvmod, "PAD_TOKENS_PER_PASS", 0)
+        monkeypatch.setattr(fwdmod, "PAD_TOKENS_PER_PASS", 0)
         apart = suffix_logits(model, split, kv, torch.arange(3), at_rows, at_pos - lk[at_rows], on_rows=on_rows)
         assert len(seen.pop("calls")) == 3  # one bucket per suffix length
         # a subset of rows, in another order, picks the same cached context
@@ -445,8 +469,8 @@ def test_suffix_on_cached_context_equals_whole_rows_with_delta(fact_model, monke
 def test_layers_before_the_edit_are_replayed_not_run(fact_model, monkeypatch):
     """Editing the second layer: after the first pass the first layer is not run again (its recorded output is
     replayed), and the values equal those of a run where every layer runs."""
-    import surgeon.ops.edit.keys_values as kvmod
-    from surgeon.ops.edit.keys_values import ValueSettings, layers_before, optimise_values
+    from surgeon.ops.edit.forward import SkipEarlyLayers, layers_before
+    from surgeon.ops.edit.keys_values import ValueSettings, optimise_values
     from surgeon.ops.edit.requests import Request
     from transformers import AutoModelForCausalLM
 
@@ -460,7 +484,7 @@ def test_layers_before_the_edit_are_replayed_not_run(fact_model, monkeypatch):
     h = model.model.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))
     fast = optimise_values(model, tok, down, reqs, ["Once upon a time. "], settings, device="cpu")
     runs_fast = len(calls)
-    monkeypatch.setattr(kvmod._SkipEarlyLayers, "engage", lambda self: None)
+    monkeypatch.setattr(SkipEarlyLayers, "engage", lambda self: None)
     calls.clear()
     slow = optimise_values(model, tok, down, reqs, ["Once upon a time. "], settings, device="cpu")
     h.remove()
@@ -473,22 +497,18 @@ def test_layers_before_the_edit_are_replayed_not_run(fact_model, monkeypatch):
 def test_grouped_eager_attention_equals_sdpa(fact_model):
     """The value loop's attention (key/value heads shared by their query-head group without copies) gives the
     model's own SDPA logits, with padding and a cache; the model's attention is restored afterwards."""
-    from types import SimpleNamespace
 
-    from surgeon.ops.edit.keys_values import (
-        GROUPED_ATTENTION,
-        attention,
-        context_cache,
-        cpu_attention,
-        split_rows,
-        suffix_logits,
-    )
+    from surgeon.arch import attention_implementation
+    from surgeon.kernels.attention import GROUPED_ATTENTION
+    from surgeon.ops.edit.forward import attention, context_cache, suffix_logits
+    from surgeon.ops.edit.rows import split_rows
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
     assert model.config.num_attention_heads != model.config.num_key_value_heads  # grouped-query attention
-    assert cpu_attention(model) == GROUPED_ATTENTION
-    assert cpu_attention(SimpleNamespace(config=SimpleNamespace(model_type="gemma2"))) == "eager"  # soft-capping
+    assert attention_implementation(model.config.model_type, "cpu") == GROUPED_ATTENTION
+    assert attention_implementation("gemma2", "cpu") == "eager"  # soft-capping
+    assert attention_implementation("llama", "cuda") is None
     tok = _tokenizer()
     rows = [tok(TEMPLATES[0].format(s))["input_ids"] for s in SUBJECTS[:3]]
     rows.append(tok("x y " + SUBJECTS[3])["input_ids"])
@@ -554,15 +574,16 @@ def test_emmet_edits_sixteen_facts_at_once(fact_model, tmp_path):
 
 
 def test_stats_are_cached_and_keyed_by_weights(fact_model, tmp_path):
-    from surgeon.context import Context
     from surgeon.ops.edit.editing import covariance
     from surgeon.ops.edit.rome import Params
     from surgeon.ops.edit.site import find_submodule, locate
 
+    from surgeon.context import Context
+
     stats = _stats_text(tmp_path / "stats.txt")
     g = _graph(fact_model)
     ctx = Context(quiet=True)
-    site = locate(g, None)
+    site = locate(g, None, ctx.roles(g))
     params = Params(requests=[_request(0, 1)], stats_data=stats)
     model = ctx.module(g)
     module = find_submodule(model, site.module_path)
@@ -572,10 +593,11 @@ def test_stats_are_cached_and_keyed_by_weights(fact_model, tmp_path):
     assert info1["stats_tokens"] >= 10 * site.d_k
     torch.testing.assert_close(f1.lower, f2.lower)
     # C really is E[kkᵀ] over the corpus' tokens (windows capped at the model's 64-token context)
-    from surgeon.data import effective_seqlen
-    from surgeon.ops.edit.stats import read_cache
+    from safetensors.torch import load_file
 
-    mom2 = read_cache(Path(info1["stats_file"])).mom2
+    from surgeon.data import effective_seqlen
+
+    mom2 = load_file(info1["stats_file"])["mom2"].double()
     seqlen = effective_seqlen(256, g.config)
     windows = ctx.tokens(stats, g, seqlen=seqlen, max_windows=-(-10 * site.d_k // seqlen))
     seen = []
@@ -594,8 +616,9 @@ def test_stats_are_cached_and_keyed_by_weights(fact_model, tmp_path):
 
 
 def test_edit_is_deterministic_for_a_fixed_seed(fact_model, tmp_path):
-    from surgeon.context import Context
     from surgeon.ops.edit.rome import Params, apply
+
+    from surgeon.context import Context
 
     params = Params(requests=[_request(2, 7)], stats_data="identity", n_prefixes=2, metrics=False, steps=5)
     a = apply(_graph(fact_model), params, Context(quiet=True, seed=3))
@@ -606,8 +629,9 @@ def test_edit_is_deterministic_for_a_fixed_seed(fact_model, tmp_path):
 
 
 def test_unknown_layer_is_refused(fact_model):
-    from surgeon.context import Context
     from surgeon.ops.edit.rome import Params, apply
+
+    from surgeon.context import Context
 
     with pytest.raises(SurgeonError, match="layers 0..1"):
         apply(_graph(fact_model), Params(requests=[_request(0, 1)], layer=7), Context(quiet=True))
@@ -616,10 +640,10 @@ def test_unknown_layer_is_refused(fact_model):
 def test_rome_on_gpt2_conv1d_writes_the_transposed_update(tmp_path):
     """GPT-2 stores c_proj as Conv1D [d_k, d_out]: the edit is computed in Linear orientation and written back
     transposed; the edited module's output at the key is v* and the target becomes the greedy answer."""
+    from surgeon.ops.edit.rome import Params, apply
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from surgeon.context import Context
-    from surgeon.ops.edit.rome import Params, apply
 
     tok = _tokenizer()
     torch.manual_seed(0)
@@ -752,7 +776,7 @@ def test_bare_targets_get_the_reference_leading_space():
 def test_rome_prefixes_start_at_bos_and_count_the_seed(fact_model):
     """Item 2: ROME's templates are sampled from "<|endoftext|>" (BOS) with max_out_len 5 and 10 counting the
     seed token (4 and 9 new tokens); MEMIT/EMMET's from the seed words."""
-    from surgeon.ops.edit.keys_values import prefix_lengths, sample_prefixes, seed_ids
+    from surgeon.ops.edit.prefixes import prefix_lengths, sample_prefixes, seed_ids
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(fact_model).eval()

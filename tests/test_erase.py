@@ -16,20 +16,20 @@ pytest.importorskip("diffusers")
 
 from surgeon.ops.erase.closed_form import (
     gram,
-    rece_adversarial_embedding,
     rece_epochs,
     rece_per_matrix,
-    uce_delta,
+    uce_delta_factors,
     uce_edit_per_matrix,
 )
-from surgeon.ops.erase.rece import ReceParams, UceParams, apply, apply_uce, prepare_erasure
-from surgeon.ops.erase.sd_keys import compvis_to_diffusers_attention
-from test_erase_helpers import save_compvis_copy, save_tiny_sd
+from surgeon.ops.erase.rece import ReceParams, apply
+from surgeon.ops.erase.uce import UceParams, prepare_erasure
+from surgeon.ops.erase.uce import apply as apply_uce
+from test_erase_helpers import compvis_to_diffusers_attention, save_compvis_copy, save_tiny_sd
 
-from surgeon.checkpoint import open_checkpoint
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Const, Graph, Load, LowRank
+from surgeon.sources import open_checkpoint
 
 F64 = torch.float64
 
@@ -50,6 +50,27 @@ def sd(tmp_path_factory) -> Path:
 
 def open_graph(path) -> Graph:
     return Graph.from_checkpoint(open_checkpoint(path))
+
+
+# ---- references (closed forms written out; only the tests use them) ----------------------------------------
+
+
+def uce_delta(C: torch.Tensor, T: torch.Tensor, P: torch.Tensor | None, *, lam: float, eta_e: float, eta_p: float,
+              preserve_gram: torch.Tensor | None = None, device: str = "cpu") -> torch.Tensor:
+    """Δ = K − I of the UCE closed form as one dense float64 ``[d, d]`` matrix (the op keeps it factored)."""
+    A, R = uce_delta_factors(C, T, P, lam=lam, eta_e=eta_e, eta_p=eta_p, preserve_gram=preserve_gram,
+                             device=device)
+    return A @ R
+
+
+def rece_adversarial_embedding(c: torch.Tensor, M: torch.Tensor, H: torch.Tensor, lam_r: float,
+                               device: str = "cpu") -> torch.Tensor:
+    """c′ = (λ_r I + MᵀHM)⁻¹ MᵀH c for rows ``c`` ``[n, d]`` (RECE, regulariser towards 0)."""
+    M, H, c = M.to(F64), H.to(F64), c.to(F64)
+    HM = H @ M
+    S = lam_r * torch.eye(H.shape[0], dtype=H.dtype, device=H.device) + M.T @ HM
+    S = (S + S.T) / 2  # exact symmetry for the Cholesky factorisation
+    return torch.cholesky_solve(HM.T @ c.T, torch.linalg.cholesky(S)).T
 
 
 NUDITY = {"preset": "nudity", "preserve": ["a red cat"]}
@@ -190,11 +211,11 @@ def test_erased_concept_moves_to_target_preserved_prompts_stay(tmp_path):
     ctx = Context(quiet=True)
     params = UceParams(concept=["nudity"], target=["dog"], positions="last", preserve=["a red cat", "the house"])
     g2 = apply_uce(g, params, ctx)
-    from surgeon.ops.erase.rece import erasure_embeddings
     from surgeon.ops.erase.sd_keys import detect_layout
     from surgeon.ops.erase.text import PromptEncoder
+    from surgeon.ops.erase.uce import erasure_embeddings
 
-    enc = PromptEncoder(g, detect_layout(g), ctx=ctx)
+    enc = PromptEncoder(g, detect_layout(g, ctx), ctx=ctx)
     keep = erasure_embeddings(enc, {"erased": ["a red cat"], "targets": ["a red cat"], "preserve": [],
                                     "concepts": ["a red cat"]}, "all")["concepts_full"][0]
     emb = prepare_erasure(g, params, ctx)[2]
@@ -438,7 +459,7 @@ def test_factored_epochs_equal_dense_epochs(rece_run):
 def test_stacked_chunks_and_reread_give_the_same_edit(sd, rece_run, monkeypatch):
     """Weights stacked a few matrices per product, read again for the apply pass (nothing kept), give the same
     output and report as the default (one chunk, kept between the passes)."""
-    import surgeon.ops.erase.rece as rece_mod
+    import surgeon.ops.erase.weights as rece_mod
 
     g, g2, _, params = rece_run
     rows = [g[n].shape[0] for n in kv_names(g)]
@@ -475,7 +496,7 @@ def test_shipped_artist_list_is_the_reference_list():
     of first appearance (computed from the reference repository)."""
     import hashlib
 
-    from surgeon.ops.erase.rece import artist_list
+    from surgeon.ops.erase.uce import artist_list
 
     names = artist_list()
     assert len(names) == 1734 and len(set(names)) == 1734
@@ -483,7 +504,7 @@ def test_shipped_artist_list_is_the_reference_list():
 
 
 def test_artist_preset_preserves_the_other_artists_like_the_reference(sd):
-    from surgeon.ops.erase.rece import artist_list, resolve_settings
+    from surgeon.ops.erase.uce import artist_list, resolve_settings
 
     # reference (train_uce.py / train_artists.py, concept_type 'art', no --preserve_concepts): every artist of the
     # CSV whose lower-cased name is not an erased concept, after ''
@@ -503,7 +524,7 @@ def test_artist_preset_preserves_the_other_artists_like_the_reference(sd):
     from surgeon.ops.erase.sd_keys import detect_layout
     from surgeon.ops.erase.text import PromptEncoder
 
-    enc = PromptEncoder(g, detect_layout(g), ctx=ctx)
+    enc = PromptEncoder(g, detect_layout(g, ctx), ctx=ctx)
     retain_texts = [""] + [t for t in artist_list() if t.lower() != "kelly mckernan"]
     preserve_scale = round(max(0.1, 1 / len(retain_texts)), 3)
     assert ctx.step_info["uce"]["preserve_scale"] == pytest.approx(preserve_scale)
@@ -536,7 +557,7 @@ def test_rece_epochs_attack_the_bare_concept_like_the_reference(sd):
     from surgeon.ops.erase.sd_keys import detect_layout
     from surgeon.ops.erase.text import PromptEncoder
 
-    bare = PromptEncoder(g, detect_layout(g), ctx=ctx).encode(["nudity", "a dog"]).hidden
+    bare = PromptEncoder(g, detect_layout(g, ctx), ctx=ctx).encode(["nudity", "a dog"]).hidden
     assert torch.equal(emb["concepts_full"], bare)
     # the earlier behaviour stays reachable: every templated prompt attacked
     ctx2 = Context(quiet=True)

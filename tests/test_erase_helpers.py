@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -98,7 +99,6 @@ def save_compvis_copy(diffusers_folder: Path, out_file: Path) -> Path:
     (cross-attention blocks by the CompVis numbering, the text encoder under cond_stage_model.transformer.);
     the other UNet tensors keep their diffusers paths under model.diffusion_model."""
     from safetensors.torch import load_file, save_file
-    from surgeon.ops.erase.sd_keys import diffusers_to_compvis_attention
 
     unet = load_file(diffusers_folder / "unet" / "diffusion_pytorch_model.safetensors")
     text = load_file(diffusers_folder / "text_encoder" / "model.safetensors")
@@ -124,3 +124,37 @@ def test_tiny_sd_builds(tmp_path: Path):
     enc = tok(["nudity", "a red cat", " "], padding="max_length", max_length=77, return_tensors="pt")
     assert enc["input_ids"].shape == (3, 77)
     assert enc["attention_mask"].sum(-1).tolist() == [3, 5, 2]
+
+
+# ---- CompVis <-> diffusers names of the cross-attention layers (SD1.x block numbering) --------------------
+
+def diffusers_to_compvis_attention(name: str, layers_per_block: int = 2) -> str:
+    """``down_blocks.1.attentions.0.X`` -> ``input_blocks.4.1.X`` etc. (module path inside the UNet)."""
+    m = re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", name)
+    if m:
+        i, j, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+        return f"input_blocks.{1 + i * (layers_per_block + 1) + j}.1.{rest}"
+    m = re.match(r"mid_block\.attentions\.0\.(.*)", name)
+    if m:
+        return f"middle_block.1.{m.group(1)}"
+    m = re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", name)
+    if m:
+        i, j, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+        return f"output_blocks.{i * (layers_per_block + 1) + j}.1.{rest}"
+    raise ValueError(f"not a UNet attention path: {name}")
+
+
+def compvis_to_diffusers_attention(name: str, layers_per_block: int = 2) -> str:
+    """Inverse of :func:`diffusers_to_compvis_attention`."""
+    m = re.match(r"input_blocks\.(\d+)\.1\.(.*)", name)
+    if m:
+        k = int(m.group(1)) - 1
+        return f"down_blocks.{k // (layers_per_block + 1)}.attentions.{k % (layers_per_block + 1)}.{m.group(2)}"
+    m = re.match(r"middle_block\.1\.(.*)", name)
+    if m:
+        return f"mid_block.attentions.0.{m.group(1)}"
+    m = re.match(r"output_blocks\.(\d+)\.1\.(.*)", name)
+    if m:
+        k = int(m.group(1))
+        return f"up_blocks.{k // (layers_per_block + 1)}.attentions.{k % (layers_per_block + 1)}.{m.group(2)}"
+    raise ValueError(f"not a CompVis UNet attention path: {name}")

@@ -11,12 +11,12 @@ import pytest
 import torch
 from surgeon.ops.evaluate import Params, apply, fact_recall, load_facts, perplexity
 
-from surgeon.checkpoint import open_checkpoint
 from surgeon.context import Context
 from surgeon.data import save_word_tokenizer
 from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
 from surgeon.model import materialize
+from surgeon.sources import open_checkpoint
 
 WORDS = [f"w{i}" for i in range(12)]  # + 4 specials = vocab 16
 PATTERN = "w0 w1 w2 w3 w4 w5 w6 w7"

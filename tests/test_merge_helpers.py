@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from surgeon.checkpoint import open_checkpoint
 from surgeon.context import Context
 from surgeon.graph import Graph
+from surgeon.sources import open_checkpoint
 
 
 def perturbed_copy(src: Path, dst: Path, *, seed: int, scale: float = 0.02, only: str | None = None,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from surgeon.errors import SurgeonError
-from surgeon.ops.merge import rmm
+from surgeon.ops.merge import revert, rmm
 from surgeon.writer import write_graph
 from tests.conftest import save_tiny_llama
 from tests.test_merge_helpers import context_for, perturbed_copy, save_lora, state
@@ -83,7 +83,7 @@ def test_merge_and_revert_adapter_and_dense(setup, tmp_path):
     assert sorted(p.name for p in Path(out).iterdir()) >= ["README.md", "rmm.json", "rmm.safetensors"]
     # revert task1 as an adapter: its ΔW matches the reported relative error
     graph, rctx = context_for({out: out})
-    ad = rmm.merge_revert(graph, rmm.RevertParams(task="task1"), rctx)
+    ad = revert.merge_revert(graph, revert.RevertParams(task="task1"), rctx)
     from safetensors.torch import load_file
 
     orig = load_file(str(adapters["task1"] / "adapter_model.safetensors"))
@@ -98,7 +98,7 @@ def test_merge_and_revert_adapter_and_dense(setup, tmp_path):
     assert json.loads(ad.extra_files["adapter_config.json"])["lora_alpha"] == 4
     # dense: base + B̂Â
     graph, rctx = context_for({"base": base, out: out}, base="base")
-    dense = rmm.merge_revert(graph, rmm.RevertParams(task="1", form="dense"), rctx)
+    dense = revert.merge_revert(graph, revert.RevertParams(task="1", form="dense"), rctx)
     m = MODULES[1] + ".weight"
     ra, rb = ad.value(f"base_model.model.{MODULES[1]}.lora_A.weight"), ad.value(f"base_model.model.{MODULES[1]}.lora_B.weight")
     assert torch.allclose(dense.value(m), state(base)[m] + rb @ ra, atol=1e-6)
@@ -111,7 +111,7 @@ def test_tensor_coefficients_store_about_p_models(setup, tmp_path):
     assert meta["storage_ratio"] == pytest.approx(2 / 3, rel=0.03)
     out = write_graph(g, tmp_path / "m")["output"]
     graph, rctx = context_for({out: out})
-    ad = rmm.merge_revert(graph, rmm.RevertParams(task="task0"), rctx)
+    ad = revert.merge_revert(graph, revert.RevertParams(task="task0"), rctx)
     assert ad.value(f"base_model.model.{MODULES[0]}.lora_A.weight").shape == (4, 32)
 
 

@@ -3,16 +3,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from surgeon.checkpoint import open_checkpoint
 from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
-from surgeon.model import decode_step, lm_logits, load_tokenizer, materialize, write_back
+from surgeon.model import decode_step, load_tokenizer, materialize, write_back
+from surgeon.sources import open_checkpoint
 
 V = 96
+
+
+def lm_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """Logits ``[batch, seq, vocab]`` in fp32 for ``input_ids`` (moved to the model's device), without grad."""
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        kw: dict[str, Any] = {"input_ids": input_ids.to(dev), "use_cache": False}
+        if attention_mask is not None:
+            kw["attention_mask"] = attention_mask.to(dev)
+        return model(**kw).logits.float()
 
 
 @pytest.fixture(autouse=True)

@@ -5,16 +5,17 @@ import json
 
 import pytest
 import torch
-from surgeon.ops.prune import magnitude, perp
-from surgeon.ops.prune.adapters import MaskLoRA, ScaleLoRA, attach, detach, merged_weight
+from surgeon.ops.prune import magnitude
 from surgeon.ops.prune.blocks import module_of
+from surgeon.ops.retrain import perp
+from surgeon.ops.retrain.adapters import MaskLoRA, ScaleLoRA, attach, detach, merged_weight
 from test_prune_helpers import graph_loss, heldout_loss, task_model_fixture  # noqa: F401  (fixture)
 
-from surgeon.checkpoint import open_checkpoint
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
 from surgeon.pipeline import validate_step
+from surgeon.sources import open_checkpoint
 
 
 @pytest.fixture(autouse=True)

@@ -67,8 +67,8 @@ def train_task_model(folder: Path, *, steps: int = 200, seed: int = 0) -> Path:
 
 def heldout_loss(model_dir: Path | str, heldout: Path | str) -> float:
     """Mean next-token NLL of a saved model on the held-out text, windows = one sequence each."""
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
 
     g = Graph.from_checkpoint(open_checkpoint(model_dir))
     return graph_loss(g, heldout)

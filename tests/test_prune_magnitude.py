@@ -10,11 +10,11 @@ from conftest import save_tiny_llama
 from surgeon.ops.prune.common import Fresh, Pruned, nm_prune
 from surgeon.ops.prune.magnitude import Params, apply, n_pruned
 
-from surgeon.checkpoint import open_checkpoint
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
 from surgeon.pipeline import validate_step
+from surgeon.sources import open_checkpoint
 
 
 def _graph(path: Path) -> Graph:

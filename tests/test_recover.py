@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from surgeon.ops.recover import Params, aligned_layer, apply, load_grad_norms, stage_partition
+from surgeon.ops.recover.op import Params, apply
+from surgeon.ops.recover.stages import aligned_layer, grad_norms_from, stage_partition
 
-from surgeon.checkpoint import open_checkpoint
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Graph, Load
+from surgeon.sources import open_checkpoint
 from surgeon.writer import write_graph
 
 VOCAB, HIDDEN, LAYERS, SEQ = 64, 32, 8, 32  # 4 stages × 2 layers
@@ -340,21 +341,18 @@ def test_unequal_stages_average_by_relative_position(trained, tmp_path):
     assert torch.equal(g.value("model.layers.4.mlp.gate_proj.weight"), want)
 
 
-def test_weights_json_is_validated(tmp_path):
-    p = tmp_path / "w.json"
-    p.write_text("[1.0, 2.0")
-    with pytest.raises(SurgeonError, match="not valid JSON"):
-        load_grad_norms(str(p), 4)
-    p.write_text(json.dumps([1.0, -2.0]))
-    with pytest.raises(SurgeonError, match="stage 1: gradient norm must be a finite number"):
-        load_grad_norms(str(p), 4)
-    p.write_text(json.dumps({"9": 1.0}))
+def test_weights_json_is_validated(trained, tmp_path):
+    with pytest.raises(SurgeonError, match="w.json: stage 1: gradient norm must be a finite number"):
+        grad_norms_from([1.0, -2.0], 4, "w.json")
     with pytest.raises(SurgeonError, match="stage 9 out of range"):
-        load_grad_norms(str(p), 4)
-    p.write_text(json.dumps({"grad_norms": [0.5, 1.0, 0.0, 2.0]}))
-    assert load_grad_norms(str(p), 4) == {0: 0.5, 1: 1.0, 2: 0.0, 3: 2.0}
-    with pytest.raises(SurgeonError, match="not found"):
-        load_grad_norms(str(tmp_path / "nope.json"), 4)
+        grad_norms_from({"9": 1.0}, 4, "w.json")
+    assert grad_norms_from({"grad_norms": [0.5, 1.0, 0.0, 2.0]}, 4, "w.json") == {0: 0.5, 1: 1.0, 2: 0.0, 3: 2.0}
+    p = tmp_path / "w.json"
+    p.write_text("[1.0, 2.0")  # the file is read through the Context: one-line errors naming --weights
+    with pytest.raises(SurgeonError, match="--weights: .*w.json: invalid JSON"):
+        apply(_graph(trained), Params(stages=4, lost=[2], weights=str(p)), Context())
+    with pytest.raises(SurgeonError, match="--weights: .*nope.json does not exist"):
+        apply(_graph(trained), Params(stages=4, lost=[2], weights=str(tmp_path / "nope.json")), Context())
 
 
 def test_missing_neighbour_norm_and_bad_params(trained, tmp_path):
@@ -370,3 +368,17 @@ def test_missing_neighbour_norm_and_bad_params(trained, tmp_path):
         Params(stage_layers="0..3")
     with pytest.raises(SurgeonError, match="partition has 4 stages"):
         apply(_graph(trained), Params(stages=4, lost=[4]), Context())
+
+
+def test_layout_of_a_checkpoint_with_a_missing_stage(trained, tmp_path):
+    from surgeon.arch import roles_with_gaps
+
+    g = _graph(_drop_stage(trained, tmp_path / "lost", [2, 3]))
+    gapped = roles_with_gaps(g.config, g.names())
+    assert gapped.template == "model.layers.{i}."
+    assert [bool(p) for p in gapped.present] == [True, True, False, False, True, True, True, True]
+    assert set(gapped.suffixes) == gapped.present[0] and "mlp.up_proj.weight" in gapped.suffixes
+    assert gapped.roles.n_layers == LAYERS and gapped.global_name("final_norm") == "model.norm.weight"
+    # the run's arch overrides reach recover: a wrong layer template is reported, not ignored
+    with pytest.raises(SurgeonError, match="recover: .*no tensor starts with the layer prefix"):
+        apply(g, Params(stages=4, lost=[1]), Context(arch={"layers": "model.blocks.{i}."}))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracles.shiftadd import lut_gemv_reference
 from surgeon.kernels.shiftadd import KERNEL_CALLS, PackedLinear
 from surgeon.kernels.shiftadd_cpu import (
     CLutWeights,
@@ -16,25 +17,23 @@ from surgeon.kernels.shiftadd_cpu import (
     c_lut_gemv_prepared,
     dequantize,
     lut_gemv,
-    lut_gemv_reference,
     pack_signs,
     unpack_signs,
 )
-from surgeon.ops.shiftadd import (
-    Params,
-    allocate_bits,
-    bcq_fit,
-    nearest_codeword,
-    output_error,
-    pot_decode,
-    pot_round,
-    quantize_gptq,
-    quantize_weight_only,
-    sensitivity_score,
-)
+from surgeon.ops.shiftadd.bcq import bcq_fit, codebook, nearest_code, quantize_weight_only
+from surgeon.ops.shiftadd.gptq import allocate_bits, output_error, quantize_gptq, sensitivity_score
+from surgeon.ops.shiftadd.op import Params
+from surgeon.ops.shiftadd.scales import pot_greedy
 
 from surgeon.errors import SurgeonError
+from surgeon.formats.shiftadd import ABSENT_EXP, pot_decode
 
+
+def pot_round(alpha: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values, exponents, negative-term bits) of the greedy APoT rounding."""
+    exps = torch.full((*alpha.shape, terms), ABSENT_EXP, dtype=torch.int8)
+    neg = torch.zeros(alpha.shape, dtype=torch.uint8)
+    return pot_greedy(alpha, terms, exps, neg), exps, neg
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -144,6 +143,11 @@ def test_bcq_recovers_bcq_representable_weights():
     a, s, history = bcq_fit(w, 2, rounds=10, pot_terms=1)
     assert history[-1] <= 1e-10 * float((w ** 2).sum())
     assert torch.allclose((s * a[:, None, :]).sum(-1), w)
+
+
+def nearest_codeword(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Signs [R, C, q] of the codeword nearest to each element of ``w`` (the codebook row nearest_code picks)."""
+    return codebook(alpha.shape[1], w.device)[nearest_code(w, alpha)]
 
 
 def test_nearest_codeword_is_the_argmin_over_all_sign_combinations():
@@ -341,14 +345,14 @@ def test_bad_params_fail_validation(bad):
 
 # --------------------------------------------------------------------------------------- graph, format, loader
 def _graph(path: Path):
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
 
     return Graph.from_checkpoint(open_checkpoint(path))
 
 
 def _run(src: Path, out: Path, **kw):
-    from surgeon.ops.shiftadd import apply
+    from surgeon.ops.shiftadd.op import apply
 
     from surgeon.context import Context
     from surgeon.writer import write_graph
@@ -360,7 +364,7 @@ def _run(src: Path, out: Path, **kw):
 
 
 def test_weight_only_is_lazy_and_writes_the_packed_format(tiny_llama, tmp_path):
-    from surgeon.ops.shiftadd import apply
+    from surgeon.ops.shiftadd.op import apply
 
     from surgeon.context import Context
     from surgeon.graph import Apply
@@ -384,8 +388,9 @@ def test_weight_only_is_lazy_and_writes_the_packed_format(tiny_llama, tmp_path):
 
 
 def test_packed_model_logits_equal_materialized_model(tiny_llama, tmp_path):
-    from surgeon.ops.shiftadd import ShiftAddLinear, load_shiftadd
     from transformers import AutoModelForCausalLM
+
+    from surgeon.formats.shiftadd import ShiftAddLinear, load_shiftadd
 
     _run(tiny_llama, tmp_path / "packed", bits=3, group_size=32, rounds=3, bits_budget=2.5, weight_only=True)
     _run(tiny_llama, tmp_path / "dense", bits=3, group_size=32, rounds=3, bits_budget=2.5, materialize=True,
@@ -408,8 +413,9 @@ def test_packed_model_logits_equal_materialized_model(tiny_llama, tmp_path):
 
 
 def test_calibrated_shiftadd_beats_weight_only_on_layer_outputs_and_loads(tiny_llama, tmp_path):
-    from surgeon.ops.shiftadd import load_shiftadd
     from transformers import AutoModelForCausalLM
+
+    from surgeon.formats.shiftadd import load_shiftadd
 
     _, ctx = _run(tiny_llama, tmp_path / "cal", bits=2, group_size=32, rounds=3, data="model:4", seqlen=32)
     info = ctx.step_info
@@ -467,7 +473,7 @@ def test_reference_layouts_run_end_to_end_as_dense_output(tiny_llama, tmp_path, 
 
 
 def test_loader_refuses_a_folder_that_is_not_shiftadd(tiny_llama):
-    from surgeon.ops.shiftadd import load_shiftadd
+    from surgeon.formats.shiftadd import load_shiftadd
 
     with pytest.raises(SurgeonError, match="quant_method"):
         load_shiftadd(tiny_llama)
@@ -485,7 +491,7 @@ def test_registered_and_reexported():
 
 
 def test_stored_pot_exponents_decode_exactly_to_the_fitted_scales():
-    from surgeon.ops.shiftadd import pot_decompose
+    from surgeon.formats.shiftadd import pot_decompose
 
     alpha = torch.randn(4000, dtype=torch.float64) * torch.exp(torch.randn(4000, dtype=torch.float64) * 2)
     for terms in (1, 2, 3):
@@ -495,9 +501,10 @@ def test_stored_pot_exponents_decode_exactly_to_the_fitted_scales():
 
 
 def test_dense_view_of_a_packed_graph_equals_the_materialized_graph(tiny_llama):
-    from surgeon.ops.shiftadd import apply, dense_view
+    from surgeon.ops.shiftadd.op import apply
 
     from surgeon.context import Context
+    from surgeon.formats.shiftadd import dense_view
 
     g = _graph(tiny_llama)
     packed = apply(g, Params(bits=2, group_size=16, rounds=2, weight_only=True), Context(quiet=True))

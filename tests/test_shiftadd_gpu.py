@@ -35,7 +35,7 @@ def test_cuda_matmul_equals_cpu(q, n, k, gs, m):
 
 
 def test_gptq_bcq_on_cuda_matches_cpu():
-    from surgeon.ops.shiftadd import output_error, quantize_gptq
+    from surgeon.ops.shiftadd.gptq import output_error, quantize_gptq
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4096, 256, generator=g) * torch.exp(torch.randn(256, generator=g))
@@ -51,11 +51,12 @@ def test_gptq_bcq_on_cuda_matches_cpu():
 
 def test_loaded_packed_model_on_cuda_equals_cpu(tiny_llama, tmp_path):
     pytest.importorskip("triton")
-    from surgeon.ops.shiftadd import Params, apply, load_shiftadd
+    from surgeon.ops.shiftadd.op import Params, apply
 
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
+    from surgeon.formats.shiftadd import load_shiftadd
     from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
     from surgeon.writer import write_graph
 
     ctx = Context(device="cuda", quiet=True)

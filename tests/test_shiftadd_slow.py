@@ -38,12 +38,13 @@ def smollm2() -> Path:
 
 def test_smollm2_3bit_calibrated_shiftadd_beats_rtn(smollm2, tmp_path):
     from surgeon.ops.evaluate import _assets_dir, perplexity
-    from surgeon.ops.shiftadd import Params, apply, block_linear_names, load_shiftadd
+    from surgeon.ops.shiftadd.op import Params, apply, block_linear_names
 
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
+    from surgeon.formats.shiftadd import load_shiftadd
     from surgeon.graph import Const, Graph
     from surgeon.model import materialize
+    from surgeon.sources import open_checkpoint
     from surgeon.writer import write_graph
 
     torch.set_num_threads(2)
@@ -54,7 +55,7 @@ def test_smollm2_3bit_calibrated_shiftadd_beats_rtn(smollm2, tmp_path):
     fp32 = materialize(g)
     ppl_fp32 = perplexity(fp32, held_out)["perplexity"]
     rtn = g.copy()
-    for name, _ in block_linear_names(g):
+    for name, _ in block_linear_names(g, ctx.roles(g)):
         rtn.nodes[name] = Const(rtn_quantize(fp32.get_parameter(name).detach(), 3, GROUP))
     del fp32
     ppl_rtn = perplexity(materialize(rtn), held_out)["perplexity"]

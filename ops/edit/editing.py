@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -20,6 +21,7 @@ from surgeon.errors import SurgeonError
 
 from . import keys_values as kv
 from . import metrics as mx
+from . import prefixes as pf
 from .requests import Request, duplicate_subjects, resolve_requests, subject_batches, with_leading_space
 from .site import EditSite, find_submodule, locate
 from .solve import emmet_update, rome_update
@@ -92,6 +94,13 @@ class EditParams(BaseModel):
     metrics: bool = Field(True, description="Measure efficacy, paraphrase and neighbourhood before/after.")
     eval_data: str | None = Field(None, description="Text for perplexity before/after (file or 'model[:N]').")
 
+    def stats_token_count(self, d_k: int) -> int:
+        """Tokens for C: ``stats_tokens``, else the default for ``stats_data`` (see :mod:`.stats`); also used by
+        the ``--dry-run`` memory estimate."""
+        from .stats import default_stats_tokens
+
+        return self.stats_tokens or default_stats_tokens(d_k, self.stats_data)
+
     @field_validator("requests")
     @classmethod
     def _requests_nonempty(cls, v: Any) -> Any:
@@ -124,15 +133,15 @@ def settings_for(method: Method, family: str, params: EditParams, n_layers: int 
     return s, lam
 
 
-def edit_requests(params: EditParams) -> list[Request]:
+def edit_requests(params: EditParams, ctx) -> list[Request]:
     """The requests, with the reference's leading space on bare targets unless ``target_space`` is off."""
-    requests = resolve_requests(params.requests)
+    requests = resolve_requests(params.requests, ctx)
     return with_leading_space(requests) if params.target_space else requests
 
 
 def prefixes_for(method: Method, model, tok, params: EditParams, ctx) -> list[str]:
     n_pre = N_PREFIXES[method] if params.n_prefixes is None else params.n_prefixes
-    return kv.sample_prefixes(model, tok, kv.prefix_lengths(method, n_pre), seed=ctx.seed, device=ctx.device,
+    return pf.sample_prefixes(model, tok, pf.prefix_lengths(method, n_pre), seed=ctx.seed_for(0), device=ctx.device,
                               seeds=style(method, params)["prefix_seeds"])
 
 
@@ -146,7 +155,7 @@ def _weight_linear(module: torch.nn.Module, site: EditSite) -> torch.Tensor:
     return (w.T if site.transposed else w).float()
 
 
-def _add_in_place(module: torch.nn.Module, site: EditSite, up: torch.Tensor, down: torch.Tensor) -> None:
+def add_in_place(module: torch.nn.Module, site: EditSite, up: torch.Tensor, down: torch.Tensor) -> None:
     with torch.no_grad():
         delta = (up.double() @ down.double()).to(module.weight.dtype).to(module.weight.device)
         module.weight.add_(delta.T if site.transposed else delta)
@@ -156,11 +165,11 @@ def covariance(model, graph, ctx, site: EditSite, module, params: EditParams):
     """The CholeskyFactor of C (or of I with --no-cov) and facts for the report."""
     from surgeon.kernels.covariance import CholeskyFactor
 
-    from .stats import default_stats_tokens, key_statistics
+    from .stats import key_statistics
 
     if not params.cov or params.stats_data == "identity":
         return CholeskyFactor.identity(site.d_k, device=ctx.device), {"stats": "identity (C = I, unconstrained)"}
-    n_tokens = params.stats_tokens or default_stats_tokens(site.d_k, params.stats_data)
+    n_tokens = params.stats_token_count(site.d_k)
     t0 = time.perf_counter()
     st = key_statistics(model, graph, ctx, site, module, _mlp_parent(model, site), spec=params.stats_data,
                         n_tokens=n_tokens, seqlen=params.stats_seqlen, use_cache=params.stats_cache)
@@ -176,11 +185,10 @@ def covariance(model, graph, ctx, site: EditSite, module, params: EditParams):
     return factor, info
 
 
-def write_back(graph, edits: Sequence[tuple[EditSite, Sequence[torch.Tensor], Sequence[torch.Tensor]]]) -> None:
+def write_back(graph, edits: Sequence[tuple[EditSite, Sequence[torch.Tensor], Sequence[torch.Tensor]]],
+               ctx) -> None:
     """Put ΔW = Σ up@down of each edited tensor into the graph as one low-rank node, and the factors and the
-    original tensors into ``edits.safetensors``."""
-    from surgeon.writer import safetensors_bytes  # deterministic bytes (sorted metadata)
-
+    original tensors into ``edits.safetensors`` (attached through ``ctx``: deterministic bytes)."""
     from surgeon.graph import Executor, LowRank
 
     tensors: dict[str, torch.Tensor] = {}
@@ -192,58 +200,77 @@ def write_back(graph, edits: Sequence[tuple[EditSite, Sequence[torch.Tensor], Se
             base, up, down = node.inputs[0], torch.cat([node.up, up], 1), torch.cat([node.down, down], 0)
         else:
             base = node
-        graph.nodes[site.name] = LowRank(base, up, down, transposed=site.transposed, label="edit")
+        graph.replace(site.name, LowRank(base, up, down, transposed=site.transposed, label="edit"))
         original = Executor([base]).evaluate_all()[0]
         tensors.update({f"{site.name}.up": up.contiguous(), f"{site.name}.down": down.contiguous(),
                         f"{site.name}.original": original.contiguous()})
-    graph.extra_files["edits.safetensors"] = safetensors_bytes(
-        tensors, metadata={"delta": "W_linear += up @ down (transpose for Conv1D)",
-                           "transposed": ",".join(str(e[0].transposed).lower() for e in edits),
-                           "tensor": ",".join(e[0].name for e in edits)})
+    ctx.attach(graph, "edits.safetensors", tensors,
+               metadata={"delta": "W_linear += up @ down (transpose for Conv1D)",
+                         "transposed": ",".join(str(e[0].transposed).lower() for e in edits),
+                         "tensor": ",".join(e[0].name for e in edits)})
 
 
-def run_edit(graph, params: EditParams, ctx, method: Method, *, lam: float | None = None,
-             batch_size: int = 1, residual: str = "paper", ridge_single: bool = False) -> Any:
-    """Edit ``graph`` with ROME (one request at a time) or EMMET (batches of unique subjects)."""
-    requests = edit_requests(params)
+def warn_duplicates(requests: list[Request], ctx) -> None:
     dups = duplicate_subjects(requests)
-    if dups and method == "emmet":
+    if dups:
         ctx.log("[yellow]subjects requested more than once: " + ", ".join(f"{s!r}×{n}" for s, n in dups.items())
                 + " — their later requests go into later batches (applied on top)[/]")
-    site = locate(graph, params.layer)
-    graph = graph.copy()
-    timings: dict[str, float] = {}
+
+
+def materialise(graph, sites: Sequence[EditSite], ctx, timings: dict[str, float]):
+    """(model, tokenizer, the edited module of each site) of ``graph`` in fp32, checked against the graph."""
     t0 = time.perf_counter()
     model = ctx.module(graph, dtype="float32")
     tok = ctx.tokenizer(graph)
     timings["materialize_s"] = time.perf_counter() - t0
-    module = find_submodule(model, site.module_path)
-    if not hasattr(module, "weight") or tuple(module.weight.shape) != tuple(graph[site.name].shape):
-        raise SurgeonError(f"{site.name}: the materialised module has a different shape")
-    settings, default_lam = settings_for(method, site.family, params, site.n_layers)
-    lam = default_lam if lam is None else lam
-    ctx.log(f"{method}: {len(requests)} request(s) into {site.name} (layer {site.layer}: {site.rule})")
+    modules = [find_submodule(model, s.module_path) for s in sites]
+    for s, m in zip(sites, modules):
+        if not hasattr(m, "weight") or tuple(m.weight.shape) != tuple(graph[s.name].shape):
+            raise SurgeonError(f"{s.name}: the materialised module has a different shape")
+    return model, tok, modules
 
-    t0 = time.perf_counter()
-    factor, stats_info = covariance(model, graph, ctx, site, module, params)
-    timings["stats_s"] = time.perf_counter() - t0
 
+@dataclass
+class Baseline:
+    """The unedited model's metrics: per-request answers (``None`` without --metrics) and perplexity."""
+
+    before: Any
+    ppl_windows: torch.Tensor | None
+    ppl: dict[str, float]
+
+
+def measure_before(model, tok, requests: list[Request], params: EditParams, graph, ctx,
+                   timings: dict[str, float]) -> Baseline:
     before = None
     if params.metrics:
         t0 = time.perf_counter()
         before = mx.before_edit(model, tok, requests, device=ctx.device)
         timings["metrics_before_s"] = time.perf_counter() - t0
-    ppl_windows = None
-    ppl: dict[str, float] = {}
-    if params.eval_data:
-        ppl_windows = ctx.tokens(params.eval_data, graph, seqlen=128, max_windows=16)
-        ppl["perplexity_before"] = mx.perplexity(model, ppl_windows, device=ctx.device)
+    windows = ctx.tokens(params.eval_data, graph, seqlen=128, max_windows=16) if params.eval_data else None
+    ppl = {"perplexity_before": mx.perplexity(model, windows, device=ctx.device)} if windows is not None else {}
+    return Baseline(before, windows, ppl)
 
-    t0 = time.perf_counter()
-    prefixes = prefixes_for(method, model, tok, params, ctx)
-    timings["prefixes_s"] = time.perf_counter() - t0
 
-    batches = [[r] for r in requests] if method == "rome" else subject_batches(requests, batch_size)
+def measure_after(model, tok, requests: list[Request], base: Baseline, result: dict[str, Any], ctx,
+                  timings: dict[str, float]) -> None:
+    """Metrics of the edited model into ``result`` (and a table in the log)."""
+    if base.before is not None:
+        t0 = time.perf_counter()
+        result.update(mx.after_edit(model, tok, requests, base.before, device=ctx.device))
+        timings["metrics_after_s"] = time.perf_counter() - t0
+    ppl = dict(base.ppl)
+    if base.ppl_windows is not None:
+        ppl["perplexity_after"] = mx.perplexity(model, base.ppl_windows, device=ctx.device)
+        result.update({k: round(v, 4) for k, v in ppl.items()})
+    if base.before is not None or ppl:
+        ctx.log(mx.metrics_table(result["title"], {k: v for k, v in result.items() if k not in ("kind", "title")}))
+
+
+def edit_batches(model, tok, module, site: EditSite, batches: list[list[Request]], prefixes: list[str],
+                 settings: kv.ValueSettings, factor, lam: float, method: Method, ctx, timings: dict[str, float], *,
+                 residual: str, ridge_single: bool):
+    """Values, then the closed-form update, for each batch in turn; each update is added to ``module`` before
+    the next batch. Returns (ups, downs, per-edit facts)."""
     ups, downs, per_edit = [], [], []
     bias = getattr(module, "bias", None)
     t_values = t_solve = 0.0
@@ -263,34 +290,54 @@ def run_edit(graph, params: EditParams, ctx, method: Method, *, lam: float | Non
             up, down = emmet_update(w, keys, vals.values, factor, lam, bias=b, ridge_single=ridge_single,
                                     initial=vals.initial if residual == "delta" else None)
         t_solve += time.perf_counter() - t
-        # how well the new weight maps each key to its value (0 for ROME, small for EMMET with small λ′)
-        new_w = w.double() + up.double() @ down.double()
-        out = new_w @ keys.double() + (b.double()[:, None] if b is not None else 0)
-        miss = ((out - vals.values.double()).norm(dim=0) / vals.values.double().norm(dim=0)).tolist()
-        col_norm = (up.double() @ down.double()).norm().item()
-        for j, r in enumerate(batch):
-            per_edit.append({"subject": r.subject, "target": r.target, "value_loss": round(vals.losses[j], 4),
-                             "value_target_prob": round(vals.target_prob[j], 4), "value_steps": vals.steps[j],
-                             "constraint_rel_error": float(f"{miss[j]:.3g}")})
-        per_edit[-1]["batch_delta_norm"] = round(col_norm, 4)
-        _add_in_place(module, site, up, down)
+        per_edit.extend(_batch_facts(batch, vals, w, b, keys, up, down))
+        add_in_place(module, site, up, down)
         ups.append(up)
         downs.append(down)
     timings.update(keys_values_s=t_values, solve_s=t_solve)
+    return ups, downs, per_edit
 
-    write_back(graph, [(site, ups, downs)])
+
+def _batch_facts(batch, vals, w, b, keys, up, down) -> list[dict[str, Any]]:
+    """Per request: the value optimisation's outcome and how well the new weight maps its key to its value (0 for
+    ROME, small for EMMET with small λ′); the batch's ‖ΔW‖ on its last entry."""
+    new_w = w.double() + up.double() @ down.double()
+    out = new_w @ keys.double() + (b.double()[:, None] if b is not None else 0)
+    miss = ((out - vals.values.double()).norm(dim=0) / vals.values.double().norm(dim=0)).tolist()
+    facts = [{"subject": r.subject, "target": r.target, "value_loss": round(vals.losses[j], 4),
+              "value_target_prob": round(vals.target_prob[j], 4), "value_steps": vals.steps[j],
+              "constraint_rel_error": float(f"{miss[j]:.3g}")} for j, r in enumerate(batch)]
+    facts[-1]["batch_delta_norm"] = round((up.double() @ down.double()).norm().item(), 4)
+    return facts
+
+
+def run_edit(graph, params: EditParams, ctx, method: Method, *, lam: float | None = None,
+             batch_size: int = 1, residual: str = "paper", ridge_single: bool = False) -> Any:
+    """Edit ``graph`` with ROME (one request at a time) or EMMET (batches of unique subjects)."""
+    requests = edit_requests(params, ctx)
+    if method == "emmet":
+        warn_duplicates(requests, ctx)
+    site = locate(graph, params.layer, ctx.roles(graph))
+    graph = graph.copy()
+    timings: dict[str, float] = {}
+    model, tok, (module,) = materialise(graph, [site], ctx, timings)
+    settings, default_lam = settings_for(method, site.family, params, site.n_layers)
+    lam = default_lam if lam is None else lam
+    ctx.log(f"{method}: {len(requests)} request(s) into {site.name} (layer {site.layer}: {site.rule})")
+    t0 = time.perf_counter()
+    factor, stats_info = covariance(model, graph, ctx, site, module, params)
+    timings["stats_s"] = time.perf_counter() - t0
+    base = measure_before(model, tok, requests, params, graph, ctx, timings)
+    t0 = time.perf_counter()
+    prefixes = prefixes_for(method, model, tok, params, ctx)
+    timings["prefixes_s"] = time.perf_counter() - t0
+    batches = [[r] for r in requests] if method == "rome" else subject_batches(requests, batch_size)
+    ups, downs, per_edit = edit_batches(model, tok, module, site, batches, prefixes, settings, factor, lam, method,
+                                        ctx, timings, residual=residual, ridge_single=ridge_single)
+    write_back(graph, [(site, ups, downs)], ctx)
     result: dict[str, Any] = {"kind": f"edit.{method}", "title": f"Knowledge edit ({method.upper()})",
                               "requests": len(requests), "layer": site.layer}
-    if before is not None:
-        t0 = time.perf_counter()
-        result.update(mx.after_edit(model, tok, requests, before, device=ctx.device))
-        timings["metrics_after_s"] = time.perf_counter() - t0
-    if ppl_windows is not None:
-        ppl["perplexity_after"] = mx.perplexity(model, ppl_windows, device=ctx.device)
-        result.update({k: round(v, 4) for k, v in ppl.items()})
-    if before is not None or ppl:
-        ctx.log(mx.metrics_table(result["title"], {k: v for k, v in result.items()
-                                                   if k not in ("kind", "title")}))
+    measure_after(model, tok, requests, base, result, ctx, timings)
     graph.results.append(result)
     notes = [(f"{method.upper()} edit of {len(requests)} fact(s) in `{site.name}` (layer {site.layer}); "
               "factors and the original tensor are in `edits.safetensors`.")]

@@ -23,19 +23,23 @@ from surgeon.errors import SurgeonError
 from surgeon.registry import register
 
 from . import keys_values as kv
-from . import metrics as mx
 from .editing import (
     EditParams,
-    _add_in_place,
+    add_in_place,
     covariance,
     edit_requests,
+    materialise,
+    measure_after,
+    measure_before,
     prefixes_for,
     settings_for,
     style,
+    warn_duplicates,
     write_back,
 )
-from .requests import Request, duplicate_subjects, subject_batches
-from .site import EditSite, find_submodule, locate
+from .forward import decoder_layer
+from .requests import Request, subject_batches
+from .site import EditSite, locate
 from .solve import ridge_factors
 
 #: family -> (reference depth, first, last edited layer): GPT-2 XL 13–17 of 48 and GPT-J 3–8 of 28
@@ -70,72 +74,36 @@ def spread(model: torch.nn.Module, tok: Any, sites: list[EditSite], modules: lis
     """MEMIT's insertion loop: ``(up, down)`` per layer, each applied to its module in place before the next
     layer's keys and the top layer's output are read. ``zs`` [d_model, n] are the targets of the last layer's
     output; ``factors`` the Cholesky factors of each layer's C."""
-    top = kv.decoder_layer(model, modules[-1])
+    top = decoder_layer(model, modules[-1])
     out = []
     for i, (site, module, factor) in enumerate(zip(sites, modules, factors)):
         keys = kv.compute_keys(model, tok, module, requests, prefixes, device=device, uniform=uniform_keys)
         current = kv.layer_outputs(model, tok, top, requests, device=device)
         residual = (zs - current) / (len(sites) - i)  # distribute what is left over the layers left
         up, down = ridge_factors(residual, keys, factor, lam)
-        _add_in_place(module, site, up, down)
+        add_in_place(module, site, up, down)
         out.append((up, down))
     return out
 
 
-@register("edit.memit", Params, model_level=True)
-def apply(graph, params: Params, ctx):
-    """Rewrite all requests' facts, one batch at a time, spreading each batch's update over the layers."""
-    from surgeon.arch import roles_for
+def edited_layers(params: Params, roles) -> tuple[list[int], str]:
+    """``--layers`` (checked against the model's depth) or the family's default layers, and the rule used."""
+    if not params.layers:
+        return default_layers(roles.family, roles.n_layers)
+    layers = sorted(set(params.layers))
+    bad = [x for x in layers if not 0 <= x < roles.n_layers]
+    if bad:
+        raise SurgeonError(f"--layers {bad[0]}: the model has layers 0..{roles.n_layers - 1}")
+    return layers, "--layers"
 
-    requests = edit_requests(params)
-    dups = duplicate_subjects(requests)
-    if dups:
-        ctx.log("[yellow]subjects requested more than once: " + ", ".join(f"{s!r}×{n}" for s, n in dups.items())
-                + " — their later requests go into later batches (applied on top)[/]")
-    if params.layer is not None:
-        raise SurgeonError("edit.memit: use --layers (a list) instead of --layer")
-    roles = roles_for(graph.config, graph.names())
-    if params.layers:
-        layers, rule = sorted(set(params.layers)), "--layers"
-        bad = [x for x in layers if not 0 <= x < roles.n_layers]
-        if bad:
-            raise SurgeonError(f"--layers {bad[0]}: the model has layers 0..{roles.n_layers - 1}")
-    else:
-        layers, rule = default_layers(roles.family, roles.n_layers)
-    sites = [locate(graph, x) for x in layers]
-    graph = graph.copy()
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    model = ctx.module(graph, dtype="float32")
-    tok = ctx.tokenizer(graph)
-    timings["materialize_s"] = time.perf_counter() - t0
-    modules = [find_submodule(model, s.module_path) for s in sites]
-    for s, m in zip(sites, modules):
-        if not hasattr(m, "weight") or tuple(m.weight.shape) != tuple(graph[s.name].shape):
-            raise SurgeonError(f"{s.name}: the materialised module has a different shape")
-    settings, default_lam = settings_for("memit", sites[-1].family, params, sites[-1].n_layers)
-    lam = default_lam if params.lam is None else params.lam
-    ctx.log(f"memit: {len(requests)} request(s) into layers {layers} ({rule}), λ {lam:g}")
 
-    t0 = time.perf_counter()
-    factors, stats_info = [], {}
-    for s, m in zip(sites, modules):  # every C from the unedited model (the reference reads precomputed stats)
-        f, info = covariance(model, graph, ctx, s, m, params)
-        factors.append(f)
-        stats_info = info  # the last layer's facts (all layers share data and token count)
-    timings["stats_s"] = time.perf_counter() - t0
-
-    before = mx.before_edit(model, tok, requests, device=ctx.device) if params.metrics else None
-    ppl_windows = ctx.tokens(params.eval_data, graph, seqlen=128, max_windows=16) if params.eval_data else None
-    ppl = {"perplexity_before": mx.perplexity(model, ppl_windows, device=ctx.device)} if ppl_windows else {}
-
-    t0 = time.perf_counter()
-    prefixes = prefixes_for("memit", model, tok, params, ctx)
-    timings["prefixes_s"] = time.perf_counter() - t0
-    top = kv.decoder_layer(model, modules[-1])
+def _memit_batches(model, tok, sites, modules, factors, batches, prefixes, settings, lam: float, ctx,
+                   timings: dict[str, float]):
+    """z at the last layer's output for each batch (values), then the update spread over the layers; returns
+    (per layer the (up, down) of each batch, per-edit facts)."""
+    top = decoder_layer(model, modules[-1])
     per_layer: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in sites]
     per_edit: list[dict[str, Any]] = []
-    batches = subject_batches(requests, params.batch_size)
     t_values = t_solve = 0.0
     for batch in ctx.progress(batches, description="memit batches"):
         t = time.perf_counter()
@@ -157,19 +125,46 @@ def apply(graph, params: Params, ctx):
         for acc, part in zip(per_layer, parts):
             acc.append(part)
     timings.update(keys_values_s=t_values, spread_s=t_solve)
+    return per_layer, per_edit
 
-    write_back(graph, [(s, [u for u, _ in acc], [d for _, d in acc]) for s, acc in zip(sites, per_layer)])
+
+@register("edit.memit", Params, model_level=True)
+def apply(graph, params: Params, ctx):
+    """Rewrite all requests' facts, one batch at a time, spreading each batch's update over the layers."""
+    requests = edit_requests(params, ctx)
+    warn_duplicates(requests, ctx)
+    if params.layer is not None:
+        raise SurgeonError("edit.memit: use --layers (a list) instead of --layer")
+    roles = ctx.roles(graph)
+    layers, rule = edited_layers(params, roles)
+    sites = [locate(graph, x, roles) for x in layers]
+    graph = graph.copy()
+    timings: dict[str, float] = {}
+    model, tok, modules = materialise(graph, sites, ctx, timings)
+    settings, default_lam = settings_for("memit", sites[-1].family, params, sites[-1].n_layers)
+    lam = default_lam if params.lam is None else params.lam
+    ctx.log(f"memit: {len(requests)} request(s) into layers {layers} ({rule}), λ {lam:g}")
+
+    t0 = time.perf_counter()
+    factors, stats_info = [], {}
+    for s, m in zip(sites, modules):  # every C from the unedited model (the reference reads precomputed stats)
+        f, info = covariance(model, graph, ctx, s, m, params)
+        factors.append(f)
+        stats_info = info  # the last layer's facts (all layers share data and token count)
+    timings["stats_s"] = time.perf_counter() - t0
+
+    base = measure_before(model, tok, requests, params, graph, ctx, timings)
+
+    t0 = time.perf_counter()
+    prefixes = prefixes_for("memit", model, tok, params, ctx)
+    timings["prefixes_s"] = time.perf_counter() - t0
+    batches = subject_batches(requests, params.batch_size)
+    per_layer, per_edit = _memit_batches(model, tok, sites, modules, factors, batches, prefixes, settings, lam, ctx,
+                                         timings)
+    write_back(graph, [(s, [u for u, _ in acc], [d for _, d in acc]) for s, acc in zip(sites, per_layer)], ctx)
     result: dict[str, Any] = {"kind": "edit.memit", "title": "Knowledge edit (MEMIT)", "requests": len(requests),
                               "layers": layers}
-    if before is not None:
-        t0 = time.perf_counter()
-        result.update(mx.after_edit(model, tok, requests, before, device=ctx.device))
-        timings["metrics_after_s"] = time.perf_counter() - t0
-    if ppl_windows:
-        ppl["perplexity_after"] = mx.perplexity(model, ppl_windows, device=ctx.device)
-        result.update({k: round(v, 4) for k, v in ppl.items()})
-    if before is not None or ppl:
-        ctx.log(mx.metrics_table(result["title"], {k: v for k, v in result.items() if k not in ("kind", "title")}))
+    measure_after(model, tok, requests, base, result, ctx, timings)
     graph.results.append(result)
     notes = [(f"MEMIT edit of {len(requests)} fact(s) spread over layers {layers} "
               f"({', '.join(s.name for s in sites)}); factors and the original tensors are in `edits.safetensors`.")]

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from .keys_values import pad_id_of, pad_rows, target_ids
 from .requests import Request
+from .rows import pad_id_of, pad_rows, target_ids
 
 BATCH_ROWS = 32
 

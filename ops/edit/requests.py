@@ -14,7 +14,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from surgeon.checkpoint import read_utf8_text
 from surgeon.errors import SurgeonError
 
 
@@ -97,58 +96,74 @@ def _request(obj: Any, where: str) -> Request:
         raise SurgeonError(f"{where}: {loc}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
-def load_requests(path: str | Path) -> list[Request]:
-    """Read requests from ``.jsonl`` (one object per line), ``.json`` (a list) or ``.yaml``/``.yml`` (a list).
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise SurgeonError(f"{where}:{line}: not UTF-8 text (byte {e.start})") from None
 
-    Errors name the file and line (JSONL) or item (JSON/YAML).
-    """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise SurgeonError(f"--requests {path}: no such file (expected .jsonl, .json or .yaml)")
-    text = read_utf8_text(p)
-    out: list[Request] = []
-    if p.suffix == ".jsonl":
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SurgeonError(f"{p}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
-            out.append(_request(obj, f"{p}:{lineno}"))
-    elif p.suffix in (".json", ".yaml", ".yml"):
-        if p.suffix == ".json":
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise SurgeonError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
-        else:
-            import yaml
 
-            try:
-                data = yaml.safe_load(text)
-            except yaml.YAMLError as e:
-                mark = getattr(e, "problem_mark", None)
-                line = f":{mark.line + 1}" if mark is not None else ""
-                raise SurgeonError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        if isinstance(data, dict) and "requests" in data:
-            data = data["requests"]
-        if isinstance(data, dict):
-            data = [data]
-        if not isinstance(data, list):
-            raise SurgeonError(f"{p}: expected a list of requests")
-        out = [_request(obj, f"{p}: item {i}") for i, obj in enumerate(data, 1)]
-    else:
-        raise SurgeonError(f"--requests {p}: unknown file type {p.suffix!r} (expected .jsonl, .json, .yaml)")
-    if not out:
-        raise SurgeonError(f"{p}: no requests found")
+def _parse_jsonl(text: str, where: str) -> list[Request]:
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SurgeonError(f"{where}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+        out.append(_request(obj, f"{where}:{lineno}"))
     return out
 
 
-def resolve_requests(spec: list[Request] | str) -> list[Request]:
+def _parse_document(text: str, where: str, suffix: str) -> list[Request]:
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SurgeonError(f"{where}:{e.lineno}: invalid JSON ({e.msg})") from None
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise SurgeonError(f"{where}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if isinstance(data, dict) and "requests" in data:
+        data = data["requests"]
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise SurgeonError(f"{where}: expected a list of requests")
+    return [_request(obj, f"{where}: item {i}") for i, obj in enumerate(data, 1)]
+
+
+def parse_requests(raw: bytes, where: str) -> list[Request]:
+    """Requests from a file's bytes: ``.jsonl`` (one object per line), ``.json`` (a list) or ``.yaml``/``.yml``
+    (a list), by the suffix of ``where`` (the path, which errors name with the line or item)."""
+    suffix = Path(where).suffix
+    if suffix not in (".jsonl", ".json", ".yaml", ".yml"):
+        raise SurgeonError(f"--requests {where}: unknown file type {suffix!r} (expected .jsonl, .json, .yaml)")
+    text = _utf8(raw, where)
+    out = _parse_jsonl(text, where) if suffix == ".jsonl" else _parse_document(text, where, suffix)
+    if not out:
+        raise SurgeonError(f"{where}: no requests found")
+    return out
+
+
+def load_requests(path: str | Path, ctx: Any) -> list[Request]:
+    """Read the requests file ``path`` through ``ctx`` (see :func:`parse_requests`)."""
+    p = Path(path).expanduser()
+    return parse_requests(ctx.read(str(p), what="--requests"), str(p))
+
+
+def resolve_requests(spec: list[Request] | str, ctx: Any) -> list[Request]:
     """``spec`` is a file path or an inline list (recipes)."""
     if isinstance(spec, str):
-        return load_requests(spec)
+        return load_requests(spec, ctx)
     if not spec:
         raise SurgeonError("requests: the list is empty")
     return list(spec)

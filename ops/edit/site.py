@@ -56,16 +56,9 @@ class EditSite:
     def module_path(self) -> str:
         return self.name.removesuffix(".weight")
 
-    def weight_linear(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The stored tensor in Linear orientation [d_out, d_k]."""
-        return tensor.T if self.transposed else tensor
 
-
-def locate(graph: Any, layer: int | None) -> EditSite:
-    """The MLP down-projection of ``layer`` (or of the family's default layer)."""
-    from surgeon.arch import roles_for
-
-    roles = roles_for(graph.config, graph.names())
+def locate(graph: Any, layer: int | None, roles: Any) -> EditSite:
+    """The MLP down-projection of ``layer`` (or of the family's default layer); ``roles`` from ``ctx.roles``."""
     n = roles.n_layers
     if layer is None:
         layer, rule = default_layer(roles.family, n)

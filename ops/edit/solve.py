@@ -80,15 +80,3 @@ def emmet_update(weight: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
             residual = residual - bias.to(device=cov.device, dtype=FP64)[:, None]
     ridge = lam if (k.shape[1] > 1 or ridge_single) else 0.0
     return ridge_factors(residual, k, cov, ridge)
-
-
-def memit_update(weight: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cov: torch.Tensor,
-                 lam: float) -> torch.Tensor:
-    """MEMIT's single-layer least squares (dense ΔW, fp64): argmin ‖ΔK − R‖² + λ′ tr(ΔCΔᵀ) = RKᵀ(λ′C + KKᵀ)⁻¹.
-
-    Reference for tests; it forms and solves the d_k×d_k system, which the factored forms avoid.
-    """
-    w, k, v, c = (x.to(FP64) for x in (weight, keys, values, cov))
-    residual = v - w @ k
-    a = lam * c + k @ k.T
-    return linalg.solve(a, k @ residual.T).T  # a is symmetric: (R Kᵀ a⁻¹)ᵀ = a⁻¹ K Rᵀ

@@ -7,7 +7,7 @@ token count is 10·d_k for text files and 2·d_k for text sampled from the model
 finds 2–10·d_k enough; sampling costs one decoding step per token, so the data-free default takes the low end:
 SmolLM2-135M, 3,072 sampled tokens instead of 15,360).
 
-Cache: ``<cache_dir>/stats/<key>.safetensors`` with ``mom2`` (C, fp64) and ``count``; the key is the sha256 of
+Cache: ``ctx.cache("stats", key)`` (``<cache_dir>/stats/<key>.safetensors``) with ``mom2`` (C, fp64) and ``count``; the key is the sha256 of
 the edited layer's MLP weights (down, and the up/gate tensors that make the keys), the layer, the data
 (file bytes, or the sampling spec and seed), the token count and the window length. ROME/MEMIT ``.npz`` caches
 (``mom2.mom2`` = Σkkᵀ, ``mom2.count``) are read when ``stats_data`` names one.
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ import torch
 from surgeon.errors import SurgeonError
 from surgeon.kernels.linalg import CovarianceAccumulator
 
-from .keys_values import _StopForward
+from .forward import StopForward
 from .site import EditSite
 
 STATS_VERSION = "2"
@@ -52,29 +50,12 @@ class KeyStats:
     path: Path | None = None
 
 
-def stats_cache_dir() -> Path:
-    from surgeon.checkpoint import cache_dir
-
-    return cache_dir() / "stats"
-
-
-def _hash_file_or_folder(path: Path) -> str:
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        h.update(str(f.relative_to(path) if f != path else f.name).encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def data_fingerprint(spec: str, seed: int, sampler: str = "") -> str:
+def data_fingerprint(spec: str, seed: int, ctx: Any, sampler: str = "") -> str:
     """What the statistics were computed from: file content, or the self-sampling spec, seed and the
     fingerprint of the sampled model (:func:`surgeon.data.sampler_fingerprint`)."""
-    p = Path(spec).expanduser()
-    if p.exists():
-        return "file:" + _hash_file_or_folder(p)
+    content = ctx.fingerprint(spec, what="--stats-data")
+    if content is not None:
+        return "file:" + content
     return f"spec:{spec}:seed={seed}:sampler={sampler}"
 
 
@@ -93,46 +74,30 @@ def cache_key(weights: str, data: str, n_tokens: int, seqlen: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def load_npz(path: Path, d_k: int) -> KeyStats:
+def npz_stats(data: bytes, where: str, d_k: int) -> KeyStats:
+    """C from a ROME/MEMIT ``.npz`` stats file's bytes (``mom2.mom2`` = Σkkᵀ, ``mom2.count``)."""
+    import io
+
     import numpy as np
 
     try:
-        z = np.load(path)
+        z = np.load(io.BytesIO(data))
         total, count = z["mom2.mom2"], int(z["mom2.count"])
-    except Exception as e:
-        raise SurgeonError(f"{path}: not a ROME/MEMIT stats file (needs mom2.mom2 and mom2.count: "
+    except Exception as e:  # noqa: BLE001 - numpy raises many kinds on a foreign file; name it
+        raise SurgeonError(f"{where}: not a ROME/MEMIT stats file (needs mom2.mom2 and mom2.count: "
                            f"{e.__class__.__name__})") from None
     if total.shape != (d_k, d_k) or count <= 0:
-        raise SurgeonError(f"{path}: mom2 has shape {list(total.shape)} and count {count}; "
+        raise SurgeonError(f"{where}: mom2 has shape {list(total.shape)} and count {count}; "
                            f"expected [{d_k}, {d_k}] and a positive count")
-    return KeyStats(torch.from_numpy(total).double() / count, count, "npz", path=path)
+    return KeyStats(torch.from_numpy(total).double() / count, count, "npz", path=Path(where))
 
 
-def read_cache(path: Path) -> KeyStats | None:
-    if not path.is_file():
+def cached_stats(entry: Any, d_k: int) -> KeyStats | None:
+    """The cache entry's C, or None on a miss, a damaged entry or another shape."""
+    t = entry.load()
+    if t is None or "mom2" not in t or "count" not in t or tuple(t["mom2"].shape) != (d_k, d_k):
         return None
-    from safetensors.torch import load_file
-
-    try:
-        t = load_file(str(path))
-        return KeyStats(t["mom2"].double(), int(t["count"].item()), "cache", path=path)
-    except Exception:
-        return None  # a damaged cache entry is recomputed, not trusted
-
-
-def write_cache(path: Path, stats: KeyStats, meta: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"mom2": stats.mom2.contiguous(), "count": torch.tensor([stats.count], dtype=torch.int64)},
-                  tmp, metadata={"format": "pt", **meta})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    return KeyStats(t["mom2"].double(), int(t["count"].item()), "cache", path=entry.path)
 
 
 def accumulate_key_moment(model: torch.nn.Module, module: torch.nn.Module, windows: torch.Tensor, *,
@@ -146,7 +111,7 @@ def accumulate_key_moment(model: torch.nn.Module, module: torch.nn.Module, windo
 
     def hook(_m, args):
         got.append(args[0].detach())
-        raise _StopForward
+        raise StopForward
 
     handle = module.register_forward_pre_hook(hook)
     try:
@@ -156,7 +121,7 @@ def accumulate_key_moment(model: torch.nn.Module, module: torch.nn.Module, windo
             try:
                 with torch.no_grad():
                     model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
             x = got[0]
             x = x[mask.to(x.device).bool()]
@@ -176,20 +141,22 @@ def accumulate_key_moment(model: torch.nn.Module, module: torch.nn.Module, windo
 def key_statistics(model: torch.nn.Module, graph: Any, ctx: Any, site: EditSite, module: torch.nn.Module,
                    mlp: torch.nn.Module, *, spec: str, n_tokens: int, seqlen: int,
                    use_cache: bool = True) -> KeyStats:
-    """C for ``site`` from ``spec``: from the cache when present, else computed and cached."""
+    """C for ``site`` from ``spec``: from the cache (``ctx.cache("stats", key)``) when present, else computed and
+    cached."""
     if spec.endswith(".npz"):
-        return load_npz(Path(spec).expanduser(), site.d_k)
+        return npz_stats(ctx.read(spec, what="--stats-data"), str(Path(spec).expanduser()), site.d_k)
     from surgeon.data import effective_seqlen, parse_model_spec, sampler_fingerprint
 
     seqlen = effective_seqlen(seqlen, graph.config)
     sampler = sampler_fingerprint(graph, ctx) if parse_model_spec(spec) is not None else ""
-    key = cache_key(weights_fingerprint(mlp, site), data_fingerprint(spec, ctx.seed, sampler), n_tokens, seqlen)
-    path = stats_cache_dir() / f"{key}.safetensors"
+    key = cache_key(weights_fingerprint(mlp, site), data_fingerprint(spec, ctx.seed, ctx, sampler), n_tokens,
+                    seqlen)
+    entry = ctx.cache("stats", key)
     if use_cache:
-        hit = read_cache(path)
-        if hit is not None and hit.mom2.shape == (site.d_k, site.d_k):
+        hit = cached_stats(entry, site.d_k)
+        if hit is not None:
             hit.key = key
-            ctx.log(f"covariance statistics: cached ({hit.count} tokens, {path})")
+            ctx.log(f"covariance statistics: cached ({hit.count} tokens, {entry.path})")
             return hit
     n_windows = -(-n_tokens // seqlen)
     windows = ctx.tokens(spec, graph, seqlen=seqlen, max_windows=n_windows, n_samples=n_windows)
@@ -198,8 +165,9 @@ def key_statistics(model: torch.nn.Module, graph: Any, ctx: Any, site: EditSite,
                 f"{n_tokens} asked; C may be rank-deficient and gets εI[/]")
     mom2, count = accumulate_key_moment(model, module, windows, n_tokens=n_tokens, device=ctx.device,
                                         progress=lambda b: ctx.progress(b, description="key statistics"))
-    stats = KeyStats(mom2, count, "computed", key, path)
+    stats = KeyStats(mom2, count, "computed", key, entry.path)
     if use_cache:
-        write_cache(path, stats, {"module": site.name, "layer": str(site.layer), "n_tokens": str(count),
-                                  "seqlen": str(seqlen), "data": spec[:200], "version": STATS_VERSION})
+        entry.save({"mom2": mom2.contiguous(), "count": torch.tensor([count], dtype=torch.int64)},
+                   {"module": site.name, "layer": str(site.layer), "n_tokens": str(count),
+                    "seqlen": str(seqlen), "data": spec[:200], "version": STATS_VERSION})
     return stats

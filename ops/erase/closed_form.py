@@ -79,14 +79,6 @@ def uce_delta_factors(C: torch.Tensor, T: torch.Tensor, P: torch.Tensor | None, 
     return eta_e * (T - C).T.to(Binv_Ct), Binv_Ct.T
 
 
-def uce_delta(C: torch.Tensor, T: torch.Tensor, P: torch.Tensor | None, *, lam: float, eta_e: float, eta_p: float,
-              preserve_gram: torch.Tensor | None = None, device: str = "cpu") -> torch.Tensor:
-    """Δ = K − I of the UCE closed form (module docstring), float64 ``[d, d]``."""
-    A, R = uce_delta_factors(C, T, P, lam=lam, eta_e=eta_e, eta_p=eta_p, preserve_gram=preserve_gram,
-                             device=device)
-    return A @ R
-
-
 def gram(weights: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
     """H = Σ_l W_lᵀW_l in float64 (reference; the op streams this through :class:`GramAccumulator`)."""
     ws = [weights] if isinstance(weights, torch.Tensor) else list(weights)
@@ -125,16 +117,6 @@ class GramAccumulator:
                     if c != a:
                         self.H[c:e, a:b] += blk.T
         self.count += 1
-
-
-def rece_adversarial_embedding(c: torch.Tensor, M: torch.Tensor, H: torch.Tensor, lam_r: float,
-                               device: str = "cpu") -> torch.Tensor:
-    """c′ = (λ_r I + MᵀHM)⁻¹ MᵀH c for rows ``c`` ``[n, d]`` (RECE, regulariser towards 0)."""
-    M, H, c = M.to(F64), H.to(F64), c.to(F64)
-    HM = H @ M
-    S = lam_r * _eye(H.shape[0], H) + M.T @ HM
-    S = (S + S.T) / 2  # exact symmetry for the Cholesky factorisation
-    return cholesky_solve(S, HM.T @ c.T, device=device).T
 
 
 def weighted_norms(X: torch.Tensor, H: torch.Tensor) -> torch.Tensor:

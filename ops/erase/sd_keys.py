@@ -6,28 +6,26 @@ A diffusers pipeline folder opens as one graph whose names are prefixed by compo
 projections and the text encoder weights are located here; nothing is renamed in the graph, so the output keeps
 the input's layout.
 
-CompVis UNet block numbering (SD1.x, ``layers_per_block`` = 2): ``input_blocks.{1,2,4,5,7,8}.1`` ↔
-``down_blocks.{0,0,1,1,2,2}.attentions.{0,1}``, ``middle_block.1`` ↔ ``mid_block.attentions.0``,
-``output_blocks.{3..11}.1`` ↔ ``up_blocks.{1,1,1,2,2,2,3,3,3}.attentions.{0,1,2}``.
+The names themselves (CompVis prefixes, UNet order, the CLIP config from shapes) are :mod:`surgeon.arch.diffusion`.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from surgeon.arch.diffusion import (
+    COMPVIS_CLIP,
+    COMPVIS_OPENCLIP,
+    COMPVIS_SDXL,
+    COMPVIS_UNET,
+    XATTN_K,
+    unet_order,
+)
 from surgeon.errors import SurgeonError
 
 if TYPE_CHECKING:
     from surgeon.graph import Graph
-
-COMPVIS_UNET = "model.diffusion_model."
-COMPVIS_CLIP = "cond_stage_model.transformer."  # SD1.x: OpenAI CLIP ViT-L/14 in transformers layout
-COMPVIS_OPENCLIP = "cond_stage_model.model."  # SD2.x: OpenCLIP layout (not mapped)
-COMPVIS_SDXL = "conditioner.embedders."  # SDXL single file (not mapped)
-XATTN_K = "attn2.to_k.weight"
-
 
 @dataclass
 class TextEncoderSpec:
@@ -63,16 +61,6 @@ class SDLayout:
         return len(self.encoders) == 2
 
 
-_ORDER = {"down_blocks": 0, "input_blocks": 0, "mid_block": 1, "middle_block": 1, "up_blocks": 2, "output_blocks": 2}
-
-
-def _unet_order(name: str) -> tuple:
-    """Sort key putting cross-attention layers in UNet order (down/input, mid/middle, up/output; numeric indices)."""
-    parts = name.split(".")
-    rank = next((_ORDER[p] for p in parts if p in _ORDER), 3)
-    return (rank, [int(p) if p.isdigit() else p for p in parts])
-
-
 def cross_attention_pairs(names: list[str], prefix: str) -> list[tuple[str, str]]:
     """(to_k, to_v) weight names of every cross-attention layer under ``prefix``."""
     names_set = set(names)
@@ -83,7 +71,7 @@ def cross_attention_pairs(names: list[str], prefix: str) -> list[tuple[str, str]
             if v not in names_set:
                 raise SurgeonError(f"{n}: cross-attention key projection without its value projection {v!r}")
             pairs.append((n, v))
-    return sorted(pairs, key=lambda p: _unet_order(p[0]))
+    return sorted(pairs, key=lambda p: unet_order(p[0]))
 
 
 def _tokenizer_dir_from_side_files(graph: Graph, sub: str) -> Path | None:
@@ -94,13 +82,13 @@ def _tokenizer_dir_from_side_files(graph: Graph, sub: str) -> Path | None:
     return None
 
 
-def detect_layout(graph: Graph, tokenizer: str | None = None) -> SDLayout:
+def detect_layout(graph: Graph, ctx, tokenizer: str | None = None) -> SDLayout:
     """Find the UNet's cross-attention projections and the text encoder(s); raise naming what is missing."""
     names = graph.names()
     if any(n.startswith("unet/") for n in names):
         return _diffusers_layout(graph, names)
     if any(n.startswith(COMPVIS_UNET) for n in names):
-        return _compvis_layout(graph, names, tokenizer)
+        return _compvis_layout(graph, names, tokenizer, ctx)
     raise SurgeonError("model: no diffusion UNet found (expected a diffusers folder with unet/ or a Stable Diffusion "
                        "single file with model.diffusion_model.* tensors)")
 
@@ -129,7 +117,7 @@ def _diffusers_layout(graph: Graph, names: list[str]) -> SDLayout:
     return SDLayout("diffusers", "unet/", pairs, encoders)
 
 
-def _compvis_layout(graph: Graph, names: list[str], tokenizer: str | None) -> SDLayout:
+def _compvis_layout(graph: Graph, names: list[str], tokenizer: str | None, ctx) -> SDLayout:
     pairs = cross_attention_pairs(names, COMPVIS_UNET)
     if not pairs:
         raise SurgeonError(f"{COMPVIS_UNET}*: no cross-attention layers (attn2.to_k/to_v); "
@@ -139,16 +127,14 @@ def _compvis_layout(graph: Graph, names: list[str], tokenizer: str | None) -> SD
                            "file to a diffusers folder first (diffusers' from_single_file + save_pretrained)")
     if not any(n.startswith(COMPVIS_CLIP) for n in names):
         raise SurgeonError(f"model: no text encoder ({COMPVIS_CLIP}* tensors); concepts cannot be encoded")
-    tok_dir, cfg = _resolve_tokenizer_source(tokenizer)
+    tok_dir, cfg = _resolve_tokenizer_source(tokenizer, ctx)
     enc = TextEncoderSpec("cond_stage_model", COMPVIS_CLIP, COMPVIS_CLIP, cfg, tok_dir, "last")
     return SDLayout("compvis", COMPVIS_UNET, pairs, [enc])
 
 
-def _resolve_tokenizer_source(tokenizer: str | None) -> tuple[Path | None, dict[str, Any] | None]:
+def _resolve_tokenizer_source(tokenizer: str | None, ctx) -> tuple[Path | None, dict[str, Any] | None]:
     """--tokenizer for single files: a diffusers pipeline folder (its tokenizer/ and text_encoder/config.json) or a
     tokenizer folder (optionally with a CLIP text config.json). None: the OpenAI CLIP tokenizer from the Hub cache."""
-    import json
-
     if tokenizer is None:
         return None, None
     p = Path(tokenizer).expanduser()
@@ -165,57 +151,7 @@ def _resolve_tokenizer_source(tokenizer: str | None) -> tuple[Path | None, dict[
         raise SurgeonError(f"--tokenizer {p}: no vocab.json/tokenizer.json")
     cfg = None
     if cfg_path is not None and cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text())
+        cfg = ctx.read_json(str(cfg_path), what="--tokenizer")
         if cfg.get("model_type") not in (None, "clip_text_model"):
             cfg = None
     return p, cfg
-
-
-def infer_clip_text_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    """A CLIPTextModel config from tensor shapes (transformers names). Head count assumes 64-wide heads and the
-    activation OpenAI CLIP's quick_gelu: true for SD1.x's ViT-L/14; pass a config to override. Names are
-    :meth:`TextEncoderSpec.state_names` keys (no ``text_model.`` level)."""
-    try:
-        vocab, hidden = shapes["embeddings.token_embedding.weight"]
-        max_pos = shapes["embeddings.position_embedding.weight"][0]
-        inter = shapes["encoder.layers.0.mlp.fc1.weight"][0]
-    except KeyError as e:
-        raise SurgeonError(f"text encoder: tensor {e.args[0]!r} not found; is this a CLIP text encoder?") from None
-    layers = 1 + max(int(m.group(1)) for n in shapes if (m := re.match(r"encoder\.layers\.(\d+)\.", n)))
-    return {"model_type": "clip_text_model", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
-            "num_hidden_layers": layers, "num_attention_heads": max(1, hidden // 64),
-            "max_position_embeddings": max_pos, "hidden_act": "quick_gelu", "projection_dim": hidden}
-
-
-# ---- CompVis <-> diffusers names of the cross-attention layers (reports and tests) ------------------------------
-
-def diffusers_to_compvis_attention(name: str, layers_per_block: int = 2) -> str:
-    """``down_blocks.1.attentions.0.X`` -> ``input_blocks.4.1.X`` etc. (module path inside the UNet)."""
-    m = re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", name)
-    if m:
-        i, j, rest = int(m.group(1)), int(m.group(2)), m.group(3)
-        return f"input_blocks.{1 + i * (layers_per_block + 1) + j}.1.{rest}"
-    m = re.match(r"mid_block\.attentions\.0\.(.*)", name)
-    if m:
-        return f"middle_block.1.{m.group(1)}"
-    m = re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", name)
-    if m:
-        i, j, rest = int(m.group(1)), int(m.group(2)), m.group(3)
-        return f"output_blocks.{i * (layers_per_block + 1) + j}.1.{rest}"
-    raise ValueError(f"not a UNet attention path: {name}")
-
-
-def compvis_to_diffusers_attention(name: str, layers_per_block: int = 2) -> str:
-    """Inverse of :func:`diffusers_to_compvis_attention`."""
-    m = re.match(r"input_blocks\.(\d+)\.1\.(.*)", name)
-    if m:
-        k = int(m.group(1)) - 1
-        return f"down_blocks.{k // (layers_per_block + 1)}.attentions.{k % (layers_per_block + 1)}.{m.group(2)}"
-    m = re.match(r"middle_block\.1\.(.*)", name)
-    if m:
-        return f"mid_block.attentions.0.{m.group(1)}"
-    m = re.match(r"output_blocks\.(\d+)\.1\.(.*)", name)
-    if m:
-        k = int(m.group(1))
-        return f"up_blocks.{k // (layers_per_block + 1)}.attentions.{k % (layers_per_block + 1)}.{m.group(2)}"
-    raise ValueError(f"not a CompVis UNet attention path: {name}")

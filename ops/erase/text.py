@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from surgeon.arch.diffusion import infer_clip_text_config
 from surgeon.errors import SurgeonError
 
-from .sd_keys import SDLayout, TextEncoderSpec, infer_clip_text_config
+from .sd_keys import SDLayout, TextEncoderSpec
 
 if TYPE_CHECKING:
     from surgeon.graph import Graph
@@ -30,26 +30,17 @@ class Encoded:
     lengths: list[int]  # tokens per prompt including BOS and EOS (attention_mask.sum())
 
 
-def load_clip_tokenizer(spec: TextEncoderSpec):
-    from transformers import CLIPTokenizer
-
-    folder = spec.tokenizer_dir
-    if folder is None:  # single file: the Hub cache only (from_pretrained would quietly build an empty tokenizer)
-        from huggingface_hub import try_to_load_from_cache
-
-        repo = sys.modules[__name__].DEFAULT_CLIP_TOKENIZER
-        hit = try_to_load_from_cache(repo, "vocab.json")
-        if not isinstance(hit, str):
-            raise SurgeonError("single-file checkpoint: it carries no tokenizer; pass --tokenizer with a diffusers "
-                               f"pipeline folder or a CLIP tokenizer folder ({repo} is not in the local Hub "
-                               "cache)")
-        folder = Path(hit).parent
-    try:
-        tok = CLIPTokenizer.from_pretrained(str(folder))
-    except Exception as e:  # noqa: BLE001 (tokenizer files can fail in many ways; name the folder)
-        raise SurgeonError(f"{folder}: cannot load a CLIP tokenizer ({e.__class__.__name__}: {e})") from None
+def load_clip_tokenizer(spec: TextEncoderSpec, ctx):
+    """The encoder's CLIP tokenizer: from its folder, or (single file) from the local Hub cache only (from_pretrained
+    of an absent repo would quietly build an empty tokenizer)."""
+    repo = sys.modules[__name__].DEFAULT_CLIP_TOKENIZER
+    folder = None if spec.tokenizer_dir is None else str(spec.tokenizer_dir)
+    tok = ctx.tokenizer_from(folder, cls="CLIPTokenizer", hub_repo=repo, what=f"{spec.component} tokenizer")
+    if tok is None:
+        raise SurgeonError("single-file checkpoint: it carries no tokenizer; pass --tokenizer with a diffusers "
+                           f"pipeline folder or a CLIP tokenizer folder ({repo} is not in the local Hub cache)")
     if len(tok) <= 3:
-        raise SurgeonError(f"{folder}: the CLIP tokenizer has no vocabulary (vocab.json, merges.txt)")
+        raise SurgeonError(f"{folder or repo}: the CLIP tokenizer has no vocabulary (vocab.json, merges.txt)")
     return tok
 
 
@@ -99,7 +90,7 @@ def word_token_counts(ids: torch.Tensor, mask: torch.Tensor, tok) -> list[int]:
 class PromptEncoder:
     """Encodes prompts with every text encoder of the layout; each distinct prompt is encoded once."""
 
-    def __init__(self, graph: Graph, layout: SDLayout, device: str = "cpu", batch_size: int = 16, ctx=None):
+    def __init__(self, graph: Graph, layout: SDLayout, device: str = "cpu", batch_size: int = 16, *, ctx):
         self.layout = layout
         self.device = device
         self.batch_size = batch_size
@@ -107,12 +98,12 @@ class PromptEncoder:
         names = graph.names()
         for s in layout.encoders:
             nested = any(n.startswith(s.prefix + "text_model.") for n in names)
-            if layout.kind == "diffusers" and not nested and ctx is not None and hasattr(ctx, "module"):
+            if layout.kind == "diffusers" and not nested:
                 # the shared model-context path (surgeon.model) for transformers-5 CLIPTextModel folders
                 self.tokenizers.append(ctx.tokenizer(graph, component=s.tokenizer_dir.name))
                 self.models.append(ctx.module(graph, kind="clip-text", component=s.component))
             else:  # CompVis files and text_model.-nested folders (CLIPTextModelWithProjection, transformers < 5)
-                self.tokenizers.append(load_clip_tokenizer(s))
+                self.tokenizers.append(load_clip_tokenizer(s, ctx))
                 self.models.append(build_clip_text_model(graph, s, device))
         self.cache: dict[str, tuple[torch.Tensor, int]] = {}
 

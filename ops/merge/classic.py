@@ -1,7 +1,10 @@
 """Classic merges: linear (model soups), task arithmetic, TIES, DARE (ALGORITHMS.md §3.1).
 
-Pure tensor functions first (fp32 in, fp32 out, testable without files), then one short ``apply`` per op that
-wires them into lazy graph nodes. Conventions follow mergekit where users compare against it: TIES trims with
+Pure tensor functions first (fp32 in, fp32 out, testable without files; the shared sparsifiers live in
+:mod:`surgeon.ops.merge.sparsify`), then the ops. Task arithmetic, TIES and DARE are one configured method,
+:func:`merge_task_vectors`: each registered op is a preset of :class:`TaskArithmeticParams` whose
+:meth:`~TaskArithmeticParams.method` names the sparsifier (none, magnitude trim, random drop), the sign consensus
+and DARE's rescale. Conventions follow mergekit where users compare against it: TIES trims with
 ``k = int(density·numel)``, elects the sign of the *weighted* sum and divides by the agreeing weights; task
 arithmetic does not normalise by default.
 
@@ -10,13 +13,14 @@ arithmetic does not normalise by default.
 - TIES (Yadav et al. 2023, arXiv 2306.01708): trim to the top-density |τ_i|, γ = sign(Σ w_i τ̂_i),
   τ_m = Σ_agree w_i τ̂_i / Σ_agree w_i, θ = θ_b + λ τ_m.
 - DARE (Yu et al. 2024, arXiv 2311.03099): τ̃_i = τ_i ⊙ m_i / p with m_i ~ Bernoulli(p = density), then a
-  linear sum or TIES; each tensor's RNG is seeded from (seed, tensor name), independent of execution order.
+  linear sum or TIES; each tensor's RNG is seeded from (run seed + the op's seed offset, tensor name),
+  independent of execution order.
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -24,21 +28,31 @@ from pydantic import Field, field_validator, model_validator
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
-from surgeon.kernels.select import kth_smallest
-from surgeon.ops.merge._common import (
-    LayerValue,
+from surgeon.ops.merge.inputs import (
     VocabMergeParams,
     check_compatible,
     check_weights,
     gather_inputs,
-    layer_value,
     merged_graph,
+)
+from surgeon.ops.merge.sparsify import (
+    Election,
+    check_unit_interval,
+    chunked_disjoint_mean,
+    dare_drop,
+    disjoint_mean,
+    tensor_seed,
+    trim_mask,
+)
+from surgeon.ops.merge.values import (
+    LayerValue,
+    layer_value,
+    model_values,
     num_layers,
     parse_float_list,
     parse_layer_value,
     per_model_field,
     resolve_per_model,
-    model_values,
 )
 from surgeon.registry import register
 
@@ -76,83 +90,6 @@ def task_arithmetic(base: torch.Tensor, values: Sequence[torch.Tensor], weights:
     return b.add_(acc, alpha=float(scale)) if scale != 1.0 else b + acc
 
 
-def trim_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask of exactly ``k = int(density·numel)`` largest |δ| (TIES "trim").
-
-    The k-th largest |δ| comes from the O(n) radix selection of :mod:`surgeon.kernels.select` (no sort, no index
-    tensor). Entries tied at a non-zero threshold are chosen as ``torch.argsort(|δ|, descending=True)[:k]``
-    chooses them (mergekit's rule; continuous task vectors have practically no such ties); ties at zero (common:
-    a tensor a fine-tune left unchanged) are taken in flat order without sorting, since zeros add nothing."""
-    if density >= 1.0:
-        return torch.ones(delta.shape, dtype=torch.bool)
-    n = delta.numel()
-    k = int(density * n)
-    if k <= 0:
-        return torch.zeros(delta.shape, dtype=torch.bool)
-    kth = kth_smallest(delta, n - k + 1, absolute=True)
-    a = delta.detach().reshape(-1).abs()
-    mask = a > kth.value
-    need = k - (n - kth.n_less - kth.n_equal)  # how many entries equal to the threshold to keep
-    if need == kth.n_equal:
-        mask |= a == kth.value
-    elif need > 0 and kth.value == 0.0:
-        zeros = a == 0
-        mask |= zeros & (zeros.cumsum(0) <= need)
-    elif need > 0:
-        mask = torch.zeros_like(mask)
-        mask[torch.argsort(a, descending=True)[:k]] = True
-    return mask.reshape(delta.shape)
-
-
-def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``k = int(density·numel)`` largest |δ| (see :func:`trim_mask`), zero the rest."""
-    if density >= 1.0:
-        return delta
-    return delta * trim_mask(delta, density)
-
-
-def sign_election(weighted: torch.Tensor, *, method: Literal["sum", "count"] = "sum") -> torch.Tensor:
-    """γ = sign of Σ_i (weighted τ̂_i) per element (+1 on ties), or of the count of signs Σ_i sign(w_i τ̂_i)."""
-    s = weighted.sum(0) if method == "sum" else torch.sign(weighted).sum(0)
-    return torch.where(s >= 0, 1.0, -1.0)
-
-
-Election = Literal["weighted", "unweighted", "count"]
-
-
-def disjoint_mean(deltas: torch.Tensor, weights: Sequence[float], *, normalize: bool = True,
-                  election: Election = "weighted") -> torch.Tensor:
-    """TIES disjoint merge of trimmed task vectors ``deltas`` [n, ...]: Σ_agree w τ̂ / Σ_agree w (0 if none).
-
-    ``election``: sign of Σ w_i τ̂_i (weighted: mergekit's ``sum``), of Σ τ̂_i (unweighted: the paper's Eq. 2), or
-    the majority of the signs of w_i τ̂_i (count: mergekit's ``consensus_method: count``; zeros do not vote).
-    """
-    w = torch.tensor([float(x) for x in weights], dtype=torch.float32).reshape(-1, *([1] * (deltas.dim() - 1)))
-    weighted = deltas * w
-    if election == "count":
-        gamma = sign_election(weighted, method="count")
-    else:
-        gamma = sign_election(weighted if election == "weighted" else deltas)
-    agree = torch.sign(weighted) == gamma
-    mixed = (weighted * agree).sum(0)
-    if normalize:
-        divisor = (w * agree).sum(0)
-        divisor[divisor == 0] = 1.0
-        mixed = mixed / divisor
-    return mixed
-
-
-def chunked_disjoint_mean(deltas: torch.Tensor, weights: Sequence[float], *, normalize: bool,
-                          election: Election = "weighted", chunk: int = 1 << 22) -> torch.Tensor:
-    """:func:`disjoint_mean` over ``chunk`` entries at a time (the same numbers; temporaries stay small)."""
-    flat = deltas.reshape(deltas.shape[0], -1)
-    out = torch.empty(flat.shape[1], dtype=torch.float32)
-    for start in range(0, flat.shape[1], chunk):
-        sl = slice(start, min(start + chunk, flat.shape[1]))
-        out[sl] = disjoint_mean(flat[:, sl], weights, normalize=normalize, election=election)
-    return out.reshape(deltas.shape[1:])
-
-
 def ties_merge(base: torch.Tensor, values: Sequence[torch.Tensor], weights: Sequence[float], *,
                density: float | Sequence[float],
                scale: float = 1.0, normalize: bool = True,
@@ -177,35 +114,6 @@ def ties_merge(base: torch.Tensor, values: Sequence[torch.Tensor], weights: Sequ
         taus = torch.stack([(v[sl].float() - bb) * m[sl] for v, m in zip(flat, masks)])
         out[sl] = bb + scale * disjoint_mean(taus, weights, normalize=normalize, election=election)
     return out.reshape(base.shape)
-
-
-def tensor_seed(seed: int, name: str) -> int:
-    """A 63-bit RNG seed from (global seed, tensor name): the same tensor gets the same mask in any order."""
-    h = hashlib.blake2b(f"{seed}\x00{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
-
-
-def l1_rescale(kept: torch.Tensor, full: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """``kept`` scaled so that its L1 norm equals ``full``'s (mergekit's ``rescale`` for DARE/DELLA); unchanged
-    when either norm is below ``eps``."""
-    before, after = float(full.abs().sum()), float(kept.abs().sum())
-    if before < eps or after < eps:
-        return kept
-    return kept * (before / after)
-
-
-def dare_drop(delta: torch.Tensor, density: float, generator: torch.Generator, *, rescale: bool = True,
-              rescale_norm: Literal["probability", "l1"] = "probability") -> torch.Tensor:
-    """τ ⊙ m, m ~ Bernoulli(p = density), rescaled by 1/p (the paper's Eq. 3) or to τ's L1 norm (mergekit)."""
-    if density >= 1.0:
-        return delta
-    keep = torch.rand(delta.shape, generator=generator) < density
-    out = delta * keep
-    if not rescale:
-        return out
-    if rescale_norm == "l1":
-        return l1_rescale(out, delta)
-    return out / density if density > 0 else out
 
 
 def dare_merge(base: torch.Tensor, values: Sequence[torch.Tensor], weights: Sequence[float], *,
@@ -254,42 +162,47 @@ class _WeightsMixin(VocabMergeParams):
         return parse_float_list(v)
 
 
-def check_unit_interval(v: Any, what: str, *, low_open: bool = False) -> None:
-    """Every number in ``v`` (a float, a per-layer list or a per-pattern mapping) lies in [0, 1] (or (0, 1])."""
-    vals: list[float] = []
-
-    def walk(x: Any) -> None:
-        if isinstance(x, dict):
-            for y in x.values():
-                walk(y)
-        elif isinstance(x, (list, tuple)):
-            for y in x:
-                walk(y)
-        else:
-            vals.append(float(x))
-
-    walk(v)
-    for x in vals:
-        if not (0.0 < x <= 1.0 if low_open else 0.0 <= x <= 1.0):
-            raise ValueError(f"{what} must be in {'(0, 1]' if low_open else '[0, 1]'}, got {x}")
-
-
 class LinearParams(_WeightsMixin):
     normalize: bool = Field(True, description="Divide by the sum of the weights.")
 
 
+@dataclass(frozen=True)
+class TaskVectorMethod:
+    """One configuration of task arithmetic over τ_i = θ_i − θ_b: how each τ_i is sparsified (none; magnitude:
+    TIES trim; random: DARE drop), whether signs are elected (ties: disjoint mean), how DARE rescales."""
+
+    sparsify: Literal["none", "magnitude", "random"] = "none"
+    consensus: Literal["none", "ties"] = "none"
+    election: Election = "weighted"
+    rescale: bool = True
+    rescale_norm: Literal["probability", "l1"] = "probability"
+
+
 class TaskArithmeticParams(_WeightsMixin):
+    """The task-arithmetic family's knobs; each registered op is a preset (see :meth:`method`) of
+    :func:`merge_task_vectors`. Plain task arithmetic: no sparsification, no sign election."""
+
     scale: LayerValue = Field(1.0, description=(
         "λ multiplying the summed task vectors: a number, a list over layers, or {pattern: value}."))
     normalize: bool = Field(False, description="Divide the summed task vectors by the sum of the weights.")
+
+    op_name: ClassVar[str] = "task-arithmetic"  # the op (after "merge "), the report's method
+    node_label: ClassVar[str] = "merge-ta"
+    per_model_keys: ClassVar[tuple[str, ...]] = ("weight",)
+    reported: ClassVar[tuple[str, ...]] = ("scale", "normalize")  # report fields after models, base, weights
 
     @field_validator("scale", mode="before")
     @classmethod
     def _parse(cls, v: Any) -> Any:
         return parse_layer_value(v)
 
+    def method(self) -> TaskVectorMethod:
+        return TaskVectorMethod()
+
 
 class TiesParams(TaskArithmeticParams):
+    """TIES: magnitude trim, sign election, disjoint mean."""
+
     density: LayerValue = Field(0.5, description=(
         "Fraction of each task vector kept (largest magnitudes): a number in [0, 1], a list over layers, "
         "or {pattern: value}."))
@@ -297,6 +210,11 @@ class TiesParams(TaskArithmeticParams):
     election: Election = Field("weighted", description=(
         "Sign election: on Σ w_i τ̂_i (weighted, mergekit's default 'sum'), on Σ τ̂_i (unweighted, the paper's "
         "Eq. 2), or by the majority of signs (count, mergekit's consensus_method: count)."))
+
+    op_name: ClassVar[str] = "ties"
+    node_label: ClassVar[str] = "merge-ties"
+    per_model_keys: ClassVar[tuple[str, ...]] = ("weight", "density")
+    reported: ClassVar[tuple[str, ...]] = ("density", "scale", "election", "normalize")
 
     @field_validator("density", mode="before")
     @classmethod
@@ -308,12 +226,19 @@ class TiesParams(TaskArithmeticParams):
         check_unit_interval(self.density, "density")
         return self
 
+    def method(self) -> TaskVectorMethod:
+        return TaskVectorMethod("magnitude", "ties", self.election)
+
 
 class DareParams(TaskArithmeticParams):
+    """DARE: random drop and rescale, then a sum (dare_linear) or TIES election (dare_ties)."""
+
     density: LayerValue = Field(0.5, description=(
         "Keep probability p of each task-vector entry (drop rate 1 − p): a number in (0, 1], a list over "
         "layers, or {pattern: value}."))
-    seed: int = Field(0, description="Seed of the random masks (each tensor's mask depends on seed and name only).")
+    seed: int = Field(0, description=(
+        "Seed of the random masks, added to the run's seed (a recipe's top-level seed; 0 from the command line). "
+        "Each tensor's mask depends on that sum and the tensor's name only."))
     consensus: Literal["none", "ties"] = Field("none", description=(
         "After dropping: sum the task vectors (none = dare_linear) or TIES sign election (ties = dare_ties)."))
     rescale: bool = Field(True, description="Rescale the kept entries (DARE's rescale).")
@@ -326,6 +251,11 @@ class DareParams(TaskArithmeticParams):
         "Divide by the (agreeing) weights. Off by default, as mergekit's dare_ties and dare_linear; with "
         "--consensus ties and --density 1 the result then equals mergekit's dare_ties exactly."))
 
+    op_name: ClassVar[str] = "dare"
+    node_label: ClassVar[str] = "merge-dare"
+    per_model_keys: ClassVar[tuple[str, ...]] = ("weight", "density")
+    reported: ClassVar[tuple[str, ...]] = ("density", "scale", "seed", "consensus", "normalize")
+
     @field_validator("density", mode="before")
     @classmethod
     def _parse_density(cls, v: Any) -> Any:
@@ -335,6 +265,9 @@ class DareParams(TaskArithmeticParams):
     def _check(self):
         check_unit_interval(self.density, "density", low_open=True)
         return self
+
+    def method(self) -> TaskVectorMethod:
+        return TaskVectorMethod("random", self.consensus, self.election, self.rescale, self.rescale_norm)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -366,82 +299,65 @@ def merge_linear(graph: Graph, params: LinearParams, ctx: Context) -> Graph:
     return g
 
 
-def _task_setup(graph: Graph, params: TaskArithmeticParams, ctx: Context, op: str):
-    inputs = gather_inputs(graph, params, ctx, need_base=True, min_models=1, op=op)
-    weights = check_weights(params.weights, inputs.n, op=op)
-    allowed = ("weight", "density") if isinstance(params, (TiesParams, DareParams)) else ("weight",)
-    params.per_model = resolve_per_model(params.per_model, inputs.names, allowed, op=op)
-    plan = check_compatible(inputs, params, op=op)
-    n_layers = num_layers(inputs.primary)
-    return inputs, weights, plan, n_layers
-
-
-def _weights_for(params: TaskArithmeticParams, inputs, weights: list[float], name: str, n_layers: int) -> list[float]:
-    return model_values(params.per_model, "weight", inputs.names, name, n_layers, weights)
-
-
-def _densities_for(params: TiesParams | DareParams, inputs, name: str, n_layers: int) -> list[float]:
-    dens = model_values(params.per_model, "density", inputs.names, name, n_layers, params.density)
+def _densities_for(params: TaskArithmeticParams, inputs, name: str, n_layers: int) -> list[float]:
+    dens = model_values(params.per_model, "density", inputs.names, name, n_layers, params.density)  # type: ignore[attr-defined]
     for d in dens:
         if not 0.0 <= d <= 1.0:
             raise SurgeonError(f"{type(params).__name__}: density of tensor {name!r} is {d}, expected [0, 1]")
     return dens
 
 
+def _tensor_merge(m: TaskVectorMethod, params: TaskArithmeticParams, name: str, w: list[float], lam: float,
+                  density: list[float] | None, seed: int):
+    """``fn(base, *values)`` for one tensor under the configured method (the kernels above)."""
+    if m.sparsify == "none" and m.consensus == "none":
+        return lambda base, *vals: task_arithmetic(base, vals, w, scale=lam, normalize=params.normalize)
+    if m.sparsify == "magnitude" and m.consensus == "ties":
+        return lambda base, *vals: ties_merge(base, vals, w, density=density, scale=lam,
+                                              normalize=params.normalize, election=m.election)
+    if m.sparsify == "random":
+        return lambda base, *vals: dare_merge(base, vals, w, density=density, seed=seed, name=name, scale=lam,
+                                              consensus=m.consensus, normalize=params.normalize,
+                                              rescale=m.rescale, rescale_norm=m.rescale_norm, election=m.election)
+    raise SurgeonError(f"internal: no task-vector merge for sparsify={m.sparsify}, consensus={m.consensus}")
+
+
+def merge_task_vectors(graph: Graph, params: TaskArithmeticParams, ctx: Context) -> Graph:
+    """θ = θ_b + λ·merge(sparsify(w_i τ_i)) as configured by ``params.method()`` (task arithmetic, TIES, DARE)."""
+    op = f"merge {params.op_name}"
+    inputs = gather_inputs(graph, params, ctx, need_base=True, min_models=1, op=op)
+    weights = check_weights(params.weights, inputs.n, op=op)
+    params.per_model = resolve_per_model(params.per_model, inputs.names, params.per_model_keys, op=op)
+    plan = check_compatible(inputs, params, op=op)
+    n_layers = num_layers(inputs.primary)
+    method = params.method()
+    seed = ctx.seed_for(getattr(params, "seed", 0))
+
+    def make(name: str):
+        density = _densities_for(params, inputs, name, n_layers) if method.sparsify != "none" else None
+        lam = layer_value(params.scale, name, n_layers)
+        w = model_values(params.per_model, "weight", inputs.names, name, n_layers, weights)
+        return _tensor_merge(method, params, name, w, lam, density, seed)
+
+    g = merged_graph(inputs, params, plan, make, with_base=True, label=params.node_label)
+    extra = {k: seed if k == "seed" else getattr(params, k) for k in params.reported}
+    ctx.report(method=params.op_name, models=inputs.names, base=inputs.base_name, weights=weights, **extra)
+    return g
+
+
 @register("merge.task-arithmetic", TaskArithmeticParams, multi_model=True)
 def merge_task_arithmetic(graph: Graph, params: TaskArithmeticParams, ctx: Context) -> Graph:
     """θ = θ_b + λ Σ w_i (θ_i − θ_b); --scale may vary per layer or per role."""
-    op = "merge task-arithmetic"
-    inputs, weights, plan, n_layers = _task_setup(graph, params, ctx, op)
-
-    def make(name: str):
-        lam = layer_value(params.scale, name, n_layers)
-        w = _weights_for(params, inputs, weights, name, n_layers)
-        return lambda base, *vals: task_arithmetic(base, vals, w, scale=lam, normalize=params.normalize)
-
-    g = merged_graph(inputs, params, plan, make, with_base=True, label="merge-ta")
-    ctx.report(method="task-arithmetic", models=inputs.names, base=inputs.base_name, weights=weights,
-               scale=params.scale, normalize=params.normalize)
-    return g
+    return merge_task_vectors(graph, params, ctx)
 
 
 @register("merge.ties", TiesParams, multi_model=True)
 def merge_ties(graph: Graph, params: TiesParams, ctx: Context) -> Graph:
     """Keep the top-density |τ_i| per tensor, elect a sign per entry, average the agreeing entries, add λ× to the base."""
-    op = "merge ties"
-    inputs, weights, plan, n_layers = _task_setup(graph, params, ctx, op)
-    resolved = {t: (_densities_for(params, inputs, t, n_layers), layer_value(params.scale, t, n_layers),
-                    _weights_for(params, inputs, weights, t, n_layers)) for t, k in plan.items() if k == "merge"}
-
-    def make(name: str):
-        density, lam, w = resolved[name]
-        return lambda base, *vals: ties_merge(base, vals, w, density=density, scale=lam,
-                                              normalize=params.normalize, election=params.election)
-
-    g = merged_graph(inputs, params, plan, make, with_base=True, label="merge-ties")
-    ctx.report(method="ties", models=inputs.names, base=inputs.base_name, weights=weights, density=params.density,
-               scale=params.scale, election=params.election, normalize=params.normalize)
-    return g
+    return merge_task_vectors(graph, params, ctx)
 
 
 @register("merge.dare", DareParams, multi_model=True)
 def merge_dare(graph: Graph, params: DareParams, ctx: Context) -> Graph:
     """Drop each task-vector entry with probability 1 − density, rescale by 1/density, then sum (or TIES with --consensus ties)."""
-    op = "merge dare"
-    inputs, weights, plan, n_layers = _task_setup(graph, params, ctx, op)
-    normalize = params.normalize
-    seed = params.seed
-
-    def make(name: str):
-        density = _densities_for(params, inputs, name, n_layers)
-        lam = layer_value(params.scale, name, n_layers)
-        w = _weights_for(params, inputs, weights, name, n_layers)
-        return lambda base, *vals: dare_merge(base, vals, w, density=density, seed=seed, name=name,
-                                              scale=lam, consensus=params.consensus, normalize=normalize,
-                                              rescale=params.rescale, rescale_norm=params.rescale_norm,
-                                              election=params.election)
-
-    g = merged_graph(inputs, params, plan, make, with_base=True, label="merge-dare")
-    ctx.report(method="dare", models=inputs.names, base=inputs.base_name, weights=weights, density=params.density,
-               scale=params.scale, seed=seed, consensus=params.consensus, normalize=normalize)
-    return g
+    return merge_task_vectors(graph, params, ctx)

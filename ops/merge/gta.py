@@ -8,7 +8,8 @@ base times λ. The sparsifiers:
   keeping ``int(density·N)`` entries just below the outliers (fewer outliers are dropped when density + γ > 1).
 - DELLA MagPrune (Deep et al. 2024, arXiv 2406.11617, §3.1): per row, rank |τ| ascending; entry r (of n) is kept
   with probability p_r = (density − ε) + 2ε·(r − 1)/(n − 1); kept entries are rescaled by 1/p_r (the paper's
-  Eq. 2) or so that τ keeps its L1 norm (mergekit). Seeded per (seed, tensor, model): order-independent.
+  Eq. 2) or so that τ keeps its L1 norm (mergekit). Seeded per (run seed + the op's offset, tensor, model):
+  order-independent.
 - SCE (Wan et al. 2024, arXiv 2408.07990): Select the top-k entries by the variance across models, Calculate
   per-model weights ∝ mean τ_i², Erase minority signs (TIES sum election), merge Σ w_i τ_i / Σ_agree w_i.
 """
@@ -23,26 +24,23 @@ from pydantic import Field, field_validator
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
-from surgeon.ops.merge._common import (
-    LayerValue,
-    VocabMergeParams,
-    check_compatible,
-    gather_inputs,
-    layer_value,
-    merged_graph,
-    num_layers,
-    parse_float_list,
-    parse_layer_value,
-    model_values,
-    per_model_field,
-    resolve_per_model,
-)
-from surgeon.ops.merge.classic import (
+from surgeon.ops.merge.inputs import VocabMergeParams, check_compatible, gather_inputs, merged_graph
+from surgeon.ops.merge.sparsify import (
     check_unit_interval,
     chunked_disjoint_mean,
     l1_rescale,
     sign_election,
     tensor_seed,
+)
+from surgeon.ops.merge.values import (
+    LayerValue,
+    layer_value,
+    model_values,
+    num_layers,
+    parse_float_list,
+    parse_layer_value,
+    per_model_field,
+    resolve_per_model,
 )
 from surgeon.registry import register
 
@@ -174,7 +172,9 @@ class DellaParams(_GtaParams):
         "Mean keep probability of a task-vector entry: a number, a list over layers or {pattern: value}."))
     epsilon: LayerValue = Field(0.15, description=(
         "Half-width of the keep probabilities: from density − ε (smallest |τ|) to density + ε (largest)."))
-    seed: int = Field(0, description="Seed of the random masks (each tensor's mask depends on seed, name, model).")
+    seed: int = Field(0, description=(
+        "Seed of the random masks, added to the run's seed (a recipe's top-level seed; 0 from the command line). "
+        "Each tensor's mask depends on that sum, the tensor's name and the model."))
     rescale: Literal["probability", "l1", "none"] = Field("probability", description=(
         "Rescale kept entries by 1/p (probability, the paper's Eq. 2), to the task vector's L1 norm (l1, "
         "mergekit 0.1.5) or not at all (none)."))
@@ -249,6 +249,7 @@ def _della(graph: Graph, params: DellaParams, ctx: Context, *, consensus: str, o
     inputs, plan, n_layers = _gta_setup(graph, params, ctx, op)
     sw = _shared_weights(params, inputs.n)
     normalize = params.normalize if params.normalize is not None else consensus != "none"
+    seed = ctx.seed_for(params.seed)
 
     def make(name: str):
         w = model_values(params.per_model, "weight", inputs.names, name, n_layers, sw)
@@ -261,7 +262,7 @@ def _della(graph: Graph, params: DellaParams, ctx: Context, *, consensus: str, o
                                    f"epsilon {e}")
 
         def sparsify(i: int, tau: torch.Tensor) -> torch.Tensor:
-            gen = torch.Generator().manual_seed(tensor_seed(params.seed + i, name))
+            gen = torch.Generator().manual_seed(tensor_seed(seed + i, name))
             return della_drop(tau, dens[i], eps[i], gen, rescale=params.rescale)
 
         return lambda b, *vals: generalised_task_arithmetic(b, vals, w, sparsify, consensus=consensus,
@@ -273,7 +274,7 @@ def _della(graph: Graph, params: DellaParams, ctx: Context, *, consensus: str, o
             make(t)
     g = merged_graph(inputs, params, plan, make, with_base=True, label=f"merge-{op.split()[-1]}")
     ctx.report(method=op.split()[-1], models=inputs.names, base=inputs.base_name, density=params.density,
-               epsilon=params.epsilon, seed=params.seed, rescale=params.rescale, normalize=normalize)
+               epsilon=params.epsilon, seed=seed, rescale=params.rescale, normalize=normalize)
     return g
 
 

@@ -27,19 +27,15 @@ from pydantic import Field, field_validator
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
-from surgeon.ops.merge._common import (
-    LayerValue,
+from surgeon.ops.merge.inputs import (
     MergeParams,
     VocabMergeParams,
     check_compatible,
     check_weights,
     gather_inputs,
-    layer_value,
     merged_graph,
-    num_layers,
-    parse_float_list,
-    parse_layer_value,
 )
+from surgeon.ops.merge.values import LayerValue, layer_value, num_layers, parse_float_list, parse_layer_value
 from surgeon.registry import register
 
 # ---------------------------------------------------------------------------------------------------------

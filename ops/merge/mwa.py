@@ -13,6 +13,7 @@ of checkpoints"). See docs/merge.md.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
@@ -26,8 +27,8 @@ from pydantic import Field, field_validator
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Apply, Graph
-from surgeon.ops.merge._common import MergeParams, check_compatible, out_dtype
 from surgeon.ops.merge.classic import linear_merge
+from surgeon.ops.merge.inputs import MergeParams, check_compatible, out_dtype
 from surgeon.registry import register
 
 # ---------------------------------------------------------------------------------------------------------
@@ -76,49 +77,48 @@ class CheckpointInfo:
 _STEP = re.compile(r"checkpoint-(\d+)$")
 
 
-def checkpoint_step(folder: Path) -> int | None:
+def _trainer_state(folder: Path, ctx: Context) -> dict[str, Any] | None:
     ts = folder / "trainer_state.json"
-    if ts.is_file():
-        try:
-            step = json.loads(ts.read_text()).get("global_step")
-            if isinstance(step, int):
-                return step
-        except json.JSONDecodeError:
-            raise SurgeonError(f"{ts}: invalid JSON") from None
+    if not ts.is_file():
+        return None
+    state = ctx.read_json(str(ts), what="merge mwa")
+    return state if isinstance(state, dict) else {}
+
+
+def checkpoint_step(folder: Path, ctx: Context) -> int | None:
+    """The training step of a checkpoint: ``global_step`` of its trainer_state.json, else ``checkpoint-<step>``."""
+    state = _trainer_state(folder, ctx)
+    step = state.get("global_step") if state is not None else None
+    if isinstance(step, int):
+        return step
     m = _STEP.search(folder.name)
     return int(m.group(1)) if m else None
 
 
-def log_history(folders: list[Path]) -> list[dict[str, Any]]:
+def log_history(folders: list[Path], ctx: Context) -> list[dict[str, Any]]:
     """``log_history`` of the most complete ``trainer_state.json`` among the checkpoints (the latest one)."""
     best: list[dict[str, Any]] = []
     for f in folders:
-        ts = f / "trainer_state.json"
-        if not ts.is_file():
+        state = _trainer_state(f, ctx)
+        if state is None:
             continue
-        try:
-            hist = json.loads(ts.read_text()).get("log_history") or []
-        except json.JSONDecodeError:
-            raise SurgeonError(f"{ts}: invalid JSON") from None
+        hist = state.get("log_history") or []
         if len(hist) >= len(best):
             best = hist
     return best
 
 
-def read_metrics_csv(path: Path, key: str) -> list[tuple[int, float]]:
-    """(step, value) rows of a CSV with a header holding ``step`` and ``key`` columns."""
-    if not path.is_file():
-        raise SurgeonError(f"{path}: metrics file not found")
+def read_metrics_csv(text: str, key: str, *, path: str) -> list[tuple[int, float]]:
+    """(step, value) rows of a CSV ``text`` (read from ``path``) with a header holding ``step`` and ``key``."""
     rows = []
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        if reader.fieldnames is None or "step" not in reader.fieldnames or key not in reader.fieldnames:
-            raise SurgeonError(f"{path}: expected a header with columns 'step' and {key!r}, got {reader.fieldnames}")
-        for i, row in enumerate(reader, start=2):
-            try:
-                rows.append((int(float(row["step"])), float(row[key])))
-            except (TypeError, ValueError):
-                raise SurgeonError(f"{path}: line {i}: step and {key} must be numbers") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if reader.fieldnames is None or "step" not in reader.fieldnames or key not in reader.fieldnames:
+        raise SurgeonError(f"{path}: expected a header with columns 'step' and {key!r}, got {reader.fieldnames}")
+    for i, row in enumerate(reader, start=2):
+        try:
+            rows.append((int(float(row["step"])), float(row[key])))
+        except (TypeError, ValueError):
+            raise SurgeonError(f"{path}: line {i}: step and {key} must be numbers") from None
     if not rows:
         raise SurgeonError(f"{path}: no rows")
     return rows
@@ -159,12 +159,13 @@ def _folder_of(g: Graph) -> Path:
     return p if p.is_dir() else p.parent
 
 
-def resolve_checkpoints(names: list[str], graphs: dict[str, Graph], params: MwaParams) -> list[CheckpointInfo]:
+def resolve_checkpoints(names: list[str], graphs: dict[str, Graph], params: MwaParams,
+                        ctx: Context) -> list[CheckpointInfo]:
     """Steps and metric values of the checkpoints, sorted by step, windowed."""
     infos = []
     for n in names:
         folder = _folder_of(graphs[n])
-        step = checkpoint_step(folder)
+        step = checkpoint_step(folder, ctx)
         if step is None:
             raise SurgeonError(f"merge mwa: {n}: no trainer_state.json and no checkpoint-<step> folder name; "
                                "cannot tell its training step")
@@ -178,10 +179,11 @@ def resolve_checkpoints(names: list[str], graphs: dict[str, Graph], params: MwaP
     infos = picked[::-1]
     if params.metric == "loss":
         if params.metrics_file is not None:
-            points = read_metrics_csv(Path(params.metrics_file), params.metric_key)
+            text = ctx.read_text(params.metrics_file, what="--metrics-file")
+            points = read_metrics_csv(text, params.metric_key, path=params.metrics_file)
             source = params.metrics_file
         else:
-            hist = log_history([c.folder for c in infos])
+            hist = log_history([c.folder for c in infos], ctx)
             if not hist:
                 raise SurgeonError(f"merge mwa: {infos[-1].name}: missing trainer_state.json with a log_history "
                                    "(pass --metrics-file CSV or --metric step)")
@@ -202,11 +204,11 @@ def _is_adapter(g: Graph) -> bool:
     return any(".lora_A" in n or ".lora_embedding_A" in n for n in g.names())
 
 
-def _adapter_config(folder: Path) -> dict[str, Any]:
+def _adapter_config(folder: Path, ctx: Context) -> dict[str, Any]:
     p = folder / "adapter_config.json"
     if not p.is_file():
         raise SurgeonError(f"{folder}: LoRA weights without adapter_config.json")
-    return json.loads(p.read_text())
+    return ctx.read_json(str(p), what="merge mwa")
 
 
 @register("merge.mwa", MwaParams, multi_model=True)
@@ -218,7 +220,7 @@ def merge_mwa(graph: Graph, params: MwaParams, ctx: Context) -> Graph:
     for n in names:
         if n not in graphs:
             raise SurgeonError(f"{op}: model {n!r} is not among the input models")
-    infos = resolve_checkpoints(names, graphs, params)
+    infos = resolve_checkpoints(names, graphs, params, ctx)
     if len(infos) < 2:
         raise SurgeonError(f"{op}: needs at least 2 checkpoints after windowing, got {len(infos)}")
     scores = [1.0 / c.metric if params.metric == "loss" else float(c.step) for c in infos]  # type: ignore[operator]
@@ -227,9 +229,9 @@ def merge_mwa(graph: Graph, params: MwaParams, ctx: Context) -> Graph:
     adapters = [_is_adapter(g) for g in chosen]
     if any(adapters) and not all(adapters):
         raise SurgeonError(f"{op}: mixing LoRA checkpoints and full checkpoints")
-    from surgeon.ops.merge._common import MergeInputs
+    from surgeon.ops.merge.inputs import MergeInputs
 
-    inputs = MergeInputs([c.name for c in infos], chosen, None, None, chosen[-1])
+    inputs = MergeInputs([c.name for c in infos], chosen, None, None, chosen[-1], ctx=ctx)
     plan = check_compatible(inputs, params, op=op)
     table = [{"checkpoint": c.name, "step": c.step, "metric_step": c.metric_step, params.metric_key: c.metric,
               "score": s, "weight": w} for c, s, w in zip(infos, scores, weights)]
@@ -239,7 +241,7 @@ def merge_mwa(graph: Graph, params: MwaParams, ctx: Context) -> Graph:
     g = chosen[-1].copy()
     g.side_files = {k: v for k, v in g.side_files.items() if Path(k).name not in ("trainer_state.json",)}
     if all(adapters):
-        configs = [_adapter_config(_folder_of(x)) for x in chosen]
+        configs = [_adapter_config(_folder_of(x), ctx) for x in chosen]
         for key in ("r", "lora_alpha", "target_modules", "use_rslora", "rank_pattern", "alpha_pattern"):
             vals = {json.dumps(c.get(key), sort_keys=True) for c in configs}
             if len(vals) > 1:
@@ -252,13 +254,13 @@ def merge_mwa(graph: Graph, params: MwaParams, ctx: Context) -> Graph:
             if params.rank is not None:
                 raise SurgeonError(f"{op}: --rank only applies with --space delta")
             _wire_linear(g, inputs, plan, weights, params)
-        g.extra_files["adapter_config.json"] = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
+        ctx.attach(g, "adapter_config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         g.weight_stems[""] = "adapter_model"
     else:
         if params.space == "delta":
             raise SurgeonError(f"{op}: --space delta needs LoRA checkpoints")
         _wire_linear(g, inputs, plan, weights, params)
-    g.extra_files["mwa.json"] = json.dumps(mwa_json, indent=2) + "\n"
+    ctx.attach(g, "mwa.json", json.dumps(mwa_json, indent=2) + "\n")
     g.tags = sorted(set(g.tags) | {"merge", "mwa"})
     ctx.report(method="mwa", weights={c.name: w for c, w in zip(infos, weights)}, checkpoints=table,
                penalty=params.penalty, metric=params.metric, space=params.space)
@@ -271,8 +273,8 @@ def _wire_linear(g: Graph, inputs, plan: dict[str, str], weights: list[float], p
         if kind != "merge":
             continue
         node = inputs.primary[t]
-        g.nodes[t] = Apply(lambda *vals: linear_merge(vals, weights), [m[t] for m in inputs.graphs],
-                           label="merge-mwa", dtype=out_dtype(params, node))
+        g.replace(t, Apply(lambda *vals: linear_merge(vals, weights), [m[t] for m in inputs.graphs],
+                           label="merge-mwa", dtype=out_dtype(params, node)))
 
 
 _FACTOR = re.compile(r"^(?P<module>.+)\.lora_A(?P<tail>(?:\.[^.]+)?\.weight)$")
@@ -313,13 +315,14 @@ def _delta_space(g: Graph, inputs, plan: dict[str, str], weights: list[float], p
 
         packed = Apply(pack, srcs, label="mwa-delta", shape=(out_dim + in_dim, rank), dtype=torch.float32)
         dt_a, dt_b = out_dtype(params, inputs.primary[a_name]), out_dtype(params, inputs.primary[b_name])
-        g.nodes[b_name] = Apply(lambda p, o=out_dim: p[:o], [packed], label="mwa-B", shape=(out_dim, rank), dtype=dt_b)
-        g.nodes[a_name] = Apply(lambda p, o=out_dim: p[o:].T.contiguous(), [packed], label="mwa-A",
-                                shape=(rank, in_dim), dtype=dt_a)
+        g.replace(b_name, Apply(lambda p, o=out_dim: p[:o], [packed], label="mwa-B", shape=(out_dim, rank),
+                                dtype=dt_b))
+        g.replace(a_name, Apply(lambda p, o=out_dim: p[o:].T.contiguous(), [packed], label="mwa-A",
+                                shape=(rank, in_dim), dtype=dt_a))
     for t, kind in plan.items():  # anything else (modules_to_save): plain weighted average
         if kind == "merge" and ".lora_" not in t:
-            g.nodes[t] = Apply(lambda *vals: linear_merge(vals, weights), [m[t] for m in inputs.graphs],
-                               label="merge-mwa", dtype=out_dtype(params, inputs.primary[t]))
+            g.replace(t, Apply(lambda *vals: linear_merge(vals, weights), [m[t] for m in inputs.graphs],
+                               label="merge-mwa", dtype=out_dtype(params, inputs.primary[t])))
     ranks = set(new_ranks.values())
     r_out = max(ranks, key=lambda k: sum(1 for v in new_ranks.values() if v == k)) if ranks else r_default
     rank_pattern = {m: v for m, v in new_ranks.items() if v != r_out}

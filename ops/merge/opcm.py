@@ -18,13 +18,8 @@ model whatever the number of merged models, and ``--resume STATE`` continues it 
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import tempfile
-import weakref
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,7 +28,7 @@ from pydantic import Field
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Apply, Graph, Load
-from surgeon.ops.merge._common import MergeParams, check_compatible, gather_inputs, out_dtype
+from surgeon.ops.merge.inputs import MergeInputs, MergeParams, check_compatible, gather_inputs, out_dtype
 from surgeon.registry import register
 
 STATE_TENSORS = "opcm_sum.safetensors"
@@ -81,51 +76,11 @@ def opcm_project(tau: torch.Tensor, merged: torch.Tensor, alpha: float, *, devic
     return tau - u @ removed @ vh, r
 
 
-def opcm_project_full(tau: torch.Tensor, merged: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Reference form with full square U, V (``full_matrices=True``): τ̃ = U P̃ Vᵀ. For tests."""
-    u, s, vh = torch.linalg.svd(merged.double(), full_matrices=True)
-    r = rank_alpha(s.float(), alpha)
-    p = u.T @ tau.double() @ vh.T
-    keep = torch.ones_like(p, dtype=torch.bool)
-    k = min(p.shape)
-    keep[:k, :k] &= ~projection_mask(k, r)
-    return (u @ (p * keep) @ vh).float()
-
-
 def projected(name: str, shape: tuple[int, ...]) -> bool:
     """Which tensors are projected: 2-D weights other than input/position embeddings."""
     leaf = name.lower()
     return len(shape) == 2 and not any(k in leaf for k in ("embed_tokens", "wte.", "wpe.", "embed_positions",
                                                                "word_embeddings", "position_embeddings"))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# state spill: a safetensors file written header-first, tensor by tensor (shapes are known in advance)
-
-
-class _SpillWriter:
-    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]]):
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        off = 0
-        for n, shp in shapes.items():
-            size = 4 * math.prod(shp)
-            header[n] = {"dtype": "F32", "shape": list(shp), "data_offsets": [off, off + size]}
-            off += size
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * ((8 - (8 + len(raw)) % 8) % 8)
-        self.fh = open(path, "wb")
-        self.fh.write(len(raw).to_bytes(8, "little") + raw)
-        self.order = list(shapes)
-        self.i = 0
-
-    def write(self, name: str, t: torch.Tensor) -> None:
-        if self.order[self.i] != name:
-            raise SurgeonError(f"internal: OPCM state written out of order ({name!r})")
-        self.fh.write(t.detach().float().contiguous().numpy().tobytes())
-        self.i += 1
-
-    def close(self) -> None:
-        self.fh.close()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -142,127 +97,137 @@ class OpcmParams(MergeParams):
     resume: str | None = Field(None, description="State folder of an earlier OPCM run to continue with the new models.")
 
 
-def _read_state(folder: Path) -> dict[str, Any]:
-    meta_path = folder / STATE_JSON
-    if not meta_path.is_file() or not (folder / STATE_TENSORS).is_file():
-        raise SurgeonError(f"--resume {folder}: not an OPCM state folder (expected {STATE_JSON} and {STATE_TENSORS})")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise SurgeonError(f"{meta_path}: invalid JSON ({e.msg})") from None
+@dataclass
+class _Running:
+    """What the state carries between runs: S_{t} (lazily read), count, Σ‖τ_i‖ and the λ history."""
+
+    prev: Any = None  # the earlier S_T as a lazily read checkpoint (ctx.state(...).tensors)
+    count: int = 0
+    norm_sum: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _resumed(params: OpcmParams, ctx: Context, merged_names: list[str], base: Graph) -> _Running:
+    """The running merge of ``--resume`` (checked against α, the tensor set and the base's shapes), or a fresh one."""
+    if params.resume is None:
+        return _Running()
+    folder = ctx.state(params.resume, what="--resume")
+    if not folder.has(STATE_JSON) or not folder.has(STATE_TENSORS):
+        raise SurgeonError(f"--resume {params.resume}: not an OPCM state folder (expected {STATE_JSON} and "
+                           f"{STATE_TENSORS})")
+    meta = folder.read_json(STATE_JSON)
+    where = f"--resume {params.resume}"
     if meta.get("version") != STATE_VERSION:
-        raise SurgeonError(f"{meta_path}: state version {meta.get('version')!r}, expected {STATE_VERSION}")
-    return meta
+        raise SurgeonError(f"{where}: {STATE_JSON} has state version {meta.get('version')!r}, expected {STATE_VERSION}")
+    if abs(float(meta["alpha"]) - params.alpha) > 1e-12:
+        raise SurgeonError(f"{where}: state was built with alpha {meta['alpha']}, got {params.alpha}")
+    if meta["tensors"] != merged_names:
+        missing = sorted(set(meta["tensors"]) ^ set(merged_names))
+        raise SurgeonError(f"{where}: the state covers other tensors than this base "
+                           f"(first difference: {missing[0] if missing else 'order'!r})")
+    if meta.get("base_shapes") != {n: list(base[n].shape) for n in merged_names}:
+        raise SurgeonError(f"{where}: the state was built on a base with other shapes")
+    return _Running(folder.tensors(STATE_TENSORS), int(meta["count"]), float(meta["task_norm_sum"]),
+                    list(meta["history"]))
 
 
-def _base_fingerprint(g: Graph) -> dict[str, list[int]]:
-    return {n: list(g[n].shape) for n in g.names()}
+@dataclass
+class _Sums:
+    """Per new model i (over all merged tensors): ‖τ_i‖², ‖S_i‖²; and r_α per projected tensor."""
+
+    sq_tau: list[float]
+    sq_sum: list[float]
+    ranks: dict[str, list[int]]
+
+
+def _accumulate(inputs: MergeInputs, merged_names: list[str], running: _Running, spill: Any,
+                alpha: float, ctx: Context) -> _Sums:
+    """One pass over the tensors: S ← S + τ̃_i for every new model, S_T spilled tensor by tensor."""
+    base = inputs.base
+    assert base is not None
+    sums = _Sums([0.0] * inputs.n, [0.0] * inputs.n, {})
+    for t in ctx.progress(merged_names, total=len(merged_names), description="opcm"):
+        b = base.value(t).float()
+        s = running.prev.load(t).float() if running.prev is not None else None
+        proj = projected(t, tuple(b.shape))
+        for i, g in enumerate(inputs.graphs):
+            tau = g.value(t).float() - b
+            sums.sq_tau[i] += float(tau.pow(2).sum())
+            if s is None:
+                s = tau
+            else:
+                if proj:
+                    tau, r = opcm_project(tau, s, alpha, device=ctx.device)
+                    sums.ranks.setdefault(t, []).append(r)
+                s = s + tau
+            sums.sq_sum[i] += float(s.pow(2).sum())
+            del tau
+        spill.write(t, s)
+        del s, b
+    return sums
+
+
+def _lambdas(running: _Running, sums: _Sums, names: list[str]) -> list[float]:
+    """λ_t = ‖S_t‖ / mean(‖τ_1‖ … ‖τ_t‖) after each new model; updates ``running`` (count, Σ‖τ‖, history)."""
+    lambdas = []
+    for i, name in enumerate(names):
+        running.count += 1
+        running.norm_sum += math.sqrt(sums.sq_tau[i])
+        mean_norm = running.norm_sum / running.count
+        lam = math.sqrt(sums.sq_sum[i]) / mean_norm if mean_norm > 0 else 1.0
+        lambdas.append(lam)
+        running.history.append({"model": name, "lambda": lam, "task_norm": math.sqrt(sums.sq_tau[i]),
+                                "merged_sum_norm": math.sqrt(sums.sq_sum[i])})
+    return lambdas
+
+
+def _output(base: Graph, plan: dict[str, str], state_ck: Any, lam: float, params: OpcmParams) -> Graph:
+    """θ_b + S_T/λ_T per merged tensor (S_T read back lazily from the state); other tensors copied or cast."""
+    g = base.copy()
+    inv = 1.0 / lam
+    for t, kind in plan.items():
+        node = base[t]
+        if kind != "merge":
+            if params.dtype is not None and node.dtype.is_floating_point and out_dtype(params, node) != node.dtype:
+                g.replace(t, Apply(lambda x: x, [node], label="cast", dtype=out_dtype(params, node)))
+            continue
+        g.replace(t, Apply(lambda bv, sv, inv=inv: bv.float() + sv * inv, [node, Load(state_ck, t)],
+                           label="merge-opcm", dtype=out_dtype(params, node)))
+    g.tags = sorted(set(g.tags) | {"merge", "opcm"})
+    return g
 
 
 @register("merge.opcm", OpcmParams, multi_model=True)
 def merge_opcm(graph: Graph, params: OpcmParams, ctx: Context) -> Graph:
     """Merge fine-tunes in order, projecting each task vector off the merge's leading singular directions and
     rescaling to the mean task norm; --state/--resume let later models join."""
-    from surgeon.checkpoint import open_file
-
     op = "merge opcm"
     inputs = gather_inputs(graph, params, ctx, need_base=True, min_models=1, op=op)
     plan = check_compatible(inputs, params, op=op)
     merged_names = [t for t, k in plan.items() if k == "merge"]
     base = inputs.base
     assert base is not None
-
-    prev = None
-    count, norm_sum, history = 0, 0.0, []
-    if params.resume is not None:
-        rfolder = Path(params.resume)
-        meta = _read_state(rfolder)
-        if abs(float(meta["alpha"]) - params.alpha) > 1e-12:
-            raise SurgeonError(f"--resume {rfolder}: state was built with alpha {meta['alpha']}, got {params.alpha}")
-        if meta["tensors"] != merged_names:
-            missing = sorted(set(meta["tensors"]) ^ set(merged_names))
-            raise SurgeonError(f"--resume {rfolder}: the state covers other tensors than this base "
-                               f"(first difference: {missing[0] if missing else 'order'!r})")
-        if meta.get("base_shapes") != {n: list(base[n].shape) for n in merged_names}:
-            raise SurgeonError(f"--resume {rfolder}: the state was built on a base with other shapes")
-        prev = open_file(rfolder / STATE_TENSORS)
-        count, norm_sum, history = int(meta["count"]), float(meta["task_norm_sum"]), list(meta["history"])
-
-    # where the new state goes: --state, else a temporary folder that lives as long as the returned graph
-    if params.state is not None:
-        sfolder = Path(params.state)
-        sfolder.mkdir(parents=True, exist_ok=True)
-        tmp_state = None
-    else:
-        sfolder = Path(tempfile.mkdtemp(prefix="surgeon-opcm-"))
-        tmp_state = sfolder
-    spill_path = sfolder / (STATE_TENSORS + ".tmp")
-    writer = _SpillWriter(spill_path, {t: tuple(base[t].shape) for t in merged_names})
-
-    n_new = inputs.n
-    sq_sum = [0.0] * n_new  # ‖S_t‖² per new step, over all tensors
-    sq_tau = [0.0] * n_new  # ‖τ_t‖²
-    ranks: dict[str, list[int]] = {}
+    running = _resumed(params, ctx, merged_names, base)
+    # the new state: --state, else a temporary folder that lives as long as the returned graph reads it
+    folder = ctx.state(params.state or None, what="--state")
+    spill = folder.spill(STATE_TENSORS, {t: tuple(base[t].shape) for t in merged_names})
     try:
-        for t in ctx.progress(merged_names, total=len(merged_names), description="opcm"):
-            b = base.value(t).float()
-            s = prev.load(t).float() if prev is not None else None
-            proj = projected(t, tuple(b.shape))
-            for i, g in enumerate(inputs.graphs):
-                tau = g.value(t).float() - b
-                sq_tau[i] += float(tau.pow(2).sum())
-                if s is None:
-                    s = tau
-                else:
-                    if proj:
-                        tau, r = opcm_project(tau, s, params.alpha, device=ctx.device)
-                        ranks.setdefault(t, []).append(r)
-                    s = s + tau
-                sq_sum[i] += float(s.pow(2).sum())
-                del tau
-            writer.write(t, s)
-            del s, b
+        sums = _accumulate(inputs, merged_names, running, spill, params.alpha, ctx)
     except BaseException:
-        writer.close()
-        spill_path.unlink(missing_ok=True)
-        if tmp_state is not None:
-            shutil.rmtree(tmp_state, ignore_errors=True)
+        spill.abort()
         raise
-    writer.close()
-    os.replace(spill_path, sfolder / STATE_TENSORS)
-
-    lambdas = []
-    for i in range(n_new):
-        count += 1
-        norm_sum += math.sqrt(sq_tau[i])
-        mean_norm = norm_sum / count
-        lam = math.sqrt(sq_sum[i]) / mean_norm if mean_norm > 0 else 1.0
-        lambdas.append(lam)
-        history.append({"model": inputs.names[i], "lambda": lam, "task_norm": math.sqrt(sq_tau[i]),
-                        "merged_sum_norm": math.sqrt(sq_sum[i])})
+    spill.close()
+    lambdas = _lambdas(running, sums, inputs.names)
     lam_t = lambdas[-1] if lambdas[-1] > 0 else 1.0
-    meta = {"version": STATE_VERSION, "alpha": params.alpha, "count": count, "task_norm_sum": norm_sum,
-            "lambda": lam_t, "tensors": merged_names, "base_shapes": {n: list(base[n].shape) for n in merged_names},
-            "base": inputs.base_name, "history": history}
-    (sfolder / STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n")
-
-    state_ck = open_file(sfolder / STATE_TENSORS)
-    g = base.copy()
-    inv = 1.0 / lam_t
-    for t, kind in plan.items():
-        node = base[t]
-        if kind != "merge":
-            if params.dtype is not None and node.dtype.is_floating_point and out_dtype(params, node) != node.dtype:
-                g.nodes[t] = Apply(lambda x: x, [node], label="cast", dtype=out_dtype(params, node))
-            continue
-        g.nodes[t] = Apply(lambda bv, sv, inv=inv: bv.float() + sv * inv, [node, Load(state_ck, t)],
-                           label="merge-opcm", dtype=out_dtype(params, node))
-    if tmp_state is not None:  # remove the temporary state once no node reads it any more
-        weakref.finalize(state_ck, shutil.rmtree, str(tmp_state), True)
-    g.tags = sorted(set(g.tags) | {"merge", "opcm"})
-    r_summary = {t: v for t, v in list(ranks.items())[:8]}
+    count, norm_sum = running.count, running.norm_sum
+    folder.write_json(STATE_JSON, {
+        "version": STATE_VERSION, "alpha": params.alpha, "count": count, "task_norm_sum": norm_sum,
+        "lambda": lam_t, "tensors": merged_names, "base_shapes": {n: list(base[n].shape) for n in merged_names},
+        "base": inputs.base_name, "history": running.history})
+    g = _output(base, plan, folder.tensors(STATE_TENSORS), lam_t, params)
+    r_summary = {t: v for t, v in list(sums.ranks.items())[:8]}
     ctx.report(method="opcm", models=inputs.names, base=inputs.base_name, alpha=params.alpha, lambdas=lambdas,
-               count=count, mean_task_norm=norm_sum / count, state=None if tmp_state else str(sfolder),
+               count=count, mean_task_norm=norm_sum / count, state=None if folder.temporary else str(folder.path),
                resumed_from=params.resume, r_alpha_first_tensors=r_summary)
     ctx.log(f"opcm: λ per step {', '.join(f'{x:.3f}' for x in lambdas)}; merged {count} model(s) in total")
     return g

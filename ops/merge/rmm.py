@@ -27,11 +27,11 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field
+from surgeon.ops.merge.inputs import MergeParams, check_compatible, gather_inputs
 
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
-from surgeon.graph import Const, Graph, LowRank
-from surgeon.ops.merge._common import MergeParams, check_compatible, gather_inputs
+from surgeon.graph import Const, Graph
 from surgeon.registry import register
 
 RMM_JSON = "rmm.json"
@@ -96,25 +96,20 @@ class RmmParams(MergeParams):
         "the basis being p whole factors (stores about p models)."))
 
 
-class RevertParams(MergeParams):
-    task: str = Field(..., description="Task to rebuild: its name in rmm.json (path, folder name) or 0-based index.")
-    form: Literal["adapter", "dense"] = Field("adapter", description=(
-        "adapter: a PEFT LoRA folder (scale folded, lora_alpha = r); dense: base + B̂Â (needs --base)."))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # merge.rmm
 
 
 def _task_factors(inputs, plan, params: RmmParams, ctx: Context):
     """{tensor: (kind, [(A_i [r, in], B_i [out, r]) per task], transposed)} and {tensor: [dense delta_i]}."""
+    from surgeon.ops.merge.inputs import adapter_folder
+
     from surgeon.lora import open_adapter
-    from surgeon.ops.merge._common import _adapter_folder
 
     ctx_graphs = dict(ctx.graphs)
     adapters = []
     for n in inputs.names:
-        folder = _adapter_folder(ctx_graphs.get(n, inputs.primary))
+        folder = adapter_folder(ctx_graphs.get(n, inputs.primary))
         adapters.append(open_adapter(folder) if folder is not None else None)
     if any(a is not None for a in adapters) and not all(a is not None for a in adapters):
         raise SurgeonError("merge rmm: mixing LoRA adapters and full fine-tunes")
@@ -215,114 +210,10 @@ def merge_rmm(graph: Graph, params: RmmParams, ctx: Context) -> Graph:
     }
     g = Graph({k: Const(v, label="rmm") for k, v in out.items()}, configs={}, weight_stems={"": RMM_STEM},
               sources=list(inputs.base.sources), base_model=inputs.base.base_model)
-    g.extra_files[RMM_JSON] = json.dumps(meta, indent=1) + "\n"
+    ctx.attach(g, RMM_JSON, json.dumps(meta, indent=1) + "\n")
     g.tags = ["merge", "rmm"]
     ctx.report(method="rmm", tasks=tasks, p=params.p, r=meta["r"], retained_energy=energy,
                storage_ratio=meta["storage_ratio"], relative_error=meta["relative_error"])
     ctx.log(f"rmm: {len(modules)} tensors, retained energy {energy:.4f}, storage {meta['storage_ratio']:.3f}× "
             f"of the {n} low-rank inputs")
     return g
-
-
-# ---------------------------------------------------------------------------------------------------------
-# merge.revert
-
-
-def _rmm_meta(g: Graph) -> dict[str, Any] | None:
-    src = g.side_files.get(RMM_JSON)
-    if src is None:
-        return None
-    return json.loads(Path(src).read_text())
-
-
-def _task_index(meta: dict[str, Any], task: str) -> int:
-    tasks, folders = meta["tasks"], meta.get("task_folders", [])
-    for i, (t, f) in enumerate(zip(tasks, folders or tasks)):
-        if task in (t, f) or Path(t).name == task:
-            return i
-    if task.isdigit() and int(task) < len(tasks):
-        return int(task)
-    raise SurgeonError(f"merge revert: no task {task!r} in this RMM merge (tasks: {', '.join(folders or tasks)})")
-
-
-def revert_factors(g: Graph, meta: dict[str, Any], i: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{tensor: (Â [r, in], B̂ [out, r])} for task i, in the Linear orientation of W."""
-    out = {}
-    for t in meta["modules"]:
-        parts = {}
-        for side in ("B", "A"):
-            basis = g.value(f"{t}::{side}.basis")
-            coeffs = g.value(f"{t}::{side}.coeffs")
-            mean = g.value(f"{t}::{side}.mean") if f"{t}::{side}.mean" in g else None
-            x = rmm_revert(basis, coeffs, mean, i)
-            rows = meta["modules"][t]["shape"][0 if side == "B" else 1]
-            parts[side] = x.reshape(rows, -1)
-        out[t] = (parts["A"].T.contiguous(), parts["B"].contiguous())
-    return out
-
-
-@register("merge.revert", RevertParams, multi_model=True)
-def merge_revert(graph: Graph, params: RevertParams, ctx: Context) -> Graph:
-    """Rebuild one task of an RMM merge as a PEFT adapter or a dense model."""
-    op = "merge revert"
-    graphs = dict(ctx.graphs) or {"rmm": graph}
-    names = list(params.models) or [n for n in graphs if n != (params.base or ctx.base_name)]
-    found = [(n, graphs[n], _rmm_meta(graphs[n])) for n in names if n in graphs]
-    found = [x for x in found if x[2] is not None]
-    if not found:
-        raise SurgeonError(f"{op}: none of {names} is an RMM merge output (no {RMM_JSON})")
-    _name, rg, meta = found[0]
-    i = _task_index(meta, params.task)
-    facs = revert_factors(rg, meta, i)
-    task = meta["tasks"][i]
-    if params.form == "adapter":
-        from surgeon.lora import PREFIX, adapter_config, module_of
-
-        tensors: dict[str, torch.Tensor] = {}
-        for t, (a, b) in facs.items():
-            info = meta["modules"][t]
-            mod = module_of(t)
-            if info["kind"] == "embedding":  # PEFT stores (B_e A_e)ᵀ: A_e = B̂ᵀ, B_e = Âᵀ
-                tensors[f"{PREFIX}{mod}.lora_embedding_A"] = b.T.contiguous()
-                tensors[f"{PREFIX}{mod}.lora_embedding_B"] = a.T.contiguous()
-            else:
-                tensors[f"{PREFIX}{mod}.lora_A.weight"] = a
-                tensors[f"{PREFIX}{mod}.lora_B.weight"] = b
-        for t in meta.get("dense_deltas", []):
-            raise SurgeonError(f"{op}: this merge holds dense deltas ({t!r}, from full fine-tunes); "
-                               "revert it with --form dense --base BASE")
-        src_cfg = meta.get("adapter_config") or {}
-        r = int(meta["r"][0])
-        fif = any(m["transposed"] for m in meta["modules"].values())
-        cfg = adapter_config(base_model=src_cfg.get("base_model_name_or_path") or meta.get("base"),
-                             target_modules=src_cfg.get("target_modules") or sorted({module_of(t).rsplit(".", 1)[-1]
-                                                                                      for t in facs}),
-                             r=r, alpha=r, fan_in_fan_out=fif, task_type=src_cfg.get("task_type", "CAUSAL_LM"))
-        out = Graph({k: Const(v, label="rmm-revert") for k, v in tensors.items()}, configs={},
-                    weight_stems={"": "adapter_model"}, base_model=rg.base_model)
-        out.extra_files["adapter_config.json"] = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
-    else:
-        base_name = params.base or ctx.base_name
-        if base_name is None or base_name not in graphs:
-            raise SurgeonError(f"{op}: --form dense needs the base model (--base BASE)")
-        base = graphs[base_name]
-        out = base.copy()
-        for t, (a, b) in facs.items():
-            if t not in base:
-                raise SurgeonError(f"{op}: tensor {t!r} of the RMM merge is not in the base model")
-            info = meta["modules"][t]
-            shape = tuple(base[t].shape)
-            want = tuple(info["shape"]) if not info["transposed"] else tuple(info["shape"][::-1])
-            if shape != want:
-                raise SurgeonError(f"{op}: tensor {t!r} is {list(shape)} in the base, the merge expects {list(want)}")
-            out.nodes[t] = LowRank(base[t], b, a, transposed=bool(info["transposed"]), label="rmm-revert")
-        for t in meta.get("dense_deltas", []):
-            d = rg.value(f"{t}::delta.{i}")
-            node = base[t]
-            from surgeon.graph import Apply
-
-            out.nodes[t] = Apply(lambda w, d=d: w.float() + d, [node], label="rmm-revert")
-    out.tags = sorted(set(out.tags) | {"rmm-revert"})
-    ctx.report(method="rmm-revert", task=task, form=params.form,
-               relative_error=meta.get("relative_error", {}).get(task))
-    return out

@@ -21,14 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Apply, Graph
-from surgeon.ops.merge._common import (
-    LayerValue,
-    MergeParams,
-    layer_value,
-    out_dtype,
-    parse_layer_value,
-    resolve_model_key,
-)
+from surgeon.ops.merge.inputs import MergeParams, out_dtype
+from surgeon.ops.merge.values import LayerValue, layer_value, parse_layer_value, resolve_model_key
 from surgeon.registry import register
 
 
@@ -136,10 +130,8 @@ class LayerMap:
         return int(digits), rest[len(digits) + len(self.tail):]
 
 
-def layer_map(g: Graph, what: str) -> LayerMap:
-    from surgeon.arch import roles_for
-
-    r = roles_for(g.config, g.names())
+def layer_map(g: Graph, what: str, ctx: Context) -> LayerMap:
+    r = ctx.roles(g)
     p0 = r.prefixes[0]
     cut = p0.rfind("0")
     embed = {n for n in (r.embed, r.pos_embed) if n}
@@ -158,7 +150,7 @@ def layer_view(g: Graph, lm: LayerMap, start: int, end: int, *, with_outside: bo
     outside the layers."""
     view = g.copy()
     nodes = {}
-    for name, node in g.nodes.items():
+    for name, node in g.items():
         hit = lm.layer_of(name)
         if hit is None:
             if with_outside:
@@ -167,7 +159,7 @@ def layer_view(g: Graph, lm: LayerMap, start: int, end: int, *, with_outside: bo
         i, rest = hit
         if start <= i < end:
             nodes[lm.prefix(i - start) + rest] = node
-    view.nodes = nodes
+    view.reorder(list(nodes), nodes)
     cfg = view.config
     for k in _per_layer_config(g.config, lm.n_layers):
         cfg[k] = list(g.config[k][start:end])
@@ -185,56 +177,56 @@ def _scaled(node, s: float, dtype):
     return Apply(lambda x, s=s: x.float() * s, [node], label="passthrough-scale", dtype=dtype)
 
 
-@register("merge.passthrough", PassthroughParams, multi_model=True)
-def merge_passthrough(graph: Graph, params: PassthroughParams, ctx: Context) -> Graph:
-    """Build a model from layer slices of the inputs (frankenmerge / depth up-scaling), layers renumbered."""
-    op = "merge passthrough"
-    graphs = dict(ctx.graphs) or {"model": graph}
+def _resolve_slices(params: PassthroughParams, graphs: dict[str, Graph], ctx: Context, *,
+                    op: str) -> tuple[list[Slice], dict[str, LayerMap]]:
+    """The slices (one whole model when none are given) with model keys resolved, and each source's layer map."""
     slices = params.slices
     if not slices:
         if len(graphs) != 1 and not params.models:
             raise SurgeonError(f"{op}: without slices it takes one model, got {len(graphs)}")
         name = params.models[0] if params.models else next(iter(graphs))
-        n = layer_map(graphs[name], name).n_layers
+        n = layer_map(graphs[name], name, ctx).n_layers
         slices = [Slice(model=name, layers=(0, n), scale=params.scale)]
     for s in slices:
         for src in s.sources:
             src.model = resolve_model_key(src.model, list(graphs), what=f"{op}: slice source")
         if s.base is not None:
             s.base = resolve_model_key(s.base, list(graphs), what=f"{op}: slice base")
-    maps = {name: layer_map(graphs[name], name) for name in {src.model for s in slices for src in s.sources}}
+    maps = {name: layer_map(graphs[name], name, ctx) for name in {src.model for s in slices for src in s.sources}}
     for s in slices:
         for src in s.sources:
             n = maps[src.model].n_layers
             if src.layers[1] > n:
                 raise SurgeonError(f"{op}: slice layers {list(src.layers)} of {src.model!r} exceed its {n} layers")
-    first_model = slices[0].sources[0].model
-    out = graphs[first_model].copy()
-    out_map = maps[first_model]
-    results: list[Graph] = []
-    for k, s in enumerate(slices):
-        results.append(_slice_graph(s, graphs, maps, ctx, with_outside=k in (0, len(slices) - 1), params=params))
+    return slices, maps
+
+
+def _stacked(slices: list[Slice], results: list[Graph], out_map: LayerMap) -> dict[str, Any]:
+    """The output's tensors in model order: tensors before the layers from the first slice, the slices' layers
+    renumbered one after the other, tensors after them from the last slice."""
     nodes: dict[str, Any] = {}
-    # tensors before the layers from the first slice, the layers in order, tensors after them from the last slice
     first, last = results[0], results[-1]
-    outside_first = [n for n in first.nodes if out_map.layer_of(n) is None and n in out_map.embed]
-    for n in outside_first:
-        nodes[n] = first.nodes[n]
+    for n, node in first.items():
+        if out_map.layer_of(n) is None and n in out_map.embed:
+            nodes[n] = node
     offset = 0
     for s, res in zip(slices, results):
-        for name, node in res.nodes.items():
+        for name, node in res.items():
             hit = out_map.layer_of(name)
             if hit is not None:
                 nodes[out_map.prefix(offset + hit[0]) + hit[1]] = node
         offset += s.length
-    for n, node in last.nodes.items():
+    for n, node in last.items():
         if out_map.layer_of(n) is None and n not in out_map.embed:
             nodes[n] = node
-    out.nodes = nodes
-    total = offset
-    cfg = out.config
+    return nodes
+
+
+def _renumber_config(cfg: dict[str, Any], slices: list[Slice], graphs: dict[str, Graph], maps: dict[str, LayerMap],
+                     first_model: str, total: int, *, op: str) -> None:
+    """Per-layer config lists cut and joined like the layers; the layer count set to ``total``."""
     src_cfgs = [(graphs[s.sources[0].model].config, maps[s.sources[0].model], s.sources[0].layers) for s in slices]
-    for key in _per_layer_config(graphs[first_model].config, out_map.n_layers):
+    for key in _per_layer_config(graphs[first_model].config, maps[first_model].n_layers):
         merged: list[Any] = []
         for c, m, (a, b) in src_cfgs:
             if not isinstance(c.get(key), list) or len(c[key]) != m.n_layers:
@@ -245,11 +237,27 @@ def merge_passthrough(graph: Graph, params: PassthroughParams, ctx: Context) -> 
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if key in cfg:
             cfg[key] = total
+
+
+@register("merge.passthrough", PassthroughParams, multi_model=True)
+def merge_passthrough(graph: Graph, params: PassthroughParams, ctx: Context) -> Graph:
+    """Build a model from layer slices of the inputs (frankenmerge / depth up-scaling), layers renumbered."""
+    op = "merge passthrough"
+    graphs = dict(ctx.graphs) or {"model": graph}
+    slices, maps = _resolve_slices(params, graphs, ctx, op=op)
+    first_model = slices[0].sources[0].model
+    out = graphs[first_model].copy()
+    results = [_slice_graph(s, graphs, maps, ctx, with_outside=k in (0, len(slices) - 1), params=params)
+               for k, s in enumerate(slices)]
+    nodes = _stacked(slices, results, maps[first_model])
+    out.reorder(list(nodes), nodes)
+    total = sum(s.length for s in slices)
+    _renumber_config(out.config, slices, graphs, maps, first_model, total, op=op)
     if params.dtype is not None:
-        for n, node in list(out.nodes.items()):
+        for n, node in out.items():
             dt = out_dtype(params, node)
             if dt != node.dtype:
-                out.nodes[n] = Apply(lambda x: x, [node], label="cast", dtype=dt)
+                out.replace(n, Apply(lambda x: x, [node], label="cast", dtype=dt))
     out.tags = sorted(set(out.tags) | {"merge", "frankenmerge"})
     ctx.report(method="passthrough", layers=total,
                slices=[{"sources": [[src.model, *src.layers] for src in s.sources], "method": s.method or "passthrough"}
@@ -267,11 +275,11 @@ def _slice_graph(s: Slice, graphs: dict[str, Graph], maps: dict[str, LayerMap], 
     if len(s.sources) == 1 and s.method in (None, "passthrough"):
         view = views[s.sources[0].model]
         if s.scale is not None:
-            for n, node in list(view.nodes.items()):
+            for n, node in view.items():
                 if node.dtype.is_floating_point:
                     v = layer_value(s.scale, n, s.length)
                     if v != 1.0:
-                        view.nodes[n] = _scaled(node, v, node.dtype)
+                        view.replace(n, _scaled(node, v, node.dtype))
         return view
     from surgeon.registry import get_op
 

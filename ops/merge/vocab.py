@@ -24,7 +24,9 @@ from surgeon.errors import SurgeonError
 
 if TYPE_CHECKING:
     import torch
+    from surgeon.ops.merge.inputs import MergeInputs
 
+    from surgeon.context import Context
     from surgeon.graph import Graph
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -35,12 +37,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # reading vocabularies (no transformers import: tokenizer.json is plain JSON)
 
 
-def read_vocab(g: Graph) -> dict[str, int] | None:
+def read_vocab(g: Graph, ctx: Context) -> dict[str, int] | None:
     """token -> id from the graph's ``tokenizer.json`` (model vocabulary + added tokens), or None without one."""
     src = g.side_files.get("tokenizer.json")
     if src is None:
         return None
-    data = json.loads(Path(src).read_text())
+    data = ctx.read_json(str(src), what="tokenizer.json")
     model = data.get("model", {})
     vocab = model.get("vocab")
     out: dict[str, int] = {}
@@ -53,11 +55,11 @@ def read_vocab(g: Graph) -> dict[str, int] | None:
     return out
 
 
-def check_same_vocabulary(named: list[tuple[str, Graph]], *, op: str) -> None:
+def check_same_vocabulary(named: list[tuple[str, Graph]], ctx: Context, *, op: str) -> None:
     """Refuse inputs whose tokenizers map tokens to different ids (within the embedding rows)."""
     ref_name, ref_vocab = None, None
     for name, g in named:
-        v = read_vocab(g)
+        v = read_vocab(g, ctx)
         if v is None:
             continue
         rows = g.config.get("vocab_size")
@@ -196,7 +198,8 @@ def tokenizer_files(tok: Any) -> dict[str, bytes]:
 
 
 def apply_tokenizer_source(participants: list[tuple[str, Graph]], source: str, graphs: dict[str, Graph],
-                           base_name: str | None, vocab_tensors: set[str]) -> tuple[dict[str, Graph], dict[str, bytes]]:
+                           base_name: str | None, vocab_tensors: set[str],
+                           ctx: Context) -> tuple[dict[str, Graph], dict[str, bytes]]:
     """Copies of the participants whose vocabulary tensors are lazily permuted into the output vocabulary, and
     the output tokenizer's files."""
     from surgeon.graph import Apply
@@ -214,20 +217,20 @@ def apply_tokenizer_source(participants: list[tuple[str, Graph]], source: str, g
             def fn(*vals, who=who):
                 return permute_rows(dict(zip(names, vals)), plan, who)
 
-            h.nodes[t] = Apply(fn, [gr[t] for _, gr in participants], label="vocab-permute",
-                               shape=(plan.size, *node.shape[1:]), dtype=node.dtype)
+            h.replace(t, Apply(fn, [gr[t] for _, gr in participants], label="vocab-permute",
+                               shape=(plan.size, *node.shape[1:]), dtype=node.dtype))
         h.config["vocab_size"] = plan.size
         out[who] = h
     return out, tokenizer_files(plan.tokenizer)
 
 
-def chat_template_of(g: Graph) -> str | None:
+def chat_template_of(g: Graph, ctx: Context) -> str | None:
     p = g.side_files.get("chat_template.jinja")
     if p is not None:
-        return Path(p).read_text()
+        return ctx.read_text(str(p), what="chat_template")
     p = g.side_files.get("tokenizer_config.json")
     if p is not None:
-        ct = json.loads(Path(p).read_text()).get("chat_template")
+        ct = ctx.read_json(str(p), what="chat_template").get("chat_template")
         return ct if isinstance(ct, str) else None
     return None
 
@@ -236,13 +239,65 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\
           "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
-def resolve_chat_template(value: str, graphs: list[Graph]) -> str | None:
+def resolve_chat_template(value: str, graphs: list[Graph], ctx: Context) -> str | None:
     """mergekit's chat_template: ``auto`` (the most common among the inputs), ``chatml``, or a Jinja template."""
     if value == "auto":
-        found = [t for t in (chat_template_of(g) for g in graphs) if t]
+        found = [t for t in (chat_template_of(g, ctx) for g in graphs) if t]
         return Counter(found).most_common(1)[0][0] if found else None
     if value == "chatml":
         return CHATML
     if "{" not in value:
         raise SurgeonError(f"chat_template: {value!r} is not auto, chatml or a Jinja template")
     return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the merge's inputs and output files
+
+
+def align_vocabularies(inputs: MergeInputs, source: str, graphs: dict[str, Graph], ctx: Context) -> None:
+    """Permute every input's vocabulary rows into the ``tokenizer_source`` vocabulary; the primary gets its files."""
+    from surgeon.ops.merge.inputs import embedding_names
+
+    participants = ([(inputs.base_name, inputs.base)] if inputs.base is not None else []) + \
+        list(zip(inputs.names, inputs.graphs))
+    vocab_tensors = set()
+    for _, g in participants:
+        vocab_tensors |= embedding_names(g, ctx)
+    aligned, files = apply_tokenizer_source(participants, source, graphs, inputs.base_name, vocab_tensors, ctx)
+    was_base = inputs.primary is inputs.base
+    if inputs.base is not None:
+        inputs.base = aligned[inputs.base_name]
+    inputs.graphs = [aligned[n] for n in inputs.names]
+    inputs.primary = inputs.base if was_base else inputs.graphs[0]  # fresh copies: safe to change
+    for rel in TOKENIZER_FILES:
+        inputs.primary.side_files.pop(rel, None)
+    for rel, data in files.items():
+        ctx.attach(inputs.primary, rel, data)
+    inputs.vocab_aligned = True
+
+
+def set_chat_template(inputs: MergeInputs, value: str, ctx: Context) -> None:
+    """Give the primary (the output's files) the ``chat_template`` chosen among the inputs, and drop the
+    template from its ``tokenizer_config.json``."""
+    template = resolve_chat_template(value, ([inputs.base] if inputs.base is not None else []) + inputs.graphs, ctx)
+    if template is None:
+        return
+    # the primary's copy replaces it everywhere (ops may pick the primary again from base/graphs)
+    prim = inputs.primary.copy()
+    if inputs.primary is inputs.base:
+        inputs.base = prim
+    inputs.graphs = [prim if g is inputs.primary else g for g in inputs.graphs]
+    inputs.primary = prim
+    ctx.attach(prim, "chat_template.jinja", template)
+    prim.side_files.pop("chat_template.jinja", None)
+    cfg_bytes = prim.extra_files.get("tokenizer_config.json")
+    src = prim.side_files.get("tokenizer_config.json")
+    if cfg_bytes is None and src is not None:
+        cfg_bytes = ctx.read(str(src), what="chat_template")
+    if cfg_bytes is not None:
+        cfg = json.loads(cfg_bytes)
+        if "chat_template" in cfg:
+            cfg.pop("chat_template")
+            prim.side_files.pop("tokenizer_config.json", None)
+            ctx.attach(prim, "tokenizer_config.json", json.dumps(cfg, indent=2, ensure_ascii=False))

@@ -11,6 +11,7 @@ from surgeon.graph import Apply, Executor, Node
 
 if TYPE_CHECKING:
     from surgeon.arch import Roles
+    from surgeon.context import Context
     from surgeon.graph import Graph
 
 INCLUDE_HELP = ("Selectors of the tensors to prune (role names like `mlp.*`, `attn.q[0, 4)`, `linears`, `lm_head`, "
@@ -48,16 +49,20 @@ class Fresh(Node):
 ARCH_HELP = "Architecture role overrides for a family surgeon does not know (the recipe's `arch:` mapping)."
 
 
-def roles(graph: Graph, arch: dict[str, Any] | None = None) -> Roles:
+def roles(graph: Graph, arch: dict[str, Any] | None = None, *, ctx: Context | None = None) -> Roles:
+    """The roles of ``graph``: the run's ``arch:`` (``ctx``) and then the op's own ``arch`` overrides applied.
+    (``ctx=None`` reads the op's overrides only; kept for callers that do not pass their context yet.)"""
+    if ctx is not None:
+        return ctx.roles(graph, overrides=arch)
     from surgeon.arch import roles_for
 
     return roles_for(graph.config, graph.names(), arch)
 
 
 def prune_targets(graph: Graph, include: list[str] | None, exclude: list[str] | None,
-                  arch: dict[str, Any] | None = None) -> list[str]:
+                  arch: dict[str, Any] | None = None, *, ctx: Context | None = None) -> list[str]:
     """Resolve include/exclude selectors to 2-D weight names in model order (default: all block linears)."""
-    r = roles(graph, arch)
+    r = roles(graph, arch, ctx=ctx)
     if include:
         chosen = r.select(include)
     else:
@@ -74,9 +79,10 @@ def prune_targets(graph: Graph, include: list[str] | None, exclude: list[str] | 
     return chosen
 
 
-def transposed_names(graph: Graph, names: Sequence[str], arch: dict[str, Any] | None = None) -> set[str]:
+def transposed_names(graph: Graph, names: Sequence[str], arch: dict[str, Any] | None = None, *,
+                     ctx: Context | None = None) -> set[str]:
     """Names stored as [d_in, d_out] (GPT-2 Conv1D), from the architecture's roles."""
-    r = roles(graph, arch)
+    r = roles(graph, arch, ctx=ctx)
     out: set[str] = set()
     wanted = set(names)
     for i in range(r.n_layers):

@@ -20,9 +20,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from surgeon.kernels.select import StreamingKth, fp32_bits, key_to_float, zero_below, zero_smallest_k
 
-from surgeon.checkpoint import check_finite
 from surgeon.context import Context
 from surgeon.graph import Graph, Reduce
+from surgeon.numeric import check_finite
 from surgeon.registry import register
 
 from .common import (
@@ -156,18 +156,18 @@ def _prune_below(index: int, facts: dict[str, Any], name: str):
 def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     """Magnitude pruning: per-layer, global or N:M."""
     graph = graph.copy()
-    names = prune_targets(graph, params.include, params.exclude, params.arch)
+    names = prune_targets(graph, params.include, params.exclude, params.arch, ctx=ctx)
     nm = parse_nm(params.nm)
     dev = ctx.device
     if nm is not None:
         n, m = nm
-        trans = transposed_names(graph, names, params.arch)
+        trans = transposed_names(graph, names, params.arch, ctx=ctx)
         check_nm_shapes(graph, names, m, trans)
         for name in names:
             dense = graph[name]
             t = name in trans
-            graph.nodes[name] = Pruned(lambda w, t=t: nm_prune(w, n, m, transposed=t), [dense], dense=dense,
-                                       label=f"prune-{n}:{m}")
+            graph.replace(name, Pruned(lambda w, t=t: nm_prune(w, n, m, transposed=t), [dense], dense=dense,
+                                       label=f"prune-{n}:{m}"))
         numel = {name: graph[name].shape[0] * graph[name].shape[1] for name in names}
         ctx.report(method="magnitude", nm=params.nm, transposed=sorted(trans),
                    **sparsity_facts({k: (v * (m - n) // m, v) for k, v in numel.items()}))
@@ -176,8 +176,8 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
         for name in names:
             dense = graph[name]
             numel = dense.shape[0] * dense.shape[1]
-            graph.nodes[name] = Pruned(_finite_magnitude_prune(name, params.sparsity, dev), [dense],
-                                       dense=dense, label="prune-magnitude")
+            graph.replace(name, Pruned(_finite_magnitude_prune(name, params.sparsity, dev), [dense],
+                                       dense=dense, label="prune-magnitude"))
             per_tensor[name] = (n_pruned(numel, params.sparsity), numel)
         ctx.report(method="magnitude", scope="layer", **sparsity_facts(per_tensor))
     else:
@@ -190,8 +190,8 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
             return graph
         reduced = global_threshold_nodes(nodes, k, facts, names)
         for i, (name, dense) in enumerate(zip(names, nodes)):
-            graph.nodes[name] = Pruned(_prune_below(i, facts, name), [reduced, dense], dense=dense,
-                                       label="prune-magnitude-global")
+            graph.replace(name, Pruned(_prune_below(i, facts, name), [reduced, dense], dense=dense,
+                                       label="prune-magnitude-global"))
         # per-tensor sparsity is only known once the threshold has streamed; the dict is filled while writing
         ctx.report(method="magnitude", scope="global", sparsity=round(k / total, 6), pruned_tensors=len(names),
                    pruned_parameters=total, global_threshold=facts)

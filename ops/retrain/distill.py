@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from surgeon.ops.evaluate import perplexity
-from surgeon.ops.prune.perp import _checkpointing, _count, _optimizer
+from surgeon.ops.retrain.perp import _checkpointing, _count, _optimizer
 
 from surgeon.context import Context
 from surgeon.errors import SurgeonError

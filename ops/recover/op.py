@@ -18,18 +18,24 @@ Rules we apply (and write into ``recovery.json``):
   identity for equal stages);
 - refused: a lost stage whose source stage is lost too, an edge stage without ``plus`` or ``edge_copy``, a lost
   embedding/head without a replica, neighbours whose tensors differ in shape.
+
+Modules: :mod:`.stages` (partition, sources, alignment, Eq. 1, weights), this module (layout, detection, the op).
 """
 from __future__ import annotations
 
 import json
-import math
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from surgeon.ops.recover.stages import (
+    aligned_layer,
+    checkfree_average,
+    grad_norms_from,
+    recovery_sources,
+    stage_partition,
+)
 
 from surgeon.errors import SurgeonError
 from surgeon.registry import register
@@ -39,6 +45,7 @@ if TYPE_CHECKING:
 
     from surgeon.context import Context
     from surgeon.graph import Graph, Node
+
 
 #: the reference adds this to each gradient norm so a zero norm never zeroes a neighbour's weight
 GRAD_EPS = 1e-4
@@ -117,99 +124,6 @@ class Params(BaseModel):
         return self
 
 
-# pure pieces --------------------------------------------------------------------------------------------------
-def stage_partition(n_layers: int, stages: int | None = None, ranges: Sequence[str] = ()) -> list[list[int]]:
-    """Layers of each stage: ``stages`` equal parts (stage s = layers [s·n, (s+1)·n)) or explicit ranges."""
-    if stages is not None:
-        if n_layers % stages:
-            raise SurgeonError(f"recover --stages {stages}: {n_layers} layers do not split equally; give "
-                               f"--stage-layers with explicit ranges (e.g. 0-4,5-9,...)")
-        n = n_layers // stages
-        return [list(range(s * n, (s + 1) * n)) for s in range(stages)]
-    out: list[list[int]] = []
-    nxt = 0
-    for part in ranges:
-        a, _, b = part.partition("-")
-        lo, hi = int(a), int(b or a)
-        if lo != nxt or hi < lo:
-            raise SurgeonError(f"recover --stage-layers: range {part!r} should start at layer {nxt} and not end "
-                               f"before it (ranges are inclusive, in order, without gaps)")
-        out.append(list(range(lo, hi + 1)))
-        nxt = hi + 1
-    if nxt != n_layers:
-        raise SurgeonError(f"recover --stage-layers: ranges cover layers 0-{nxt - 1}, the model has {n_layers} "
-                           f"layers (0-{n_layers - 1})")
-    return out
-
-
-def aligned_layer(j: int, n: int, m: int) -> int:
-    """Index in a neighbour stage of ``m`` layers for layer ``j`` of a stage of ``n`` layers (centre alignment)."""
-    return min(m - 1, int((j + 0.5) * m / n))
-
-
-def recovery_sources(stage: int, n_stages: int, plus: bool) -> list[int] | None:
-    """Stages a lost ``stage`` is rebuilt from: two neighbours to average, one swap partner to copy (CheckFree+),
-    or ``None`` for an edge stage of plain CheckFree (restored from an earlier copy, not from neighbours).
-
-    CheckFree+ (reference ``ours-grad-avg`` with swapped stages): first <-> second and penultimate <-> last are
-    swap partners; the branches are tested in the reference's order (last, first, second, penultimate).
-    """
-    last = n_stages - 1
-    if plus:
-        if n_stages == 3 and stage == 1:
-            raise SurgeonError("recover --plus: with 3 stages the middle stage is both the second and the "
-                               "penultimate, so CheckFree+'s swap pairs overlap; recover it without --plus (average)")
-        if stage == last:
-            return [last - 1]
-        if stage == 0:
-            return [1]
-        if stage == 1:
-            return [0]
-        if stage == last - 1:
-            return [last]
-    if stage in (0, last):
-        return None
-    return [stage - 1, stage + 1]
-
-
-def checkfree_average(prev: torch.Tensor, nxt: torch.Tensor, w_prev: float, w_next: float) -> torch.Tensor:
-    """CheckFree Eq. 1: (ω₋·W_{s−1} + ω₊·W_{s+1}) / (ω₋ + ω₊), in fp32."""
-    return (prev.float() * w_prev + nxt.float() * w_next) / (w_prev + w_next)
-
-
-def load_grad_norms(path: str, n_stages: int) -> dict[int, float]:
-    """Per-stage gradient norms from JSON: a list by stage, or ``{stage: norm}``, optionally under
-    ``grad_norms``. Raises :class:`SurgeonError` naming the file and the bad entry."""
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise SurgeonError(f"{path}: gradient-norm file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SurgeonError(f"{path}: not valid JSON ({e})") from None
-    if isinstance(data, dict) and "grad_norms" in data:
-        data = data["grad_norms"]
-    if isinstance(data, list):
-        items = list(enumerate(data))
-    elif isinstance(data, dict):
-        items = []
-        for k, v in data.items():
-            try:
-                items.append((int(k), v))
-            except ValueError:
-                raise SurgeonError(f"{path}: key {k!r} is not a stage index") from None
-    else:
-        raise SurgeonError(f"{path}: expected a list of per-stage gradient norms or a {{stage: norm}} object")
-    out: dict[int, float] = {}
-    for s, v in items:
-        if not 0 <= s < n_stages:
-            raise SurgeonError(f"{path}: stage {s} out of range (the partition has {n_stages} stages)")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise SurgeonError(f"{path}: stage {s}: gradient norm must be a finite number >= 0, got {v!r}")
-        out[s] = float(v)
-    return out
-
-
 # layout of a possibly damaged checkpoint -----------------------------------------------------------------------
 @dataclass
 class Layout:
@@ -224,50 +138,22 @@ class Layout:
         return self.layer_prefix.format(i=i) + suffix
 
 
-_LAYER = re.compile(r"^(?P<head>(?:.*\.)?)(?P<i>\d+)\.(?P<tail>.+)$")
+def read_layout(graph: Graph, ctx: Context) -> Layout:
+    """The layer template and the complete block from the layers that survived (:func:`surgeon.arch.roles_with_gaps`,
+    with the run's ``arch:`` overrides), and the global tensors expected."""
+    from surgeon.arch import roles_with_gaps
 
-
-def read_layout(graph: Graph) -> Layout:
-    """The layer template and the complete block from the layers that survived.
-
-    ``surgeon.arch.roles_for`` insists every layer is present, so the numbering is read here (the head with the
-    most numbered tensors, e.g. ``model.layers.``) and missing names are filled in from intact layers before
-    asking ``roles_for`` about the globals.
-    """
-    from surgeon.arch import roles_for
-
-    cfg = graph.config
-    by_head: dict[str, dict[int, list[str]]] = {}
-    for n in graph.names():
-        m = _LAYER.match(n)
-        if m:
-            by_head.setdefault(m["head"], {}).setdefault(int(m["i"]), []).append(m["tail"])
-    if not by_head:
-        raise SurgeonError("recover: no numbered layers found in the checkpoint")
-    head = max(by_head, key=lambda h: sum(len(v) for v in by_head[h].values()))
-    layers = by_head[head]
-    n_cfg = next((cfg[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(cfg.get(k), int)), None)
-    n_layers = int(n_cfg) if n_cfg else max(layers) + 1
-    if max(layers) >= n_layers:
-        raise SurgeonError(f"recover: tensors exist for layer {max(layers)} but config says {n_layers} layers")
-    complete = max(layers.values(), key=len)
-    template = head + "{i}."
-    present = [set(layers.get(i, [])) for i in range(n_layers)]
-    full_names = [n for n in graph.names() if not _LAYER.match(n) or _LAYER.match(n)["head"] != head]
-    full_names += [template.format(i=i) + s for i in range(n_layers) for s in complete]
-    roles = roles_for(cfg, full_names)
-    tied = bool(cfg.get("tie_word_embeddings", roles.tied))
-    globals_: dict[str, str | None] = {}
+    try:
+        gapped = roles_with_gaps(graph.config, graph.names(), ctx.arch or None)
+    except SurgeonError as e:
+        raise SurgeonError(f"recover: {e}") from None
+    tied = bool(graph.config.get("tie_word_embeddings", gapped.roles.tied))
     wanted = {"embed": True, "final_norm": True, "lm_head": not tied, "pos_embed": False}
-    for role, needed in wanted.items():
-        found = getattr(roles, role)
-        if found is None and needed:  # missing from the checkpoint: the family's first name for it
-            pattern = roles.layout.get(role)
-            found = (pattern[0] if isinstance(pattern, list) else pattern) or None
-        globals_[role] = found
-    if tied and "lm_head.weight" in graph.names():
+    globals_ = {role: gapped.global_name(role) if needed else getattr(gapped.roles, role)
+                for role, needed in wanted.items()}
+    if tied and "lm_head.weight" in graph:
         globals_["lm_head"] = "lm_head.weight"  # a stored copy of a tied head is the embedding's replica
-    return Layout(n_layers, template, list(complete), present, globals_, tied)
+    return Layout(len(gapped.present), gapped.template, gapped.suffixes, gapped.present, globals_, tied)
 
 
 # detection ---------------------------------------------------------------------------------------------------
@@ -320,16 +206,77 @@ def _average_node(prev: Node, nxt: Node, w_prev: float, w_next: float, label: st
 @register("recover", Params)
 def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     """Rebuild lost pipeline stages from their neighbours (CheckFree), or edges by copy (CheckFree+)."""
-    layout = read_layout(graph)
+    layout = read_layout(graph, ctx)
     partition = stage_partition(layout.n_layers, params.stages, params.stage_layers)
     n_stages = len(partition)
     for s in params.lost:
         if s >= n_stages:
             raise SurgeonError(f"recover --lost {s}: the partition has {n_stages} stages (0-{n_stages - 1})")
-    norms = load_grad_norms(params.weights, n_stages) if params.weights else None
-
+    norms = (grad_norms_from(ctx.read_json(params.weights, what="--weights"), n_stages,
+                             f"--weights: {params.weights}") if params.weights else None)
     damaged = detect_damage(graph, layout, partition, params.scan, progress=ctx.progress)
     warnings: list[str] = []
+    lost = _lost_stages(params, damaged, warnings, ctx)
+    if n_stages < 2:
+        raise SurgeonError("recover: a single stage has no neighbour to rebuild it from")
+    source_of = _sources_of(lost, n_stages, params)
+    edges = [s for s, srcs in source_of.items() if srcs is None]
+    stale = _open_edge_copy(ctx, params.edge_copy) if edges and params.edge_copy else None
+    if params.edge_copy and not edges:
+        warnings.append(f"--edge-copy {params.edge_copy} unused: no edge stage is lost")
+
+    def weight(s: int) -> float:
+        if norms is None:
+            return 1.0
+        if s not in norms:
+            raise SurgeonError(f"{params.weights}: no gradient norm for stage {s} (a neighbour of a lost stage)")
+        return norms[s] + GRAD_EPS
+
+    new_nodes: dict[str, Node] = {}
+    plans: list[dict[str, Any]] = []
+    for s in lost:
+        if source_of[s] is None:
+            assert stale is not None
+            plans.append(_restore_edge(stale, params.edge_copy or "", layout, graph, s, partition[s], new_nodes))
+            warnings.append(f"stage {s} restored from the earlier checkpoint {params.edge_copy} (stale copy)")
+        else:
+            sources = [(src, weight(src) if len(source_of[s]) == 2 else 1.0) for src in source_of[s]]
+            plans.append(_rebuild_stage(graph, layout, partition, s, sources, new_nodes))
+    globals_done = _recover_globals(graph, layout, params, new_nodes, warnings)
+    out = graph.copy()
+    out.reorder(_model_order(graph, layout, new_nodes), new=new_nodes)
+    report = {
+        "method": "CheckFree+ (arXiv 2506.15461)" if params.plus else "CheckFree (arXiv 2506.15461)",
+        "edge_copy": params.edge_copy,
+        "partition": [[ls[0], ls[-1]] for ls in partition], "lost": lost,
+        "detected": {str(s): {r: {"count": len(v), "tensors": v[:8]} for r, v in d.items()}
+                     for s, d in sorted(damaged.items())},
+        "weights": "uniform" if norms is None else {"file": params.weights, "grad_norms": norms, "eps": GRAD_EPS},
+        "alignment": "layer j of an n-layer stage <- layer floor((j + 1/2) * m / n) of an m-layer neighbour",
+        "stages": plans, "globals": globals_done, "warnings": warnings,
+        "advice": {"optimizer": "fresh state for the recovered stage(s)", "lr_factor": LR_FACTOR,
+                   "note": "an initialisation for continued training, not a restored model"},
+    }
+    ctx.attach(out, "recovery.json", json.dumps(report, indent=2) + "\n")
+    out.tags.append("checkfree")
+    for w in warnings:
+        ctx.log(f"recover: warning: {w}")
+    ctx.report(recover={"lost": lost, "plus": params.plus, "stages": n_stages,
+                        "coefficients": {str(p["stage"]): p["coefficients"] for p in plans},
+                        "warnings": warnings}, card_notes=[CARD_NOTE])
+    return out
+
+
+def _open_edge_copy(ctx: Context, path: str) -> Graph:
+    """The earlier checkpoint of plain CheckFree's edge restore, read lazily."""
+    from surgeon.graph import Graph
+
+    return Graph.from_checkpoint(ctx.open_source(path))
+
+
+def _lost_stages(params: Params, damaged: dict[int, dict[str, Any]], warnings: list[str], ctx: Context
+                 ) -> list[int]:
+    """The stages to rebuild: ``--lost`` (every damaged stage must be listed), or the detected ones."""
     if params.lost:
         unlisted = sorted(set(damaged) - set(params.lost))
         if unlisted:
@@ -339,15 +286,17 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
         for s in params.lost:
             if s not in damaged:
                 warnings.append(f"stage {s} is listed as lost but its tensors look intact; replaced anyway")
-        lost = list(params.lost)
-    else:
-        lost = sorted(damaged)
-        if not lost:
-            raise SurgeonError("recover: no lost stage given and none detected (no missing, NaN/Inf or all-zero "
-                               "layer tensors" + ("" if params.scan else "; --no-scan skips NaN/zero checks") + ")")
-        ctx.log("recover: detected lost stage(s) " + "; ".join(f"{s}: {_describe(damaged[s])}" for s in lost))
-    if n_stages < 2:
-        raise SurgeonError("recover: a single stage has no neighbour to rebuild it from")
+        return list(params.lost)
+    lost = sorted(damaged)
+    if not lost:
+        raise SurgeonError("recover: no lost stage given and none detected (no missing, NaN/Inf or all-zero "
+                           "layer tensors" + ("" if params.scan else "; --no-scan skips NaN/zero checks") + ")")
+    ctx.log("recover: detected lost stage(s) " + "; ".join(f"{s}: {_describe(damaged[s])}" for s in lost))
+    return lost
+
+
+def _sources_of(lost: list[int], n_stages: int, params: Params) -> dict[int, list[int] | None]:
+    """The source stages of each lost stage, refusing lost sources and edges without a way to restore them."""
     source_of = {s: recovery_sources(s, n_stages, params.plus) for s in lost}
     for s, srcs in source_of.items():
         for src in srcs or ():
@@ -361,105 +310,56 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
                            f"and has only one neighbour; give --edge-copy with an earlier checkpoint (the "
                            f"reference restores edges from a periodic copy) or --plus (CheckFree+: copy from the "
                            f"swap partner, sound only for models trained with swapped stages)")
-    stale = _open_edge_copy(params.edge_copy) if edges and params.edge_copy else None
-    if params.edge_copy and not edges:
-        warnings.append(f"--edge-copy {params.edge_copy} unused: no edge stage is lost")
+    return source_of
 
-    def weight(s: int) -> float:
-        if norms is None:
-            return 1.0
-        if s not in norms:
-            raise SurgeonError(f"{params.weights}: no gradient norm for stage {s} (a neighbour of a lost stage)")
-        return norms[s] + GRAD_EPS
 
-    out = graph.copy()
-    new_nodes: dict[str, Node] = {}
-    plans: list[dict[str, Any]] = []
-    for s in lost:
-        layers = partition[s]
-        srcs_of_s = source_of[s]
-        if srcs_of_s is None:
-            assert stale is not None
-            plans.append(_restore_edge(stale, params.edge_copy or "", layout, graph, s, layers, new_nodes))
-            warnings.append(f"stage {s} restored from the earlier checkpoint {params.edge_copy} (stale copy)")
-            continue
-        if len(srcs_of_s) == 2:
-            sources = [(src, weight(src)) for src in srcs_of_s]
-            mode = "average"
-        else:
-            sources = [(srcs_of_s[0], 1.0)]
-            mode = "copy of swap partner (CheckFree+)"
-        total = sum(w for _, w in sources)
-        entry: dict[str, Any] = {"stage": s, "layers": layers, "mode": mode,
-                                 "sources": [src for src, _ in sources],
-                                 "coefficients": [w / total for _, w in sources], "layer_sources": []}
-        for j, l in enumerate(layers):
-            srcs = [partition[src][aligned_layer(j, len(layers), len(partition[src]))] for src, _ in sources]
-            entry["layer_sources"].append({"layer": l, "from": srcs})
-            for suffix in layout.suffixes:
-                name = layout.name(l, suffix)
-                src_nodes = []
-                for sl in srcs:
-                    src_name = layout.name(sl, suffix)
-                    if src_name not in graph:
-                        raise SurgeonError(f"recover: neighbour tensor {src_name} (source for {name}) is missing")
-                    src_nodes.append(graph[src_name])
-                if name in graph and graph[name].shape != src_nodes[0].shape:
-                    raise SurgeonError(f"recover: {name} has shape {list(graph[name].shape)}, its source "
-                                       f"{layout.name(srcs[0], suffix)} {list(src_nodes[0].shape)}")
-                if len(src_nodes) == 2 and src_nodes[0].shape != src_nodes[1].shape:
-                    raise SurgeonError(f"recover: neighbours {layout.name(srcs[0], suffix)} "
-                                       f"{list(src_nodes[0].shape)} and {layout.name(srcs[1], suffix)} "
-                                       f"{list(src_nodes[1].shape)} differ in shape; cannot average")
-                if len(src_nodes) == 1:
-                    new_nodes[name] = src_nodes[0]
-                else:
-                    (_, w0), (_, w1) = sources
-                    new_nodes[name] = _average_node(src_nodes[0], src_nodes[1], w0, w1, label="recover.checkfree")
-        plans.append(entry)
+def _rebuild_stage(graph: Graph, layout: Layout, partition: list[list[int]], s: int,
+                   sources: list[tuple[int, float]], new_nodes: dict[str, Node]) -> dict[str, Any]:
+    """Stage ``s`` from its neighbours (two: Eq. 1 average) or its swap partner (one: a copy); fills ``new_nodes``
+    and returns the stage's entry of recovery.json."""
+    layers = partition[s]
+    total = sum(w for _, w in sources)
+    entry: dict[str, Any] = {"stage": s, "layers": layers,
+                             "mode": "average" if len(sources) == 2 else "copy of swap partner (CheckFree+)",
+                             "sources": [src for src, _ in sources],
+                             "coefficients": [w / total for _, w in sources], "layer_sources": []}
+    for j, l in enumerate(layers):
+        srcs = [partition[src][aligned_layer(j, len(layers), len(partition[src]))] for src, _ in sources]
+        entry["layer_sources"].append({"layer": l, "from": srcs})
+        for suffix in layout.suffixes:
+            name = layout.name(l, suffix)
+            src_nodes = []
+            for sl in srcs:
+                src_name = layout.name(sl, suffix)
+                if src_name not in graph:
+                    raise SurgeonError(f"recover: neighbour tensor {src_name} (source for {name}) is missing")
+                src_nodes.append(graph[src_name])
+            if name in graph and graph[name].shape != src_nodes[0].shape:
+                raise SurgeonError(f"recover: {name} has shape {list(graph[name].shape)}, its source "
+                                   f"{layout.name(srcs[0], suffix)} {list(src_nodes[0].shape)}")
+            if len(src_nodes) == 2 and src_nodes[0].shape != src_nodes[1].shape:
+                raise SurgeonError(f"recover: neighbours {layout.name(srcs[0], suffix)} "
+                                   f"{list(src_nodes[0].shape)} and {layout.name(srcs[1], suffix)} "
+                                   f"{list(src_nodes[1].shape)} differ in shape; cannot average")
+            if len(src_nodes) == 1:
+                new_nodes[name] = src_nodes[0]
+            else:
+                (_, w0), (_, w1) = sources
+                new_nodes[name] = _average_node(src_nodes[0], src_nodes[1], w0, w1, label="recover.checkfree")
+    return entry
 
-    globals_done = _recover_globals(graph, layout, params, ctx, new_nodes, warnings)
 
-    # keep the source order; added layer tensors go where their layer belongs
-    order = list(graph.names())
-    for name in new_nodes:
-        if name not in graph:
-            order.append(name)
+def _model_order(graph: Graph, layout: Layout, new_nodes: dict[str, Node]) -> list[str]:
+    """The source order, with every layer tensor (added ones included) in layer order where the layers start."""
+    order = list(graph.names()) + [n for n in new_nodes if n not in graph]
     layer_rank = {layout.name(l, s): (l, k) for l in range(layout.n_layers) for k, s in enumerate(layout.suffixes)}
     first_layer_pos = next((i for i, n in enumerate(order) if n in layer_rank), len(order))
     layer_names = sorted((n for n in order if n in layer_rank), key=lambda n: layer_rank[n])
+    position = {n: i for i, n in enumerate(order)}
     others = [n for n in order if n not in layer_rank]
-    before = [n for n in others if order.index(n) < first_layer_pos]
-    after = [n for n in others if order.index(n) >= first_layer_pos]
-    out.nodes = {n: new_nodes.get(n) or graph[n] for n in before + layer_names + after}
-
-    report = {
-        "method": "CheckFree+ (arXiv 2506.15461)" if params.plus else "CheckFree (arXiv 2506.15461)",
-        "edge_copy": params.edge_copy,
-        "partition": [[ls[0], ls[-1]] for ls in partition], "lost": lost,
-        "detected": {str(s): {r: {"count": len(v), "tensors": v[:8]} for r, v in d.items()}
-                     for s, d in sorted(damaged.items())},
-        "weights": "uniform" if norms is None else {"file": params.weights, "grad_norms": norms, "eps": GRAD_EPS},
-        "alignment": "layer j of an n-layer stage <- layer floor((j + 1/2) * m / n) of an m-layer neighbour",
-        "stages": plans, "globals": globals_done, "warnings": warnings,
-        "advice": {"optimizer": "fresh state for the recovered stage(s)", "lr_factor": LR_FACTOR,
-                   "note": "an initialisation for continued training, not a restored model"},
-    }
-    out.extra_files["recovery.json"] = json.dumps(report, indent=2) + "\n"
-    out.tags.append("checkfree")
-    for w in warnings:
-        ctx.log(f"recover: warning: {w}")
-    ctx.report(recover={"lost": lost, "plus": params.plus, "stages": n_stages,
-                        "coefficients": {str(p["stage"]): p["coefficients"] for p in plans},
-                        "warnings": warnings}, card_notes=[CARD_NOTE])
-    return out
-
-
-def _open_edge_copy(path: str) -> Graph:
-    from surgeon.checkpoint import open_checkpoint
-    from surgeon.graph import Graph
-
-    return Graph.from_checkpoint(open_checkpoint(path))
+    before = [n for n in others if position[n] < first_layer_pos]
+    after = [n for n in others if position[n] >= first_layer_pos]
+    return before + layer_names + after
 
 
 def _restore_edge(stale: Graph, path: str, layout: Layout, graph: Graph, stage: int, layers: list[int],
@@ -486,7 +386,7 @@ def _describe(d: dict[str, list[str]]) -> str:
     return ", ".join(f"{len(v)} {r}" for r, v in d.items())
 
 
-def _recover_globals(graph: Graph, layout: Layout, params: Params, ctx: Context, new_nodes: dict[str, Node],
+def _recover_globals(graph: Graph, layout: Layout, params: Params, new_nodes: dict[str, Node],
                      warnings: list[str]) -> list[dict[str, Any]]:
     """Embeddings, head, final norm: replaced only from a replica (tied partner or ``replicas``), never guessed."""
     expected = {role: name for role, name in layout.globals_.items() if name}

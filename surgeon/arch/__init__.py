@@ -37,98 +37,13 @@ from typing import Any
 
 from surgeon.errors import SurgeonError
 
+from .attention import PLAIN_ATTENTION_FAMILIES, attention_implementation  # noqa: F401 - ops ask surgeon.arch
+from .families import ALIASES, FAMILIES
+
 #: The roles every family is asked about. Families may add more (``norm.q``, ``xattn.k``, ...).
 CORE_ROLES = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down", "norm.attn", "norm.mlp")
 GLOBAL_ROLES = ("embed", "pos_embed", "lm_head", "final_norm")
 BASE_PREFIXES = ("model.", "transformer.")
-
-_LLAMA_ROLES = {
-    "attn.q": "self_attn.q_proj.weight",
-    "attn.k": "self_attn.k_proj.weight",
-    "attn.v": "self_attn.v_proj.weight",
-    "attn.o": "self_attn.o_proj.weight",
-    "mlp.gate": "mlp.gate_proj.weight",
-    "mlp.up": "mlp.up_proj.weight",
-    "mlp.down": "mlp.down_proj.weight",
-    "norm.attn": "input_layernorm.weight",
-    "norm.mlp": "post_attention_layernorm.weight",
-}
-_LLAMA_GLOBALS = {"embed": "model.embed_tokens.weight", "lm_head": "lm_head.weight", "final_norm": "model.norm.weight"}
-
-# Gemma 2/3 put a norm before AND after each sub-block; the one *feeding* the MLP is pre_feedforward_layernorm.
-_GEMMA2_ROLES = {
-    **_LLAMA_ROLES,
-    "norm.mlp": "pre_feedforward_layernorm.weight",
-    "norm.attn_out": "post_attention_layernorm.weight",
-    "norm.mlp_out": "post_feedforward_layernorm.weight",
-}
-
-#: family -> layout. ``layers``: candidate layer-prefix templates (first that exists wins); ``roles``: suffixes
-#: after the layer prefix; ``fused``: role -> (tensor role it lives in, slice key); ``transposed``: Conv1D roles.
-FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": {"layers": ["model.layers.{i}."], "roles": _LLAMA_ROLES, **_LLAMA_GLOBALS, "tie_default": False},
-    "mistral": {"layers": ["model.layers.{i}."], "roles": _LLAMA_ROLES, **_LLAMA_GLOBALS, "tie_default": False},
-    "qwen2": {"layers": ["model.layers.{i}."], "roles": _LLAMA_ROLES, **_LLAMA_GLOBALS, "tie_default": False},
-    "qwen3": {"layers": ["model.layers.{i}."],
-              "roles": {**_LLAMA_ROLES, "norm.q": "self_attn.q_norm.weight", "norm.k": "self_attn.k_norm.weight"},
-              **_LLAMA_GLOBALS, "tie_default": False},
-    "gemma": {"layers": ["model.layers.{i}."], "roles": _LLAMA_ROLES, **_LLAMA_GLOBALS, "tie_default": True,
-              "norm_offset": True},
-    "gemma2": {"layers": ["model.layers.{i}."], "roles": _GEMMA2_ROLES, **_LLAMA_GLOBALS, "tie_default": True,
-               "norm_offset": True},
-    "gemma3_text": {"layers": ["model.layers.{i}.", "language_model.model.layers.{i}.",
-                               "model.language_model.layers.{i}."],
-                    "roles": {**_GEMMA2_ROLES, "norm.q": "self_attn.q_norm.weight",
-                              "norm.k": "self_attn.k_norm.weight"},
-                    "embed": ["model.embed_tokens.weight", "language_model.model.embed_tokens.weight",
-                              "model.language_model.embed_tokens.weight"],
-                    "lm_head": ["lm_head.weight", "language_model.lm_head.weight"],
-                    "final_norm": ["model.norm.weight", "language_model.model.norm.weight",
-                                   "model.language_model.norm.weight"],
-                    "tie_default": True, "norm_offset": True},
-    "phi3": {"layers": ["model.layers.{i}."],
-             "roles": {"attn.qkv": "self_attn.qkv_proj.weight", "attn.o": "self_attn.o_proj.weight",
-                       "mlp.gate_up": "mlp.gate_up_proj.weight", "mlp.down": "mlp.down_proj.weight",
-                       "norm.attn": "input_layernorm.weight", "norm.mlp": "post_attention_layernorm.weight"},
-             "fused": {"attn.q": ("attn.qkv", "q"), "attn.k": ("attn.qkv", "k"), "attn.v": ("attn.qkv", "v"),
-                       "mlp.gate": ("mlp.gate_up", "gate"), "mlp.up": ("mlp.gate_up", "up")},
-             **_LLAMA_GLOBALS, "tie_default": False},
-    "gpt2": {"layers": ["transformer.h.{i}."],
-             "roles": {"attn.qkv": "attn.c_attn.weight", "attn.o": "attn.c_proj.weight",
-                       "mlp.up": "mlp.c_fc.weight", "mlp.down": "mlp.c_proj.weight",
-                       "norm.attn": "ln_1.weight", "norm.mlp": "ln_2.weight"},
-             "fused": {"attn.q": ("attn.qkv", "q"), "attn.k": ("attn.qkv", "k"), "attn.v": ("attn.qkv", "v")},
-             "transposed": ["attn.qkv", "attn.q", "attn.k", "attn.v", "attn.o", "mlp.up", "mlp.down"],
-             "embed": "transformer.wte.weight", "pos_embed": "transformer.wpe.weight", "lm_head": "lm_head.weight",
-             "final_norm": "transformer.ln_f.weight", "tie_default": True},
-    "gptj": {"layers": ["transformer.h.{i}."],
-             "roles": {"attn.q": "attn.q_proj.weight", "attn.k": "attn.k_proj.weight", "attn.v": "attn.v_proj.weight",
-                       "attn.o": "attn.out_proj.weight", "mlp.up": "mlp.fc_in.weight", "mlp.down": "mlp.fc_out.weight",
-                       "norm.attn": "ln_1.weight"},
-             # GPT-J runs attention and MLP in parallel from one norm: norm.mlp is the same tensor as norm.attn.
-             "aliases": {"norm.mlp": "norm.attn"},
-             "embed": "transformer.wte.weight", "lm_head": "lm_head.weight", "final_norm": "transformer.ln_f.weight",
-             "tie_default": False},
-    "opt": {"layers": ["model.decoder.layers.{i}."],
-            "roles": {"attn.q": "self_attn.q_proj.weight", "attn.k": "self_attn.k_proj.weight",
-                      "attn.v": "self_attn.v_proj.weight", "attn.o": "self_attn.out_proj.weight",
-                      "mlp.up": "fc1.weight", "mlp.down": "fc2.weight",
-                      "norm.attn": "self_attn_layer_norm.weight", "norm.mlp": "final_layer_norm.weight"},
-            "embed": "model.decoder.embed_tokens.weight", "pos_embed": "model.decoder.embed_positions.weight",
-            "lm_head": "lm_head.weight", "final_norm": "model.decoder.final_layer_norm.weight", "tie_default": True},
-    # diffusers UNet2DConditionModel: a "layer" is one transformer block that has cross-attention (attn2).
-    "unet": {"layers": "attn2-blocks",
-             "roles": {"attn.q": "attn1.to_q.weight", "attn.k": "attn1.to_k.weight", "attn.v": "attn1.to_v.weight",
-                       "attn.o": "attn1.to_out.0.weight",
-                       "xattn.q": "attn2.to_q.weight", "xattn.k": "attn2.to_k.weight", "xattn.v": "attn2.to_v.weight",
-                       "xattn.o": "attn2.to_out.0.weight",
-                       "mlp.up": "ff.net.0.proj.weight", "mlp.down": "ff.net.2.weight",
-                       "norm.attn": "norm1.weight", "norm.xattn": "norm2.weight", "norm.mlp": "norm3.weight"},
-             "tie_default": False},
-}
-
-#: config ``model_type`` / diffusers ``_class_name`` -> family
-ALIASES = {"gemma3": "gemma3_text", "UNet2DConditionModel": "unet"}
 
 
 def _natural_key(s: str) -> list[Any]:
@@ -381,17 +296,8 @@ class LayerCountError(SurgeonError):
     """config.json counts fewer layers than the tensors hold: every op would silently use a truncated model."""
 
 
-def roles_for(config: dict[str, Any], names: list[str], overrides: dict[str, Any] | None = None) -> Roles:
-    """Resolve roles for a model with this ``config`` and these tensor names.
-
-    ``overrides`` (the recipe's ``arch:`` mapping) may set ``family``, ``layers`` (prefix template with ``{i}``),
-    ``n_layers``, any role (suffix after the layer prefix, or a full name containing ``{i}``), ``embed``,
-    ``lm_head``, ``final_norm``, ``pos_embed``, ``tied`` and ``transposed`` (list of roles).
-    """
-    config = config or {}
-    names = list(names)
-    overrides = dict(overrides or {})
-    family, key = _detect_family(config, names)
+def _layout_with_overrides(family: str, key: str, overrides: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """(family, table key, layout): the family's table with the recipe's ``arch:`` overrides applied."""
     if "family" in overrides:
         family = str(overrides.pop("family"))
         wanted = ALIASES.get(family) or family
@@ -414,53 +320,70 @@ def roles_for(config: dict[str, Any], names: list[str], overrides: dict[str, Any
         else:
             raise SurgeonError(f"arch: unknown key {k!r} (expected family, layers, n_layers, tied, transposed, "
                                f"{', '.join(GLOBAL_ROLES)}, or a role such as attn.q)")
+    return family, key, layout
+
+
+def _layer_template(family: str, templates: list[str], names: list[str], comp: str) -> str:
+    """The first layer-prefix template (with or without the base prefix) that some tensor starts with."""
+    if not templates:
+        raise SurgeonError(
+            f"model type {family!r}: unknown architecture (known: {', '.join(sorted(FAMILIES))}); "
+            "supply the layer prefix and roles in the recipe, e.g. "
+            "`arch: {layers: \"model.layers.{i}.\", attn.q: \"self_attn.q_proj.weight\", ...}`")
+    for tmpl in templates:
+        for cand in _name_candidates(tmpl):
+            p0 = comp + cand.format(i=0)
+            if any(n.startswith(p0) for n in names):
+                return comp + cand
+    raise SurgeonError(f"{family} model: no tensor starts with the layer prefix "
+                       f"{templates[0].format(i=0)!r}; supply it as `arch: {{layers: \"<prefix with {{i}}>\"}}`")
+
+
+def _layer_prefixes(family: str, layout: dict[str, Any], config: dict[str, Any], names: list[str], comp: str,
+                    n_layers_given: bool) -> list[str]:
+    """One prefix per layer: UNet blocks with cross-attention, or the layer template for layers 0..n-1 (the
+    config's count, checked against the tensors present)."""
+    if layout.get("layers") == "attn2-blocks":
+        return sorted({n[: -len("attn2.to_k.weight")] for n in names if n.endswith("attn2.to_k.weight")},
+                      key=_natural_key)
+    chosen = _layer_template(family, layout.get("layers") or [], names, comp)
+    n_cfg = layout.get("n_layers") or _cfg(config, "num_hidden_layers", "n_layer", "num_layers")
+    head, _, tail = chosen.partition("{i}")
+    layer_re = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
+    present = {int(m.group(1)) for n in names if (m := layer_re.match(n))}
+    found = 0
+    while found in present:
+        found += 1
+    n_layers = int(n_cfg) if n_cfg else found
+    if found < n_layers:
+        raise SurgeonError(f"{family} model: config says {n_layers} layers but tensors exist for {found} "
+                           f"(prefix {chosen!r})")
+    extra = _cfg(config, "num_nextn_predict_layers", default=0) or 0  # DeepSeek-style MTP layers follow
+    top = max(present) + 1
+    if not n_layers_given and top > n_layers + int(extra):
+        raise LayerCountError(
+            f"{family} model: config.json says num_hidden_layers={n_layers} but the tensors hold layers "
+            f"0..{top - 1} ({top} layers, prefix {chosen!r}); transformers would silently drop the extra "
+            f"layers: fix num_hidden_layers in config.json, or drop the extra layers' tensors")
+    return [chosen.format(i=i) for i in range(n_layers)]
+
+
+def roles_for(config: dict[str, Any], names: list[str], overrides: dict[str, Any] | None = None) -> Roles:
+    """Resolve roles for a model with this ``config`` and these tensor names.
+
+    ``overrides`` (the recipe's ``arch:`` mapping) may set ``family``, ``layers`` (prefix template with ``{i}``),
+    ``n_layers``, any role (suffix after the layer prefix, or a full name containing ``{i}``), ``embed``,
+    ``lm_head``, ``final_norm``, ``pos_embed``, ``tied`` and ``transposed`` (list of roles).
+    """
+    config = config or {}
+    names = list(names)
+    overrides = dict(overrides or {})
+    family, key = _detect_family(config, names)
+    n_layers_given = "n_layers" in overrides
+    family, key, layout = _layout_with_overrides(family, key, overrides)
     name_set = set(names)
     comp = _component_of(names, key)
-
-    prefixes: list[str]
-    if layout.get("layers") == "attn2-blocks":
-        blocks = sorted({n[: -len("attn2.to_k.weight")] for n in names if n.endswith("attn2.to_k.weight")},
-                        key=_natural_key)
-        prefixes = blocks
-    else:
-        templates = layout.get("layers") or []
-        if not templates:
-            raise SurgeonError(
-                f"model type {family!r}: unknown architecture (known: {', '.join(sorted(FAMILIES))}); "
-                "supply the layer prefix and roles in the recipe, e.g. "
-                "`arch: {layers: \"model.layers.{i}.\", attn.q: \"self_attn.q_proj.weight\", ...}`")
-        chosen = None
-        for tmpl in templates:
-            for cand in _name_candidates(tmpl):
-                p0 = comp + cand.format(i=0)
-                if any(n.startswith(p0) for n in names):
-                    chosen = comp + cand
-                    break
-            if chosen:
-                break
-        if chosen is None:
-            raise SurgeonError(f"{family} model: no tensor starts with the layer prefix "
-                               f"{templates[0].format(i=0)!r}; supply it as `arch: {{layers: \"<prefix with {{i}}>\"}}`")
-        n_cfg = layout.get("n_layers") or _cfg(config, "num_hidden_layers", "n_layer", "num_layers")
-        head, _, tail = chosen.partition("{i}")
-        layer_re = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
-        present = {int(m.group(1)) for n in names if (m := layer_re.match(n))}
-        found = 0
-        while found in present:
-            found += 1
-        n_layers = int(n_cfg) if n_cfg else found
-        if found < n_layers:
-            raise SurgeonError(f"{family} model: config says {n_layers} layers but tensors exist for {found} "
-                               f"(prefix {chosen!r})")
-        extra = _cfg(config, "num_nextn_predict_layers", default=0) or 0  # DeepSeek-style MTP layers follow
-        top = max(present) + 1
-        if "n_layers" not in overrides and top > n_layers + int(extra):
-            raise LayerCountError(
-                f"{family} model: config.json says num_hidden_layers={n_layers} but the tensors hold layers "
-                f"0..{top - 1} ({top} layers, prefix {chosen!r}); transformers would silently drop the extra "
-                f"layers: fix num_hidden_layers in config.json, or drop the extra layers' tensors")
-        prefixes = [chosen.format(i=i) for i in range(n_layers)]
-
+    prefixes = _layer_prefixes(family, layout, config, names, comp, n_layers_given)
     embed = _resolve_global(layout.get("embed"), name_set, comp)
     lm_head = _resolve_global(layout.get("lm_head"), name_set, comp)
     tie_cfg = layout.get("tied")
@@ -487,3 +410,56 @@ def iter_layer_roles(r: Roles, roles: Iterable[str] | None = None) -> Iterable[t
             name = r._lookup(i, role)
             if name is not None:
                 yield i, role, name
+
+
+# ---------------------------------------------------------------------------------------------- damaged models
+_NUMBERED = re.compile(r"^(?P<head>(?:.*\.)?)(?P<i>\d+)\.(?P<tail>.+)$")
+
+
+@dataclass
+class GappedLayers:
+    """The layers of a checkpoint some of whose layer tensors are missing (see :func:`roles_with_gaps`)."""
+
+    roles: Roles  # resolved as if every layer were complete
+    template: str  # layer prefix with {i}
+    suffixes: list[str]  # layer-relative names of a complete layer, in order
+    present: list[set[str]]  # suffixes present per layer
+
+    def global_name(self, role: str) -> str | None:
+        """The tensor of a global role (``embed``, ``lm_head``, ``final_norm``, ``pos_embed``): the one in the
+        checkpoint, else the family's first name for it (the tensor may be missing)."""
+        found = getattr(self.roles, role)
+        if found is None:
+            pattern = self.roles.layout.get(role)
+            found = (pattern[0] if isinstance(pattern, list) else pattern) or None
+        return found
+
+
+def roles_with_gaps(config: dict[str, Any], names: list[str], overrides: dict[str, Any] | None = None
+                    ) -> GappedLayers:
+    """Roles of a checkpoint whose layers may have lost tensors (a lost pipeline stage). :func:`roles_for` needs
+    every layer, so the numbering is read from the names (the numbered prefix holding the most tensors, e.g.
+    ``model.layers.``), each layer's missing names are filled in from the most complete layer, and
+    :func:`roles_for` resolves the rest."""
+    by_head: dict[str, dict[int, list[str]]] = {}
+    for n in names:
+        m = _NUMBERED.match(n)
+        if m:
+            by_head.setdefault(m["head"], {}).setdefault(int(m["i"]), []).append(m["tail"])
+    if not by_head:
+        raise SurgeonError("no numbered layers found in the checkpoint")
+    head = max(by_head, key=lambda h: sum(len(v) for v in by_head[h].values()))
+    given = str((overrides or {}).get("layers", ""))
+    if given.endswith("{i}.") and given[: -len("{i}.")] in by_head:  # the recipe's `arch: {layers: ...}`
+        head = given[: -len("{i}.")]
+    layers = by_head[head]
+    n_cfg = _cfg(config or {}, "num_hidden_layers", "n_layer", "num_layers")
+    n_layers = int(n_cfg) if isinstance(n_cfg, int) else max(layers) + 1
+    if max(layers) >= n_layers:
+        raise SurgeonError(f"tensors exist for layer {max(layers)} but config says {n_layers} layers")
+    complete = max(layers.values(), key=len)
+    template = head + "{i}."
+    full = [n for n in names if not (m := _NUMBERED.match(n)) or m["head"] != head]
+    full += [template.format(i=i) + s for i in range(n_layers) for s in complete]
+    return GappedLayers(roles_for(config, full, overrides), template, list(complete),
+                        [set(layers.get(i, [])) for i in range(n_layers)])

@@ -15,6 +15,7 @@ Modes:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -24,10 +25,7 @@ from torch import nn
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Const, Graph
-from surgeon.registry import register
-
-from .adapters import Attached, attach, detach, merged_weight
-from .blocks import (
+from surgeon.ops.prune.blocks import (
     BlockBatch,
     advance,
     capture_block_inputs,
@@ -36,7 +34,9 @@ from .blocks import (
     module_of,
     run_block,
 )
-from .common import ARCH_HELP, EXCLUDE_HELP, Pruned, prune_targets, roles, sparsity_facts
+from surgeon.ops.prune.common import ARCH_HELP, EXCLUDE_HELP, Pruned, prune_targets, roles, sparsity_facts
+from surgeon.ops.retrain.adapters import Attached, attach, detach, merged_weight
+from surgeon.registry import register
 
 
 class Params(BaseModel):
@@ -237,11 +237,12 @@ def perp_reconstruct(model: nn.Module, layers: list[nn.Module], targets_by_layer
 
 # --- graph wiring ---------------------------------------------------------------------------------------------
 
-def _attach_head(model: nn.Module, graph: Graph, p: Params, adapted: list[str]) -> tuple[str, Attached] | None:
+def _attach_head(model: nn.Module, graph: Graph, p: Params, adapted: list[str],
+                 ctx: Context) -> tuple[str, Attached] | None:
     """A plain LoRA on the output head (``lm_head``, or the tied embedding it shares): (graph name, adapter).
 
     None when the model has no separate output projection or the head is already among the adapted linears."""
-    r = roles(graph, p.arch)
+    r = roles(graph, p.arch, ctx=ctx)
     name = r.lm_head or (r.embed if r.tied else None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if name is None or head is None or name in adapted or not isinstance(getattr(head, "weight", None), nn.Parameter):
@@ -279,11 +280,100 @@ def _dense_weights(graph: Graph, names: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
+@dataclass
+class _Trained:
+    """What a training mode hands back: merged weights of the adapted linears, trained norms/biases, the head."""
+
+    merged: dict[str, torch.Tensor]
+    extras: dict[str, nn.Parameter]
+    n_trainable: int
+    head: tuple[str, torch.Tensor] | None = None  # (graph name, merged weight) of the head LoRA
+
+
+def _retrain(model: nn.Module, graph: Graph, names: list[str], tokens: torch.Tensor, params: Params, ctx: Context,
+             facts: dict[str, Any]) -> _Trained:
+    """retrain mode: adapters on ``names`` (and the head), causal-LM loss, adapters merged back."""
+    attached: list[Attached] = []
+    if params.lora != "none":
+        attached = [attach(*module_of(model, n)[:2], params.lora, params.rank, params.alpha) for n in names]
+    extras = extra_trainables(model, norms=params.train_norms, biases=params.train_biases)
+    head = _attach_head(model, graph, params, names, ctx) if params.head_lora else None
+    if head is not None:
+        facts["head_lora"] = {"tensor": head[0], "tied": head[0] != roles(graph, params.arch, ctx=ctx).lm_head}
+    trainable = [q for a in attached for q in a.adapter.parameters()] + list(extras.values())
+    if head is not None:
+        trainable += list(head[1].adapter.parameters())
+    for q in trainable:
+        q.requires_grad_(True)
+    n_trainable = _count(trainable)
+    checkpointed = params.checkpointing and _checkpointing(model, True)
+    with ctx.timed("retrain"):
+        losses = perp_retrain(model, tokens, trainable, params, seed=ctx.seed, progress=ctx.progress,
+                              status=ctx.status)
+    if checkpointed:
+        _checkpointing(model, False)
+    facts["gradient_checkpointing"] = bool(checkpointed)
+    merged = {}
+    for n, a in zip(names, attached):
+        merged[n] = merged_weight(a)
+        detach(a, merged[n])
+    head_out = None
+    if head is not None:
+        head_weight = merged_weight(head[1])
+        detach(head[1], head_weight)
+        head_out = (head[0], head_weight)
+    k = max(1, len(losses) // 10)
+    facts.update(loss_first=round(sum(losses[:k]) / k, 4), loss_last=round(sum(losses[-k:]) / k, 4))
+    return _Trained(merged, extras, n_trainable, head_out)
+
+
+def _reconstruct(model: nn.Module, names: list[str], prefixes: list[str], dense: dict[str, torch.Tensor],
+                 tokens: torch.Tensor, params: Params, ctx: Context, facts: dict[str, Any]) -> _Trained:
+    """reconstruct mode: block by block, MSE to the dense block on the pruned prefix's inputs."""
+    layers = layer_modules(model, prefixes)
+    by_layer: list[list[str]] = [[n for n in names if n.startswith(p)] for p in prefixes]
+    outside = set(names) - {n for ns in by_layer for n in ns}
+    if outside:
+        raise SurgeonError(f"retrain.perp mode=reconstruct: {min(outside)!r} is not inside a block")
+    batches = capture_block_inputs(model, layers[0], tokens, params.batch_size)
+    with ctx.timed("reconstruct"):
+        merged, rec = perp_reconstruct(model, layers, by_layer, dense, batches, params, seed=ctx.seed,
+                                       progress=ctx.progress, status=ctx.status)
+    n_trainable = rec.pop("trainable_parameters")
+    facts.update(rec)
+    extras = extra_trainables(model, norms=params.train_norms, biases=params.train_biases)
+    extras = {n: q for n, q in extras.items() if any(n.startswith(p) for p in prefixes)}
+    return _Trained(merged, extras, n_trainable)
+
+
+def _write_back(graph: Graph, names: list[str], trained: _Trained,
+                zero_before: dict[str, torch.Tensor]) -> tuple[Graph, dict[str, tuple[int, int]]]:
+    """The graph with the trained tensors as constants; refuses a merge that fills a pruned zero."""
+    out = graph.copy()
+    per_tensor = {}
+    for n in names:
+        if n not in trained.merged:  # lora=none: the linear itself did not train
+            per_tensor[n] = (int(zero_before[n].sum()), zero_before[n].numel())
+            continue
+        new = trained.merged[n].cpu().to(graph[n].dtype)
+        bad = int((zero_before[n] & (new != 0)).sum())
+        if bad:  # the whole point of MaskLoRA/ScaleLoRA: refuse to write a densified model
+            raise SurgeonError(f"internal: merging the adapter of {n!r} created {bad} new non-zeros")
+        out.replace(n, Const(new, label="perp"))
+        per_tensor[n] = (int((new == 0).sum()), new.numel())
+    for n, q in trained.extras.items():
+        out.replace(n, Const(q.detach().cpu().to(graph[n].dtype), label="perp"))
+    if trained.head is not None:
+        name, weight = trained.head
+        out.replace(name, Const(weight.cpu().to(graph[name].dtype), label="perp.head_lora"))
+    return out, per_tensor
+
+
 @register("retrain.perp", Params, model_level=True)
 def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     """PERP: retrain norms, biases and MaskLoRA after pruning."""
-    names = prune_targets(graph, params.include, params.exclude, params.arch)
-    r = roles(graph, params.arch)
+    names = prune_targets(graph, params.include, params.exclude, params.arch, ctx=ctx)
+    r = roles(graph, params.arch, ctx=ctx)
     prefixes = [r.layer_prefix(i) for i in range(r.n_layers)]
     dense = _dense_weights(graph, names) if params.mode == "reconstruct" else {}
     tokens = ctx.tokens(params.data, graph, seqlen=params.seqlen, max_windows=params.max_windows)
@@ -296,67 +386,10 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     facts: dict[str, Any] = {"mode": params.mode, "lora": params.lora, "rank": params.rank,
                              "windows": int(tokens.shape[0]), "seqlen": int(tokens.shape[1])}
     if params.mode == "retrain":
-        attached: list[Attached] = []
-        if params.lora != "none":
-            attached = [attach(*module_of(model, n)[:2], params.lora, params.rank, params.alpha) for n in names]
-        extras = extra_trainables(model, norms=params.train_norms, biases=params.train_biases)
-        head = _attach_head(model, graph, params, names) if params.head_lora else None
-        if head is not None:
-            facts["head_lora"] = {"tensor": head[0], "tied": head[0] != roles(graph, params.arch).lm_head}
-        trainable = [q for a in attached for q in a.adapter.parameters()] + list(extras.values())
-        if head is not None:
-            trainable += list(head[1].adapter.parameters())
-        for q in trainable:
-            q.requires_grad_(True)
-        n_trainable = _count(trainable)
-        checkpointed = params.checkpointing and _checkpointing(model, True)
-        with ctx.timed("retrain"):
-            losses = perp_retrain(model, tokens, trainable, params, seed=ctx.seed, progress=ctx.progress,
-                                  status=ctx.status)
-        if checkpointed:
-            _checkpointing(model, False)
-        facts["gradient_checkpointing"] = bool(checkpointed)
-        merged = {}
-        for n, a in zip(names, attached):
-            merged[n] = merged_weight(a)
-            detach(a, merged[n])
-        if head is not None:
-            head_weight = merged_weight(head[1])
-            detach(head[1], head_weight)
-        k = max(1, len(losses) // 10)
-        facts.update(loss_first=round(sum(losses[:k]) / k, 4), loss_last=round(sum(losses[-k:]) / k, 4))
+        trained = _retrain(model, graph, names, tokens, params, ctx, facts)
     else:
-        layers = layer_modules(model, prefixes)
-        by_layer: list[list[str]] = [[n for n in names if n.startswith(p)] for p in prefixes]
-        outside = set(names) - {n for ns in by_layer for n in ns}
-        if outside:
-            raise SurgeonError(f"retrain.perp mode=reconstruct: {min(outside)!r} is not inside a block")
-        batches = capture_block_inputs(model, layers[0], tokens, params.batch_size)
-        with ctx.timed("reconstruct"):
-            merged, rec = perp_reconstruct(model, layers, by_layer, dense, batches, params, seed=ctx.seed,
-                                           progress=ctx.progress, status=ctx.status)
-        n_trainable = rec.pop("trainable_parameters")
-        facts.update(rec)
-        head = None
-        extras = extra_trainables(model, norms=params.train_norms, biases=params.train_biases)
-        extras = {n: q for n, q in extras.items() if any(n.startswith(p) for p in prefixes)}
-
-    out = graph.copy()
-    per_tensor = {}
-    for n in names:
-        if n not in merged:  # lora=none: the linear itself did not train
-            per_tensor[n] = (int(zero_before[n].sum()), zero_before[n].numel())
-            continue
-        new = merged[n].cpu().to(graph[n].dtype)
-        bad = int((zero_before[n] & (new != 0)).sum())
-        if bad:  # the whole point of MaskLoRA/ScaleLoRA: refuse to write a densified model
-            raise SurgeonError(f"internal: merging the adapter of {n!r} created {bad} new non-zeros")
-        out.nodes[n] = Const(new, label="perp")
-        per_tensor[n] = (int((new == 0).sum()), new.numel())
-    for n, q in extras.items():
-        out.nodes[n] = Const(q.detach().cpu().to(graph[n].dtype), label="perp")
-    if head is not None:
-        out.nodes[head[0]] = Const(head_weight.cpu().to(graph[head[0]].dtype), label="perp.head_lora")
-    ctx.report(**facts, trainable_parameters=n_trainable, total_parameters=total,
-               trainable_fraction=round(n_trainable / total, 6), **sparsity_facts(per_tensor))
+        trained = _reconstruct(model, names, prefixes, dense, tokens, params, ctx, facts)
+    out, per_tensor = _write_back(graph, names, trained, zero_before)
+    ctx.report(**facts, trainable_parameters=trained.n_trainable, total_parameters=total,
+               trainable_fraction=round(trained.n_trainable / total, 6), **sparsity_facts(per_tensor))
     return out

@@ -1,4 +1,4 @@
-"""Surgeon's own checkpoint formats on disk, and how transformers loads them.
+"""How transformers loads surgeon's own formats: the Auto-class registration of their model types.
 
 Two outputs are not plain transformers layouts: the packed ShiftAdd form (``X.qweight`` bit-planes + scales,
 ``quantization_config.quant_method = "shiftadd"``) and the compact recursive form of ``surgeon tie`` (a shared
@@ -13,7 +13,8 @@ skips a ``quant_method`` it does not know). So their ``config.json`` names a sur
   Transformers does not recognize this architecture"), never loads random weights.
 - after ``import surgeon`` the two model types are registered with transformers' Auto classes (its extension
   point for model types it does not ship): ``AutoModelForCausalLM.from_pretrained(folder)`` returns the model
-  from :func:`surgeon.ops.shiftadd.load_shiftadd` / :func:`surgeon.ops.tie.load_recursive`. The registration
+  from :func:`surgeon.formats.shiftadd.load_shiftadd` /
+  :func:`surgeon.formats.recursive.load_recursive`. The registration
   runs when transformers' auto modules are imported (an import hook), so ``import surgeon`` stays free of
   torch and transformers.
 """
@@ -25,10 +26,8 @@ import importlib.machinery
 import sys
 from typing import Any
 
-SHIFTADD_MODEL_TYPE = "surgeon_shiftadd"
-RECURSIVE_MODEL_TYPE = "surgeon_recursive"
-BASE_TYPE_KEY = "surgeon_base_model_type"
-SURGEON_MODEL_TYPES = (SHIFTADD_MODEL_TYPE, RECURSIVE_MODEL_TYPE)
+from surgeon.formats.model_types import RECURSIVE_MODEL_TYPE, SHIFTADD_MODEL_TYPE, SURGEON_MODEL_TYPES
+
 HOW_TO_LOAD = {
     SHIFTADD_MODEL_TYPE: "a ShiftAdd-packed checkpoint: `import surgeon` first (then AutoModelForCausalLM loads "
                          "it), or surgeon.load_shiftadd(path); `surgeon shiftadd --materialize` writes a dense one",
@@ -36,40 +35,6 @@ HOW_TO_LOAD = {
                           "loads it), or surgeon.load_recursive(path); `surgeon tie --materialize` writes a "
                           "dense one",
 }
-
-
-def surgeon_model_type(config: dict[str, Any]) -> str | None:
-    """The surgeon model type a config (in memory form) must carry on disk, or None for a plain layout."""
-    qc = config.get("quantization_config")
-    if isinstance(qc, dict) and qc.get("quant_method") == "shiftadd":
-        return SHIFTADD_MODEL_TYPE
-    if isinstance(config.get("recursion"), dict):
-        return RECURSIVE_MODEL_TYPE
-    return None
-
-
-def to_disk(config: dict[str, Any]) -> dict[str, Any]:
-    """The root ``config.json`` as written: a surgeon model type where the layout needs surgeon to load."""
-    kind = surgeon_model_type(config)
-    if kind is None or config.get("model_type") == kind:
-        return config
-    out = dict(config)
-    out[BASE_TYPE_KEY] = config.get("model_type")
-    out["model_type"] = kind
-    return out
-
-
-def from_disk(config: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The config as surgeon uses it: the architecture's own ``model_type`` back (inverse of :func:`to_disk`)."""
-    if not config or config.get("model_type") not in SURGEON_MODEL_TYPES:
-        return config
-    out = dict(config)
-    base = out.pop(BASE_TYPE_KEY, None)
-    if base is None:
-        del out["model_type"]
-    else:
-        out["model_type"] = base
-    return out
 
 
 # ------------------------------------------------------------------------------ transformers registration
@@ -101,11 +66,11 @@ def _load(model_type: str, path: Any, kwargs: dict[str, Any]):
     if model_type == SHIFTADD_MODEL_TYPE:
         import torch
 
-        from surgeon.ops.shiftadd import load_shiftadd
+        from surgeon.formats.shiftadd import load_shiftadd
 
         return load_shiftadd(path, dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
                              device=device)
-    from surgeon.ops.tie import load_recursive
+    from surgeon.formats.recursive import load_recursive
 
     return load_recursive(path, dtype=None if dtype in (None, "auto") else dtype, device=device)
 

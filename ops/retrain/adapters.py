@@ -101,8 +101,3 @@ def detach(a: Attached, weight: torch.Tensor | None = None) -> None:
         if weight is not None:
             p.copy_(weight.to(p.dtype))
     p.requires_grad_(orig.requires_grad)
-
-
-def new_nonzeros(before: torch.Tensor, after: torch.Tensor) -> int:
-    """How many entries were zero before and are not after (must be 0 for a sparsity-preserving merge)."""
-    return int(((before == 0) & (after != 0)).sum())

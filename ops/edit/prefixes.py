@@ -1,0 +1,78 @@
+"""Prefixes of an edit (ALGORITHMS.md §4.2): short texts sampled from the model itself (top-k 5, seeded) and put
+before each prompt (``"<sample>. <prompt>"``), so that the key and the value hold whatever comes before it."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from surgeon.errors import SurgeonError
+
+from .forward import cache_kwarg
+from .rows import left_pad, pad_id_of, positions_of
+
+#: EMMET/MEMIT prefix seeds (§4.2); ROME seeds its prefixes from the BOS token instead (``kmeng01/rome``)
+SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
+
+
+def seed_ids(tok: Any, seeds: str, n: int) -> list[list[int]]:
+    """Token ids each sampled prefix starts from: the BOS token (``seeds="bos"``, ROME's ``"<|endoftext|>"``;
+    EOS or the first special token where a tokenizer has no BOS) or the words of :data:`SEED_WORDS` in turn
+    (``"words"``, MEMIT/EMMET; with the special tokens the tokenizer adds, as the reference's batch has them)."""
+    if seeds == "bos":
+        bos = next((v for v in (getattr(tok, "bos_token_id", None), getattr(tok, "eos_token_id", None))
+                    if isinstance(v, int)), None)
+        if bos is None:
+            raise SurgeonError("prefix seeds 'bos': the tokenizer has neither a BOS nor an EOS token "
+                               "(use prefix_seeds: words)")
+        return [[bos] for _ in range(n)]
+    if seeds != "words":
+        raise SurgeonError(f"prefix seeds {seeds!r}: expected 'bos' or 'words'")
+    return [list(tok(SEED_WORDS[i % len(SEED_WORDS)])["input_ids"]) for i in range(n)]
+
+
+def sample_prefixes(model: torch.nn.Module, tok: Any, lengths: Sequence[int], *, seed: int, device: str,
+                    top_k: int = 5, seeds: str = "words") -> list[str]:
+    """One sampled text per entry of ``lengths``, each ending in ``". "`` so that a prompt can follow.
+    Deterministic for a fixed seed. A length counts the seed's tokens too, as the reference's
+    ``generate_fast(max_out_len=length)`` does: ROME's 5 and 10 from BOS draw 4 and 9 new tokens, EMMET's 10
+    from a one-token word draws 9. ``seeds``: see :func:`seed_ids`.
+
+    All texts are drawn together, one token per step with a key/value cache: max(new tokens) forward passes in
+    all (a pass over a 135M model reads its weights once, whatever the batch, so this is the cost that matters)."""
+    if not lengths:
+        return []
+    from transformers import DynamicCache
+
+    gen = torch.Generator().manual_seed(seed)
+    starts = seed_ids(tok, seeds, len(lengths))
+    n_new = [max(length - len(st), 1) for st, length in zip(starts, lengths)]
+    ids, mask = left_pad(starts, pad_id_of(tok))  # every row's next token is at the same column
+    cache = DynamicCache()
+    step_ids, drawn = ids, []
+    with torch.no_grad():
+        for _ in range(max(n_new)):
+            pos = positions_of(mask)[:, -step_ids.shape[1]:]
+            out = model(input_ids=step_ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                        use_cache=True, **{cache_kwarg(model): cache})
+            logits = out.logits[:, -1].float().cpu()
+            top = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+            pick = torch.multinomial(top.values.softmax(-1), 1, generator=gen)
+            step_ids = top.indices.gather(1, pick)
+            drawn.append(step_ids)
+            mask = torch.cat([mask, torch.ones_like(step_ids)], 1)
+    new = torch.cat(drawn, 1).tolist()
+    out_texts = []
+    for st, row, n in zip(starts, new, n_new):
+        text = tok.decode(st + row[:n], skip_special_tokens=True).replace("{", " ").replace("}", " ").strip()
+        out_texts.append(text + ". ")
+    return out_texts
+
+
+def prefix_lengths(kind: str, n: int) -> list[int]:
+    """Sampled lengths (seed tokens included). ROME: half of 5 tokens, half of 10 (20 by default); EMMET/MEMIT:
+    all of 10 (5 by default)."""
+    if kind == "rome":
+        return [5] * (n // 2) + [10] * (n - n // 2)
+    return [10] * n

@@ -1,0 +1,145 @@
+"""Activation-aware ShiftAdd fit (ShiftAddLLM, arXiv 2406.05981; ALGORITHMS.md §7.2): the GPTQ column loop with
+BCQ codewords, the sensitivity score and the bit allocation under a budget."""
+from __future__ import annotations
+
+import torch
+from surgeon.ops.shiftadd.bcq import (
+    QuantizedLinear,
+    bcq_fit,
+    codebook,
+    codeword_search,
+    fit_row_groups,
+    nearest_in,
+)
+
+from surgeon.errors import SurgeonError
+
+SCALE_LAYOUTS = ("row", "lat", "acc")  # where α lives and is refitted in the calibrated loop (quantize_gptq)
+
+
+def act_order_perm(diag: torch.Tensor) -> torch.Tensor:
+    """Column order: whole 8-column blocks by decreasing mean Hessian diagonal (LUT bytes stay intact)."""
+    k = diag.numel()
+    n_blocks = -(-k // 8)
+    padded = torch.nn.functional.pad(diag.float(), (0, n_blocks * 8 - k))
+    counts = torch.full((n_blocks,), 8.0)
+    counts[-1] = k - (n_blocks - 1) * 8
+    order = (padded.view(n_blocks, 8).sum(1) / counts).argsort(descending=True, stable=True)
+    cols = (order[:, None] * 8 + torch.arange(8)).reshape(-1)
+    return cols[cols < k]
+
+
+def _inverse_cholesky_upper(h: torch.Tensor, damping: float) -> torch.Tensor:
+    """U with UᵀU = (H + damping·mean(diag H)·I)⁻¹ (upper), in fp64 then fp32; retries with more damping."""
+    h = h.double()
+    mean = h.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for extra in (1.0, 10.0, 100.0):
+        l, info = torch.linalg.cholesky_ex(h + damping * extra * mean * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(l)
+            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return u.float()
+    raise SurgeonError("calibration Hessian is not positive definite even with 100× damping")
+
+
+def sensitivity_score(w: torch.Tensor, h: torch.Tensor | None = None, damping: float = 0.01) -> float:
+    """‖M‖_F · std(M)², M = W with column j divided by d_j, d = diag(chol-upper(H⁻¹)) (§7.2; H = I without data)."""
+    w = w.float()
+    if h is None:
+        m = w
+    else:
+        d = _inverse_cholesky_upper(h.to(w.device), damping).diagonal()
+        m = w / d[None, :]
+    return float(m.norm() * m.std() ** 2)
+
+
+def allocate_bits(scores: dict[str, float], numels: dict[str, int], budget: float, low: int,
+                  high: int) -> dict[str, int]:
+    """Greedy under the numel-weighted average budget: most sensitive layers get ``high`` bits while it fits."""
+    total = sum(numels.values())
+    bits = {name: low for name in scores}
+    spent = low * total
+    for name in sorted(scores, key=lambda n: -scores[n]):
+        extra = (high - low) * numels[name]
+        if spent + extra <= budget * total + 1e-9:
+            bits[name] = high
+            spent += extra
+    return bits
+
+
+def quantize_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, *, rounds: int = 20,
+                  pot_terms: int = 3, damping: float = 0.01, block_size: int = 128, act_order: bool = True,
+                  scale_layout: str = "row", device: str = "cpu") -> QuantizedLinear:
+    """Activation-aware BCQ (§7.2): the GPTQ column loop with ``h`` = XXᵀ/n.
+
+    Each column takes its nearest codeword under the current α and its error e = (w_j − q_j)/U_jj is pushed onto
+    the later columns through U (lazy per block). Where α is (re)fitted by BCQ on the error-updated columns:
+
+    - ``row`` (ours): one α per (row, ``group_size`` columns), fitted at the group's first column;
+    - ``lat`` (ShiftAddLLM lat. mode): one α per (8 columns, ``group_size``/8 rows), fitted at each 8-column block;
+    - ``acc`` (ShiftAddLLM acc. mode, without its QuIP incoherence): one α per (column, ``group_size`` rows),
+      fitted at every column; act-order is then per column (not by 8-column blocks).
+
+    With H = I (no off-diagonal coupling) ``row`` is exactly per-group BCQ. The result stores α per row
+    (``lat``: group size 8; ``acc``: group size 1).
+    """
+    if scale_layout not in SCALE_LAYOUTS:
+        raise SurgeonError(f"scale_layout {scale_layout!r}: expected one of {', '.join(SCALE_LAYOUTS)}")
+    n, k = w.shape
+    w = w.to(device=device, dtype=torch.float32).clone()
+    h = h.to(device=device, dtype=torch.float64).clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = None
+    if act_order:
+        diag = h.diagonal().cpu()
+        perm = (diag.argsort(descending=True, stable=True) if scale_layout == "acc" else act_order_perm(diag)
+                ).to(device)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+    u = _inverse_cholesky_upper(h, damping)
+    block = -(-max(block_size, group_size) // group_size) * group_size  # whole groups per block
+    refit_every, stored_gs, rows_per_alpha = {"row": (group_size, group_size, 1), "lat": (8, 8, group_size // 8),
+                                              "acc": (1, 1, group_size)}[scale_layout]
+    alpha = torch.empty(bits, n, -(-k // stored_gs), device=device)
+    codes = torch.empty(n, k, dtype=torch.long, device=device)  # index of the chosen codeword per weight
+    book = codebook(bits, torch.device(device))  # [2^q, q]
+    search = None  # sorted codeword midpoints and their codebook indices under the current α
+    for b1 in range(0, k, block):
+        b2 = min(k, b1 + block)
+        w1 = w[:, b1:b2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = u[b1:b2, b1:b2]
+        for j in range(b2 - b1):
+            col = b1 + j
+            if col % refit_every == 0:
+                cols = w1[:, j:j + refit_every]
+                if scale_layout == "row":
+                    cur = bcq_fit(cols, bits, rounds=rounds, pot_terms=pot_terms)[0]
+                else:
+                    cur = fit_row_groups(cols, rows_per_alpha, bits, rounds=rounds, pot_terms=pot_terms)
+                    cur = cur.repeat_interleave(rows_per_alpha, dim=0)[:n]
+                alpha[:, :, col // stored_gs] = cur.T
+                values = cur @ book.T
+                search = codeword_search(cur)
+            wj = w1[:, j]
+            idx = nearest_in(wj[:, None], *search)
+            codes[:, col] = idx[:, 0]
+            e = (wj - values.gather(1, idx)[:, 0]) / u1[j, j]
+            w1[:, j:] -= e[:, None] * u1[j, j:][None, :]
+            err1[:, j] = e
+        w[:, b2:] -= err1 @ u[b1:b2, b2:]
+    signs = book[codes].permute(2, 0, 1)  # [q, N, K]
+    return QuantizedLinear(signs.cpu(), alpha.cpu(), stored_gs, pot_terms, None if perm is None else perm.cpu())
+
+
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
+    """‖(W − Ŵ)X‖/‖WX‖ computed from H = XXᵀ/n: sqrt(tr(E H Eᵀ)/tr(W H Wᵀ))."""
+    h = h.double()
+    e = (w.double() - w_hat.double())
+    num = (e @ h * e).sum()
+    den = (w.double() @ h * w.double()).sum().clamp_min(1e-300)
+    return float((num / den).sqrt())
