@@ -77,7 +77,7 @@ def test_teacher_targets_do_not_depend_on_the_micro_batch():
 
 # --- behaviour on a trained tiny model ----------------------------------------------------------------------------
 def _heldout(folder: Path) -> torch.Tensor:
-    from surgeon.checkpoint import open_checkpoint
+    from surgeon.sources import open_checkpoint
     from surgeon.context import Context
     from surgeon.graph import Graph
 
