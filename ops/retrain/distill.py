@@ -1,10 +1,10 @@
 """Uptraining of a recursive (``tie``) model by distillation from the original (``retrain.distill``).
 
 Bae et al., *Relaxed Recursive Transformers* (ICLR 2025, arXiv 2410.20672), uptrain the tied model after the
-conversion (Sec. 3 and App.; 15-60 B tokens) and use the full-size model as a distillation teacher. Here the
-shared block, the per-layer LoRA factors and the norms of a ``tie`` output train to match the teacher's next-token
-distribution (forward KL with temperature, :mod:`surgeon.ops.retrain.kd`), with PERP's optimiser (AdamW, linear
-warmup then linear decay) and activation checkpointing. The output keeps the input's form (compact, tied-base +
+conversion (15-60 B tokens). Here, with the original model as the teacher, the shared block, the per-layer LoRA
+factors and the norms of a ``tie`` output train to match the teacher's next-token distribution (forward KL with
+temperature, :mod:`surgeon.ops.retrain.kd`), with PERP's optimiser (AdamW, linear warmup then linear decay) and
+activation checkpointing. The output keeps the input's form (compact, tied-base +
 ``lora/``, or materialised; :mod:`surgeon.ops.retrain.recursive`). Held-out perplexity is measured every
 ``eval_every`` steps (and before and after) and goes to the report and the card.
 
