@@ -77,9 +77,9 @@ def test_teacher_targets_do_not_depend_on_the_micro_batch():
 
 # --- behaviour on a trained tiny model ----------------------------------------------------------------------------
 def _heldout(folder: Path) -> torch.Tensor:
-    from surgeon.sources import open_checkpoint
     from surgeon.context import Context
     from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
 
     g = Graph.from_checkpoint(open_checkpoint(folder))
     return Context().tokens(str(folder.parent / "heldout.txt"), g, seqlen=WINDOW)

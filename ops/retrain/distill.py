@@ -238,6 +238,8 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     out.results.append({"title": "Distillation (retrain.distill)", "teacher_perplexity": teacher_ppl,
                         "perplexity_before": curve[0][1], "perplexity_after": curve[-1][1],
                         "steps": params.steps, "tokens": facts["tokens"]})
+    if "recursive-transformer" not in out.tags:
+        out.tags.append("recursive-transformer")
     ctx.report(distill=facts, card_notes=[_card_note(facts)])
     return out
 
