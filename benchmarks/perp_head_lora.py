@@ -6,7 +6,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from surgeon.ops.evaluate import perplexity
 from surgeon.ops.prune import magnitude
 from surgeon.ops.retrain import perp
 
@@ -14,6 +13,7 @@ import surgeon
 from surgeon.context import Context
 from surgeon.gguf import cached_conversion, smollm2_gguf_path
 from surgeon.graph import Graph
+from surgeon.metrics import perplexity
 from surgeon.sources import open_checkpoint
 
 tmp = Path(tempfile.mkdtemp())

@@ -112,9 +112,8 @@ def main() -> None:
         return
 
     # 3. quality ------------------------------------------------------------------------------------------------
-    from surgeon.ops.evaluate import perplexity
-
     import surgeon
+    from surgeon.metrics import perplexity
 
     train = args.train or str(default_train_text(tmp))
     heldout = args.heldout or str(Path(surgeon.__file__).parent / "assets" / "eval.txt")

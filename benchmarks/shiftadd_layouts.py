@@ -32,12 +32,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
-    from surgeon.ops.evaluate import _assets_dir, perplexity
     from surgeon.ops.shiftadd.op import Params, apply
 
     from surgeon.context import Context
     from surgeon.gguf import cached_conversion, smollm2_gguf_path
     from surgeon.graph import Graph
+    from surgeon.metrics import assets_dir, perplexity
     from surgeon.model import materialize
     from surgeon.sources import open_checkpoint
 
@@ -48,7 +48,7 @@ def main() -> None:
     g = Graph.from_checkpoint(open_checkpoint(cached_conversion(src)))
     ctx = Context(quiet=True)
     ctx.origin = g  # model:N is sampled once and shared by every variant
-    held_out = ctx.tokens(str(_assets_dir() / "eval.txt"), g, seqlen=256, max_windows=4)
+    held_out = ctx.tokens(str(assets_dir() / "eval.txt"), g, seqlen=256, max_windows=4)
     t0 = time.perf_counter()
     ctx.tokens(args.data, g, seqlen=args.seqlen, max_windows=32)
     print(json.dumps({"sampling_s": round(time.perf_counter() - t0, 1)}), flush=True)

@@ -108,6 +108,8 @@ class Context:
     allow_pickle: bool = False
     online: bool = False
     use_cache: bool = True  # False: ctx.cache entries always miss and are not written
+    max_memory: str | int | None = None  # --max-memory: the model engine's budget (one block must fit)
+    work_dir: str | None = None  # where model-level ops spill changed tensors (next to the output); None: a tempdir
     _console: Any = None
 
     @classmethod

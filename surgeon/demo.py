@@ -47,12 +47,12 @@ def measure(name: str, model, tok, folder: Path, requests: list[dict[str, Any]] 
             ctx, graph) -> dict[str, Any]:
     """Perplexity (shipped text), fact recall (shipped facts) and edit efficacy of a loaded module."""
     from surgeon.data import token_windows
-    from surgeon.ops.evaluate import _assets_dir, fact_recall, load_facts, perplexity
+    from surgeon.metrics import assets_dir, fact_recall, load_facts, perplexity
 
-    windows = token_windows(str(_assets_dir() / "eval.txt"), graph, ctx=ctx, seqlen=EVAL_SEQLEN,
+    windows = token_windows(str(assets_dir() / "eval.txt"), graph, ctx=ctx, seqlen=EVAL_SEQLEN,
                             max_windows=EVAL_WINDOWS)
     ppl = perplexity(model, windows)["perplexity"]
-    facts = fact_recall(model, tok, load_facts(str(_assets_dir() / "facts.jsonl")))
+    facts = fact_recall(model, tok, load_facts(str(assets_dir() / "facts.jsonl")))
     edits = None if requests is None else fact_recall(
         model, tok, [{"prompt": r["prompt"], "target": r["target"]} for r in requests])["recall"]
     return {"variant": name, "disk_mb": _disk_bytes(folder) / 1e6, "params_m": _stored_parameters(folder) / 1e6,

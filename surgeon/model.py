@@ -129,6 +129,17 @@ def _assign(module: nn.Module, name: str, value: torch.Tensor, *, is_param: bool
         sub._buffers[leaf] = value
 
 
+def dense_graph(graph: Graph, component: str = "") -> Graph:
+    """``graph`` itself, or a lazy dense view when its weights are stored packed (ShiftAdd)."""
+    from surgeon.formats.model_types import is_shiftadd_packed
+
+    if is_shiftadd_packed(graph.configs.get(component, {})):
+        from surgeon.formats.shiftadd import dense_view
+
+        return dense_view(graph)
+    return graph
+
+
 def materialize(graph: Graph, device: str = "cpu", dtype: str | torch.dtype = "float32", kind: str = "causal-lm",
                 component: str | None = None, *, check_finite: bool = True) -> nn.Module:
     """Build the module of ``graph`` (or of one pipeline ``component``) in eval mode on ``device``.
@@ -145,12 +156,7 @@ def materialize(graph: Graph, device: str = "cpu", dtype: str | torch.dtype = "f
 
     if kind not in KINDS:
         raise SurgeonError(f"kind {kind!r}: expected one of {', '.join(KINDS)}")
-    from surgeon.formats.model_types import is_shiftadd_packed
-
-    if is_shiftadd_packed(graph.configs.get(component or "", {})):  # packed weights: a lazy dense view
-        from surgeon.formats.shiftadd import dense_view
-
-        graph = dense_view(graph)
+    graph = dense_graph(graph, component or "")
     if component is None or (component == "" and kind != "causal-lm" and not graph.configs.get("")):
         component = _DEFAULT_COMPONENT[kind]
     cdtype = _torch_dtype(dtype)

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from surgeon.ops.evaluate import Params, apply, fact_recall, load_facts, perplexity
+from surgeon.ops.evaluate import Params, apply
 
 from surgeon.context import Context
 from surgeon.data import save_word_tokenizer
 from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
+from surgeon.metrics import fact_recall, load_facts, perplexity
 from surgeon.model import materialize
 from surgeon.sources import open_checkpoint
 
@@ -217,7 +218,8 @@ def test_smollm2_perplexity_is_finite_and_stable_and_it_knows_paris(tmp_path):
 def test_chunked_head_equals_full_logits(kind):
     import torch.nn.functional as F
     import transformers as tf
-    from surgeon.ops.evaluate import window_nll_sum
+
+    from surgeon.metrics import window_nll_sum
 
     torch.manual_seed(0)
     if kind == "gpt2":

@@ -75,9 +75,8 @@ def heldout_loss(model_dir: Path | str, heldout: Path | str) -> float:
 
 
 def graph_loss(g, heldout: Path | str) -> float:
-    from surgeon.ops.evaluate import perplexity
-
     from surgeon.context import Context
+    from surgeon.metrics import perplexity
 
     ctx = Context()
     windows = ctx.tokens(str(heldout), g, seqlen=WINDOW)

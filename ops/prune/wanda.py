@@ -13,14 +13,13 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from torch import nn
 
+from surgeon import engine
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
-from surgeon.graph import Const, Graph
+from surgeon.graph import Graph
 from surgeon.registry import register
 
-from .blocks import advance, capture_block_inputs, layer_modules, module_of
 from .common import (
     ARCH_HELP,
     EXCLUDE_HELP,
@@ -30,7 +29,6 @@ from .common import (
     nm_prune,
     parse_nm,
     prune_targets,
-    roles,
     sparsity_facts,
     transposed_names,
 )
@@ -91,53 +89,20 @@ def wanda_mask(w: torch.Tensor, sq_norm: torch.Tensor, sparsity: float, *, trans
     return mask.T.contiguous() if transposed else mask
 
 
-class InputNorms:
-    """Forward hooks accumulating Σ x_j² over all tokens at the input of each watched module (fp64)."""
-
-    def __init__(self, modules: dict[str, nn.Module]):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
-
-    def _hook(self, name: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            s = (x * x).sum(0)
-            self.sums[name] = self.sums[name] + s if name in self.sums else s
-
-        return hook
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-def wanda_prune_model(model: nn.Module, layers: list[nn.Module], targets_by_layer: list[list[str]],
-                      batches, *, sparsity: float, nm: tuple[int, int] | None, transposed: set[str],
-                      progress=None) -> dict[str, torch.Tensor]:
-    """Sequential Wanda over ``layers``; prunes the module in place and returns ``{graph name: mask}``."""
-    masks: dict[str, torch.Tensor] = {}
-    steps = range(len(layers)) if progress is None else progress(range(len(layers)), len(layers), "Wanda")
-    for i in steps:
-        layer, names = layers[i], targets_by_layer[i]
-        mods = {n: module_of(model, n)[0] for n in names}
-        norms = InputNorms(mods)
-        try:
-            advance_inputs = [b.hidden for b in batches]
-            advance(layer, batches)  # runs the dense block once: hooks see its inputs
-        finally:
-            norms.close()
-        for b, h in zip(batches, advance_inputs):  # rewind: outputs are recomputed after pruning
-            b.hidden = h
-        for n in names:
-            mod, leaf, _ = module_of(model, n)
-            w = getattr(mod, leaf)
-            if n not in norms.sums:
-                raise SurgeonError(f"{n!r}: its module was not called during calibration (not a linear?)")
-            mask = wanda_mask(w.detach(), norms.sums[n], sparsity, transposed=n in transposed, nm=nm)
-            with torch.no_grad():
-                w.masked_fill_(mask.to(w.device), 0)
-            masks[n] = mask.cpu()
-        advance(layer, batches)  # outputs of the pruned block feed the next one
+def prune_block(block, stats: dict[str, Any], names: list[str], *, sparsity: float, nm: tuple[int, int] | None,
+                transposed: set[str]) -> dict[str, torch.Tensor]:
+    """Wanda on one engine block: mask each target from its input norms and zero it in place (the engine then
+    runs the pruned block to feed the next one). Returns ``{graph name: mask}``."""
+    masks = {}
+    for n in names:
+        st = stats.get(n)
+        if st is None or st.count == 0:
+            raise SurgeonError(f"{n!r}: its module was not called during calibration (not a linear?)")
+        w = block.param(n)
+        mask = wanda_mask(w.detach(), st.sq_norm, sparsity, transposed=n in transposed, nm=nm)
+        with torch.no_grad():
+            w.masked_fill_(mask.to(w.device), 0)
+        masks[n] = mask.cpu()
     return masks
 
 
@@ -147,7 +112,8 @@ def _apply_mask(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 # --- graph wiring ---------------------------------------------------------------------------------------------
 
-@register("prune.wanda", Params, model_level=True)
+@register("prune.wanda", Params, model_level=True,
+          summary="Wanda pruning: |W|·‖X‖ with calibration data (Sun et al. 2024).")
 def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     """Wanda pruning: |W|·‖X‖ with calibration data."""
     names = prune_targets(graph, params.include, params.exclude, params.arch)
@@ -155,7 +121,7 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     trans = transposed_names(graph, names, params.arch)
     if nm is not None:
         check_nm_shapes(graph, names, nm[1], trans)
-    r = roles(graph, params.arch)
+    r = ctx.roles(graph, overrides=params.arch)
     by_layer: list[list[str]] = [[] for _ in range(r.n_layers)]
     prefixes = [r.layer_prefix(i) for i in range(r.n_layers)]
     for n in names:
@@ -165,20 +131,26 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
                                "use prune.magnitude for embeddings or lm_head)")
         by_layer[i].append(n)
     tokens = ctx.tokens(params.data, graph, seqlen=params.seqlen, max_windows=params.n_windows)
-    model = ctx.module(graph, dtype="float32")
-    layers = layer_modules(model, prefixes)
+    eng = engine.from_context(graph, ctx, dtype="float32", micro_batch=params.batch_size, roles=r)
+    spill = eng.spill
+    mask_nodes: dict[str, Any] = {}
+    per_tensor: dict[str, tuple[int, int]] = {}
+
+    def change(block, stats) -> None:
+        for n, mask in prune_block(block, stats, by_layer[block.index], sparsity=params.sparsity, nm=nm,
+                                   transposed=trans).items():
+            per_tensor[n] = (int(mask.sum()), mask.numel())
+            mask_nodes[n] = spill.put(f"{n}.wanda-mask", mask, label="wanda-mask")
+
     with ctx.timed("calibrate"):
-        batches = capture_block_inputs(model, layers[0], tokens, params.batch_size)
-        masks = wanda_prune_model(model, layers, by_layer, batches, sparsity=params.sparsity, nm=nm,
-                                  transposed=trans, progress=ctx.progress)
-    del model, batches
+        eng.run(tokens, observe={n: ("sq_norm",) for n in names}, change=change, record=False,
+                layers=[i for i, ns in enumerate(by_layer) if ns], transposed=trans, progress=ctx.progress)
+    ctx.report(**eng.timing())
+    del eng
     out = graph.copy()
-    per_tensor = {}
-    for n, mask in masks.items():
+    for n, mask_node in mask_nodes.items():
         dense = graph[n]
-        out.nodes[n] = Pruned(_apply_mask, [dense, Const(mask, label="wanda-mask")], dense=dense,
-                              label="prune-wanda")
-        per_tensor[n] = (int(mask.sum()), mask.numel())
+        out.replace(n, Pruned(_apply_mask, [dense, mask_node], dense=dense, label="prune-wanda"))
     ctx.report(method="wanda", nm=params.nm, calibration_windows=int(tokens.shape[0]),
                calibration_seqlen=int(tokens.shape[1]), **sparsity_facts(per_tensor))
     return out

@@ -22,15 +22,15 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from surgeon.ops.evaluate import perplexity
-from surgeon.ops.retrain.perp import _checkpointing, _count, _optimizer
 
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
+from surgeon.metrics import perplexity
 from surgeon.registry import register
 
 from .kd import Targets, TopK, kd_loss, teacher_targets
+from .perp import _checkpointing, _count, _optimizer
 from .recursive import Recursion, RecursiveModule, build_module, read_recursion, write_form
 
 OP = "retrain.distill"
@@ -201,7 +201,8 @@ def _facts(rec: Recursion, who: str, windows: torch.Tensor, held: torch.Tensor, 
             "train_seconds": round(secs, 1)}
 
 
-@register(OP, Params, model_level=True)
+@register(OP, Params, model_level=True,
+          summary="Uptrain a tie output toward the original by distillation (shared block, LoRA, norms).")
 def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     """Uptrain a tie output (shared block, per-layer LoRA, norms) to match the original model's logits."""
     rec = read_recursion(graph, ctx, OP)
