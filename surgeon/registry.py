@@ -26,17 +26,23 @@ FAMILY_ORDER = ("cast", "drop", "rename", "eval", "merge", "edit", "erase", "pru
 OP_OPTIONS_FILE = Path(__file__).resolve().parent / "assets" / "op_options.json"
 
 
-def _load_index() -> dict[str, tuple[str, str]]:
+def _load_index() -> tuple[dict[str, tuple[str, str]], str | None]:
+    """The index and, when the file cannot be read, why (generating it again needs no index)."""
     try:
         stored = json.loads(OP_OPTIONS_FILE.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise SurgeonError(f"{OP_OPTIONS_FILE}: unreadable op index ({e}); "
-                           "regenerate with python -m surgeon.docgen --op-options") from None
-    return {name: (spec.get("module", ""), spec.get("summary", "")) for name, spec in stored.items()}
+        return {name: (spec["module"], spec["summary"]) for name, spec in stored.items()}, None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return {}, (f"{OP_OPTIONS_FILE}: unreadable op index ({e.__class__.__name__}: {e}); "
+                    "regenerate it with python -m surgeon.docgen --op-options")
 
 
 #: op name -> (module that registers it, one-line summary); generated, never edited by hand
-OP_INDEX: dict[str, tuple[str, str]] = _load_index()
+OP_INDEX, _INDEX_ERROR = _load_index()
+
+
+def _check_index() -> None:
+    if _INDEX_ERROR:
+        raise SurgeonError(_INDEX_ERROR)
 
 
 def help_order(name: str) -> tuple[int, str]:
@@ -88,6 +94,7 @@ def discover() -> dict[str, OpSpec]:
 
 def get_op(name: str) -> OpSpec:
     if name not in _REGISTRY:
+        _check_index()
         if name not in OP_INDEX:
             from difflib import get_close_matches
 
@@ -102,6 +109,7 @@ def get_op(name: str) -> OpSpec:
 
 def families() -> dict[str, list[str]]:
     """CLI grouping: ``merge.ties`` -> group ``merge`` command ``ties``; ``tie`` stays top-level."""
+    _check_index()
     out: dict[str, list[str]] = {}
     for name in OP_INDEX:
         fam, _, sub = name.partition(".")
