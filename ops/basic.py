@@ -58,7 +58,8 @@ def cast_target(name: str, current, params: CastParams):
     return getattr(torch, params.dtype)
 
 
-@register("cast", CastParams)
+@register("cast", CastParams,
+          summary="Change tensor dtypes, with per-pattern exceptions (e.g. keep norms in fp32).")
 def cast(graph: Graph, params: CastParams, ctx: Context) -> Graph:
     """Cast floating-point tensors to ``dtype`` (integer and bool tensors are never touched)."""
     graph = graph.copy()
@@ -88,7 +89,7 @@ class DropParams(BaseModel):
         return v
 
 
-@register("drop", DropParams)
+@register("drop", DropParams, summary="Remove tensors whose names match a regular expression.")
 def drop(graph: Graph, params: DropParams, ctx: Context) -> Graph:
     """Remove tensors whose names match ``pattern``."""
     graph = graph.copy()
@@ -114,7 +115,7 @@ class RenameParams(BaseModel):
         return v
 
 
-@register("rename", RenameParams)
+@register("rename", RenameParams, summary="Rename tensors with a regular expression substitution.")
 def rename(graph: Graph, params: RenameParams, ctx: Context) -> Graph:
     """Rename tensors by regex substitution; two tensors mapping to one name is an error."""
     graph = graph.copy()

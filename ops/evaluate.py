@@ -77,7 +77,8 @@ def _table(result: dict[str, Any]):
     return table
 
 
-@register("eval", Params, writes=False, model_level=True)
+@register("eval", Params, writes=False, model_level=True,
+          summary="Perplexity, fact recall and samples; results go to the card.")
 def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     """Evaluate perplexity, fact recall and greedy samples; append one results row to the graph."""
     # perplexity and fact recall run on the block-by-block engine (memory: one block + activations + the output

@@ -60,44 +60,17 @@ def measure(name: str, model, tok, folder: Path, requests: list[dict[str, Any]] 
             "seconds": seconds, "path": str(folder)}
 
 
-def run_demo(output: str | None = None, quick: bool = False) -> dict[str, Any]:
+def _chain_row(root: Path, raw: dict[str, Any], requests, tok, ctx, base_graph, console) -> dict[str, Any]:
+    """Run recipes/demo.yaml (edit → prune → PERP → eval) and measure its output."""
     import torch
-    from rich.console import Console
-    from rich.table import Table
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from surgeon.context import Context
-    from surgeon.graph import Graph
-    from surgeon.pipeline import RunOptions, run_steps
     from surgeon.recipe import execute_recipe, load_recipe
-    from surgeon.sources import open_checkpoint
-
-    console = Console(stderr=True)
-    torch.manual_seed(0)
-    root = Path(output or "demo-out").resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    console.print("[bold]1/4[/bold] SmolLM2-135M-Instruct: converting the bundled GGUF (cached after the first run)")
-    base_ck = open_checkpoint("builtin:smollm2")
-    base_dir = Path(base_ck.path)
-    convert_s = time.perf_counter() - t0
-    ctx = Context(quiet=True)
-    base_graph = Graph.from_checkpoint(base_ck)
-    tok = AutoTokenizer.from_pretrained(base_dir)
-
-    raw = _packaged_recipe()
-    requests = next(s["edit.emmet"]["requests"] for s in raw["steps"] if "edit.emmet" in s)
-    rows = []
-    base_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    rows.append(measure("SmolLM2-135M fp32", base_model, tok, base_dir, requests, convert_s, ctx,
-                        base_graph))
-    del base_model
 
     console.print("[bold]2/4[/bold] recipes/demo.yaml: EMMET edit → 50% magnitude pruning → PERP → eval")
     raw["output"] = str(root / "edited-pruned-perp")
-    recipe = load_recipe(raw)
     t = time.perf_counter()
-    chain = execute_recipe(recipe, force=True, quiet=False)
+    chain = execute_recipe(load_recipe(raw), force=True, quiet=False)
     chain_s = time.perf_counter() - t
     out = Path(chain["output"])
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -105,36 +78,30 @@ def run_demo(output: str | None = None, quick: bool = False) -> dict[str, Any]:
     row["steps"] = {s["op"]: round(s["seconds"], 1) for s in chain["steps"]}
     row["edit_step"] = next(({k: r[k] for k in ("efficacy", "paraphrase", "neighborhood") if k in r}
                              for r in chain["results"] if r.get("kind") == "edit.emmet"), None)
-    rows.append(row)
     zeros = sum(int((p == 0).sum()) for n, p in model.named_parameters() if "layers" in n and p.ndim == 2)
     total = sum(p.numel() for n, p in model.named_parameters() if "layers" in n and p.ndim == 2)
     row["block_sparsity"] = zeros / total
-    del model
+    return row
 
-    if not quick:
-        from surgeon.formats.recursive import load_recursive
-        from surgeon.formats.shiftadd import load_shiftadd
 
-        console.print("[bold]3/4[/bold] ShiftAdd: 3-bit binary-coded weights, power-of-two scales (packed)")
-        t = time.perf_counter()
-        # activation-aware fit (§7.2) on the same self-sampled text the chain used (drawn once per process)
-        res = run_steps({str(base_dir): str(base_dir)}, [("shiftadd", SHIFTADD_STEP)],
-                        RunOptions(output=str(root / "shiftadd-3bit"), force=True, quiet=True))
-        secs = time.perf_counter() - t
-        model = load_shiftadd(res["output"])
-        rows.append(measure("ShiftAdd 3-bit, calibrated (packed)", model, tok, Path(res["output"]), None, secs,
-                            ctx, base_graph))
-        del model
+def _variant_row(step: str, params: dict[str, Any], name: str, folder: Path, base_dir: Path, tok, ctx,
+                 base_graph) -> dict[str, Any]:
+    """Run one op on the base model into ``folder`` and measure it with its format's own loader."""
+    from surgeon.formats.recursive import load_recursive
+    from surgeon.formats.shiftadd import load_shiftadd
+    from surgeon.pipeline import RunOptions, run_steps
 
-        console.print("[bold]4/4[/bold] Relaxed Recursive Transformer: 30 layers → 15 shared × 2 loops + rank-64 LoRA")
-        t = time.perf_counter()
-        res = run_steps({str(base_dir): str(base_dir)}, [("tie", TIE_STEP)],
-                        RunOptions(output=str(root / "recursive-r64"), force=True, quiet=True))
-        secs = time.perf_counter() - t
-        model = load_recursive(res["output"])
-        rows.append(measure("Recursive 15×2 + LoRA r64 (init only)", model, tok, Path(res["output"]), None, secs, ctx,
-                            base_graph))
-        del model
+    t = time.perf_counter()
+    res = run_steps({str(base_dir): str(base_dir)}, [(step, params)],
+                    RunOptions(output=str(folder), force=True, quiet=True))
+    secs = time.perf_counter() - t
+    model = (load_shiftadd if step == "shiftadd" else load_recursive)(res["output"])
+    return measure(name, model, tok, Path(res["output"]), None, secs, ctx, base_graph)
+
+
+def _print_table(rows: list[dict[str, Any]], console) -> None:
+    from rich.console import Console
+    from rich.table import Table
 
     console = Console(stderr=True, width=max(console.width, 110))
     table = Table(title="surgeon demo — SmolLM2-135M-Instruct, CPU, offline")
@@ -152,7 +119,46 @@ def run_demo(output: str | None = None, quick: bool = False) -> dict[str, Any]:
                           f"{e.get('paraphrase', 0):.0%}, neighbourhood {e.get('neighborhood', 0):.0%}; after 50% "
                           f"pruning + PERP the edited facts score {r['edit_efficacy']:.0%}.")
     console.print("ShiftAdd/recursive rows start from the unedited base model; the recursive row is the SVD "
-                   "initialisation, which the paper uptrains on billions of tokens.")
+                  "initialisation, which the paper uptrains on billions of tokens.")
+
+
+def run_demo(output: str | None = None, quick: bool = False) -> dict[str, Any]:
+    import torch
+    from rich.console import Console
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from surgeon.context import Context
+    from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
+
+    console = Console(stderr=True)
+    torch.manual_seed(0)
+    root = Path(output or "demo-out").resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    console.print("[bold]1/4[/bold] SmolLM2-135M-Instruct: converting the bundled GGUF (cached after the first run)")
+    base_ck = open_checkpoint("builtin:smollm2")
+    base_dir = Path(base_ck.path)
+    convert_s = time.perf_counter() - t0
+    ctx = Context(quiet=True)
+    base_graph = Graph.from_checkpoint(base_ck)
+    tok = AutoTokenizer.from_pretrained(base_dir)
+
+    raw = _packaged_recipe()
+    requests = next(s["edit.emmet"]["requests"] for s in raw["steps"] if "edit.emmet" in s)
+    base_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    rows = [measure("SmolLM2-135M fp32", base_model, tok, base_dir, requests, convert_s, ctx, base_graph)]
+    del base_model
+    rows.append(_chain_row(root, raw, requests, tok, ctx, base_graph, console))
+    if not quick:
+        console.print("[bold]3/4[/bold] ShiftAdd: 3-bit binary-coded weights, power-of-two scales (packed)")
+        # activation-aware fit (§7.2) on the same self-sampled text the chain used (drawn once per process)
+        rows.append(_variant_row("shiftadd", SHIFTADD_STEP, "ShiftAdd 3-bit, calibrated (packed)",
+                                 root / "shiftadd-3bit", base_dir, tok, ctx, base_graph))
+        console.print("[bold]4/4[/bold] Relaxed Recursive Transformer: 30 layers → 15 shared × 2 loops + rank-64 LoRA")
+        rows.append(_variant_row("tie", TIE_STEP, "Recursive 15×2 + LoRA r64 (init only)", root / "recursive-r64",
+                                 base_dir, tok, ctx, base_graph))
+    _print_table(rows, console)
     chart = root / "demo.png"
     try:
         plot_rows(rows, chart)

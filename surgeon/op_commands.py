@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from surgeon.errors import SurgeonError
-from surgeon.registry import OP_INDEX
+from surgeon.registry import OP_INDEX, OP_OPTIONS_FILE
 from surgeon.render import emit
 
 RUN_PANEL = "Run options"
@@ -144,17 +144,17 @@ def op_cli_spec(op_name: str) -> dict[str, Any]:
         if tp in (int, float):
             entry.update(_bounds(field))
         fields[name] = entry
-    return {"summary": spec.summary, "doc": (spec.apply.__doc__ or spec.summary).strip(),
+    return {"module": spec.module, "summary": spec.summary, "doc": (spec.apply.__doc__ or spec.summary).strip(),
             "multi_model": spec.multi_model, "writes": spec.writes,
             "takes_models": "models" in spec.params.model_fields, "fields": fields}
 
 
-OP_OPTIONS_FILE = Path(__file__).resolve().parent / "assets" / "op_options.json"
-
-
 def render_op_options() -> str:
-    """``assets/op_options.json``: every op's CLI spec (``python -m surgeon.docgen --op-options``)."""
-    return json.dumps({op: op_cli_spec(op) for op in OP_INDEX}, indent=1, ensure_ascii=False) + "\n"
+    """``assets/op_options.json``: every registered op's module, summary and CLI spec, in help order
+    (``python -m surgeon.docgen --op-options``); it is also the registry's index."""
+    from surgeon.registry import discover
+
+    return json.dumps({op: op_cli_spec(op) for op in discover()}, indent=1, ensure_ascii=False) + "\n"
 
 
 def _stored_cli_spec(op_name: str) -> dict[str, Any]:

@@ -124,6 +124,38 @@ def check_executor(options: RunOptions) -> None:
         connect()
 
 
+def equivalent_recipe(models: dict[str, str], validated: list, options: RunOptions) -> dict[str, Any]:
+    """The recipe a CLI call amounts to, so that the card shows how to reproduce the run."""
+    recipe: dict[str, Any] = ({"model": next(iter(models.values()))} if len(models) == 1
+                              else {"models": dict(models)})
+    recipe["steps"] = [{spec.name: params.model_dump(mode="json", exclude_defaults=True)}
+                       for spec, params in validated]
+    if options.output:
+        recipe["output"] = str(options.output)
+    return recipe
+
+
+def apply_steps(graph, validated: list, ctx, options: RunOptions) -> tuple[Any, list[dict[str, Any]]]:
+    """Run the validated steps in order (each with the run's seed); returns the last graph and the step log."""
+    import torch
+
+    step_log: list[dict[str, Any]] = []
+    for spec, params in validated:
+        torch.manual_seed(options.seed)
+        ctx.step_info = {}
+        t0 = time.perf_counter()
+        if not options.quiet and sys.stderr.isatty():  # off a terminal, progress lines name the step
+            ctx.log(f"[bold]{spec.name}[/bold] …")
+        result = spec.apply(graph, params, ctx)
+        if result is None:
+            raise SurgeonError(f"internal: {spec.name} returned no graph")
+        graph = result
+        secs = time.perf_counter() - t0
+        step_log.append({"op": spec.name, "params": params.model_dump(mode="json"), "seconds": round(secs, 3),
+                         "info": _jsonable(ctx.step_info)})
+    return graph, step_log
+
+
 def run_steps(models: dict[str, str], steps: list[tuple[str, Any]], options: RunOptions, *,
               recipe: dict[str, Any] | None = None, base: str | None = None) -> dict[str, Any]:
     """Validate everything, run the steps on the first (or ``base``) model, write to ``options.output``.
@@ -158,34 +190,16 @@ def run_steps(models: dict[str, str], steps: list[tuple[str, Any]], options: Run
 
     from surgeon.context import Context
 
-    if recipe is None:  # the equivalent recipe, so the card shows how to reproduce the run
-        recipe = {"model": next(iter(models.values()))} if len(models) == 1 else {"models": dict(models)}
-        recipe["steps"] = [{spec.name: params.model_dump(mode="json", exclude_defaults=True)}
-                           for spec, params in validated]
-        if options.output:
-            recipe["output"] = str(options.output)
+    recipe = recipe if recipe is not None else equivalent_recipe(models, validated, options)
     ctx = Context.create(options.device, seed=options.seed, graphs=graphs, base_name=base,
                          quiet=options.quiet, allow_nonfinite=options.allow_nonfinite, origin=graph,
                          arch=options.arch, allow_pickle=options.allow_pickle, online=options.online,
                          max_memory=options.max_memory,
                          work_dir=str(Path(options.output).resolve().parent) if options.output else None)
     t_start = time.perf_counter()
-    step_log: list[dict[str, Any]] = []
+    graph, step_log = apply_steps(graph, validated, ctx, options)
     import torch
 
-    for spec, params in validated:
-        torch.manual_seed(options.seed)
-        ctx.step_info = {}
-        t0 = time.perf_counter()
-        if not options.quiet and sys.stderr.isatty():  # off a terminal, progress lines name the step
-            ctx.log(f"[bold]{spec.name}[/bold] …")
-        result = spec.apply(graph, params, ctx)
-        if result is None:
-            raise SurgeonError(f"internal: {spec.name} returned no graph")
-        graph = result
-        secs = time.perf_counter() - t0
-        step_log.append({"op": spec.name, "params": params.model_dump(mode="json"), "seconds": round(secs, 3),
-                         "info": _jsonable(ctx.step_info)})
     provenance = {
         "surgeon_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -1,14 +1,18 @@
-"""Op registry: ``@register("family.name", Params)`` on an ``apply(graph, params, ctx) -> graph`` function.
+"""Op registry: ``@register("family.name", Params, summary=...)`` on an ``apply(graph, params, ctx) -> graph``.
 
-The CLI subcommand and the YAML recipe step are both generated from ``Params`` (a pydantic model): field
-descriptions become ``--help`` text, defaults and validation are pydantic's. ``OP_INDEX`` is static so that
-``surgeon --help`` lists every op without importing any op module (or torch).
+The decorator is the one source of truth. The CLI subcommand and the YAML recipe step are both generated from
+``Params`` (a pydantic model): field descriptions become ``--help`` text, defaults and validation are pydantic's.
+So that ``surgeon --help`` lists every op without importing an op module (or torch), ``OP_INDEX`` (name ->
+module, summary) is read from ``assets/op_options.json``, which ``python -m surgeon.docgen --op-options``
+generates by importing every op module (:func:`discover`); tests/test_docs.py fails when it is stale.
 """
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from surgeon.errors import SurgeonError
@@ -16,46 +20,34 @@ from surgeon.errors import SurgeonError
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-#: op name -> (module that registers it, one-line summary). Keep sorted by family.
-OP_INDEX: dict[str, tuple[str, str]] = {
-    "cast": ("surgeon.ops.basic", "Change tensor dtypes, with per-pattern exceptions (e.g. keep norms in fp32)."),
-    "drop": ("surgeon.ops.basic", "Remove tensors whose names match a regular expression."),
-    "rename": ("surgeon.ops.basic", "Rename tensors with a regular expression substitution."),
-    "eval": ("surgeon.ops.evaluate", "Perplexity, fact recall and samples; results go to the card."),
-    "merge.linear": ("surgeon.ops.merge.classic", "Weighted average of checkpoints."),
-    "merge.task-arithmetic": ("surgeon.ops.merge.classic", "Base + λ·Σ task vectors (Ilharco et al. 2023)."),
-    "merge.ties": ("surgeon.ops.merge.classic", "TIES: trim, elect sign, disjoint mean (Yadav et al. 2023)."),
-    "merge.dare": ("surgeon.ops.merge.classic", "DARE: random drop and rescale of task vectors (Yu et al. 2024)."),
-    "merge.slerp": ("surgeon.ops.merge.interpolate", "SLERP of two models, t per layer and per filter (gradients)."),
-    "merge.nuslerp": ("surgeon.ops.merge.interpolate", "NuSLERP: spherical interpolation of two models or task vectors."),
-    "merge.multislerp": ("surgeon.ops.merge.interpolate", "Multi-SLERP: barycentric interpolation on the hypersphere."),
-    "merge.karcher": ("surgeon.ops.merge.interpolate", "Karcher (Riemannian) mean of the models on the sphere."),
-    "merge.model-stock": ("surgeon.ops.merge.interpolate", "Model Stock: fine-tunes' average pulled toward the base."),
-    "merge.nearswap": ("surgeon.ops.merge.interpolate", "NearSwap: take the other model's values where they are close."),
-    "merge.breadcrumbs": ("surgeon.ops.merge.gta", "Model Breadcrumbs: drop outliers and small task-vector entries."),
-    "merge.breadcrumbs-ties": ("surgeon.ops.merge.gta", "Model Breadcrumbs with TIES sign election."),
-    "merge.della": ("surgeon.ops.merge.gta", "DELLA: magnitude-ranked random drop, rescale, TIES election."),
-    "merge.della-linear": ("surgeon.ops.merge.gta", "DELLA without sign election (weighted sum)."),
-    "merge.sce": ("surgeon.ops.merge.gta", "SCE: select by variance, weights from mean squares, erase signs."),
-    "merge.passthrough": ("surgeon.ops.merge.slices", "Frankenmerge / depth up-scaling from layer slices."),
-    "merge.mwa": ("surgeon.ops.merge.mwa", "Metrics-weighted averaging of checkpoints of one run (arXiv 2504.18580)."),
-    "merge.opcm": ("surgeon.ops.merge.opcm", "Orthogonal-projection continual merging (OPCM)."),
-    "merge.rmm": ("surgeon.ops.merge.rmm", "Reversible merging of low-rank weights (arXiv 2510.14163)."),
-    "merge.revert": ("surgeon.ops.merge.revert", "Rebuild one task's adapter or model from an RMM merge."),
-    "edit.rome": ("surgeon.ops.edit.rome", "ROME rank-one knowledge edit of one MLP (Meng et al. 2022)."),
-    "edit.emmet": ("surgeon.ops.edit.emmet", "EMMET batched equality-constrained edits (Gupta et al. 2024)."),
-    "edit.memit": ("surgeon.ops.edit.memit", "MEMIT mass edits spread over several MLP layers (Meng et al. 2023)."),
-    "erase.rece": ("surgeon.ops.erase.rece", "RECE concept erasure in cross-attention (Gong et al. 2024)."),
-    "erase.uce": ("surgeon.ops.erase.uce", "UCE closed-form concept erasure (Gandikota et al. 2024)."),
-    "prune.magnitude": ("surgeon.ops.prune.magnitude", "Magnitude pruning: per-layer, global or N:M."),
-    "prune.wanda": ("surgeon.ops.prune.wanda", "Wanda pruning: |W|·‖X‖ with calibration data (Sun et al. 2024)."),
-    "prune.sparsegpt": ("surgeon.ops.prune.sparsegpt", "SparseGPT: one-shot pruning with OBS weight updates (Frantar & Alistarh 2023)."),
-    "prune.layers": ("surgeon.ops.prune.layers", "Remove whole decoder blocks, by block influence or by index (ShortGPT)."),
-    "retrain.perp": ("surgeon.ops.retrain.perp", "PERP: retrain norms, biases and MaskLoRA after pruning."),
-    "shiftadd": ("surgeon.ops.shiftadd.op", "ShiftAdd: binary-coded weights with power-of-two scales + LUT kernel."),
-    "tie": ("surgeon.ops.tie.op", "Relaxed Recursive Transformer: tie layers, relax with SVD LoRA."),
-    "recover": ("surgeon.ops.recover.op", "CheckFree: rebuild a lost pipeline stage from its neighbours."),
-}
+#: the order of families in ``--help`` and the generated docs (within a family: by name); others go last
+FAMILY_ORDER = ("cast", "drop", "rename", "eval", "merge", "edit", "erase", "prune", "retrain", "shiftadd", "tie",
+                "recover")
+OP_OPTIONS_FILE = Path(__file__).resolve().parent / "assets" / "op_options.json"
+
+
+def _load_index() -> tuple[dict[str, tuple[str, str]], str | None]:
+    """The index and, when the file cannot be read, why (generating it again needs no index)."""
+    try:
+        stored = json.loads(OP_OPTIONS_FILE.read_text(encoding="utf-8"))
+        return {name: (spec["module"], spec["summary"]) for name, spec in stored.items()}, None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return {}, (f"{OP_OPTIONS_FILE}: unreadable op index ({e.__class__.__name__}: {e}); "
+                    "regenerate it with python -m surgeon.docgen --op-options")
+
+
+#: op name -> (module that registers it, one-line summary); generated, never edited by hand
+OP_INDEX, _INDEX_ERROR = _load_index()
+
+
+def _check_index() -> None:
+    if _INDEX_ERROR:
+        raise SurgeonError(_INDEX_ERROR)
+
+
+def help_order(name: str) -> tuple[int, str]:
+    family = name.partition(".")[0]
+    return (FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER), name)
 
 
 @dataclass(frozen=True)
@@ -64,6 +56,7 @@ class OpSpec:
     params: type[BaseModel]
     apply: Callable[..., Any]
     summary: str
+    module: str
     multi_model: bool = False  # takes several checkpoints (merges)
     writes: bool = True  # False for report-only ops (eval), whose CLI has no --output
     model_level: bool = False  # needs forward passes (materialises the graph as a module)
@@ -72,20 +65,36 @@ class OpSpec:
 _REGISTRY: dict[str, OpSpec] = {}
 
 
-def register(name: str, params: type[BaseModel], *, multi_model: bool = False, writes: bool = True,
-             model_level: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register ``apply`` under ``name``; the name must be listed in ``OP_INDEX``."""
+def register(name: str, params: type[BaseModel], *, summary: str | None = None, multi_model: bool = False,
+             writes: bool = True, model_level: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``apply`` under ``name``; ``summary`` (default: the docstring's first line) is its one-line
+    description in ``--help``."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        summary = OP_INDEX.get(name, ("", (fn.__doc__ or "").strip().split("\n")[0]))[1]
-        _REGISTRY[name] = OpSpec(name, params, fn, summary, multi_model, writes, model_level)
+        text = summary or (fn.__doc__ or "").strip().split("\n")[0]
+        if name in _REGISTRY and _REGISTRY[name].module != fn.__module__:
+            raise SurgeonError(f"internal: op {name!r} registered by {_REGISTRY[name].module} and {fn.__module__}")
+        _REGISTRY[name] = OpSpec(name, params, fn, text, fn.__module__, multi_model, writes, model_level)
         return fn
 
     return wrap
 
 
+def discover() -> dict[str, OpSpec]:
+    """Import every op module (each file under ``surgeon.ops`` that registers an op) and return all ops in help
+    order. Used to generate the index; the CLI never calls it."""
+    ops_pkg = importlib.import_module("surgeon.ops")
+    for root in map(Path, ops_pkg.__path__):
+        for path in sorted(root.rglob("*.py")):
+            if "@register(" in path.read_text(encoding="utf-8"):
+                rel = path.relative_to(root).with_suffix("")
+                importlib.import_module(".".join(["surgeon.ops", *rel.parts]))
+    return {n: _REGISTRY[n] for n in sorted(_REGISTRY, key=help_order)}
+
+
 def get_op(name: str) -> OpSpec:
     if name not in _REGISTRY:
+        _check_index()
         if name not in OP_INDEX:
             from difflib import get_close_matches
 
@@ -100,6 +109,7 @@ def get_op(name: str) -> OpSpec:
 
 def families() -> dict[str, list[str]]:
     """CLI grouping: ``merge.ties`` -> group ``merge`` command ``ties``; ``tie`` stays top-level."""
+    _check_index()
     out: dict[str, list[str]] = {}
     for name in OP_INDEX:
         fam, _, sub = name.partition(".")

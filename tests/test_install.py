@@ -115,3 +115,18 @@ def test_lock_pins_every_declared_dependency_within_its_range():
 
 def test_lock_pins_the_local_cpu_torch():
     assert _lock_pins()["torch"].startswith("2.13.0")
+
+
+def test_every_code_folder_is_a_declared_package():
+    """A new op family or framework sub-package must be in pyproject's ``packages``, or wheels miss it."""
+    import tomllib
+
+    declared = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    mapping = {"surgeon": ROOT / "surgeon", "surgeon.ops": ROOT / "ops", "surgeon.kernels": ROOT / "kernels"}
+    found = set()
+    for prefix, folder in mapping.items():
+        for sub in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+            if any(sub.glob("*.py")) and "__pycache__" not in sub.parts:
+                rel = sub.relative_to(folder).parts
+                found.add(".".join([prefix, *rel]))
+    assert found - declared == set(), f"add to pyproject [tool.setuptools] packages: {sorted(found - declared)}"

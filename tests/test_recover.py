@@ -371,7 +371,7 @@ def test_missing_neighbour_norm_and_bad_params(trained, tmp_path):
 
 
 def test_layout_of_a_checkpoint_with_a_missing_stage(trained, tmp_path):
-    from surgeon.arch import roles_with_gaps
+    from surgeon.arch.gaps import roles_with_gaps
 
     g = _graph(_drop_stage(trained, tmp_path / "lost", [2, 3]))
     gapped = roles_with_gaps(g.config, g.names())

@@ -32,7 +32,8 @@ class Params(EditParams):
                                                   "only for batches of more than one).")
 
 
-@register("edit.emmet", Params, model_level=True)
+@register("edit.emmet", Params, model_level=True,
+          summary="EMMET batched equality-constrained edits (Gupta et al. 2024).")
 def apply(graph, params: Params, ctx):
     """Rewrite all requests' facts with one closed-form update per batch."""
     return run_edit(graph, params, ctx, "emmet", lam=params.lam, batch_size=params.batch_size,

@@ -128,7 +128,8 @@ def _memit_batches(model, tok, sites, modules, factors, batches, prefixes, setti
     return per_layer, per_edit
 
 
-@register("edit.memit", Params, model_level=True)
+@register("edit.memit", Params, model_level=True,
+          summary="MEMIT mass edits spread over several MLP layers (Meng et al. 2023).")
 def apply(graph, params: Params, ctx):
     """Rewrite all requests' facts, one batch at a time, spreading each batch's update over the layers."""
     requests = edit_requests(params, ctx)

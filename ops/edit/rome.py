@@ -16,7 +16,8 @@ class Params(EditParams):
     """ROME knobs: those of :class:`EditParams` (ROME has no λ: the edit holds exactly)."""
 
 
-@register("edit.rome", Params, model_level=True)
+@register("edit.rome", Params, model_level=True,
+          summary="ROME rank-one knowledge edit of one MLP (Meng et al. 2022).")
 def apply(graph, params: Params, ctx):
     """Rewrite each request's fact with a rank-one update (sequentially)."""
     return run_edit(graph, params, ctx, "rome")

@@ -53,7 +53,8 @@ def rece_refine(graph: Graph, params: ReceParams, ctx, emb: dict, settings: dict
     return Refined(res.L, res.R, kept, summary, log, [e.adversarial_norm for e in res.log])
 
 
-@register("erase.rece", ReceParams, model_level=True)
+@register("erase.rece", ReceParams, model_level=True,
+          summary="RECE concept erasure in cross-attention (Gong et al. 2024).")
 def apply(graph: Graph, params: ReceParams, ctx) -> Graph:
     """RECE: UCE, then epochs of (closed-form adversarial embedding, re-erase it)."""
     return erase(graph, params, ctx, method="erase.rece", refine=rece_refine)

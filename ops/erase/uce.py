@@ -358,7 +358,8 @@ class _Clock:
 
 
 
-@register("erase.uce", UceParams, model_level=True)
+@register("erase.uce", UceParams, model_level=True,
+          summary="UCE closed-form concept erasure (Gandikota et al. 2024).")
 def apply(graph: Graph, params: UceParams, ctx) -> Graph:
     """UCE closed-form erasure of concepts in every cross-attention key/value projection."""
     return erase(graph, params, ctx, method="erase.uce")

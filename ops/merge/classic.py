@@ -274,7 +274,7 @@ class DareParams(TaskArithmeticParams):
 # ops
 
 
-@register("merge.linear", LinearParams, multi_model=True)
+@register("merge.linear", LinearParams, multi_model=True, summary="Weighted average of checkpoints.")
 def merge_linear(graph: Graph, params: LinearParams, ctx: Context) -> Graph:
     """θ = Σ w_i θ_i / Σ w_i over the models (a --base, if given, only supplies tensors that are not merged)."""
     inputs = gather_inputs(graph, params, ctx, need_base=False, min_models=1, op="merge linear")
@@ -345,19 +345,22 @@ def merge_task_vectors(graph: Graph, params: TaskArithmeticParams, ctx: Context)
     return g
 
 
-@register("merge.task-arithmetic", TaskArithmeticParams, multi_model=True)
+@register("merge.task-arithmetic", TaskArithmeticParams, multi_model=True,
+          summary="Base + λ·Σ task vectors (Ilharco et al. 2023).")
 def merge_task_arithmetic(graph: Graph, params: TaskArithmeticParams, ctx: Context) -> Graph:
     """θ = θ_b + λ Σ w_i (θ_i − θ_b); --scale may vary per layer or per role."""
     return merge_task_vectors(graph, params, ctx)
 
 
-@register("merge.ties", TiesParams, multi_model=True)
+@register("merge.ties", TiesParams, multi_model=True,
+          summary="TIES: trim, elect sign, disjoint mean (Yadav et al. 2023).")
 def merge_ties(graph: Graph, params: TiesParams, ctx: Context) -> Graph:
     """Keep the top-density |τ_i| per tensor, elect a sign per entry, average the agreeing entries, add λ× to the base."""
     return merge_task_vectors(graph, params, ctx)
 
 
-@register("merge.dare", DareParams, multi_model=True)
+@register("merge.dare", DareParams, multi_model=True,
+          summary="DARE: random drop and rescale of task vectors (Yu et al. 2024).")
 def merge_dare(graph: Graph, params: DareParams, ctx: Context) -> Graph:
     """Drop each task-vector entry with probability 1 − density, rescale by 1/density, then sum (or TIES with --consensus ties)."""
     return merge_task_vectors(graph, params, ctx)

@@ -233,13 +233,15 @@ def _breadcrumbs(graph: Graph, params: BreadcrumbsParams, ctx: Context, *, conse
     return g
 
 
-@register("merge.breadcrumbs", BreadcrumbsParams, multi_model=True)
+@register("merge.breadcrumbs", BreadcrumbsParams, multi_model=True,
+          summary="Model Breadcrumbs: drop outliers and small task-vector entries.")
 def merge_breadcrumbs(graph: Graph, params: BreadcrumbsParams, ctx: Context) -> Graph:
     """Model Breadcrumbs: drop outliers and small entries of each task vector, sum."""
     return _breadcrumbs(graph, params, ctx, consensus="none", op="merge breadcrumbs")
 
 
-@register("merge.breadcrumbs-ties", BreadcrumbsParams, multi_model=True)
+@register("merge.breadcrumbs-ties", BreadcrumbsParams, multi_model=True,
+          summary="Model Breadcrumbs with TIES sign election.")
 def merge_breadcrumbs_ties(graph: Graph, params: BreadcrumbsParams, ctx: Context) -> Graph:
     """Model Breadcrumbs with TIES sign election."""
     return _breadcrumbs(graph, params, ctx, consensus="sum", op="merge breadcrumbs-ties")
@@ -278,19 +280,22 @@ def _della(graph: Graph, params: DellaParams, ctx: Context, *, consensus: str, o
     return g
 
 
-@register("merge.della", DellaParams, multi_model=True)
+@register("merge.della", DellaParams, multi_model=True,
+          summary="DELLA: magnitude-ranked random drop, rescale, TIES election.")
 def merge_della(graph: Graph, params: DellaParams, ctx: Context) -> Graph:
     """DELLA: magnitude-ranked random drop (MagPrune), rescale, TIES election, disjoint mean."""
     return _della(graph, params, ctx, consensus="sum", op="merge della")
 
 
-@register("merge.della-linear", DellaParams, multi_model=True)
+@register("merge.della-linear", DellaParams, multi_model=True,
+          summary="DELLA without sign election (weighted sum).")
 def merge_della_linear(graph: Graph, params: DellaParams, ctx: Context) -> Graph:
     """DELLA without sign election: MagPrune, rescale, weighted sum."""
     return _della(graph, params, ctx, consensus="none", op="merge della-linear")
 
 
-@register("merge.sce", SceParams, multi_model=True)
+@register("merge.sce", SceParams, multi_model=True,
+          summary="SCE: select by variance, weights from mean squares, erase signs.")
 def merge_sce(graph: Graph, params: SceParams, ctx: Context) -> Graph:
     """SCE: select by variance, calculate weights from mean squares, erase minority signs, merge."""
     op = "merge sce"

@@ -252,7 +252,8 @@ def _pair(graph: Graph, params: MergeParams, ctx: Context, op: str):
     return inputs, plan, num_layers(inputs.primary)
 
 
-@register("merge.slerp", SlerpParams, multi_model=True)
+@register("merge.slerp", SlerpParams, multi_model=True,
+          summary="SLERP of two models, t per layer and per filter (gradients).")
 def merge_slerp(graph: Graph, params: SlerpParams, ctx: Context) -> Graph:
     """Spherical interpolation of two models, t per layer/filter (base = the t = 0 end)."""
     op = "merge slerp"
@@ -268,7 +269,8 @@ def merge_slerp(graph: Graph, params: SlerpParams, ctx: Context) -> Graph:
     return g
 
 
-@register("merge.nuslerp", NuslerpParams, multi_model=True)
+@register("merge.nuslerp", NuslerpParams, multi_model=True,
+          summary="NuSLERP: spherical interpolation of two models or task vectors.")
 def merge_nuslerp(graph: Graph, params: NuslerpParams, ctx: Context) -> Graph:
     """NuSLERP of two models (of their task vectors with --base), t = w_2 / (w_1 + w_2)."""
     op = "merge nuslerp"
@@ -292,7 +294,8 @@ def merge_nuslerp(graph: Graph, params: NuslerpParams, ctx: Context) -> Graph:
     return g
 
 
-@register("merge.multislerp", MultislerpParams, multi_model=True)
+@register("merge.multislerp", MultislerpParams, multi_model=True,
+          summary="Multi-SLERP: barycentric interpolation on the hypersphere.")
 def merge_multislerp(graph: Graph, params: MultislerpParams, ctx: Context) -> Graph:
     """Barycentric spherical interpolation of any number of models (of task vectors with --base)."""
     op = "merge multislerp"
@@ -311,7 +314,8 @@ def merge_multislerp(graph: Graph, params: MultislerpParams, ctx: Context) -> Gr
     return g
 
 
-@register("merge.karcher", KarcherParams, multi_model=True)
+@register("merge.karcher", KarcherParams, multi_model=True,
+          summary="Karcher (Riemannian) mean of the models on the sphere.")
 def merge_karcher(graph: Graph, params: KarcherParams, ctx: Context) -> Graph:
     """Karcher mean on the sphere of all inputs (a --base counts as one more input, as in mergekit)."""
     op = "merge karcher"
@@ -330,7 +334,8 @@ def merge_karcher(graph: Graph, params: KarcherParams, ctx: Context) -> Graph:
     return g
 
 
-@register("merge.model-stock", ModelStockParams, multi_model=True)
+@register("merge.model-stock", ModelStockParams, multi_model=True,
+          summary="Model Stock: fine-tunes' average pulled toward the base.")
 def merge_model_stock(graph: Graph, params: ModelStockParams, ctx: Context) -> Graph:
     """Model Stock: average of ≥ 2 fine-tunes pulled toward the base by their mean pairwise angle."""
     op = "merge model-stock"
@@ -345,7 +350,8 @@ def merge_model_stock(graph: Graph, params: ModelStockParams, ctx: Context) -> G
     return g
 
 
-@register("merge.nearswap", NearswapParams, multi_model=True)
+@register("merge.nearswap", NearswapParams, multi_model=True,
+          summary="NearSwap: take the other model's values where they are close.")
 def merge_nearswap(graph: Graph, params: NearswapParams, ctx: Context) -> Graph:
     """NearSwap: take the other model's entries where they are within t of the base's."""
     op = "merge nearswap"

@@ -211,7 +211,8 @@ def _adapter_config(folder: Path, ctx: Context) -> dict[str, Any]:
     return ctx.read_json(str(p), what="merge mwa")
 
 
-@register("merge.mwa", MwaParams, multi_model=True)
+@register("merge.mwa", MwaParams, multi_model=True,
+          summary="Metrics-weighted averaging of checkpoints of one run (arXiv 2504.18580).")
 def merge_mwa(graph: Graph, params: MwaParams, ctx: Context) -> Graph:
     """Metrics-weighted average of the checkpoints of one run."""
     op = "merge mwa"

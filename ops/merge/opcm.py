@@ -197,7 +197,8 @@ def _output(base: Graph, plan: dict[str, str], state_ck: Any, lam: float, params
     return g
 
 
-@register("merge.opcm", OpcmParams, multi_model=True)
+@register("merge.opcm", OpcmParams, multi_model=True,
+          summary="Orthogonal-projection continual merging (OPCM).")
 def merge_opcm(graph: Graph, params: OpcmParams, ctx: Context) -> Graph:
     """Merge fine-tunes in order, projecting each task vector off the merge's leading singular directions and
     rescaling to the mean task norm; --state/--resume let later models join."""

@@ -111,7 +111,8 @@ def dense_form(rg: Graph, meta: dict[str, Any], facs: dict[str, tuple[torch.Tens
     return out
 
 
-@register("merge.revert", RevertParams, multi_model=True)
+@register("merge.revert", RevertParams, multi_model=True,
+          summary="Rebuild one task's adapter or model from an RMM merge.")
 def merge_revert(graph: Graph, params: RevertParams, ctx: Context) -> Graph:
     """Rebuild one task of an RMM merge as a PEFT adapter or a dense model."""
     op = "merge revert"

@@ -147,7 +147,8 @@ def _task_factors(inputs, plan, params: RmmParams, ctx: Context):
     return lowrank, dense, "pt-svd", None
 
 
-@register("merge.rmm", RmmParams, multi_model=True)
+@register("merge.rmm", RmmParams, multi_model=True,
+          summary="Reversible merging of low-rank weights (arXiv 2510.14163).")
 def merge_rmm(graph: Graph, params: RmmParams, ctx: Context) -> Graph:
     """Reversible merge: per-position basis + per-task coefficients; revert any task later."""
     op = "merge rmm"

@@ -190,7 +190,8 @@ def measure_influence(graph: Graph, params: Params, ctx: Context, roles: Roles) 
     return meter.influence()
 
 
-@register("prune.layers", Params, model_level=True)
+@register("prune.layers", Params, model_level=True,
+          summary="Remove whole decoder blocks, by block influence or by index (ShortGPT).")
 def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     """Depth pruning: remove whole decoder blocks (by block influence or by index)."""
     roles = ctx.roles(graph, overrides=params.arch)

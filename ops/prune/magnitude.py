@@ -152,7 +152,7 @@ def _prune_below(index: int, facts: dict[str, Any], name: str):
 
 # --- graph wiring ---------------------------------------------------------------------------------------------
 
-@register("prune.magnitude", Params)
+@register("prune.magnitude", Params, summary="Magnitude pruning: per-layer, global or N:M.")
 def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     """Magnitude pruning: per-layer, global or N:M."""
     graph = graph.copy()

@@ -221,7 +221,8 @@ def _pruned_value(new: torch.Tensor) -> torch.Tensor:
     return new
 
 
-@register("prune.sparsegpt", Params, model_level=True)
+@register("prune.sparsegpt", Params, model_level=True,
+          summary="SparseGPT: one-shot pruning with OBS weight updates (Frantar & Alistarh 2023).")
 def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     """SparseGPT pruning: OBS weight updates from calibration Hessians."""
     names = prune_targets(graph, params.include, params.exclude, params.arch, ctx=ctx)

@@ -112,7 +112,8 @@ def _apply_mask(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 # --- graph wiring ---------------------------------------------------------------------------------------------
 
-@register("prune.wanda", Params, model_level=True)
+@register("prune.wanda", Params, model_level=True,
+          summary="Wanda pruning: |W|·‖X‖ with calibration data (Sun et al. 2024).")
 def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     """Wanda pruning: |W|·‖X‖ with calibration data."""
     names = prune_targets(graph, params.include, params.exclude, params.arch)

@@ -139,9 +139,9 @@ class Layout:
 
 
 def read_layout(graph: Graph, ctx: Context) -> Layout:
-    """The layer template and the complete block from the layers that survived (:func:`surgeon.arch.roles_with_gaps`,
+    """The layer template and the complete block from the layers that survived (:func:`surgeon.arch.gaps.roles_with_gaps`,
     with the run's ``arch:`` overrides), and the global tensors expected."""
-    from surgeon.arch import roles_with_gaps
+    from surgeon.arch.gaps import roles_with_gaps
 
     try:
         gapped = roles_with_gaps(graph.config, graph.names(), ctx.arch or None)
@@ -203,7 +203,7 @@ def _average_node(prev: Node, nxt: Node, w_prev: float, w_next: float, label: st
     return Apply(lambda a, b: checkfree_average(a, b, w_prev, w_next), [prev, nxt], label=label)
 
 
-@register("recover", Params)
+@register("recover", Params, summary="CheckFree: rebuild a lost pipeline stage from its neighbours.")
 def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     """Rebuild lost pipeline stages from their neighbours (CheckFree), or edges by copy (CheckFree+)."""
     layout = read_layout(graph, ctx)

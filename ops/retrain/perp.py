@@ -369,7 +369,8 @@ def _write_back(graph: Graph, names: list[str], trained: _Trained,
     return out, per_tensor
 
 
-@register("retrain.perp", Params, model_level=True)
+@register("retrain.perp", Params, model_level=True,
+          summary="PERP: retrain norms, biases and MaskLoRA after pruning.")
 def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     """PERP: retrain norms, biases and MaskLoRA after pruning."""
     names = prune_targets(graph, params.include, params.exclude, params.arch, ctx=ctx)

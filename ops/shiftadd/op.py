@@ -163,7 +163,7 @@ def _lazy_dense_node(graph: Graph, name: str, transposed: bool, bits: int, param
     return Apply(fit, [graph[name]], label="shiftadd-dense")
 
 
-@register("shiftadd", Params)
+@register("shiftadd", Params, summary="ShiftAdd: binary-coded weights with power-of-two scales + LUT kernel.")
 def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     """ShiftAdd reparameterisation of every block linear (activation-aware by default, or lazy weight-only)."""
     graph = graph.copy()

@@ -122,7 +122,7 @@ def _mean_fn(*xs: torch.Tensor) -> torch.Tensor:
     return acc / len(xs)
 
 
-@register("tie", Params)
+@register("tie", Params, summary="Relaxed Recursive Transformer: tie layers, relax with SVD LoRA.")
 def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     """Tie layers into a recursive block and relax each unrolled layer with an SVD-initialised LoRA."""
     plan = make_plan(graph, params, ctx.roles(graph))
