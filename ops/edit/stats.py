@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from surgeon.errors import SurgeonError
+
 from .site import EditSite
 
 STATS_VERSION = "3"  # 3: weights fingerprint from the graph's tensors (names relative to the MLP)
