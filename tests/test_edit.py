@@ -911,6 +911,18 @@ def test_value_optimisation_matches_the_reference_loop(fact_model, norm_referenc
     delta = (ours.values - ours.initial)[:, 0]
     torch.testing.assert_close(delta, ref_delta, rtol=2e-4, atol=2e-5)
     assert abs(float(delta.norm()) - 0.3 * float(init.norm())) < 1e-3 * float(init.norm())  # on the ball
+    # the same loop on the model engine (block by block, blocks 1.. resident): same δ, v₀ and keys
+    from surgeon.context import Context
+    from surgeon.ops.edit.engine_values import optimise_values_engine
+    from surgeon.ops.edit.site import locate
+
+    g = _graph(fact_model)
+    ctx = Context(quiet=True)
+    eng = optimise_values_engine(g, ctx, locate(g, 1, ctx.roles(g)), tok, [req], prefixes, settings)
+    torch.testing.assert_close((eng.values - eng.initial)[:, 0], ref_delta, rtol=2e-4, atol=2e-5)
+    torch.testing.assert_close(eng.initial, ours.initial, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(eng.keys, ours.keys, rtol=1e-5, atol=1e-6)
+    assert eng.steps == ours.steps
 
 
 def _reference_memit_loop(model, tok, reqs, prefixes, layers, zs, covs, lam):
