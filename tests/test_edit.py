@@ -498,11 +498,12 @@ def test_grouped_eager_attention_equals_sdpa(fact_model):
     """The value loop's attention (key/value heads shared by their query-head group without copies) gives the
     model's own SDPA logits, with padding and a cache; the model's attention is restored afterwards."""
 
-    from surgeon.arch import attention_implementation
     from surgeon.kernels.attention import GROUPED_ATTENTION
     from surgeon.ops.edit.forward import attention, context_cache, suffix_logits
     from surgeon.ops.edit.rows import split_rows
     from transformers import AutoModelForCausalLM
+
+    from surgeon.arch import attention_implementation
 
     model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
     assert model.config.num_attention_heads != model.config.num_key_value_heads  # grouped-query attention
@@ -912,9 +913,10 @@ def test_value_optimisation_matches_the_reference_loop(fact_model, norm_referenc
     torch.testing.assert_close(delta, ref_delta, rtol=2e-4, atol=2e-5)
     assert abs(float(delta.norm()) - 0.3 * float(init.norm())) < 1e-3 * float(init.norm())  # on the ball
     # the same loop on the model engine (block by block, blocks 1.. resident): same δ, v₀ and keys
-    from surgeon.context import Context
     from surgeon.ops.edit.engine_values import optimise_values_engine
     from surgeon.ops.edit.site import locate
+
+    from surgeon.context import Context
 
     g = _graph(fact_model)
     ctx = Context(quiet=True)
