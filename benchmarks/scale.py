@@ -124,11 +124,30 @@ def block_info(out: dict) -> dict:
     return {}
 
 
+STATS_ONLY = """
+import json, sys, time
+from surgeon.context import Context
+from surgeon.graph import Graph
+from surgeon.sources import open_checkpoint
+from surgeon.ops.edit.site import locate
+from surgeon.ops.edit.stats import key_statistics
+g = Graph.from_checkpoint(open_checkpoint(sys.argv[1]))
+ctx = Context(quiet=True, device="cpu")
+site = locate(g, int(sys.argv[4]), ctx.roles(g))
+t0 = time.perf_counter()
+st = key_statistics(g, ctx, site, spec=sys.argv[2], n_tokens=int(sys.argv[3]), seqlen=256, use_cache=False)
+print(json.dumps({"stats_s": round(time.perf_counter() - t0, 1), "tokens": st.count, "layer": site.layer}))
+"""
+
+
 def edit_rows(cli: list[str], ckpt: Path, text: Path, tmp: Path, args) -> list[tuple]:
-    """``edit rome`` at the last layer (statistics through every block) and at the default layer."""
+    """The edit's key statistics alone (E[kkᵀ] at the last layer: every block runs), then ``edit rome`` at the
+    last layer and at the default layer."""
+    r = measure([sys.executable, "-c", STATS_ONLY, str(ckpt), str(text), str(args.stats_tokens),
+                 str(args.layers - 1)])
+    rows = [("edit statistics (last layer)", r, {}, f"{r['json']['tokens']} tokens, {r['json']['stats_s']} s")]
     req = tmp / "requests.jsonl"
     req.write_text(json.dumps({"prompt": "w1 w2 w3 w4 w5 w6 is", "subject": "w3 w4", "target": " w7"}) + "\n")
-    rows = []
     for label, layer in (("last layer", [str(args.layers - 1)]), ("default layer", [])):
         out = tmp / "edited"
         r = measure([*cli, "edit", "rome", str(ckpt), "--requests", str(req), "--stats-data", str(text),
