@@ -8,10 +8,14 @@ so the calibration / evaluation text is random words. Then runs, each in its own
 
 - ``surgeon eval CKPT --perplexity TEXT --seqlen 256 --max-windows 4``
 - ``surgeon prune wanda CKPT --sparsity 0.5 --seqlen 256 --n-windows 8 -o OUT`` (output removed afterwards)
+- ``surgeon edit rome CKPT --requests R --stats-data TEXT --stats-tokens N --steps S --no-metrics
+  --n-prefixes 0 -o OUT`` twice: at the last layer (statistics run every block; v* holds one block) and at the
+  default layer (v* holds blocks l..L−1 resident); ``--stats-tokens`` / ``--edit-steps`` keep it short
 
 and prints wall seconds, peak RSS and the engine's seconds per block. Goal: peak RSS <= 4 GB.
 
-    .venv/bin/python benchmarks/scale.py [--layers 32] [--only eval|wanda] [--cache DIR]
+    .venv/bin/python benchmarks/scale.py [--layers 32] [--only eval|wanda|edit] [--cache DIR]
+        [--stats-tokens 2048] [--edit-steps 5]
 """
 from __future__ import annotations
 
@@ -120,10 +124,51 @@ def block_info(out: dict) -> dict:
     return {}
 
 
+STATS_ONLY = """
+import json, sys, time
+from surgeon.context import Context
+from surgeon.graph import Graph
+from surgeon.sources import open_checkpoint
+from surgeon.ops.edit.site import locate
+from surgeon.ops.edit.stats import key_statistics
+g = Graph.from_checkpoint(open_checkpoint(sys.argv[1]))
+ctx = Context(quiet=True, device="cpu")
+site = locate(g, int(sys.argv[4]), ctx.roles(g))
+t0 = time.perf_counter()
+st = key_statistics(g, ctx, site, spec=sys.argv[2], n_tokens=int(sys.argv[3]), seqlen=256, use_cache=False)
+print(json.dumps({"stats_s": round(time.perf_counter() - t0, 1), "tokens": st.count, "layer": site.layer}))
+"""
+
+
+def edit_rows(cli: list[str], ckpt: Path, text: Path, tmp: Path, args) -> list[tuple]:
+    """The edit's key statistics alone (E[kkᵀ] at the last layer: every block runs), then ``edit rome`` at the
+    last layer and at the default layer."""
+    r = measure([sys.executable, "-c", STATS_ONLY, str(ckpt), str(text), str(args.stats_tokens),
+                 str(args.layers - 1)])
+    rows = [("edit statistics (last layer)", r, {}, f"{r['json']['tokens']} tokens, {r['json']['stats_s']} s")]
+    req = tmp / "requests.jsonl"
+    req.write_text(json.dumps({"prompt": "w1 w2 w3 w4 w5 w6 is", "subject": "w3 w4", "target": " w7"}) + "\n")
+    for label, layer in (("last layer", [str(args.layers - 1)]), ("default layer", [])):
+        out = tmp / "edited"
+        r = measure([*cli, "edit", "rome", str(ckpt), "--requests", str(req), "--stats-data", str(text),
+                     "--stats-tokens", str(args.stats_tokens), "--no-stats-cache", "--steps", str(args.edit_steps),
+                     "--no-metrics", "--n-prefixes", "0", *(["--layer", *layer] if layer else []),
+                     "--device", "cpu", "-o", str(out), "--json"])
+        info = r["json"]["steps"][0]["info"]
+        t = info.get("timings_s", {})
+        note = (f"layer {info['layer']}, stats {t.get('stats_s', 0):.0f} s, v* {t.get('keys_values_s', 0):.0f} s "
+                f"({info['edits'][0]['value_steps']} steps)")
+        rows.append((f"edit rome ({label})", r, {}, note))
+        shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--only", choices=["eval", "wanda"], default=None)
+    ap.add_argument("--only", choices=["eval", "wanda", "edit"], default=None)
+    ap.add_argument("--stats-tokens", type=int, default=2048, help="tokens for the edit's key statistics")
+    ap.add_argument("--edit-steps", type=int, default=5, help="Adam steps of the edit's value optimisation")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "surgeon" / "bench")
     args = ap.parse_args()
     name = "llama8b-shape" if args.layers == 32 else f"llama8b-shape-{args.layers}l"
@@ -146,6 +191,8 @@ def main() -> None:
                          "--json"])
             rows.append(("prune wanda 0.5 (8x256)", r, block_info(r["json"]), ""))
             shutil.rmtree(out, ignore_errors=True)
+        if args.only in (None, "edit"):
+            rows += edit_rows(cli, ckpt, text, Path(tmp), args)
     print(f"\nLlama-3-8B shape, {args.layers} layers, bf16 checkpoint, fp32 compute, "
           f"{os.cpu_count()} CPUs, torch threads default")
     print(f"{'run':<28} {'wall s':>8} {'peak RSS GB':>12} {'s/block':>8} {'blocks':>7}  note")

@@ -6,8 +6,10 @@ A run's resident memory is the interpreter with its libraries, plus what the gra
 - tensor-wise steps (magnitude pruning, cast, tie, weight-only ShiftAdd, ...) and the writer stream a few
   tensors at a time: a small multiple of the largest tensor in fp32; a merge holds every model's copy of the
   tensor (TIES/DARE: also its task vector, trim mask and selection buffers; ``MERGE_FACTOR`` per model);
-- model-level steps materialise the model in fp32, plus their own working set: EMMET/ROME may sample text
-  from a second fp32 copy of the model (``model:N``) with a KV cache; PERP keeps bool masks, adapters and
+- model-level steps materialise the model in fp32, plus their own working set: EMMET/ROME run statistics and
+  v* on the engine (v* keeps the blocks from the edited layer on resident) and build the fp32 model only for
+  their metrics and sampled prefixes; they may sample text from a second fp32 copy of the model
+  (``model:N``) with a KV cache; PERP keeps bool masks, adapters and
   their optimizer state, the merged weights, the block inputs (activation checkpointing) or every block's
   activations, and the logits with their gradient; eval keeps one batch's logits.
 
@@ -109,7 +111,12 @@ def step_estimate(graph: Graph, spec: OpSpec, params: BaseModel, n_models: int =
     name = spec.name
     p: Any = params
     if name in ("edit.rome", "edit.emmet"):
-        work = model + 3 * 8 * s["ffn"] ** 2  # the fp32 model; C, its Cholesky factor and a solve (fp64)
+        # on the engine: v* keeps blocks l..L-1 and the head resident (l ≈ 5/32 of the depth by default), in fp32
+        # up to 6 GiB, else bf16; the whole fp32 model only for metrics / sampled prefixes / perplexity
+        resident = model * 27 // 32
+        resident = resident if resident <= 6 * GB else resident // 2
+        whole = model if (p.metrics or p.eval_data or p.n_prefixes is None or p.n_prefixes > 0) else 0
+        work = whole + resident + 3 * 8 * s["ffn"] ** 2  # + C, its Cholesky factor and a solve (fp64)
         if p.cov and _sampled(p.stats_data):  # samples come from a second copy (the run's input model)
             tokens = p.stats_token_count(s["ffn"])  # the op's Params know their default token count
             work += model + _sampling_kv(s, -(-tokens // p.stats_seqlen), p.stats_seqlen)

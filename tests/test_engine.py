@@ -259,3 +259,25 @@ def test_logit_transforms_follow_the_config_and_unknown_ones_are_refused():
     assert torch.allclose(logit_transform({"logits_scaling": 4.0})(x), x / 4)
     with pytest.raises(SurgeonError, match="output_multiplier_scale=3"):
         logit_transform({"output_multiplier_scale": 3})
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_logits_of_gathered_positions_equal_the_model_and_carry_gradients(kind, tmp_path):
+    """Engine.logits (final norm, chunked head, soft-capping) on the last block's outputs = the whole model's
+    logits; the gradient reaches the hidden states (ROME/EMMET's v* backpropagates through it)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = _save(kind, tmp_path / kind)
+    ids = torch.randint(0, 60, (2, 7), generator=torch.Generator().manual_seed(2))
+    m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = m(input_ids=ids, use_cache=False).logits
+    eng = Engine(_graph(folder), micro_batch=2)
+    last = eng.roles.n_layers - 1
+    for block in eng.blocks(ids, layers=[last], record=False):
+        (mb, x), = list(block.inputs())
+        h = block.call(x, mb).detach().requires_grad_(True)
+    logits = eng.logits(h[:, [2, 6]].reshape(-1, h.shape[-1]), eng.head_weights())
+    torch.testing.assert_close(logits, ref[:, [2, 6]].reshape(-1, ref.shape[-1]), rtol=1e-5, atol=1e-5)
+    logits[:, 5].sum().backward()  # (row 0 of a tied head may be the zero padding row)
+    assert h.grad is not None and float(h.grad[:, [2, 6]].abs().sum()) > 0 and float(h.grad[:, 0].abs().sum()) == 0

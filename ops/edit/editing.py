@@ -1,8 +1,11 @@
-"""The flow shared by ``edit.rome`` and ``edit.emmet`` (``edit.memit`` reuses its parts): materialise, locate,
-statistics, keys, values, closed form, write the low-rank update back into the graph, measure.
+"""The flow shared by ``edit.rome`` and ``edit.emmet`` (``edit.memit`` reuses its parts): locate, statistics,
+keys, values, closed form, write the low-rank update back into the graph, measure.
 
-The materialised module is edited in place (fp32) after each request (ROME) or batch (EMMET), so sequential
-edits see the earlier ones; the graph gets one :class:`~surgeon.graph.LowRank` node whose factors are the
+Statistics, keys and values run on the model engine (block by block, :mod:`.stats`, :mod:`.engine_values`):
+after each request (ROME) or batch (EMMET) the next one runs on a working graph whose edited tensor holds the
+earlier updates in fp32, so sequential edits see the earlier ones. The whole model is built (fp32) only for
+the metrics, sampled prefixes and perplexity (greedy decoding), up to :data:`WHOLE_MODEL_LIMIT`; ROME/EMMET
+(not MEMIT yet) on a larger model needs ``--no-metrics --n-prefixes 0``. The graph gets one :class:`~surgeon.graph.LowRank` node whose factors are the
 concatenation of every update (earlier low-rank edits of the same tensor are folded in), cast once to the
 checkpoint dtype when written. ``edits.safetensors`` in the output holds the factors and the original tensor
 (exact undo: ``original`` is the tensor before the first edit).
@@ -49,6 +52,8 @@ STYLE: dict[str, dict[str, str]] = {
     "emmet": {"norm_reference": "layer", "prefix_seeds": "words", "key_average": "types"},
     "memit": {"norm_reference": "layer", "prefix_seeds": "words", "key_average": "types"},
 }
+#: fp32 bytes of weights up to which the whole model is built for metrics / sampled prefixes / perplexity
+WHOLE_MODEL_LIMIT = 8 << 30
 SEQUENTIAL_WARNING = 50  # degradation is reported past a few dozen sequential edits (§4.7)
 
 
@@ -140,18 +145,20 @@ def edit_requests(params: EditParams, ctx) -> list[Request]:
 
 
 def prefixes_for(method: Method, model, tok, params: EditParams, ctx) -> list[str]:
-    n_pre = N_PREFIXES[method] if params.n_prefixes is None else params.n_prefixes
+    n_pre = n_prefixes(method, params)
+    if n_pre == 0:
+        return []
     return pf.sample_prefixes(model, tok, pf.prefix_lengths(method, n_pre), seed=ctx.seed_for(0), device=ctx.device,
                               seeds=style(method, params)["prefix_seeds"])
 
 
-def _mlp_parent(model: torch.nn.Module, site: EditSite) -> torch.nn.Module:
-    parent = site.module_path.rsplit(".", 1)[0]
-    return find_submodule(model, parent)
+def n_prefixes(method: Method, params: EditParams) -> int:
+    return N_PREFIXES[method] if params.n_prefixes is None else params.n_prefixes
 
 
-def _weight_linear(module: torch.nn.Module, site: EditSite) -> torch.Tensor:
-    w = module.weight.detach()
+def _weight_linear(w: torch.Tensor, site: EditSite) -> torch.Tensor:
+    """The edited weight in Linear orientation [d_out, d_k], fp32."""
+    w = w.detach()
     return (w.T if site.transposed else w).float()
 
 
@@ -161,7 +168,7 @@ def add_in_place(module: torch.nn.Module, site: EditSite, up: torch.Tensor, down
         module.weight.add_(delta.T if site.transposed else delta)
 
 
-def covariance(model, graph, ctx, site: EditSite, module, params: EditParams):
+def covariance(graph, ctx, site: EditSite, params: EditParams):
     """The CholeskyFactor of C (or of I with --no-cov) and facts for the report."""
     from surgeon.kernels.covariance import CholeskyFactor
 
@@ -171,8 +178,8 @@ def covariance(model, graph, ctx, site: EditSite, module, params: EditParams):
         return CholeskyFactor.identity(site.d_k, device=ctx.device), {"stats": "identity (C = I, unconstrained)"}
     n_tokens = params.stats_token_count(site.d_k)
     t0 = time.perf_counter()
-    st = key_statistics(model, graph, ctx, site, module, _mlp_parent(model, site), spec=params.stats_data,
-                        n_tokens=n_tokens, seqlen=params.stats_seqlen, use_cache=params.stats_cache)
+    st = key_statistics(graph, ctx, site, spec=params.stats_data, n_tokens=n_tokens, seqlen=params.stats_seqlen,
+                        use_cache=params.stats_cache)
     factor = CholeskyFactor(st.mom2, device=ctx.device)
     info = {"stats": st.source, "stats_tokens": st.count, "stats_seconds": round(time.perf_counter() - t0, 3),
             "stats_data": params.stats_data}
@@ -241,7 +248,10 @@ class Baseline:
 
 def measure_before(model, tok, requests: list[Request], params: EditParams, graph, ctx,
                    timings: dict[str, float]) -> Baseline:
+    """The unedited model's metrics (nothing when ``model`` is None: no metrics asked)."""
     before = None
+    if model is None:
+        return Baseline(None, None, {})
     if params.metrics:
         t0 = time.perf_counter()
         before = mx.before_edit(model, tok, requests, device=ctx.device)
@@ -266,24 +276,28 @@ def measure_after(model, tok, requests: list[Request], base: Baseline, result: d
         ctx.log(mx.metrics_table(result["title"], {k: v for k, v in result.items() if k not in ("kind", "title")}))
 
 
-def edit_batches(model, tok, module, site: EditSite, batches: list[list[Request]], prefixes: list[str],
+def edit_batches(graph, tok, site: EditSite, batches: list[list[Request]], prefixes: list[str],
                  settings: kv.ValueSettings, factor, lam: float, method: Method, ctx, timings: dict[str, float], *,
                  residual: str, ridge_single: bool):
-    """Values, then the closed-form update, for each batch in turn; each update is added to ``module`` before
-    the next batch. Returns (ups, downs, per-edit facts)."""
+    """Values (on the model engine, :mod:`.engine_values`), then the closed-form update, for each batch in turn;
+    the next batch runs on a working copy of ``graph`` whose edited tensor holds the earlier updates (fp32).
+    Returns (ups, downs, per-edit facts)."""
+    from surgeon.graph import Const
+
+    from .engine_values import optimise_values_engine
+
     ups, downs, per_edit = [], [], []
-    bias = getattr(module, "bias", None)
+    work = graph.copy()
+    w = _weight_linear(graph.value(site.name), site)
+    b = graph.value(site.bias_name).float() if site.bias_name else None
     t_values = t_solve = 0.0
     for batch in ctx.progress(batches, description=f"{method} batches"):
         t = time.perf_counter()
         # keys come from the values' first forward pass: the same rows, cut at the same token
-        vals = kv.optimise_values_chunked(model, tok, module, batch, prefixes, settings, device=ctx.device,
-                                          status=ctx.status)
+        vals = optimise_values_engine(work, ctx, site, tok, batch, prefixes, settings, status=ctx.status)
         keys = vals.keys
         t_values += time.perf_counter() - t
         t = time.perf_counter()
-        w = _weight_linear(module, site)
-        b = bias.detach().float() if bias is not None else None
         if method == "rome":
             up, down = rome_update(w, keys[:, 0], vals.values[:, 0], factor, bias=b)
         else:
@@ -291,7 +305,8 @@ def edit_batches(model, tok, module, site: EditSite, batches: list[list[Request]
                                     initial=vals.initial if residual == "delta" else None)
         t_solve += time.perf_counter() - t
         per_edit.extend(_batch_facts(batch, vals, w, b, keys, up, down))
-        add_in_place(module, site, up, down)
+        w = w + (up.double() @ down.double()).float()
+        work.replace(site.name, Const((w.T if site.transposed else w).contiguous(), label="edit"))
         ups.append(up)
         downs.append(down)
     timings.update(keys_values_s=t_values, solve_s=t_solve)
@@ -311,6 +326,23 @@ def _batch_facts(batch, vals, w, b, keys, up, down) -> list[dict[str, Any]]:
     return facts
 
 
+def whole_model(graph, site: EditSite, method: Method, params: EditParams, ctx, timings: dict[str, float]):
+    """(model, edited module) of ``graph`` in fp32 when the metrics, the sampled prefixes or the perplexity need
+    whole-model forward passes (greedy decoding), else (None, None). Refused past :data:`WHOLE_MODEL_LIMIT`
+    bytes of fp32 weights: the edit itself runs on the engine, those extras do not."""
+    if not (params.metrics or params.eval_data or n_prefixes(method, params)):
+        return None, None
+    import math
+
+    need = sum(math.prod(graph[n].shape) * 4 for n in graph.names())
+    if need > WHOLE_MODEL_LIMIT:
+        raise SurgeonError(f"edit: --metrics, --eval-data and sampled prefixes build the whole model in fp32 "
+                           f"({need / 1e9:.1f} GB here, more than {WHOLE_MODEL_LIMIT / 1e9:.0f} GB); pass "
+                           "--no-metrics --n-prefixes 0 and no --eval-data (the edit runs block by block)")
+    model, _tok, (module,) = materialise(graph, [site], ctx, timings)
+    return model, module
+
+
 def run_edit(graph, params: EditParams, ctx, method: Method, *, lam: float | None = None,
              batch_size: int = 1, residual: str = "paper", ridge_single: bool = False) -> Any:
     """Edit ``graph`` with ROME (one request at a time) or EMMET (batches of unique subjects)."""
@@ -320,20 +352,24 @@ def run_edit(graph, params: EditParams, ctx, method: Method, *, lam: float | Non
     site = locate(graph, params.layer, ctx.roles(graph))
     graph = graph.copy()
     timings: dict[str, float] = {}
-    model, tok, (module,) = materialise(graph, [site], ctx, timings)
+    tok = ctx.tokenizer(graph)
     settings, default_lam = settings_for(method, site.family, params, site.n_layers)
     lam = default_lam if lam is None else lam
     ctx.log(f"{method}: {len(requests)} request(s) into {site.name} (layer {site.layer}: {site.rule})")
     t0 = time.perf_counter()
-    factor, stats_info = covariance(model, graph, ctx, site, module, params)
+    factor, stats_info = covariance(graph, ctx, site, params)
     timings["stats_s"] = time.perf_counter() - t0
+    model, module = whole_model(graph, site, method, params, ctx, timings)
     base = measure_before(model, tok, requests, params, graph, ctx, timings)
     t0 = time.perf_counter()
     prefixes = prefixes_for(method, model, tok, params, ctx)
     timings["prefixes_s"] = time.perf_counter() - t0
     batches = [[r] for r in requests] if method == "rome" else subject_batches(requests, batch_size)
-    ups, downs, per_edit = edit_batches(model, tok, module, site, batches, prefixes, settings, factor, lam, method,
+    ups, downs, per_edit = edit_batches(graph, tok, site, batches, prefixes, settings, factor, lam, method,
                                         ctx, timings, residual=residual, ridge_single=ridge_single)
+    if module is not None:  # the whole model (metrics) gets the same updates, in the same order
+        for up, down in zip(ups, downs):
+            add_in_place(module, site, up, down)
     write_back(graph, [(site, ups, downs)], ctx)
     result: dict[str, Any] = {"kind": f"edit.{method}", "title": f"Knowledge edit ({method.upper()})",
                               "requests": len(requests), "layer": site.layer}

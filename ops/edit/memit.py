@@ -148,8 +148,8 @@ def apply(graph, params: Params, ctx):
 
     t0 = time.perf_counter()
     factors, stats_info = [], {}
-    for s, m in zip(sites, modules):  # every C from the unedited model (the reference reads precomputed stats)
-        f, info = covariance(model, graph, ctx, s, m, params)
+    for s in sites:  # every C from the unedited model (the reference reads precomputed stats)
+        f, info = covariance(graph, ctx, s, params)
         factors.append(f)
         stats_info = info  # the last layer's facts (all layers share data and token count)
     timings["stats_s"] = time.perf_counter() - t0

@@ -19,7 +19,6 @@ stores a low-rank node rather than a dense copy.
 from __future__ import annotations
 
 import torch
-
 from surgeon.kernels import linalg
 from surgeon.kernels.covariance import CholeskyFactor
 

@@ -1,14 +1,15 @@
 """Key second moment C = E[kkᵀ] at the edited down-projection (ALGORITHMS.md §4.4), cached on disk.
 
 C is uncentred, over every non-pad token of packed windows of ``stats_data`` (a text file, .jsonl, a datasets
-folder, or ``model[:N]`` = text sampled from the model itself), accumulated in fp64 with
-:class:`surgeon.kernels.linalg.CovarianceAccumulator`; the forward pass stops at the edited layer. The default
+folder, or ``model[:N]`` = text sampled from the model itself), accumulated in fp64 on the model engine (:mod:`surgeon.engine`: block by block, the
+edited block observed with ``("xtx", "count")``, later blocks not run; memory one block + the windows' hidden
+states). The default
 token count is 10·d_k for text files and 2·d_k for text sampled from the model (FastMEMIT, arXiv 2506.04226,
 finds 2–10·d_k enough; sampling costs one decoding step per token, so the data-free default takes the low end:
 SmolLM2-135M, 3,072 sampled tokens instead of 15,360).
 
 Cache: ``ctx.cache("stats", key)`` (``<cache_dir>/stats/<key>.safetensors``) with ``mom2`` (C, fp64) and ``count``; the key is the sha256 of
-the edited layer's MLP weights (down, and the up/gate tensors that make the keys), the layer, the data
+the edited layer's MLP tensors as the graph holds them (down, and the up/gate tensors that make the keys), the layer, the data
 (file bytes, or the sampling spec and seed), the token count and the window length. ROME/MEMIT ``.npz`` caches
 (``mom2.mom2`` = Σkkᵀ, ``mom2.count``) are read when ``stats_data`` names one.
 """
@@ -23,12 +24,10 @@ from typing import Any
 import torch
 
 from surgeon.errors import SurgeonError
-from surgeon.kernels.linalg import CovarianceAccumulator
 
-from .forward import StopForward
 from .site import EditSite
 
-STATS_VERSION = "2"
+STATS_VERSION = "3"  # 3: weights fingerprint from the graph's tensors (names relative to the MLP)
 TOKENS_PER_DK_FILE = 10
 TOKENS_PER_DK_SAMPLED = 2
 
@@ -59,12 +58,19 @@ def data_fingerprint(spec: str, seed: int, ctx: Any, sampler: str = "") -> str:
     return f"spec:{spec}:seed={seed}:sampler={sampler}"
 
 
-def weights_fingerprint(mlp: torch.nn.Module, site: EditSite) -> str:
-    """sha256 over the edited layer's MLP parameters (the keys come from up/gate, the edit lands in down)."""
+def mlp_tensor_names(graph: Any, site: EditSite) -> list[str]:
+    """Graph names of the edited layer's MLP tensors (down, and the up/gate tensors that make the keys)."""
+    mlp = site.module_path.rsplit(".", 1)[0] + "."
+    return sorted(n for n in graph.names() if n.startswith(mlp))
+
+
+def weights_fingerprint(graph: Any, site: EditSite) -> str:
+    """sha256 over the edited layer's MLP tensors as the graph holds them (lazy nodes are read one at a time)."""
     h = hashlib.sha256()
-    for pname, p in sorted(mlp.named_parameters()):
-        h.update(f"{pname}:{tuple(p.shape)}:{p.dtype}".encode())
-        h.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    for name, t in graph.values(mlp_tensor_names(graph, site)):
+        leaf = name[len(site.module_path.rsplit(".", 1)[0]) + 1:]
+        h.update(f"{leaf}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
     h.update(f"layer={site.layer}:{site.name}".encode())
     return h.hexdigest()
 
@@ -100,46 +106,32 @@ def cached_stats(entry: Any, d_k: int) -> KeyStats | None:
     return KeyStats(t["mom2"].double(), int(t["count"].item()), "cache", path=entry.path)
 
 
-def accumulate_key_moment(model: torch.nn.Module, module: torch.nn.Module, windows: torch.Tensor, *,
-                          n_tokens: int, device: str, batch_tokens: int = 8192,
-                          pad_id: int | None = None, progress: Any = None) -> tuple[torch.Tensor, int]:
-    """E[kkᵀ] (fp64, CPU) of ``module``'s inputs over ``windows`` [n, T], stopping after ``n_tokens``."""
-    acc: CovarianceAccumulator | None = None
-    per = max(1, batch_tokens // max(windows.shape[1], 1))
-    batches = [windows[i:i + per] for i in range(0, windows.shape[0], per)]
-    got: list[torch.Tensor] = []
+def accumulate_key_moment(graph: Any, ctx: Any, site: EditSite, windows: torch.Tensor, *, n_tokens: int,
+                          micro_batch: int = 8) -> tuple[torch.Tensor, int]:
+    """E[kkᵀ] (fp64, CPU) of the edited down-projection's inputs over the first ``n_tokens`` tokens of
+    ``windows`` [n, T], on the model engine: the blocks before the edited layer run unchanged, the edited block is
+    observed, later blocks are not run."""
+    from surgeon import engine
 
-    def hook(_m, args):
-        got.append(args[0].detach())
-        raise StopForward
-
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        for ids in (progress(batches) if progress else batches):
-            mask = torch.ones_like(ids) if pad_id is None else (ids != pad_id).long()
-            got.clear()
-            try:
-                with torch.no_grad():
-                    model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            except StopForward:
-                pass
-            x = got[0]
-            x = x[mask.to(x.device).bool()]
-            if acc is None:
-                acc = CovarianceAccumulator(x.shape[-1], device=device, dtype=torch.float64)
-            room = n_tokens - acc.count
-            acc.update(x[:room])
-            if acc.count >= n_tokens:
-                break
-    finally:
-        handle.remove()
-    if acc is None or acc.count == 0:
+    per = max(windows.shape[1], 1)
+    n_windows = min(windows.shape[0], -(-n_tokens // per))
+    samples = [windows[i] for i in range(n_windows)]
+    if samples and n_windows * per > n_tokens:  # the first n_tokens tokens: the last window is cut (causal)
+        samples[-1] = samples[-1][: n_tokens - (n_windows - 1) * per]
+    if not samples:
         raise SurgeonError("covariance statistics: the data gave no tokens")
-    return acc.mean().double(), acc.count
+    eng = engine.from_context(graph, ctx, dtype="float32", micro_batch=micro_batch)
+    got: dict[str, Any] = {}
+    trans = {site.name} if site.transposed else frozenset()
+    for block in eng.blocks(samples, layers=[site.layer], record=False, progress=getattr(ctx, "progress", None)):
+        got.update(block.observe({site.name: ("xtx", "count")}, transposed=trans))
+    st = got[site.name]
+    if st.count == 0:
+        raise SurgeonError("covariance statistics: the data gave no tokens")
+    return st.xtx.double().cpu() / st.count, int(st.count)
 
 
-def key_statistics(model: torch.nn.Module, graph: Any, ctx: Any, site: EditSite, module: torch.nn.Module,
-                   mlp: torch.nn.Module, *, spec: str, n_tokens: int, seqlen: int,
+def key_statistics(graph: Any, ctx: Any, site: EditSite, *, spec: str, n_tokens: int, seqlen: int,
                    use_cache: bool = True) -> KeyStats:
     """C for ``site`` from ``spec``: from the cache (``ctx.cache("stats", key)``) when present, else computed and
     cached."""
@@ -149,7 +141,7 @@ def key_statistics(model: torch.nn.Module, graph: Any, ctx: Any, site: EditSite,
 
     seqlen = effective_seqlen(seqlen, graph.config)
     sampler = sampler_fingerprint(graph, ctx) if parse_model_spec(spec) is not None else ""
-    key = cache_key(weights_fingerprint(mlp, site), data_fingerprint(spec, ctx.seed, ctx, sampler), n_tokens,
+    key = cache_key(weights_fingerprint(graph, site), data_fingerprint(spec, ctx.seed, ctx, sampler), n_tokens,
                     seqlen)
     entry = ctx.cache("stats", key)
     if use_cache:
@@ -163,8 +155,7 @@ def key_statistics(model: torch.nn.Module, graph: Any, ctx: Any, site: EditSite,
     if windows.numel() < n_tokens:
         ctx.log(f"[yellow]covariance statistics: {spec} gives {windows.numel()} tokens, fewer than the "
                 f"{n_tokens} asked; C may be rank-deficient and gets εI[/]")
-    mom2, count = accumulate_key_moment(model, module, windows, n_tokens=n_tokens, device=ctx.device,
-                                        progress=lambda b: ctx.progress(b, description="key statistics"))
+    mom2, count = accumulate_key_moment(graph, ctx, site, windows, n_tokens=n_tokens)
     stats = KeyStats(mom2, count, "computed", key, entry.path)
     if use_cache:
         entry.save({"mom2": mom2.contiguous(), "count": torch.tensor([count], dtype=torch.int64)},

@@ -470,6 +470,41 @@ class Engine:
                     out.argmax[gi] = am[k * n:(k + 1) * n].cpu()
         return out
 
+    def head_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The output embedding ``[V, d]`` (stored dtype, not checked: callers check the chunks they use) and its
+        bias (or None)."""
+        gname = self._graph_of(self._head_pname())
+        if gname is None:
+            raise SurgeonError(f"engine: no output embedding (lm_head) in this {self.roles.family} model")
+        head_mod = self.skeleton.get_output_embeddings()
+        bias_p = self._pname_of(head_mod, "bias", "bias", required=False) if getattr(head_mod, "bias", None) \
+            is not None else None
+        bias = self.graph.value(self.pnames[bias_p]) if bias_p in self.pnames else None
+        return self._read_unchecked(gname), bias
+
+    def logits(self, hidden: torch.Tensor, head: tuple[torch.Tensor, torch.Tensor | None] | None = None
+               ) -> torch.Tensor:
+        """fp32 logits ``[n, V]`` of last-block hidden rows ``hidden [n, d]``: final norm, the output embedding in
+        :data:`VOCAB_CHUNK`-row chunks cast to the compute dtype, the family's logit transform. Differentiable
+        in ``hidden`` (for a few positions: an edit's value optimisation); ``head`` from :meth:`head_weights`
+        (read once when called repeatedly)."""
+        from surgeon.arch import logit_transform
+
+        self._load_globals()
+        norm = _final_norm(self)
+        w, bias = head if head is not None else self.head_weights()
+        h = norm(hidden) if norm is not None else hidden
+        parts = []
+        for v0 in range(0, w.shape[0], VOCAB_CHUNK):
+            wc = w[v0:v0 + VOCAB_CHUNK].to(device=h.device, dtype=self.dtype)
+            part = h.to(self.dtype) @ wc.T
+            if bias is not None:
+                part = part + bias[v0:v0 + VOCAB_CHUNK].to(device=h.device, dtype=self.dtype)
+            parts.append(part.float())
+        out = torch.cat(parts, 1)
+        transform = logit_transform(self.config.to_dict())
+        return transform(out) if transform is not None else out
+
     def score(self, samples, *, progress: Callable | None = None) -> HeadOutput:
         """Run every block unchanged and score ``samples`` with the head (eval)."""
         for _ in self.blocks(samples, record=False, progress=progress):
