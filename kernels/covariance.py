@@ -17,21 +17,26 @@ class CholeskyFactor:
 
     def __init__(self, matrix: torch.Tensor, *, device: str = "cpu", eps: float = 1e-6, max_eps: float = 1.0):
         c = matrix.to(device=device, dtype=FP64)
-        c = 0.5 * (c + c.T)
+        c = torch.add(c, c.mT).mul_(0.5)  # symmetric; one new matrix, the caller's is never changed
         self.dim = c.shape[0]
         self.device = device
         self.jitter = 0.0  # relative εI actually added (0: C was positive definite)
         lower, info = torch.linalg.cholesky_ex(c)
         if int(info) != 0:
+            # retry with growing εI added to the diagonal in place: memory stays C + its factor (a d = 14336
+            # covariance is 1.6 GB in fp64, so copies of it per retry are what bounds memory)
             scale = float(c.diagonal().mean()) or 1.0
-            eye = torch.eye(self.dim, device=device, dtype=FP64)
-            jitter = eps
+            jitter, added = eps, 0.0
             while int(info) != 0:
                 if jitter > max_eps:
                     raise ValueError(f"matrix is not positive semi-definite (Cholesky fails with εI, ε={max_eps})")
-                lower, info = torch.linalg.cholesky_ex(c + jitter * scale * eye)
+                del lower
+                c.diagonal().add_((jitter - added) * scale)
+                added = jitter
+                lower, info = torch.linalg.cholesky_ex(c)
                 self.jitter = jitter
                 jitter *= 10
+        del c
         self.lower = lower
 
     @classmethod
