@@ -6,7 +6,9 @@ A run's resident memory is the interpreter with its libraries, plus what the gra
 - tensor-wise steps (magnitude pruning, cast, tie, weight-only ShiftAdd, ...) and the writer stream a few
   tensors at a time: a small multiple of the largest tensor in fp32; a merge holds every model's copy of the
   tensor (TIES/DARE: also its task vector, trim mask and selection buffers; ``MERGE_FACTOR`` per model);
-- model-level steps materialise the model in fp32, plus their own working set: EMMET/ROME run statistics and
+- eval and Wanda/SparseGPT/depth pruning run on the engine: one block, the output embedding and the samples'
+  hidden states, whatever the depth;
+- other model-level steps materialise the model in fp32, plus their own working set: EMMET/ROME run statistics and
   v* on the engine (v* keeps the blocks from the edited layer on resident) and build the fp32 model only for
   their metrics and sampled prefixes; they may sample text from a second fp32 copy of the model
   (``model:N``) with a KV cache; PERP keeps bool masks, adapters and
@@ -124,13 +126,32 @@ def step_estimate(graph: Graph, spec: OpSpec, params: BaseModel, n_models: int =
     if name == "retrain.perp":
         return {"work": model + _perp(graph, p, s, model), "held": 3 * model // 4}
     if name == "eval":
-        from surgeon.data import effective_seqlen
-
-        seqlen = effective_seqlen(getattr(p, "seqlen", 512), graph.config)
-        logits = 3 * getattr(p, "batch_size", 1) * seqlen * s["vocab"] * 4
-        return {"work": model + logits, "held": 0}
-    # other model-level ops (Wanda, calibrated ShiftAdd, erase): the model plus activations of a calibration batch
+        whole = model if getattr(p, "generate", None) else 0  # greedy samples decode on the whole module
+        return {"work": max(whole, _engine_work(graph, p, s, model)), "held": 0}
+    if name in ENGINE_OPS:  # block by block; changed tensors spill to disk
+        return {"work": _engine_work(graph, p, s, model, hessians=name == "prune.sparsegpt"), "held": 0}
+    # other model-level ops (calibrated ShiftAdd, erase, distill): the model plus a calibration batch's activations
     return {"work": 2 * model, "held": model // 2}
+
+
+#: model-level ops that run on the block-by-block engine (surgeon/engine): memory independent of depth
+ENGINE_OPS = ("prune.wanda", "prune.sparsegpt", "prune.layers")
+
+
+def _engine_work(graph: Graph, p: Any, s: dict[str, int], model: int, *, hessians: bool = False) -> int:
+    """One block in fp32, the output embedding and one 8192-row chunk of it, the samples' hidden states (in and
+    out), and one micro-batch's attention scores (docs/engine.md, "Memory model")."""
+    from surgeon.data import effective_seqlen
+
+    h, vocab, layers = s["hidden"], s["vocab"], max(s["layers"], 1)
+    seqlen = effective_seqlen(getattr(p, "seqlen", 512), graph.config)
+    windows = getattr(p, "max_windows", None) or getattr(p, "n_windows", None) or 64
+    head = 4 * vocab * h
+    block = max(model - 2 * head, model // 2) // layers
+    hidden_states = 2 * windows * seqlen * h * 4
+    scores = 8 * s["heads"] * seqlen * seqlen * 4
+    xtx = 2 * 8 * s["ffn"] ** 2 if hessians else 0  # the largest Hessian and its inverse (fp64)
+    return block + head + 8192 * h * 4 + hidden_states + scores + xtx
 
 
 def run_estimate(graph: Graph, validated: list[tuple[OpSpec, BaseModel]], n_models: int = 1) -> dict[str, Any]:
