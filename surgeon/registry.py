@@ -45,6 +45,7 @@ OP_INDEX: dict[str, tuple[str, str]] = {
     "edit.rome": ("surgeon.ops.edit.rome", "ROME rank-one knowledge edit of one MLP (Meng et al. 2022)."),
     "edit.emmet": ("surgeon.ops.edit.emmet", "EMMET batched equality-constrained edits (Gupta et al. 2024)."),
     "edit.memit": ("surgeon.ops.edit.memit", "MEMIT mass edits spread over several MLP layers (Meng et al. 2023)."),
+    "edit.alphaedit": ("surgeon.ops.edit.alphaedit", "AlphaEdit: MEMIT edits projected onto the preserved keys' null space."),
     "erase.rece": ("surgeon.ops.erase.rece", "RECE concept erasure in cross-attention (Gong et al. 2024)."),
     "erase.uce": ("surgeon.ops.erase.uce", "UCE closed-form concept erasure (Gandikota et al. 2024)."),
     "prune.magnitude": ("surgeon.ops.prune.magnitude", "Magnitude pruning: per-layer, global or N:M."),

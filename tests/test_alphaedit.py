@@ -1,0 +1,98 @@
+"""AlphaEdit (arXiv 2410.02355): the null-space projector and the projected update against literal numpy ports of
+the authors' code (``experiments/evaluate.py`` ``get_project``, ``AlphaEdit_main.py``'s solve), the cache, and
+sequential batches on the tiny fact model of ``tests/test_edit.py``."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_edit import FILLER, OBJECTS, SUBJECTS, TEMPLATES, _answers, _request, _train_fact_model
+
+
+# ------------------------------------------------------------------------------------------- the oracles
+def _reference_projector(cov: np.ndarray, threshold: float) -> np.ndarray:
+    """``get_project``: SVD of the covariance, singular vectors with singular value below the threshold."""
+    u, s, _ = np.linalg.svd(cov, full_matrices=False)
+    small = np.nonzero(s < threshold)[0]
+    return u[:, small] @ u[:, small].T
+
+
+def _reference_update(keys, resid, proj, cache_c, l2):
+    """``apply_AlphaEdit_to_model``'s solve: upd = solve(P(KKᵀ + cache_c) + L2·I, P K Rᵀ) in [d_k, d_out]; the
+    Linear weight gets its transpose."""
+    d_k = keys.shape[0]
+    upd = np.linalg.solve(proj @ (keys @ keys.T + cache_c) + l2 * np.eye(d_k), proj @ keys @ resid.T)
+    return upd.T
+
+
+def _preserved(d_k=24, n0=16, seed=0):
+    rng = np.random.default_rng(seed)
+    k0 = rng.normal(size=(d_k, n0))  # rank n0 < d_k: a null space of d_k - n0 dimensions
+    return k0, k0 @ k0.T / n0
+
+
+def test_projector_matches_the_reference_and_kills_preserved_keys():
+    from surgeon.ops.edit.nullspace import nullspace_basis, projector
+
+    k0, cov = _preserved()
+    basis, vals = nullspace_basis(torch.from_numpy(cov), 2e-2)
+    p = projector(basis).numpy()
+    assert basis.shape[1] == 24 - 16
+    np.testing.assert_allclose(p, _reference_projector(cov, 2e-2), atol=1e-10)
+    assert np.abs(p @ k0).max() < 1e-10  # P K₀ = 0
+    np.testing.assert_allclose(p @ p, p, atol=1e-12)  # idempotent
+    np.testing.assert_allclose(p, p.T, atol=1e-12)  # symmetric
+    np.testing.assert_allclose(np.sort(vals.numpy()), np.sort(np.linalg.eigvalsh(cov)), atol=1e-10)
+
+
+def test_projected_update_is_the_reference_closed_form():
+    from surgeon.ops.edit.nullspace import nullspace_basis, projected_update, projector
+
+    rng = np.random.default_rng(1)
+    k0, cov = _preserved()
+    proj = projector(nullspace_basis(torch.from_numpy(cov), 2e-2)[0]).numpy()
+    keys, resid = rng.normal(size=(24, 3)), rng.normal(size=(10, 3))
+    earlier = rng.normal(size=(24, 4))
+    cache_c = earlier @ earlier.T
+    for l2 in (10.0, 0.5):
+        up, down = projected_update(torch.from_numpy(resid), torch.from_numpy(keys), torch.from_numpy(proj),
+                                    torch.from_numpy(cache_c), l2)
+        assert up.shape == (10, 3) and down.shape == (3, 24)
+        delta = (up @ down).numpy()
+        np.testing.assert_allclose(delta, _reference_update(keys, resid, proj, cache_c, l2), rtol=1e-9, atol=1e-11)
+        assert np.abs(delta @ k0).max() < 1e-9  # outputs of the preserved keys do not move
+    # a small α and no earlier keys: the projected keys are written almost exactly (ΔW PK ≈ R when n ≤ rank P)
+    up, down = projected_update(torch.from_numpy(resid), torch.from_numpy(proj @ keys), torch.from_numpy(proj),
+                                torch.zeros(24, 24, dtype=torch.float64), 1e-8)
+    np.testing.assert_allclose((up @ down).numpy() @ (proj @ keys), resid, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- the fact model
+@pytest.fixture(scope="module")
+def fact_model(tmp_path_factory) -> Path:
+    return _train_fact_model(tmp_path_factory.mktemp("facts") / "model")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "cache"))
+
+
+def _kept_text(path: Path) -> str:
+    """Preserved knowledge K₀: filler and the facts of the subjects that are not edited (16..23)."""
+    rng = random.Random(0)
+    lines = []
+    for _ in range(300):
+        i = rng.randrange(16, 24)
+        filler = " ".join(rng.choice(FILLER) for _ in range(rng.randrange(2, 8)))
+        lines.append(f"{filler} . {rng.choice(TEMPLATES).format(SUBJECTS[i])} {OBJECTS[i]} .")
+    path.write_text("\n\n".join(lines))
+    return str(path)
+
+
+def _edits(n: int) -> list[dict]:
+    return [_request(i, (i + 5) % 24, neighborhood=[TEMPLATES[0].format(SUBJECTS[16 + i % 8])]) for i in range(n)]
