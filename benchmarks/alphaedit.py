@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from edit import corpus, fact_set  # noqa: E402  (the fact set written for the editing benchmark)
+from edit import corpus, fact_set
 
 
 def main() -> None:
@@ -36,11 +36,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from surgeon.context import Context
-    from surgeon.graph import Graph
     from surgeon.ops.edit import alphaedit, emmet, memit
     from surgeon.ops.edit import metrics as mx
     from surgeon.ops.edit.requests import Request
+
+    from surgeon.context import Context
+    from surgeon.graph import Graph
     from surgeon.sources import open_checkpoint
 
     if args.model is None:
@@ -61,7 +62,7 @@ def main() -> None:
     model0, tok = ctx0.module(g0, dtype="float32"), ctx0.tokenizer(g0)
     before_first = mx.before_edit(model0, tok, first, device=args.device)
     del model0
-    common = dict(requests=facts, stats_data=stats, stats_tokens=args.stats_tokens, batch_size=args.batch_size)
+    common = {"requests": facts, "stats_data": stats, "stats_tokens": args.stats_tokens, "batch_size": args.batch_size}
     runs = {"alphaedit": (alphaedit, dict(common, **({"nullspace_threshold": args.threshold} if args.threshold
                                                       else {}))),
             "emmet": (emmet, common), "memit": (memit, common)}

@@ -140,3 +140,52 @@ def test_sequential_alphaedit_keeps_earlier_batches_and_preserved_keys_better():
     assert alpha[0] < 0.1  # the first batch still holds after three more (measured 0.044)
     assert alpha[0] < 0.25 * min(memit[0], emmet[0])  # sequential MEMIT / EMMET: 0.62 of the first residual back
     assert alpha[1] < 2e-3  # the preserved keys' outputs barely move (P K₀ ≈ 0 up to the keys' noise)
+
+
+def test_alphaedit_sequential_batches_on_the_fact_model(fact_model, tmp_path):
+    """edit.alphaedit, 12 edits in 3 sequential batches over both layers, C from text about the other subjects:
+    every batch holds after the last, the untouched facts are kept, only the two down-projections change, and
+    the factors in edits.safetensors undo the edit exactly."""
+    from safetensors.torch import load_file
+
+    from surgeon.api import run_op
+
+    stats = _kept_text(tmp_path / "kept.txt")
+    out = tmp_path / "edited"
+    res = run_op("edit.alphaedit", str(fact_model), output=str(out), device="cpu", requests=_edits(12),
+                 stats_data=stats, n_prefixes=2, layers=[0, 1], batch_size=4)
+    info = res["steps"][0]["info"]
+    assert info["batches"] == 3 and [len(h["batches"]) for h in info["batch_history"]] == [1, 2, 3]
+    assert all(0 < x["nullspace_dim"] < 256 and x["projector"] == "computed" for x in info["nullspace"])
+    metrics = res["results"][-1]
+    assert metrics["batch_efficacy"] == [1.0, 1.0, 1.0] and metrics["first_batch_efficacy"] == 1.0
+    assert metrics["neighborhood"] == 1.0
+    got = _answers(out, [TEMPLATES[0].format(s) for s in SUBJECTS])
+    assert got[:12] == [OBJECTS[(i + 5) % 24] for i in range(12)]
+    assert got[16:] == OBJECTS[16:]  # the preserved facts
+    before, after = load_file(fact_model / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed == ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    undo = load_file(out / "edits.safetensors")
+    for k in changed:
+        torch.testing.assert_close(before[k] + undo[k + ".up"] @ undo[k + ".down"], after[k])
+    # a second run reads the projectors from the cache (keyed by the statistics and the threshold) ...
+    again = run_op("edit.alphaedit", str(fact_model), output=str(tmp_path / "again"), device="cpu",
+                   requests=_edits(1), stats_data=stats, n_prefixes=0, layers=[0, 1], steps=1, metrics=False)
+    assert [x["projector"] for x in again["steps"][0]["info"]["nullspace"]] == ["cache", "cache"]
+    # ... and another threshold is another entry
+    other = run_op("edit.alphaedit", str(fact_model), output=str(tmp_path / "other"), device="cpu",
+                   requests=_edits(1), stats_data=stats, n_prefixes=0, layers=[0, 1], steps=1, metrics=False,
+                   nullspace_threshold=1e-3)
+    dims = [x["nullspace_dim"] for x in other["steps"][0]["info"]["nullspace"]]
+    assert [x["projector"] for x in other["steps"][0]["info"]["nullspace"]] == ["computed", "computed"]
+    assert all(d < x["nullspace_dim"] for d, x in zip(dims, info["nullspace"]))
+
+
+def test_threshold_below_every_eigenvalue_is_refused(fact_model, tmp_path):
+    from surgeon.api import run_op
+    from surgeon.errors import SurgeonError
+
+    with pytest.raises(SurgeonError, match="nullspace-threshold"):
+        run_op("edit.alphaedit", str(fact_model), output=str(tmp_path / "o"), device="cpu", requests=_edits(1),
+               stats_data=_kept_text(tmp_path / "kept.txt"), layers=[1], nullspace_threshold=1e-30, metrics=False)
