@@ -39,7 +39,7 @@ from .forward import decoder_layer
 from .memit import edited_layers
 from .nullspace import nullspace_basis, projected_update, projector
 from .requests import Request, subject_batches
-from .site import EditSite, find_submodule, locate
+from .site import EditSite, locate
 
 PROJECTOR_VERSION = "1"
 #: the reference hparams (hparams/AlphaEdit/{gpt2-xl,EleutherAI_gpt-j-6B,Llama3-8B}.json) all use these two
