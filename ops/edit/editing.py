@@ -186,15 +186,21 @@ def covariance(model, graph, ctx, site: EditSite, module, params: EditParams):
 
 
 def write_back(graph, edits: Sequence[tuple[EditSite, Sequence[torch.Tensor], Sequence[torch.Tensor]]],
-               ctx) -> None:
+               ctx, requests: Sequence[Request] = (), op: str = "edit",
+               keys: dict[str, torch.Tensor] | None = None) -> None:
     """Put ΔW = Σ up@down of each edited tensor into the graph as one low-rank node, and the factors and the
-    original tensors into ``edits.safetensors`` (attached through ``ctx``: deterministic bytes)."""
+    original tensors into ``edits.safetensors`` (attached through ``ctx``: deterministic bytes); this step's
+    factors and ``requests`` are also recorded in the graph for later steps (:mod:`surgeon.edits`)."""
+    from surgeon.edits import record_edit
     from surgeon.graph import Executor, LowRank
 
     tensors: dict[str, torch.Tensor] = {}
     for site, ups, downs in edits:
         # fp32 factors: the node and edits.safetensors hold the very numbers that are added to the weight
         up, down = torch.cat(list(ups), 1).float(), torch.cat(list(downs), 0).float()
+        record_edit(graph, tensor=site.name, up=up, down=down, transposed=site.transposed, op=op,
+                    requests=[r.model_dump(mode="json", by_alias=False) for r in requests],
+                    keys=(keys or {}).get(site.name))
         node = graph[site.name]
         if isinstance(node, LowRank) and node.transposed == site.transposed:
             base, up, down = node.inputs[0], torch.cat([node.up, up], 1), torch.cat([node.down, down], 0)
@@ -268,9 +274,9 @@ def measure_after(model, tok, requests: list[Request], base: Baseline, result: d
 
 def edit_batches(model, tok, module, site: EditSite, batches: list[list[Request]], prefixes: list[str],
                  settings: kv.ValueSettings, factor, lam: float, method: Method, ctx, timings: dict[str, float], *,
-                 residual: str, ridge_single: bool):
+                 residual: str, ridge_single: bool, keys_out: list[torch.Tensor] | None = None):
     """Values, then the closed-form update, for each batch in turn; each update is added to ``module`` before
-    the next batch. Returns (ups, downs, per-edit facts)."""
+    the next batch. Returns (ups, downs, per-edit facts); each batch's keys [d_k, n] go into ``keys_out``."""
     ups, downs, per_edit = [], [], []
     bias = getattr(module, "bias", None)
     t_values = t_solve = 0.0
@@ -280,6 +286,8 @@ def edit_batches(model, tok, module, site: EditSite, batches: list[list[Request]
         vals = kv.optimise_values_chunked(model, tok, module, batch, prefixes, settings, device=ctx.device,
                                           status=ctx.status)
         keys = vals.keys
+        if keys_out is not None:
+            keys_out.append(keys.detach().float().cpu())
         t_values += time.perf_counter() - t
         t = time.perf_counter()
         w = _weight_linear(module, site)
@@ -332,9 +340,11 @@ def run_edit(graph, params: EditParams, ctx, method: Method, *, lam: float | Non
     prefixes = prefixes_for(method, model, tok, params, ctx)
     timings["prefixes_s"] = time.perf_counter() - t0
     batches = [[r] for r in requests] if method == "rome" else subject_batches(requests, batch_size)
+    keys: list[torch.Tensor] = []
     ups, downs, per_edit = edit_batches(model, tok, module, site, batches, prefixes, settings, factor, lam, method,
-                                        ctx, timings, residual=residual, ridge_single=ridge_single)
-    write_back(graph, [(site, ups, downs)], ctx)
+                                        ctx, timings, residual=residual, ridge_single=ridge_single, keys_out=keys)
+    write_back(graph, [(site, ups, downs)], ctx, requests, op=f"edit.{method}",
+               keys={site.name: torch.cat(keys, 1)})
     result: dict[str, Any] = {"kind": f"edit.{method}", "title": f"Knowledge edit ({method.upper()})",
                               "requests": len(requests), "layer": site.layer}
     measure_after(model, tok, requests, base, result, ctx, timings)
