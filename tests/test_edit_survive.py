@@ -203,3 +203,24 @@ def test_perp_edit_loss_is_on_by_default_and_keeps_the_fact(tiny_llama_tok, tmp_
         lp[name] = float(torch.log_softmax(logits, -1)[tid])
     assert lp["on"] > lp["off"]
     assert _answer(on, ids) == tid
+
+
+def test_shiftadd_keeps_the_edited_matrix_dense(tiny_llama_tok):
+    from surgeon.ops.shiftadd import op as shiftadd
+
+    g = Graph.from_checkpoint(open_checkpoint(tiny_llama_tok))
+    ge = g.copy()
+    up, down = torch.randn(64, 1), torch.randn(1, 128)
+    ge.replace(EDITED, LowRank(g[EDITED], up, down, label="edit"))
+    record_edit(ge, tensor=EDITED, up=up, down=down, transposed=False, op="test", requests=[])
+    params = {"bits": 2, "group_size": 32, "rounds": 2, "weight_only": True}
+    ctx = Context()
+    kept = shiftadd.apply(ge, shiftadd.Params(**params), ctx)
+    plain = shiftadd.apply(ge, shiftadd.Params(**params, protect_edits=False), Context())
+    prefix = EDITED[: -len(".weight")]
+    assert ctx.step_info["kept_dense_for_edits"] == [EDITED]
+    assert torch.equal(kept.value(EDITED), ge.value(EDITED)) and f"{prefix}.qweight" not in kept
+    assert f"{prefix}.qweight" in plain and EDITED not in plain
+    assert prefix not in kept.config["quantization_config"]["modules"]
+    other = "model.layers.0.mlp.down_proj"
+    assert torch.equal(kept.value(f"{other}.qweight"), plain.value(f"{other}.qweight"))
