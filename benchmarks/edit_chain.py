@@ -5,6 +5,7 @@ Usage: PYTHONPATH=$PWD python benchmarks/edit_chain.py '[{"name": "default", "pr
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 import yaml
