@@ -78,6 +78,10 @@ def _chain_row(root: Path, raw: dict[str, Any], requests, tok, ctx, base_graph, 
     row["steps"] = {s["op"]: round(s["seconds"], 1) for s in chain["steps"]}
     row["edit_step"] = next(({k: r[k] for k in ("efficacy", "paraphrase", "neighborhood") if k in r}
                              for r in chain["results"] if r.get("kind") == "edit.emmet"), None)
+    info = {s["op"]: s.get("info", {}) for s in chain["steps"]}
+    # the later steps keep the edits by default (protect_edits, PERP's edit loss; docs/edit.md)
+    row["edit_protection"] = {"prune": info.get("prune.magnitude", {}).get("protect_mode") or "off",
+                              "perp_edit_loss": bool(info.get("retrain.perp", {}).get("edit_loss"))}
     zeros = sum(int((p == 0).sum()) for n, p in model.named_parameters() if "layers" in n and p.ndim == 2)
     total = sum(p.numel() for n, p in model.named_parameters() if "layers" in n and p.ndim == 2)
     row["block_sparsity"] = zeros / total
@@ -117,7 +121,9 @@ def _print_table(rows: list[dict[str, Any]], console) -> None:
             e = r["edit_step"]
             console.print(f"EMMET step alone: efficacy {e.get('efficacy', 0):.0%}, paraphrase "
                           f"{e.get('paraphrase', 0):.0%}, neighbourhood {e.get('neighborhood', 0):.0%}; after 50% "
-                          f"pruning + PERP the edited facts score {r['edit_efficacy']:.0%}.")
+                          f"pruning + PERP the edited facts score {r['edit_efficacy']:.0%} (pruning protection: "
+                          f"{r['edit_protection']['prune']}, PERP edit loss: "
+                          f"{'on' if r['edit_protection']['perp_edit_loss'] else 'off'}).")
     console.print("ShiftAdd/recursive rows start from the unedited base model; the recursive row is the SVD "
                   "initialisation, which the paper uptrains on billions of tokens.")
 
@@ -190,7 +196,7 @@ def plot_rows(rows: list[dict[str, Any]], path: Path) -> None:
             ax.set_xscale("log")
         elif key != "disk_mb":
             ax.set_xlim(0, 1.05)  # recall and efficacy are fractions
-        if key == "edit_efficacy":  # the chain's edit step alone, before pruning erased the edits
+        if key == "edit_efficacy":  # the chain's edit step alone, before pruning and PERP
             for i, r in enumerate(rows):
                 if r.get("edit_step"):
                     ax.barh(i, r["edit_step"].get("efficacy", 0), color="none", edgecolor=colors[i], hatch="//")

@@ -193,15 +193,21 @@ def covariance(graph, ctx, site: EditSite, params: EditParams):
 
 
 def write_back(graph, edits: Sequence[tuple[EditSite, Sequence[torch.Tensor], Sequence[torch.Tensor]]],
-               ctx) -> None:
+               ctx, requests: Sequence[Request] = (), op: str = "edit",
+               keys: dict[str, torch.Tensor] | None = None) -> None:
     """Put ΔW = Σ up@down of each edited tensor into the graph as one low-rank node, and the factors and the
-    original tensors into ``edits.safetensors`` (attached through ``ctx``: deterministic bytes)."""
+    original tensors into ``edits.safetensors`` (attached through ``ctx``: deterministic bytes); this step's
+    factors and ``requests`` are also recorded in the graph for later steps (:mod:`surgeon.edits`)."""
+    from surgeon.edits import record_edit
     from surgeon.graph import Executor, LowRank
 
     tensors: dict[str, torch.Tensor] = {}
     for site, ups, downs in edits:
         # fp32 factors: the node and edits.safetensors hold the very numbers that are added to the weight
         up, down = torch.cat(list(ups), 1).float(), torch.cat(list(downs), 0).float()
+        record_edit(graph, tensor=site.name, up=up, down=down, transposed=site.transposed, op=op,
+                    requests=[r.model_dump(mode="json", by_alias=False) for r in requests],
+                    keys=(keys or {}).get(site.name))
         node = graph[site.name]
         if isinstance(node, LowRank) and node.transposed == site.transposed:
             base, up, down = node.inputs[0], torch.cat([node.up, up], 1), torch.cat([node.down, down], 0)
@@ -278,10 +284,10 @@ def measure_after(model, tok, requests: list[Request], base: Baseline, result: d
 
 def edit_batches(graph, tok, site: EditSite, batches: list[list[Request]], prefixes: list[str],
                  settings: kv.ValueSettings, factor, lam: float, method: Method, ctx, timings: dict[str, float], *,
-                 residual: str, ridge_single: bool):
+                 residual: str, ridge_single: bool, keys_out: list[torch.Tensor] | None = None):
     """Values (on the model engine, :mod:`.engine_values`), then the closed-form update, for each batch in turn;
     the next batch runs on a working copy of ``graph`` whose edited tensor holds the earlier updates (fp32).
-    Returns (ups, downs, per-edit facts)."""
+    Returns (ups, downs, per-edit facts); each batch's keys [d_k, n] go into ``keys_out``."""
     from surgeon.graph import Const
 
     from .engine_values import optimise_values_engine
@@ -296,6 +302,8 @@ def edit_batches(graph, tok, site: EditSite, batches: list[list[Request]], prefi
         # keys come from the values' first forward pass: the same rows, cut at the same token
         vals = optimise_values_engine(work, ctx, site, tok, batch, prefixes, settings, status=ctx.status)
         keys = vals.keys
+        if keys_out is not None:
+            keys_out.append(keys.detach().float().cpu())
         t_values += time.perf_counter() - t
         t = time.perf_counter()
         if method == "rome":
@@ -365,12 +373,14 @@ def run_edit(graph, params: EditParams, ctx, method: Method, *, lam: float | Non
     prefixes = prefixes_for(method, model, tok, params, ctx)
     timings["prefixes_s"] = time.perf_counter() - t0
     batches = [[r] for r in requests] if method == "rome" else subject_batches(requests, batch_size)
+    keys: list[torch.Tensor] = []
     ups, downs, per_edit = edit_batches(graph, tok, site, batches, prefixes, settings, factor, lam, method,
-                                        ctx, timings, residual=residual, ridge_single=ridge_single)
+                                        ctx, timings, residual=residual, ridge_single=ridge_single, keys_out=keys)
     if module is not None:  # the whole model (metrics) gets the same updates, in the same order
         for up, down in zip(ups, downs):
             add_in_place(module, site, up, down)
-    write_back(graph, [(site, ups, downs)], ctx)
+    write_back(graph, [(site, ups, downs)], ctx, requests, op=f"edit.{method}",
+               keys={site.name: torch.cat(keys, 1)})
     result: dict[str, Any] = {"kind": f"edit.{method}", "title": f"Knowledge edit ({method.upper()})",
                               "requests": len(requests), "layer": site.layer}
     measure_after(model, tok, requests, base, result, ctx, timings)

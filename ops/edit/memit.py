@@ -162,7 +162,8 @@ def apply(graph, params: Params, ctx):
     batches = subject_batches(requests, params.batch_size)
     per_layer, per_edit = _memit_batches(model, tok, sites, modules, factors, batches, prefixes, settings, lam, ctx,
                                          timings)
-    write_back(graph, [(s, [u for u, _ in acc], [d for _, d in acc]) for s, acc in zip(sites, per_layer)], ctx)
+    write_back(graph, [(s, [u for u, _ in acc], [d for _, d in acc]) for s, acc in zip(sites, per_layer)], ctx,
+               requests, op="edit.memit")
     result: dict[str, Any] = {"kind": "edit.memit", "title": "Knowledge edit (MEMIT)", "requests": len(requests),
                               "layers": layers}
     measure_after(model, tok, requests, base, result, ctx, timings)

@@ -38,6 +38,17 @@ from .common import (
     sparsity_facts,
     transposed_names,
 )
+from .protect import (
+    FRACTION_HELP,
+    MODE_HELP,
+    PROTECT_HELP,
+    Protection,
+    ProtectMode,
+    plan_protection,
+    protect_score,
+    prune_smallest,
+    restore_protected,
+)
 
 
 class Params(BaseModel):
@@ -53,6 +64,9 @@ class Params(BaseModel):
     include: list[str] | None = Field(None, description=INCLUDE_HELP)
     exclude: list[str] = Field(default_factory=list, description=EXCLUDE_HELP)
     arch: dict[str, Any] | None = Field(None, description=ARCH_HELP)
+    protect_edits: bool | None = Field(None, description=PROTECT_HELP)
+    protect_mode: ProtectMode = Field("refit", description=MODE_HELP)
+    protect_fraction: float = Field(0.05, ge=0, le=0.5, description=FRACTION_HELP)
 
     @field_validator("nm")
     @classmethod
@@ -89,10 +103,15 @@ UNRANKABLE = ("magnitude pruning ranks weights by size and NaN/Inf have no rank;
               "such tensors pass through ops that do not rank them: exclude it with --exclude")
 
 
-def _finite_magnitude_prune(name: str, sparsity: float, device: str):
+def _finite_magnitude_prune(name: str, sparsity: float, device: str, protect: Protection, transposed: bool):
     def fn(w: torch.Tensor) -> torch.Tensor:
         check_finite(name, w, UNRANKABLE)
-        return magnitude_prune(w, sparsity, device=device)
+        rank_last = protect.rank_mask(name)
+        if rank_last is not None:  # an edited matrix: the edit's entries rank last (see .protect)
+            out = prune_smallest(w, n_pruned(w.numel(), sparsity), rank_last)
+        else:
+            out = magnitude_prune(w, sparsity, device=device)
+        return protect.finish(name, out, w, transposed)
 
     return fn
 
@@ -137,10 +156,11 @@ def global_threshold_nodes(nodes: list, k: int, facts: dict[str, Any], names: li
                   shape=(n + 1,), dtype=torch.int64, label="magnitude-threshold", merge=StreamingKth.merged_low)
 
 
-def _prune_below(index: int, facts: dict[str, Any], name: str):
+def _prune_below(index: int, facts: dict[str, Any], name: str, protect: Protection, transposed: bool):
     def fn(reduced: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         bits = fp32_bits(w)
         out = zero_below(bits, int(reduced[0]), int(reduced[1 + index]), absolute=True).reshape(w.shape)
+        out = protect.finish(name, restore_protected(out, w, protect.rank_mask(name)), w, transposed)
         frac = int((out == 0).sum()) / out.numel()
         facts["sparsity_per_tensor"][name] = round(frac, 6)
         if frac > 0.95:
@@ -148,6 +168,12 @@ def _prune_below(index: int, facts: dict[str, Any], name: str):
         return out
 
     return fn
+
+
+def _nm_protected(w: torch.Tensor, n: int, m: int, transposed: bool, name: str, protect: Protection) -> torch.Tensor:
+    rank_last = protect.rank_mask(name)
+    score = None if rank_last is None else protect_score(w.float().abs(), rank_last)
+    return protect.finish(name, nm_prune(w, n, m, transposed=transposed, score=score), w, transposed)
 
 
 # --- graph wiring ---------------------------------------------------------------------------------------------
@@ -159,15 +185,17 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     names = prune_targets(graph, params.include, params.exclude, params.arch, ctx=ctx)
     nm = parse_nm(params.nm)
     dev = ctx.device
+    protect = plan_protection(graph, names, params.protect_edits, params.protect_mode, params.protect_fraction)
+    ctx.report(**protect.facts(params.protect_fraction))
+    trans = transposed_names(graph, names, params.arch, ctx=ctx)
     if nm is not None:
         n, m = nm
-        trans = transposed_names(graph, names, params.arch, ctx=ctx)
         check_nm_shapes(graph, names, m, trans)
         for name in names:
             dense = graph[name]
             t = name in trans
-            graph.replace(name, Pruned(lambda w, t=t: nm_prune(w, n, m, transposed=t), [dense], dense=dense,
-                                       label=f"prune-{n}:{m}"))
+            graph.replace(name, Pruned(lambda w, t=t, name=name: _nm_protected(w, n, m, t, name, protect),
+                                       [dense], dense=dense, label=f"prune-{n}:{m}"))
         numel = {name: graph[name].shape[0] * graph[name].shape[1] for name in names}
         ctx.report(method="magnitude", nm=params.nm, transposed=sorted(trans),
                    **sparsity_facts({k: (v * (m - n) // m, v) for k, v in numel.items()}))
@@ -176,8 +204,8 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
         for name in names:
             dense = graph[name]
             numel = dense.shape[0] * dense.shape[1]
-            graph.replace(name, Pruned(_finite_magnitude_prune(name, params.sparsity, dev), [dense],
-                                       dense=dense, label="prune-magnitude"))
+            graph.replace(name, Pruned(_finite_magnitude_prune(name, params.sparsity, dev, protect, name in trans),
+                                       [dense], dense=dense, label="prune-magnitude"))
             per_tensor[name] = (n_pruned(numel, params.sparsity), numel)
         ctx.report(method="magnitude", scope="layer", **sparsity_facts(per_tensor))
     else:
@@ -190,8 +218,8 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
             return graph
         reduced = global_threshold_nodes(nodes, k, facts, names)
         for i, (name, dense) in enumerate(zip(names, nodes)):
-            graph.replace(name, Pruned(_prune_below(i, facts, name), [reduced, dense], dense=dense,
-                                       label="prune-magnitude-global"))
+            graph.replace(name, Pruned(_prune_below(i, facts, name, protect, name in trans), [reduced, dense],
+                                       dense=dense, label="prune-magnitude-global"))
         # per-tensor sparsity is only known once the threshold has streamed; the dict is filled while writing
         ctx.report(method="magnitude", scope="global", sparsity=round(k / total, 6), pruned_tensors=len(names),
                    pruned_parameters=total, global_threshold=facts)

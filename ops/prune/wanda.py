@@ -32,6 +32,15 @@ from .common import (
     sparsity_facts,
     transposed_names,
 )
+from .protect import (
+    FRACTION_HELP,
+    MODE_HELP,
+    PROTECT_HELP,
+    Protection,
+    ProtectMode,
+    plan_protection,
+    protect_score,
+)
 
 
 class Params(BaseModel):
@@ -48,6 +57,9 @@ class Params(BaseModel):
     include: list[str] | None = Field(None, description=INCLUDE_HELP)
     exclude: list[str] = Field(default_factory=list, description=EXCLUDE_HELP)
     arch: dict[str, Any] | None = Field(None, description=ARCH_HELP)
+    protect_edits: bool | None = Field(None, description=PROTECT_HELP)
+    protect_mode: ProtectMode = Field("refit", description=MODE_HELP)
+    protect_fraction: float = Field(0.05, ge=0, le=0.5, description=FRACTION_HELP)
 
     @field_validator("nm")
     @classmethod
@@ -72,10 +84,13 @@ def wanda_scores(w: torch.Tensor, sq_norm: torch.Tensor, *, transposed: bool = F
 
 
 def wanda_mask(w: torch.Tensor, sq_norm: torch.Tensor, sparsity: float, *, transposed: bool = False,
-               nm: tuple[int, int] | None = None) -> torch.Tensor:
+               nm: tuple[int, int] | None = None, protected: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask (True = prune) in the storage layout of ``w``: per output row the ⌊s·d_in⌋ lowest scores
-    (ties: lower input index first), or per N:M group the M−N lowest."""
+    (ties: lower input index first), or per N:M group the M−N lowest; ``protected`` entries (storage layout,
+    :mod:`.protect`) score +∞."""
     score = wanda_scores(w, sq_norm, transposed=transposed)
+    if protected is not None:
+        score = protect_score(score, protected.T if transposed else protected)
     if nm is not None:
         n, m = nm
         kept = nm_prune(torch.ones_like(score), n, m, score=score)
@@ -90,24 +105,37 @@ def wanda_mask(w: torch.Tensor, sq_norm: torch.Tensor, sparsity: float, *, trans
 
 
 def prune_block(block, stats: dict[str, Any], names: list[str], *, sparsity: float, nm: tuple[int, int] | None,
-                transposed: set[str]) -> dict[str, torch.Tensor]:
+                transposed: set[str], protect: Protection | None = None) -> dict[str, torch.Tensor]:
     """Wanda on one engine block: mask each target from its input norms and zero it in place (the engine then
-    runs the pruned block to feed the next one). Returns ``{graph name: mask}``."""
+    runs the pruned block to feed the next one; an edited matrix gets ``protect``'s refit). Returns
+    ``{graph name: mask}``."""
     masks = {}
     for n in names:
         st = stats.get(n)
         if st is None or st.count == 0:
             raise SurgeonError(f"{n!r}: its module was not called during calibration (not a linear?)")
         w = block.param(n)
-        mask = wanda_mask(w.detach(), st.sq_norm, sparsity, transposed=n in transposed, nm=nm)
+        mask = wanda_mask(w.detach(), st.sq_norm, sparsity, transposed=n in transposed, nm=nm,
+                          protected=protect.rank_mask(n) if protect else None)
         with torch.no_grad():
+            refit = protect is not None and n in protect.keys
+            dense = w.detach().clone() if refit else None
             w.masked_fill_(mask.to(w.device), 0)
+            if refit:
+                w.copy_(protect.finish(n, w.detach(), dense, n in transposed).to(w.device, w.dtype))
         masks[n] = mask.cpu()
     return masks
 
 
 def _apply_mask(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return w.float().masked_fill(mask, 0)
+
+
+def _masked_protected(name: str, protect: Protection, transposed: bool):
+    def fn(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return protect.finish(name, _apply_mask(w, mask), w, transposed)
+
+    return fn
 
 
 # --- graph wiring ---------------------------------------------------------------------------------------------
@@ -133,12 +161,13 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     tokens = ctx.tokens(params.data, graph, seqlen=params.seqlen, max_windows=params.n_windows)
     eng = engine.from_context(graph, ctx, dtype="float32", micro_batch=params.batch_size, roles=r)
     spill = eng.spill
+    protect = plan_protection(graph, names, params.protect_edits, params.protect_mode, params.protect_fraction)
     mask_nodes: dict[str, Any] = {}
     per_tensor: dict[str, tuple[int, int]] = {}
 
     def change(block, stats) -> None:
         for n, mask in prune_block(block, stats, by_layer[block.index], sparsity=params.sparsity, nm=nm,
-                                   transposed=trans).items():
+                                   transposed=trans, protect=protect).items():
             per_tensor[n] = (int(mask.sum()), mask.numel())
             mask_nodes[n] = spill.put(f"{n}.wanda-mask", mask, label="wanda-mask")
 
@@ -150,7 +179,9 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     out = graph.copy()
     for n, mask_node in mask_nodes.items():
         dense = graph[n]
-        out.replace(n, Pruned(_apply_mask, [dense, mask_node], dense=dense, label="prune-wanda"))
+        fn = _masked_protected(n, protect, n in trans) if n in protect.keys else _apply_mask
+        out.replace(n, Pruned(fn, [dense, mask_node], dense=dense, label="prune-wanda"))
     ctx.report(method="wanda", nm=params.nm, calibration_windows=int(tokens.shape[0]),
-               calibration_seqlen=int(tokens.shape[1]), **sparsity_facts(per_tensor))
+               calibration_seqlen=int(tokens.shape[1]), **sparsity_facts(per_tensor),
+               **protect.facts(params.protect_fraction))
     return out

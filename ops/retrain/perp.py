@@ -38,6 +38,8 @@ from surgeon.ops.prune.common import ARCH_HELP, EXCLUDE_HELP, Pruned, prune_targ
 from surgeon.ops.retrain.adapters import Attached, attach, detach, merged_weight
 from surgeon.registry import register
 
+from .edit_loss import edit_term
+
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -77,6 +79,12 @@ class Params(BaseModel):
                                       "every block linear.")
     exclude: list[str] = Field(default_factory=list, description=EXCLUDE_HELP)
     arch: dict[str, Any] | None = Field(None, description=ARCH_HELP)
+    edit_loss: bool | None = Field(None, description="retrain mode: add the knowledge edits made earlier in the "
+                                   "same run to the loss (mean NLL of each edited fact's target after its prompt, "
+                                   "times edit_loss_weight), so retraining keeps them. Default: on when the run "
+                                   "contains an edit step.")
+    edit_loss_weight: float = Field(1.0, gt=0, description="Weight of the edit term next to the language-model "
+                                    "loss.")
 
     @model_validator(mode="after")
     def _something_trains(self) -> Params:
@@ -143,8 +151,9 @@ def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def perp_retrain(model: nn.Module, tokens: torch.Tensor, trainable: list[nn.Parameter], p: Params, *,
-                 seed: int = 0, progress=None, status=None) -> list[float]:
-    """Causal-LM retraining of ``trainable`` only. Returns the loss of every step."""
+                 seed: int = 0, progress=None, status=None, extra_loss=None) -> list[float]:
+    """Causal-LM retraining of ``trainable`` only (plus ``extra_loss(model)`` when given, e.g. the edit term).
+    Returns the loss of every step."""
     dev = next(model.parameters()).device
     opt, sched = _optimizer(trainable, p, p.steps)
     g = torch.Generator().manual_seed(seed)
@@ -159,6 +168,8 @@ def perp_retrain(model: nn.Module, tokens: torch.Tensor, trainable: list[nn.Para
                 order = torch.randperm(tokens.shape[0], generator=g).tolist()
             idx.append(order.pop())
         loss = lm_loss(model, tokens[idx].to(dev))
+        if extra_loss is not None:
+            loss = loss + extra_loss(model)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -307,9 +318,10 @@ def _retrain(model: nn.Module, graph: Graph, names: list[str], tokens: torch.Ten
         q.requires_grad_(True)
     n_trainable = _count(trainable)
     checkpointed = params.checkpointing and _checkpointing(model, True)
+    extra = edit_term(graph, params.edit_loss, params.edit_loss_weight, ctx, facts)
     with ctx.timed("retrain"):
         losses = perp_retrain(model, tokens, trainable, params, seed=ctx.seed, progress=ctx.progress,
-                              status=ctx.status)
+                              status=ctx.status, extra_loss=extra)
     if checkpointed:
         _checkpointing(model, False)
     facts["gradient_checkpointing"] = bool(checkpointed)

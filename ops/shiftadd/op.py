@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from surgeon.ops.shiftadd.bcq import quantize_weight_only
 from surgeon.ops.shiftadd.gptq import allocate_bits, sensitivity_score
 
+from surgeon.edits import protected_tensors
 from surgeon.errors import SurgeonError
 from surgeon.formats.shiftadd import blob_layout, module_name, nbytes, quantization_config
 from surgeon.registry import register
@@ -68,6 +69,11 @@ class Params(BaseModel):
                                                         "bits-1 and bits; layers are ranked by sensitivity.")
     materialize: bool = Field(False, description="Write dense Ŵ = Σα·B in the original dtype (loads anywhere) "
                                                  "instead of the packed format.")
+    protect_edits: bool | None = Field(None, description="Keep the knowledge edits made earlier in the same run: "
+                                       "the matrices an edit changed stay dense in their original dtype (the "
+                                       "packed format has no place for a low-rank side term; SmolLM2's edited "
+                                       "down-projection is 0.8 % of the block weights). Default: on when the run "
+                                       "contains an edit step, off otherwise.")
 
     @field_validator("group_size")
     @classmethod
@@ -168,7 +174,13 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     """ShiftAdd reparameterisation of every block linear (activation-aware by default, or lazy weight-only)."""
     graph = graph.copy()
     roles = ctx.roles(graph)
-    linears = block_linear_names(graph, roles)
+    kept = protected_tensors(graph, params.protect_edits)
+    linears = [(n, tr) for n, tr in block_linear_names(graph, roles) if n not in kept]
+    if kept:
+        ctx.report(protect_edits=True, kept_dense_for_edits=sorted(kept))
+        ctx.log(f"shiftadd: {len(kept)} edited matri{'x' if len(kept) == 1 else 'ces'} kept dense (protect_edits)")
+    if not linears:
+        raise SurgeonError("shiftadd: every block linear carries an edit and protect_edits keeps them all dense")
     transposed = dict(linears)
     in_features = {n: graph[n].shape[0 if tr else 1] for n, tr in linears}
     if not params.weight_only:
