@@ -8,10 +8,12 @@ so the calibration / evaluation text is random words. Then runs, each in its own
 
 - ``surgeon eval CKPT --perplexity TEXT --seqlen 256 --max-windows 4``
 - ``surgeon prune wanda CKPT --sparsity 0.5 --seqlen 256 --n-windows 8 -o OUT`` (output removed afterwards)
+- ``surgeon shiftadd CKPT --data TEXT --seqlen 256 --max-windows 8 --layers 0,1 -o OUT`` (calibrated 3-bit,
+  blocks 0 and 1 only: the engine runs no further; output removed afterwards)
 
 and prints wall seconds, peak RSS and the engine's seconds per block. Goal: peak RSS <= 4 GB.
 
-    .venv/bin/python benchmarks/scale.py [--layers 32] [--only eval|wanda] [--cache DIR]
+    .venv/bin/python benchmarks/scale.py [--layers 32] [--only eval|wanda|shiftadd] [--cache DIR]
 """
 from __future__ import annotations
 
@@ -123,7 +125,7 @@ def block_info(out: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--only", choices=["eval", "wanda"], default=None)
+    ap.add_argument("--only", choices=["eval", "wanda", "shiftadd"], default=None)
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "surgeon" / "bench")
     args = ap.parse_args()
     name = "llama8b-shape" if args.layers == 32 else f"llama8b-shape-{args.layers}l"
@@ -145,6 +147,12 @@ def main() -> None:
                          "256", "--n-windows", "8", "--batch-size", "8", "--device", "cpu", "-o", str(out),
                          "--json"])
             rows.append(("prune wanda 0.5 (8x256)", r, block_info(r["json"]), ""))
+            shutil.rmtree(out, ignore_errors=True)
+        if args.only in (None, "shiftadd"):
+            out = Path(tmp) / "shiftadd"
+            r = measure([*cli, "shiftadd", str(ckpt), "--data", str(text), "--seqlen", "256", "--max-windows", "8",
+                         "--layers", "0,1", "--device", "cpu", "-o", str(out), "--json"])
+            rows.append(("shiftadd 3-bit calib. 2 blocks", r, block_info(r["json"]), ""))
             shutil.rmtree(out, ignore_errors=True)
     print(f"\nLlama-3-8B shape, {args.layers} layers, bf16 checkpoint, fp32 compute, "
           f"{os.cpu_count()} CPUs, torch threads default")

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 from surgeon.ops.prune import magnitude
-from surgeon.ops.prune.blocks import module_of
 from surgeon.ops.retrain import perp
 from surgeon.ops.retrain.adapters import MaskLoRA, ScaleLoRA, attach, detach, merged_weight
+from surgeon.ops.retrain.perp import module_of
 from test_prune_helpers import graph_loss, heldout_loss, task_model_fixture  # noqa: F401  (fixture)
 
 from surgeon.context import Context
