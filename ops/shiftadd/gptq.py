@@ -29,20 +29,27 @@ def act_order_perm(diag: torch.Tensor) -> torch.Tensor:
     return cols[cols < k]
 
 
-def _inverse_cholesky_upper(h: torch.Tensor, damping: float) -> torch.Tensor:
-    """U with UᵀU = (H + damping·mean(diag H)·I)⁻¹ (upper), in fp64 then fp32; retries with more damping.
+FP64_MAX_WIDTH = 8192  # wider Hessians are factored in fp32, as GPTQ's own code does (14336² in fp64 is 1.6 GB)
 
-    Works on one fp64 copy of H (damping added on its diagonal in place) and frees each factor once used:
-    a 14336-wide MLP-down Hessian is 1.6 GB in fp64."""
-    h = h.to(torch.float64, copy=True)
-    mean = h.diagonal().mean().clamp_min(1e-12)
+
+def _inverse_cholesky_upper(h: torch.Tensor, damping: float, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """U with UᵀU = (H + damping·mean(diag H)·I)⁻¹ (upper), H permuted by ``perm`` first; fp32 result. Retries
+    with more damping.
+
+    Factored in fp64 up to :data:`FP64_MAX_WIDTH` columns, in fp32 beyond. ``h`` is not modified; the function
+    holds one working copy of H and frees each factor once the next exists (memory ≈ 2 matrices, not 5)."""
+    dtype = torch.float64 if h.shape[0] <= FP64_MAX_WIDTH else torch.float32
+    work = (h if perm is None else h.index_select(0, perm)).to(dtype, copy=True)
+    if perm is not None:
+        work = work.index_select(1, perm)
+    mean = work.diagonal().mean().clamp_min(1e-12)
     added = 0.0
     for extra in (1.0, 10.0, 100.0):
-        h.diagonal().add_(damping * extra * mean - added)
+        work.diagonal().add_(damping * extra * mean - added)
         added = damping * extra * mean
-        l, info = torch.linalg.cholesky_ex(h)
+        l, info = torch.linalg.cholesky_ex(work)
         if int(info) == 0:
-            del h
+            del work
             hinv = torch.cholesky_inverse(l)
             del l
             u, info = torch.linalg.cholesky_ex(hinv, upper=True)
@@ -99,18 +106,20 @@ def quantize_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
         raise SurgeonError(f"scale_layout {scale_layout!r}: expected one of {', '.join(SCALE_LAYOUTS)}")
     n, k = w.shape
     w = w.to(device=device, dtype=torch.float32).clone()
-    h = h.to(device=device, dtype=torch.float32).clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    h = h.to(device=device, dtype=torch.float32)
+    diag = h.diagonal().clone()
+    dead = diag == 0
+    if bool(dead.any()):  # a column no token ever excites: H_jj = 1, W_j = 0 (as GPTQ)
+        h = h.clone()
+        h[dead, dead] = 1.0
+        diag[dead] = 1.0
+        w[:, dead] = 0.0
     perm = None
     if act_order:
-        diag = h.diagonal().cpu()
-        perm = (diag.argsort(descending=True, stable=True) if scale_layout == "acc" else act_order_perm(diag)
-                ).to(device)
+        perm = (diag.cpu().argsort(descending=True, stable=True) if scale_layout == "acc"
+                else act_order_perm(diag.cpu())).to(device)
         w = w[:, perm]
-        h = h[perm][:, perm]
-    u = _inverse_cholesky_upper(h, damping)
+    u = _inverse_cholesky_upper(h, damping, perm)
     del h
     block = -(-max(block_size, group_size) // group_size) * group_size  # whole groups per block
     refit_every, stored_gs, rows_per_alpha = {"row": (group_size, group_size, 1), "lat": (8, 8, group_size // 8),
@@ -143,7 +152,8 @@ def quantize_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
             w1[:, j:] -= e[:, None] * u1[j, j:][None, :]
             err1[:, j] = e
         w[:, b2:] -= err1 @ u[b1:b2, b2:]
-    signs = book[codes].permute(2, 0, 1)  # [q, N, K]
+    del u, w
+    signs = (book > 0)[codes].permute(2, 0, 1)  # [q, N, K], True = +1
     return QuantizedLinear(signs.cpu(), alpha.cpu(), stored_gs, pot_terms, None if perm is None else perm.cpu())
 
 
