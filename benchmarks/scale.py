@@ -8,7 +8,7 @@ so the calibration / evaluation text is random words. Then runs, each in its own
 
 - ``surgeon eval CKPT --perplexity TEXT --seqlen 256 --max-windows 4``
 - ``surgeon prune wanda CKPT --sparsity 0.5 --seqlen 256 --n-windows 8 -o OUT`` (output removed afterwards)
-- ``surgeon shiftadd CKPT --data TEXT --seqlen 256 --max-windows 8 --layers 0,1 -o OUT`` (calibrated 3-bit,
+- ``surgeon shiftadd CKPT --data TEXT --seqlen 256 --max-windows 8 --layers 0,1 --rounds 4 -o OUT`` (calibrated 3-bit,
   blocks 0 and 1 only: the engine runs no further; output removed afterwards)
 
 and prints wall seconds, peak RSS and the engine's seconds per block. Goal: peak RSS <= 4 GB.
@@ -151,7 +151,7 @@ def main() -> None:
         if args.only in (None, "shiftadd"):
             out = Path(tmp) / "shiftadd"
             r = measure([*cli, "shiftadd", str(ckpt), "--data", str(text), "--seqlen", "256", "--max-windows", "8",
-                         "--layers", "0,1", "--device", "cpu", "-o", str(out), "--json"])
+                         "--layers", "0,1", "--rounds", "4", "--device", "cpu", "-o", str(out), "--json"])
             rows.append(("shiftadd 3-bit calib. 2 blocks", r, block_info(r["json"]), ""))
             shutil.rmtree(out, ignore_errors=True)
     print(f"\nLlama-3-8B shape, {args.layers} layers, bf16 checkpoint, fp32 compute, "

@@ -62,6 +62,11 @@ class Params(BaseModel):
     checkpointing: bool = Field(True, description="Gradient checkpointing in retrain mode: keep only each "
                                 "block's input and recompute the block in the backward pass (memory of one block "
                                 "instead of all of them, about a third more time).")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="retrain mode: dtype the frozen model "
+                                                  "is held in. bfloat16 halves its memory: the forward runs under "
+                                                  "bf16 autocast while adapters, norms, biases and AdamW stay fp32 "
+                                                  "(mixed precision, as the reference's AMP); adapted linears are "
+                                                  "merged from their bf16 values.")
     train_norms: bool = Field(True, description="Train the norm weights (and biases) of LayerNorm/RMSNorm.")
     train_biases: bool = Field(True, description="Train the biases of all linear layers (OPT, GPT-2, Qwen2).")
     head_lora: bool = Field(True, description="retrain mode: also train a plain LoRA (rank, alpha) on the output "
@@ -173,7 +178,8 @@ def perp_retrain(model: nn.Module, tokens: torch.Tensor, trainable: list[nn.Para
             if not order:
                 order = torch.randperm(tokens.shape[0], generator=g).tolist()
             idx.append(order.pop())
-        loss = lm_loss(model, tokens[idx].to(dev))
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=p.dtype == "bfloat16"):
+            loss = lm_loss(model, tokens[idx].to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -216,6 +222,15 @@ def _checkpointing(model: nn.Module, on: bool) -> bool:
     return True
 
 
+def _fp32_trainables(attached: list[Attached], extras: dict[str, nn.Parameter]) -> None:
+    """Trained parameters in fp32 whatever the model's dtype (mixed precision: fp32 master values)."""
+    for a in attached:
+        a.adapter.float()
+    for q in extras.values():
+        if q.dtype != torch.float32:
+            q.data = q.data.float()
+
+
 @dataclass
 class _Trained:
     """What a training mode hands back: merged weights of the adapted linears, trained norms/biases, the head."""
@@ -239,6 +254,7 @@ def _retrain(model: nn.Module, graph: Graph, names: list[str], tokens: torch.Ten
     trainable = [q for a in attached for q in a.adapter.parameters()] + list(extras.values())
     if head is not None:
         trainable += list(head[1].adapter.parameters())
+    _fp32_trainables([*attached, *([head[1]] if head is not None else [])], extras)
     for q in trainable:
         q.requires_grad_(True)
     n_trainable = count_parameters(trainable)
@@ -293,7 +309,7 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     r = roles(graph, params.arch, ctx=ctx)
     tokens = ctx.tokens(params.data, graph, seqlen=params.seqlen, max_windows=params.max_windows)
     torch.manual_seed(ctx.seed)
-    facts: dict[str, Any] = {"mode": params.mode, "lora": params.lora, "rank": params.rank,
+    facts: dict[str, Any] = {"mode": params.mode, "lora": params.lora, "rank": params.rank, "dtype": params.dtype,
                              "windows": int(tokens.shape[0]), "seqlen": int(tokens.shape[1])}
     if params.mode == "reconstruct":
         from surgeon.ops.retrain.reconstruct import reconstruct
@@ -303,7 +319,7 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
         n_trainable = facts.pop("trainable_parameters")
         total = sum(math.prod(graph[n].shape) for n in graph.names() if graph[n].dtype.is_floating_point)
     else:
-        model = ctx.module(graph, dtype="float32")
+        model = ctx.module(graph, dtype=params.dtype)
         for q in model.parameters():
             q.requires_grad_(False)
         total = count_parameters(model.parameters())

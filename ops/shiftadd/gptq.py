@@ -39,9 +39,10 @@ def _inverse_cholesky_upper(h: torch.Tensor, damping: float, perm: torch.Tensor 
     Factored in fp64 up to :data:`FP64_MAX_WIDTH` columns, in fp32 beyond. ``h`` is not modified; the function
     holds one working copy of H and frees each factor once the next exists (memory ≈ 2 matrices, not 5)."""
     dtype = torch.float64 if h.shape[0] <= FP64_MAX_WIDTH else torch.float32
-    work = (h if perm is None else h.index_select(0, perm)).to(dtype, copy=True)
+    work = h.to(dtype, copy=True) if perm is None else h.index_select(0, perm).to(dtype)
     if perm is not None:
-        work = work.index_select(1, perm)
+        for r0 in range(0, work.shape[0], 1024):  # columns permuted in place, 1024 rows at a time
+            work[r0:r0 + 1024] = work[r0:r0 + 1024].index_select(1, perm)
     mean = work.diagonal().mean().clamp_min(1e-12)
     added = 0.0
     for extra in (1.0, 10.0, 100.0):

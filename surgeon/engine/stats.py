@@ -51,7 +51,7 @@ class InputStats:
         if self.sq_norm is not None:
             self.sq_norm += (x * x).sum(0)
         if self.xtx is not None:
-            self.xtx += x.T @ x
+            self.xtx.addmm_(x.T, x)  # in place: no [width, width] temporary (0.8 GB for a 14336-wide input)
         if self.sum is not None:
             self.sum += x.sum(0)
 
