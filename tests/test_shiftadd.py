@@ -591,3 +591,12 @@ def test_layers_restricts_the_packed_output_and_it_loads(tiny_llama, tmp_path):
         assert (packed(ids).logits - dense(ids).logits).abs().max() < 1e-4
     with pytest.raises(Exception, match="block 5 does not exist"):
         _run(tiny_llama, tmp_path / "bad", bits=2, group_size=32, data="model:2", seqlen=16, layers=[5])
+
+
+def test_calibrated_bits_budget_allocates_from_the_engine_sweep(tiny_llama, tmp_path):
+    g2, ctx = _run(tiny_llama, tmp_path / "budget", bits=3, bits_budget=2.5, group_size=32, rounds=1,
+                   data="model:2", seqlen=16)
+    bits = ctx.step_info["bits_per_layer"]
+    assert set(bits.values()) == {2, 3}
+    assert ctx.step_info["average_bits"] <= 2.5 + 1e-9
+    assert g2.config["quantization_config"]["calibrated"]
