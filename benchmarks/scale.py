@@ -12,9 +12,12 @@ so the calibration / evaluation text is random words. Then runs, each in its own
   --n-prefixes 0 -o OUT`` twice: at the last layer (statistics run every block; v* holds one block) and at the
   default layer (v* holds blocks l..L−1 resident); ``--stats-tokens`` / ``--edit-steps`` keep it short
 
+- ``surgeon shiftadd CKPT --data TEXT --seqlen 256 --max-windows 8 --layers 0,1 --rounds 4 -o OUT`` (calibrated 3-bit,
+  blocks 0 and 1 only: the engine runs no further; output removed afterwards)
+
 and prints wall seconds, peak RSS and the engine's seconds per block. Goal: peak RSS <= 4 GB.
 
-    .venv/bin/python benchmarks/scale.py [--layers 32] [--only eval|wanda|edit] [--cache DIR]
+    .venv/bin/python benchmarks/scale.py [--layers 32] [--only eval|wanda|edit|shiftadd] [--cache DIR]
         [--stats-tokens 2048] [--edit-steps 5]
 """
 from __future__ import annotations
@@ -166,7 +169,7 @@ def edit_rows(cli: list[str], ckpt: Path, text: Path, tmp: Path, args) -> list[t
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--only", choices=["eval", "wanda", "edit"], default=None)
+    ap.add_argument("--only", choices=["eval", "wanda", "edit", "shiftadd"], default=None)
     ap.add_argument("--stats-tokens", type=int, default=2048, help="tokens for the edit's key statistics")
     ap.add_argument("--edit-steps", type=int, default=5, help="Adam steps of the edit's value optimisation")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "surgeon" / "bench")
@@ -193,6 +196,12 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
         if args.only in (None, "edit"):
             rows += edit_rows(cli, ckpt, text, Path(tmp), args)
+        if args.only in (None, "shiftadd"):
+            out = Path(tmp) / "shiftadd"
+            r = measure([*cli, "shiftadd", str(ckpt), "--data", str(text), "--seqlen", "256", "--max-windows", "8",
+                         "--layers", "0,1", "--rounds", "4", "--device", "cpu", "-o", str(out), "--json"])
+            rows.append(("shiftadd 3-bit calib. 2 blocks", r, block_info(r["json"]), ""))
+            shutil.rmtree(out, ignore_errors=True)
     print(f"\nLlama-3-8B shape, {args.layers} layers, bf16 checkpoint, fp32 compute, "
           f"{os.cpu_count()} CPUs, torch threads default")
     print(f"{'run':<28} {'wall s':>8} {'peak RSS GB':>12} {'s/block':>8} {'blocks':>7}  note")

@@ -513,3 +513,90 @@ def test_dense_view_of_a_packed_graph_equals_the_materialized_graph(tiny_llama):
     assert "quantization_config" not in view.config and view.names() == dense.names()
     name = "model.layers.0.mlp.up_proj.weight"
     assert torch.equal(view.value(name), dense.value(name))
+
+
+def _oracle_calibrated(graph, tokens, layers: list[int], **kw) -> dict[str, torch.Tensor]:
+    """Whole-model sequential GPTQ-BCQ (the pre-engine path, written out): for each quantised layer in order, run
+    the materialised fp32 model over the calibration tokens with layers before it already quantised, take
+    H = XXᵀ/n of each linear's input, fit, and copy Ŵ into the model. Returns {weight name: Ŵ}."""
+    from surgeon.ops.shiftadd.gptq import quantize_gptq
+
+    from surgeon.model import materialize
+
+    model = materialize(graph)
+    out = {}
+    for i in layers:
+        mods = {n: m for n, m in model.model.layers[i].named_modules() if isinstance(m, torch.nn.Linear)}
+        sums = {n: [torch.zeros(m.in_features, m.in_features, dtype=torch.float64), 0] for n, m in mods.items()}
+        def hook(_m, args, acc):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            acc[0] += x.T @ x
+            acc[1] += x.shape[0]
+
+        hooks = [m.register_forward_pre_hook(lambda _m, a, acc=sums[n]: hook(_m, a, acc)) for n, m in mods.items()]
+        with torch.no_grad():
+            model(input_ids=tokens, use_cache=False)
+        for h in hooks:
+            h.remove()
+        for n, m in mods.items():
+            w_hat = quantize_gptq(m.weight.detach().float(), (sums[n][0] / sums[n][1]).float(), **kw).dense()
+            with torch.no_grad():
+                m.weight.copy_(w_hat)
+            out[f"model.layers.{i}.{n}.weight"] = w_hat
+    return out
+
+
+def test_calibrated_engine_fit_equals_the_whole_model_sequential_fit_and_layers_restricts(tiny_llama):
+    from surgeon.ops.shiftadd.op import apply
+
+    from surgeon.context import Context
+    from surgeon.engine import Spilled
+
+    g = _graph(tiny_llama)
+    ctx = Context(quiet=True)
+    tokens = ctx.tokens("model:4", g, seqlen=32, max_windows=4)
+    ref = _oracle_calibrated(g, tokens, [0], bits=2, group_size=32, rounds=3)
+    g2 = apply(g, Params(bits=2, group_size=32, rounds=3, data="model:4", seqlen=32, max_windows=4,
+                         materialize=True, layers=[0]), ctx)
+    assert ctx.step_info["engine_blocks"] == 1  # block 1 is never run: nothing after block 0 is quantised
+    for name, w_hat in ref.items():
+        assert isinstance(g2[name], Spilled)
+        got = g2.value(name)
+        assert (got - w_hat).norm() / w_hat.norm() < 1e-5, name
+    assert g2.value("model.layers.1.mlp.down_proj.weight").equal(g.value("model.layers.1.mlp.down_proj.weight"))
+    ref01 = _oracle_calibrated(g, tokens, [0, 1], bits=2, group_size=32, rounds=3)
+    g3 = apply(g, Params(bits=2, group_size=32, rounds=3, data="model:4", seqlen=32, max_windows=4,
+                         materialize=True), Context(quiet=True))
+    for name, w_hat in ref01.items():
+        assert (g3.value(name) - w_hat).norm() / w_hat.norm() < 1e-4, name  # block 1 sees the quantised block 0
+
+
+def test_layers_restricts_the_packed_output_and_it_loads(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from surgeon.formats.shiftadd import ShiftAddLinear, load_shiftadd
+
+    g2, _ = _run(tiny_llama, tmp_path / "packed", bits=2, group_size=32, rounds=2, data="model:2", seqlen=16,
+                 layers=[1])
+    assert "model.layers.0.mlp.down_proj.weight" in g2 and "model.layers.1.mlp.down_proj.qweight" in g2
+    assert all(k.startswith("model.layers.1.") for k in g2.config["quantization_config"]["modules"])
+    _run(tiny_llama, tmp_path / "dense", bits=2, group_size=32, rounds=2, data="model:2", seqlen=16, layers=[1],
+         materialize=True)
+    packed = load_shiftadd(tmp_path / "packed")
+    assert not isinstance(packed.model.layers[0].mlp.down_proj, ShiftAddLinear)
+    assert isinstance(packed.model.layers[1].mlp.down_proj, ShiftAddLinear)
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (packed(ids).logits - dense(ids).logits).abs().max() < 1e-4
+    with pytest.raises(Exception, match="block 5 does not exist"):
+        _run(tiny_llama, tmp_path / "bad", bits=2, group_size=32, data="model:2", seqlen=16, layers=[5])
+
+
+def test_calibrated_bits_budget_allocates_from_the_engine_sweep(tiny_llama, tmp_path):
+    g2, ctx = _run(tiny_llama, tmp_path / "budget", bits=3, bits_budget=2.5, group_size=32, rounds=1,
+                   data="model:2", seqlen=16)
+    bits = ctx.step_info["bits_per_layer"]
+    assert set(bits.values()) == {2, 3}
+    assert ctx.step_info["average_bits"] <= 2.5 + 1e-9
+    assert g2.config["quantization_config"]["calibrated"]

@@ -30,7 +30,7 @@ from surgeon.metrics import perplexity
 from surgeon.registry import register
 
 from .kd import Targets, TopK, kd_loss, teacher_targets
-from .perp import _checkpointing, _count, _optimizer
+from .perp import _checkpointing, count_parameters, optimizer
 from .recursive import Recursion, RecursiveModule, build_module, read_recursion, write_form
 
 OP = "retrain.distill"
@@ -135,7 +135,7 @@ def distill(model: torch.nn.Module, windows: torch.Tensor, targets, trainable: l
     ``windows[idx]``; ``evaluate()`` the held-out perplexity. Returns the per-step losses and the curve
     ``[[step, perplexity], ...]``."""
     dev = next(model.parameters()).device
-    opt, sched = _optimizer(trainable, p, p.steps)
+    opt, sched = optimizer(trainable, p, p.steps)
     g = torch.Generator().manual_seed(seed)
     order: list[int] = []
     losses: list[float] = []
@@ -229,8 +229,8 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
                                 progress=ctx.progress, status=ctx.status)
     if checkpointed:
         _checkpointing(rm.model, False)
-    facts = _facts(rec, who, windows, held, losses, curve, teacher_ppl, params, _count(chosen.values()),
-                   _count(rm.model.parameters()), time.perf_counter() - t0)
+    facts = _facts(rec, who, windows, held, losses, curve, teacher_ppl, params, count_parameters(chosen.values()),
+                   count_parameters(rm.model.parameters()), time.perf_counter() - t0)
     trained = {n: q.detach().cpu().float() for n, q in chosen.items()}
     out = write_form(graph, rec, trained, ctx)
     summary = dict(rec.info)

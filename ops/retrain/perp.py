@@ -15,30 +15,25 @@ Modes:
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from surgeon.ops.prune.common import ARCH_HELP, EXCLUDE_HELP, prune_targets, roles, sparsity_facts
+from surgeon.ops.retrain.adapters import Attached, attach, detach, merged_weight
 from torch import nn
 
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Const, Graph
-from surgeon.ops.prune.blocks import (
-    BlockBatch,
-    advance,
-    capture_block_inputs,
-    iter_batches,
-    layer_modules,
-    module_of,
-    run_block,
-)
-from surgeon.ops.prune.common import ARCH_HELP, EXCLUDE_HELP, Pruned, prune_targets, roles, sparsity_facts
-from surgeon.ops.retrain.adapters import Attached, attach, detach, merged_weight
 from surgeon.registry import register
 
 from .edit_loss import edit_term
+
+T = TypeVar("T")
 
 
 class Params(BaseModel):
@@ -69,6 +64,11 @@ class Params(BaseModel):
     checkpointing: bool = Field(True, description="Gradient checkpointing in retrain mode: keep only each "
                                 "block's input and recompute the block in the backward pass (memory of one block "
                                 "instead of all of them, about a third more time).")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="retrain mode: dtype the frozen model "
+                                                  "is held in. bfloat16 halves its memory: the forward runs under "
+                                                  "bf16 autocast while adapters, norms, biases and AdamW stay fp32 "
+                                                  "(mixed precision, as the reference's AMP); adapted linears are "
+                                                  "merged from their bf16 values.")
     train_norms: bool = Field(True, description="Train the norm weights (and biases) of LayerNorm/RMSNorm.")
     train_biases: bool = Field(True, description="Train the biases of all linear layers (OPT, GPT-2, Qwen2).")
     head_lora: bool = Field(True, description="retrain mode: also train a plain LoRA (rank, alpha) on the output "
@@ -118,7 +118,7 @@ def extra_trainables(model: nn.Module, *, norms: bool, biases: bool, within: nn.
     return out
 
 
-def _count(params) -> int:
+def count_parameters(params) -> int:
     seen: set[int] = set()
     n = 0
     for p in params:
@@ -139,12 +139,32 @@ def _schedule(steps: int, warmup: float):
     return factor
 
 
-def _optimizer(params: list[nn.Parameter], p: Params, steps: int):
+def optimizer(params: list[nn.Parameter], p: Params, steps: int):
     opt = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps, p.warmup))
 
 
 # --- the two training modes -------------------------------------------------------------------------------------
+
+def iter_batches(batches: list[T], steps: int, seed: int) -> Iterator[T]:
+    """``steps`` batches cycling through a fixed shuffled order."""
+    g = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if not order:
+            order = torch.randperm(len(batches), generator=g).tolist()
+        yield batches[order.pop()]
+
+
+def module_of(model: nn.Module, graph_name: str) -> tuple[nn.Module, str, str]:
+    """(module, parameter leaf, module path) of the parameter that a graph tensor name became."""
+    names: dict[str, str] = getattr(model, "_surgeon_names", {}) or {}
+    param = next((p for p, g in names.items() if g == graph_name), None)
+    if param is None:
+        raise SurgeonError(f"{graph_name!r}: not a parameter of the materialised module")
+    path, _, leaf = param.rpartition(".")
+    return model.get_submodule(path), leaf, path
+
 
 def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -155,7 +175,7 @@ def perp_retrain(model: nn.Module, tokens: torch.Tensor, trainable: list[nn.Para
     """Causal-LM retraining of ``trainable`` only (plus ``extra_loss(model)`` when given, e.g. the edit term).
     Returns the loss of every step."""
     dev = next(model.parameters()).device
-    opt, sched = _optimizer(trainable, p, p.steps)
+    opt, sched = optimizer(trainable, p, p.steps)
     g = torch.Generator().manual_seed(seed)
     order: list[int] = []
     losses: list[float] = []
@@ -167,9 +187,10 @@ def perp_retrain(model: nn.Module, tokens: torch.Tensor, trainable: list[nn.Para
             if not order:
                 order = torch.randperm(tokens.shape[0], generator=g).tolist()
             idx.append(order.pop())
-        loss = lm_loss(model, tokens[idx].to(dev))
-        if extra_loss is not None:
-            loss = loss + extra_loss(model)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=p.dtype == "bfloat16"):
+            loss = lm_loss(model, tokens[idx].to(dev))
+            if extra_loss is not None:
+                loss = loss + extra_loss(model)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -179,71 +200,6 @@ def perp_retrain(model: nn.Module, tokens: torch.Tensor, trainable: list[nn.Para
             status(f"loss {losses[-1]:.3f}")
     model.eval()
     return losses
-
-
-def _relative_error(layer: nn.Module, batches: list[BlockBatch], targets: list[torch.Tensor]) -> float:
-    num = den = 0.0
-    with torch.no_grad():
-        for b, y in zip(batches, targets):
-            num += float(((run_block(layer, b) - y) ** 2).sum())
-            den += float((y**2).sum())
-    return num / max(den, 1e-30)
-
-
-def perp_reconstruct(model: nn.Module, layers: list[nn.Module], targets_by_layer: list[list[str]],
-                     dense: dict[str, torch.Tensor], batches: list[BlockBatch], p: Params, *, seed: int = 0,
-                     progress=None, status=None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Per-block reconstruction. Merges each block's adapters in place; returns ``{name: merged fp32 weight}``
-    and facts (relative block error before/after, trainable count)."""
-    merged: dict[str, torch.Tensor] = {}
-    before, after = [], []
-    n_trainable = 0
-    blocks = range(len(layers)) if progress is None else progress(range(len(layers)), len(layers), "PERP blocks")
-    for i in blocks:
-        layer, names = layers[i], targets_by_layer[i]
-        # dense targets on the same (pruned-prefix) inputs
-        saved = {}
-        with torch.no_grad():
-            for n in names:
-                mod, leaf, _ = module_of(model, n)
-                w = getattr(mod, leaf)
-                saved[n] = w.detach().clone()
-                w.copy_(dense[n].to(w.device, w.dtype))
-            targets = [run_block(layer, b).detach() for b in batches]
-            for n in names:
-                mod, leaf, _ = module_of(model, n)
-                getattr(mod, leaf).copy_(saved[n])
-        before.append(_relative_error(layer, batches, targets))
-        attached = [attach(*module_of(model, n)[:2], p.lora, p.rank, p.alpha) for n in names] \
-            if p.lora != "none" else []
-        extras = list(extra_trainables(model, norms=p.train_norms, biases=p.train_biases, within=layer).values())
-        params = [q for a in attached for q in a.adapter.parameters()] + extras
-        for q in extras:
-            q.requires_grad_(True)
-        n_trainable += _count(params)
-        if params:
-            opt, sched = _optimizer(params, p, p.steps)
-            layer.train()
-            for step_batch in iter_batches(list(range(len(batches))), p.steps, seed + i):
-                b = batches[step_batch]
-                loss = torch.nn.functional.mse_loss(run_block(layer, b), targets[step_batch])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                if status is not None:
-                    status(f"block {i} loss {float(loss.detach()):.3g}")
-            layer.eval()
-        for q in extras:
-            q.requires_grad_(False)
-        for n, a in zip(names, attached):
-            w = merged_weight(a)
-            detach(a, w)
-            merged[n] = w
-        after.append(_relative_error(layer, batches, targets))
-        advance(layer, batches)
-    return merged, {"block_error_before": [round(x, 6) for x in before],
-                    "block_error_after": [round(x, 6) for x in after], "trainable_parameters": n_trainable}
 
 
 # --- graph wiring ---------------------------------------------------------------------------------------------
@@ -277,18 +233,13 @@ def _checkpointing(model: nn.Module, on: bool) -> bool:
     return True
 
 
-def _dense_weights(graph: Graph, names: list[str]) -> dict[str, torch.Tensor]:
-    missing = [n for n in names if not isinstance(graph[n], Pruned)]
-    if missing:
-        raise SurgeonError(f"retrain.perp mode=reconstruct: {missing[0]!r} has no dense weights in this run; "
-                           "put a prune.magnitude / prune.wanda step before retrain.perp in the same recipe, or "
-                           "use mode=retrain")
-    out = {}
-    for n in names:
-        node = graph[n]
-        assert isinstance(node, Pruned)
-        out[n] = Graph({n: node.dense}).value(n).float()
-    return out
+def _fp32_trainables(attached: list[Attached], extras: dict[str, nn.Parameter]) -> None:
+    """Trained parameters in fp32 whatever the model's dtype (mixed precision: fp32 master values)."""
+    for a in attached:
+        a.adapter.float()
+    for q in extras.values():
+        if q.dtype != torch.float32:
+            q.data = q.data.float()
 
 
 @dataclass
@@ -314,9 +265,10 @@ def _retrain(model: nn.Module, graph: Graph, names: list[str], tokens: torch.Ten
     trainable = [q for a in attached for q in a.adapter.parameters()] + list(extras.values())
     if head is not None:
         trainable += list(head[1].adapter.parameters())
+    _fp32_trainables([*attached, *([head[1]] if head is not None else [])], extras)
     for q in trainable:
         q.requires_grad_(True)
-    n_trainable = _count(trainable)
+    n_trainable = count_parameters(trainable)
     checkpointed = params.checkpointing and _checkpointing(model, True)
     extra = edit_term(graph, params.edit_loss, params.edit_loss_weight, ctx, facts)
     with ctx.timed("retrain"):
@@ -337,25 +289,6 @@ def _retrain(model: nn.Module, graph: Graph, names: list[str], tokens: torch.Ten
     k = max(1, len(losses) // 10)
     facts.update(loss_first=round(sum(losses[:k]) / k, 4), loss_last=round(sum(losses[-k:]) / k, 4))
     return _Trained(merged, extras, n_trainable, head_out)
-
-
-def _reconstruct(model: nn.Module, names: list[str], prefixes: list[str], dense: dict[str, torch.Tensor],
-                 tokens: torch.Tensor, params: Params, ctx: Context, facts: dict[str, Any]) -> _Trained:
-    """reconstruct mode: block by block, MSE to the dense block on the pruned prefix's inputs."""
-    layers = layer_modules(model, prefixes)
-    by_layer: list[list[str]] = [[n for n in names if n.startswith(p)] for p in prefixes]
-    outside = set(names) - {n for ns in by_layer for n in ns}
-    if outside:
-        raise SurgeonError(f"retrain.perp mode=reconstruct: {min(outside)!r} is not inside a block")
-    batches = capture_block_inputs(model, layers[0], tokens, params.batch_size)
-    with ctx.timed("reconstruct"):
-        merged, rec = perp_reconstruct(model, layers, by_layer, dense, batches, params, seed=ctx.seed,
-                                       progress=ctx.progress, status=ctx.status)
-    n_trainable = rec.pop("trainable_parameters")
-    facts.update(rec)
-    extras = extra_trainables(model, norms=params.train_norms, biases=params.train_biases)
-    extras = {n: q for n, q in extras.items() if any(n.startswith(p) for p in prefixes)}
-    return _Trained(merged, extras, n_trainable)
 
 
 def _write_back(graph: Graph, names: list[str], trained: _Trained,
@@ -387,22 +320,26 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     """PERP: retrain norms, biases and MaskLoRA after pruning."""
     names = prune_targets(graph, params.include, params.exclude, params.arch, ctx=ctx)
     r = roles(graph, params.arch, ctx=ctx)
-    prefixes = [r.layer_prefix(i) for i in range(r.n_layers)]
-    dense = _dense_weights(graph, names) if params.mode == "reconstruct" else {}
     tokens = ctx.tokens(params.data, graph, seqlen=params.seqlen, max_windows=params.max_windows)
     torch.manual_seed(ctx.seed)
-    model = ctx.module(graph, dtype="float32")
-    for q in model.parameters():
-        q.requires_grad_(False)
-    total = _count(model.parameters())
-    zero_before = {n: (getattr(*module_of(model, n)[:2]).detach() == 0).cpu() for n in names}
-    facts: dict[str, Any] = {"mode": params.mode, "lora": params.lora, "rank": params.rank,
+    facts: dict[str, Any] = {"mode": params.mode, "lora": params.lora, "rank": params.rank, "dtype": params.dtype,
                              "windows": int(tokens.shape[0]), "seqlen": int(tokens.shape[1])}
-    if params.mode == "retrain":
-        trained = _retrain(model, graph, names, tokens, params, ctx, facts)
+    if params.mode == "reconstruct":
+        from surgeon.ops.retrain.reconstruct import reconstruct
+
+        out, per_tensor, rec = reconstruct(graph, names, tokens, params, ctx, r)
+        facts.update(rec)
+        n_trainable = facts.pop("trainable_parameters")
+        total = sum(math.prod(graph[n].shape) for n in graph.names() if graph[n].dtype.is_floating_point)
     else:
-        trained = _reconstruct(model, names, prefixes, dense, tokens, params, ctx, facts)
-    out, per_tensor = _write_back(graph, names, trained, zero_before)
-    ctx.report(**facts, trainable_parameters=trained.n_trainable, total_parameters=total,
-               trainable_fraction=round(trained.n_trainable / total, 6), **sparsity_facts(per_tensor))
+        model = ctx.module(graph, dtype=params.dtype)
+        for q in model.parameters():
+            q.requires_grad_(False)
+        total = count_parameters(model.parameters())
+        zero_before = {n: (getattr(*module_of(model, n)[:2]).detach() == 0).cpu() for n in names}
+        trained = _retrain(model, graph, names, tokens, params, ctx, facts)
+        out, per_tensor = _write_back(graph, names, trained, zero_before)
+        n_trainable = trained.n_trainable
+    ctx.report(**facts, trainable_parameters=n_trainable, total_parameters=total,
+               trainable_fraction=round(n_trainable / total, 6), **sparsity_facts(per_tensor))
     return out

@@ -29,18 +29,36 @@ def act_order_perm(diag: torch.Tensor) -> torch.Tensor:
     return cols[cols < k]
 
 
-def _inverse_cholesky_upper(h: torch.Tensor, damping: float) -> torch.Tensor:
-    """U with UᵀU = (H + damping·mean(diag H)·I)⁻¹ (upper), in fp64 then fp32; retries with more damping."""
-    h = h.double()
-    mean = h.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+FP64_MAX_WIDTH = 8192  # wider Hessians are factored in fp32, as GPTQ's own code does (14336² in fp64 is 1.6 GB)
+
+
+def _inverse_cholesky_upper(h: torch.Tensor, damping: float, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """U with UᵀU = (H + damping·mean(diag H)·I)⁻¹ (upper), H permuted by ``perm`` first; fp32 result. Retries
+    with more damping.
+
+    Factored in fp64 up to :data:`FP64_MAX_WIDTH` columns, in fp32 beyond. ``h`` is not modified; the function
+    holds one working copy of H and frees each factor once the next exists (memory ≈ 2 matrices, not 5)."""
+    dtype = torch.float64 if h.shape[0] <= FP64_MAX_WIDTH else torch.float32
+    work = h.to(dtype, copy=True) if perm is None else h.index_select(0, perm).to(dtype)
+    if perm is not None:
+        for r0 in range(0, work.shape[0], 1024):  # columns permuted in place, 1024 rows at a time
+            work[r0:r0 + 1024] = work[r0:r0 + 1024].index_select(1, perm)
+    mean = work.diagonal().mean().clamp_min(1e-12)
+    added = 0.0
     for extra in (1.0, 10.0, 100.0):
-        l, info = torch.linalg.cholesky_ex(h + damping * extra * mean * eye)
+        work.diagonal().add_(damping * extra * mean - added)
+        added = damping * extra * mean
+        l, info = torch.linalg.cholesky_ex(work)
         if int(info) == 0:
+            del work
             hinv = torch.cholesky_inverse(l)
+            del l
             u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if int(info) == 0:
                 return u.float()
+            raise SurgeonError("calibration Hessian: its damped inverse has no Cholesky factor")
+        del l
     raise SurgeonError("calibration Hessian is not positive definite even with 100× damping")
 
 
@@ -89,18 +107,21 @@ def quantize_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
         raise SurgeonError(f"scale_layout {scale_layout!r}: expected one of {', '.join(SCALE_LAYOUTS)}")
     n, k = w.shape
     w = w.to(device=device, dtype=torch.float32).clone()
-    h = h.to(device=device, dtype=torch.float64).clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    h = h.to(device=device, dtype=torch.float32)
+    diag = h.diagonal().clone()
+    dead = diag == 0
+    if bool(dead.any()):  # a column no token ever excites: H_jj = 1, W_j = 0 (as GPTQ)
+        h = h.clone()
+        h[dead, dead] = 1.0
+        diag[dead] = 1.0
+        w[:, dead] = 0.0
     perm = None
     if act_order:
-        diag = h.diagonal().cpu()
-        perm = (diag.argsort(descending=True, stable=True) if scale_layout == "acc" else act_order_perm(diag)
-                ).to(device)
+        perm = (diag.cpu().argsort(descending=True, stable=True) if scale_layout == "acc"
+                else act_order_perm(diag.cpu())).to(device)
         w = w[:, perm]
-        h = h[perm][:, perm]
-    u = _inverse_cholesky_upper(h, damping)
+    u = _inverse_cholesky_upper(h, damping, perm)
+    del h
     block = -(-max(block_size, group_size) // group_size) * group_size  # whole groups per block
     refit_every, stored_gs, rows_per_alpha = {"row": (group_size, group_size, 1), "lat": (8, 8, group_size // 8),
                                               "acc": (1, 1, group_size)}[scale_layout]
@@ -132,14 +153,15 @@ def quantize_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
             w1[:, j:] -= e[:, None] * u1[j, j:][None, :]
             err1[:, j] = e
         w[:, b2:] -= err1 @ u[b1:b2, b2:]
-    signs = book[codes].permute(2, 0, 1)  # [q, N, K]
+    del u, w
+    signs = (book > 0)[codes].permute(2, 0, 1)  # [q, N, K], True = +1
     return QuantizedLinear(signs.cpu(), alpha.cpu(), stored_gs, pot_terms, None if perm is None else perm.cpu())
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
     """‖(W − Ŵ)X‖/‖WX‖ computed from H = XXᵀ/n: sqrt(tr(E H Eᵀ)/tr(W H Wᵀ))."""
-    h = h.double()
-    e = (w.double() - w_hat.double())
-    num = (e @ h * e).sum()
-    den = (w.double() @ h * w.double()).sum().clamp_min(1e-300)
+    h = h.float()
+    e = w.float() - w_hat.float()
+    num = (e @ h).mul_(e).sum(dtype=torch.float64)
+    den = (w.float() @ h).mul_(w.float()).sum(dtype=torch.float64).clamp_min(1e-300)
     return float((num / den).sqrt())

@@ -67,6 +67,9 @@ class Params(BaseModel):
                                               "(stores X.perm); calibrated fits only.")
     bits_budget: float | None = Field(None, description="Average bits per weight (numel-weighted) between "
                                                         "bits-1 and bits; layers are ranked by sensitivity.")
+    layers: list[int] | None = Field(None, description="Decoder blocks whose linears are quantised (indices, "
+                                     "e.g. [0, 1]); the others stay dense. Default: every block. A calibrated "
+                                     "fit runs the model only up to the last of them.")
     materialize: bool = Field(False, description="Write dense Ŵ = Σα·B in the original dtype (loads anywhere) "
                                                  "instead of the packed format.")
     protect_edits: bool | None = Field(None, description="Keep the knowledge edits made earlier in the same run: "
@@ -80,6 +83,13 @@ class Params(BaseModel):
     def _whole_bytes(cls, v: int) -> int:
         if v % 8:
             raise ValueError(f"group_size {v}: expected a multiple of 8")
+        return v
+
+    @field_validator("layers")
+    @classmethod
+    def _some_layers(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or min(v) < 0):
+            raise ValueError(f"layers {v}: expected a non-empty list of block indices >= 0")
         return v
 
     @model_validator(mode="after")
@@ -117,6 +127,17 @@ def block_linear_names(graph: Graph, r: Roles) -> list[tuple[str, bool]]:
     if not out:
         raise SurgeonError("shiftadd: the model has no block linear layers to quantise")
     return out
+
+
+def _in_layers(linears: list[tuple[str, bool]], r: Roles, layers: list[int] | None) -> list[tuple[str, bool]]:
+    """The linears of the decoder blocks ``layers`` (all when None); refuses an index past the last block."""
+    if layers is None:
+        return linears
+    bad = [i for i in layers if i >= r.n_layers]
+    if bad:
+        raise SurgeonError(f"shiftadd: layers: block {bad[0]} does not exist (the model has {r.n_layers} blocks)")
+    keep = {n for i in layers for n in r.block_linears(i)}
+    return [(n, tr) for n, tr in linears if n in keep]
 
 
 def _lazy_packed_nodes(graph: Graph, name: str, transposed: bool, bits: int, params: Params, device: str
@@ -175,12 +196,14 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     graph = graph.copy()
     roles = ctx.roles(graph)
     kept = protected_tensors(graph, params.protect_edits)
-    linears = [(n, tr) for n, tr in block_linear_names(graph, roles) if n not in kept]
+    linears = [(n, tr) for n, tr in _in_layers(block_linear_names(graph, roles), roles, params.layers)
+               if n not in kept]
     if kept:
         ctx.report(protect_edits=True, kept_dense_for_edits=sorted(kept))
         ctx.log(f"shiftadd: {len(kept)} edited matri{'x' if len(kept) == 1 else 'ces'} kept dense (protect_edits)")
     if not linears:
-        raise SurgeonError("shiftadd: every block linear carries an edit and protect_edits keeps them all dense")
+        raise SurgeonError("shiftadd: every selected block linear carries an edit and protect_edits keeps them "
+                           "all dense")
     transposed = dict(linears)
     in_features = {n: graph[n].shape[0 if tr else 1] for n, tr in linears}
     if not params.weight_only:

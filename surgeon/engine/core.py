@@ -129,6 +129,15 @@ class Block:
         for i, mb in enumerate(self.engine._batches):
             yield mb, store.get(i, self.engine.device)
 
+    @property
+    def n_batches(self) -> int:
+        """Number of this rank's micro-batches."""
+        return len(self.engine._batches)
+
+    def input(self, j: int) -> tuple[MicroBatch, torch.Tensor]:
+        """Micro-batch ``j`` and the block's input for it (random access, e.g. for training steps)."""
+        return self.engine._batches[j], self.engine._hidden.get(j, self.engine.device)
+
     def call(self, hidden: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
         """The block's output for ``hidden`` (no grad unless the caller enables it)."""
         out = self.module(hidden, **mb.kwargs)
