@@ -1,5 +1,8 @@
 """The sequential model engine: every model-level op runs a model block by block through it.
 
+(Longer than our ~450-line guide on purpose: :class:`Engine` and :class:`Block` share the skeleton's private
+loading state; the pure parts already live apart in ``stats.py``, ``store.py`` and ``dist.py``.)
+
 1. The model's module is built on the ``meta`` device from its config (no memory). The non-block tensors
    (norms, position tables) are loaded; the input embedding only for the rows the samples use.
 2. The samples (token windows; equal-length runs are batched ``micro_batch`` at a time) are run up to the
