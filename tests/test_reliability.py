@@ -87,7 +87,8 @@ CASES: dict[str, Case] = {
 # ops whose inputs are special folders (LoRA adapters, a run's checkpoints, an RMM output) are swept in their
 # own test files: merge.mwa (tests/test_merge_mwa.py), merge.rmm and merge.revert (tests/test_merge_rmm.py)
 # merge.passthrough needs slices naming its inputs: tests/test_merge_methods.py and tests/test_mergekit_configs.py
-SPECIAL = {"merge.mwa", "merge.rmm", "merge.revert", "merge.passthrough"}
+# retrain.distill needs a tie output and a teacher: tests/test_distill.py (forms, refusals, CLI exit code 2)
+SPECIAL = {"merge.mwa", "merge.rmm", "merge.revert", "merge.passthrough", "retrain.distill"}
 
 
 def test_every_op_is_swept():
