@@ -25,21 +25,18 @@ from . import metrics as mx
 from .editing import (
     EditParams,
     add_in_place,
-    edit_requests,
-    materialise,
     measure_after,
     measure_before,
     prefixes_for,
     settings_for,
     style,
-    warn_duplicates,
     write_back,
 )
 from .forward import decoder_layer
-from .memit import edited_layers
+from .memit import multilayer_setup
 from .nullspace import nullspace_basis, projected_update, projector
 from .requests import Request, subject_batches
-from .site import EditSite, locate
+from .site import EditSite
 
 PROJECTOR_VERSION = "1"
 #: the reference hparams (hparams/AlphaEdit/{gpt2-xl,EleutherAI_gpt-j-6B,Llama3-8B}.json) all use these two
@@ -176,16 +173,8 @@ def _alphaedit_batches(model, tok, sites, modules, projs, batches, prefixes, set
 def apply(graph, params: Params, ctx):
     """Rewrite all requests' facts in sequential batches, each update projected onto the preserved keys' null
     space and kept off the earlier batches' keys."""
-    requests = edit_requests(params, ctx)
-    warn_duplicates(requests, ctx)
-    if params.layer is not None:
-        raise SurgeonError("edit.alphaedit: use --layers (a list) instead of --layer")
-    roles = ctx.roles(graph)
-    layers, rule = edited_layers(params, roles)
-    sites = [locate(graph, x, roles) for x in layers]
-    graph = graph.copy()
-    timings: dict[str, float] = {}
-    model, tok, modules = materialise(graph, sites, ctx, timings)
+    graph, requests, layers, rule, sites, timings, (model, tok, modules) = multilayer_setup(graph, params, ctx,
+                                                                                       "edit.alphaedit")
     # the reference's value settings equal MEMIT's for GPT-2 and GPT-J; other families take MEMIT's (docs/edit.md)
     settings, _ = settings_for("memit", sites[-1].family, params, sites[-1].n_layers)
     ctx.log(f"alphaedit: {len(requests)} request(s) into layers {layers} ({rule}), α {params.l2:g}, "

@@ -128,20 +128,27 @@ def _memit_batches(model, tok, sites, modules, factors, batches, prefixes, setti
     return per_layer, per_edit
 
 
-@register("edit.memit", Params, model_level=True,
-          summary="MEMIT mass edits spread over several MLP layers (Meng et al. 2023).")
-def apply(graph, params: Params, ctx):
-    """Rewrite all requests' facts, one batch at a time, spreading each batch's update over the layers."""
+def multilayer_setup(graph, params, ctx, op: str):
+    """What MEMIT and AlphaEdit do before editing: the requests (duplicates warned about), the edited layers and
+    their sites, a copy of ``graph`` to edit, and the materialised model ``(model, tok, modules)``."""
     requests = edit_requests(params, ctx)
     warn_duplicates(requests, ctx)
     if params.layer is not None:
-        raise SurgeonError("edit.memit: use --layers (a list) instead of --layer")
+        raise SurgeonError(f"{op}: use --layers (a list) instead of --layer")
     roles = ctx.roles(graph)
     layers, rule = edited_layers(params, roles)
     sites = [locate(graph, x, roles) for x in layers]
     graph = graph.copy()
     timings: dict[str, float] = {}
-    model, tok, modules = materialise(graph, sites, ctx, timings)
+    return graph, requests, layers, rule, sites, timings, materialise(graph, sites, ctx, timings)
+
+
+@register("edit.memit", Params, model_level=True,
+          summary="MEMIT mass edits spread over several MLP layers (Meng et al. 2023).")
+def apply(graph, params: Params, ctx):
+    """Rewrite all requests' facts, one batch at a time, spreading each batch's update over the layers."""
+    graph, requests, layers, rule, sites, timings, (model, tok, modules) = multilayer_setup(graph, params, ctx,
+                                                                                       "edit.memit")
     settings, default_lam = settings_for("memit", sites[-1].family, params, sites[-1].n_layers)
     lam = default_lam if params.lam is None else params.lam
     ctx.log(f"memit: {len(requests)} request(s) into layers {layers} ({rule}), λ {lam:g}")
