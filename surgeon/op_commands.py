@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from surgeon.errors import SurgeonError
-from surgeon.registry import OP_INDEX, OP_OPTIONS_FILE
+from surgeon.registry import OP_OPTIONS_FILE, STORED_SPECS  # noqa: F401 - OP_OPTIONS_FILE: the CLI re-exports it
 from surgeon.render import emit
 
 RUN_PANEL = "Run options"
@@ -159,11 +159,7 @@ def render_op_options() -> str:
 
 def _stored_cli_spec(op_name: str) -> dict[str, Any]:
     """The stored spec, or the live one for an op added since the file was generated."""
-    try:
-        stored = json.loads(OP_OPTIONS_FILE.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        stored = {}
-    return stored.get(op_name) or op_cli_spec(op_name)
+    return STORED_SPECS.get(op_name) or op_cli_spec(op_name)
 
 
 def _range_text(entry: dict[str, Any]) -> str:

@@ -26,18 +26,20 @@ FAMILY_ORDER = ("cast", "drop", "rename", "eval", "merge", "edit", "erase", "pru
 OP_OPTIONS_FILE = Path(__file__).resolve().parent / "assets" / "op_options.json"
 
 
-def _load_index() -> tuple[dict[str, tuple[str, str]], str | None]:
-    """The index and, when the file cannot be read, why (generating it again needs no index)."""
+def _load_index() -> tuple[dict[str, dict[str, Any]], dict[str, tuple[str, str]], str | None]:
+    """The stored op specs, the index drawn from them and, when the file cannot be read, why (generating it
+    again needs no index)."""
     try:
         stored = json.loads(OP_OPTIONS_FILE.read_text(encoding="utf-8"))
-        return {name: (spec["module"], spec["summary"]) for name, spec in stored.items()}, None
+        return stored, {name: (spec["module"], spec["summary"]) for name, spec in stored.items()}, None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return {}, (f"{OP_OPTIONS_FILE}: unreadable op index ({e.__class__.__name__}: {e}); "
+        return {}, {}, (f"{OP_OPTIONS_FILE}: unreadable op index ({e.__class__.__name__}: {e}); "
                     "regenerate it with python -m surgeon.docgen --op-options")
 
 
-#: op name -> (module that registers it, one-line summary); generated, never edited by hand
-OP_INDEX, _INDEX_ERROR = _load_index()
+#: STORED_SPECS: op name -> its stored CLI spec (read once; the CLI builds op commands from it without torch);
+#: OP_INDEX: op name -> (module that registers it, one-line summary); both generated, never edited by hand
+STORED_SPECS, OP_INDEX, _INDEX_ERROR = _load_index()
 
 
 def _check_index() -> None:
