@@ -3,6 +3,7 @@ for several families; hidden states spilled to disk change nothing; changed tens
 input statistics equal a literal computation; two gloo processes give the one-process statistics and masks."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -281,3 +282,17 @@ def test_logits_of_gathered_positions_equal_the_model_and_carry_gradients(kind, 
     torch.testing.assert_close(logits, ref[:, [2, 6]].reshape(-1, ref.shape[-1]), rtol=1e-5, atol=1e-5)
     logits[:, 5].sum().backward()  # (row 0 of a tied head may be the zero padding row)
     assert h.grad is not None and float(h.grad[:, [2, 6]].abs().sum()) > 0 and float(h.grad[:, 0].abs().sum()) == 0
+
+
+def test_only_rank_zero_prints_the_result(monkeypatch, capsys):
+    """Under torchrun every rank runs the CLI; `--json | jq` must see one object (rank 0's)."""
+    from surgeon.render import emit
+
+    result = {"output": "/tmp/x", "steps": []}
+    monkeypatch.setenv("RANK", "1")
+    emit(result, as_json=True)
+    emit(result, as_json=False)
+    assert capsys.readouterr() == ("", "")
+    monkeypatch.setenv("RANK", "0")
+    emit(result, as_json=True)
+    assert json.loads(capsys.readouterr().out) == result
