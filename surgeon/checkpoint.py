@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from surgeon.errors import SurgeonError
 from surgeon.formats.model_types import from_disk
 from surgeon.numeric import check_finite  # noqa: F401 - moved; re-exported for the executor and model
-from surgeon.tensorfile import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS  # noqa: F401 (TORCH_TO_: re-exported)
+from surgeon.tensorfile import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, HostArray  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     import torch
@@ -108,6 +108,23 @@ class Checkpoint:
             check_finite(name, t)
         return t
 
+    def load_host(self, name: str, *, check: bool | None = None) -> HostArray:
+        """Read one safetensors tensor as raw storage in a numpy array, without torch (see :meth:`load`)."""
+        import numpy as np
+
+        from surgeon.kernels.host_dtypes import STORAGE
+
+        info = self.tensors.get(name)
+        if info is None or self.pickle_state is not None:
+            raise SurgeonError(f"{self.path}: no safetensors tensor named {name!r}")
+        buf = np.empty(info.nbytes, dtype=np.uint8)
+        if info.nbytes:
+            read_exact(info.file, info.begin, memoryview(buf))
+        value = HostArray(buf.view(STORAGE[info.dtype]), info.dtype, info.shape)
+        if (not self.allow_nonfinite) if check is None else check:
+            check_finite_host(name, value)
+        return value
+
     def header_fingerprint(self) -> dict[str, Any]:
         """Input sizes and sha256 of each weight file's header, for provenance."""
         out = {}
@@ -117,6 +134,15 @@ class Checkpoint:
                 head = fh.read(n) if n else b""
             out[str(f)] = {"bytes": f.stat().st_size, "header_sha256": hashlib.sha256(head).hexdigest()}
         return out
+
+
+def check_finite_host(name: str, value: HostArray) -> None:
+    """:func:`surgeon.numeric.check_finite` for raw storage (no torch)."""
+    from surgeon.kernels.host_dtypes import has_nonfinite
+    from surgeon.tensorfile import FLOAT_DTYPES
+
+    if value.dtype in FLOAT_DTYPES and has_nonfinite(value.data, value.dtype):
+        raise SurgeonError(f"tensor {name!r} contains NaN or Inf (pass --allow-nonfinite to accept it)")
 
 
 def read_exact(path: Path, offset: int, view: memoryview) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from surgeon.errors import SurgeonError
+from surgeon.tensorfile import FLOAT_DTYPES, HostArray, dtype_width
 
 if TYPE_CHECKING:
     import torch
@@ -121,20 +122,21 @@ def write_all(fd: int, data: memoryview | bytes) -> None:
 
 def check_source_finite(node: Node) -> None:
     """NaN/Inf refusal for an untouched source tensor, read in chunks (the copy itself never passes through us)."""
-    import torch
+    import numpy as np
 
-    from surgeon.checkpoint import check_finite, read_exact
+    from surgeon.checkpoint import check_finite_host, read_exact
+    from surgeon.kernels.host_dtypes import STORAGE
 
     info = node.checkpoint.tensors[node.name]  # type: ignore[attr-defined]
-    elem = torch.empty((), dtype=node.dtype).element_size()
+    elem = dtype_width(node.dtype_name)
     chunk = max(elem, (CHECK_CHUNK // elem) * elem)
-    buf = torch.empty(min(chunk, info.nbytes), dtype=torch.uint8)
+    buf = np.empty(min(chunk, info.nbytes), dtype=np.uint8)
     done = 0
     while done < info.nbytes:
         n = min(chunk, info.nbytes - done)
         view = buf[:n]
-        read_exact(info.file, info.begin + done, memoryview(view.numpy()))
-        check_finite(node.name, view.view(node.dtype))  # type: ignore[attr-defined]
+        read_exact(info.file, info.begin + done, memoryview(view))
+        check_finite_host(node.name, HostArray(view.view(STORAGE[node.dtype_name]), node.dtype_name, (n // elem,)))
         done += n
 
 
@@ -184,22 +186,30 @@ class ShardPipeline:
     def __exit__(self, *exc: object) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def _value(self, name: str, node: Node) -> torch.Tensor:
-        from surgeon.checkpoint import check_finite
+    def _value(self, name: str, node: Node) -> torch.Tensor | HostArray:
+        """``node``'s value, checked; raw storage without torch where the graph allows (casts of sources)."""
+        from surgeon.checkpoint import check_finite, check_finite_host
+        from surgeon.graph import runs_on_host
 
-        value = self.executor.value(node)
-        self.executor.release(node)
-        if tuple(value.shape) != node.shape or value.dtype != node.dtype:
-            raise SurgeonError(f"internal: tensor {name!r} computed as {list(value.shape)} {value.dtype}, "
-                               f"planned {list(node.shape)} {node.dtype}")
+        if runs_on_host(node):
+            value = self.executor.host_value(node)
+            self.executor.release(node)
+            shape, dtype = value.shape, value.dtype
+        else:
+            value = self.executor.value(node)
+            self.executor.release(node)
+            shape, dtype = tuple(value.shape), str(value.dtype).removeprefix("torch.")
+        if tuple(shape) != node.shape or dtype != node.dtype_name:
+            raise SurgeonError(f"internal: tensor {name!r} computed as {list(shape)} {dtype}, "
+                               f"planned {list(node.shape)} {node.dtype_name}")
         if not self.allow_nonfinite:
-            check_finite(name, value)
+            (check_finite_host if isinstance(value, HostArray) else check_finite)(name, value)
         return value
 
     def _start(self, name: str) -> _Ahead:
         node = self.graph[name]
         if is_copy(node):
-            if not self.allow_nonfinite and node.dtype.is_floating_point:
+            if not self.allow_nonfinite and node.dtype_name in FLOAT_DTYPES:
                 self.checks.append(self.pool.submit(check_source_finite, node))
             return _Ahead(name, node, None, 0)
         cost = task_cost(node)
