@@ -149,9 +149,10 @@ def has_nonfinite(data: np.ndarray, dtype: str) -> bool:
     float32/float64: a sum propagates both and is one pass; only when it is not finite (possibly an overflow of
     finite values) does the exact check run. The others compare the magnitude bits with the all-ones exponent."""
     flat = data.reshape(-1)
-    for lo in range(0, flat.size, CHUNK):
-        if _chunk_nonfinite(flat[lo:lo + CHUNK], dtype):
-            return True
+    with np.errstate(over="ignore", invalid="ignore"):  # the sum may overflow: then the exact check decides
+        for lo in range(0, flat.size, CHUNK):
+            if _chunk_nonfinite(flat[lo:lo + CHUNK], dtype):
+                return True
     return False
 
 

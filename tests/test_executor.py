@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from surgeon.errors import SurgeonError
 from surgeon.executor import ShardPipeline, copy_range, memory_budget
-from surgeon.graph import Apply, Const, Executor, Graph, Load, LowRank, Reduce
+from surgeon.graph import Apply, Cast, Const, Executor, Graph, Load, LowRank, Reduce
 from surgeon.sources import open_checkpoint
 from surgeon.writer import _header, plan_shards, write_graph
 
@@ -30,7 +30,8 @@ def _source(tmp_path: Path) -> Path:
 
 
 def _mixed_graph(src: Path) -> Graph:
-    """Untouched, renamed, cast, shared-input, low-rank, constant and reduction nodes in one graph."""
+    """Untouched, renamed, cast, shared-input, low-rank, constant and reduction nodes in one graph; casts of
+    source tensors run on the host (numpy), also where a torch node consumes them or shares their input."""
     graph = Graph.from_checkpoint(open_checkpoint(str(src)))
     nodes = graph.nodes
     shared = nodes["layers.1.w"]
@@ -46,6 +47,11 @@ def _mixed_graph(src: Path) -> Graph:
     nodes["layers.4.w"] = Apply(lambda w, n: w / n, [nodes["layers.4.w"], norm], label="normalised")
     nodes["renamed"] = Load(graph.sources[0], "embed")
     nodes["const"] = Const(torch.linspace(0, 1, 9))
+    embed_f16 = Cast(nodes["embed"], "float16")
+    nodes["embed.f16"] = embed_f16  # a host cast whose source tensor is also written untouched
+    nodes["embed.f16.plus"] = Apply(lambda e: e + 1, [embed_f16], label="plus")  # host value -> torch consumer
+    nodes["layers.5.w"] = Cast(Cast(nodes["layers.5.w"], torch.float64), "bfloat16")  # a host chain
+    nodes["twice.bf16"] = Cast(nodes["twice"], "bfloat16")  # a cast of a torch value runs in torch
     return graph
 
 
