@@ -122,22 +122,16 @@ def write_all(fd: int, data: memoryview | bytes) -> None:
 
 def check_source_finite(node: Node) -> None:
     """NaN/Inf refusal for an untouched source tensor, read in chunks (the copy itself never passes through us)."""
-    import numpy as np
-
-    from surgeon.checkpoint import check_finite_host, read_exact
+    from surgeon.checkpoint import check_finite_host, source_bytes
     from surgeon.kernels.host_dtypes import STORAGE
 
     info = node.checkpoint.tensors[node.name]  # type: ignore[attr-defined]
     elem = dtype_width(node.dtype_name)
     chunk = max(elem, (CHECK_CHUNK // elem) * elem)
-    buf = np.empty(min(chunk, info.nbytes), dtype=np.uint8)
-    done = 0
-    while done < info.nbytes:
-        n = min(chunk, info.nbytes - done)
-        view = buf[:n]
-        read_exact(info.file, info.begin + done, memoryview(view))
-        check_finite_host(node.name, HostArray(view.view(STORAGE[node.dtype_name]), node.dtype_name, (n // elem,)))
-        done += n
+    for done in range(0, info.nbytes, chunk):
+        raw = source_bytes(info, done, min(chunk, info.nbytes - done))
+        check_finite_host(node.name, HostArray(raw.view(STORAGE[node.dtype_name]), node.dtype_name, (-1,)))
+        del raw  # unmapped before the next chunk is mapped
 
 
 # ---------------------------------------------------------------------------------------------------------------
