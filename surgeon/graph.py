@@ -43,6 +43,7 @@ class Node:
     inputs: tuple[Node, ...] = ()
     label: str = "node"
     host: bool = False  # compute_host works on raw storage (no torch) when every input's value can be host too
+    finite: bool = False  # computing it already refuses NaN/Inf in its value: the writer does not check it again
 
     @property
     def dtype(self) -> torch.dtype:
