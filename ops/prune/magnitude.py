@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-import numpy as np
 from surgeon.kernels.select import (
     NonFiniteInput,
     StreamingKth,
