@@ -114,8 +114,9 @@ def test_nan_in_an_untouched_tensor_is_refused_although_copied_by_the_kernel(tmp
     assert (tmp_path / "out" / "model.safetensors").read_bytes()[-4:] == bad[299, 299:].numpy().tobytes()
 
 
+@pytest.mark.parametrize("positional", [False, True])
 @pytest.mark.parametrize("broken", [(), ("copy_file_range",), ("copy_file_range", "sendfile")])
-def test_kernel_copy_falls_back_where_the_system_refuses(tmp_path, monkeypatch, broken):
+def test_kernel_copy_falls_back_where_the_system_refuses(tmp_path, monkeypatch, broken, positional):
     data = os.urandom(3 << 20)
     (tmp_path / "src.bin").write_bytes(data)
 
@@ -127,7 +128,7 @@ def test_kernel_copy_falls_back_where_the_system_refuses(tmp_path, monkeypatch, 
     fd = os.open(tmp_path / "dst.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
         os.write(fd, b"head")
-        copy_range(tmp_path / "src.bin", 1000, len(data) - 2000, fd)
+        copy_range(tmp_path / "src.bin", 1000, len(data) - 2000, fd, 4 if positional else None)
     finally:
         os.close(fd)
     assert (tmp_path / "dst.bin").read_bytes() == b"head" + data[1000:-1000]
