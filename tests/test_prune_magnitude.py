@@ -191,8 +191,7 @@ def test_run_op_writes_dense_zeros_without_sparsity_config(tiny_llama, tmp_path)
     assert res["output"]
 
 
-@pytest.mark.parametrize("scope", ["layer", "global"])
-@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize(("scope", "value"), [("layer", float("nan")), ("global", float("inf"))])
 def test_nan_or_inf_in_a_pruned_matrix_is_refused_even_when_allowed(tiny_llama, tmp_path, scope, value):
     """--allow-nonfinite lets NaN/Inf pass through copies, never through ranking (the kernel's histogram finds
     them); the writer does not check pruned values again, so this refusal is the only one."""
