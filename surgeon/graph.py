@@ -1,3 +1,4 @@
+# Over the module-length guide: the node kinds, the graph's edit API and the executor are one contract.
 """The lazy tensor graph: ``name -> Node``. Nodes know shape and dtype without computing anything.
 
 Node kinds:
@@ -27,7 +28,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from surgeon.errors import SurgeonError
-from surgeon.tensorfile import FLOAT_DTYPES, HostArray, dtype_name, dtype_width, torch_dtype  # noqa: F401 (FLOAT_DTYPES re-exported for ops)
+from surgeon.tensorfile import (  # noqa: F401 (FLOAT_DTYPES re-exported for ops)
+    FLOAT_DTYPES,
+    HostArray,
+    as_host,
+    as_tensor,
+    dtype_name,
+    dtype_width,
+    torch_dtype,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -385,28 +394,6 @@ def reachable(outputs: Sequence[Node]) -> Iterator[Node]:
 def runs_on_host(node: Node) -> bool:
     """True when ``node`` and everything it depends on compute on raw storage, without torch."""
     return node.host and all(runs_on_host(i) for i in node.inputs)
-
-
-def as_tensor(value: torch.Tensor | HostArray) -> torch.Tensor:
-    """A host value as a torch tensor sharing its memory (a tensor as it is)."""
-    if not isinstance(value, HostArray):
-        return value
-    import torch
-
-    return torch.from_numpy(value.data).view(torch_dtype(value.dtype)).reshape(value.shape)
-
-
-def as_host(value: torch.Tensor | HostArray) -> HostArray:
-    """A tensor's raw storage as a :class:`HostArray` (a host value as it is)."""
-    if isinstance(value, HostArray):
-        return value
-    import torch
-
-    from surgeon.kernels.host_dtypes import STORAGE
-
-    t = value.detach().contiguous().cpu()
-    name = dtype_name(t.dtype)
-    return HostArray(t.reshape(-1).view(torch.uint8).numpy().view(STORAGE[name]), name, tuple(t.shape))
 
 
 class Executor:

@@ -78,6 +78,28 @@ def header_bytes(header: dict[str, Any]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
+def as_tensor(value: torch.Tensor | HostArray) -> torch.Tensor:
+    """A host value as a torch tensor sharing its memory (a tensor as it is)."""
+    if not isinstance(value, HostArray):
+        return value
+    import torch
+
+    return torch.from_numpy(value.data).view(torch_dtype(value.dtype)).reshape(value.shape)
+
+
+def as_host(value: torch.Tensor | HostArray) -> HostArray:
+    """A tensor's raw storage as a :class:`HostArray` (a host value as it is)."""
+    if isinstance(value, HostArray):
+        return value
+    import torch
+
+    from surgeon.kernels.host_dtypes import STORAGE
+
+    t = value.detach().contiguous().cpu()
+    name = dtype_name(t.dtype)
+    return HostArray(t.reshape(-1).view(torch.uint8).numpy().view(STORAGE[name]), name, tuple(t.shape))
+
+
 def tensor_bytes(t: torch.Tensor | HostArray) -> memoryview:
     """The raw little-endian bytes of ``t`` (a contiguous CPU copy when needed)."""
     if isinstance(t, HostArray):
