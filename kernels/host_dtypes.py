@@ -43,11 +43,6 @@ _NONFINITE_BITS = {
 }
 
 
-def storage_view(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """The bytes ``raw`` (any contiguous array) seen as ``dtype``'s storage elements."""
-    return raw.reshape(-1).view(np.uint8).view(STORAGE[dtype])
-
-
 def _f32_to_bf16(x: np.ndarray, out: np.ndarray, scratch: np.ndarray, nan: int = 0xFFFF) -> None:
     """float32 -> bfloat16 bits, round to nearest even (``(u + 0x7FFF + lsb) >> 16``); NaN -> ``nan``."""
     u = x.view(np.uint32)
