@@ -517,6 +517,39 @@ class Engine:
         transform = logit_transform(self.config.to_dict())
         return transform(out) if transform is not None else out
 
+    def logits_at(self, samples, positions: Sequence[Sequence[int]], *, progress: Callable | None = None,
+                  rows_per_call: int = 1024) -> list[torch.Tensor]:
+        """fp32 logits ``[len(positions[i]), V]`` at the given positions of every sample (every block unchanged,
+        then :meth:`logits` on the gathered rows only, ``rows_per_call`` at a time): an edit's metrics, greedy
+        and sampled continuations. Under ``torchrun`` every rank gets every sample's logits."""
+        if len(positions) != len(samples):
+            raise SurgeonError(f"engine: {len(positions)} position lists for {len(samples)} samples")
+        for _ in self.blocks(samples, record=False, progress=progress):
+            pass
+        picked, owner = [], []
+        for j, mb in enumerate(self._batches):
+            h = self._hidden.get(j, self.device)
+            for k, gi in enumerate(mb.indices):
+                pos = torch.as_tensor(list(positions[gi]), dtype=torch.long)
+                if pos.numel() and (int(pos.max()) >= mb.length or int(pos.min()) < 0):
+                    raise SurgeonError(f"engine: position {int(pos.max())} is outside sample {gi} "
+                                       f"({mb.length} tokens)")
+                picked.append(h[k, pos.to(self.device)])
+                owner.append((gi, pos.numel()))
+        head = self.head_weights()
+        flat = torch.cat(picked) if picked else torch.zeros(0, self.config.hidden_size, device=self.device)
+        with torch.no_grad():
+            parts = [self.logits(flat[s:s + rows_per_call], head).cpu() for s in range(0, flat.shape[0],
+                                                                                       rows_per_call)]
+        out = torch.cat(parts) if parts else torch.zeros(0, head[0].shape[0])
+        local, s = {}, 0
+        for gi, n in owner:
+            local[gi], s = out[s:s + n], s + n
+        merged: dict[int, torch.Tensor] = {}
+        for part in dist.gather_objects(local):
+            merged.update(part)
+        return [merged[i] for i in range(len(samples))]
+
     def score(self, samples, *, progress: Callable | None = None) -> HeadOutput:
         """Run every block unchanged and score ``samples`` with the head (eval)."""
         for _ in self.blocks(samples, record=False, progress=progress):
