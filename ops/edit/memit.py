@@ -77,14 +77,14 @@ def edited_layers(params: Params, roles) -> tuple[list[int], str]:
     return layers, "--layers"
 
 
-def z_facts(batch: list[Request], vals, res: SpreadResult, **extra) -> list[dict[str, Any]]:
+def z_facts(requests: list[Request], vals, res: SpreadResult, **extra) -> list[dict[str, Any]]:
     """Per request: the value optimisation's outcome and how far the top layer's output got towards z
     (‖H_L − z‖ / ‖z − H_L(before)‖ after the spread)."""
     zs = res.start + (vals.values - vals.initial)
     miss = ((res.reached - zs).norm(dim=0) / (zs - res.start).norm(dim=0).clamp_min(1e-12)).tolist()
     return [{"subject": r.subject, "target": r.target, **extra, "value_loss": round(vals.losses[j], 4),
              "value_target_prob": round(vals.target_prob[j], 4), "value_steps": vals.steps[j],
-             "z_rel_error": float(f"{miss[j]:.3g}")} for j, r in enumerate(batch)]
+             "z_rel_error": float(f"{miss[j]:.3g}")} for j, r in enumerate(requests)]
 
 
 def spread_batch(work, ctx, tok, sites: list[EditSite], batch: list[Request], prefixes: list[str], settings,
