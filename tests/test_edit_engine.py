@@ -92,6 +92,14 @@ def test_edit_metrics_on_the_engine_equal_the_whole_model(fact_model):
     assert {k: v for k, v in got.items() if k != "target_prob"} == {k: v for k, v in want.items() if k != "target_prob"}
     assert abs(got["target_prob"] - want["target_prob"]) <= 1e-4
     assert 0 < want["target_prob"] < 1 and None not in want.values()
+    # per-batch shares from one judged evaluation (AlphaEdit's batch history) equal a separate evaluation
+    from surgeon.ops.edit.alphaedit import subset_before
+
+    judged = mx.judge(mx.EngineScorer(work, ctx), tok, requests, before)
+    for part in ([0, 1], [2, 3]):
+        alone = mx.after_edit(mx.EngineScorer(work, ctx), tok, [requests[k] for k in part],
+                              subset_before(before, part))
+        assert mx.summarize(judged, part) == alone
     # teacher-forced log-probabilities themselves, rows of different lengths in one engine pass
     prompts = [r.text for r in requests] + [r.neighborhood[0] for r in requests]
     answers = before.target + before.neighbor_old

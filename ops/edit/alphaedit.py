@@ -89,11 +89,15 @@ def subset_before(before: mx.Before, idx: list[int]) -> mx.Before:
 
 def batch_history(graph, tok, batches: list[list[Request]], index: list[list[int]], before: mx.Before,
                   done: int, ctx) -> list[dict[str, Any]]:
-    """Metrics of batches 0..done-1 on ``graph`` (the model after ``done`` batches), on the model engine."""
-    scorer = mx.EngineScorer(graph, ctx)
-    rows = []
+    """Metrics of batches 0..done-1 on ``graph`` (the model after ``done`` batches): every item judged in one
+    evaluation on the model engine, then shares per batch."""
+    idx = [k for b in range(done) for k in index[b]]
+    judged = mx.judge(mx.EngineScorer(graph, ctx), tok, [r for b in batches[:done] for r in b],
+                      subset_before(before, idx))
+    rows, start = [], 0
     for b in range(done):
-        m = mx.after_edit(scorer, tok, batches[b], subset_before(before, index[b]))
+        m = mx.summarize(judged, range(start, start + len(batches[b])))
+        start += len(batches[b])
         rows.append({"batch": b + 1, **{k: m.get(k) for k in ("efficacy", "efficacy_greedy", "paraphrase",
                                                                 "neighborhood")}})
     return rows

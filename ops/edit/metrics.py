@@ -114,9 +114,25 @@ def _split(values: list, sizes: Sequence[int]) -> list[list]:
     return out
 
 
-def after_edit(score: Scorer, tok: Any, requests: Sequence[Request], before: Before) -> dict[str, Any]:
-    """Metrics of the edited model against what it answered before (fractions in [0, 1]): every teacher-forced
-    answer in one engine pass, every greedy answer in one decoding loop."""
+@dataclass
+class Judged:
+    """Per-item outcomes of one evaluation of the edited model: per request, per paraphrase and per neighbour
+    prompt (``None``: the new and the old answer are the same ids, so the item does not count)."""
+
+    prefers_new: list[bool | None]  # per request: mean log P(new) > mean log P(old)
+    greedy_new: list[bool]  # per request: greedy continuation == new target
+    p_new: list[float]  # per request: exp(mean log P(new))
+    para_owner: list[int]
+    para_new: list[bool | None]
+    para_greedy: list[bool]
+    nb_owner: list[int]
+    nb_keeps: list[bool | None]  # neighbour: log P(its old answer) > log P(the new target)
+    nb_unchanged: list[bool]
+
+
+def judge(score: Scorer, tok: Any, requests: Sequence[Request], before: Before) -> Judged:
+    """Every item's outcome on the edited model: all teacher-forced answers in one engine pass, all greedy
+    answers in one decoding loop."""
     prompts = [r.text for r in requests]
     para, para_owner = [], []
     for i, r in enumerate(requests):
@@ -128,25 +144,47 @@ def after_edit(score: Scorer, tok: Any, requests: Sequence[Request], before: Bef
     n_new = [before.target[i] for i in before.neighbor_owner]
     groups = [(prompts, before.target), (prompts, before.old), (para, p_new), (para, p_old), (nb, n_new),
               (nb, before.neighbor_old)]
-    lps = _split(answer_logprob(score, tok, [p for ps, _ in groups for p in ps], [a for _, ans in groups for a in ans]),
-                 [len(ps) for ps, _ in groups])
-    lp_new, lp_old, pn, po, nn_, no = lps
-    gen = _split(greedy_ids(score, tok, prompts + para + nb, [len(t) for t in before.target + p_new + before.neighbor_old]),
-                 [len(prompts), len(para), len(nb)])
-    greedy, pg, ng = gen
-    metrics: dict[str, Any] = {
-        "efficacy": _share([a > b for a, b, t, o in zip(lp_new, lp_old, before.target, before.old) if t != o]),
-        "efficacy_greedy": _share([g == t for g, t in zip(greedy, before.target)]),
-        "target_prob": round(sum(math.exp(x) for x in lp_new) / len(lp_new), 4),
-    }
-    if para:
-        metrics["paraphrase"] = _share([a > b for a, b, t, o in zip(pn, po, p_new, p_old) if t != o])
-        metrics["paraphrase_greedy"] = _share([g == t for g, t in zip(pg, p_new)])
-    if nb:
-        metrics["neighborhood"] = _share([o > n for o, n, a, b in zip(no, nn_, before.neighbor_old, n_new)
-                                          if a != b])
-        metrics["neighborhood_unchanged"] = _share([g == o for g, o in zip(ng, before.neighbor_old)])
+    lp_new, lp_old, pn, po, nn_, no = _split(
+        answer_logprob(score, tok, [p for ps, _ in groups for p in ps], [a for _, ans in groups for a in ans]),
+        [len(ps) for ps, _ in groups])
+    greedy, pg, ng = _split(
+        greedy_ids(score, tok, prompts + para + nb, [len(t) for t in before.target + p_new + before.neighbor_old]),
+        [len(prompts), len(para), len(nb)])
+
+    def differ(a, b, t, o):
+        return a > b if t != o else None
+
+    return Judged([differ(a, b, t, o) for a, b, t, o in zip(lp_new, lp_old, before.target, before.old)],
+                  [g == t for g, t in zip(greedy, before.target)], [math.exp(x) for x in lp_new],
+                  para_owner, [differ(a, b, t, o) for a, b, t, o in zip(pn, po, p_new, p_old)],
+                  [g == t for g, t in zip(pg, p_new)], list(before.neighbor_owner),
+                  [differ(o, n, a, b) for o, n, a, b in zip(no, nn_, before.neighbor_old, n_new)],
+                  [g == o for g, o in zip(ng, before.neighbor_old)])
+
+
+def summarize(j: Judged, requests: Sequence[int] | None = None) -> dict[str, Any]:
+    """Shares over the requests ``requests`` (indices; all by default) and their paraphrases and neighbours."""
+    keep = set(range(len(j.prefers_new)) if requests is None else requests)
+
+    def share(flags, owners=None) -> float | None:
+        picked = [f for k, f in enumerate(flags) if (owners[k] if owners is not None else k) in keep and f is not None]
+        return _share(picked)
+
+    probs = [p for k, p in enumerate(j.p_new) if k in keep]
+    metrics: dict[str, Any] = {"efficacy": share(j.prefers_new), "efficacy_greedy": share(j.greedy_new),
+                               "target_prob": round(sum(probs) / len(probs), 4)}
+    if any(o in keep for o in j.para_owner):
+        metrics["paraphrase"] = share(j.para_new, j.para_owner)
+        metrics["paraphrase_greedy"] = share(j.para_greedy, j.para_owner)
+    if any(o in keep for o in j.nb_owner):
+        metrics["neighborhood"] = share(j.nb_keeps, j.nb_owner)
+        metrics["neighborhood_unchanged"] = share(j.nb_unchanged, j.nb_owner)
     return metrics
+
+
+def after_edit(score: Scorer, tok: Any, requests: Sequence[Request], before: Before) -> dict[str, Any]:
+    """Metrics of the edited model against what it answered before (fractions in [0, 1])."""
+    return summarize(judge(score, tok, requests, before))
 
 
 def metrics_table(title: str, rows: dict[str, Any]):
