@@ -281,3 +281,28 @@ def test_logits_of_gathered_positions_equal_the_model_and_carry_gradients(kind, 
     torch.testing.assert_close(logits, ref[:, [2, 6]].reshape(-1, ref.shape[-1]), rtol=1e-5, atol=1e-5)
     logits[:, 5].sum().backward()  # (row 0 of a tied head may be the zero padding row)
     assert h.grad is not None and float(h.grad[:, [2, 6]].abs().sum()) > 0 and float(h.grad[:, 0].abs().sum()) == 0
+
+
+def test_a_nan_in_a_block_or_a_changed_tensor_is_refused_by_name(tmp_path):
+    """A checkpoint tensor is checked once, as it is read; a tensor an earlier step computed (here a Const) is
+    checked by the engine; both refusals name the tensor."""
+    from conftest import save_tiny_llama
+    from safetensors.torch import load_file, save_file
+
+    from surgeon.graph import Const
+
+    folder = save_tiny_llama(tmp_path / "m", layers=2)
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors = load_file(folder / "model.safetensors")
+    tensors[name][3, 5] = float("nan")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    g = _graph(folder)
+    rows = torch.randint(0, 128, (2, 8))
+    with pytest.raises(SurgeonError, match=name.replace(".", r"\.")):
+        Engine(g).score(rows)
+    good = _graph(save_tiny_llama(tmp_path / "ok", layers=2))
+    bad = good.value(name).clone()
+    bad[0, 0] = float("inf")
+    good.replace(name, Const(bad))
+    with pytest.raises(SurgeonError, match=name.replace(".", r"\.")):
+        Engine(good).score(rows)

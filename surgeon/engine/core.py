@@ -270,11 +270,12 @@ class Engine:
 
     def _load(self, pnames: list[str]) -> None:
         from surgeon.checkpoint import check_finite as refuse_nonfinite
+        from surgeon.graph import Load
 
         params = {n for n, _ in self.skeleton.named_parameters(remove_duplicate=False)}
         with torch.no_grad():
             for pname, (gname, value) in zip(pnames, self.graph.values([self.pnames[p] for p in pnames])):
-                if self.check_finite:
+                if self.check_finite and not isinstance(self.graph[gname], Load):  # a Load checked on reading
                     refuse_nonfinite(gname, value)
                 is_param = pname in params
                 v = value.to(device=self.device, dtype=self.dtype if is_param and value.is_floating_point() else None)
