@@ -37,7 +37,7 @@ class EngineScorer:
     def __init__(self, graph: Any, ctx: Any):
         from surgeon import engine
 
-        self.engine = engine.from_context(graph, ctx, dtype="float32", micro_batch=64)
+        self.engine = engine.from_context(graph, ctx, dtype="float32", micro_batch=64, group_by_length=True)
 
     def __call__(self, rows: Sequence[list[int]], positions: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         if not rows:

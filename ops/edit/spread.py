@@ -112,7 +112,7 @@ def spread(graph: Any, ctx: Any, tok: Any, sites: Sequence[EditSite], requests: 
     plain = [r * n_ctx for r in range(n)]
     lookup = torch.tensor(lookup_list)
     layers = [s.layer for s in sites]
-    eng = engine.from_context(graph, ctx, dtype="float32", micro_batch=64)
+    eng = engine.from_context(graph, ctx, dtype="float32", micro_batch=64, group_by_length=True)
     res = SpreadResult()
     zs = None
     samples = [torch.tensor(r, dtype=torch.long) for r in ids]

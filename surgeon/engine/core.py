@@ -206,17 +206,21 @@ class Engine:
 
     ``max_memory`` (bytes): refuse when one block does not fit; hidden states beyond what is left spill to disk.
     ``roles``: the model's :class:`surgeon.arch.Roles` (from ``ctx.roles(graph)``); resolved here when omitted.
+    ``group_by_length``: a micro-batch takes rows of equal length from anywhere in the samples, not only
+    consecutive ones (results are keyed by sample index either way).
     """
 
     def __init__(self, graph: Graph, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
                  micro_batch: int = 8, max_memory: int | None = None, hidden_budget: int | None = None,
-                 roles: Roles | None = None, check_finite: bool = True, spill_dir: str | None = None):
+                 roles: Roles | None = None, check_finite: bool = True, spill_dir: str | None = None,
+                 group_by_length: bool = False):
         from surgeon.model import _build_empty, _component_config, _torch_dtype, dense_graph
 
         self.graph = dense_graph(graph).copy()  # own node map: changed tensors are swapped in as they spill
         self.device = torch.device(device)
         self.dtype = _torch_dtype(dtype)
         self.micro_batch = max(1, int(micro_batch))
+        self.group_by_length = group_by_length  # micro-batches of equal-length rows from anywhere in the samples
         self.check_finite = check_finite
         self.roles = roles if roles is not None else _roles(self.graph)
         if self.roles.n_layers == 0:
@@ -342,6 +346,8 @@ class Engine:
         self._load_globals()
         self._rows = rows
         local = self._local(len(rows))
+        if self.group_by_length:  # many short rows of mixed lengths (an edit's prompts): fewer, fuller batches
+            local.sort(key=lambda i: (rows[i].numel(), i))
         groups: list[list[int]] = []
         for i in local:
             if groups and len(groups[-1]) < self.micro_batch and rows[groups[-1][0]].numel() == rows[i].numel():
