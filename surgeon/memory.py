@@ -149,7 +149,27 @@ def _edit_work(p: Any, s: dict[str, int], model: int, *, multi: bool, per_site: 
     resident = model * max(layers - top, 1) // layers
     resident = resident if resident <= 6 * GB else resident // 2
     n_sites = len(chosen) if multi and chosen else (round(layers * 4 / 32) if multi else 0) + 1
-    return resident + 3 * 8 * s["ffn"] ** 2 + per_site * (n_sites - 1) * 8 * s["ffn"] ** 2
+    # the value loop keeps every row's activations of the resident blocks for one backward pass (fp32; fitted on
+    # SmolLM2, 8 MEMIT requests: ~5·hidden + 2·d_ff floats per token and block, rows of ~24 tokens)
+    rows = _edit_requests(p) * (1 + (p.n_prefixes if p.n_prefixes is not None else 5) + 1)
+    acts = rows * 24 * (layers - top) * (5 * s["hidden"] + 2 * s["ffn"]) * 4
+    return resident + acts + 3 * 8 * s["ffn"] ** 2 + per_site * (n_sites - 1) * 8 * s["ffn"] ** 2
+
+
+def _edit_requests(p: Any) -> int:
+    """Requests in one value-loop batch: the batch size, or fewer when the requests (a list or a file of lines)
+    are fewer; ROME runs one at a time."""
+    per = getattr(p, "batch_size", None) or 1
+    req = p.requests
+    n = len(req) if isinstance(req, list) else None
+    if isinstance(req, str):
+        try:
+            from pathlib import Path
+
+            n = sum(1 for line in Path(req).expanduser().read_text().splitlines() if line.strip())
+        except (OSError, UnicodeDecodeError):
+            n = None
+    return max(1, min(per, n) if n is not None else per)
 
 
 def _engine_work(graph: Graph, p: Any, s: dict[str, int], model: int, *, hessians: bool = False) -> int:
