@@ -121,3 +121,47 @@ def test_engine_perplexity_equals_the_whole_model(fact_model):
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
     got = EngineScorer(_graph(fact_model), Context(quiet=True)).perplexity(windows)
     assert abs(got - math.exp(float(nll))) <= 1e-4 * math.exp(float(nll))
+
+
+def test_spread_on_gpt2_conv1d_writes_transposed_updates_and_reaches_what_transformers_computes(tmp_path):
+    """GPT-2 stores c_proj as Conv1D [d_k, d_out]: the spread adds (up@down)ᵀ to each edited layer, and the top
+    edited layer's output it reports after the batch is what transformers' GPT-2 computes with those weights."""
+    from surgeon.kernels.covariance import CholeskyFactor
+    from surgeon.ops.edit.requests import Request
+    from surgeon.ops.edit.site import locate
+    from surgeon.ops.edit.solve import ridge_factors
+    from surgeon.ops.edit.spread import spread
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from surgeon.engine import SpillStore
+
+    tok = _tokenizer()
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=3, n_head=2, n_positions=64, bos_token_id=1,
+                     eos_token_id=2)
+    model = GPT2LMHeadModel(cfg).eval()
+    model.save_pretrained(tmp_path / "gpt2", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "gpt2")
+    g, ctx = _graph(tmp_path / "gpt2"), Context(quiet=True)
+    sites = [locate(g, x, ctx.roles(g)) for x in (0, 1)]
+    assert all(s.transposed for s in sites)
+    reqs = [Request(prompt=TEMPLATES[0] + " is", subject=SUBJECTS[i], target=" " + OBJECTS[i]) for i in range(2)]
+    delta = torch.randn(32, 2, generator=torch.Generator().manual_seed(1))
+    res = spread(g, ctx, tok, sites, reqs, ["rain . "], delta,
+                 lambda i, r, k: ridge_factors(r, k, CholeskyFactor.identity(128), 0.1), spill=SpillStore())
+    for s, (up, down) in zip(sites, res.parts):
+        new = res.weights[s.name].compute([])
+        torch.testing.assert_close(new, g.value(s.name) + (up @ down).T.float(), rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            model.get_submodule(s.module_path).weight.copy_(new)
+    seen = []
+    h = model.transformer.h[1].register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        for r in reqs:
+            ids = tok(r.text)["input_ids"]
+            model(input_ids=torch.tensor([ids]))
+    h.remove()
+    subject_at = [len(tok(TEMPLATES[0].format(r.subject))["input_ids"]) - 1 for r in reqs]  # its last token
+    got = torch.stack([x[0, k] for x, k in zip(seen, subject_at)], 1)
+    torch.testing.assert_close(res.reached, got, rtol=1e-4, atol=1e-5)
+    assert float((res.reached - res.start - delta).norm()) < float(delta.norm())  # moved towards z
