@@ -115,9 +115,9 @@ def step_estimate(graph: Graph, spec: OpSpec, params: BaseModel, n_models: int =
     if name in EDIT_OPS:
         work = _edit_work(p, s, model, multi=name in ("edit.memit", "edit.alphaedit"),
                           per_site=2 if name == "edit.alphaedit" else 1)
-        if p.cov and _sampled(p.stats_data):  # samples come from a second copy (the run's input model)
+        if p.cov and _sampled(p.stats_data):  # samples come from a second copy (the run's input model), before v*
             tokens = p.stats_token_count(s["ffn"])  # the op's Params know their default token count
-            work += model + _sampling_kv(s, -(-tokens // p.stats_seqlen), p.stats_seqlen)
+            work = max(work, model + _sampling_kv(s, -(-tokens // p.stats_seqlen), p.stats_seqlen))
         return {"work": work, "held": 0}
     if name == "retrain.perp":
         return {"work": model + _perp(graph, p, s, model), "held": 3 * model // 4}
