@@ -32,7 +32,7 @@ def test_rome_moves_the_eiffel_tower_to_rome(smollm2, tmp_path, monkeypatch):
 
     from surgeon.api import run_op
 
-    monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SURGEON_CACHE", str(stats_cache))
     corpus = tmp_path / "pydoc.txt"  # English text that ships with Python: no download
     corpus.write_text("\n\n".join(topics.topics.values()))
     req = {"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower", "target": " Rome",
@@ -74,8 +74,15 @@ WHOLE_MODEL_RESULTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def stats_cache(tmp_path_factory):
+    """One statistics cache for both parametrisations (same layers, text and token count): computed once."""
+    return tmp_path_factory.mktemp("edit-cache")
+
+
 @pytest.mark.parametrize("op", ["edit.memit", "edit.alphaedit"])
-def test_memit_and_alphaedit_on_the_engine_keep_the_whole_model_results(smollm2, tmp_path, monkeypatch, op):
+def test_memit_and_alphaedit_on_the_engine_keep_the_whole_model_results(smollm2, tmp_path, monkeypatch, op,
+                                                                        stats_cache):
     """Issue 18: MEMIT and AlphaEdit (spread, values, prefixes and metrics block by block on the engine) give the
     efficacy / paraphrase / neighbourhood and value-loop outcome the whole-model path gave (2 capitals, layers
     4-5, 1,536 statistics tokens, no prefixes, 10 Adam steps; AlphaEdit in 2 sequential batches)."""
@@ -83,7 +90,7 @@ def test_memit_and_alphaedit_on_the_engine_keep_the_whole_model_results(smollm2,
 
     from surgeon.api import run_op
 
-    monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SURGEON_CACHE", str(stats_cache))
     corpus = tmp_path / "pydoc.txt"
     corpus.write_text("\n\n".join(topics.topics.values()))
     reqs = [{"prompt": "The capital of {} is", "subject": "France", "target": " Tokyo",
