@@ -12,6 +12,11 @@ Three output forms (one per run):
 - ``tied_base``: the vanilla L-layer checkpoint whose layers are copies of their shared slot (no LoRA): the base
   the ``lora/`` PEFT adapter applies to with plain transformers + peft.
 
+LoRA initialisation: the paper's truncated SVD of the weight residual (``lora_init="svd"``), or the activation-aware
+one (``"activation"``): the original model runs over calibration text on the model engine and each layer's
+residual SVD is whitened by its input Gram matrix, so B A minimises the layer's output error instead (closed form,
+exact at full rank; a deviation from the paper, docs/tie.md).
+
 Modules: :mod:`.plan` (slot map, shared sources, ranks), :mod:`.relax` (SVD of the residuals), this module (the op).
 """
 from __future__ import annotations
@@ -299,6 +304,7 @@ def _bookkeeping(out: Graph, graph: Graph, plan: Plan, params: Params, ctx: Cont
         "n_slots": len(members), "layer_to_slot": plan.slots, "shared_sources": plan.sources,
         "layer_prefix": plan.layer_prefix, "shared_prefix": plan.shared_prefix,
         "untie_norms": params.untie_norms, "lora_alpha_ratio": params.lora_alpha_ratio,
+        "lora_init": params.lora_init if relax else None,
         "ranks": {f"{l}:{s}": int(rx.up.shape[1]) for (l, s), rx in sorted(relax.items())},
     }
     counts = parameter_counts(graph, plan, relax, params, members)
@@ -311,7 +317,7 @@ def _bookkeeping(out: Graph, graph: Graph, plan: Plan, params: Params, ctx: Cont
             ctx.attach(out, name, data)
     mean_energy = (sum(e["retained_energy"] for e in stats) / len(stats)) if stats else 1.0
     ctx.report(tie={"form": form, "pattern": params.pattern, "loops": params.loops, "init": init,
-                    "rank": params.rank, "rank_pattern": params.rank_pattern, "slots": len(members),
+                    "lora_init": params.lora_init, "rank": params.rank, "rank_pattern": params.rank_pattern, "slots": len(members),
                     "parameters": counts, "mean_retained_energy": round(mean_energy, 6),
                     "max_error": max((e["error"] for e in stats), default=0.0)},
                card_notes=[_card_note(form, bool(relax)), UPTRAIN_NOTE])
