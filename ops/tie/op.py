@@ -317,7 +317,8 @@ def _bookkeeping(out: Graph, graph: Graph, plan: Plan, params: Params, ctx: Cont
             ctx.attach(out, name, data)
     mean_energy = (sum(e["retained_energy"] for e in stats) / len(stats)) if stats else 1.0
     ctx.report(tie={"form": form, "pattern": params.pattern, "loops": params.loops, "init": init,
-                    "lora_init": params.lora_init, "rank": params.rank, "rank_pattern": params.rank_pattern, "slots": len(members),
+                    "lora_init": params.lora_init, "rank": params.rank, "rank_pattern": params.rank_pattern,
+                    "slots": len(members),
                     "parameters": counts, "mean_retained_energy": round(mean_energy, 6),
                     "max_error": max((e["error"] for e in stats), default=0.0)},
                card_notes=[_card_note(form, bool(relax)), UPTRAIN_NOTE])
