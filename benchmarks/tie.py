@@ -4,7 +4,11 @@ Prints wall time and peak RSS of each run (each in its own process) next to a ba
 a plain copy of the checkpoint folder (disk speed) and a byte-for-byte surgeon rewrite (`cast` to the same dtype,
 which streams every tensor through the writer). Goal (issue 9): conversion at rank 64 in <= 30 s.
 
-    .venv/bin/python benchmarks/tie.py [--rank 64] [--svd auto|exact|randomized] [--device cpu]
+    .venv/bin/python benchmarks/tie.py [--rank 64] [--svd auto|exact|randomized] [--lora-init svd|activation]
+        [--device cpu]
+
+``--lora-init activation`` times the activation-aware initialisation (one engine pass over the default
+calibration, ``model:32``, sampled once and cached, plus the whitened SVDs).
 """
 from __future__ import annotations
 
@@ -21,14 +25,14 @@ CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 from surgeon.api import run_op
-kind, src, out, rank, svd, device = sys.argv[1:7]
+kind, src, out, rank, svd, device, lora_init = sys.argv[1:8]
 t1 = time.perf_counter()
 if kind == "copy":
     import shutil; shutil.copytree(src, out)
 elif kind == "rewrite":
     run_op("cast", src, output=out, dtype="float32", device=device)
 else:
-    run_op("tie", src, output=out, loops=2, rank=int(rank), svd=svd, device=device,
+    run_op("tie", src, output=out, loops=2, rank=int(rank), svd=svd, device=device, lora_init=lora_init,
            materialize=(kind == "materialize"), tied_base=(kind == "tied-base"))
 t2 = time.perf_counter()
 print(json.dumps({"seconds": t2 - t1, "import_seconds": t1 - t0,
@@ -36,8 +40,8 @@ print(json.dumps({"seconds": t2 - t1, "import_seconds": t1 - t0,
 """
 
 
-def run(kind: str, src: Path, out: Path, rank: int, svd: str, device: str) -> dict:
-    res = subprocess.run([sys.executable, "-c", CHILD, kind, str(src), str(out), str(rank), svd, device],
+def run(kind: str, src: Path, out: Path, rank: int, svd: str, device: str, lora_init: str) -> dict:
+    res = subprocess.run([sys.executable, "-c", CHILD, kind, str(src), str(out), str(rank), svd, device, lora_init],
                          capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{res.stderr[-2000:]}")
@@ -48,6 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--svd", default="auto", choices=["auto", "exact", "randomized"])
+    ap.add_argument("--lora-init", default="svd", choices=["svd", "activation"])
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
@@ -66,7 +71,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="surgeon-bench-tie-") as tmp:
         for kind in ("copy", "rewrite", "compact", "materialize"):
             t0 = time.perf_counter()
-            r = run(kind, src, Path(tmp) / kind, args.rank, args.svd, args.device)
+            r = run(kind, src, Path(tmp) / kind, args.rank, args.svd, args.device, args.lora_init)
             r["total_seconds"] = time.perf_counter() - t0
             rows.append((kind, r))
             shutil.rmtree(Path(tmp) / kind, ignore_errors=True)

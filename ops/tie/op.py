@@ -12,6 +12,11 @@ Three output forms (one per run):
 - ``tied_base``: the vanilla L-layer checkpoint whose layers are copies of their shared slot (no LoRA): the base
   the ``lora/`` PEFT adapter applies to with plain transformers + peft.
 
+LoRA initialisation: the paper's truncated SVD of the weight residual (``lora_init="svd"``), or the activation-aware
+one (``"activation"``): the original model runs over calibration text on the model engine and each layer's
+residual SVD is whitened by its input Gram matrix, so B A minimises the layer's output error instead (closed form,
+exact at full rank; a deviation from the paper, docs/tie.md).
+
 Modules: :mod:`.plan` (slot map, shared sources, ranks), :mod:`.relax` (SVD of the residuals), this module (the op).
 """
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from surgeon.ops.tie.plan import Plan, check_module_key, make_plan, module_rank, parameter_counts
-from surgeon.ops.tie.relax import Relaxation, relax_residual
+from surgeon.ops.tie.relax import Relaxation, relax_residual, relax_residual_whitened
 
 from surgeon.formats.recursive import RECURSION_KEY, peft_adapter_files
 from surgeon.registry import register
@@ -67,6 +72,17 @@ class Params(BaseModel):
                                "B = U_r S_r, A = V_r^T. 1 (default): the paper's init W' + BA ~ W, exact at full "
                                "rank. 2: the Mixture-of-Recursions code (alpha_pattern 2.0), whose step-0 model "
                                "adds the residual twice.")
+    lora_init: Literal["activation", "svd"] = Field(
+        "svd", description="LoRA initialisation. svd: the paper's truncated SVD of the weight residual (minimises "
+                           "||R - BA||). activation: truncated SVD of the residual whitened by the calibration "
+                           "inputs' Gram matrix (minimises each layer's output error ||(R - BA) X|| on the "
+                           "calibration tokens; exact at full rank); runs the model over --calibration.")
+    calibration: str = Field("model:32", description="Calibration text for lora_init=activation: a .txt/.jsonl "
+                             "file, a datasets folder, or 'model:N' (N sequences sampled from the model).")
+    calibration_windows: int = Field(32, ge=1, le=4096, description="Calibration windows (lora_init=activation).")
+    calibration_seqlen: int = Field(128, ge=2, le=2048, description="Tokens per calibration window.")
+    damp: float = Field(0.01, gt=0, le=1, description="Damping of the calibration Gram matrix, as a fraction of its "
+                        "mean diagonal (lora_init=activation).")
     svd: Literal["auto", "exact", "randomized"] = Field(
         "auto", description="Truncated SVD: exact, randomized (Halko et al., oversampling 10, 4 power iterations) "
                             "or auto (randomized when the rank is well below the matrix size).")
@@ -168,27 +184,67 @@ def _relax_layers(graph: Graph, plan: Plan, params: Params, ctx: Context, shared
     stats: list[dict[str, Any]] = []
     work = [(k, s) for k in range(len(members)) for s in plan.suffixes
             if s in plan.linears and len(members[k]) > 1 and module_rank(params, plan.linears[s][0], s) > 0]
+    if params.lora_init == "activation" and work:
+        _relax_by_activations(graph, plan, params, ctx, shared, {s for _, s in work}, relax, stats)
+        return relax, stats
     for k, suffix in ctx.progress(work, total=len(work), description="tie: SVD of residuals"):
-        role, transposed = plan.linears[suffix]
-        rank = module_rank(params, role, suffix)
-        node = shared[(k, suffix)]
-        w_shared = _value(node).to(node.dtype).float()  # residual against the stored (rounded) shared weight
+        w_shared = _shared_value(shared[(k, suffix)])
         for l in members[k]:
-            res = graph.value(plan.layer(l, suffix)).float() - w_shared
-            if transposed:
-                res = res.T
-            entry = {"layer": l, "slot": k, "module": suffix, "rank": 0, "residual_norm": 0.0,
-                     "retained_energy": 1.0, "error": 0.0}
-            if bool(res.any()):
-                rx = relax_residual(res.contiguous(), rank, method=params.svd, device=ctx.device,
-                                    seed=ctx.seed_for(0))
-                entry.update(rank=int(rx.up.shape[1]), residual_norm=rx.residual_norm,
-                             retained_energy=rx.retained_energy, error=rx.error)
-                if rx.up.shape[1] > 0:
-                    relax[(l, suffix)] = rx
-            stats.append(entry)
-            ctx.status(f"layer {l} {suffix}")
+            _relax_one(graph, plan, params, ctx, l, suffix, w_shared, None, relax, stats)
     return relax, stats
+
+
+def _shared_value(node: Node) -> torch.Tensor:
+    return _value(node).to(node.dtype).float()  # residual against the stored (rounded) shared weight
+
+
+def _relax_one(graph: Graph, plan: Plan, params: Params, ctx: Context, l: int, suffix: str, w_shared: torch.Tensor,
+               gram: torch.Tensor | None, relax: dict[tuple[int, str], Relaxation], stats: list[dict[str, Any]]
+               ) -> None:
+    """Relax layer ``l``'s linear ``suffix``: plain SVD of its residual, or whitened by ``gram`` when given."""
+    role, transposed = plan.linears[suffix]
+    res = graph.value(plan.layer(l, suffix)).float() - w_shared
+    if transposed:
+        res = res.T
+    entry = {"layer": l, "slot": plan.slots[l], "module": suffix, "rank": 0, "residual_norm": 0.0,
+             "retained_energy": 1.0, "error": 0.0}
+    if bool(res.any()):
+        rank = module_rank(params, role, suffix)
+        if gram is None:
+            rx = relax_residual(res.contiguous(), rank, method=params.svd, device=ctx.device, seed=ctx.seed_for(0))
+        else:
+            rx = relax_residual_whitened(res, gram, rank, damp=params.damp, device=ctx.device)
+        entry.update(rank=int(rx.up.shape[1]), residual_norm=rx.residual_norm, retained_energy=rx.retained_energy,
+                     error=rx.error)
+        if rx.up.shape[1] > 0:
+            relax[(l, suffix)] = rx
+    stats.append(entry)
+    ctx.status(f"layer {l} {suffix}")
+
+
+def _relax_by_activations(graph: Graph, plan: Plan, params: Params, ctx: Context,
+                          shared: dict[tuple[int, str], Node], suffixes: set[str],
+                          relax: dict[tuple[int, str], Relaxation], stats: list[dict[str, Any]]) -> None:
+    """Activation-aware relaxation on the model engine: the *original* model runs over the calibration windows
+    block by block; each block's input Gram matrices X Xᵀ whiten its residuals' SVDs, then are freed."""
+    from surgeon import engine
+
+    tokens = ctx.tokens(params.calibration, graph, seqlen=params.calibration_seqlen,
+                        max_windows=params.calibration_windows)
+    eng = engine.from_context(graph, ctx, dtype="float32", micro_batch=4)
+    ordered = [s for s in plan.suffixes if s in suffixes]
+    trans = {plan.layer(l, s) for l in range(plan.n_layers) for s in ordered if plan.linears[s][1]}
+    with ctx.timed("calibrate"):
+        for block in eng.blocks(tokens, record=False, progress=ctx.progress):
+            l = block.index
+            if plan.slots.count(plan.slots[l]) == 1:
+                continue  # an untied layer (middle-* ends) keeps its own weights
+            grams = block.observe({plan.layer(l, s): ("xtx",) for s in ordered}, transposed=trans)
+            for s in ordered:
+                gram = grams.pop(plan.layer(l, s)).xtx
+                _relax_one(graph, plan, params, ctx, l, s, _shared_value(shared[(plan.slots[l], s)]), gram,
+                           relax, stats)
+    ctx.report(calibration_windows=int(tokens.shape[0]), calibration_seqlen=int(tokens.shape[1]))
 
 
 def _untied(graph: Graph, plan: Plan, params: Params, suffix: str) -> bool:
@@ -248,6 +304,7 @@ def _bookkeeping(out: Graph, graph: Graph, plan: Plan, params: Params, ctx: Cont
         "n_slots": len(members), "layer_to_slot": plan.slots, "shared_sources": plan.sources,
         "layer_prefix": plan.layer_prefix, "shared_prefix": plan.shared_prefix,
         "untie_norms": params.untie_norms, "lora_alpha_ratio": params.lora_alpha_ratio,
+        "lora_init": params.lora_init if relax else None,
         "ranks": {f"{l}:{s}": int(rx.up.shape[1]) for (l, s), rx in sorted(relax.items())},
     }
     counts = parameter_counts(graph, plan, relax, params, members)
@@ -260,7 +317,8 @@ def _bookkeeping(out: Graph, graph: Graph, plan: Plan, params: Params, ctx: Cont
             ctx.attach(out, name, data)
     mean_energy = (sum(e["retained_energy"] for e in stats) / len(stats)) if stats else 1.0
     ctx.report(tie={"form": form, "pattern": params.pattern, "loops": params.loops, "init": init,
-                    "rank": params.rank, "rank_pattern": params.rank_pattern, "slots": len(members),
+                    "lora_init": params.lora_init, "rank": params.rank, "rank_pattern": params.rank_pattern,
+                    "slots": len(members),
                     "parameters": counts, "mean_retained_energy": round(mean_energy, 6),
                     "max_error": max((e["error"] for e in stats), default=0.0)},
                card_notes=[_card_note(form, bool(relax)), UPTRAIN_NOTE])

@@ -74,3 +74,48 @@ def _relax(residual, rank, method, device, seed, randomized_svd, svd) -> Relaxat
     kept = float(s.double().pow(2).sum())
     return Relaxation(up=up, down=vh, residual_norm=total ** 0.5,
                       retained_energy=min(kept / total, 1.0) if total > 0 else 1.0, error=error)
+
+
+def whitening_factor(gram: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Lower Cholesky factor L of the damped input Gram matrix C = Σ_t x_t x_tᵀ + λ·mean(diag C)·I (fp64), so
+    that ‖M X‖_F² = ‖M L‖_F² for any M when λ = 0. Damping keeps L invertible when the calibration tokens do not
+    span the input space (fewer tokens than inputs, dead channels)."""
+    import torch
+
+    c = gram.double()
+    scale = float(c.diagonal().mean())
+    c = c + (damp * scale if scale > 0 else 1.0) * torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    chol, info = torch.linalg.cholesky_ex(c)
+    if int(info) != 0:  # damping a PSD matrix makes it PD; this only trips on NaN/Inf statistics
+        from surgeon.errors import SurgeonError
+
+        raise SurgeonError("tie: the calibration Gram matrix is not positive definite (non-finite activations?)")
+    return chol
+
+
+def relax_residual_whitened(residual: torch.Tensor, gram: torch.Tensor, rank: int, *, damp: float = 0.01,
+                            device: str = "cpu") -> Relaxation:
+    """Activation-aware truncated SVD: the rank-r B A minimising the *output* error ‖(R − BA) X‖_F on calibration
+    inputs X (Gram C = X Xᵀ = L Lᵀ), not the weight error ‖R − BA‖_F of the paper's plain SVD.
+
+    ‖(R − BA)X‖ = ‖(R − BA)L‖, so by Eckart–Young the optimum is the truncated SVD of R L = U Σ Vᵀ mapped back:
+    B A = U_rΣ_r V_rᵀ L⁻¹ (the whitening of SVD-LLM, Wang et al. 2024, arXiv 2403.07378, Eq. 3-5, applied to the
+    tying residual). At full rank B A = R exactly. Gauge: A's rows are scaled to unit norm (as V_rᵀ's are in the
+    plain init) and B absorbs the scale. ``error`` is the output error √Σ_{i>r}σ_i²(R L) (with the damped C) and
+    ``retained_energy`` the kept share of ‖R L‖²."""
+    import torch
+
+    with _lapack_threads(1 if device == "cpu" else None):
+        r = max(0, min(rank, *residual.shape))
+        dev = torch.device(device)
+        chol = whitening_factor(gram.to(dev), damp)
+        u, s, vh = torch.linalg.svd(residual.to(dev).double() @ chol, full_matrices=False)
+        down = torch.linalg.solve_triangular(chol, vh[:r], upper=False, left=False)  # V_rᵀ L⁻¹
+        norms = torch.linalg.vector_norm(down, dim=1).clamp_min(1e-30)
+        up = u[:, :r] * (s[:r] * norms)
+        down = down / norms[:, None]
+        total = float(s.pow(2).sum())
+        kept = float(s[:r].pow(2).sum())
+        return Relaxation(up=up.float().cpu(), down=down.float().cpu(), residual_norm=total ** 0.5,
+                          retained_energy=min(kept / total, 1.0) if total > 0 else 1.0,
+                          error=float(s[r:].pow(2).sum().sqrt()))
