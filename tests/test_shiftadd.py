@@ -209,6 +209,20 @@ def test_act_order_perm_is_whole_byte_blocks_and_is_stored():
     assert all(int(perm[i + 1]) == int(perm[i]) + 1 for i in range(k - 1) if (i + 1) % 8)
 
 
+def test_chunked_dense_view_equals_the_one_shot_dequantisation_with_act_order():
+    """QuantizedLinear.dense() dequantises a few rows at a time; the oracle: Σ_i α_i ⊙ B_i of the unpacked signs
+    and repeated scales for all rows at once, columns put back through perm."""
+    x = _correlated_inputs(40, 256, seed=7)
+    ql = quantize_gptq(torch.randn(13, 40, generator=torch.Generator().manual_seed(8)), x.T @ x / 256, 3, 8,
+                       rounds=2)
+    signs = ((ql.qweight.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(3, 13, -1)[..., :40]
+    w_packed = ((signs.float() * 2 - 1) * ql.alpha.repeat_interleave(8, dim=-1)[..., :40]).sum(0)
+    ref = torch.empty_like(w_packed)
+    ref[:, ql.perm.long()] = w_packed
+    for rows in (1, 4, 512):
+        assert torch.equal(ql.dense(rows_per_chunk=rows), ref)
+
+
 @pytest.mark.parametrize("fp64_max_width", [FP64_MAX_WIDTH, 16])  # the fp64 and the fp32 (wide) factorisations
 def test_in_place_inverse_cholesky_equals_the_textbook_formula_and_keeps_h(fp64_max_width, monkeypatch):
     """U with UᵀU = (P H Pᵀ + λI)⁻¹, λ = damping·mean(diag H), as GPTQ writes it: chol(inv(H + λI), upper)."""
