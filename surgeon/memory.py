@@ -132,7 +132,8 @@ def step_estimate(graph: Graph, spec: OpSpec, params: BaseModel, n_models: int =
         return {"work": max(whole, _engine_work(graph, p, s, model)), "held": 0}
     if name in ENGINE_OPS:  # block by block; changed tensors spill to disk
         return {"work": _engine_work(graph, p, s, model, hessians=name == "prune.sparsegpt"), "held": 0}
-    # other model-level ops (calibrated ShiftAdd, erase, distill): the model plus a calibration batch's activations
+    # other model-level ops (erase, distill): the model plus a calibration batch's activations (erase: an
+    # over-estimate since its text encoder runs on the engine and its k/v pass streams; not re-fitted)
     return {"work": 2 * model, "held": model // 2}
 
 
