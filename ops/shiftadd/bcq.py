@@ -109,6 +109,20 @@ class QuantizedLinear:
         self.group_size, self.pot_terms = group_size, pot_terms
         self.perm = None if perm is None else perm.to(torch.int32)
 
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, alpha: torch.Tensor, group_size: int, pot_terms: int,
+                   perm: torch.Tensor | None = None) -> QuantizedLinear:
+        """From codebook indices ``codes`` [N, K] (bit i of an index = plane i is +1) and α [q, N, G], packed one
+        plane at a time (a [q, N, K] sign tensor is 0.5 GB of temporaries for a 14336 × 4096 linear at 3 bits)."""
+        bits = alpha.shape[0]
+        out = cls.__new__(cls)
+        out.in_features = codes.shape[-1]
+        out.qweight = torch.stack([pack_signs(((codes >> i) & 1).bool().cpu()) for i in range(bits)])
+        out.alpha = alpha.float().cpu().contiguous()
+        out.group_size, out.pot_terms = group_size, pot_terms
+        out.perm = None if perm is None else perm.cpu().to(torch.int32)
+        return out
+
     @property
     def bits(self) -> int:
         return self.qweight.shape[0]

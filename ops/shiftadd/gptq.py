@@ -159,8 +159,7 @@ def quantize_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
             err1[:, j] = e
         w[:, b2:].addmm_(err1, u[b1:b2, b2:], alpha=-1.0)  # in place: no [N, K] temporary
     del u, w
-    signs = torch.stack([(codes >> i) & 1 for i in range(bits)]).bool()  # [q, N, K]: bit i of the index, +1
-    return QuantizedLinear(signs.cpu(), alpha.cpu(), stored_gs, pot_terms, None if perm is None else perm.cpu())
+    return QuantizedLinear.from_codes(codes, alpha, stored_gs, pot_terms, perm)  # bit i of an index: plane i
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
