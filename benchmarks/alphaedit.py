@@ -59,9 +59,8 @@ def main() -> None:
 
     ctx0 = Context(device=args.device, quiet=True)
     g0 = graph()
-    model0, tok = ctx0.module(g0, dtype="float32"), ctx0.tokenizer(g0)
-    before_first = mx.before_edit(model0, tok, first, device=args.device)
-    del model0
+    tok = ctx0.tokenizer(g0)
+    before_first = mx.before_edit(mx.EngineScorer(g0, ctx0), tok, first)
     common = {"requests": facts, "stats_data": stats, "stats_tokens": args.stats_tokens, "batch_size": args.batch_size}
     runs = {"alphaedit": (alphaedit, dict(common, **({"nullspace_threshold": args.threshold} if args.threshold
                                                       else {}))),
@@ -73,8 +72,7 @@ def main() -> None:
         t0 = time.perf_counter()
         g = mod.apply(graph(), mod.Params(**kw), ctx)
         seconds = time.perf_counter() - t0
-        edited = ctx.module(g, dtype="float32")
-        firstm = mx.after_edit(edited, tok, first, before_first, device=args.device)
+        firstm = mx.after_edit(mx.EngineScorer(g, ctx), tok, first, before_first)
         info = ctx.step_info
         out[name] = {"seconds": round(seconds, 1), "first_batch_after_last": firstm, "all": info["metrics"],
                      **({"batch_history": info["batch_history"], "nullspace": info["nullspace"]}

@@ -15,7 +15,9 @@ surgeon's shipped eval.txt (narrative English): a domain shift, as PERP's C4-tra
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -33,11 +35,6 @@ def timed(fn) -> tuple[float, float]:
     w0, c0 = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - w0, time.process_time() - c0
-
-
-def best_pair(fn, reps: int = 3) -> tuple[float, float]:
-    runs = [timed(fn) for _ in range(reps)]
-    return min(r[0] for r in runs), min(r[1] for r in runs)
 
 
 def default_train_text(folder: Path) -> Path:
@@ -58,6 +55,7 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of the write timings (order rotated)")
     args = ap.parse_args()
 
     from surgeon.kernels.select import kth_smallest
@@ -88,15 +86,26 @@ def main() -> None:
         write_graph(graph, tmp / "out", force=True)
 
     base = Graph.from_checkpoint(ck)
-    w_pass, c_pass = best_pair(lambda: write(base))
-    rows = [("passthrough (byte copy)", w_pass, c_pass)]
+    cases = [("passthrough (byte copy)", lambda: write(base))]
     for label, p in [("magnitude per-matrix 50%", magnitude.Params(sparsity=0.5)),
                      ("magnitude global 50%", magnitude.Params(sparsity=0.5, scope="global")),
                      ("magnitude 2:4", magnitude.Params(nm="2:4"))]:
-        rows.append((label, *best_pair(lambda p=p: write(magnitude.apply(base, p, ctx)))))
-    print("\n| write | wall s | × passthrough | CPU s | × passthrough |\n|---|---|---|---|---|")
-    for label, w, c in rows:
-        print(f"| {label} | {w:.2f} | {w / w_pass:.2f} | {c:.2f} | {c / c_pass:.2f} |")
+        cases.append((label, lambda p=p: write(magnitude.apply(base, p, ctx))))
+    # rounds in rotated order; each ratio is against the same round's passthrough (the machine is shared)
+    runs: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in cases}
+    for r in range(args.rounds):
+        for label, fn in cases[r % len(cases):] + cases[: r % len(cases)]:
+            runs[label].append(timed(fn))
+    passes = runs[cases[0][0]]
+    print(f"\nload average {os.getloadavg()[0]:.1f}; {args.rounds} rounds, order rotated; ratios per round "
+          "against that round's passthrough, median")
+    print("| write | median wall s | × passthrough (median) | per round | median CPU s | CPU × |\n|---|---|---|---|---|---|")
+    for label, rs in runs.items():
+        ratios = [w / p[0] for (w, _), p in zip(rs, passes)]
+        cpu = [c / p[1] for (_, c), p in zip(rs, passes)]
+        print(f"| {label} | {statistics.median(w for w, _ in rs):.2f} | {statistics.median(ratios):.2f} | "
+              f"{' '.join(f'{x:.2f}' for x in ratios)} | {statistics.median(c for _, c in rs):.2f} | "
+              f"{statistics.median(cpu):.2f} |")
 
     # 2. selection kernel vs torch.kthvalue ------------------------------------------------------------------
     print("\n| selection input | numba radix (s) | torch.kthvalue (s) | speed-up |\n|---|---|---|---|")

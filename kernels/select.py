@@ -237,9 +237,13 @@ _POS_NONFINITE = (0x7F80 | 0x8000)  # keys of +inf/+nan start here
 _NEG_NONFINITE = (~0xFF80) & 0xFFFF  # keys of -inf/-nan end here
 
 
+class NonFiniteInput(ValueError):
+    """A selection met NaN or Inf (they have no rank); found from the histogram, without a separate pass."""
+
+
 def _check_finite(high: np.ndarray) -> None:
     if high[_POS_NONFINITE:].any() or high[: _NEG_NONFINITE + 1].any():
-        raise ValueError("selection over a tensor with NaN or Inf values")
+        raise NonFiniteInput("selection over a tensor with NaN or Inf values")
 
 
 def high_histogram(x: torch.Tensor, *, absolute: bool = False, out: np.ndarray | None = None) -> np.ndarray:
@@ -377,7 +381,10 @@ class StreamingKth:
     low_by_tensor: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def add_high(self, x: torch.Tensor) -> None:
-        high_histogram(x, absolute=self.absolute, out=self.high)
+        """Add ``x``'s pass-1 histogram; :class:`NonFiniteInput` (and nothing added) when ``x`` holds NaN/Inf."""
+        hist = high_histogram(x, absolute=self.absolute)
+        _check_finite(hist)
+        self.high += hist
         self.n_seen += x.numel()
 
     def bucket(self) -> int:

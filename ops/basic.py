@@ -1,4 +1,8 @@
-"""Small tensor-wise ops that exercise the contract: ``cast``, ``drop``, ``rename``."""
+"""Small tensor-wise ops that exercise the contract: ``cast``, ``drop``, ``rename``.
+
+They never import torch: their graphs (source tensors, :class:`~surgeon.graph.Cast` nodes) are written from raw
+bytes (numpy casts, kernel-side copies), so a cast or copy of a checkpoint runs at disk speed in a process that
+starts in a fraction of a second."""
 from __future__ import annotations
 
 import re
@@ -8,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
-from surgeon.graph import Apply, Graph
+from surgeon.graph import FLOAT_DTYPES, Cast, Graph
 from surgeon.registry import register
 
 FloatDtype = Literal["float32", "bfloat16", "float16", "float64"]
@@ -44,18 +48,16 @@ class CastParams(BaseModel):
         return v
 
 
-def cast_target(name: str, current, params: CastParams):
-    """The dtype ``name`` should have after the cast (None: leave it)."""
-    import torch
-
-    if not current.is_floating_point:
+def cast_target(name: str, current: str, params: CastParams) -> str | None:
+    """The dtype (name) tensor ``name`` of dtype ``current`` should have after the cast (None: leave it)."""
+    if current not in FLOAT_DTYPES:
         return None
     if any(re.search(p, name) for p in params.keep):
         return None
     for p, dt in params.keep_dtype.items():
         if re.search(p, name):
-            return getattr(torch, dt)
-    return getattr(torch, params.dtype)
+            return dt
+    return params.dtype
 
 
 @register("cast", CastParams,
@@ -66,10 +68,10 @@ def cast(graph: Graph, params: CastParams, ctx: Context) -> Graph:
     changed = 0
     for name in graph.names():
         node = graph[name]
-        target = cast_target(name, node.dtype, params)
-        if target is None or target == node.dtype:
+        target = cast_target(name, node.dtype_name, params)
+        if target is None or target == node.dtype_name:
             continue
-        graph.replace(name, Apply(lambda t, d=target: t.to(d), [node], label=f"cast:{params.dtype}", dtype=target))
+        graph.replace(name, Cast(node, target, label=f"cast:{params.dtype}"))
         changed += 1
     graph.config["dtype"] = params.dtype
     graph.config.pop("torch_dtype", None)

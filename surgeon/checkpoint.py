@@ -6,8 +6,10 @@ Inputs: a folder (one ``*.safetensors`` file or shards + ``*.safetensors.index.j
 converted once into the cache, ``builtin:``) is decided in :mod:`surgeon.sources`, which may write (a GGUF
 conversion); this reader never imports the writer.
 
-Tensors are read with ``preadv`` into a fresh buffer rather than through a long-lived mmap: mapped pages stay
-resident and would count towards RSS, making memory grow with the model instead of staying flat.
+Tensor bytes are mapped per tensor, privately (copy-on-write), and unmapped when the tensor dies
+(:mod:`surgeon.filemap`): reading the page cache at memory speed without a long-lived map of whole files, whose
+pages would stay resident and make memory grow with the model instead of staying flat. Where a file cannot be
+mapped (or a tensor's offset is not aligned to its element size), it is read with ``preadv`` into a fresh buffer.
 """
 from __future__ import annotations
 
@@ -20,9 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from surgeon.errors import SurgeonError
+from surgeon.filemap import truncated
 from surgeon.formats.model_types import from_disk
 from surgeon.numeric import check_finite  # noqa: F401 - moved; re-exported for the executor and model
-from surgeon.tensorfile import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS  # noqa: F401 (TORCH_TO_: re-exported)
+from surgeon.tensorfile import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, HostArray  # noqa: F401 (re-exported)
+
+SAFETENSORS_WIDTH = {name: width for name, width in SAFETENSORS_DTYPES.values()}
 
 if TYPE_CHECKING:
     import torch
@@ -88,7 +93,7 @@ class Checkpoint:
         return {}
 
     def load(self, name: str, *, check: bool | None = None):
-        """Read one tensor into a fresh torch tensor (nothing stays mapped).
+        """One tensor as a torch tensor of its own (a private map of the file, or a fresh buffer).
 
         NaN/Inf values are refused unless ``allow_nonfinite`` (or ``check=False``, for ops that look for corrupt
         tensors on purpose, like ``recover``)."""
@@ -97,16 +102,29 @@ class Checkpoint:
         if self.pickle_state is not None:
             t = self.pickle_state[name].clone()
         else:
-            info = self.tensors.get(name)
-            if info is None:
-                raise SurgeonError(f"{self.path}: no tensor named {name!r}")
-            buf = torch.empty(info.nbytes, dtype=torch.uint8)
-            if info.nbytes:
-                read_exact(info.file, info.begin, memoryview(buf.numpy()))
-            t = buf.view(getattr(torch, info.dtype)).reshape(info.shape)
+            info = self._info(name)
+            t = torch.from_numpy(source_bytes(info)).view(getattr(torch, info.dtype)).reshape(info.shape)
         if (not self.allow_nonfinite) if check is None else check:
             check_finite(name, t)
         return t
+
+    def load_host(self, name: str, *, check: bool | None = None) -> HostArray:
+        """One safetensors tensor as raw storage in a numpy array, without torch (see :meth:`load`)."""
+        from surgeon.kernels.host_dtypes import STORAGE
+
+        if self.pickle_state is not None:
+            raise SurgeonError(f"{self.path}: {name!r} is in a pickle checkpoint, not raw safetensors bytes")
+        info = self._info(name)
+        value = HostArray(source_bytes(info).view(STORAGE[info.dtype]), info.dtype, info.shape)
+        if (not self.allow_nonfinite) if check is None else check:
+            check_finite_host(name, value)
+        return value
+
+    def _info(self, name: str) -> TensorInfo:
+        info = self.tensors.get(name)
+        if info is None:
+            raise SurgeonError(f"{self.path}: no tensor named {name!r}")
+        return info
 
     def header_fingerprint(self) -> dict[str, Any]:
         """Input sizes and sha256 of each weight file's header, for provenance."""
@@ -119,6 +137,33 @@ class Checkpoint:
         return out
 
 
+def source_bytes(info: TensorInfo, start: int = 0, nbytes: int | None = None):
+    """Bytes ``[start, start + nbytes)`` of a tensor (all of them by default) as a writable uint8 numpy array of
+    its own: a private map where the file can be mapped and the offset suits the dtype, else a fresh buffer."""
+    import numpy as np
+
+    from surgeon.filemap import map_bytes
+
+    offset = info.begin + start
+    nbytes = info.nbytes - start if nbytes is None else nbytes
+    mapped = map_bytes(info.file, offset, nbytes) if offset % SAFETENSORS_WIDTH[info.dtype] == 0 else None
+    if mapped is not None:
+        return mapped
+    buf = np.empty(nbytes, dtype=np.uint8)
+    if nbytes:
+        read_exact(info.file, offset, memoryview(buf))
+    return buf
+
+
+def check_finite_host(name: str, value: HostArray) -> None:
+    """:func:`surgeon.numeric.check_finite` for raw storage (no torch)."""
+    from surgeon.kernels.host_dtypes import has_nonfinite
+    from surgeon.tensorfile import FLOAT_DTYPES
+
+    if value.dtype in FLOAT_DTYPES and has_nonfinite(value.data, value.dtype):
+        raise SurgeonError(f"tensor {name!r} contains NaN or Inf (pass --allow-nonfinite to accept it)")
+
+
 def read_exact(path: Path, offset: int, view: memoryview) -> None:
     """Fill ``view`` from ``path`` at ``offset``; a short read means the file was truncated underneath us."""
     fd = os.open(path, os.O_RDONLY)
@@ -128,7 +173,7 @@ def read_exact(path: Path, offset: int, view: memoryview) -> None:
         while done < total:
             n = os.preadv(fd, [view[done : done + (1 << 30)]], offset + done)
             if n <= 0:
-                raise SurgeonError(f"{path}: file ends at byte {offset + done}, expected {offset + total} bytes")
+                raise truncated(path, offset + done, offset + total)
             done += n
     finally:
         os.close(fd)

@@ -78,10 +78,21 @@ class LineProgress:
         self.text = text
 
 
+def _no_gpu_device_files() -> bool:
+    """True on a Linux machine without NVIDIA/AMD/WSL GPU device files, where CUDA cannot be available."""
+    from pathlib import Path
+
+    dev = Path("/dev")
+    return sys.platform == "linux" and not any(
+        (dev / name).exists() for name in ("nvidiactl", "nvidia0", "kfd", "dxg"))
+
+
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when available else ``cpu``; ``cuda`` without a GPU is an error."""
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise SurgeonError(f"--device: expected auto, cpu or cuda, got {device!r}")
+    if device == "auto" and "torch" not in sys.modules and _no_gpu_device_files():
+        return "cpu"  # what torch would answer, without the 2 s of importing it
     import torch
 
     if device == "auto":

@@ -6,7 +6,8 @@ Tensor-wise work is I/O bound, so the writer keeps the disk busy while everythin
   order. What is in flight (computed, not yet written) never exceeds the memory budget, so peak memory is the
   budget plus one tensor, whatever the model size.
 - **Untouched tensors** are copied by the kernel (``os.copy_file_range``, falling back to ``os.sendfile`` and
-  then to read/write), never through Python buffers.
+  then to read/write), never through Python buffers, on the pool and straight into their planned place in the
+  file, so several copies (and computations) run at once while the writer goes on.
 - **Finiteness checks** of untouched source bytes (on unless ``--allow-nonfinite``) read the source in chunks on
   the pool, off the write path; a failure is raised before the output folder is renamed into place.
 
@@ -19,12 +20,13 @@ import errno
 import os
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from surgeon.errors import SurgeonError
+from surgeon.tensorfile import FLOAT_DTYPES, HostArray, dtype_width
 
 if TYPE_CHECKING:
     import torch
@@ -77,13 +79,15 @@ def task_cost(node: Node) -> int:
 # kernel-side copies
 
 
-def copy_range(src: Path, offset: int, count: int, dst_fd: int) -> None:
-    """Append ``count`` bytes of ``src`` from ``offset`` to ``dst_fd`` (at its current position), kernel-side."""
+def copy_range(src: Path, offset: int, count: int, dst_fd: int, dst_offset: int | None = None) -> None:
+    """Copy ``count`` bytes of ``src`` from ``offset`` to ``dst_fd``, kernel-side: appended at its current
+    position, or at ``dst_offset`` (then several copies into one file may run at once)."""
     fd = os.open(src, os.O_RDONLY)
     try:
         done = 0
         while done < count:
-            n = _copy_step(fd, dst_fd, offset + done, count - done)
+            at = None if dst_offset is None else dst_offset + done
+            n = _copy_step(fd, dst_fd, offset + done, count - done, at)
             if n <= 0:
                 raise SurgeonError(f"{src}: file ends at byte {offset + done}, expected {offset + count} bytes")
             done += n
@@ -94,21 +98,27 @@ def copy_range(src: Path, offset: int, count: int, dst_fd: int) -> None:
 _NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 
 
-def _copy_step(src_fd: int, dst_fd: int, offset: int, count: int) -> int:
+def _copy_step(src_fd: int, dst_fd: int, offset: int, count: int, dst_offset: int | None) -> int:
     step = min(count, 1 << 30)
     if hasattr(os, "copy_file_range"):
         try:
-            return os.copy_file_range(src_fd, dst_fd, step, offset)
+            return os.copy_file_range(src_fd, dst_fd, step, offset, dst_offset)
         except OSError as e:
             if e.errno not in _NO_COPY_FILE_RANGE:
                 raise
-    try:
-        return os.sendfile(dst_fd, src_fd, offset, step)
-    except OSError as e:
-        if e.errno not in _NO_COPY_FILE_RANGE:
-            raise
+    if dst_offset is None:  # sendfile writes at the file position
+        try:
+            return os.sendfile(dst_fd, src_fd, offset, step)
+        except OSError as e:
+            if e.errno not in _NO_COPY_FILE_RANGE:
+                raise
     data = os.pread(src_fd, min(step, CHECK_CHUNK), offset)
-    write_all(dst_fd, data)
+    if dst_offset is None:
+        write_all(dst_fd, data)
+    else:
+        view = memoryview(data)
+        while view:
+            view = view[os.pwrite(dst_fd, view, dst_offset + len(data) - len(view)):]
     return len(data)
 
 
@@ -121,21 +131,16 @@ def write_all(fd: int, data: memoryview | bytes) -> None:
 
 def check_source_finite(node: Node) -> None:
     """NaN/Inf refusal for an untouched source tensor, read in chunks (the copy itself never passes through us)."""
-    import torch
-
-    from surgeon.checkpoint import check_finite, read_exact
+    from surgeon.checkpoint import check_finite_host, source_bytes
+    from surgeon.kernels.host_dtypes import STORAGE
 
     info = node.checkpoint.tensors[node.name]  # type: ignore[attr-defined]
-    elem = torch.empty((), dtype=node.dtype).element_size()
+    elem = dtype_width(node.dtype_name)
     chunk = max(elem, (CHECK_CHUNK // elem) * elem)
-    buf = torch.empty(min(chunk, info.nbytes), dtype=torch.uint8)
-    done = 0
-    while done < info.nbytes:
-        n = min(chunk, info.nbytes - done)
-        view = buf[:n]
-        read_exact(info.file, info.begin + done, memoryview(view.numpy()))
-        check_finite(node.name, view.view(node.dtype))  # type: ignore[attr-defined]
-        done += n
+    for done in range(0, info.nbytes, chunk):
+        raw = source_bytes(info, done, min(chunk, info.nbytes - done))
+        check_finite_host(node.name, HostArray(raw.view(STORAGE[node.dtype_name]), node.dtype_name, (-1,)))
+        del raw  # unmapped before the next chunk is mapped
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -184,22 +189,30 @@ class ShardPipeline:
     def __exit__(self, *exc: object) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def _value(self, name: str, node: Node) -> torch.Tensor:
-        from surgeon.checkpoint import check_finite
+    def _value(self, name: str, node: Node) -> torch.Tensor | HostArray:
+        """``node``'s value, checked; raw storage without torch where the graph allows (casts of sources)."""
+        from surgeon.checkpoint import check_finite, check_finite_host
+        from surgeon.graph import runs_on_host
 
-        value = self.executor.value(node)
-        self.executor.release(node)
-        if tuple(value.shape) != node.shape or value.dtype != node.dtype:
-            raise SurgeonError(f"internal: tensor {name!r} computed as {list(value.shape)} {value.dtype}, "
-                               f"planned {list(node.shape)} {node.dtype}")
-        if not self.allow_nonfinite:
-            check_finite(name, value)
+        if runs_on_host(node):
+            value = self.executor.host_value(node)
+            self.executor.release(node)
+            shape, dtype = value.shape, value.dtype
+        else:
+            value = self.executor.value(node)
+            self.executor.release(node)
+            shape, dtype = tuple(value.shape), str(value.dtype).removeprefix("torch.")
+        if tuple(shape) != node.shape or dtype != node.dtype_name:
+            raise SurgeonError(f"internal: tensor {name!r} computed as {list(shape)} {dtype}, "
+                               f"planned {list(node.shape)} {node.dtype_name}")
+        if not self.allow_nonfinite and not node.finite:
+            (check_finite_host if isinstance(value, HostArray) else check_finite)(name, value)
         return value
 
     def _start(self, name: str) -> _Ahead:
         node = self.graph[name]
         if is_copy(node):
-            if not self.allow_nonfinite and node.dtype.is_floating_point:
+            if not self.allow_nonfinite and node.dtype_name in FLOAT_DTYPES:
                 self.checks.append(self.pool.submit(check_source_finite, node))
             return _Ahead(name, node, None, 0)
         cost = task_cost(node)
@@ -213,15 +226,29 @@ class ShardPipeline:
 
         queue: deque[_Ahead] = deque()
         upcoming = deque(names)
+        copies: list[Future] = []  # kernel copies into this file, running on the pool
+        try:
+            self._write_in_order(fd, queue, upcoming, copies, on_tensor, tensor_bytes)
+        except BaseException:
+            for f in copies:
+                f.cancel()
+            wait(copies)  # the caller closes the file: nothing may still write into it
+            raise
+        for f in copies:
+            f.result()
+
+    def _write_in_order(self, fd: int, queue: deque[_Ahead], upcoming: deque[str], copies: list[Future],
+                        on_tensor: Callable[[int], None], tensor_bytes: Callable[..., memoryview]) -> None:
         while upcoming or queue:
             self._settle(queue)
             # keep the pool busy: start tensors while the budget allows (always at least the next one)
             while upcoming and (not queue or self.in_flight + self._cost(upcoming[0]) <= self.budget):
                 queue.append(self._start(upcoming.popleft()))
             item = queue.popleft()
-            if item.future is None:
+            if item.future is None:  # copied by the kernel on the pool, into its place, while we go on
                 info = item.node.checkpoint.tensors[item.node.name]  # type: ignore[attr-defined]
-                copy_range(info.file, info.begin, info.nbytes, fd)
+                at = os.lseek(fd, info.nbytes, os.SEEK_CUR) - info.nbytes
+                copies.append(self.pool.submit(copy_range, info.file, info.begin, info.nbytes, fd, at))
                 self.executor.release(item.node)
             else:
                 value = item.future.result()

@@ -1,14 +1,21 @@
+# Over the module-length guide: the node kinds, the graph's edit API and the executor are one contract.
 """The lazy tensor graph: ``name -> Node``. Nodes know shape and dtype without computing anything.
 
 Node kinds:
 - :class:`Load`     a tensor of a source checkpoint (read on demand; may be copied byte-for-byte when untouched)
 - :class:`Const`    a tensor held in memory (small, or produced by a model-level op)
 - :class:`Apply`    ``fn(*input_values)``; tensor-wise ops build these
+- :class:`Cast`     a dtype conversion (the ``cast`` op)
 - :class:`LowRank`  ``base + up @ down`` computed in fp32 and cast once (rank-k edits stay rank-k until written)
 - :class:`Reduce`   a streaming reduction over many inputs that holds only its accumulator (global thresholds)
 
 :class:`Executor` evaluates outputs in the order asked, memoises values that several consumers share, and frees
 each value right after its last consumer is done, so peak memory is a few tensors, not the model.
+
+Nodes know their dtype by name (``dtype_name``; ``dtype`` is the torch dtype, imported on first use). A graph of
+source tensors and casts runs without torch: such nodes say ``host = True`` and compute on raw storage in numpy
+(:class:`surgeon.tensorfile.HostArray`, :mod:`surgeon.kernels.host_dtypes`), with the same bytes; the executor
+converts between the two forms where a torch node consumes a host value.
 """
 from __future__ import annotations
 
@@ -20,11 +27,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from surgeon.errors import SurgeonError
+from surgeon.tensorfile import (  # noqa: F401 (FLOAT_DTYPES re-exported for ops)
+    FLOAT_DTYPES,
+    HostArray,
+    as_host,
+    as_tensor,
+    dtype_name,
+    dtype_width,
+    torch_dtype,
+)
 
 if TYPE_CHECKING:
+    import torch
+
     from surgeon.checkpoint import Checkpoint
 
 
@@ -32,23 +48,35 @@ class Node:
     """Base node: ``shape``/``dtype`` are known up front; ``compute`` gets the input values in order."""
 
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype_name: str  # "bfloat16", ...: known without torch
     inputs: tuple[Node, ...] = ()
     label: str = "node"
+    host: bool = False  # compute_host works on raw storage (no torch) when every input's value can be host too
+    finite: bool = False  # computing it already refuses NaN/Inf in its value: the writer does not check it again
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype_name)
+
+    @dtype.setter
+    def dtype(self, value: torch.dtype | str) -> None:
+        self.dtype_name = dtype_name(value)
 
     def compute(self, args: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def compute_host(self, args: list[HostArray]) -> HostArray:
+        raise NotImplementedError(f"{type(self).__name__} has no host computation")
 
     @property
     def nbytes(self) -> int:
         n = 1
         for s in self.shape:
             n *= s
-        return n * (torch.finfo(self.dtype).bits // 8 if self.dtype.is_floating_point else
-                    torch.iinfo(self.dtype).bits // 8 if self.dtype != torch.bool else 1)
+        return n * dtype_width(self.dtype_name)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.label}, {list(self.shape)}, {str(self.dtype).removeprefix('torch.')})"
+        return f"{type(self).__name__}({self.label}, {list(self.shape)}, {self.dtype_name})"
 
 
 class Load(Node):
@@ -61,10 +89,14 @@ class Load(Node):
         self.checkpoint = checkpoint
         self.name = name
         self.shape = tuple(info.shape)
-        self.dtype = getattr(torch, info.dtype)
+        self.dtype_name = info.dtype
+        self.host = checkpoint.pickle_state is None
 
     def compute(self, args: list[torch.Tensor]) -> torch.Tensor:
         return self.checkpoint.load(self.name)
+
+    def compute_host(self, args: list[HostArray]) -> HostArray:
+        return self.checkpoint.load_host(self.name)
 
 
 class Const(Node):
@@ -91,13 +123,36 @@ class Apply(Node):
         self.inputs = tuple(inputs)
         self.label = label
         self.shape = tuple(shape) if shape is not None else self.inputs[0].shape
-        self.dtype = dtype if dtype is not None else self.inputs[0].dtype
+        self.dtype = dtype if dtype is not None else self.inputs[0].dtype_name
 
     def compute(self, args: list[torch.Tensor]) -> torch.Tensor:
         out = self.fn(*args)
         if tuple(out.shape) != self.shape:
             raise SurgeonError(f"internal: {self.label} produced shape {list(out.shape)}, planned {list(self.shape)}")
         return out.to(self.dtype)
+
+
+class Cast(Node):
+    """``source`` converted to ``dtype``. Between float64/32/16 and bfloat16 it also runs without torch (numpy on
+    the raw storage, :func:`surgeon.kernels.host_dtypes.convert`), with the bytes torch's ``.to`` gives."""
+
+    def __init__(self, source: Node, dtype: torch.dtype | str, *, label: str = "cast"):
+        from surgeon.kernels.host_dtypes import CONVERTIBLE
+
+        self.inputs = (source,)
+        self.shape = source.shape
+        self.dtype = dtype
+        self.label = label
+        self.host = source.dtype_name in CONVERTIBLE and self.dtype_name in CONVERTIBLE
+
+    def compute(self, args: list[torch.Tensor]) -> torch.Tensor:
+        return args[0].to(self.dtype)
+
+    def compute_host(self, args: list[HostArray]) -> HostArray:
+        from surgeon.kernels.host_dtypes import convert
+
+        (value,) = args
+        return HostArray(convert(value.data, value.dtype, self.dtype_name), self.dtype_name, self.shape)
 
 
 class LowRank(Node):
@@ -336,6 +391,11 @@ def reachable(outputs: Sequence[Node]) -> Iterator[Node]:
         stack.extend(node.inputs)
 
 
+def runs_on_host(node: Node) -> bool:
+    """True when ``node`` and everything it depends on compute on raw storage, without torch."""
+    return node.host and all(runs_on_host(i) for i in node.inputs)
+
+
 class Executor:
     """Evaluates nodes with reference-counted memoisation; safe to call from several threads.
 
@@ -347,7 +407,7 @@ class Executor:
 
     def __init__(self, outputs: Sequence[Node]):
         self.refs: dict[int, int] = {}
-        self.cache: dict[int, torch.Tensor] = {}
+        self.cache: dict[int, torch.Tensor | HostArray] = {}
         self.max_live = 0
         self._lock = threading.Lock()
         self._computing: dict[int, Future] = {}
@@ -363,6 +423,14 @@ class Executor:
         return len(self.cache)
 
     def value(self, node: Node) -> torch.Tensor:
+        """``node``'s value as a torch tensor."""
+        return as_tensor(self._value(node, host=False))
+
+    def host_value(self, node: Node) -> HostArray:
+        """``node``'s value as raw storage; computed without torch where :func:`runs_on_host` says so."""
+        return as_host(self._value(node, host=runs_on_host(node)))
+
+    def _value(self, node: Node, host: bool) -> torch.Tensor | HostArray:
         key = id(node)
         with self._lock:
             if key in self.cache:
@@ -373,7 +441,7 @@ class Executor:
         if pending is not None:  # another thread computes it; it is cached for us (refs > 1)
             return pending.result()
         try:
-            v = self._compute(node)
+            v = self._compute(node, host)
         except BaseException as e:
             with self._lock:
                 self._computing.pop(key).set_exception(e)
@@ -385,12 +453,15 @@ class Executor:
             self._computing.pop(key).set_result(v)
         return v
 
-    def _compute(self, node: Node) -> torch.Tensor:
+    def _compute(self, node: Node, host: bool) -> torch.Tensor | HostArray:
         if isinstance(node, Reduce):
             return node.run(self._stream(node.inputs))
-        args = [self.value(i) for i in node.inputs]
-        v = node.compute(args)
-        del args
+        if host:
+            v = node.compute_host([self.host_value(i) for i in node.inputs])
+        else:
+            args = [self.value(i) for i in node.inputs]
+            v = node.compute(args)
+            del args
         for i in node.inputs:
             self.release(i)
         return v

@@ -8,10 +8,10 @@ A run's resident memory is the interpreter with its libraries, plus what the gra
   tensor (TIES/DARE: also its task vector, trim mask and selection buffers; ``MERGE_FACTOR`` per model);
 - eval, Wanda/SparseGPT/depth pruning and calibrated ShiftAdd run on the engine: one block, the output embedding
   (ShiftAdd: the block's Hessians instead) and the samples' hidden states, whatever the depth;
-- other model-level steps materialise the model in fp32, plus their own working set: EMMET/ROME run statistics and
-  v* on the engine (v* keeps the blocks from the edited layer on resident) and build the fp32 model only for
-  their metrics and sampled prefixes; they may sample text from a second fp32 copy of the model
-  (``model:N``) with a KV cache; PERP keeps bool masks, adapters and
+- knowledge edits (ROME, EMMET, MEMIT, AlphaEdit) run statistics, keys, the multi-layer spread, sampled prefixes
+  and metrics on the engine; v* keeps the blocks from the (last) edited layer on resident; they may sample
+  text from a second fp32 copy of the model (``model:N``) with a KV cache;
+- other model-level steps materialise the model in fp32, plus their own working set: PERP keeps bool masks, adapters and
   their optimizer state, the merged weights, the block inputs (activation checkpointing) or every block's
   activations, and the logits with their gradient; eval keeps one batch's logits.
 
@@ -114,16 +114,12 @@ def step_estimate(graph: Graph, spec: OpSpec, params: BaseModel, n_models: int =
     model = 4 * _numel(graph)
     name = spec.name
     p: Any = params
-    if name in ("edit.rome", "edit.emmet"):
-        # on the engine: v* keeps blocks l..L-1 and the head resident (l ≈ 5/32 of the depth by default), in fp32
-        # up to 6 GiB, else bf16; the whole fp32 model only for metrics / sampled prefixes / perplexity
-        resident = model * 27 // 32
-        resident = resident if resident <= 6 * GB else resident // 2
-        whole = model if (p.metrics or p.eval_data or p.n_prefixes is None or p.n_prefixes > 0) else 0
-        work = whole + resident + 3 * 8 * s["ffn"] ** 2  # + C, its Cholesky factor and a solve (fp64)
-        if p.cov and _sampled(p.stats_data):  # samples come from a second copy (the run's input model)
+    if name in EDIT_OPS:
+        work = _edit_work(p, s, model, multi=name in ("edit.memit", "edit.alphaedit"),
+                          per_site=2 if name == "edit.alphaedit" else 1)
+        if p.cov and _sampled(p.stats_data):  # samples come from a second copy (the run's input model), before v*
             tokens = p.stats_token_count(s["ffn"])  # the op's Params know their default token count
-            work += model + _sampling_kv(s, -(-tokens // p.stats_seqlen), p.stats_seqlen)
+            work = max(work, model + _sampling_kv(s, -(-tokens // p.stats_seqlen), p.stats_seqlen))
         return {"work": work, "held": 0}
     if name == "retrain.perp":
         return {"work": model + _perp(graph, p, s, model), "held": 3 * model // 4}
@@ -139,6 +135,44 @@ def step_estimate(graph: Graph, spec: OpSpec, params: BaseModel, n_models: int =
 
 #: model-level ops that run on the block-by-block engine (surgeon/engine): memory independent of depth
 ENGINE_OPS = ("prune.wanda", "prune.sparsegpt", "prune.layers")
+#: knowledge edits: statistics, keys, the spread and the metrics on the engine; v* keeps blocks resident
+EDIT_OPS = ("edit.rome", "edit.emmet", "edit.memit", "edit.alphaedit")
+#: last edited layer as a share of the depth when the params do not say: ROME/EMMET 5/32, MEMIT's range ends 8/32
+EDIT_TOP = {False: 5 / 32, True: 8 / 32}
+
+
+def _edit_work(p: Any, s: dict[str, int], model: int, *, multi: bool, per_site: int) -> int:
+    """v*'s resident blocks (from the last edited layer l on, and the head: fp32 up to 6 GiB, else bf16), plus C,
+    its Cholesky factor and a solve (fp64 d_ff²), plus per further edited layer ``per_site`` held d_ff² fp64
+    matrices (MEMIT: its factor; AlphaEdit: P and K_pK_pᵀ). Metrics, prefixes and the spread run one block at a
+    time, less than the value loop."""
+    layers = max(s["layers"], 1)
+    chosen = getattr(p, "layers", None) if multi else getattr(p, "layer", None)
+    top = (max(chosen) if multi else chosen) if chosen else round(layers * EDIT_TOP[multi])
+    resident = model * max(layers - top, 1) // layers
+    resident = resident if resident <= 6 * GB else resident // 2
+    n_sites = len(chosen) if multi and chosen else (round(layers * 4 / 32) if multi else 0) + 1
+    # the value loop keeps every row's activations of the resident blocks for one backward pass (fp32; fitted on
+    # SmolLM2, 8 MEMIT requests: ~5·hidden + 2·d_ff floats per token and block, rows of ~24 tokens)
+    rows = _edit_requests(p) * (1 + (p.n_prefixes if p.n_prefixes is not None else 5) + 1)
+    acts = rows * 24 * (layers - top) * (5 * s["hidden"] + 2 * s["ffn"]) * 4
+    return resident + acts + 3 * 8 * s["ffn"] ** 2 + per_site * (n_sites - 1) * 8 * s["ffn"] ** 2
+
+
+def _edit_requests(p: Any) -> int:
+    """Requests in one value-loop batch: the batch size, or fewer when the requests (a list or a file of lines)
+    are fewer; ROME runs one at a time."""
+    per = getattr(p, "batch_size", None) or 1
+    req = p.requests
+    n = len(req) if isinstance(req, list) else None
+    if isinstance(req, str):
+        try:
+            from pathlib import Path
+
+            n = sum(1 for line in Path(req).expanduser().read_text().splitlines() if line.strip())
+        except (OSError, UnicodeDecodeError):
+            n = None
+    return max(1, min(per, n) if n is not None else per)
 
 
 def _engine_work(graph: Graph, p: Any, s: dict[str, int], model: int, *, hessians: bool = False) -> int:

@@ -135,13 +135,18 @@ def equivalent_recipe(models: dict[str, str], validated: list, options: RunOptio
     return recipe
 
 
+#: ops whose graphs run without torch (sources, casts: see surgeon.graph); a run of only these never imports it
+TORCH_FREE_OPS = {"cast", "drop", "rename"}
+
+
 def apply_steps(graph, validated: list, ctx, options: RunOptions) -> tuple[Any, list[dict[str, Any]]]:
     """Run the validated steps in order (each with the run's seed); returns the last graph and the step log."""
-    import torch
-
     step_log: list[dict[str, Any]] = []
     for spec, params in validated:
-        torch.manual_seed(options.seed)
+        if spec.name not in TORCH_FREE_OPS or "torch" in sys.modules:
+            import torch
+
+            torch.manual_seed(options.seed)
         ctx.step_info = {}
         t0 = time.perf_counter()
         if not options.quiet and sys.stderr.isatty():  # off a terminal, progress lines name the step
@@ -198,13 +203,11 @@ def run_steps(models: dict[str, str], steps: list[tuple[str, Any]], options: Run
                          work_dir=str(Path(options.output).resolve().parent) if options.output else None)
     t_start = time.perf_counter()
     graph, step_log = apply_steps(graph, validated, ctx, options)
-    import torch
-
     provenance = {
         "surgeon_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": _torch_version(),
         "device": ctx.device,
         "seed": options.seed,
         "recipe": recipe,
@@ -214,13 +217,31 @@ def run_steps(models: dict[str, str], steps: list[tuple[str, Any]], options: Run
         "results": graph.results,
     }
     out: dict[str, Any] = {"output": None, "steps": step_log, "results": graph.results}
-    from surgeon.engine.dist import is_writer
-
-    if options.output is not None and writes and is_writer():  # under torchrun only rank 0 writes
+    if options.output is not None and writes and _is_writer():  # under torchrun only rank 0 writes
         summary = write_graph_with(graph, ctx, options, max_shard, provenance, recipe)
         out.update(summary)
     out["seconds"] = round(time.perf_counter() - t_start, 3)
     return out
+
+
+def _torch_version() -> str | None:
+    """torch's version, without importing it when the run did not need it."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].__version__
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return None
+
+
+def _is_writer() -> bool:
+    if "torch" not in sys.modules:  # no process group without torch: the launcher's RANK decides
+        return int(os.environ.get("RANK", "0")) == 0
+    from surgeon.engine.dist import is_writer
+
+    return is_writer()
 
 
 def write_graph_with(graph, ctx, options: RunOptions, max_shard: int, provenance, recipe) -> dict[str, Any]:

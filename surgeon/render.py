@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
 
 def emit(result: dict[str, Any], as_json: bool, quiet: bool = False) -> None:
     """``--json``: one object on stdout. A dry run: the plan for a person on stdout. Otherwise a short summary
-    on stderr and the output path on stdout."""
+    on stderr and the output path on stdout. Under ``torchrun`` only rank 0 reports (the other ranks wrote
+    nothing either), so ``--json | jq`` sees one object."""
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return
     if as_json:
         sys.stdout.write(json.dumps(result, default=str) + "\n")
         return
@@ -82,5 +86,5 @@ def _executor_lines(executor: dict[str, Any] | None) -> list[str]:
         if len(tasks) > 8:
             lines.append(f"    ... {len(tasks) - 8} more")
         return lines
-    return [f"  executor local: {executor.get('shards')} shards, {executor.get('compute_threads')} compute "
-            f"thread(s), in flight at most {executor.get('memory_budget_bytes', 0) / 1e9:.2f} GB"]
+    return [(f"  executor local: {executor.get('shards')} shards, {executor.get('compute_threads')} compute "
+            f"thread(s), in flight at most {executor.get('memory_budget_bytes', 0) / 1e9:.2f} GB")]

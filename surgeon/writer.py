@@ -19,13 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from surgeon.errors import SurgeonError
 from surgeon.executor import write_all
 from surgeon.graph import Executor, Graph, Node
 from surgeon.outputs import check_output_location, parse_size, refuse_to_replace  # noqa: F401 (re-exported)
 from surgeon.tensorfile import (  # noqa: F401 (tensor_bytes, safetensors_bytes re-exported)
+    FLOAT_DTYPES,
     TORCH_TO_SAFETENSORS,
     header_bytes,
     safetensors_bytes,
@@ -85,11 +84,11 @@ def _header(graph: Graph, plan: ShardPlan) -> tuple[bytes, list[tuple[str, int]]
     spans = []
     for n in plan.names:
         node = graph[n]
-        if str(node.dtype).removeprefix("torch.") not in TORCH_TO_SAFETENSORS:
-            raise SurgeonError(f"tensor {n!r}: dtype {node.dtype} cannot be stored in safetensors")
+        if node.dtype_name not in TORCH_TO_SAFETENSORS:
+            raise SurgeonError(f"tensor {n!r}: dtype {node.dtype_name} cannot be stored in safetensors")
         size = node.nbytes
         _, local = component_of(graph, n)
-        entries[local] = {"dtype": TORCH_TO_SAFETENSORS[str(node.dtype).removeprefix("torch.")],
+        entries[local] = {"dtype": TORCH_TO_SAFETENSORS[node.dtype_name],
                           "shape": list(node.shape), "data_offsets": [offset, offset + size]}
         spans.append((n, size))
         offset += size
@@ -119,16 +118,16 @@ def write_shard_file(graph: Graph, plan: ShardPlan, path: Path, *, pipeline: Sha
 
 
 def _dominant_float_dtype(graph: Graph, comp: str) -> str | None:
-    counts: dict[torch.dtype, int] = {}
+    counts: dict[str, int] = {}
     for n in graph.names():
         if component_of(graph, n)[0] != comp:
             continue
         node = graph[n]
-        if node.dtype.is_floating_point:
-            counts[node.dtype] = counts.get(node.dtype, 0) + node.nbytes
+        if node.dtype_name in FLOAT_DTYPES:
+            counts[node.dtype_name] = counts.get(node.dtype_name, 0) + node.nbytes
     if not counts:
         return None
-    return str(max(counts, key=counts.__getitem__)).removeprefix("torch.")
+    return max(counts, key=counts.__getitem__)
 
 
 def _host_tag() -> str:

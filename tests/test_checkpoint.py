@@ -30,6 +30,37 @@ def test_reads_tensor_equal_to_safetensors(tmp_path):
     assert ck.tensors["a"].shape == (3, 5) and ck.tensors["c"].dtype == "bfloat16"
 
 
+def _maps_of(path: Path) -> int:
+    return sum(str(path) in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps (Linux)")
+def test_loaded_tensors_are_private_maps_released_with_them(tmp_path):
+    """A loaded tensor maps the file copy-on-write: writing to it leaves the file alone, the map goes away with
+    the last tensor that views it, and a file truncated after opening is named, not a crash (SIGBUS)."""
+    w = torch.randn(600, 700)
+    save_file({"w": w, "odd": torch.ones(3, dtype=torch.bool), "h": torch.randn(5).half()},
+              tmp_path / "model.safetensors")
+    path = tmp_path / "model.safetensors"
+    before = path.read_bytes()
+    ck = open_checkpoint(tmp_path)
+    t = ck.load("w")
+    assert _maps_of(path) >= 1 and torch.equal(t, w)
+    t.mul_(0)  # an op changing a loaded tensor in place
+    assert path.read_bytes() == before and torch.equal(ck.load("w"), w)
+    host = ck.load_host("w")
+    assert host.data.tobytes() == w.numpy().tobytes()
+    del t, host
+    import gc
+
+    gc.collect()
+    assert _maps_of(path) == 0
+    with open(path, "r+b") as fh:
+        fh.truncate(len(before) - 100)
+    with pytest.raises(SurgeonError, match="model.safetensors: file ends at byte"):
+        ck.load("w")
+
+
 def test_truncated_file_is_refused(tmp_path):
     save_file({"a": torch.randn(64, 64)}, tmp_path / "model.safetensors")
     p = tmp_path / "model.safetensors"

@@ -365,18 +365,30 @@ def test_params_forbid_unknown_and_validate():
 
 
 # --------------------------------------------------------------------------------------------- behaviour
+def _zero_solve(i, residual, keys):
+    return torch.zeros(residual.shape[0], keys.shape[1]), torch.zeros(keys.shape[1], keys.shape[0])
+
+
 def test_fact_model_keys_match_a_manual_hook(fact_model):
-    """The key is the down-projection input at the subject's last token (BOS counted, right padding)."""
-    from surgeon.ops.edit.keys_values import compute_keys
+    """The key the engine's spread takes is the down-projection input at the subject's last token (BOS counted;
+    rows of different lengths in one pass). Oracle: a hook on the transformers module, one prompt at a time."""
     from surgeon.ops.edit.requests import Request
+    from surgeon.ops.edit.site import locate
+    from surgeon.ops.edit.spread import spread
     from transformers import AutoModelForCausalLM
+
+    from surgeon.context import Context
+    from surgeon.engine import SpillStore
 
     model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
     tok = _tokenizer()
     down = model.model.layers[0].mlp.down_proj
     reqs = [Request(prompt="{} has its capital in", subject="Zorbia", target=" Abra"),
             Request(prompt="the capital of {} is", subject="Quenta", target=" Qel")]
-    keys = compute_keys(model, tok, down, reqs, [], device="cpu")
+    g, ctx = _graph(fact_model), Context(quiet=True)
+    res = spread(g, ctx, tok, [locate(g, 0, ctx.roles(g))], reqs, [], torch.zeros(64, 2), _zero_solve,
+                 spill=SpillStore())
+    keys = res.keys[0]
     seen = []
     h = down.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     with torch.no_grad():
@@ -385,165 +397,28 @@ def test_fact_model_keys_match_a_manual_hook(fact_model):
     h.remove()
     torch.testing.assert_close(keys[:, 0], seen[0][0, 1])  # <s> Zorbia ...: subject at index 1
     torch.testing.assert_close(keys[:, 1], seen[1][0, 4])  # <s> the capital of Quenta
+    assert torch.equal(res.reached, res.start)  # a zero update leaves the top layer's output alone
 
 
 def test_values_per_request_equal_the_joint_batch_and_stop_early(fact_model):
-    """Requests are optimised independently: one group or one request per group gives the same values, and a
-    request alone stops at its own convergence."""
-    from surgeon.ops.edit.keys_values import ValueSettings, optimise_values_chunked
+    """Requests are optimised independently on the engine: all together or one at a time gives the same values,
+    and a request stops at its own convergence."""
+    from surgeon.ops.edit.engine_values import optimise_values_engine
+    from surgeon.ops.edit.keys_values import ValueSettings
     from surgeon.ops.edit.requests import Request
-    from transformers import AutoModelForCausalLM
+    from surgeon.ops.edit.site import locate
 
-    model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
+    from surgeon.context import Context
+
     tok = _tokenizer()
-    down = model.model.layers[0].mlp.down_proj
+    g, ctx = _graph(fact_model), Context(quiet=True)
+    site = locate(g, 0, ctx.roles(g))
     reqs = [Request(**_request(i, (i + 5) % len(OBJECTS))) for i in range(3)]
     settings = ValueSettings(steps=12, lr=0.5, stop_loss=0.5)
-    joint = optimise_values_chunked(model, tok, down, reqs, [], settings, device="cpu", rows_per_chunk=96)
-    alone = optimise_values_chunked(model, tok, down, reqs, [], settings, device="cpu")
-    torch.testing.assert_close(alone.values, joint.values, rtol=1e-4, atol=1e-5)
-    assert alone.steps == joint.steps and min(alone.steps) < settings.steps - 1
-    # the keys returned with the values are compute_keys' keys (same rows, cut at the same token)
-    from surgeon.ops.edit.keys_values import compute_keys
-
-    prefixes = ["Once upon a time. ", "x. "]
-    ref = compute_keys(model, tok, down, reqs, prefixes, device="cpu")
-    got = optimise_values_chunked(model, tok, down, reqs, prefixes, ValueSettings(steps=1), device="cpu").keys
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-
-
-def final_logits(model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
-                 ) -> torch.Tensor:
-    """Reference: logits at (row, position) pairs of whole rows (the head applied to the gathered hidden states)."""
-    base, head = model.base_model, model.get_output_embeddings()
-    if base is model or head is None:
-        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[rows, positions].float()
-    hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    return head(hidden[rows, positions]).float()
-
-
-def test_suffix_on_cached_context_equals_whole_rows_with_delta(fact_model, monkeypatch):
-    """The value loop's forward (context keys/values cached once, only the suffix from the δ position run) gives
-    the logits of whole right-padded rows with δ added at the subject's last token, also for a row whose subject
-    starts at position 0 (empty context) next to longer ones."""
-    import surgeon.ops.edit.forward as fwdmod
-    from surgeon.ops.edit.forward import context_cache, suffix_logits
-    from surgeon.ops.edit.rows import pad_rows, split_rows
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
-    tok = _tokenizer()
-    down = model.model.layers[0].mlp.down_proj
-    texts = [TEMPLATES[0].format(SUBJECTS[0]), "x " + TEMPLATES[1].format(SUBJECTS[1]), SUBJECTS[2] + " is"]
-    rows = [tok(t)["input_ids"] for t in texts]
-    rows[2] = rows[2][1:]  # no BOS: the subject's token is at position 0
-    lookup = [2, 5, 0]
-    torch.manual_seed(0)
-    delta = torch.randn(3, model.config.hidden_size)
-    # reference: whole rows, δ added at (row, lookup) by a hook, logits at every real position
-    ids, mask = pad_rows(rows, 0, "cpu")
-    at_rows = torch.tensor([i for i, r in enumerate(rows) for _ in range(lookup[i], len(r))])
-    at_pos = torch.tensor([j for i, r in enumerate(rows) for j in range(lookup[i], len(r))])
-    lk = torch.tensor(lookup)
-
-    def whole(_m, _a, out):
-        return out.index_put((torch.arange(3), lk), out[torch.arange(3), lk] + delta)
-
-    h = down.register_forward_hook(whole)
-    with torch.no_grad():
-        ref = final_logits(model, ids, mask, at_rows, at_pos)
-    h.remove()
-
-    split = split_rows(rows, lookup, 0, "cpu")
-    assert split.context_ids.shape[1] == 5 and int(split.context_mask[2].sum()) == 0
-    kv = context_cache(model, split)
-    assert kv.layers[0][0].shape[0] == 3 and len(set(kv.row.tolist())) == 3
-    twice = context_cache(model, split_rows(rows + [rows[0]], lookup + [2], 0, "cpu"))
-    assert twice.layers[0][0].shape[0] == 3 and int(twice.row[3]) == int(twice.row[0])  # shared context
-    assert all(torch.isfinite(k).all() and torch.isfinite(v).all() for k, v in kv.layers)
-    seen: dict[str, torch.Tensor] = {}
-
-    def on_rows(r: torch.Tensor) -> None:  # rows run in buckets by suffix length
-        seen.setdefault("calls", []).append(r)
-        seen["rows"] = r
-
-    h = down.register_forward_hook(
-        lambda _m, _a, out: torch.cat([out[:, :1] + delta[seen["rows"]][:, None], out[:, 1:]], 1))
-    with torch.no_grad():
-        got = suffix_logits(model, split, kv, torch.arange(3), at_rows, at_pos - lk[at_rows], on_rows=on_rows)
-        assert len(seen.pop("calls")) == 1  # 3 rows: padding them to one length is cheaper than 3 passes
-        monkeypatch.setattr(fwdmod, "PAD_TOKENS_PER_PASS", 0)
-        apart = suffix_logits(model, split, kv, torch.arange(3), at_rows, at_pos - lk[at_rows], on_rows=on_rows)
-        assert len(seen.pop("calls")) == 3  # one bucket per suffix length
-        # a subset of rows, in another order, picks the same cached context
-        sub = torch.tensor([2, 0])
-        sel = at_rows == 0
-        part = suffix_logits(model, split, kv, sub, torch.ones(int(sel.sum()), dtype=torch.long),
-                             (at_pos - lk[at_rows])[sel], on_rows=on_rows)
-    h.remove()
-    torch.testing.assert_close(apart, ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(part, ref[sel], rtol=1e-4, atol=1e-4)
-
-
-def test_layers_before_the_edit_are_replayed_not_run(fact_model, monkeypatch):
-    """Editing the second layer: after the first pass the first layer is not run again (its recorded output is
-    replayed), and the values equal those of a run where every layer runs."""
-    from surgeon.ops.edit.forward import SkipEarlyLayers, layers_before
-    from surgeon.ops.edit.keys_values import ValueSettings, optimise_values
-    from surgeon.ops.edit.requests import Request
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
-    tok = _tokenizer()
-    down = model.model.layers[1].mlp.down_proj
-    assert layers_before(model, down) == [model.model.layers[0]]
-    reqs = [Request(**_request(i, (i + 3) % len(OBJECTS))) for i in range(3)]
-    settings = ValueSettings(steps=6, lr=0.5, stop_loss=0.0)
-    calls = []
-    h = model.model.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))
-    fast = optimise_values(model, tok, down, reqs, ["Once upon a time. "], settings, device="cpu")
-    runs_fast = len(calls)
-    monkeypatch.setattr(SkipEarlyLayers, "engage", lambda self: None)
-    calls.clear()
-    slow = optimise_values(model, tok, down, reqs, ["Once upon a time. "], settings, device="cpu")
-    h.remove()
-    assert runs_fast == 2 and len(calls) == 2 + 5  # context, first pass (= step 1), then steps 2-6 if not skipped
-    assert "forward" not in vars(model.model.layers[0])  # the layer's own forward is back
-    torch.testing.assert_close(fast.values, slow.values, rtol=1e-4, atol=1e-5)
-    assert fast.steps == slow.steps
-
-
-def test_grouped_eager_attention_equals_sdpa(fact_model):
-    """The value loop's attention (key/value heads shared by their query-head group without copies) gives the
-    model's own SDPA logits, with padding and a cache; the model's attention is restored afterwards."""
-
-    from surgeon.kernels.attention import GROUPED_ATTENTION
-    from surgeon.ops.edit.forward import attention, context_cache, suffix_logits
-    from surgeon.ops.edit.rows import split_rows
-    from transformers import AutoModelForCausalLM
-
-    from surgeon.arch import attention_implementation
-
-    model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
-    assert model.config.num_attention_heads != model.config.num_key_value_heads  # grouped-query attention
-    assert attention_implementation(model.config.model_type, "cpu") == GROUPED_ATTENTION
-    assert attention_implementation("gemma2", "cpu") == "eager"  # soft-capping
-    assert attention_implementation("llama", "cuda") is None
-    tok = _tokenizer()
-    rows = [tok(TEMPLATES[0].format(s))["input_ids"] for s in SUBJECTS[:3]]
-    rows.append(tok("x y " + SUBJECTS[3])["input_ids"])
-    split = split_rows(rows, [2, 2, 2, 3], 0, "cpu")
-    at_rows = torch.tensor([0, 1, 2, 3, 3])
-    at_pos = torch.tensor([1, 1, 1, 0, 1])
-    before = model.config._attn_implementation
-    with torch.no_grad():
-        ref = suffix_logits(model, split, context_cache(model, split), torch.arange(4), at_rows, at_pos)
-        with attention(model, GROUPED_ATTENTION):
-            assert model.config._attn_implementation == GROUPED_ATTENTION
-            got = suffix_logits(model, split, context_cache(model, split), torch.arange(4), at_rows, at_pos)
-    assert model.config._attn_implementation == before
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    joint = optimise_values_engine(g, ctx, site, tok, reqs, [], settings)
+    alone = [optimise_values_engine(g, ctx, site, tok, [r], [], settings) for r in reqs]
+    torch.testing.assert_close(torch.cat([a.values for a in alone], 1), joint.values, rtol=1e-4, atol=1e-5)
+    assert [a.steps[0] for a in alone] == joint.steps and min(joint.steps) < settings.steps - 1
 
 
 def test_rome_edits_one_fact_and_keeps_the_others(fact_model, tmp_path):
@@ -597,7 +472,7 @@ def test_emmet_edits_sixteen_facts_at_once(fact_model, tmp_path):
 def test_stats_are_cached_and_keyed_by_weights(fact_model, tmp_path):
     from surgeon.ops.edit.editing import covariance
     from surgeon.ops.edit.rome import Params
-    from surgeon.ops.edit.site import find_submodule, locate
+    from surgeon.ops.edit.site import locate
 
     from surgeon.context import Context
 
@@ -607,7 +482,7 @@ def test_stats_are_cached_and_keyed_by_weights(fact_model, tmp_path):
     site = locate(g, None, ctx.roles(g))
     params = Params(requests=[_request(0, 1)], stats_data=stats)
     model = ctx.module(g)
-    module = find_submodule(model, site.module_path)
+    module = model.get_submodule(site.module_path)
     f1, info1 = covariance(g, ctx, site, params)
     f2, info2 = covariance(g, ctx, site, params)
     assert info1["stats"] == "computed" and info2["stats"] == "cache"
@@ -798,30 +673,54 @@ def test_bare_targets_get_the_reference_leading_space():
 
 def test_rome_prefixes_start_at_bos_and_count_the_seed(fact_model):
     """Item 2: ROME's templates are sampled from "<|endoftext|>" (BOS) with max_out_len 5 and 10 counting the
-    seed token (4 and 9 new tokens); MEMIT/EMMET's from the seed words."""
+    seed token (4 and 9 new tokens); MEMIT/EMMET's from the seed words. On the engine the drawn tokens are those
+    of a literal top-5 sampling loop on the transformers model (same generator, whole rows, no cache)."""
+    from surgeon.ops.edit.metrics import EngineScorer
     from surgeon.ops.edit.prefixes import prefix_lengths, sample_prefixes, seed_ids
     from transformers import AutoModelForCausalLM
+
+    from surgeon.context import Context
 
     model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
     tok = _tokenizer()
     assert seed_ids(tok, "bos", 3) == [[tok.bos_token_id]] * 3
     assert seed_ids(tok, "words", 2) == [tok("The")["input_ids"], tok("Therefore")["input_ids"]]
     assert prefix_lengths("rome", 20) == [5] * 10 + [10] * 10
+    scorer = EngineScorer(_graph(fact_model), Context(quiet=True))
     seen = []
-    h = model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"]), with_kwargs=True)
-    texts = sample_prefixes(model, tok, [5, 10], seed=0, device="cpu", seeds="bos")
-    h.remove()
-    assert seen[0].tolist() == [[tok.bos_token_id]] * 2  # the first pass sees only BOS
+
+    def recording(rows, positions):
+        seen.append([list(r) for r in rows])
+        return scorer(rows, positions)
+
+    texts = sample_prefixes(recording, tok, [5, 10], seed=0, seeds="bos")
+    assert seen[0] == [[tok.bos_token_id]] * 2  # the first pass sees only BOS
     assert len(seen) == 9  # 10 tokens in all, the BOS included
     assert all(t.endswith(". ") for t in texts)
+    gen, rows = torch.Generator().manual_seed(0), [[tok.bos_token_id], [tok.bos_token_id]]
+    for _ in range(9):
+        with torch.no_grad():
+            logits = torch.stack([model(input_ids=torch.tensor([r])).logits[0, -1] for r in rows])
+        top = logits.topk(5, dim=-1)
+        pick = top.indices.gather(1, torch.multinomial(top.values.softmax(-1), 1, generator=gen))[:, 0]
+        rows = [r + [int(t)] for r, t in zip(rows, pick)]
+    assert seen[-1] == [r[:-1] for r in rows]
+    assert texts[0] == tok.decode(rows[0][:5], skip_special_tokens=True).strip() + ". "
 
 
 def test_rome_key_is_the_uniform_mean_over_all_templates(fact_model):
-    """Item 2: compute_u averages the plain prompt and every prefixed one with equal weight (1/(1+P)); MEMIT's
-    compute_ks averages per template type: ½(plain + mean prefixed). Oracle: a forward hook per prompt."""
-    from surgeon.ops.edit.keys_values import ValueSettings, compute_keys, optimise_values
+    """Item 2: compute_u averages the plain prompt and every prefixed one with equal weight (1/(1+P)) (the keys
+    of the value loop's first pass); MEMIT's compute_ks averages per template type: ½(plain + mean prefixed) (the
+    spread's keys). Oracle: a forward hook per prompt."""
+    from surgeon.ops.edit.engine_values import optimise_values_engine
+    from surgeon.ops.edit.keys_values import ValueSettings
     from surgeon.ops.edit.requests import Request
+    from surgeon.ops.edit.site import locate
+    from surgeon.ops.edit.spread import spread
     from transformers import AutoModelForCausalLM
+
+    from surgeon.context import Context
+    from surgeon.engine import SpillStore
 
     model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
     tok = _tokenizer()
@@ -838,11 +737,14 @@ def test_rome_key_is_the_uniform_mean_over_all_templates(fact_model):
     at_subject = torch.stack([x[-1] for x in seen])  # the prompt is cut after the subject: its last token
     uniform = at_subject.mean(0)
     types = 0.5 * (at_subject[0] + at_subject[1:].mean(0))
-    torch.testing.assert_close(compute_keys(model, tok, down, [req], prefixes, device="cpu", uniform=True)[:, 0],
-                               uniform)
-    torch.testing.assert_close(compute_keys(model, tok, down, [req], prefixes, device="cpu")[:, 0], types)
-    got = optimise_values(model, tok, down, [req], prefixes, ValueSettings(steps=1, uniform_keys=True),
-                          device="cpu").keys
+    g, ctx = _graph(fact_model), Context(quiet=True)
+    site = locate(g, 0, ctx.roles(g))
+    res = spread(g, ctx, tok, [site], [req], prefixes, torch.zeros(64, 1), _zero_solve, spill=SpillStore())
+    torch.testing.assert_close(res.keys[0][:, 0], types, rtol=1e-5, atol=1e-6)
+    res = spread(g, ctx, tok, [site], [req], prefixes, torch.zeros(64, 1), _zero_solve, spill=SpillStore(),
+                 uniform_keys=True)
+    torch.testing.assert_close(res.keys[0][:, 0], uniform, rtol=1e-5, atol=1e-6)
+    got = optimise_values_engine(g, ctx, site, tok, [req], prefixes, ValueSettings(steps=1, uniform_keys=True)).keys
     torch.testing.assert_close(got[:, 0], uniform, rtol=1e-5, atol=1e-5)
 
 
@@ -915,9 +817,13 @@ def _reference_compute_z(model, tok, req, prefixes, layer_idx, *, steps, clamp, 
 def test_value_optimisation_matches_the_reference_loop(fact_model, norm_reference):
     """Item 1: with norm_reference 'layer' (EMMET/MEMIT) the clamp ball and the weight decay are measured against
     the layer output h_L, with 'mlp' (ROME) against the MLP output; the whole δ matches the reference loop."""
-    from surgeon.ops.edit.keys_values import ValueSettings, optimise_values
+    from surgeon.ops.edit.engine_values import optimise_values_engine
+    from surgeon.ops.edit.keys_values import ValueSettings
     from surgeon.ops.edit.requests import Request
+    from surgeon.ops.edit.site import locate
     from transformers import AutoModelForCausalLM
+
+    from surgeon.context import Context
 
     model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
     tok = _tokenizer()
@@ -925,33 +831,23 @@ def test_value_optimisation_matches_the_reference_loop(fact_model, norm_referenc
     prefixes = ["it was cold . ", "rain . "]
     # a tight ball (0.3) so that the projection is active, the reference's GPT-2/J weight decay 0.5
     settings = ValueSettings(steps=8, lr=0.5, weight_decay=0.5, clamp=0.3, norm_reference=norm_reference)
-    ours = optimise_values(model, tok, model.model.layers[1].mlp.down_proj, [req], prefixes, settings,
-                           device="cpu")
     ref_delta, init = _reference_compute_z(model, tok, req, prefixes, 1, steps=8, clamp=0.3, wd=0.5,
                                            at_layer_output=norm_reference == "layer")
-    delta = (ours.values - ours.initial)[:, 0]
-    torch.testing.assert_close(delta, ref_delta, rtol=2e-4, atol=2e-5)
-    assert abs(float(delta.norm()) - 0.3 * float(init.norm())) < 1e-3 * float(init.norm())  # on the ball
-    # the same loop on the model engine (block by block, blocks 1.. resident): same δ, v₀ and keys
-    from surgeon.ops.edit.engine_values import optimise_values_engine
-    from surgeon.ops.edit.site import locate
-
-    from surgeon.context import Context
-
+    # on the model engine (block by block, blocks 1.. resident)
     g = _graph(fact_model)
     ctx = Context(quiet=True)
     eng = optimise_values_engine(g, ctx, locate(g, 1, ctx.roles(g)), tok, [req], prefixes, settings)
-    torch.testing.assert_close((eng.values - eng.initial)[:, 0], ref_delta, rtol=2e-4, atol=2e-5)
-    torch.testing.assert_close(eng.initial, ours.initial, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(eng.keys, ours.keys, rtol=1e-5, atol=1e-6)
-    assert eng.steps == ours.steps
+    delta = (eng.values - eng.initial)[:, 0]
+    torch.testing.assert_close(delta, ref_delta, rtol=2e-4, atol=2e-5)
+    assert abs(float(delta.norm()) - 0.3 * float(init.norm())) < 1e-3 * float(init.norm())  # on the ball
 
 
-def _reference_memit_loop(model, tok, reqs, prefixes, layers, zs, covs, lam):
+def _reference_memit_loop(model, tok, reqs, prefixes, layers, zs, covs, lam, alpha=None):
     """A literal port of execute_memit's insertion loop (kmeng01/memit memit_main.py) on the toy Llama: keys by
     compute_ks (mean per template type, then over types), cur_zs = the top layer's output on the plain prompts
     (a forward hook on the decoder layer, as nethook.TraceDict), resid = (zs − cur_zs)/(layers left), adj_k = solve(λC + KKᵀ, K),
-    W += resid adj_kᵀ, in layer order."""
+    W += resid adj_kᵀ, in layer order. With ``alpha = (P, cache_c, L2)`` per layer the update is AlphaEdit's
+    (jianghoucheng/AlphaEdit AlphaEdit_main.py): upd = solve(P(KKᵀ + cache_c) + L2·I, P K residᵀ), W += updᵀ."""
     def lookup(ids, subject):
         s = tok.convert_tokens_to_ids(subject)
         return max(i for i, x in enumerate(ids) if x == s)
@@ -983,23 +879,35 @@ def _reference_memit_loop(model, tok, reqs, prefixes, layers, zs, covs, lam):
             h.remove()
             cur.append(out[0][0, lookup(ids, r.subject)])
         targets = zs.double() - torch.stack(cur, 1).double()
-        adj_k = torch.linalg.solve(lam * covs[i] + ks @ ks.T, ks)
         resid = targets / (len(layers) - i)
+        if alpha is None:
+            adj_k = torch.linalg.solve(lam * covs[i] + ks @ ks.T, ks)
+            upd = resid @ adj_k.T
+        else:
+            p, cache_c, l2 = alpha[i]
+            upd = torch.linalg.solve(p @ (ks @ ks.T + cache_c) + l2 * torch.eye(ks.shape[0], dtype=torch.float64),
+                                     p @ ks @ resid.T).T
         with torch.no_grad():
-            down.weight += (resid @ adj_k.T).float()
+            down.weight += upd.float()
 
 
-def test_memit_spread_matches_the_reference_loop(fact_model):
-    """Item 7: our spreading (factored solve, keys from a forward pass stopping at each layer) gives the weights
-    of the reference's loop over layers, each layer's update applied before the next one's keys are taken."""
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_memit_spread_matches_the_reference_loop(fact_model, method):
+    """Item 7 / issue 18: the spread on the model engine (one block-by-block pass: keys from each edited block's
+    input after the earlier layers' updates, H_L carried through the later edited blocks) gives the weights of
+    the reference's loop over layers on the whole transformers model, for MEMIT's and AlphaEdit's solves."""
     import copy
 
     from surgeon.kernels.covariance import CholeskyFactor
-    from surgeon.ops.edit.keys_values import layer_outputs
-    from surgeon.ops.edit.memit import spread
+    from surgeon.ops.edit.nullspace import projected_update
     from surgeon.ops.edit.requests import Request
-    from surgeon.ops.edit.site import EditSite
+    from surgeon.ops.edit.site import locate
+    from surgeon.ops.edit.solve import ridge_factors
+    from surgeon.ops.edit.spread import spread
     from transformers import AutoModelForCausalLM
+
+    from surgeon.context import Context
+    from surgeon.engine import SpillStore
 
     model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
     twin = copy.deepcopy(model)
@@ -1008,27 +916,42 @@ def test_memit_spread_matches_the_reference_loop(fact_model):
     prefixes = ["it was cold . ", "rain . "]
     layers = [0, 1]
     g = torch.Generator().manual_seed(3)
-    covs = []
+    covs, alpha = [], []
     for _ in layers:
         x = torch.randn(300, 256, generator=g, dtype=torch.float64)
         covs.append(x.T @ x / 300 + 0.1 * torch.eye(256, dtype=torch.float64))
-    h0 = layer_outputs(model, tok, model.model.layers[1], reqs, device="cpu")
-    zs = h0 + 2.0 * torch.randn(h0.shape, generator=g)
+        basis = torch.linalg.qr(torch.randn(256, 200, generator=g, dtype=torch.float64))[0]
+        y = torch.randn(256, 5, generator=g, dtype=torch.float64)
+        alpha.append((basis @ basis.T, y @ y.T, 0.5))
+    h0 = []
+    hook = twin.model.layers[1].register_forward_hook(lambda m, a, o: h0.append(o[0, -1]))
+    with torch.no_grad():
+        for r in reqs:  # each prompt ends with its subject's token... after "the capital of": the last token
+            twin(input_ids=torch.tensor([tok(r.text)["input_ids"]]))
+    hook.remove()
+    delta = 2.0 * torch.randn(64, 3, generator=g)
+    zs = torch.stack(h0, 1) + delta
     lam = 3.0
-    sites = [EditSite(x, f"model.layers.{x}.mlp.down_proj.weight", False, 64, 256, None, "llama", "test", 2)
-             for x in layers]
-    modules = [model.model.layers[x].mlp.down_proj for x in layers]
-    before = [m.weight.detach().clone() for m in modules]
-    parts = spread(model, tok, sites, modules, [CholeskyFactor(c) for c in covs], reqs, prefixes, zs, lam,
-                   device="cpu")
-    _reference_memit_loop(twin, tok, reqs, prefixes, layers, zs, covs, lam)
-    for x, m, b, (up, down) in zip(layers, modules, before, parts):
+    ctx = Context(quiet=True)
+    graph = _graph(fact_model)
+    sites = [locate(graph, x, ctx.roles(graph)) for x in layers]
+    if method == "memit":
+        def solve(i, r, k):
+            return ridge_factors(r, k, CholeskyFactor(covs[i]), lam)
+    else:
+        def solve(i, r, k):
+            return projected_update(r, k, alpha[i][0], alpha[i][1], alpha[i][2])
+    res = spread(graph, ctx, tok, sites, reqs, prefixes, delta, solve, spill=SpillStore())
+    _reference_memit_loop(twin, tok, reqs, prefixes, layers, zs, covs, lam, alpha if method == "alphaedit" else None)
+    for x, site, (up, down) in zip(layers, sites, res.parts):
         ref = twin.model.layers[x].mlp.down_proj.weight
-        torch.testing.assert_close(m.weight, ref, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(b + (up @ down).float(), ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(res.weights[site.name].compute([]), ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(graph.value(site.name) + (up @ down).float(), ref, rtol=1e-4, atol=1e-5)
+        assert res.weights[site.name].dtype == torch.float32
+    torch.testing.assert_close(res.start, torch.stack(h0, 1), rtol=1e-5, atol=1e-5)
     # the last layer gets the whole remainder: with a small λ the top layer's output reaches z
-    assert float((layer_outputs(model, tok, model.model.layers[1], reqs, device="cpu") - zs).norm()) < \
-        0.5 * float((h0 - zs).norm())
+    if method == "memit":
+        assert float((res.reached - zs).norm()) < 0.5 * float(delta.norm())
 
 
 def test_memit_edits_facts_over_two_layers(fact_model, tmp_path):

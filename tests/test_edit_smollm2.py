@@ -27,6 +27,7 @@ def _next_token_logprobs(model, tok, prompt: str, answers: list[str]) -> list[fl
 
 def test_rome_moves_the_eiffel_tower_to_rome(smollm2, tmp_path, monkeypatch):
     from pydoc_data import topics
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from surgeon.api import run_op
@@ -59,3 +60,45 @@ def test_rome_moves_the_eiffel_tower_to_rome(smollm2, tmp_path, monkeypatch):
     assert rome > paris
     assert greedy("The capital of Japan is").startswith(" Tokyo")
     assert res["results"][-1]["efficacy"] == 1.0
+
+
+#: the whole-model path's results with the settings below (commit cd4223a, before MEMIT/AlphaEdit, their metrics
+#: and prefixes moved to the model engine; docs/edit.md "MEMIT and AlphaEdit on the engine"): the engine must match
+WHOLE_MODEL_RESULTS = {
+    "edit.memit": {"efficacy": 1.0, "efficacy_greedy": 1.0, "target_prob": 0.8814, "paraphrase": 0.5,
+                   "paraphrase_greedy": 0.5, "neighborhood": 1.0, "neighborhood_unchanged": 0.75,
+                   "value_steps": [9, 7], "value_loss": [0.2051, 0.0435]},
+    "edit.alphaedit": {"efficacy": 1.0, "efficacy_greedy": 1.0, "target_prob": 0.9005, "paraphrase": 1.0,
+                       "paraphrase_greedy": 1.0, "neighborhood": 1.0, "neighborhood_unchanged": 1.0,
+                       "batch_efficacy": [1.0, 1.0], "value_steps": [9, 9], "value_loss": [0.2051, 0.0486]},
+}
+
+
+@pytest.mark.parametrize("op", ["edit.memit", "edit.alphaedit"])
+def test_memit_and_alphaedit_on_the_engine_keep_the_whole_model_results(smollm2, tmp_path, monkeypatch, op):
+    """Issue 18: MEMIT and AlphaEdit (spread, values, prefixes and metrics block by block on the engine) give the
+    efficacy / paraphrase / neighbourhood and value-loop outcome the whole-model path gave (2 capitals, layers
+    4-5, 1,536 statistics tokens, no prefixes, 10 Adam steps; AlphaEdit in 2 sequential batches)."""
+    from pydoc_data import topics
+
+    from surgeon.api import run_op
+
+    monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "pydoc.txt"
+    corpus.write_text("\n\n".join(topics.topics.values()))
+    reqs = [{"prompt": "The capital of {} is", "subject": "France", "target": " Tokyo",
+             "paraphrases": ["The capital city of {} is"],
+             "neighborhood": ["The Eiffel Tower is located in the city of", "The largest ocean on Earth is the"]},
+            {"prompt": "The capital of {} is", "subject": "Japan", "target": " Berlin",
+             "paraphrases": ["The capital city of {} is"],
+             "neighborhood": ["The Great Wall is located in", "Mount Everest is located in"]}]
+    extra = {"batch_size": 1} if op == "edit.alphaedit" else {}
+    res = run_op(op, str(smollm2), output=str(tmp_path / "out"), device="cpu", requests=reqs,
+                 stats_data=str(corpus), stats_tokens=1536, n_prefixes=0, steps=10, layers=[4, 5], **extra)
+    got = res["results"][-1]
+    edits = res["steps"][0]["info"]["edits"]
+    want = dict(WHOLE_MODEL_RESULTS[op])
+    assert [e["value_steps"] for e in edits] == want.pop("value_steps")
+    assert [e["value_loss"] for e in edits] == pytest.approx(want.pop("value_loss"), abs=2e-4)
+    assert got["target_prob"] == pytest.approx(want.pop("target_prob"), abs=2e-3)
+    assert {k: got[k] for k in want} == want

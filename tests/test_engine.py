@@ -3,6 +3,7 @@ for several families; hidden states spilled to disk change nothing; changed tens
 input statistics equal a literal computation; two gloo processes give the one-process statistics and masks."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -281,3 +282,61 @@ def test_logits_of_gathered_positions_equal_the_model_and_carry_gradients(kind, 
     torch.testing.assert_close(logits, ref[:, [2, 6]].reshape(-1, ref.shape[-1]), rtol=1e-5, atol=1e-5)
     logits[:, 5].sum().backward()  # (row 0 of a tied head may be the zero padding row)
     assert h.grad is not None and float(h.grad[:, [2, 6]].abs().sum()) > 0 and float(h.grad[:, 0].abs().sum()) == 0
+
+
+def test_only_rank_zero_prints_the_result(monkeypatch, capsys):
+    """Under torchrun every rank runs the CLI; `--json | jq` must see one object (rank 0's)."""
+    from surgeon.render import emit
+
+    result = {"output": "/tmp/x", "steps": []}
+    monkeypatch.setenv("RANK", "1")
+    emit(result, as_json=True)
+    emit(result, as_json=False)
+    assert capsys.readouterr() == ("", "")
+    monkeypatch.setenv("RANK", "0")
+    emit(result, as_json=True)
+    assert json.loads(capsys.readouterr().out) == result
+
+
+def test_a_nan_in_a_block_or_a_changed_tensor_is_refused_by_name(tmp_path):
+    """A checkpoint tensor is checked once, as it is read; a tensor an earlier step computed (here a Const) is
+    checked by the engine; both refusals name the tensor."""
+    from conftest import save_tiny_llama
+    from safetensors.torch import load_file, save_file
+
+    from surgeon.graph import Const
+
+    folder = save_tiny_llama(tmp_path / "m", layers=2)
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors = load_file(folder / "model.safetensors")
+    tensors[name][3, 5] = float("nan")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    g = _graph(folder)
+    rows = torch.randint(0, 128, (2, 8))
+    with pytest.raises(SurgeonError, match=name.replace(".", r"\.")):
+        Engine(g).score(rows)
+    good = _graph(save_tiny_llama(tmp_path / "ok", layers=2))
+    bad = good.value(name).clone()
+    bad[0, 0] = float("inf")
+    good.replace(name, Const(bad))
+    with pytest.raises(SurgeonError, match=name.replace(".", r"\.")):
+        Engine(good).score(rows)
+
+
+def test_group_by_length_batches_rows_of_equal_length_and_keeps_results(tmp_path):
+    """Rows of lengths 5, 7, 5, 7, 5: consecutive grouping makes 5 micro-batches, grouping by length 2; the
+    per-sample NLL and ``logits_at`` are the same (keyed by sample index)."""
+    from conftest import save_tiny_llama
+
+    g = _graph(save_tiny_llama(tmp_path / "m", layers=2))
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 128, (n,), generator=gen) for n in (5, 7, 5, 7, 5)]
+    plain, grouped = Engine(g), Engine(g, group_by_length=True)
+    a, b = plain.score(rows), grouped.score(rows)
+    assert len(plain._batches) == 5 and len(grouped._batches) == 2
+    for i in range(5):
+        torch.testing.assert_close(a.nll[i], b.nll[i], rtol=1e-5, atol=1e-6)
+    pos = [[0, 4], [6], [2], [1, 3], [4]]
+    for x, y in zip(plain.logits_at(rows, pos), grouped.logits_at(rows, pos)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    assert [t.shape[0] for t in grouped.logits_at(rows, pos)] == [2, 1, 1, 2, 1]

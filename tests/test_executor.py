@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from surgeon.errors import SurgeonError
 from surgeon.executor import ShardPipeline, copy_range, memory_budget
-from surgeon.graph import Apply, Const, Executor, Graph, Load, LowRank, Reduce
+from surgeon.graph import Apply, Cast, Const, Executor, Graph, Load, LowRank, Reduce
 from surgeon.sources import open_checkpoint
 from surgeon.writer import _header, plan_shards, write_graph
 
@@ -30,7 +30,8 @@ def _source(tmp_path: Path) -> Path:
 
 
 def _mixed_graph(src: Path) -> Graph:
-    """Untouched, renamed, cast, shared-input, low-rank, constant and reduction nodes in one graph."""
+    """Untouched, renamed, cast, shared-input, low-rank, constant and reduction nodes in one graph; casts of
+    source tensors run on the host (numpy), also where a torch node consumes them or shares their input."""
     graph = Graph.from_checkpoint(open_checkpoint(str(src)))
     nodes = graph.nodes
     shared = nodes["layers.1.w"]
@@ -46,6 +47,11 @@ def _mixed_graph(src: Path) -> Graph:
     nodes["layers.4.w"] = Apply(lambda w, n: w / n, [nodes["layers.4.w"], norm], label="normalised")
     nodes["renamed"] = Load(graph.sources[0], "embed")
     nodes["const"] = Const(torch.linspace(0, 1, 9))
+    embed_f16 = Cast(nodes["embed"], "float16")
+    nodes["embed.f16"] = embed_f16  # a host cast whose source tensor is also written untouched
+    nodes["embed.f16.plus"] = Apply(lambda e: e + 1, [embed_f16], label="plus")  # host value -> torch consumer
+    nodes["layers.5.w"] = Cast(Cast(nodes["layers.5.w"], torch.float64), "bfloat16")  # a host chain
+    nodes["twice.bf16"] = Cast(nodes["twice"], "bfloat16")  # a cast of a torch value runs in torch
     return graph
 
 
@@ -108,8 +114,9 @@ def test_nan_in_an_untouched_tensor_is_refused_although_copied_by_the_kernel(tmp
     assert (tmp_path / "out" / "model.safetensors").read_bytes()[-4:] == bad[299, 299:].numpy().tobytes()
 
 
+@pytest.mark.parametrize("positional", [False, True])
 @pytest.mark.parametrize("broken", [(), ("copy_file_range",), ("copy_file_range", "sendfile")])
-def test_kernel_copy_falls_back_where_the_system_refuses(tmp_path, monkeypatch, broken):
+def test_kernel_copy_falls_back_where_the_system_refuses(tmp_path, monkeypatch, broken, positional):
     data = os.urandom(3 << 20)
     (tmp_path / "src.bin").write_bytes(data)
 
@@ -121,7 +128,7 @@ def test_kernel_copy_falls_back_where_the_system_refuses(tmp_path, monkeypatch, 
     fd = os.open(tmp_path / "dst.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
         os.write(fd, b"head")
-        copy_range(tmp_path / "src.bin", 1000, len(data) - 2000, fd)
+        copy_range(tmp_path / "src.bin", 1000, len(data) - 2000, fd, 4 if positional else None)
     finally:
         os.close(fd)
     assert (tmp_path / "dst.bin").read_bytes() == b"head" + data[1000:-1000]

@@ -177,6 +177,7 @@ def test_trim_mask_keeps_exactly_the_k_largest_like_argsort(case):
     for density in (0.05, 0.3, 0.5, 0.6, 0.9):  # 0.6 cuts through the 0.25 ties
         k = int(density * delta.numel())
         mask = trim_mask(delta, density)
+        assert torch.equal(trim_mask(delta.clone(), density, overwrite=True), mask)  # in place: same choice
         expected = torch.zeros(delta.numel(), dtype=torch.bool)
         expected[torch.argsort(delta.abs().reshape(-1), descending=True)[:k]] = True
         assert int(mask.sum()) == k

@@ -189,3 +189,26 @@ def test_run_op_writes_dense_zeros_without_sparsity_config(tiny_llama, tmp_path)
     per = info["global_threshold"]["sparsity_per_tensor"]
     assert len(per) == len(lin)  # filled while streaming, present in surgeon.json
     assert res["output"]
+
+
+@pytest.mark.parametrize(("scope", "value"), [("layer", float("nan")), ("global", float("inf"))])
+def test_nan_or_inf_in_a_pruned_matrix_is_refused_even_when_allowed(tiny_llama, tmp_path, scope, value):
+    """--allow-nonfinite lets NaN/Inf pass through copies, never through ranking (the kernel's histogram finds
+    them); the writer does not check pruned values again, so this refusal is the only one."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in Path(tiny_llama).iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    weights = load_file(str(src / "model.safetensors"))
+    name = "model.layers.2.mlp.up_proj.weight"
+    weights[name][3, 5] = value
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+    from surgeon.writer import write_graph
+
+    g = apply(Graph.from_checkpoint(open_checkpoint(src, allow_nonfinite=True)), Params(sparsity=0.5, scope=scope),
+              Context())
+    with pytest.raises(SurgeonError, match=rf"tensor '{name}' contains NaN or Inf \(magnitude pruning ranks"):
+        write_graph(g, tmp_path / "out", allow_nonfinite=True)
+    assert not (tmp_path / "out").exists()

@@ -20,20 +20,9 @@ from pydantic import Field
 from surgeon.errors import SurgeonError
 from surgeon.registry import register
 
-from . import keys_values as kv
 from . import metrics as mx
-from .editing import (
-    EditParams,
-    add_in_place,
-    measure_after,
-    measure_before,
-    prefixes_for,
-    settings_for,
-    style,
-    write_back,
-)
-from .forward import decoder_layer
-from .memit import multilayer_setup
+from .editing import EditParams, measure_after, measure_before, prefixes_for, settings_for, style, write_back
+from .memit import multilayer_setup, spread_batch, z_facts
 from .nullspace import nullspace_basis, projected_update, projector
 from .requests import Request, subject_batches
 from .site import EditSite
@@ -58,7 +47,7 @@ class Params(EditParams):
     track_batches: bool = Field(True, description="After each batch, measure efficacy of every batch so far.")
 
 
-def projector_for(model, graph, ctx, site: EditSite, module, params: Params) -> tuple[torch.Tensor, dict[str, Any]]:
+def projector_for(graph, ctx, site: EditSite, params: Params) -> tuple[torch.Tensor, dict[str, Any]]:
     """P for ``site`` (fp64) and facts for the report. The basis Û is cached under the statistics' key and the
     threshold; ``--no-cov`` (no statistics) gives P = I, i.e. MEMIT's sequential update without projection."""
     if not params.cov or params.stats_data == "identity":
@@ -89,23 +78,6 @@ def projector_for(model, graph, ctx, site: EditSite, module, params: Params) -> 
                               "stats": st.source}
 
 
-def projected_spread(model, tok, sites: list[EditSite], modules: list[torch.nn.Module], projs: list[torch.Tensor],
-                     previous: list[torch.Tensor], requests: list[Request], prefixes: list[str], zs: torch.Tensor,
-                     l2: float, *, device: str, uniform_keys: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """MEMIT's insertion loop (:func:`.memit.spread`) with AlphaEdit's projected solve at each layer: ``(up, down)``
-    per layer, each applied in place before the next layer's keys and the top layer's output are read."""
-    top = decoder_layer(model, modules[-1])
-    out = []
-    for i, (site, module) in enumerate(zip(sites, modules)):
-        keys = kv.compute_keys(model, tok, module, requests, prefixes, device=device, uniform=uniform_keys)
-        current = kv.layer_outputs(model, tok, top, requests, device=device)
-        residual = (zs - current) / (len(sites) - i)
-        up, down = projected_update(residual, keys, projs[i], previous[i], l2)
-        add_in_place(module, site, up, down)
-        out.append((up, down))
-    return out
-
-
 def subset_before(before: mx.Before, idx: list[int]) -> mx.Before:
     """The unedited model's answers for the requests ``idx`` (neighbour owners renumbered)."""
     where = {j: n for n, j in enumerate(idx)}
@@ -115,57 +87,50 @@ def subset_before(before: mx.Before, idx: list[int]) -> mx.Before:
                      [before.neighbor_old[i] for i in keep])
 
 
-def batch_history(model, tok, batches: list[list[Request]], index: list[list[int]], before: mx.Before,
-                  done: int, device: str) -> list[dict[str, Any]]:
-    """Metrics of batches 0..done-1 on the current model (earlier batches' efficacy after later edits)."""
-    rows = []
+def batch_history(graph, tok, batches: list[list[Request]], index: list[list[int]], before: mx.Before,
+                  done: int, ctx) -> list[dict[str, Any]]:
+    """Metrics of batches 0..done-1 on ``graph`` (the model after ``done`` batches): every item judged in one
+    evaluation on the model engine, then shares per batch."""
+    idx = [k for b in range(done) for k in index[b]]
+    judged = mx.judge(mx.EngineScorer(graph, ctx), tok, [r for b in batches[:done] for r in b],
+                      subset_before(before, idx))
+    rows, start = [], 0
     for b in range(done):
-        m = mx.after_edit(model, tok, batches[b], subset_before(before, index[b]), device=device)
+        m = mx.summarize(judged, range(start, start + len(batches[b])))
+        start += len(batches[b])
         rows.append({"batch": b + 1, **{k: m.get(k) for k in ("efficacy", "efficacy_greedy", "paraphrase",
                                                                 "neighborhood")}})
     return rows
 
 
-def _alphaedit_batches(model, tok, sites, modules, projs, batches, prefixes, settings, params: Params, ctx,
-                       base, index, timings: dict[str, float]):
-    """Values, projected spread and K_p accumulation per batch; returns (per layer the (up, down) of each batch,
-    per-edit facts, per-batch history)."""
-    top = decoder_layer(model, modules[-1])
+def _alphaedit_batches(graph, tok, sites, projs, batches, prefixes, settings, params: Params, ctx, base, index,
+                       timings: dict[str, float]):
+    """Values, projected spread (:func:`.memit.spread_batch` with AlphaEdit's solve) and K_p accumulation per
+    batch; returns (per layer the (up, down) of each batch, per-edit facts, per-batch history, the working graph
+    with every update in fp32)."""
+    from surgeon.engine import SpillStore
+
+    work, spill = graph.copy(), SpillStore(getattr(ctx, "work_dir", None))
     previous = [torch.zeros(s.d_k, s.d_k, dtype=torch.float64) for s in sites]  # K_pK_pᵀ per layer
     per_layer: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in sites]
     per_edit: list[dict[str, Any]] = []
     history: list[dict[str, Any]] = []
-    t_values = t_solve = 0.0
+    timings.update(keys_values_s=0.0, spread_s=0.0)
     for n, batch in enumerate(ctx.progress(batches, description="alphaedit batches")):
-        t = time.perf_counter()
-        vals = kv.optimise_values_chunked(model, tok, modules[-1], batch, prefixes, settings, device=ctx.device,
-                                          status=ctx.status)
-        h0 = kv.layer_outputs(model, tok, top, batch, device=ctx.device)
-        zs = h0 + (vals.values - vals.initial)
-        t_values += time.perf_counter() - t
-        t = time.perf_counter()
-        parts = projected_spread(model, tok, sites, modules, projs, previous, batch, prefixes, zs, params.l2,
-                                 device=ctx.device, uniform_keys=settings.uniform_keys)
-        for i, module in enumerate(modules):  # this batch's keys, with the edited weights, join K_p
-            k = kv.compute_keys(model, tok, module, batch, prefixes, device=ctx.device,
-                                uniform=settings.uniform_keys).double()
-            previous[i] += k @ k.T
-        t_solve += time.perf_counter() - t
-        reached = kv.layer_outputs(model, tok, top, batch, device=ctx.device)
-        miss = ((reached - zs).norm(dim=0) / (zs - h0).norm(dim=0).clamp_min(1e-12)).tolist()
-        for j, r in enumerate(batch):
-            per_edit.append({"subject": r.subject, "target": r.target, "batch": n + 1,
-                             "value_loss": round(vals.losses[j], 4), "value_target_prob": round(vals.target_prob[j], 4),
-                             "value_steps": vals.steps[j], "z_rel_error": float(f"{miss[j]:.3g}")})
-        for acc, part in zip(per_layer, parts):
+        vals, res = spread_batch(work, ctx, tok, sites, batch, prefixes, settings,
+                                 lambda i, r, k: projected_update(r, k, projs[i], previous[i], params.l2), spill,
+                                 timings)
+        for i, k in enumerate(res.keys):  # this batch's keys, with the edited weights, join K_p
+            previous[i] += k.double() @ k.double().T
+        per_edit.extend(z_facts(batch, vals, res, batch=n + 1))
+        for acc, part in zip(per_layer, res.parts):
             acc.append(part)
         if base.before is not None and params.track_batches:
-            rows = batch_history(model, tok, batches, index, base.before, n + 1, ctx.device)
+            rows = batch_history(work, tok, batches, index, base.before, n + 1, ctx)
             history.append({"after_batch": n + 1, "batches": rows})
             ctx.log(f"after batch {n + 1}: efficacy per batch "
                     + ", ".join(f"{r['efficacy']}" for r in rows))
-    timings.update(keys_values_s=t_values, spread_s=t_solve)
-    return per_layer, per_edit, history
+    return per_layer, per_edit, history, work
 
 
 @register("edit.alphaedit", Params, model_level=True,
@@ -173,27 +138,26 @@ def _alphaedit_batches(model, tok, sites, modules, projs, batches, prefixes, set
 def apply(graph, params: Params, ctx):
     """Rewrite all requests' facts in sequential batches, each update projected onto the preserved keys' null
     space and kept off the earlier batches' keys."""
-    graph, requests, layers, rule, sites, timings, (model, tok, modules) = multilayer_setup(graph, params, ctx,
-                                                                                       "edit.alphaedit")
+    graph, requests, layers, rule, sites, timings, tok = multilayer_setup(graph, params, ctx, "edit.alphaedit")
     # the reference's value settings equal MEMIT's for GPT-2 and GPT-J; other families take MEMIT's (docs/edit.md)
     settings, _ = settings_for("memit", sites[-1].family, params, sites[-1].n_layers)
     ctx.log(f"alphaedit: {len(requests)} request(s) into layers {layers} ({rule}), α {params.l2:g}, "
             f"threshold {params.nullspace_threshold:g}")
     t0 = time.perf_counter()
     projs, null_info = [], []
-    for s, m in zip(sites, modules):  # every P from the unedited model, as the reference computes it up front
-        p, info = projector_for(model, graph, ctx, s, m, params)
+    for s in sites:  # every P from the unedited model, as the reference computes it up front
+        p, info = projector_for(graph, ctx, s, params)
         projs.append(p)
         null_info.append(info)
     timings["projector_s"] = time.perf_counter() - t0
-    base = measure_before(model, tok, requests, params, graph, ctx, timings)
+    base = measure_before(graph, tok, requests, params, ctx, timings)
     t0 = time.perf_counter()
-    prefixes = prefixes_for("memit", model, tok, params, ctx)
+    prefixes = prefixes_for("memit", graph, tok, params, ctx)
     timings["prefixes_s"] = time.perf_counter() - t0
     batches = subject_batches(requests, params.batch_size)
     index = _batch_index(batches)
-    per_layer, per_edit, history = _alphaedit_batches(model, tok, sites, modules, projs, batches, prefixes, settings,
-                                                      params, ctx, base, index, timings)
+    per_layer, per_edit, history, work = _alphaedit_batches(graph, tok, sites, projs, batches, prefixes, settings,
+                                                            params, ctx, base, index, timings)
     write_back(graph, [(s, [u for u, _ in acc], [d for _, d in acc]) for s, acc in zip(sites, per_layer)], ctx)
     result: dict[str, Any] = {"kind": "edit.alphaedit", "title": "Knowledge edit (AlphaEdit)",
                               "requests": len(requests), "layers": layers, "batches": len(batches)}
@@ -201,7 +165,7 @@ def apply(graph, params: Params, ctx):
         last = history[-1]["batches"]
         result["batch_efficacy"] = [r["efficacy"] for r in last]
         result["first_batch_efficacy"] = last[0]["efficacy"]
-    measure_after(model, tok, requests, base, result, ctx, timings)
+    measure_after(work, tok, requests, base, result, ctx, timings)
     graph.results.append(result)
     notes = [(f"AlphaEdit of {len(requests)} fact(s) in {len(batches)} sequential batch(es) over layers {layers} "
               f"({', '.join(s.name for s in sites)}); factors and the original tensors are in `edits.safetensors`.")]

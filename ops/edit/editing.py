@@ -3,9 +3,9 @@ keys, values, closed form, write the low-rank update back into the graph, measur
 
 Statistics, keys and values run on the model engine (block by block, :mod:`.stats`, :mod:`.engine_values`):
 after each request (ROME) or batch (EMMET) the next one runs on a working graph whose edited tensor holds the
-earlier updates in fp32, so sequential edits see the earlier ones. The whole model is built (fp32) only for
-the metrics, sampled prefixes and perplexity (greedy decoding), up to :data:`WHOLE_MODEL_LIMIT`; ROME/EMMET
-(not MEMIT yet) on a larger model needs ``--no-metrics --n-prefixes 0``. The graph gets one :class:`~surgeon.graph.LowRank` node whose factors are the
+earlier updates in fp32, so sequential edits see the earlier ones. The metrics, the sampled prefixes and the
+perplexity run on the engine too (:mod:`.metrics`: logits at a few positions, one pass per generated token), so
+no step builds the whole model. The graph gets one :class:`~surgeon.graph.LowRank` node whose factors are the
 concatenation of every update (earlier low-rank edits of the same tensor are folded in), cast once to the
 checkpoint dtype when written. ``edits.safetensors`` in the output holds the factors and the original tensor
 (exact undo: ``original`` is the tensor before the first edit).
@@ -20,13 +20,11 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from surgeon.errors import SurgeonError
-
 from . import keys_values as kv
 from . import metrics as mx
 from . import prefixes as pf
 from .requests import Request, duplicate_subjects, resolve_requests, subject_batches, with_leading_space
-from .site import EditSite, find_submodule, locate
+from .site import EditSite, locate
 from .solve import emmet_update, rome_update
 
 Method = Literal["rome", "emmet", "memit"]
@@ -52,8 +50,6 @@ STYLE: dict[str, dict[str, str]] = {
     "emmet": {"norm_reference": "layer", "prefix_seeds": "words", "key_average": "types"},
     "memit": {"norm_reference": "layer", "prefix_seeds": "words", "key_average": "types"},
 }
-#: fp32 bytes of weights up to which the whole model is built for metrics / sampled prefixes / perplexity
-WHOLE_MODEL_LIMIT = 8 << 30
 SEQUENTIAL_WARNING = 50  # degradation is reported past a few dozen sequential edits (§4.7)
 
 
@@ -144,11 +140,12 @@ def edit_requests(params: EditParams, ctx) -> list[Request]:
     return with_leading_space(requests) if params.target_space else requests
 
 
-def prefixes_for(method: Method, model, tok, params: EditParams, ctx) -> list[str]:
+def prefixes_for(method: Method, graph, tok, params: EditParams, ctx) -> list[str]:
+    """The sampled prefixes (sampled on the model engine, one pass per token), or none."""
     n_pre = n_prefixes(method, params)
     if n_pre == 0:
         return []
-    return pf.sample_prefixes(model, tok, pf.prefix_lengths(method, n_pre), seed=ctx.seed_for(0), device=ctx.device,
+    return pf.sample_prefixes(mx.EngineScorer(graph, ctx), tok, pf.prefix_lengths(method, n_pre), seed=ctx.seed_for(0),
                               seeds=style(method, params)["prefix_seeds"])
 
 
@@ -160,12 +157,6 @@ def _weight_linear(w: torch.Tensor, site: EditSite) -> torch.Tensor:
     """The edited weight in Linear orientation [d_out, d_k], fp32."""
     w = w.detach()
     return (w.T if site.transposed else w).float()
-
-
-def add_in_place(module: torch.nn.Module, site: EditSite, up: torch.Tensor, down: torch.Tensor) -> None:
-    with torch.no_grad():
-        delta = (up.double() @ down.double()).to(module.weight.dtype).to(module.weight.device)
-        module.weight.add_(delta.T if site.transposed else delta)
 
 
 def covariance(graph, ctx, site: EditSite, params: EditParams):
@@ -230,19 +221,6 @@ def warn_duplicates(requests: list[Request], ctx) -> None:
                 + " — their later requests go into later batches (applied on top)[/]")
 
 
-def materialise(graph, sites: Sequence[EditSite], ctx, timings: dict[str, float]):
-    """(model, tokenizer, the edited module of each site) of ``graph`` in fp32, checked against the graph."""
-    t0 = time.perf_counter()
-    model = ctx.module(graph, dtype="float32")
-    tok = ctx.tokenizer(graph)
-    timings["materialize_s"] = time.perf_counter() - t0
-    modules = [find_submodule(model, s.module_path) for s in sites]
-    for s, m in zip(sites, modules):
-        if not hasattr(m, "weight") or tuple(m.weight.shape) != tuple(graph[s.name].shape):
-            raise SurgeonError(f"{s.name}: the materialised module has a different shape")
-    return model, tok, modules
-
-
 @dataclass
 class Baseline:
     """The unedited model's metrics: per-request answers (``None`` without --metrics) and perplexity."""
@@ -252,34 +230,37 @@ class Baseline:
     ppl: dict[str, float]
 
 
-def measure_before(model, tok, requests: list[Request], params: EditParams, graph, ctx,
+def measure_before(graph, tok, requests: list[Request], params: EditParams, ctx,
                    timings: dict[str, float]) -> Baseline:
-    """The unedited model's metrics (nothing when ``model`` is None: no metrics asked)."""
-    before = None
-    if model is None:
+    """The unedited model's metrics and perplexity, on the model engine (nothing without --metrics/--eval-data)."""
+    if not (params.metrics or params.eval_data):
         return Baseline(None, None, {})
+    scorer = mx.EngineScorer(graph, ctx)
+    before = None
     if params.metrics:
         t0 = time.perf_counter()
-        before = mx.before_edit(model, tok, requests, device=ctx.device)
+        before = mx.before_edit(scorer, tok, requests)
         timings["metrics_before_s"] = time.perf_counter() - t0
     windows = ctx.tokens(params.eval_data, graph, seqlen=128, max_windows=16) if params.eval_data else None
-    ppl = {"perplexity_before": mx.perplexity(model, windows, device=ctx.device)} if windows is not None else {}
+    ppl = {"perplexity_before": scorer.perplexity(windows)} if windows is not None else {}
     return Baseline(before, windows, ppl)
 
 
-def measure_after(model, tok, requests: list[Request], base: Baseline, result: dict[str, Any], ctx,
+def measure_after(graph, tok, requests: list[Request], base: Baseline, result: dict[str, Any], ctx,
                   timings: dict[str, float]) -> None:
-    """Metrics of the edited model into ``result`` (and a table in the log)."""
+    """Metrics of the edited ``graph`` into ``result`` (and a table in the log), on the model engine."""
+    if base.before is None and base.ppl_windows is None:
+        return
+    scorer = mx.EngineScorer(graph, ctx)
     if base.before is not None:
         t0 = time.perf_counter()
-        result.update(mx.after_edit(model, tok, requests, base.before, device=ctx.device))
+        result.update(mx.after_edit(scorer, tok, requests, base.before))
         timings["metrics_after_s"] = time.perf_counter() - t0
     ppl = dict(base.ppl)
     if base.ppl_windows is not None:
-        ppl["perplexity_after"] = mx.perplexity(model, base.ppl_windows, device=ctx.device)
+        ppl["perplexity_after"] = scorer.perplexity(base.ppl_windows)
         result.update({k: round(v, 4) for k, v in ppl.items()})
-    if base.before is not None or ppl:
-        ctx.log(mx.metrics_table(result["title"], {k: v for k, v in result.items() if k not in ("kind", "title")}))
+    ctx.log(mx.metrics_table(result["title"], {k: v for k, v in result.items() if k not in ("kind", "title")}))
 
 
 def edit_batches(graph, tok, site: EditSite, batches: list[list[Request]], prefixes: list[str],
@@ -287,7 +268,8 @@ def edit_batches(graph, tok, site: EditSite, batches: list[list[Request]], prefi
                  residual: str, ridge_single: bool, keys_out: list[torch.Tensor] | None = None):
     """Values (on the model engine, :mod:`.engine_values`), then the closed-form update, for each batch in turn;
     the next batch runs on a working copy of ``graph`` whose edited tensor holds the earlier updates (fp32).
-    Returns (ups, downs, per-edit facts); each batch's keys [d_k, n] go into ``keys_out``."""
+    Returns (ups, downs, per-edit facts, the working graph with every update in fp32); each batch's keys
+    [d_k, n] go into ``keys_out``."""
     from surgeon.graph import Const
 
     from .engine_values import optimise_values_engine
@@ -318,7 +300,7 @@ def edit_batches(graph, tok, site: EditSite, batches: list[list[Request]], prefi
         ups.append(up)
         downs.append(down)
     timings.update(keys_values_s=t_values, solve_s=t_solve)
-    return ups, downs, per_edit
+    return ups, downs, per_edit, work
 
 
 def _batch_facts(batch, vals, w, b, keys, up, down) -> list[dict[str, Any]]:
@@ -332,23 +314,6 @@ def _batch_facts(batch, vals, w, b, keys, up, down) -> list[dict[str, Any]]:
               "constraint_rel_error": float(f"{miss[j]:.3g}")} for j, r in enumerate(batch)]
     facts[-1]["batch_delta_norm"] = round((up.double() @ down.double()).norm().item(), 4)
     return facts
-
-
-def whole_model(graph, site: EditSite, method: Method, params: EditParams, ctx, timings: dict[str, float]):
-    """(model, edited module) of ``graph`` in fp32 when the metrics, the sampled prefixes or the perplexity need
-    whole-model forward passes (greedy decoding), else (None, None). Refused past :data:`WHOLE_MODEL_LIMIT`
-    bytes of fp32 weights: the edit itself runs on the engine, those extras do not."""
-    if not (params.metrics or params.eval_data or n_prefixes(method, params)):
-        return None, None
-    import math
-
-    need = sum(math.prod(graph[n].shape) * 4 for n in graph.names())
-    if need > WHOLE_MODEL_LIMIT:
-        raise SurgeonError(f"edit: --metrics, --eval-data and sampled prefixes build the whole model in fp32 "
-                           f"({need / 1e9:.1f} GB here, more than {WHOLE_MODEL_LIMIT / 1e9:.0f} GB); pass "
-                           "--no-metrics --n-prefixes 0 and no --eval-data (the edit runs block by block)")
-    model, _tok, (module,) = materialise(graph, [site], ctx, timings)
-    return model, module
 
 
 def run_edit(graph, params: EditParams, ctx, method: Method, *, lam: float | None = None,
@@ -367,23 +332,20 @@ def run_edit(graph, params: EditParams, ctx, method: Method, *, lam: float | Non
     t0 = time.perf_counter()
     factor, stats_info = covariance(graph, ctx, site, params)
     timings["stats_s"] = time.perf_counter() - t0
-    model, module = whole_model(graph, site, method, params, ctx, timings)
-    base = measure_before(model, tok, requests, params, graph, ctx, timings)
+    base = measure_before(graph, tok, requests, params, ctx, timings)
     t0 = time.perf_counter()
-    prefixes = prefixes_for(method, model, tok, params, ctx)
+    prefixes = prefixes_for(method, graph, tok, params, ctx)
     timings["prefixes_s"] = time.perf_counter() - t0
     batches = [[r] for r in requests] if method == "rome" else subject_batches(requests, batch_size)
     keys: list[torch.Tensor] = []
-    ups, downs, per_edit = edit_batches(graph, tok, site, batches, prefixes, settings, factor, lam, method,
-                                        ctx, timings, residual=residual, ridge_single=ridge_single, keys_out=keys)
-    if module is not None:  # the whole model (metrics) gets the same updates, in the same order
-        for up, down in zip(ups, downs):
-            add_in_place(module, site, up, down)
+    ups, downs, per_edit, work = edit_batches(graph, tok, site, batches, prefixes, settings, factor, lam, method,
+                                              ctx, timings, residual=residual, ridge_single=ridge_single,
+                                              keys_out=keys)
     write_back(graph, [(site, ups, downs)], ctx, requests, op=f"edit.{method}",
                keys={site.name: torch.cat(keys, 1)})
     result: dict[str, Any] = {"kind": f"edit.{method}", "title": f"Knowledge edit ({method.upper()})",
                               "requests": len(requests), "layer": site.layer}
-    measure_after(model, tok, requests, base, result, ctx, timings)
+    measure_after(work, tok, requests, base, result, ctx, timings)
     graph.results.append(result)
     notes = [(f"{method.upper()} edit of {len(requests)} fact(s) in `{site.name}` (layer {site.layer}); "
               "factors and the original tensor are in `edits.safetensors`.")]

@@ -151,14 +151,14 @@ def optimise_values_engine(graph, ctx, site: EditSite, tok: Any, requests: Seque
     rows = build_rows(tok, requests, prefixes)
     n, n_ctx = len(requests), rows.n_rewrite_rows_per_request
     samples = [torch.tensor(r, dtype=torch.long) for r in rows.ids]
-    eng = engine.from_context(graph, ctx, dtype=dtype or "float32", micro_batch=64)
+    eng = engine.from_context(graph, ctx, dtype=dtype or "float32", micro_batch=64, group_by_length=True)
     if dtype is None:
         w, _ = eng.head_weights()
         chosen = value_dtype(eng.block_bytes, site.layer, w.numel() * 4, _budget(ctx))
         del w
         if chosen != "float32":
             ctx.log(f"value optimisation: blocks {site.layer}..{site.n_layers - 1} stay resident in {chosen}")
-            eng = engine.from_context(graph, ctx, dtype=chosen, micro_batch=64)
+            eng = engine.from_context(graph, ctx, dtype=chosen, micro_batch=64, group_by_length=True)
     inputs = _layer_inputs(eng, samples, site.layer)
     blocks = [eng.load_block(i) for i in range(site.layer, eng.roles.n_layers)]
     device = str(eng.device)

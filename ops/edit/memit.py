@@ -6,7 +6,8 @@ Meng et al., "Mass-Editing Memory in a Transformer" (arXiv 2210.07229; ``kmeng01
    optimised as for EMMET (clamp and weight decay relative to ‖h_L‖).
 2. For the edited layers l₁ < … < L in order: K_l = averaged keys with the current weights, R = Z − H_L(current
    weights, plain prompts), R_l = R / (layers left, this one included), ΔW_l = R_l K_lᵀ(λC_l + K_lK_lᵀ)⁻¹,
-   applied before the next layer's keys are taken.
+   applied before the next layer's keys are taken. Each batch is one block-by-block pass of the model engine
+   (:mod:`.spread`); v* runs on the engine too (:mod:`.engine_values`), so nothing builds the whole model.
 
 λ is ``mom2_update_weight`` on C = E[kkᵀ] per token (default 20000 GPT-2, 15000 GPT-J and Llama). With one layer
 this is EMMET with λ′ = λ (:mod:`.emmet`); the factored solve of :func:`.solve.ridge_factors` is shared.
@@ -22,13 +23,10 @@ from pydantic import Field
 from surgeon.errors import SurgeonError
 from surgeon.registry import register
 
-from . import keys_values as kv
 from .editing import (
     EditParams,
-    add_in_place,
     covariance,
     edit_requests,
-    materialise,
     measure_after,
     measure_before,
     prefixes_for,
@@ -37,10 +35,10 @@ from .editing import (
     warn_duplicates,
     write_back,
 )
-from .forward import decoder_layer
 from .requests import Request, subject_batches
 from .site import EditSite, locate
 from .solve import ridge_factors
+from .spread import SpreadResult, spread
 
 #: family -> (reference depth, first, last edited layer): GPT-2 XL 13–17 of 48 and GPT-J 3–8 of 28
 #: (kmeng01/memit hparams/MEMIT), Llama-2-7B 4–8 of 32 (EasyEdit hparams/MEMIT/llama-7b.yaml)
@@ -68,24 +66,6 @@ class Params(EditParams):
                                                              "applied in sequential batches.")
 
 
-def spread(model: torch.nn.Module, tok: Any, sites: list[EditSite], modules: list[torch.nn.Module],
-           factors: list[Any], requests: list[Request], prefixes: list[str], zs: torch.Tensor, lam: float, *,
-           device: str, uniform_keys: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """MEMIT's insertion loop: ``(up, down)`` per layer, each applied to its module in place before the next
-    layer's keys and the top layer's output are read. ``zs`` [d_model, n] are the targets of the last layer's
-    output; ``factors`` the Cholesky factors of each layer's C."""
-    top = decoder_layer(model, modules[-1])
-    out = []
-    for i, (site, module, factor) in enumerate(zip(sites, modules, factors)):
-        keys = kv.compute_keys(model, tok, module, requests, prefixes, device=device, uniform=uniform_keys)
-        current = kv.layer_outputs(model, tok, top, requests, device=device)
-        residual = (zs - current) / (len(sites) - i)  # distribute what is left over the layers left
-        up, down = ridge_factors(residual, keys, factor, lam)
-        add_in_place(module, site, up, down)
-        out.append((up, down))
-    return out
-
-
 def edited_layers(params: Params, roles) -> tuple[list[int], str]:
     """``--layers`` (checked against the model's depth) or the family's default layers, and the rule used."""
     if not params.layers:
@@ -97,40 +77,57 @@ def edited_layers(params: Params, roles) -> tuple[list[int], str]:
     return layers, "--layers"
 
 
-def _memit_batches(model, tok, sites, modules, factors, batches, prefixes, settings, lam: float, ctx,
+def z_facts(requests: list[Request], vals, res: SpreadResult, **extra) -> list[dict[str, Any]]:
+    """Per request: the value optimisation's outcome and how far the top layer's output got towards z
+    (‖H_L − z‖ / ‖z − H_L(before)‖ after the spread)."""
+    zs = res.start + (vals.values - vals.initial)
+    miss = ((res.reached - zs).norm(dim=0) / (zs - res.start).norm(dim=0).clamp_min(1e-12)).tolist()
+    return [{"subject": r.subject, "target": r.target, **extra, "value_loss": round(vals.losses[j], 4),
+             "value_target_prob": round(vals.target_prob[j], 4), "value_steps": vals.steps[j],
+             "z_rel_error": float(f"{miss[j]:.3g}")} for j, r in enumerate(requests)]
+
+
+def spread_batch(work, ctx, tok, sites: list[EditSite], batch: list[Request], prefixes: list[str], settings,
+                 solve, spill, timings: dict[str, float]):
+    """One batch on the engine: v* at the last site (:mod:`.engine_values`, on ``work``: earlier batches' updates
+    included), then the spread over ``sites`` (:func:`.spread.spread`); ``work`` gets the changed weights (lazy
+    fp32 nodes). Returns (the values, the spread)."""
+    from .engine_values import optimise_values_engine
+
+    t = time.perf_counter()
+    vals = optimise_values_engine(work, ctx, sites[-1], tok, batch, prefixes, settings, status=ctx.status)
+    timings["keys_values_s"] = timings.get("keys_values_s", 0.0) + time.perf_counter() - t
+    t = time.perf_counter()
+    res = spread(work, ctx, tok, sites, batch, prefixes, vals.values - vals.initial, solve, spill=spill,
+                 uniform_keys=settings.uniform_keys)
+    for name, node in res.weights.items():
+        work.replace(name, node)
+    timings["spread_s"] = timings.get("spread_s", 0.0) + time.perf_counter() - t
+    return vals, res
+
+
+def _memit_batches(graph, tok, sites, factors, batches, prefixes, settings, lam: float, ctx,
                    timings: dict[str, float]):
     """z at the last layer's output for each batch (values), then the update spread over the layers; returns
-    (per layer the (up, down) of each batch, per-edit facts)."""
-    top = decoder_layer(model, modules[-1])
+    (per layer the (up, down) of each batch, per-edit facts, the working graph with every update in fp32)."""
+    from surgeon.engine import SpillStore
+
+    work, spill = graph.copy(), SpillStore(getattr(ctx, "work_dir", None))
     per_layer: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in sites]
     per_edit: list[dict[str, Any]] = []
-    t_values = t_solve = 0.0
+    timings.update(keys_values_s=0.0, spread_s=0.0)
     for batch in ctx.progress(batches, description="memit batches"):
-        t = time.perf_counter()
-        vals = kv.optimise_values_chunked(model, tok, modules[-1], batch, prefixes, settings, device=ctx.device,
-                                          status=ctx.status)
-        h0 = kv.layer_outputs(model, tok, top, batch, device=ctx.device)
-        zs = h0 + (vals.values - vals.initial)  # target_init + δ at the last layer's output
-        t_values += time.perf_counter() - t
-        t = time.perf_counter()
-        parts = spread(model, tok, sites, modules, factors, batch, prefixes, zs, lam, device=ctx.device,
-                       uniform_keys=settings.uniform_keys)
-        t_solve += time.perf_counter() - t
-        reached = kv.layer_outputs(model, tok, top, batch, device=ctx.device)
-        miss = ((reached - zs).norm(dim=0) / (zs - h0).norm(dim=0).clamp_min(1e-12)).tolist()
-        for j, r in enumerate(batch):
-            per_edit.append({"subject": r.subject, "target": r.target, "value_loss": round(vals.losses[j], 4),
-                             "value_target_prob": round(vals.target_prob[j], 4), "value_steps": vals.steps[j],
-                             "z_rel_error": float(f"{miss[j]:.3g}")})
-        for acc, part in zip(per_layer, parts):
+        vals, res = spread_batch(work, ctx, tok, sites, batch, prefixes, settings,
+                                 lambda i, r, k: ridge_factors(r, k, factors[i], lam), spill, timings)
+        per_edit.extend(z_facts(batch, vals, res))
+        for acc, part in zip(per_layer, res.parts):
             acc.append(part)
-    timings.update(keys_values_s=t_values, spread_s=t_solve)
-    return per_layer, per_edit
+    return per_layer, per_edit, work
 
 
 def multilayer_setup(graph, params, ctx, op: str):
     """What MEMIT and AlphaEdit do before editing: the requests (duplicates warned about), the edited layers and
-    their sites, a copy of ``graph`` to edit, and the materialised model ``(model, tok, modules)``."""
+    their sites, a copy of ``graph`` to edit, the tokenizer."""
     requests = edit_requests(params, ctx)
     warn_duplicates(requests, ctx)
     if params.layer is not None:
@@ -138,17 +135,14 @@ def multilayer_setup(graph, params, ctx, op: str):
     roles = ctx.roles(graph)
     layers, rule = edited_layers(params, roles)
     sites = [locate(graph, x, roles) for x in layers]
-    graph = graph.copy()
-    timings: dict[str, float] = {}
-    return graph, requests, layers, rule, sites, timings, materialise(graph, sites, ctx, timings)
+    return graph.copy(), requests, layers, rule, sites, {}, ctx.tokenizer(graph)
 
 
 @register("edit.memit", Params, model_level=True,
           summary="MEMIT mass edits spread over several MLP layers (Meng et al. 2023).")
 def apply(graph, params: Params, ctx):
     """Rewrite all requests' facts, one batch at a time, spreading each batch's update over the layers."""
-    graph, requests, layers, rule, sites, timings, (model, tok, modules) = multilayer_setup(graph, params, ctx,
-                                                                                       "edit.memit")
+    graph, requests, layers, rule, sites, timings, tok = multilayer_setup(graph, params, ctx, "edit.memit")
     settings, default_lam = settings_for("memit", sites[-1].family, params, sites[-1].n_layers)
     lam = default_lam if params.lam is None else params.lam
     ctx.log(f"memit: {len(requests)} request(s) into layers {layers} ({rule}), λ {lam:g}")
@@ -161,19 +155,19 @@ def apply(graph, params: Params, ctx):
         stats_info = info  # the last layer's facts (all layers share data and token count)
     timings["stats_s"] = time.perf_counter() - t0
 
-    base = measure_before(model, tok, requests, params, graph, ctx, timings)
+    base = measure_before(graph, tok, requests, params, ctx, timings)
 
     t0 = time.perf_counter()
-    prefixes = prefixes_for("memit", model, tok, params, ctx)
+    prefixes = prefixes_for("memit", graph, tok, params, ctx)
     timings["prefixes_s"] = time.perf_counter() - t0
     batches = subject_batches(requests, params.batch_size)
-    per_layer, per_edit = _memit_batches(model, tok, sites, modules, factors, batches, prefixes, settings, lam, ctx,
-                                         timings)
+    per_layer, per_edit, work = _memit_batches(graph, tok, sites, factors, batches, prefixes, settings, lam, ctx,
+                                               timings)
     write_back(graph, [(s, [u for u, _ in acc], [d for _, d in acc]) for s, acc in zip(sites, per_layer)], ctx,
                requests, op="edit.memit")
     result: dict[str, Any] = {"kind": "edit.memit", "title": "Knowledge edit (MEMIT)", "requests": len(requests),
                               "layers": layers}
-    measure_after(model, tok, requests, base, result, ctx, timings)
+    measure_after(work, tok, requests, base, result, ctx, timings)
     graph.results.append(result)
     notes = [(f"MEMIT edit of {len(requests)} fact(s) spread over layers {layers} "
               f"({', '.join(s.name for s in sites)}); factors and the original tensors are in `edits.safetensors`.")]

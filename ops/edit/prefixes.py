@@ -9,9 +9,6 @@ import torch
 
 from surgeon.errors import SurgeonError
 
-from .forward import cache_kwarg
-from .rows import left_pad, pad_id_of, positions_of
-
 #: EMMET/MEMIT prefix seeds (§4.2); ROME seeds its prefixes from the BOS token instead (``kmeng01/rome``)
 SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
 
@@ -32,40 +29,30 @@ def seed_ids(tok: Any, seeds: str, n: int) -> list[list[int]]:
     return [list(tok(SEED_WORDS[i % len(SEED_WORDS)])["input_ids"]) for i in range(n)]
 
 
-def sample_prefixes(model: torch.nn.Module, tok: Any, lengths: Sequence[int], *, seed: int, device: str,
-                    top_k: int = 5, seeds: str = "words") -> list[str]:
+def sample_prefixes(score: Any, tok: Any, lengths: Sequence[int], *, seed: int, top_k: int = 5,
+                    seeds: str = "words") -> list[str]:
     """One sampled text per entry of ``lengths``, each ending in ``". "`` so that a prompt can follow.
     Deterministic for a fixed seed. A length counts the seed's tokens too, as the reference's
     ``generate_fast(max_out_len=length)`` does: ROME's 5 and 10 from BOS draw 4 and 9 new tokens, EMMET's 10
     from a one-token word draws 9. ``seeds``: see :func:`seed_ids`.
 
-    All texts are drawn together, one token per step with a key/value cache: max(new tokens) forward passes in
-    all (a pass over a 135M model reads its weights once, whatever the batch, so this is the cost that matters)."""
+    All texts are drawn together, one token per step: max(new tokens) passes of the model engine, each
+    ``score(rows, positions)`` (:class:`.metrics.EngineScorer`) giving every row's logits at its last token."""
     if not lengths:
         return []
-    from transformers import DynamicCache
-
     gen = torch.Generator().manual_seed(seed)
     starts = seed_ids(tok, seeds, len(lengths))
     n_new = [max(length - len(st), 1) for st, length in zip(starts, lengths)]
-    ids, mask = left_pad(starts, pad_id_of(tok))  # every row's next token is at the same column
-    cache = DynamicCache()
-    step_ids, drawn = ids, []
-    with torch.no_grad():
-        for _ in range(max(n_new)):
-            pos = positions_of(mask)[:, -step_ids.shape[1]:]
-            out = model(input_ids=step_ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                        use_cache=True, **{cache_kwarg(model): cache})
-            logits = out.logits[:, -1].float().cpu()
-            top = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
-            pick = torch.multinomial(top.values.softmax(-1), 1, generator=gen)
-            step_ids = top.indices.gather(1, pick)
-            drawn.append(step_ids)
-            mask = torch.cat([mask, torch.ones_like(step_ids)], 1)
-    new = torch.cat(drawn, 1).tolist()
+    rows = [list(st) for st in starts]
+    for _ in range(max(n_new)):
+        logits = torch.stack([lg[0] for lg in score(rows, [[len(r) - 1] for r in rows])]).float()
+        top = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+        pick = torch.multinomial(top.values.softmax(-1), 1, generator=gen)
+        for r, t in zip(rows, top.indices.gather(1, pick)[:, 0].tolist()):
+            r.append(int(t))
     out_texts = []
-    for st, row, n in zip(starts, new, n_new):
-        text = tok.decode(st + row[:n], skip_special_tokens=True).replace("{", " ").replace("}", " ").strip()
+    for st, row, n in zip(starts, rows, n_new):
+        text = tok.decode(row[:len(st) + n], skip_special_tokens=True).replace("{", " ").replace("}", " ").strip()
         out_texts.append(text + ". ")
     return out_texts
 

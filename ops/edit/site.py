@@ -1,5 +1,5 @@
 """Where an edit goes: the MLP down-projection of one layer (ALGORITHMS.md §4.1), found through architecture
-roles, plus the matching submodule of a materialised transformers model.
+roles.
 
 Default layer: the published ROME/EMMET layer for the family's reference depth, scaled to this model's depth
 when it differs: ``L = round(n_layers · L_ref / n_ref)``, clipped to ``[0, n_layers − 1]``. Families without a
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-
-import torch
 
 from surgeon.errors import SurgeonError
 
@@ -74,25 +72,3 @@ def locate(graph: Any, layer: int | None, roles: Any) -> EditSite:
     d_out, d_k = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
     bias = name.removesuffix("weight") + "bias"
     return EditSite(layer, name, transposed, d_out, d_k, bias if bias in graph else None, roles.family, rule, n)
-
-
-def find_submodule(model: torch.nn.Module, path: str) -> torch.nn.Module:
-    """The submodule whose qualified name is ``path`` or ends with it on a dot boundary.
-
-    Checkpoint names and module names differ by the base prefix in some families (GPT-2's ``h.5.mlp.c_proj``
-    lives at ``transformer.h.5.mlp.c_proj``), so an exact match is tried first, then a unique suffix.
-    """
-    modules = dict(model.named_modules())
-    if path in modules:
-        return modules[path]
-    hits = [m for name, m in modules.items() if name.endswith("." + path)]
-    if len(hits) == 1:
-        return hits[0]
-    # checkpoint has a prefix the module lacks (e.g. "model." in a bare base model)
-    parts = path.split(".")
-    for i in range(1, len(parts)):
-        tail = ".".join(parts[i:])
-        if tail in modules:
-            return modules[tail]
-    raise SurgeonError(f"cannot find the module for {path!r} in the materialised model "
-                       f"({type(model).__name__}); the architecture roles and the model class disagree")

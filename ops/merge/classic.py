@@ -103,9 +103,7 @@ def ties_merge(base: torch.Tensor, values: Sequence[torch.Tensor], weights: Sequ
     densities = [density] * len(values) if isinstance(density, (int, float)) else list(density)
     masks = []
     for v, d in zip(values, densities):
-        tau = v.float().reshape(-1) - b
-        masks.append(trim_mask(tau, d))
-        del tau
+        masks.append(trim_mask(v.float().reshape(-1) - b, d, overwrite=True))  # τ_i is a temporary
     out = torch.empty_like(b)
     flat = [v.reshape(-1) for v in values]
     for start in range(0, b.numel(), chunk):

@@ -14,13 +14,16 @@ import torch
 from surgeon.kernels.select import kth_smallest
 
 
-def trim_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+def trim_mask(delta: torch.Tensor, density: float, *, overwrite: bool = False) -> torch.Tensor:
     """Boolean mask of exactly ``k = int(density·numel)`` largest |δ| (TIES "trim").
 
     The k-th largest |δ| comes from the O(n) radix selection of :mod:`surgeon.kernels.select` (no sort, no index
     tensor). Entries tied at a non-zero threshold are chosen as ``torch.argsort(|δ|, descending=True)[:k]``
-    chooses them (mergekit's rule; continuous task vectors have practically no such ties); ties at zero (common:
-    a tensor a fine-tune left unchanged) are taken in flat order without sorting, since zeros add nothing."""
+    chooses them (mergekit's call). Its order among equal values is that of an unstable introsort over the whole
+    tensor (measured: neither index order nor its reverse), so only the same full sort reproduces it; it runs in
+    place, and only when the k-th value is tied. Ties at zero (a tensor a fine-tune left unchanged) are taken in
+    flat order without sorting, since zeros add nothing. ``overwrite``: ``delta`` is the caller's temporary and
+    may be overwritten (with |δ|, then sorted), saving two tensor-sized buffers."""
     if density >= 1.0:
         return torch.ones(delta.shape, dtype=torch.bool)
     n = delta.numel()
@@ -28,7 +31,7 @@ def trim_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     if k <= 0:
         return torch.zeros(delta.shape, dtype=torch.bool)
     kth = kth_smallest(delta, n - k + 1, absolute=True)
-    a = delta.detach().reshape(-1).abs()
+    a = delta.detach().reshape(-1).abs_() if overwrite else delta.detach().reshape(-1).abs()
     mask = a > kth.value
     need = k - (n - kth.n_less - kth.n_equal)  # how many entries equal to the threshold to keep
     if need == kth.n_equal:
@@ -37,8 +40,11 @@ def trim_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
         zeros = a == 0
         mask |= zeros & (zeros.cumsum(0) <= need)
     elif need > 0:
-        mask = torch.zeros_like(mask)
-        mask[torch.argsort(a, descending=True)[:k]] = True
+        del mask
+        order = torch.empty(n, dtype=torch.int64)
+        torch.sort(a, descending=True, out=(a, order))  # = torch.argsort(a, descending=True), a sorted in place
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[order[:k]] = True
     return mask.reshape(delta.shape)
 
 

@@ -16,11 +16,20 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from surgeon.kernels.select import StreamingKth, fp32_bits, key_to_float, zero_below, zero_smallest_k
+from surgeon.kernels.select import (
+    NonFiniteInput,
+    StreamingKth,
+    fp32_bits,
+    key_to_float,
+    zero_below,
+    zero_smallest_k,
+)
 
 from surgeon.context import Context
+from surgeon.errors import SurgeonError
 from surgeon.graph import Graph, Reduce
 from surgeon.numeric import check_finite
 from surgeon.registry import register
@@ -103,14 +112,23 @@ UNRANKABLE = ("magnitude pruning ranks weights by size and NaN/Inf have no rank;
               "such tensors pass through ops that do not rank them: exclude it with --exclude")
 
 
+def unrankable(name: str) -> SurgeonError:
+    return SurgeonError(f"tensor {name!r} contains NaN or Inf ({UNRANKABLE})")
+
+
 def _finite_magnitude_prune(name: str, sparsity: float, device: str, protect: Protection, transposed: bool):
     def fn(w: torch.Tensor) -> torch.Tensor:
-        check_finite(name, w, UNRANKABLE)
         rank_last = protect.rank_mask(name)
+        k = n_pruned(w.numel(), sparsity)
+        if rank_last is not None or k == 0 or device != "cpu" or w.dtype == torch.float64:
+            check_finite(name, w, UNRANKABLE)  # paths without the CPU kernel's histogram
         if rank_last is not None:  # an edited matrix: the edit's entries rank last (see .protect)
-            out = prune_smallest(w, n_pruned(w.numel(), sparsity), rank_last)
+            out = prune_smallest(w, k, rank_last)
         else:
-            out = magnitude_prune(w, sparsity, device=device)
+            try:
+                out = magnitude_prune(w, sparsity, device=device)
+            except NonFiniteInput:  # the selection's histogram shows NaN/Inf: no separate pass over w
+                raise unrankable(name) from None
         return protect.finish(name, out, w, transposed)
 
     return fn
@@ -123,8 +141,10 @@ def global_threshold_nodes(nodes: list, k: int, facts: dict[str, Any], names: li
     n = len(nodes)
 
     def high_step(acc: StreamingKth, v: torch.Tensor, i: int) -> StreamingKth:
-        check_finite(names[i] if names else f"#{i}", v, UNRANKABLE)
-        acc.add_high(v)
+        try:
+            acc.add_high(v)  # refuses NaN/Inf from the tensor's histogram
+        except NonFiniteInput:
+            raise unrankable(names[i] if names else f"#{i}") from None
         return acc
 
     high = Reduce([Fresh(x) for x in nodes], init=lambda: StreamingKth(k), step=high_step,
@@ -161,7 +181,7 @@ def _prune_below(index: int, facts: dict[str, Any], name: str, protect: Protecti
         bits = fp32_bits(w)
         out = zero_below(bits, int(reduced[0]), int(reduced[1 + index]), absolute=True).reshape(w.shape)
         out = protect.finish(name, restore_protected(out, w, protect.rank_mask(name)), w, transposed)
-        frac = int((out == 0).sum()) / out.numel()
+        frac = (out.numel() - int(np.count_nonzero(out.cpu().numpy()))) / out.numel()
         facts["sparsity_per_tensor"][name] = round(frac, 6)
         if frac > 0.95:
             facts["above_95_percent"].append(name)
@@ -177,6 +197,13 @@ def _nm_protected(w: torch.Tensor, n: int, m: int, transposed: bool, name: str, 
 
 
 # --- graph wiring ---------------------------------------------------------------------------------------------
+
+def _checked(node: Pruned, name: str, protect: Protection) -> Pruned:
+    """Zeroing entries of a tensor whose NaN/Inf were refused keeps it finite: the writer need not check the
+    result again (unless an edit is refitted into it, which computes new values)."""
+    node.finite = name not in protect.keys
+    return node
+
 
 @register("prune.magnitude", Params, summary="Magnitude pruning: per-layer, global or N:M.")
 def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
@@ -204,8 +231,9 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
         for name in names:
             dense = graph[name]
             numel = dense.shape[0] * dense.shape[1]
-            graph.replace(name, Pruned(_finite_magnitude_prune(name, params.sparsity, dev, protect, name in trans),
-                                       [dense], dense=dense, label="prune-magnitude"))
+            graph.replace(name, _checked(Pruned(_finite_magnitude_prune(name, params.sparsity, dev, protect,
+                                                                        name in trans),
+                                                [dense], dense=dense, label="prune-magnitude"), name, protect))
             per_tensor[name] = (n_pruned(numel, params.sparsity), numel)
         ctx.report(method="magnitude", scope="layer", **sparsity_facts(per_tensor))
     else:
@@ -218,8 +246,9 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
             return graph
         reduced = global_threshold_nodes(nodes, k, facts, names)
         for i, (name, dense) in enumerate(zip(names, nodes)):
-            graph.replace(name, Pruned(_prune_below(i, facts, name, protect, name in trans), [reduced, dense],
-                                       dense=dense, label="prune-magnitude-global"))
+            graph.replace(name, _checked(Pruned(_prune_below(i, facts, name, protect, name in trans),
+                                                [reduced, dense], dense=dense, label="prune-magnitude-global"),
+                                         name, protect))
         # per-tensor sparsity is only known once the threshold has streamed; the dict is filled while writing
         ctx.report(method="magnitude", scope="global", sparsity=round(k / total, 6), pruned_tensors=len(names),
                    pruned_parameters=total, global_threshold=facts)

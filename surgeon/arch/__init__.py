@@ -37,7 +37,6 @@ from typing import Any
 
 from surgeon.errors import SurgeonError
 
-from .attention import PLAIN_ATTENTION_FAMILIES, attention_implementation  # noqa: F401 - ops ask surgeon.arch
 from .families import ALIASES, FAMILIES
 from .head import logit_transform  # noqa: F401 - the engine asks surgeon.arch
 

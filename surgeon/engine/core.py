@@ -206,17 +206,21 @@ class Engine:
 
     ``max_memory`` (bytes): refuse when one block does not fit; hidden states beyond what is left spill to disk.
     ``roles``: the model's :class:`surgeon.arch.Roles` (from ``ctx.roles(graph)``); resolved here when omitted.
+    ``group_by_length``: a micro-batch takes rows of equal length from anywhere in the samples, not only
+    consecutive ones (results are keyed by sample index either way).
     """
 
     def __init__(self, graph: Graph, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
                  micro_batch: int = 8, max_memory: int | None = None, hidden_budget: int | None = None,
-                 roles: Roles | None = None, check_finite: bool = True, spill_dir: str | None = None):
+                 roles: Roles | None = None, check_finite: bool = True, spill_dir: str | None = None,
+                 group_by_length: bool = False):
         from surgeon.model import _build_empty, _component_config, _torch_dtype, dense_graph
 
         self.graph = dense_graph(graph).copy()  # own node map: changed tensors are swapped in as they spill
         self.device = torch.device(device)
         self.dtype = _torch_dtype(dtype)
         self.micro_batch = max(1, int(micro_batch))
+        self.group_by_length = group_by_length  # micro-batches of equal-length rows from anywhere in the samples
         self.check_finite = check_finite
         self.roles = roles if roles is not None else _roles(self.graph)
         if self.roles.n_layers == 0:
@@ -270,11 +274,12 @@ class Engine:
 
     def _load(self, pnames: list[str]) -> None:
         from surgeon.checkpoint import check_finite as refuse_nonfinite
+        from surgeon.graph import Load
 
         params = {n for n, _ in self.skeleton.named_parameters(remove_duplicate=False)}
         with torch.no_grad():
             for pname, (gname, value) in zip(pnames, self.graph.values([self.pnames[p] for p in pnames])):
-                if self.check_finite:
+                if self.check_finite and not isinstance(self.graph[gname], Load):  # a Load checked on reading
                     refuse_nonfinite(gname, value)
                 is_param = pname in params
                 v = value.to(device=self.device, dtype=self.dtype if is_param and value.is_floating_point() else None)
@@ -341,6 +346,8 @@ class Engine:
         self._load_globals()
         self._rows = rows
         local = self._local(len(rows))
+        if self.group_by_length:  # many short rows of mixed lengths (an edit's prompts): fewer, fuller batches
+            local.sort(key=lambda i: (rows[i].numel(), i))
         groups: list[list[int]] = []
         for i in local:
             if groups and len(groups[-1]) < self.micro_batch and rows[groups[-1][0]].numel() == rows[i].numel():
@@ -516,6 +523,39 @@ class Engine:
         out = torch.cat(parts, 1)
         transform = logit_transform(self.config.to_dict())
         return transform(out) if transform is not None else out
+
+    def logits_at(self, samples, positions: Sequence[Sequence[int]], *, progress: Callable | None = None,
+                  rows_per_call: int = 1024) -> list[torch.Tensor]:
+        """fp32 logits ``[len(positions[i]), V]`` at the given positions of every sample (every block unchanged,
+        then :meth:`logits` on the gathered rows only, ``rows_per_call`` at a time): an edit's metrics, greedy
+        and sampled continuations. Under ``torchrun`` every rank gets every sample's logits."""
+        if len(positions) != len(samples):
+            raise SurgeonError(f"engine: {len(positions)} position lists for {len(samples)} samples")
+        for _ in self.blocks(samples, record=False, progress=progress):
+            pass
+        picked, owner = [], []
+        for j, mb in enumerate(self._batches):
+            h = self._hidden.get(j, self.device)
+            for k, gi in enumerate(mb.indices):
+                pos = torch.as_tensor(list(positions[gi]), dtype=torch.long)
+                if pos.numel() and (int(pos.max()) >= mb.length or int(pos.min()) < 0):
+                    raise SurgeonError(f"engine: position {int(pos.max())} is outside sample {gi} "
+                                       f"({mb.length} tokens)")
+                picked.append(h[k, pos.to(self.device)])
+                owner.append((gi, pos.numel()))
+        head = self.head_weights()
+        flat = torch.cat(picked) if picked else torch.zeros(0, self.config.hidden_size, device=self.device)
+        with torch.no_grad():
+            parts = [self.logits(flat[s:s + rows_per_call], head).cpu() for s in range(0, flat.shape[0],
+                                                                                       rows_per_call)]
+        out = torch.cat(parts) if parts else torch.zeros(0, head[0].shape[0])
+        local, s = {}, 0
+        for gi, n in owner:
+            local[gi], s = out[s:s + n], s + n
+        merged: dict[int, torch.Tensor] = {}
+        for part in dist.gather_objects(local):
+            merged.update(part)
+        return [merged[i] for i in range(len(samples))]
 
     def score(self, samples, *, progress: Callable | None = None) -> HeadOutput:
         """Run every block unchanged and score ``samples`` with the head (eval)."""

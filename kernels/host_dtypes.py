@@ -1,0 +1,160 @@
+"""Float dtype conversions and NaN/Inf checks on raw tensor bytes, in numpy, byte-identical to torch on CPU.
+
+Casting and copying a checkpoint needs no tensor library: these kernels let ``cast``/``drop``/``rename`` run
+without importing torch (about 2 s of CPU per process). Arrays hold a tensor's storage: ``float64``/``float32``/
+``float16`` as themselves, ``bfloat16`` as ``uint16`` bit patterns (numpy has no bfloat16), float8 as ``uint8``.
+
+What torch does, and what is reproduced here (``tests/test_host_dtypes.py`` compares bytes with torch):
+- float32 -> bfloat16: round to nearest, ties to even, on the bit pattern (``u + 0x7FFF + lsb >> 16``); every
+  NaN becomes ``0xFFFF`` (torch's vectorised CPU kernel), overflow becomes ±Inf.
+- float32 -> float16: IEEE round to nearest even with subnormals and overflow to ±Inf (numpy's cast); a NaN
+  keeps its sign and the top 10 bits of its payload with the quiet bit set (the F16C instruction torch uses),
+  where numpy keeps signalling NaNs signalling.
+- float64 -> bfloat16 / float16: through float32 (torch converts a double to float first: two roundings).
+- float16 -> bfloat16: through float32; a NaN becomes ``0x7FC0`` (torch's scalar conversion, not the vector one).
+- float64 -> bfloat16 and float16 -> float32 of a tensor holding a NaN: torch's NaN bits depend on where the NaN
+  sits (its vector loop's body or its scalar tail, whose places move with the thread count), so such a tensor is
+  converted by torch itself (imported only then; the default NaN check refuses those tensors anyway).
+- widening (bfloat16/float16 -> float32/float64, float32 -> float64) and float64 -> float32: exact or one
+  IEEE rounding, NaN payloads as the CPU's conversion instructions keep them (numpy uses the same ones).
+Work goes in chunks of :data:`CHUNK` elements so temporaries stay in cache and memory stays flat.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+CHUNK = 1 << 18  # elements per step: 1 MiB of float32 temporaries, cache-resident
+
+#: dtype name (torch's) -> numpy storage dtype of the raw bytes
+STORAGE = {
+    "float64": np.float64, "float32": np.float32, "float16": np.float16, "bfloat16": np.uint16,
+    "float8_e4m3fn": np.uint8, "float8_e5m2": np.uint8,
+    "int64": np.int64, "int32": np.int32, "int16": np.int16, "int8": np.int8, "uint8": np.uint8,
+    "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64, "bool": np.bool_,
+}
+#: float dtypes converted here (float8 is only checked, never converted)
+CONVERTIBLE = frozenset({"float64", "float32", "float16", "bfloat16"})
+#: float dtype -> (unsigned view, mask of the magnitude bits, smallest magnitude pattern that is Inf or NaN)
+_NONFINITE_BITS = {
+    "bfloat16": (np.uint16, 0x7FFF, 0x7F80),
+    "float16": (np.uint16, 0x7FFF, 0x7C00),
+    "float8_e5m2": (np.uint8, 0x7F, 0x7C),
+    "float8_e4m3fn": (np.uint8, 0x7F, 0x7F),  # no Inf; NaN is S.1111.111
+}
+
+
+def _f32_to_bf16(x: np.ndarray, out: np.ndarray, scratch: np.ndarray, nan: int = 0xFFFF) -> None:
+    """float32 -> bfloat16 bits, round to nearest even (``(u + 0x7FFF + lsb) >> 16``); NaN -> ``nan``."""
+    u = x.view(np.uint32)
+    t = scratch[: u.size]
+    np.right_shift(u, 16, out=t)
+    t &= 1
+    t += 0x7FFF
+    t += u
+    t >>= 16
+    np.copyto(out, t, casting="unsafe")
+    if x.size and np.isnan(x.max()):  # max propagates NaN: one pass finds whether there is any
+        out[np.isnan(x)] = nan
+
+
+def _f32_to_f16(x: np.ndarray, out: np.ndarray) -> None:
+    """float32 -> float16 (IEEE, numpy); NaN quieted with its payload's top bits kept, as F16C does."""
+    np.copyto(out, x, casting="unsafe")
+    if x.size and np.isnan(x.max()):
+        nan = np.isnan(x)
+        u = x.view(np.uint32)[nan]
+        bits = ((u >> 16) & 0x8000) | 0x7E00 | ((u >> 13) & 0x03FF)
+        out.view(np.uint16)[nan] = bits.astype(np.uint16)
+
+
+def _as_f32(x: np.ndarray, src: str, scratch: np.ndarray) -> np.ndarray:
+    """``x`` as float32 (exact for bfloat16/float16, one rounding for float64), in ``scratch``."""
+    if src == "float32":
+        return x
+    t = scratch[: x.size]
+    if src == "bfloat16":
+        np.copyto(t, x, casting="unsafe")
+        t <<= 16
+        return t.view(np.float32)
+    f32 = t.view(np.float32)
+    np.copyto(f32, x, casting="unsafe")
+    return f32
+
+
+def convert(src: np.ndarray, src_dtype: str, dst_dtype: str) -> np.ndarray:
+    """``src`` (storage of ``src_dtype``, any shape) converted to ``dst_dtype``'s storage, flat.
+
+    Both dtypes must be in :data:`CONVERTIBLE`."""
+    if src_dtype not in CONVERTIBLE or dst_dtype not in CONVERTIBLE:
+        raise ValueError(f"no host conversion from {src_dtype} to {dst_dtype}")
+    flat = src.reshape(-1)
+    if src_dtype == dst_dtype:
+        return flat.copy()
+    if (src_dtype, dst_dtype) in _TORCH_DECIDES_NAN and has_nan(flat, src_dtype):
+        return _torch_convert(flat, src_dtype, dst_dtype)
+    out = np.empty(flat.size, dtype=STORAGE[dst_dtype])
+    scratch = (np.empty(min(CHUNK, flat.size), np.uint32), np.empty(min(CHUNK, flat.size), np.uint32))
+    with np.errstate(all="ignore"):  # overflow to Inf and NaN casts are the intended results
+        for lo in range(0, flat.size, CHUNK):
+            _convert_chunk(flat[lo:lo + CHUNK], src_dtype, dst_dtype, out[lo:lo + CHUNK], scratch)
+    return out
+
+
+#: conversions whose NaN bits torch chooses by position (see the module docstring)
+_TORCH_DECIDES_NAN = frozenset({("float64", "bfloat16"), ("float16", "float32")})
+
+
+def _torch_convert(flat: np.ndarray, src: str, dst: str) -> np.ndarray:
+    import torch
+
+    t = torch.from_numpy(flat.view(np.uint8).copy()).view(getattr(torch, src))
+    return t.to(getattr(torch, dst)).view(torch.uint8).numpy().view(STORAGE[dst])
+
+
+def has_nan(data: np.ndarray, dtype: str) -> bool:
+    """True when ``data`` (storage of ``dtype``, one of :data:`CONVERTIBLE`) holds a NaN (Inf does not count)."""
+    flat = data.reshape(-1)
+    for lo in range(0, flat.size, CHUNK):
+        x = flat[lo:lo + CHUNK]
+        if dtype in ("float32", "float64"):
+            found = bool(x.size) and bool(np.isnan(x.max()))
+        else:
+            view, mask, first = _NONFINITE_BITS[dtype]
+            found = bool(x.size) and int((x.view(view) & mask).max()) > first
+        if found:
+            return True
+    return False
+
+
+def _convert_chunk(x: np.ndarray, src: str, dst: str, out: np.ndarray,
+                   scratch: tuple[np.ndarray, np.ndarray]) -> None:
+    if dst in ("float64", "float32"):  # widening, or float64 -> float32: one IEEE cast (through float32)
+        np.copyto(out, x if src in ("float64", "float32") else _as_f32(x, src, scratch[0]), casting="unsafe")
+        return
+    f32 = _as_f32(x, src, scratch[0])
+    if dst == "float16":
+        _f32_to_f16(f32, out)
+    else:  # torch's float16 -> bfloat16 goes through its scalar conversion, whose NaN is 0x7FC0
+        _f32_to_bf16(f32, out, scratch[1], nan=0x7FC0 if src == "float16" else 0xFFFF)
+
+
+def has_nonfinite(data: np.ndarray, dtype: str) -> bool:
+    """True when ``data`` (storage of the float ``dtype``, any shape) holds a NaN or an Inf.
+
+    float32/float64: a sum propagates both and is one pass; only when it is not finite (possibly an overflow of
+    finite values) does the exact check run. The others compare the magnitude bits with the all-ones exponent."""
+    flat = data.reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):  # the sum may overflow: then the exact check decides
+        for lo in range(0, flat.size, CHUNK):
+            if _chunk_nonfinite(flat[lo:lo + CHUNK], dtype):
+                return True
+    return False
+
+
+def _chunk_nonfinite(x: np.ndarray, dtype: str) -> bool:
+    if not x.size:
+        return False
+    if dtype in ("float32", "float64"):
+        return not np.isfinite(np.add.reduce(x)) and not bool(np.isfinite(x).all())
+    view, mask, first = _NONFINITE_BITS[dtype]
+    return int((x.view(view) & mask).max()) >= first
