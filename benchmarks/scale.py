@@ -17,7 +17,7 @@ so the calibration / evaluation text is random words. Then runs, each in its own
 
 and prints wall seconds, peak RSS and the engine's seconds per block. Goal: peak RSS <= 4 GB.
 
-    .venv/bin/python benchmarks/scale.py [--layers 32] [--only eval|wanda|edit|shiftadd] [--cache DIR]
+    .venv/bin/python benchmarks/scale.py [--layers 32] [--only eval|wanda|edit|rome|shiftadd] [--cache DIR]
         [--stats-tokens 2048] [--edit-steps 5]
 """
 from __future__ import annotations
@@ -143,15 +143,18 @@ print(json.dumps({"stats_s": round(time.perf_counter() - t0, 1), "tokens": st.co
 """
 
 
-def edit_rows(cli: list[str], ckpt: Path, text: Path, tmp: Path, args) -> list[tuple]:
+def edit_rows(cli: list[str], ckpt: Path, text: Path, tmp: Path, args, *, rome_only: bool = False) -> list[tuple]:
     """The edit's key statistics alone (E[kkᵀ] at the last layer: every block runs), then ``edit rome`` at the
-    last layer and at the default layer."""
-    r = measure([sys.executable, "-c", STATS_ONLY, str(ckpt), str(text), str(args.stats_tokens),
-                 str(args.layers - 1)])
-    rows = [("edit statistics (last layer)", r, {}, f"{r['json']['tokens']} tokens, {r['json']['stats_s']} s")]
+    last layer and at the default layer (``rome_only``: ``edit rome`` at the default layer, once)."""
+    rows = []
+    if not rome_only:
+        r = measure([sys.executable, "-c", STATS_ONLY, str(ckpt), str(text), str(args.stats_tokens),
+                     str(args.layers - 1)])
+        rows.append(("edit statistics (last layer)", r, {}, f"{r['json']['tokens']} tokens, {r['json']['stats_s']} s"))
     req = tmp / "requests.jsonl"
     req.write_text(json.dumps({"prompt": "w1 w2 w3 w4 w5 w6 is", "subject": "w3 w4", "target": " w7"}) + "\n")
-    for label, layer in (("last layer", [str(args.layers - 1)]), ("default layer", [])):
+    runs = (("default layer", []),) if rome_only else (("last layer", [str(args.layers - 1)]), ("default layer", []))
+    for label, layer in runs:
         out = tmp / "edited"
         r = measure([*cli, "edit", "rome", str(ckpt), "--requests", str(req), "--stats-data", str(text),
                      "--stats-tokens", str(args.stats_tokens), "--no-stats-cache", "--steps", str(args.edit_steps),
@@ -169,7 +172,8 @@ def edit_rows(cli: list[str], ckpt: Path, text: Path, tmp: Path, args) -> list[t
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--only", choices=["eval", "wanda", "edit", "shiftadd"], default=None)
+    ap.add_argument("--only", choices=["eval", "wanda", "edit", "rome", "shiftadd"], default=None,
+                    help="one benchmark; rome: `edit rome` at the default layer only (no statistics-only run)")
     ap.add_argument("--stats-tokens", type=int, default=2048, help="tokens for the edit's key statistics")
     ap.add_argument("--edit-steps", type=int, default=5, help="Adam steps of the edit's value optimisation")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "surgeon" / "bench")
@@ -194,8 +198,8 @@ def main() -> None:
                          "--json"])
             rows.append(("prune wanda 0.5 (8x256)", r, block_info(r["json"]), ""))
             shutil.rmtree(out, ignore_errors=True)
-        if args.only in (None, "edit"):
-            rows += edit_rows(cli, ckpt, text, Path(tmp), args)
+        if args.only in (None, "edit", "rome"):
+            rows += edit_rows(cli, ckpt, text, Path(tmp), args, rome_only=args.only == "rome")
         if args.only in (None, "shiftadd"):
             out = Path(tmp) / "shiftadd"
             r = measure([*cli, "shiftadd", str(ckpt), "--data", str(text), "--seqlen", "256", "--max-windows", "8",

@@ -12,31 +12,40 @@ import torch
 FP64 = torch.float64
 
 
+def _symmetric_copy(matrix: torch.Tensor, device: str) -> torch.Tensor:
+    """(C + Cᵀ)/2 in fp64 on ``device``: a new matrix, ``matrix`` is never changed."""
+    c = matrix.to(device=device, dtype=FP64)
+    return torch.add(c, c.mT).mul_(0.5)
+
+
 class CholeskyFactor:
     """``C = L Lᵀ`` computed once; :meth:`solve` gives C⁻¹x for vectors or column blocks."""
 
     def __init__(self, matrix: torch.Tensor, *, device: str = "cpu", eps: float = 1e-6, max_eps: float = 1.0):
-        c = matrix.to(device=device, dtype=FP64)
-        c = torch.add(c, c.mT).mul_(0.5)  # symmetric; one new matrix, the caller's is never changed
-        self.dim = c.shape[0]
+        # One working matrix besides the caller's: the symmetrised copy is factored in place on its column-major
+        # view (LAPACK's layout, so torch makes no copy); a d = 14336 covariance is 1.6 GB in fp64. A failed
+        # attempt leaves it overwritten, so a retry rebuilds it from ``matrix`` (never changed) with a larger εI.
+        self.dim = matrix.shape[0]
         self.device = device
         self.jitter = 0.0  # relative εI actually added (0: C was positive definite)
-        lower, info = torch.linalg.cholesky_ex(c)
-        if int(info) != 0:
-            # retry with growing εI added to the diagonal in place: memory stays C + its factor (a d = 14336
-            # covariance is 1.6 GB in fp64, so copies of it per retry are what bounds memory)
-            scale = float(c.diagonal().mean()) or 1.0
-            jitter, added = eps, 0.0
-            while int(info) != 0:
-                if jitter > max_eps:
-                    raise ValueError(f"matrix is not positive semi-definite (Cholesky fails with εI, ε={max_eps})")
-                del lower
-                c.diagonal().add_((jitter - added) * scale)
-                added = jitter
-                lower, info = torch.linalg.cholesky_ex(c)
-                self.jitter = jitter
-                jitter *= 10
-        del c
+        scale = 0.0
+        jitter = 0.0
+        info = torch.zeros((), dtype=torch.int32, device=device)
+        while True:
+            c = _symmetric_copy(matrix, device)
+            if jitter == 0.0:
+                scale = float(c.diagonal().mean()) or 1.0
+            else:
+                c.diagonal().add_(jitter * scale)
+            lower = c.mT  # column-major view; C is symmetric, so its lower triangle is C's
+            torch.linalg.cholesky_ex(lower, out=(lower, info))
+            if int(info) == 0:
+                break
+            del c, lower
+            jitter = eps if jitter == 0.0 else jitter * 10
+            if jitter > max_eps:
+                raise ValueError(f"matrix is not positive semi-definite (Cholesky fails with εI, ε={max_eps})")
+        self.jitter = jitter
         self.lower = lower
 
     @classmethod

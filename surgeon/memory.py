@@ -6,8 +6,8 @@ A run's resident memory is the interpreter with its libraries, plus what the gra
 - tensor-wise steps (magnitude pruning, cast, tie, weight-only ShiftAdd, ...) and the writer stream a few
   tensors at a time: a small multiple of the largest tensor in fp32; a merge holds every model's copy of the
   tensor (TIES/DARE: also its task vector, trim mask and selection buffers; ``MERGE_FACTOR`` per model);
-- eval and Wanda/SparseGPT/depth pruning run on the engine: one block, the output embedding and the samples'
-  hidden states, whatever the depth;
+- eval, Wanda/SparseGPT/depth pruning and calibrated ShiftAdd run on the engine: one block, the output embedding
+  (ShiftAdd: the block's Hessians instead) and the samples' hidden states, whatever the depth;
 - knowledge edits (ROME, EMMET, MEMIT, AlphaEdit) run statistics, keys, the multi-layer spread, sampled prefixes
   and metrics on the engine; v* keeps the blocks from the (last) edited layer on resident; they may sample
   text from a second fp32 copy of the model (``model:N``) with a KV cache;
@@ -104,6 +104,8 @@ def _perp(graph: Graph, params: Any, s: dict[str, int], model: int) -> int:
 def step_estimate(graph: Graph, spec: OpSpec, params: BaseModel, n_models: int = 1) -> dict[str, int]:
     """``{"work": bytes one step needs besides the base, "held": bytes it leaves in the graph}``."""
     largest = _largest_fp32(graph)
+    if _calibrated_shiftadd(spec, params):
+        return {"work": _shiftadd_work(graph, params, _shape(graph), 4 * _numel(graph)), "held": 0}
     if spec.multi_model:
         return {"work": (STREAM_FACTOR + MERGE_FACTOR.get(spec.name, 1) * n_models) * largest, "held": 0}
     if not spec.model_level:
@@ -126,7 +128,8 @@ def step_estimate(graph: Graph, spec: OpSpec, params: BaseModel, n_models: int =
         return {"work": max(whole, _engine_work(graph, p, s, model)), "held": 0}
     if name in ENGINE_OPS:  # block by block; changed tensors spill to disk
         return {"work": _engine_work(graph, p, s, model, hessians=name == "prune.sparsegpt"), "held": 0}
-    # other model-level ops (calibrated ShiftAdd, erase, distill): the model plus a calibration batch's activations
+    # other model-level ops (erase, distill): the model plus a calibration batch's activations (erase: an
+    # over-estimate since its text encoder runs on the engine and its k/v pass streams; not re-fitted)
     return {"work": 2 * model, "held": model // 2}
 
 
@@ -188,9 +191,33 @@ def _engine_work(graph: Graph, p: Any, s: dict[str, int], model: int, *, hessian
     return block + head + 8192 * h * 4 + hidden_states + scores + xtx
 
 
+def _calibrated_shiftadd(spec: OpSpec, params: BaseModel) -> bool:
+    """ShiftAdd's activation-aware fit runs the model (the engine); its weight-only fit streams tensors."""
+    return spec.name == "shiftadd" and not getattr(params, "weight_only", True)
+
+
+def _shiftadd_work(graph: Graph, p: Any, s: dict[str, int], model: int) -> int:
+    """Calibrated ShiftAdd on the engine: one fp32 block, the samples' hidden states and attention scores
+    (``_engine_work`` without the head, which it never runs), plus the larger of (a) one block's Hessians in fp32
+    while they are observed (a Llama block: q, k, v, o, gate, up read width-h inputs, down a width-ffn one) and
+    (b) the widest Hessian with its in-place-factored working copy (fp64 up to 8192 wide), the fitted linear's
+    fp32 copies and its uint8 codes. Sampled calibration text (``model:N``) first builds the whole fp32 model."""
+    h, f = s["hidden"], s["ffn"]
+    engine = _engine_work(graph, p, s, model) - 4 * s["vocab"] * h - 8192 * h * 4
+    observed = 4 * (6 * h * h + f * f)
+    wide = max(h, f)
+    fit = 4 * wide * wide + (8 if wide <= 8192 else 4) * wide * wide + 3 * 4 * h * f + h * f
+    work = engine + max(observed, fit)
+    if _sampled(getattr(p, "data", None)):
+        from surgeon.data import effective_seqlen
+
+        work = max(work, model + _sampling_kv(s, p.max_windows, effective_seqlen(p.seqlen, graph.config)))
+    return work
+
+
 def run_estimate(graph: Graph, validated: list[tuple[OpSpec, BaseModel]], n_models: int = 1) -> dict[str, Any]:
     """Peak of the whole run and of each step (see the module docstring); ``n_models``: inputs of a merge."""
-    model_level = any(spec.model_level for spec, _ in validated)
+    model_level = any(spec.model_level or _calibrated_shiftadd(spec, p) for spec, p in validated)
     base = BASE_TRANSFORMERS if model_level else BASE_TORCH
     held = 0
     steps = []

@@ -255,6 +255,26 @@ def test_singular_covariance_gets_jitter():
     assert torch.isfinite(f.solve(k)).all()
 
 
+def test_in_place_cholesky_retry_solves_the_jittered_system_and_keeps_the_input():
+    """The factor is computed in place on one copy; after failed attempts it must still be chol(C + ε·mean(diag)·I)
+    of the caller's (unchanged) C, and answer solves of that system."""
+    from surgeon.kernels.covariance import CholeskyFactor
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 30, dtype=torch.float64, generator=g)
+    cov = x.T @ x / 6  # rank 6 of 30
+    cov[0, 1] += 1e-12  # not exactly symmetric: the factor is of (C + Cᵀ)/2
+    before = cov.clone()
+    f = CholeskyFactor(cov)
+    assert f.jitter > 0 and torch.equal(cov, before)
+    sym = (before + before.T) / 2
+    target = sym + f.jitter * sym.diagonal().mean() * torch.eye(30, dtype=torch.float64)
+    torch.testing.assert_close(f.lower @ f.lower.T, target, rtol=1e-10, atol=1e-12)
+    k = torch.randn(30, 3, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(f.solve(k), torch.linalg.solve(target, k), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(f.solve(k[:, 0]), torch.linalg.solve(target, k[:, 0]), rtol=1e-6, atol=1e-9)
+
+
 def test_conv1d_and_linear_orientation_agree():
     """The same edit written into a Linear weight and into its Conv1D (transposed) storage gives Wᵀ-equal nodes."""
     from surgeon.kernels.covariance import CholeskyFactor

@@ -8,6 +8,7 @@ counts that do not change memory are cut (PERP 2 steps instead of 30).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -71,3 +72,29 @@ def test_dry_run_memory_estimate_within_1_5x_of_peak_rss_on_the_demo_steps(tmp_p
     print("\n".join(f"{op}: estimate {e:.2f} GiB, peak RSS {m:.2f} GiB, ratio {r:.2f}" for op, e, m, r in report))
     for op, _e, _m, ratio in report:
         assert 1 / 1.5 <= ratio <= 1.5, report
+
+
+def test_calibrated_shiftadd_is_estimated_on_the_engine_independent_of_depth(tmp_path):
+    """Calibrated ShiftAdd runs block by block: its estimate does not grow with depth, exceeds the weight-only
+    (streaming) one by at least one block's Hessians, and self-sampled calibration text costs the whole model."""
+    from conftest import save_tiny_llama
+
+    from surgeon.graph import Graph
+    from surgeon.memory import GB, step_estimate
+    from surgeon.registry import get_op
+    from surgeon.sources import open_checkpoint
+
+    spec = get_op("shiftadd")
+    work = {}
+    for layers in (4, 16):
+        g = Graph.from_checkpoint(open_checkpoint(str(save_tiny_llama(tmp_path / f"l{layers}", layers=layers,
+                                                                      hidden=256))))
+        calib = step_estimate(g, spec, spec.params(data="calib.txt", max_windows=8))
+        weight_only = step_estimate(g, spec, spec.params(weight_only=True))
+        sampled = step_estimate(g, spec, spec.params())  # data model:32
+        numel = sum(math.prod(g[n].shape) for n in g.names())
+        assert calib["held"] == 0 and calib["work"] > weight_only["work"] + 4 * (6 * 256**2 + 512**2)
+        assert sampled["work"] >= 4 * numel
+        work[layers] = calib["work"]
+    assert abs(work[16] - work[4]) < 0.02 * work[4]
+    assert work[4] < GB

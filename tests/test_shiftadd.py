@@ -21,7 +21,14 @@ from surgeon.kernels.shiftadd_cpu import (
     unpack_signs,
 )
 from surgeon.ops.shiftadd.bcq import bcq_fit, codebook, nearest_code, quantize_weight_only
-from surgeon.ops.shiftadd.gptq import allocate_bits, output_error, quantize_gptq, sensitivity_score
+from surgeon.ops.shiftadd.gptq import (
+    FP64_MAX_WIDTH,
+    _inverse_cholesky_upper,
+    allocate_bits,
+    output_error,
+    quantize_gptq,
+    sensitivity_score,
+)
 from surgeon.ops.shiftadd.op import Params
 from surgeon.ops.shiftadd.scales import pot_greedy
 
@@ -201,6 +208,51 @@ def test_act_order_perm_is_whole_byte_blocks_and_is_stored():
     assert all(int(perm[i]) % 8 == 0 for i in range(0, k, 8))  # each 8-column block starts on a byte
     assert all(int(perm[i + 1]) == int(perm[i]) + 1 for i in range(k - 1) if (i + 1) % 8)
 
+
+def test_chunked_dense_view_equals_the_one_shot_dequantisation_with_act_order():
+    """QuantizedLinear.dense() dequantises a few rows at a time; the oracle: Σ_i α_i ⊙ B_i of the unpacked signs
+    and repeated scales for all rows at once, columns put back through perm."""
+    x = _correlated_inputs(40, 256, seed=7)
+    ql = quantize_gptq(torch.randn(13, 40, generator=torch.Generator().manual_seed(8)), x.T @ x / 256, 3, 8,
+                       rounds=2)
+    signs = ((ql.qweight.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(3, 13, -1)[..., :40]
+    w_packed = ((signs.float() * 2 - 1) * ql.alpha.repeat_interleave(8, dim=-1)[..., :40]).sum(0)
+    ref = torch.empty_like(w_packed)
+    ref[:, ql.perm.long()] = w_packed
+    for rows in (1, 4, 512):
+        assert torch.equal(ql.dense(rows_per_chunk=rows), ref)
+
+
+@pytest.mark.parametrize("fp64_max_width", [FP64_MAX_WIDTH, 16])  # the fp64 and the fp32 (wide) factorisations
+def test_in_place_inverse_cholesky_equals_the_textbook_formula_and_keeps_h(fp64_max_width, monkeypatch):
+    """U with UᵀU = (P H Pᵀ + λI)⁻¹, λ = damping·mean(diag H), as GPTQ writes it: chol(inv(H + λI), upper)."""
+    from surgeon.ops.shiftadd import gptq
+
+    monkeypatch.setattr(gptq, "FP64_MAX_WIDTH", fp64_max_width)
+    width = 40
+    x = _correlated_inputs(width, width + 64, seed=5)
+    h = x.T @ x / x.shape[0]
+    before = h.clone()
+    perm = torch.randperm(width, generator=torch.Generator().manual_seed(6))
+    u = _inverse_cholesky_upper(h, 0.01, perm)
+    hp = before.double()[perm][:, perm]
+    ref = torch.linalg.cholesky(torch.linalg.inv(hp + 0.01 * hp.diagonal().mean() * torch.eye(width,
+                                                                                               dtype=torch.float64)),
+                                upper=True)
+    tol = 1e-6 if fp64_max_width >= width else 1e-4  # U is returned in fp32
+    assert torch.allclose(u.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+    assert torch.equal(h, before)
+    assert torch.equal(u, torch.triu(u))
+
+
+def test_inverse_cholesky_retries_with_more_damping_from_an_intact_copy():
+    """An indefinite H (eigenvalue −0.05): λ = 1 % of mean(diag H) fails, 10 % succeeds; the failed in-place
+    attempt must not leak into the retry."""
+    h = torch.diag(torch.tensor([1.0, 2.0, 1.5, -0.05]))
+    h[0, 1] = h[1, 0] = 0.3
+    lam = 0.1 * float(h.diagonal().mean())
+    ref = torch.linalg.cholesky(torch.linalg.inv(h.double() + lam * torch.eye(4, dtype=torch.float64)), upper=True)
+    assert torch.allclose(_inverse_cholesky_upper(h, 0.01).double(), ref, atol=1e-6)
 
 # ------------------------------------------- reference layouts (GATECH-EIC/ShiftAddLLM fasterquant, lat / acc)
 def _reference_bst_assign(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:

@@ -2,12 +2,13 @@
 
 SD1.x/2.x: ``last_hidden_state``; SDXL: ``hidden_states[-2]`` of both encoders concatenated (the pooled
 embedding is not used by cross-attention). Prompts are padded to the tokenizer's ``model_max_length`` (77) with no
-attention mask, as the pipelines do. The text encoder is built on the meta device and its tensors assigned from
-the graph, so nothing is initialised randomly and no network is used.
+attention mask, as the pipelines do. The text encoder runs on the model engine as an encoder-only stack: built on the meta
+device, its blocks read from the graph one at a time, so nothing is initialised randomly and no network is used.
 """
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,9 +45,13 @@ def load_clip_tokenizer(spec: TextEncoderSpec, ctx):
     return tok
 
 
-def build_clip_text_model(graph: Graph, spec: TextEncoderSpec, device: str = "cpu"):
-    """A float32 ``CLIPTextModel`` holding the graph's (current) text encoder tensors."""
+def clip_text_stack(graph: Graph, spec: TextEncoderSpec, device: str = "cpu", micro_batch: int = 16):
+    """The encoder as an engine stack (:class:`surgeon.engine.encoder.EncoderStack`): a ``CLIPTextModel`` built on
+    ``meta`` whose blocks are read from the graph (its current tensors) one at a time, in float32."""
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from surgeon.arch.diffusion import clip_text_stack_paths
+    from surgeon.engine.encoder import EncoderStack, StackPaths
 
     names = spec.state_names(graph.names())
     names.pop("text_projection.weight", None)  # SDXL's CLIPTextModelWithProjection head: unused here
@@ -56,23 +61,20 @@ def build_clip_text_model(graph: Graph, spec: TextEncoderSpec, device: str = "cp
     config = CLIPTextConfig(**cfg)
     with torch.device("meta"):
         model = CLIPTextModel(config)
-    expected = [k for k in model.state_dict() if not k.endswith("position_ids")]
+    expected = [k for k, _ in model.named_parameters()]
     missing = [k for k in expected if k.removeprefix("text_model.") not in names]
     if missing:
-        raise SurgeonError(f"{spec.component}: text encoder tensor {spec.strip}{missing[0]} is missing "
-                           f"({len(missing)} missing)")
-    state = {k: graph.value(names[k.removeprefix("text_model.")]).to(device=device, dtype=torch.float32)
-             for k in expected}
-    model.load_state_dict(state, strict=False, assign=True)
+        raise SurgeonError(f"{spec.component}: text encoder tensor {spec.strip}{missing[0].removeprefix('text_model.')}"
+                           f" is missing ({len(missing)} missing)")
     for mod_name, mod in model.named_modules():
         for b_name, buf in list(mod.named_buffers(recurse=False)):
-            if buf.device.type != "meta":
-                continue
             if b_name != "position_ids":
                 raise SurgeonError(f"{spec.component}: cannot materialise buffer {mod_name}.{b_name}")
             mod.register_buffer(b_name, torch.arange(buf.shape[-1], device=device).expand(buf.shape),
                                 persistent=False)
-    return model.eval()
+    layers, final_norm = clip_text_stack_paths(model)
+    return EncoderStack(graph, model, {k: names[k.removeprefix("text_model.")] for k in expected},
+                        StackPaths(layers, final_norm), device=device, micro_batch=micro_batch)
 
 
 def word_token_counts(ids: torch.Tensor, mask: torch.Tensor, tok) -> list[int]:
@@ -88,70 +90,76 @@ def word_token_counts(ids: torch.Tensor, mask: torch.Tensor, tok) -> list[int]:
 
 
 class PromptEncoder:
-    """Encodes prompts with every text encoder of the layout; each distinct prompt is encoded once."""
+    """Encodes prompts with every text encoder of the layout; each distinct prompt is encoded once.
+
+    Each encoder runs on the model engine as an encoder-only stack (:func:`clip_text_stack`): a call embeds all
+    its prompts, then runs one block at a time over them in micro-batches of ``batch_size``."""
 
     def __init__(self, graph: Graph, layout: SDLayout, device: str = "cpu", batch_size: int = 16, *, ctx):
         self.layout = layout
         self.device = device
         self.batch_size = batch_size
-        self.tokenizers, self.models = [], []
+        self.tokenizers, self.stacks = [], []
         names = graph.names()
         for s in layout.encoders:
             nested = any(n.startswith(s.prefix + "text_model.") for n in names)
-            if layout.kind == "diffusers" and not nested:
-                # the shared model-context path (surgeon.model) for transformers-5 CLIPTextModel folders
+            if layout.kind == "diffusers" and not nested:  # transformers-5 CLIPTextModel folders
                 self.tokenizers.append(ctx.tokenizer(graph, component=s.tokenizer_dir.name))
-                self.models.append(ctx.module(graph, kind="clip-text", component=s.component))
             else:  # CompVis files and text_model.-nested folders (CLIPTextModelWithProjection, transformers < 5)
                 self.tokenizers.append(load_clip_tokenizer(s, ctx))
-                self.models.append(build_clip_text_model(graph, s, device))
+            self.stacks.append(clip_text_stack(graph, s, device, micro_batch=batch_size))
         self.cache: dict[str, tuple[torch.Tensor, int]] = {}
 
     @property
     def max_length(self) -> int:
         n = int(self.tokenizers[0].model_max_length)
-        return n if n < 100_000 else int(self.models[0].config.max_position_embeddings)
+        return n if n < 100_000 else int(self.stacks[0].config.max_position_embeddings)
 
     @property
     def dim(self) -> int:
-        return sum(m.config.hidden_size for m in self.models)
+        return sum(m.config.hidden_size for m in self.stacks)
 
     @torch.inference_mode()
     def _encode_new(self, prompts: list[str]) -> None:
-        for i in range(0, len(prompts), self.batch_size):
-            chunk = prompts[i : i + self.batch_size]
-            hidden, lengths = self._encode_batch(chunk)
-            for p, h, n in zip(chunk, hidden, lengths):
+        done = 0
+        for hidden, lengths in self._encode_batches(prompts):
+            for p, h, n in zip(prompts[done:], hidden, lengths):
                 self.cache[p] = (h, int(n))
+            done += hidden.shape[0]
 
     @torch.inference_mode()
     def gram(self, prompts: list[str]) -> torch.Tensor:
-        """Σ over prompts and all positions of h hᵀ (float64 ``[d, d]``), encoded in batches without caching:
-        a long preserve list (the artist preset's 1,733 names) never holds all its embeddings at once."""
+        """Σ over prompts and all positions of h hᵀ (float64 ``[d, d]``), accumulated per micro-batch without
+        caching (the artist preset's 1,733 names: their hidden states spill to disk past the engine's budget)."""
         H = torch.zeros(self.dim, self.dim, dtype=torch.float64)
-        for i in range(0, len(prompts), self.batch_size):
-            hidden, _ = self._encode_batch(prompts[i : i + self.batch_size])
+        for hidden, _ in self._encode_batches(prompts):
             rows = hidden.reshape(-1, hidden.shape[-1])
             H += rows.T @ rows
         return H
 
-    def _encode_batch(self, chunk: list[str]) -> tuple[torch.Tensor, list[int]]:
-        """Hidden states ``[len(chunk), L, d]`` (float64, CPU) and word-token counts of one batch."""
-        parts, lengths = [], None
-        for tok, model, spec in zip(self.tokenizers, self.models, self.layout.encoders):
+    def _encode_batches(self, prompts: list[str]) -> Iterator[tuple[torch.Tensor, list[int]]]:
+        """Per micro-batch of ``prompts`` (in order): hidden states ``[b, L, d]`` (float64, CPU; every encoder's,
+        concatenated) and word-token counts."""
+        if not prompts:
+            return
+        streams, lengths = [], None
+        for tok, stack, spec in zip(self.tokenizers, self.stacks, self.layout.encoders):
+            cfg = stack.config
             length = tok.model_max_length if tok.model_max_length < 100_000 else \
-                model.config.max_position_embeddings  # tokenizers saved without model_max_length
-            enc = tok(chunk, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
-            ids = enc["input_ids"].to(self.device)
-            if ids.shape[1] > model.config.max_position_embeddings:
-                raise SurgeonError(f"{spec.component}: tokenizer pads to {ids.shape[1]} tokens but the encoder "
-                                   f"has {model.config.max_position_embeddings} positions")
-            out = model(ids, output_hidden_states=spec.layer == "penultimate")
-            h = out.hidden_states[-2] if spec.layer == "penultimate" else out.last_hidden_state
-            parts.append(h.to(torch.float64).cpu())
+                cfg.max_position_embeddings  # tokenizers saved without model_max_length
+            enc = tok(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+            if enc["input_ids"].shape[1] > cfg.max_position_embeddings:
+                raise SurgeonError(f"{spec.component}: tokenizer pads to {enc['input_ids'].shape[1]} tokens but the "
+                                   f"encoder has {cfg.max_position_embeddings} positions")
+            last = stack.n_layers - (1 if spec.layer == "penultimate" else 0)  # hidden_states[-2]: no last block
+            streams.append(stack.outputs(enc["input_ids"], blocks=last))
             if lengths is None:
                 lengths = word_token_counts(enc["input_ids"], enc["attention_mask"], tok)
-        return torch.cat(parts, dim=-1), list(lengths or [])
+        done = 0
+        for parts in zip(*streams):
+            hidden = torch.cat([h.to(torch.float64).cpu() for h in parts], dim=-1)
+            yield hidden, list((lengths or [])[done:done + hidden.shape[0]])
+            done += hidden.shape[0]
 
     def encode(self, prompts: list[str]) -> Encoded:
         new = list(dict.fromkeys(p for p in prompts if p not in self.cache))

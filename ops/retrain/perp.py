@@ -27,6 +27,8 @@ from surgeon.ops.retrain.adapters import Attached, attach, detach, merged_weight
 from torch import nn
 
 from surgeon.context import Context
+from surgeon.engine import dist
+from surgeon.engine.fsdp import full_tensor, gather_full, rank_slice, shard_for_training
 from surgeon.errors import SurgeonError
 from surgeon.graph import Const, Graph
 from surgeon.registry import register
@@ -171,9 +173,10 @@ def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def perp_retrain(model: nn.Module, tokens: torch.Tensor, trainable: list[nn.Parameter], p: Params, *,
-                 seed: int = 0, progress=None, status=None, extra_loss=None) -> list[float]:
+                 seed: int = 0, progress=None, status=None, extra_loss=None, sharded: bool = False) -> list[float]:
     """Causal-LM retraining of ``trainable`` only (plus ``extra_loss(model)`` when given, e.g. the edit term).
-    Returns the loss of every step."""
+    ``sharded`` (FSDP2 over ``torchrun`` processes): each rank trains on its slice of every batch. Returns the
+    loss of every step (this rank's)."""
     dev = next(model.parameters()).device
     opt, sched = optimizer(trainable, p, p.steps)
     g = torch.Generator().manual_seed(seed)
@@ -188,7 +191,7 @@ def perp_retrain(model: nn.Module, tokens: torch.Tensor, trainable: list[nn.Para
                 order = torch.randperm(tokens.shape[0], generator=g).tolist()
             idx.append(order.pop())
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=p.dtype == "bfloat16"):
-            loss = lm_loss(model, tokens[idx].to(dev))
+            loss = lm_loss(model, tokens[rank_slice(idx) if sharded else idx].to(dev))
             if extra_loss is not None:
                 loss = loss + extra_loss(model)
         opt.zero_grad(set_to_none=True)
@@ -269,22 +272,36 @@ def _retrain(model: nn.Module, graph: Graph, names: list[str], tokens: torch.Ten
     for q in trainable:
         q.requires_grad_(True)
     n_trainable = count_parameters(trainable)
+    # several torchrun processes: FSDP2 over the decoder blocks; it replaces the parameters by sharded ones, so
+    # the trained ones are collected again (the model is discarded after the merge)
+    sharded = shard_for_training(model, roles(graph, params.arch, ctx=ctx).prefixes, ctx.device)
+    if sharded:
+        facts["fsdp_processes"] = dist.world()
+        extras = extra_trainables(model, norms=params.train_norms, biases=params.train_biases)
+        trainable = [q for a in attached for q in a.adapter.parameters()] + list(extras.values())
+        if head is not None:
+            trainable += list(head[1].adapter.parameters())
     checkpointed = params.checkpointing and _checkpointing(model, True)
     extra = edit_term(graph, params.edit_loss, params.edit_loss_weight, ctx, facts)
     with ctx.timed("retrain"):
         losses = perp_retrain(model, tokens, trainable, params, seed=ctx.seed, progress=ctx.progress,
-                              status=ctx.status, extra_loss=extra)
+                              status=ctx.status, extra_loss=extra, sharded=sharded)
     if checkpointed:
         _checkpointing(model, False)
     facts["gradient_checkpointing"] = bool(checkpointed)
+    if sharded:  # whole tensors again for the merge; the sharded model itself is not used afterwards
+        gather_full(model)
+        extras = {n: full_tensor(q.detach()) for n, q in extras.items()}
     merged = {}
     for n, a in zip(names, attached):
         merged[n] = merged_weight(a)
-        detach(a, merged[n])
+        if not sharded:
+            detach(a, merged[n])
     head_out = None
     if head is not None:
         head_weight = merged_weight(head[1])
-        detach(head[1], head_weight)
+        if not sharded:
+            detach(head[1], head_weight)
         head_out = (head[0], head_weight)
     k = max(1, len(losses) // 10)
     facts.update(loss_first=round(sum(losses[:k]) / k, 4), loss_last=round(sum(losses[-k:]) / k, 4))

@@ -42,3 +42,11 @@ def infer_clip_text_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]
     return {"model_type": "clip_text_model", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
             "num_hidden_layers": layers, "num_attention_heads": max(1, hidden // 64),
             "max_position_embeddings": max_pos, "hidden_act": "quick_gelu", "projection_dim": hidden}
+
+
+def clip_text_stack_paths(module: Any) -> tuple[tuple[str, ...], str]:
+    """(encoder block paths in order, final norm path) inside a transformers ``CLIPTextModel``: the text model
+    sits under ``text_model.`` before transformers 5 and at the top level from 5 on."""
+    base = "text_model." if hasattr(module, "text_model") else ""
+    n = len(module.get_submodule(base + "encoder.layers"))
+    return tuple(f"{base}encoder.layers.{i}" for i in range(n)), base + "final_layer_norm"
