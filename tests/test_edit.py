@@ -979,3 +979,17 @@ def test_memit_edits_facts_over_two_layers(fact_model, tmp_path):
     for k in changed:
         assert torch.equal(undo[k + ".original"], before[k])
         torch.testing.assert_close(before[k] + undo[k + ".up"] @ undo[k + ".down"], after[k])
+
+
+def test_identity_factor_solves_without_building_a_matrix():
+    """``--no-cov``: C = I answers C⁻¹x = x exactly (a fresh tensor) and holds no d×d matrix."""
+    from surgeon.kernels.covariance import CholeskyFactor
+
+    x = torch.randn(16, 3, dtype=torch.float32)
+    f = CholeskyFactor.identity(16)
+    assert f.lower is None
+    out = f.solve(x)
+    assert out.dtype == torch.float64 and torch.equal(out, x.double())
+    out[0, 0] = 123.0
+    assert float(x[0, 0]) != 123.0
+    assert torch.equal(f.solve(x[:, 0]), x[:, 0].double())
