@@ -137,17 +137,20 @@ def _finite_magnitude_prune(name: str, sparsity: float, device: str, protect: Pr
     return fn
 
 
-class OnMiss(Node):
-    """``inner``'s value only when the bracket pass missed (its result's flag ``[0]`` is 0), else an empty
-    tensor: the exact fallback passes cost nothing when the bracket held the threshold (almost always)."""
+class Deferred(Node):
+    """A stand-in input of a reduction that may not need ``inner``: its own value is an empty tensor (nothing
+    read, no graph edge), and the reduction's step computes :meth:`value` only when it must. The exact fallback
+    passes below read nothing when the bracket held the threshold (almost always)."""
 
-    def __init__(self, bracket_pass: Node, inner: Node):
-        self.inputs = (bracket_pass,)
-        self.inner = Fresh(inner)
-        self.shape, self.dtype, self.label = inner.shape, inner.dtype, f"on-miss({inner.label})"
+    def __init__(self, inner: Node):
+        self.fresh = Fresh(inner)
+        self.shape, self.dtype, self.label = (0,), inner.dtype, f"deferred({inner.label})"
 
     def compute(self, args: list[torch.Tensor]) -> torch.Tensor:
-        return torch.empty(0) if int(args[0][0]) else self.inner.compute([])
+        return torch.empty(0, dtype=self.dtype)
+
+    def value(self) -> torch.Tensor:
+        return self.fresh.compute([])
 
 
 def _ties(k: int, n_less: int, equal: list[int]) -> list[int]:
@@ -202,16 +205,17 @@ def _fallback_passes(counted: Reduce, nodes: list, k: int, facts: dict[str, Any]
     """The exact two-histogram select over the same tensors, run only when ``counted`` says its bracket
     missed; its result (or ``counted``'s) without the flag."""
     n = len(nodes)
+    deferred = [Deferred(x) for x in nodes]  # one list per pass: a node with two consumers would be cached
 
     def high_step(acc: tuple, v: torch.Tensor, i: int) -> tuple:
         if not int(acc[0][0]):
             try:
-                acc[1].add_high(v)
+                acc[1].add_high(deferred[i].value())
             except NonFiniteInput:  # pragma: no cover - the bracket pass refused it already
                 raise refuse(i) from None
         return acc
 
-    high = Reduce([OnMiss(counted, x) for x in nodes], given=[counted], init=lambda c: (c, StreamingKth(k)), step=high_step,
+    high = Reduce(deferred, given=[counted], init=lambda c: (c, StreamingKth(k)), step=high_step,
                   finish=lambda acc: torch.from_numpy(acc[1].high.copy()), shape=(1 << 16,), dtype=torch.int64,
                   label="magnitude-histogram", merge=lambda a, b: (a[0], a[1].merged_high(b[1])))
 
@@ -223,7 +227,7 @@ def _fallback_passes(counted: Reduce, nodes: list, k: int, facts: dict[str, Any]
 
     def low_step(acc: tuple, v: torch.Tensor, i: int) -> tuple:
         if not int(acc[0][0]):
-            acc[1].add_low(v, i)
+            acc[1].add_low(deferred[i].value(), i)
         return acc
 
     def finish(acc: tuple) -> torch.Tensor:
@@ -236,7 +240,7 @@ def _fallback_passes(counted: Reduce, nodes: list, k: int, facts: dict[str, Any]
         facts["threshold"] = key_to_float(int(out[0]))  # filled in place: the report sees it once written
         return out
 
-    return Reduce([OnMiss(counted, x) for x in nodes], given=[counted, high], init=low_init, step=low_step, finish=finish,
+    return Reduce([Deferred(x) for x in nodes], given=[counted, high], init=low_init, step=low_step, finish=finish,
                   shape=(n + 1,), dtype=torch.int64, label="magnitude-threshold",
                   merge=lambda a, b: (a[0], a[1].merged_low(b[1])))
 
