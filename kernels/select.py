@@ -161,6 +161,11 @@ if njit is not None:
             counts[p, 1] = inside
             counts[p, 2] = bad
 
+    #: the same pass on the calling thread: a parallel region's fork/join (and its threads spinning after it) costs
+    #: milliseconds of CPU per call, more than the pass over a tensor below ~4 M entries; the writer's pool already
+    #: prunes several tensors at once
+    _band_split_serial = njit(cache=True)(_band_split.py_func)
+
     @njit(cache=True, parallel=True)
     def _zero_below(bits, absolute, t_key, n_ties, out):  # pragma: no cover - compiled
         """``out = bits`` with the entries selected as in :func:`_mask_below` set to +0.0."""
@@ -177,6 +182,8 @@ if njit is not None:
                     seen += 1
                     if seen == n_ties:
                         break
+
+    _zero_below_serial = njit(cache=True)(_zero_below.py_func)
 
 else:  # pragma: no cover - numba missing: slow numpy fallbacks with the same semantics
 
@@ -221,6 +228,10 @@ else:  # pragma: no cover - numba missing: slow numpy fallbacks with the same se
         idx[: got.size] = got
         counts[:] = 0
         counts[0] = (int(below.sum()), inside.size, int(((bits & 0x7F800000) == 0x7F800000).sum()))
+
+    _band_split_serial = _band_split
+    _zero_below_serial = _zero_below
+
 
 def _locate(hist: np.ndarray, k: int) -> tuple[int, int]:
     """Bin holding the k-th (1-based) count and the number of entries in lower bins."""
@@ -339,6 +350,8 @@ def zero_smallest_k(x: torch.Tensor, k: int, *, device: str = "cpu", absolute: b
 
 #: tensors smaller than this use the radix select (the sample would be most of the tensor)
 BRACKET_MIN = 1 << 16
+#: tensors up to this many entries per thread are split on the calling thread
+SERIAL_MAX = 1 << 22
 #: half-width of the bracket in standard deviations of the sample's rank count (z = 5: a miss ~ 1 in 3.5 M)
 BRACKET_Z = 5.0
 
@@ -378,13 +391,13 @@ def bracket(sample: np.ndarray, q: float, z: float = BRACKET_Z) -> tuple[int, in
 def split_bracket(bits: np.ndarray, lo: int, hi: int, absolute: bool, out: np.ndarray | None):
     """One pass: with ``out``, zero the entries below ``lo`` into it and return the flat indices inside
     ``[lo, hi]``; without, return their keys. Also (below, NaN/Inf count)."""
-    parts = max(1, min(get_num_threads(), bits.size // (1 << 15)))
+    parts = max(1, min(get_num_threads(), bits.size // SERIAL_MAX))
     step = (bits.size + parts - 1) // parts
     # room for every entry of a part: pages never written are never backed, so only the bracket costs memory
     got = np.empty(parts * step, dtype=np.int64 if out is not None else np.uint32)
     counts = np.zeros((parts, 3), dtype=np.int64)
-    _band_split(bits, absolute, lo, hi, out if out is not None else np.empty(0, np.uint32), got, step, counts,
-                parts)
+    (_band_split if parts > 1 else _band_split_serial)(
+        bits, absolute, lo, hi, out if out is not None else np.empty(0, np.uint32), got, step, counts, parts)
     inside = np.concatenate([got[p * step: p * step + counts[p, 1]] for p in range(parts)])
     return inside, int(counts[:, 0].sum()), int(counts[:, 2].sum())
 
@@ -417,7 +430,8 @@ def _zero_in_bracket(bits: np.ndarray, k: int, absolute: bool) -> np.ndarray | N
 def zero_below(bits: np.ndarray, t_key: int, n_ties: int, *, absolute: bool = True) -> torch.Tensor:
     """Flat fp32 copy of ``bits`` with keys below ``t_key`` and the first ``n_ties`` keys equal to it zeroed."""
     out = np.empty_like(bits)
-    _zero_below(bits, absolute, int(t_key), int(n_ties), out)
+    serial = bits.size <= SERIAL_MAX * get_num_threads()
+    (_zero_below_serial if serial else _zero_below)(bits, absolute, int(t_key), int(n_ties), out)
     return torch.from_numpy(out.view(np.float32))
 
 

@@ -139,10 +139,13 @@ def _big_inputs():
     yield "signed zeros", torch.where(torch.rand(300, 300, generator=g) < 0.6, torch.zeros(()), -torch.zeros(()))
 
 
+@pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("name,x", list(_big_inputs()), ids=lambda v: v if isinstance(v, str) else "")
-def test_bracket_path_equals_stable_sort_and_the_radix_kernel(name, x, monkeypatch):
+def test_bracket_path_equals_stable_sort_and_the_radix_kernel(name, x, parallel, monkeypatch):
     from surgeon.kernels import select
 
+    if parallel:  # tensors this size run on the calling thread; force the multi-part (parallel) kernels
+        monkeypatch.setattr(select, "SERIAL_MAX", 1 << 14)
     assert x.numel() >= select.BRACKET_MIN
     n = x.numel()
     radix = []
