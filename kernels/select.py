@@ -8,13 +8,16 @@ exact and also yields how many keys lie below and at the k-th value (needed to b
 
 CUDA: ``torch.kthvalue`` on the device (plus two comparisons for the counts).
 
-The same two histogram passes, fed tensor by tensor, give an exact *global* threshold over many tensors while
-holding only the histograms (:class:`StreamingKth`); ``ops/prune/magnitude.py`` runs them inside graph ``Reduce``
-nodes. Reference for tests: ``torch.kthvalue``.
+Zeroing the k smallest of a large tensor (:func:`zero_smallest_k`, magnitude pruning) uses a sampled bracket
+instead: the k-th key is estimated from a random sample, one branch-free streaming pass zeroes everything below
+the bracket, counts it and lists the few entries inside it, and the exact k-th value is selected among those
+(the radix select is the fallback when the count shows the bracket missed). Global selection over many tensors:
+:mod:`surgeon.kernels.select_global`. Reference for tests: ``torch.kthvalue`` and a stable sort.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -67,9 +70,9 @@ if njit is not None:
     def _key(b, absolute):  # pragma: no cover - compiled
         if absolute:
             return (b & np.uint32(0x7FFFFFFF)) | np.uint32(0x80000000)
-        if b >> np.uint32(31):
-            return ~b
-        return b | np.uint32(0x80000000)
+        # negatives: all bits flipped; non-negatives: the sign bit set (branch-free: b ^ mask)
+        flip = np.uint32(np.uint32(b >> np.uint32(31)) * np.uint32(0x7FFFFFFF)) | np.uint32(0x80000000)
+        return np.uint32(b ^ flip)
 
     @njit(cache=True, parallel=True)
     def _transform(bits):  # pragma: no cover - compiled
@@ -118,46 +121,50 @@ if njit is not None:
                         break
 
     @njit(cache=True, parallel=True)
-    def _hist_parts(bits, absolute, parts):  # pragma: no cover - compiled
-        """Pass 1 of the fused pruning kernel: per-part high-16-bit histograms ``[parts, N_BINS]``."""
+    def _band_split(bits, absolute, lo, hi, out, idx, cap, counts, parts):  # pragma: no cover - compiled
+        """One streaming pass for the sampled bracket ``[lo, hi]`` (keys): with ``out`` given (size > 0), zero
+        every entry whose key is below ``lo`` and copy the rest, and list the flat indices of the entries inside
+        the bracket; with ``out`` empty, list their keys. Part ``p`` lists from ``idx[p·cap]`` on in flat order
+        (``cap`` = the part's length: no overflow). ``counts[p] = (below, inside, NaN/Inf)``. Branch-free (a
+        compare per entry, the list cursor advanced by the compare): the selection is ~50 % taken at random."""
         n = bits.size
-        step = (n + parts - 1) // parts
-        local = np.zeros((parts, N_BINS), dtype=np.int64)
+        ulo = np.uint32(lo)
+        width = np.uint32(hi) - ulo
+        exp = np.uint32(0x7F800000)
+        write = out.size > 0
         for p in prange(parts):
-            for i in range(p * step, min(n, (p + 1) * step)):
-                local[p, _key(bits[i], absolute) >> np.uint32(16)] += 1
-        return local
+            below = 0
+            inside = 0
+            bad = 0
+            base = p * cap
+            lo_i = p * cap
+            hi_i = min(n, lo_i + cap)
+            if write:
+                for i in range(lo_i, hi_i):
+                    b = bits[i]
+                    k = _key(b, absolute)
+                    small = k < ulo
+                    below += small
+                    bad += (b & exp) == exp
+                    out[i] = np.uint32(0) if small else b
+                    idx[base + inside] = i
+                    inside += np.uint32(k - ulo) <= width  # unsigned: below lo wraps to large
+            else:
+                for i in range(lo_i, hi_i):
+                    b = bits[i]
+                    k = _key(b, absolute)
+                    below += k < ulo
+                    bad += (b & exp) == exp
+                    idx[base + inside] = k
+                    inside += np.uint32(k - ulo) <= width
+            counts[p, 0] = below
+            counts[p, 1] = inside
+            counts[p, 2] = bad
 
-    @njit(cache=True, parallel=True)
-    def _zero_split(bits, absolute, bucket, offsets, out, idx, parts):  # pragma: no cover - compiled
-        """Pass 2: zero every entry whose high bits are below ``bucket``, copy the rest, and list (in flat order)
-        the indices of the entries inside ``bucket`` (each part writes from its own offset)."""
-        n = bits.size
-        step = (n + parts - 1) // parts
-        ub = np.uint32(bucket)
-        for p in prange(parts):
-            c = offsets[p]
-            for i in range(p * step, min(n, (p + 1) * step)):
-                b = bits[i]
-                h = _key(b, absolute) >> np.uint32(16)
-                if h < ub:
-                    out[i] = np.uint32(0)
-                else:
-                    out[i] = b
-                    if h == ub:
-                        idx[c] = i
-                        c += 1
-
-    @njit(cache=True)
-    def _fix_boundary(bits, absolute, idx, need, out):  # pragma: no cover - compiled
-        """Zero the ``need`` smallest entries among the boundary bucket's (ties: lower flat index first)."""
-        m = idx.size
-        lows = np.empty(m, dtype=np.uint32)
-        for j in range(m):
-            lows[j] = _key(bits[idx[j]], absolute) & np.uint32(0xFFFF)
-        order = np.argsort(lows, kind="mergesort")
-        for j in range(need):
-            out[idx[order[j]]] = np.uint32(0)
+    #: the same pass on the calling thread: a parallel region's fork/join (and its threads spinning after it) costs
+    #: milliseconds of CPU per call, more than the pass over a tensor below ~4 M entries; the writer's pool already
+    #: prunes several tensors at once
+    _band_split_serial = njit(cache=True)(_band_split.py_func)
 
     @njit(cache=True, parallel=True)
     def _zero_below(bits, absolute, t_key, n_ties, out):  # pragma: no cover - compiled
@@ -175,6 +182,8 @@ if njit is not None:
                     seen += 1
                     if seen == n_ties:
                         break
+
+    _zero_below_serial = njit(cache=True)(_zero_below.py_func)
 
 else:  # pragma: no cover - numba missing: slow numpy fallbacks with the same semantics
 
@@ -209,19 +218,19 @@ else:  # pragma: no cover - numba missing: slow numpy fallbacks with the same se
     def get_num_threads():
         return 1
 
-    def _hist_parts(bits, absolute, parts):
-        local = np.zeros((1, N_BINS), dtype=np.int64)
-        _hist(bits, absolute, -1, local[0], 1)
-        return local
+    def _band_split(bits, absolute, lo, hi, out, idx, cap, counts, parts):
+        keys = _np_keys(bits, absolute)
+        below = keys < np.uint32(lo)
+        inside = np.flatnonzero(~below & (keys <= np.uint32(hi)))
+        if out.size:
+            out[:] = np.where(below, np.uint32(0), bits)
+        got = inside[:cap] if out.size else keys[inside[:cap]]
+        idx[: got.size] = got
+        counts[:] = 0
+        counts[0] = (int(below.sum()), inside.size, int(((bits & 0x7F800000) == 0x7F800000).sum()))
 
-    def _zero_split(bits, absolute, bucket, offsets, out, idx, parts):
-        h = _np_keys(bits, absolute) >> np.uint32(16)
-        out[:] = np.where(h < np.uint32(bucket), np.uint32(0), bits)
-        idx[:] = np.flatnonzero(h == np.uint32(bucket))
-
-    def _fix_boundary(bits, absolute, idx, need, out):
-        lows = _np_keys(bits[idx], absolute) & np.uint32(0xFFFF)
-        out[idx[np.argsort(lows, kind="stable")[:need]]] = 0
+    _band_split_serial = _band_split
+    _zero_below_serial = _zero_below
 
 
 def _locate(hist: np.ndarray, k: int) -> tuple[int, int]:
@@ -329,26 +338,100 @@ def zero_smallest_k(x: torch.Tensor, k: int, *, device: str = "cpu", absolute: b
     bits = fp32_bits(x)
     if k == 0:
         return torch.from_numpy(bits.copy().view(np.float32)).reshape(x.shape)
-    # fused: one histogram pass, one pass that zeroes everything below the boundary bucket (and lists the
-    # bucket's entries), then a fix-up over that bucket only; one full pass fewer than select-then-zero
-    parts = get_num_threads()
-    local = _hist_parts(bits, absolute, parts)
-    hist = local.sum(0)
-    _check_finite(hist)
-    b, below_hi = _locate(hist, k)
-    counts = local[:, b]
-    offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(counts)[:-1]]).astype(np.int64)
-    idx = np.empty(int(counts.sum()), dtype=np.int64)
-    out = np.empty_like(bits)
-    _zero_split(bits, absolute, b, offsets, out, idx, parts)
-    _fix_boundary(bits, absolute, idx, k - below_hi, out)
+    out = _zero_in_bracket(bits, k, absolute) if bits.size >= BRACKET_MIN else None
+    if out is None:  # small tensor, or the sampled bracket missed the k-th key: exact radix select
+        kth = _kth_of_bits(bits, k, absolute)
+        return zero_below(bits, kth.key, k - kth.n_less, absolute=absolute).reshape(x.shape)
     return torch.from_numpy(out.view(np.float32)).reshape(x.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sampled bracket: estimate the k-th key from a sample, then one streaming pass around it
+
+#: tensors smaller than this use the radix select (the sample would be most of the tensor)
+BRACKET_MIN = 1 << 16
+#: tensors up to this many entries per thread are split on the calling thread
+SERIAL_MAX = 1 << 22
+#: half-width of the bracket in standard deviations of the sample's rank count (z = 5: a miss ~ 1 in 3.5 M)
+BRACKET_Z = 5.0
+
+
+def keys_of(bits: np.ndarray, absolute: bool) -> np.ndarray:
+    """Order-preserving uint32 keys of fp32 ``bits`` (of ``|x|`` with ``absolute``), numpy."""
+    if absolute:
+        return (bits & np.uint32(0x7FFFFFFF)) | np.uint32(0x80000000)
+    return _transform_np(bits)
+
+
+def sample_size(n: int) -> int:
+    """Entries sampled from ``n``: n/16, between 2,048 and 32,768."""
+    return int(min(n, max(2048, min(1 << 15, n // 16))))
+
+
+def sample_keys(bits: np.ndarray, size: int, absolute: bool, seed: int = 0) -> np.ndarray:
+    """Keys of ``size`` entries drawn uniformly (with replacement, fixed seed: runs are reproducible)."""
+    at = np.random.default_rng(seed).integers(0, bits.size, size)
+    return keys_of(bits[at], absolute)
+
+
+def bracket(sample: np.ndarray, q: float, z: float = BRACKET_Z) -> tuple[int, int]:
+    """Keys ``(lo, hi)`` that hold the ``q``-quantile of the population with high probability: the sample's
+    order statistics ``z`` binomial standard deviations (√(s·q·(1−q))) below and above rank q·s."""
+    s = sample.size
+    r = q * s
+    d = z * math.sqrt(s * q * (1 - q)) + 2
+    a, b = math.floor(r - d), math.ceil(r + d)
+    ranks = [i for i in (a, b) if 0 <= i < s]
+    part = np.partition(sample, ranks) if ranks else sample
+    lo = int(part[a]) if a >= 0 else 0
+    hi = int(part[b]) if b < s else 0xFFFFFFFF
+    return lo, hi
+
+
+def split_bracket(bits: np.ndarray, lo: int, hi: int, absolute: bool, out: np.ndarray | None):
+    """One pass: with ``out``, zero the entries below ``lo`` into it and return the flat indices inside
+    ``[lo, hi]``; without, return their keys. Also (below, NaN/Inf count)."""
+    parts = max(1, min(get_num_threads(), bits.size // SERIAL_MAX))
+    step = (bits.size + parts - 1) // parts
+    # room for every entry of a part: pages never written are never backed, so only the bracket costs memory
+    got = np.empty(parts * step, dtype=np.int64 if out is not None else np.uint32)
+    counts = np.zeros((parts, 3), dtype=np.int64)
+    (_band_split if parts > 1 else _band_split_serial)(
+        bits, absolute, lo, hi, out if out is not None else np.empty(0, np.uint32), got, step, counts, parts)
+    inside = np.concatenate([got[p * step: p * step + counts[p, 1]] for p in range(parts)])
+    return inside, int(counts[:, 0].sum()), int(counts[:, 2].sum())
+
+
+def choose_in_bracket(keys: np.ndarray, need: int) -> tuple[int, int]:
+    """(key of the ``need``-th smallest of ``keys``, how many are strictly below it); ``need`` >= 1."""
+    t = np.partition(keys, need - 1)[need - 1]
+    return int(t), int(np.count_nonzero(keys < t))
+
+
+def _zero_in_bracket(bits: np.ndarray, k: int, absolute: bool) -> np.ndarray | None:
+    """``bits`` with the k smallest zeroed via a sampled bracket, or None when the bracket misses."""
+    n = bits.size
+    lo, hi = bracket(sample_keys(bits, sample_size(n), absolute, seed=n), k / n)
+    out = np.empty_like(bits)
+    idx, below, bad = split_bracket(bits, lo, hi, absolute, out)
+    if bad:
+        raise NonFiniteInput("selection over a tensor with NaN or Inf values")
+    need = k - below
+    if not 0 <= need <= idx.size:
+        return None
+    if need:
+        keys = keys_of(bits[idx], absolute)
+        t, n_less = choose_in_bracket(keys, need)
+        out[idx[keys < t]] = 0
+        out[idx[np.flatnonzero(keys == t)[: need - n_less]]] = 0  # ties: lower flat index first
+    return out
 
 
 def zero_below(bits: np.ndarray, t_key: int, n_ties: int, *, absolute: bool = True) -> torch.Tensor:
     """Flat fp32 copy of ``bits`` with keys below ``t_key`` and the first ``n_ties`` keys equal to it zeroed."""
     out = np.empty_like(bits)
-    _zero_below(bits, absolute, int(t_key), int(n_ties), out)
+    serial = bits.size <= SERIAL_MAX * get_num_threads()
+    (_zero_below_serial if serial else _zero_below)(bits, absolute, int(t_key), int(n_ties), out)
     return torch.from_numpy(out.view(np.float32))
 
 
@@ -357,71 +440,3 @@ def mask_below(bits: np.ndarray, t_key: int, n_ties: int, *, absolute: bool = Fa
     out = np.empty(bits.size, dtype=np.bool_)
     _mask_below(bits, absolute, int(t_key), int(n_ties), out)
     return torch.from_numpy(out)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# streaming over many tensors (global threshold)
-
-@dataclass
-class StreamingKth:
-    """Exact k-th smallest over a stream of tensors in two passes, holding only histograms.
-
-    Pass 1: :meth:`add_high` each tensor, then :meth:`bucket` gives the high-16-bit bucket of the k-th key.
-    Pass 2: :meth:`add_low` each tensor with its stream index, then :meth:`result` gives the threshold key, the
-    count strictly below it, and per tensor how many of its entries equal it (for each tensor only the non-zero
-    bins of its boundary-bucket histogram are kept: at most 65,536 each, usually a handful).
-    """
-
-    k: int
-    absolute: bool = True
-    high: np.ndarray = field(default_factory=lambda: np.zeros(N_BINS, dtype=np.int64))
-    n_seen: int = 0
-    _bucket: int | None = None
-    _below_hi: int = 0
-    low_by_tensor: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-
-    def add_high(self, x: torch.Tensor) -> None:
-        """Add ``x``'s pass-1 histogram; :class:`NonFiniteInput` (and nothing added) when ``x`` holds NaN/Inf."""
-        hist = high_histogram(x, absolute=self.absolute)
-        _check_finite(hist)
-        self.high += hist
-        self.n_seen += x.numel()
-
-    def bucket(self) -> int:
-        if self._bucket is None:
-            _check_finite(self.high)
-            if not 1 <= self.k <= self.n_seen:
-                raise ValueError(f"k={self.k} outside [1, {self.n_seen}]")
-            self._bucket, self._below_hi = _locate(self.high, self.k)
-        return self._bucket
-
-    def merged_high(self, other: StreamingKth) -> StreamingKth:
-        """Pass 1 over two runs of tensors, combined: the histograms add up (into a new array: a partial result
-        that crossed a process boundary may be read-only)."""
-        self.high = self.high + other.high
-        self.n_seen += other.n_seen
-        return self
-
-    def merged_low(self, other: StreamingKth) -> StreamingKth:
-        """Pass 2 over two runs of tensors (both started from the same pass-1 histogram), combined."""
-        self.low_by_tensor.update(other.low_by_tensor)
-        return self
-
-    def add_low(self, x: torch.Tensor, index: int) -> None:
-        hist = low_histogram(x, self.bucket(), absolute=self.absolute)
-        nz = np.flatnonzero(hist)
-        self.low_by_tensor[index] = (nz.astype(np.int64), hist[nz])
-
-    def result(self, n_tensors: int) -> tuple[int, int, list[int]]:
-        """(threshold key, entries strictly below it, entries equal to it per tensor in stream order)."""
-        b = self.bucket()
-        total = np.zeros(N_BINS, dtype=np.int64)
-        for nz, cnt in self.low_by_tensor.values():
-            total[nz] += cnt
-        lo, below_lo = _locate(total, self.k - self._below_hi)
-        equal = []
-        for i in range(n_tensors):
-            nz, cnt = self.low_by_tensor.get(i, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
-            hit = np.flatnonzero(nz == lo)
-            equal.append(int(cnt[hit[0]]) if hit.size else 0)
-        return (b << 16) | lo, self._below_hi + below_lo, equal

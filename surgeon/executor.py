@@ -129,6 +129,31 @@ def write_all(fd: int, data: memoryview | bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def pwrite_all(fd: int, data: memoryview | bytes, at: int) -> None:
+    """``os.pwrite`` at offset ``at`` until every byte is written (the file position does not move)."""
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], at + done)
+
+
+def write_when_done(value: Future, fd: int, at: int, tensor_bytes: Callable[..., memoryview]) -> Future:
+    """A future that completes once ``value``'s bytes are written at ``at`` (by the thread that computed it, so
+    writes of computed tensors overlap each other and the computations); it carries any error of either."""
+    written: Future = Future()
+    written.set_running_or_notify_cancel()  # not cancellable: the file stays open until it is done
+
+    def write(done: Future) -> None:
+        try:
+            pwrite_all(fd, tensor_bytes(done.result()), at)
+            written.set_result(None)
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits on ``written``
+            written.set_exception(e)
+
+    value.add_done_callback(write)
+    return written
+
+
 def check_source_finite(node: Node) -> None:
     """NaN/Inf refusal for an untouched source tensor, read in chunks (the copy itself never passes through us)."""
     from surgeon.checkpoint import check_finite_host, source_bytes
@@ -180,6 +205,7 @@ class ShardPipeline:
         self.allow_nonfinite = allow_nonfinite
         self.pool = ThreadPoolExecutor(max_workers=workers or compute_workers(), thread_name_prefix="surgeon")
         self.checks: deque[Future] = deque()
+        self.writing: deque[_Ahead] = deque()  # computed tensors handed to their writes, in order
         self.in_flight = 0
         self.peak_in_flight = 0
 
@@ -241,26 +267,34 @@ class ShardPipeline:
                         on_tensor: Callable[[int], None], tensor_bytes: Callable[..., memoryview]) -> None:
         while upcoming or queue:
             self._settle(queue)
-            # keep the pool busy: start tensors while the budget allows (always at least the next one)
-            while upcoming and (not queue or self.in_flight + self._cost(upcoming[0]) <= self.budget):
+            # keep the pool busy: start tensors while the budget allows (at least one when nothing is in flight)
+            while upcoming and (self.in_flight + self._cost(upcoming[0]) <= self.budget
+                                or not (queue or self.writing)):
                 queue.append(self._start(upcoming.popleft()))
+            if not queue:  # the budget is held by computed tensors still being written: wait for the oldest
+                wait([self.writing[0].future])
+                continue
             item = queue.popleft()
             if item.future is None:  # copied by the kernel on the pool, into its place, while we go on
                 info = item.node.checkpoint.tensors[item.node.name]  # type: ignore[attr-defined]
                 at = os.lseek(fd, info.nbytes, os.SEEK_CUR) - info.nbytes
                 copies.append(self.pool.submit(copy_range, info.file, info.begin, info.nbytes, fd, at))
                 self.executor.release(item.node)
-            else:
-                value = item.future.result()
-                write_all(fd, tensor_bytes(value))
-                del value
-                item.future = None
-                self.in_flight -= item.cost
+            else:  # written at its place by the computing thread once done; memory counted until written
+                at = os.lseek(fd, item.node.nbytes, os.SEEK_CUR) - item.node.nbytes
+                item.future = write_when_done(item.future, fd, at, tensor_bytes)
+                copies.append(item.future)
+                self.writing.append(item)
             self._raise_failed_checks()
             on_tensor(item.node.nbytes)
 
     def _settle(self, queue: deque[_Ahead]) -> None:
-        """Computed tensors no longer hold their inputs: count only their values from now on."""
+        """Computed tensors no longer hold their inputs: count only their values from now on; written ones
+        hold nothing."""
+        while self.writing and self.writing[0].future.done():
+            done = self.writing.popleft()
+            self.in_flight -= done.cost
+            done.future.result()  # raises a failed computation or write now
         for item in queue:
             if item.future is not None and item.future.done() and item.cost > item.node.nbytes:
                 self.in_flight -= item.cost - item.node.nbytes

@@ -2,10 +2,11 @@
 
 - ``scope: layer`` (default, as PERP and the Wanda/SparseGPT magnitude baselines): each matrix loses exactly
   k = ⌊s·numel⌋ entries, the k smallest |w|, ties broken by flat index (``surgeon.kernels.select``).
-- ``scope: global``: one exact threshold over all selected matrices. Two streaming ``Reduce`` passes over the
-  selected tensors (a histogram of the high 16 bits of |w|'s fp32 pattern, then of the low 16 bits inside the
-  boundary bucket) find the k-th smallest |w| while holding only histograms; every prune node depends on that
-  reduction. Costs two extra reads of the selected tensors.
+- ``scope: global``: one exact threshold over all selected matrices. Streaming ``Reduce`` passes over the
+  selected tensors (a sample of |w| from each, then one pass counting the entries below a bracket around the
+  sample's estimate and keeping the keys inside it) find the k-th smallest |w| while holding only the bracket's
+  keys; every prune node depends on that reduction. Costs one extra read of the selected tensors (two more
+  histogram passes only in the rare case the bracket missed).
 - ``nm: "N:M"``: keep the N largest of every M consecutive inputs of each output row (along d_in; GPT-2 Conv1D
   storage is [d_in, d_out], so groups run along dim 0 there).
 
@@ -21,16 +22,18 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from surgeon.kernels.select import (
     NonFiniteInput,
-    StreamingKth,
+    bracket,
     fp32_bits,
     key_to_float,
+    sample_size,
     zero_below,
     zero_smallest_k,
 )
+from surgeon.kernels.select_global import BracketKth, StreamingKth, sample_tensor
 
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
-from surgeon.graph import Graph, Reduce
+from surgeon.graph import Graph, Node, Reduce
 from surgeon.numeric import check_finite
 from surgeon.registry import register
 
@@ -134,46 +137,112 @@ def _finite_magnitude_prune(name: str, sparsity: float, device: str, protect: Pr
     return fn
 
 
-def global_threshold_nodes(nodes: list, k: int, facts: dict[str, Any], names: list[str] | None = None) -> Reduce:
-    """Two chained streaming reductions giving ``[threshold_key, ties_0, ties_1, …]`` (int64): the k-th smallest
-    |w| over all ``nodes`` as an order-preserving fp32 key, and how many entries equal to it each tensor must
-    zero so that exactly k go overall (ties broken by tensor order, then flat index)."""
-    n = len(nodes)
+class Deferred(Node):
+    """A stand-in input of a reduction that may not need ``inner``: its own value is an empty tensor (nothing
+    read, no graph edge), and the reduction's step computes :meth:`value` only when it must. The exact fallback
+    passes below read nothing when the bracket held the threshold (almost always)."""
 
-    def high_step(acc: StreamingKth, v: torch.Tensor, i: int) -> StreamingKth:
+    def __init__(self, inner: Node):
+        self.fresh = Fresh(inner)
+        self.shape, self.dtype, self.label = (0,), inner.dtype, f"deferred({inner.label})"
+
+    def compute(self, args: list[torch.Tensor]) -> torch.Tensor:
+        return torch.empty(0, dtype=self.dtype)
+
+    def value(self) -> torch.Tensor:
+        return self.fresh.compute([])
+
+
+def _ties(k: int, n_less: int, equal: list[int]) -> list[int]:
+    """How many entries equal to the threshold each tensor zeroes: exactly k in all, earlier tensors first."""
+    need, ties = k - n_less, []
+    for e in equal:
+        ties.append(min(e, need))
+        need -= ties[-1]
+    return ties
+
+
+def global_threshold_nodes(nodes: list, k: int, facts: dict[str, Any], names: list[str] | None = None) -> Reduce:
+    """Streaming reductions giving ``[threshold_key, ties_0, ties_1, …]`` (int64): the k-th smallest |w| over
+    all ``nodes`` as an order-preserving fp32 key, and how many entries equal to it each tensor must zero so that
+    exactly k go overall (ties broken by tensor order, then flat index). A sample pass picks a bracket, one pass
+    counts below it and keeps the keys inside (``kernels/select_global.py``); two histogram passes run only if
+    the bracket missed."""
+    n = len(nodes)
+    total = sum(x.shape[0] * x.shape[1] for x in nodes)
+    sizes = [max(16, round(sample_size(total) * x.shape[0] * x.shape[1] / total)) for x in nodes]
+
+    def refuse(i: int) -> SurgeonError:
+        return unrankable(names[i] if names else f"#{i}")
+
+    def sample_step(acc: list, v: torch.Tensor, i: int) -> list:
+        return [*acc, sample_tensor(v, sizes[i], seed=i)]
+
+    sample = Reduce([Fresh(x) for x in nodes], init=list, step=sample_step, shape=(2,), dtype=torch.int64,
+                    finish=lambda acc: torch.tensor(bracket(np.concatenate(acc), k / total), dtype=torch.int64),
+                    label="magnitude-sample", merge=lambda a, b: a + b)
+
+    def count_step(acc: BracketKth, v: torch.Tensor, i: int) -> BracketKth:
         try:
-            acc.add_high(v)  # refuses NaN/Inf from the tensor's histogram
+            acc.add(v, i)  # refuses NaN/Inf from the same pass
         except NonFiniteInput:
-            raise unrankable(names[i] if names else f"#{i}") from None
+            raise refuse(i) from None
         return acc
 
-    high = Reduce([Fresh(x) for x in nodes], init=lambda: StreamingKth(k), step=high_step,
-                  finish=lambda acc: torch.from_numpy(acc.high.copy()), shape=(1 << 16,), dtype=torch.int64,
-                  label="magnitude-histogram", merge=StreamingKth.merged_high)
+    def count_finish(acc: BracketKth) -> torch.Tensor:
+        got = acc.result(n)
+        if got is None:
+            return torch.zeros(n + 2, dtype=torch.int64)
+        return torch.tensor([1, got[0], *_ties(k, got[1], got[2])], dtype=torch.int64)
 
-    def low_init(histogram: torch.Tensor) -> StreamingKth:  # the pass-1 histogram
+    counted = Reduce([Fresh(x) for x in nodes], given=[sample], shape=(n + 2,), dtype=torch.int64,
+                     init=lambda lohi: BracketKth(k, int(lohi[0]), int(lohi[1])), step=count_step,
+                     finish=count_finish, label="magnitude-bracket", merge=BracketKth.merged)
+    return _fallback_passes(counted, nodes, k, facts, refuse)
+
+
+def _fallback_passes(counted: Reduce, nodes: list, k: int, facts: dict[str, Any], refuse) -> Reduce:
+    """The exact two-histogram select over the same tensors, run only when ``counted`` says its bracket
+    missed; its result (or ``counted``'s) without the flag."""
+    n = len(nodes)
+    deferred = [Deferred(x) for x in nodes]  # one list per pass: a node with two consumers would be cached
+
+    def high_step(acc: tuple, v: torch.Tensor, i: int) -> tuple:
+        if not int(acc[0][0]):
+            try:
+                acc[1].add_high(deferred[i].value())
+            except NonFiniteInput:  # pragma: no cover - the bracket pass refused it already
+                raise refuse(i) from None
+        return acc
+
+    high = Reduce(deferred, given=[counted], init=lambda c: (c, StreamingKth(k)), step=high_step,
+                  finish=lambda acc: torch.from_numpy(acc[1].high.copy()), shape=(1 << 16,), dtype=torch.int64,
+                  label="magnitude-histogram", merge=lambda a, b: (a[0], a[1].merged_high(b[1])))
+
+    def low_init(c: torch.Tensor, histogram: torch.Tensor) -> tuple:
         acc = StreamingKth(k)
         acc.high[:] = histogram.numpy()
         acc.n_seen = int(histogram.sum())
+        return c, acc
+
+    def low_step(acc: tuple, v: torch.Tensor, i: int) -> tuple:
+        if not int(acc[0][0]):
+            acc[1].add_low(deferred[i].value(), i)
         return acc
 
-    def low_step(acc: StreamingKth, v: torch.Tensor, i: int) -> StreamingKth:
-        acc.add_low(v, i)
-        return acc
+    def finish(acc: tuple) -> torch.Tensor:
+        c, s = acc
+        if int(c[0]):
+            out = c[1:].clone()
+        else:
+            key, n_less, equal = s.result(n)
+            out = torch.tensor([key, *_ties(k, n_less, equal)], dtype=torch.int64)
+        facts["threshold"] = key_to_float(int(out[0]))  # filled in place: the report sees it once written
+        return out
 
-    def finish(acc: StreamingKth) -> torch.Tensor:
-        key, n_less, equal = acc.result(n)
-        need = k - n_less
-        ties = []
-        for e in equal:
-            t = min(e, need)
-            ties.append(t)
-            need -= t
-        facts["threshold"] = key_to_float(key)  # filled in place: the report sees it once the graph is written
-        return torch.tensor([key, *ties], dtype=torch.int64)
-
-    return Reduce([Fresh(x) for x in nodes], given=[high], init=low_init, step=low_step, finish=finish,
-                  shape=(n + 1,), dtype=torch.int64, label="magnitude-threshold", merge=StreamingKth.merged_low)
+    return Reduce([Deferred(x) for x in nodes], given=[counted, high], init=low_init, step=low_step, finish=finish,
+                  shape=(n + 1,), dtype=torch.int64, label="magnitude-threshold",
+                  merge=lambda a, b: (a[0], a[1].merged_low(b[1])))
 
 
 def _prune_below(index: int, facts: dict[str, Any], name: str, protect: Protection, transposed: bool):
