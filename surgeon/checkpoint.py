@@ -14,23 +14,22 @@ mapped (or a tensor's offset is not aligned to its element size), it is read wit
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from surgeon.errors import SurgeonError
 from surgeon.filemap import truncated
 from surgeon.formats.model_types import from_disk
-from surgeon.numeric import check_finite  # noqa: F401 - moved; re-exported for the executor and model
+from surgeon.numeric import check_finite
 from surgeon.tensorfile import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, HostArray  # noqa: F401 (re-exported)
 
 SAFETENSORS_WIDTH = {name: width for name, width in SAFETENSORS_DTYPES.values()}
 
-if TYPE_CHECKING:
-    import torch
 
 MAX_HEADER_BYTES = 100_000_000
 
@@ -104,6 +103,10 @@ class Checkpoint:
         else:
             info = self._info(name)
             t = torch.from_numpy(source_bytes(info)).view(getattr(torch, info.dtype)).reshape(info.shape)
+            if t.data_ptr() % COMPUTE_ALIGNMENT:
+                # a map at an unaligned file offset: CPU GEMMs on it take other vector paths and round differently
+                # (~1e-7) from the same values in an aligned buffer, so results would depend on the file's layout
+                t = t.clone()
         if (not self.allow_nonfinite) if check is None else check:
             check_finite(name, t)
         return t
@@ -135,6 +138,10 @@ class Checkpoint:
                 head = fh.read(n) if n else b""
             out[str(f)] = {"bytes": f.stat().st_size, "header_sha256": hashlib.sha256(head).hexdigest()}
         return out
+
+
+#: byte alignment of the tensors :meth:`Checkpoint.load` hands to computations (torch's CPU allocator's)
+COMPUTE_ALIGNMENT = 64
 
 
 def source_bytes(info: TensorInfo, start: int = 0, nbytes: int | None = None):
@@ -234,7 +241,7 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[st
         spans.append((b, e, name))
         tensors[name] = TensorInfo(name, path, torch_dtype, tuple(shape), data_start + b, data_start + e)
     spans.sort()
-    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+    for (b0, e0, n0), (b1, _e1, n1) in itertools.pairwise(spans):
         if b1 < e0:
             raise SurgeonError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data buffer")
     return tensors, {str(k): str(v) for k, v in meta.items()}
@@ -259,7 +266,7 @@ def _component_tensors(folder: Path, prefix: str) -> tuple[dict[str, TensorInfo]
             index = json.loads(index_path.read_text())
             weight_map = index["weight_map"]
             assert isinstance(weight_map, dict)
-        except Exception:
+        except Exception:  # noqa: BLE001 (any malformed index is one clear error)
             raise SurgeonError(f"{index_path}: not a valid index (expected a JSON object with 'weight_map')") from None
         wanted: dict[str, set[str]] = {}
         for tname, fname in weight_map.items():
@@ -375,7 +382,7 @@ def _load_pickles(files: list[Path]):
     for f in files:
         try:
             part = torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (unpickling refusals come in many types)
             raise SurgeonError(f"{f}: cannot load with weights_only=True ({e.__class__.__name__})") from None
         if isinstance(part, dict) and "state_dict" in part and isinstance(part["state_dict"], dict):
             part = part["state_dict"]

@@ -49,8 +49,8 @@ def render() -> str:
     for name in OP_INDEX:
         spec = get_op(name)
         cli = "surgeon " + name.replace(".", " ")
-        out += [f"### `{name}`", "", spec.summary, "", f"CLI: `{cli} {'MODELS...' if spec.multi_model else 'MODEL'}"
-                f"{' -o OUT' if spec.writes else ''} [options]`", ""]
+        out += [f"### `{name}`", "", spec.summary, "", (f"CLI: `{cli} {'MODELS...' if spec.multi_model else 'MODEL'}"
+                f"{' -o OUT' if spec.writes else ''} [options]`"), ""]
         out += _fields_table(spec.params) + [""]
     return "\n".join(out)
 

@@ -35,14 +35,14 @@ def collect() -> dict[str, Any]:
         info["cuda_available"] = torch.cuda.is_available()
         info["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         info["torch_threads"] = torch.get_num_threads()
-    except Exception as e:  # pragma: no cover
+    except Exception as e:  # noqa: BLE001  # pragma: no cover (doctor reports, never fails)
         info["torch_error"] = str(e)
     try:
         import numba
 
         info["numba_threads"] = numba.config.NUMBA_NUM_THREADS
         info["numba_threading_layer"] = numba.config.THREADING_LAYER
-    except Exception as e:  # pragma: no cover
+    except Exception as e:  # noqa: BLE001  # pragma: no cover (doctor reports, never fails)
         info["numba_error"] = str(e)
     info["triton_interpret"] = os.environ.get("TRITON_INTERPRET") == "1"
     cache = cache_dir()

@@ -42,7 +42,7 @@ def gguf_graph(path: Path, dtype: str = "float32"):
     path = Path(path)
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (transformers' GGUF reader raises many types)
         raise SurgeonError(f"{path}: cannot read GGUF metadata ({e.__class__.__name__}: {str(e)[:120]})") from None
     cfg = config.to_dict()
     for k in ("quantization_config", "_name_or_path", "transformers_version"):
@@ -84,14 +84,14 @@ def gguf_graph(path: Path, dtype: str = "float32"):
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         tok.save_pretrained(side_dir)
-    except Exception as e:  # a model without tokenizer metadata still converts
+    except Exception as e:  # noqa: BLE001 (a model without tokenizer metadata still converts)
         tok = None
         _ = e
     try:
         from transformers import GenerationConfig
 
         GenerationConfig.from_model_config(config).save_pretrained(side_dir)
-    except Exception:
+    except Exception:  # noqa: BLE001, S110 (a generation config is optional)
         pass
     side = {p.name: p for p in side_dir.iterdir() if p.is_file() and p.name != "config.json"}
     graph = Graph(nodes, {"": cfg}, {"": "model"}, side)

@@ -36,7 +36,7 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
                                  commit_message=message, delete_patterns=["*.safetensors", "*.index.json"])
     except SurgeonError:
         raise
-    except Exception as e:  # network/auth errors: one line, never the token
+    except Exception as e:  # noqa: BLE001 (network/auth errors: one line, never the token)
         raise SurgeonError(f"push to {repo_id} failed: {e.__class__.__name__}: {str(e).splitlines()[0][:200]}") from None
     plan["url"] = str(getattr(info, "commit_url", info))
     return plan

@@ -212,8 +212,8 @@ def _check_value(flag: str, value: Any, entry: dict[str, Any]) -> None:
 def _precheck_run(models: dict[str, str], writes: bool, run_kw: dict[str, Any]) -> None:
     """Mistakes that need no tensor: an input that does not exist, no or an unusable ``-o``, a bad
     ``--max-shard-size``. Cheap, and before torch is imported (several seconds) or any model is read."""
-    from surgeon.sources import missing_source_message
     from surgeon.outputs import check_output_location, parse_size
+    from surgeon.sources import missing_source_message
 
     for src in dict.fromkeys(models.values()):
         message = missing_source_message(src)
@@ -237,10 +237,11 @@ def _common_options(writes: bool) -> list[inspect.Parameter]:
     params = []
     if writes:
         params += [
-            opt("output", Optional[str], None, "--output", "-o", help="Output folder (written atomically)."),
+            opt("output", Optional[str], None,  # noqa: UP045 (typer reads the annotation)
+                "--output", "-o", help="Output folder (written atomically)."),
             opt("force", bool, False, "--force", help=FORCE_HELP),
             opt("max_shard_size", str, "5GB", "--max-shard-size", help="Largest safetensors shard."),
-            opt("max_memory", Optional[str], None, "--max-memory",
+            opt("max_memory", Optional[str], None, "--max-memory",  # noqa: UP045
                 help="Memory the writer may hold in flight (e.g. 4GB) [default: a quarter of available RAM]."),
             opt("executor", str, "local", "--executor",
                 help="local | ray (one task per output shard on the Ray cluster named by RAY_ADDRESS)."),

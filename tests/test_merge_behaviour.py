@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from surgeon.ops.merge import classic, opcm
+
 from tests.conftest import save_tiny_llama
 from tests.test_merge_helpers import context_for
 

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from surgeon.errors import SurgeonError
 from surgeon.ops.merge import classic
 from surgeon.ops.merge.values import layer_value
+
+from surgeon.errors import SurgeonError
 from tests.conftest import save_tiny_llama
 from tests.test_merge_helpers import context_for, perturbed_copy, state
 

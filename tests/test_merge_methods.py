@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from surgeon.ops.merge import gta, interpolate, slices
 
 from surgeon.errors import SurgeonError
-from surgeon.ops.merge import gta, interpolate, slices
 from tests.conftest import save_tiny_llama
 from tests.test_merge_helpers import context_for, perturbed_copy, state
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from surgeon.ops.merge import mwa
 
 from surgeon.errors import SurgeonError
-from surgeon.ops.merge import mwa
 from tests.test_merge_helpers import context_for, save_lora
 
 MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from surgeon.ops.merge import opcm
 
 from surgeon.errors import SurgeonError
-from surgeon.ops.merge import opcm
 from tests.conftest import save_tiny_llama
 from tests.test_merge_helpers import context_for, perturbed_copy, state
 
@@ -42,7 +42,7 @@ def test_projection_zeroes_masked_block_and_matches_full_svd():
     t_red, r = opcm.opcm_project(tau, merged, 0.5)
     t_full = opcm_project_full(tau, merged, 0.5)
     assert torch.allclose(t_red, t_full, atol=1e-5)
-    u, s, vh = torch.linalg.svd(merged, full_matrices=False)
+    u, _s, vh = torch.linalg.svd(merged, full_matrices=False)
     p = u.T @ t_red @ vh.T
     mask = opcm.projection_mask(16, r)
     print(f"r_alpha={r}, max |masked entries| = {float(p[mask].abs().max()):.2e}, "
@@ -93,7 +93,7 @@ def test_resume_equals_one_shot_and_state_is_constant_size(family, tmp_path):
     st = tmp_path / "state"
     _run(family, ["a", "b"], state=str(st))
     size2 = sum(f.stat().st_size for f in st.iterdir())
-    g1, _ = _run(family, ["c"], state=str(st), resume=str(st))
+    _g1, _ = _run(family, ["c"], state=str(st), resume=str(st))
     g2, ctx = _run(family, ["d"], state=str(st), resume=str(st))
     size4 = sum(f.stat().st_size for f in st.iterdir())
     worst = max(float((one.value(k) - g2.value(k)).abs().max()) for k in one.names())

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from surgeon.ops.merge import revert, rmm
 
 from surgeon.errors import SurgeonError
-from surgeon.ops.merge import revert, rmm
 from surgeon.writer import write_graph
 from tests.conftest import save_tiny_llama
 from tests.test_merge_helpers import context_for, perturbed_copy, save_lora, state
@@ -66,14 +66,14 @@ def setup(tmp_path_factory):
 
 
 def _merge(setup, p=2, **kw):
-    root, base, adapters = setup
+    _root, base, adapters = setup
     graph, ctx = context_for({"base": base, **adapters}, base="base")
     return rmm.merge_rmm(graph, rmm.RmmParams(p=p, **kw), ctx), ctx
 
 
 def test_merge_and_revert_adapter_and_dense(setup, tmp_path):
-    root, base, adapters = setup
-    g, ctx = _merge(setup, p=2)
+    _root, base, adapters = setup
+    g, _ctx = _merge(setup, p=2)
     meta = json.loads(g.extra_files["rmm.json"])
     print(f"rmm p=2 n=3: retained energy {meta['retained_energy']:.4f}, storage {meta['storage_ratio']:.3f}, "
           f"rel. errors {meta['relative_error']}")
@@ -116,7 +116,7 @@ def test_tensor_coefficients_store_about_p_models(setup, tmp_path):
 
 
 def test_full_finetunes_pt_svd(setup, tmp_path):
-    root, base, _ = setup
+    _root, base, _ = setup
     fts = {f"ft{i}": perturbed_copy(base, tmp_path / f"ft{i}", seed=20 + i, scale=0.01) for i in range(3)}
     graph, ctx = context_for({"base": base, **fts}, base="base")
     g = rmm.merge_rmm(graph, rmm.RmmParams(p=2, rank=8), ctx)
@@ -127,7 +127,7 @@ def test_full_finetunes_pt_svd(setup, tmp_path):
 def test_bad_input(setup, tmp_path):
     with pytest.raises(SurgeonError, match="p=3 must be smaller than the number of models n=3"):
         _merge(setup, p=3)
-    root, base, adapters = setup
+    _root, _base, adapters = setup
     other = save_tiny_llama(tmp_path / "wide", layers=2, hidden=48, vocab=64)
     graph, ctx = context_for({"base": other, **adapters}, base="base")
     with pytest.raises(SurgeonError, match="another base"):

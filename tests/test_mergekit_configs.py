@@ -329,6 +329,7 @@ def _vocab(folder: Path) -> dict[str, int]:
 
 def test_different_vocabularies_are_refused_without_a_tokenizer_source(family):
     from surgeon.ops.merge import classic
+
     from tests.test_merge_helpers import context_for
 
     graph, ctx = context_for({"a": family["a"], "v": family["v"]})

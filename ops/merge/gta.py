@@ -20,10 +20,6 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
-
-from surgeon.context import Context
-from surgeon.errors import SurgeonError
-from surgeon.graph import Graph
 from surgeon.ops.merge.inputs import VocabMergeParams, check_compatible, gather_inputs, merged_graph
 from surgeon.ops.merge.sparsify import (
     check_unit_interval,
@@ -42,6 +38,10 @@ from surgeon.ops.merge.values import (
     per_model_field,
     resolve_per_model,
 )
+
+from surgeon.context import Context
+from surgeon.errors import SurgeonError
+from surgeon.graph import Graph
 from surgeon.registry import register
 
 # ---------------------------------------------------------------------------------------------------------

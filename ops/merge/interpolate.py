@@ -23,10 +23,6 @@ from typing import Any
 
 import torch
 from pydantic import Field, field_validator
-
-from surgeon.context import Context
-from surgeon.errors import SurgeonError
-from surgeon.graph import Graph
 from surgeon.ops.merge.inputs import (
     MergeParams,
     VocabMergeParams,
@@ -36,6 +32,10 @@ from surgeon.ops.merge.inputs import (
     merged_graph,
 )
 from surgeon.ops.merge.values import LayerValue, layer_value, num_layers, parse_float_list, parse_layer_value
+
+from surgeon.context import Context
+from surgeon.errors import SurgeonError
+from surgeon.graph import Graph
 from surgeon.registry import register
 
 # ---------------------------------------------------------------------------------------------------------

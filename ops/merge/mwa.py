@@ -23,12 +23,12 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
+from surgeon.ops.merge.classic import linear_merge
+from surgeon.ops.merge.inputs import MergeParams, check_compatible, out_dtype
 
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Apply, Graph
-from surgeon.ops.merge.classic import linear_merge
-from surgeon.ops.merge.inputs import MergeParams, check_compatible, out_dtype
 from surgeon.registry import register
 
 # ---------------------------------------------------------------------------------------------------------

@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 from pydantic import Field
+from surgeon.ops.merge.inputs import MergeInputs, MergeParams, check_compatible, gather_inputs, out_dtype
 
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Apply, Graph, Load
-from surgeon.ops.merge.inputs import MergeInputs, MergeParams, check_compatible, gather_inputs, out_dtype
 from surgeon.registry import register
 
 STATE_TENSORS = "opcm_sum.safetensors"

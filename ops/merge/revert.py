@@ -12,12 +12,12 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field
+from surgeon.ops.merge.inputs import MergeParams
+from surgeon.ops.merge.rmm import RMM_JSON, rmm_revert
 
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Apply, Const, Graph, LowRank
-from surgeon.ops.merge.inputs import MergeParams
-from surgeon.ops.merge.rmm import RMM_JSON, rmm_revert
 from surgeon.registry import register
 
 

@@ -17,12 +17,12 @@ import dataclasses
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from surgeon.ops.merge.inputs import MergeParams, out_dtype
+from surgeon.ops.merge.values import LayerValue, layer_value, parse_layer_value, resolve_model_key
 
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Apply, Graph
-from surgeon.ops.merge.inputs import MergeParams, out_dtype
-from surgeon.ops.merge.values import LayerValue, layer_value, parse_layer_value, resolve_model_key
 from surgeon.registry import register
 
 

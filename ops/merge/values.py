@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 #: a scalar, a list over layers (interpolated like mergekit's gradients when its length differs from the
 #: number of layers), or ``{pattern: value}`` (``re:<regex>`` full-match, else substring; ``default`` last).
-LayerValue = Union[float, list[float], dict[str, float | list[float]]]
+LayerValue = Union[float, list[float], dict[str, float | list[float]]]  # noqa: UP007 (a runtime alias pydantic reads)
 
 
 def parse_layer_value(v: Any) -> Any:

@@ -9,6 +9,7 @@ from typing import Any
 from surgeon.errors import SurgeonError
 
 from . import Roles, _cfg, roles_for
+
 _NUMBERED = re.compile(r"^(?P<head>(?:.*\.)?)(?P<i>\d+)\.(?P<tail>.+)$")
 
 
