@@ -75,3 +75,35 @@ def word_text(n_words: int = 600, seed: int = 0) -> str:
 @pytest.fixture
 def tiny_llama_tok(tmp_path: Path) -> Path:
     return save_tiny_llama_with_tokenizer(tmp_path / "tiny-llama-tok")
+
+
+def _gloo_rank(rank: int, world: int, port: int, fn, folder: str, out: str) -> None:
+    """One torchrun-like rank: the environment torchrun sets, gloo, ``fn(folder)`` on every rank; rank 0 saves it."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from surgeon.engine import dist
+
+    dist.setup("cpu")
+    try:
+        res = fn(Path(folder))
+        if dist.is_writer():
+            torch.save(res, out)
+    finally:
+        import torch.distributed as td
+
+        td.destroy_process_group()
+
+
+def run_on_gloo_ranks(fn, folder: Path, out: Path, world: int = 2):
+    """``fn(folder)`` (a module-level function returning tensors) on ``world`` gloo CPU processes; rank 0's result."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_gloo_rank, args=(world, port, fn, str(folder), str(out)), nprocs=world, join=True,
+                       start_method="spawn")
+    return torch.load(out)

@@ -4,8 +4,6 @@ input statistics equal a literal computation; two gloo processes give the one-pr
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -162,29 +160,6 @@ def test_budget_too_small_for_one_block_and_unknown_blocks_are_one_line_errors(t
 
 
 # ---------------------------------------------------------------------------------------- data parallel
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _dp_worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from surgeon.engine import dist
-
-    dist.setup("cpu")
-    try:
-        res = _wanda_and_stats(Path(folder))
-        if dist.is_writer():
-            torch.save(res, out)
-    finally:
-        import torch.distributed as td
-
-        td.destroy_process_group()
-
-
 def _wanda_and_stats(folder: Path) -> dict[str, torch.Tensor]:
     """Statistics of one block, summed NLL and Wanda masks (through the op) on a tiny Llama."""
     from surgeon.ops.prune import wanda
@@ -211,16 +186,13 @@ def _wanda_and_stats(folder: Path) -> dict[str, torch.Tensor]:
 def test_two_gloo_processes_equal_one_process(tmp_path):
     """Each rank runs its slice of the samples; statistics are all-reduced (sums in fp64, so equal to 1e-12
     relative), NLL totals to 1e-9 relative, and the Wanda masks are identical."""
-    import torch.multiprocessing as mp
-    from conftest import save_tiny_llama_with_tokenizer, word_text
+    from conftest import run_on_gloo_ranks, save_tiny_llama_with_tokenizer, word_text
 
     folder = save_tiny_llama_with_tokenizer(tmp_path / "m", layers=3)
     (folder / "calib.txt").write_text(word_text(400, seed=5))
     one = _wanda_and_stats(folder)
     out = tmp_path / "rank0.pt"
-    mp.start_processes(_dp_worker, args=(2, _free_port(), str(folder), str(out)), nprocs=2, join=True,
-                       start_method="spawn")
-    two = torch.load(out)
+    two = run_on_gloo_ranks(_wanda_and_stats, folder, out)
     assert set(one) == set(two) and int(two["count"]) == int(one["count"]) == 7 * 12
     assert torch.allclose(two["sq"], one["sq"], rtol=1e-12)
     assert torch.allclose(two["xtx"], one["xtx"], rtol=1e-12, atol=1e-12)

@@ -2,19 +2,11 @@
 trains on half of every batch and the averaged gradients make the same steps as one process on the whole batch."""
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import torch
 
 PARAMS = {"steps": 3, "batch_size": 4, "seqlen": 16, "max_windows": 8, "lr": 1e-3, "rank": 4}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _perp(folder: Path) -> dict[str, torch.Tensor]:
@@ -34,35 +26,15 @@ def _perp(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from surgeon.engine import dist
-
-    dist.setup("cpu")
-    try:
-        res = _perp(Path(folder))
-        if dist.is_writer():
-            torch.save(res, out)
-    finally:
-        import torch.distributed as td
-
-        td.destroy_process_group()
-
-
 def test_two_gloo_processes_train_perp_like_one_with_fsdp2(tmp_path):
-    import torch.multiprocessing as mp
-    from conftest import save_tiny_llama_with_tokenizer, word_text
+    from conftest import run_on_gloo_ranks, save_tiny_llama_with_tokenizer, word_text
 
     folder = save_tiny_llama_with_tokenizer(tmp_path / "m", layers=2)
     (folder / "calib.txt").write_text(word_text(600, seed=3))
     torch.set_num_threads(1)
     one = _perp(folder)
     out = tmp_path / "rank0.pt"
-    mp.start_processes(_worker, args=(2, _free_port(), str(folder), str(out)), nprocs=2, join=True,
-                       start_method="spawn")
-    two = torch.load(out)
+    two = run_on_gloo_ranks(_perp, folder, out)
     from surgeon.graph import Graph
     from surgeon.sources import open_checkpoint
 

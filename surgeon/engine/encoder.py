@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from surgeon.engine.core import _assign
 from surgeon.engine.store import HiddenStore
 from surgeon.errors import SurgeonError
 
@@ -46,15 +47,6 @@ class StackPaths:
 class _Batch:
     args: tuple  # what the stack passes its layers besides the hidden states (positional)
     kwargs: dict[str, Any]
-
-
-def _assign(module: nn.Module, name: str, value: torch.Tensor, *, is_param: bool) -> None:
-    path, _, leaf = name.rpartition(".")
-    sub = module.get_submodule(path) if path else module
-    if is_param:
-        sub._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-    else:
-        sub._buffers[leaf] = value
 
 
 class EncoderStack:
