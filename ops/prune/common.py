@@ -5,6 +5,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from surgeon.errors import SurgeonError
 from surgeon.graph import Apply, Executor, Node
@@ -106,6 +107,38 @@ def parse_nm(text: str | None) -> tuple[int, int] | None:
     if not 0 < n < m:
         raise ValueError(f"nm: need 0 < N < M, got {text!r}")
     return n, m
+
+
+class CalibratedPruneParams(BaseModel):
+    """The options the calibrated pruners (Wanda, SparseGPT) share: calibration text, target sparsity or N:M
+    pattern (one of them), and which tensors to prune. Each op restates ``sparsity``/``nm`` to say per what."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field("model:32", description="Calibration text: a .txt/.jsonl file, a datasets folder, or "
+                      "'model:N' (N sequences sampled from the model itself).")
+    sparsity: float = Field(0.5, ge=0, lt=1, description="Fraction of weights set to zero.")
+    nm: str | None = Field(None, description="Semi-structured N:M pattern instead of a sparsity, e.g. '2:4'.")
+    seqlen: int = Field(512, ge=2, le=2048, description="Tokens per calibration window (capped by the model's "
+                        "context; at most 2048 so long-context models do not hang).")
+    n_windows: int = Field(64, ge=1, le=4096, description="Number of calibration windows (the reference uses 128).")
+    batch_size: int = Field(8, ge=1, description="Windows per forward pass during calibration.")
+    include: list[str] | None = Field(None, description=INCLUDE_HELP)
+    exclude: list[str] = Field(default_factory=list, description=EXCLUDE_HELP)
+    arch: dict[str, Any] | None = Field(None, description=ARCH_HELP)
+
+    @field_validator("nm")
+    @classmethod
+    def _nm(cls, v: str | None) -> str | None:
+        parse_nm(v)
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CalibratedPruneParams:
+        nm = parse_nm(self.nm)
+        if nm is not None and "sparsity" in self.model_fields_set and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+            raise ValueError(f"sparsity={self.sparsity} contradicts nm={self.nm}; give one of them")
+        return self
 
 
 def check_nm_shapes(graph: Graph, names: Sequence[str], m: int, transposed: set[str]) -> None:

@@ -22,10 +22,9 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from surgeon import engine
 from surgeon.context import Context
@@ -34,9 +33,7 @@ from surgeon.graph import Graph
 from surgeon.registry import register
 
 from .common import (
-    ARCH_HELP,
-    EXCLUDE_HELP,
-    INCLUDE_HELP,
+    CalibratedPruneParams,
     Pruned,
     check_nm_shapes,
     parse_nm,
@@ -46,36 +43,16 @@ from .common import (
 )
 
 
-class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    data: str = Field("model:32", description="Calibration text: a .txt/.jsonl file, a datasets folder, or "
-                      "'model:N' (N sequences sampled from the model itself).")
+class Params(CalibratedPruneParams):
     sparsity: float = Field(0.5, ge=0, lt=1, description="Fraction of each matrix's weights set to zero (exact).")
-    nm: str | None = Field(None, description="Semi-structured N:M pattern instead of a sparsity, e.g. '2:4'.")
     blocksize: int = Field(128, ge=1, description="Columns per block: the mask is chosen per block and updates to "
                            "later blocks are batched (the reference's 128).")
     percdamp: float = Field(0.01, gt=0, le=1, description="Damping added to the Hessian's diagonal, as a fraction "
                             "of its mean.")
-    seqlen: int = Field(512, ge=2, le=2048, description="Tokens per calibration window (capped by the model's "
-                        "context; at most 2048 so long-context models do not hang).")
-    n_windows: int = Field(64, ge=1, le=4096, description="Number of calibration windows (the reference uses 128).")
-    batch_size: int = Field(8, ge=1, description="Windows per forward pass during calibration.")
-    include: list[str] | None = Field(None, description=INCLUDE_HELP)
-    exclude: list[str] = Field(default_factory=list, description=EXCLUDE_HELP)
-    arch: dict[str, Any] | None = Field(None, description=ARCH_HELP)
-
-    @field_validator("nm")
-    @classmethod
-    def _nm(cls, v: str | None) -> str | None:
-        parse_nm(v)
-        return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> Params:
+    def _blocksize_fits_m(self) -> Params:
         nm = parse_nm(self.nm)
-        if nm is not None and "sparsity" in self.model_fields_set and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
-            raise ValueError(f"sparsity={self.sparsity} contradicts nm={self.nm}; give one of them")
         if nm is not None and self.blocksize % nm[1]:
             raise ValueError(f"blocksize {self.blocksize} is not a multiple of M={nm[1]}")
         return self

@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field
 
 from surgeon import engine
 from surgeon.context import Context
@@ -21,9 +21,7 @@ from surgeon.graph import Graph
 from surgeon.registry import register
 
 from .common import (
-    ARCH_HELP,
-    EXCLUDE_HELP,
-    INCLUDE_HELP,
+    CalibratedPruneParams,
     Pruned,
     check_nm_shapes,
     nm_prune,
@@ -43,36 +41,12 @@ from .protect import (
 )
 
 
-class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    data: str = Field("model:32", description="Calibration text: a .txt/.jsonl file, a datasets folder, or "
-                      "'model:N' (N sequences sampled from the model itself).")
+class Params(CalibratedPruneParams):
     sparsity: float = Field(0.5, ge=0, lt=1, description="Fraction of each output row's weights set to zero.")
     nm: str | None = Field(None, description="Semi-structured N:M pattern instead of a row sparsity, e.g. '2:4'.")
-    seqlen: int = Field(512, ge=2, le=2048, description="Tokens per calibration window (capped by the model's "
-                        "context; at most 2048 so long-context models do not hang).")
-    n_windows: int = Field(64, ge=1, le=4096, description="Number of calibration windows (the reference uses 128).")
-    batch_size: int = Field(8, ge=1, description="Windows per forward pass during calibration.")
-    include: list[str] | None = Field(None, description=INCLUDE_HELP)
-    exclude: list[str] = Field(default_factory=list, description=EXCLUDE_HELP)
-    arch: dict[str, Any] | None = Field(None, description=ARCH_HELP)
     protect_edits: bool | None = Field(None, description=PROTECT_HELP)
     protect_mode: ProtectMode = Field("refit", description=MODE_HELP)
     protect_fraction: float = Field(0.05, ge=0, le=0.5, description=FRACTION_HELP)
-
-    @field_validator("nm")
-    @classmethod
-    def _nm(cls, v: str | None) -> str | None:
-        parse_nm(v)
-        return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Params:
-        nm = parse_nm(self.nm)
-        if nm is not None and "sparsity" in self.model_fields_set and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
-            raise ValueError(f"sparsity={self.sparsity} contradicts nm={self.nm}; give one of them")
-        return self
 
 
 # --- pure tensor math --------------------------------------------------------------------------------------
