@@ -189,3 +189,26 @@ def test_threshold_below_every_eigenvalue_is_refused(fact_model, tmp_path):
     with pytest.raises(SurgeonError, match="nullspace-threshold"):
         run_op("edit.alphaedit", str(fact_model), output=str(tmp_path / "o"), device="cpu", requests=_edits(1),
                stats_data=_kept_text(tmp_path / "kept.txt"), layers=[1], nullspace_threshold=1e-30, metrics=False)
+
+
+def test_alphaedit_records_its_requests_for_later_steps(fact_model, tmp_path):
+    """Like every edit op, AlphaEdit records its requests and name in the graph, so a later prune protects the
+    edit and PERP's edit loss sees its facts (surgeon.edits)."""
+    from surgeon.ops.edit import alphaedit
+
+    from surgeon.context import Context
+    from surgeon.edits import edit_records, edit_requests
+    from surgeon.graph import Graph
+    from surgeon.sources import open_checkpoint
+
+    g = Graph.from_checkpoint(open_checkpoint(str(fact_model)))
+    reqs = _edits(2)
+    out = alphaedit.apply(g, alphaedit.Params(requests=reqs, stats_data=_kept_text(tmp_path / "kept.txt"),
+                                              n_prefixes=0, layers=[0, 1], steps=1, metrics=False), Context())
+    records = edit_records(out)
+    assert sorted(r.tensor for r in records) == ["model.layers.0.mlp.down_proj.weight",
+                                                 "model.layers.1.mlp.down_proj.weight"]
+    assert {r.op for r in records} == {"edit.alphaedit"}
+    got = edit_requests(out)
+    assert len(got) == 2 * len(reqs)  # each edited tensor carries the batch's requests
+    assert {(r["prompt"], r["target"]) for r in got} == {(r["prompt"], r["target"]) for r in reqs}

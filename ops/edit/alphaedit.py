@@ -158,7 +158,8 @@ def apply(graph, params: Params, ctx):
     index = _batch_index(batches)
     per_layer, per_edit, history, work = _alphaedit_batches(graph, tok, sites, projs, batches, prefixes, settings,
                                                             params, ctx, base, index, timings)
-    write_back(graph, [(s, [u for u, _ in acc], [d for _, d in acc]) for s, acc in zip(sites, per_layer)], ctx)
+    write_back(graph, [(s, [u for u, _ in acc], [d for _, d in acc]) for s, acc in zip(sites, per_layer)], ctx,
+               requests, op="edit.alphaedit")
     result: dict[str, Any] = {"kind": "edit.alphaedit", "title": "Knowledge edit (AlphaEdit)",
                               "requests": len(requests), "layers": layers, "batches": len(batches)}
     if history:
