@@ -291,6 +291,11 @@ class Terminated(BaseException):
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
+    """Raise once: a further SIGTERM (a second ``kill``, ``timeout`` repeating itself) is ignored, so it cannot
+    interrupt the cleanup the first one started and leave ``OUT.tmp-*`` behind. ``kill -9`` still stops at once."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated()
 
 

@@ -249,6 +249,33 @@ def test_sigterm_during_a_write_exits_143_and_removes_the_temporary_folder(base,
     assert not list(tmp_path.glob("out.tmp-*"))
 
 
+def test_a_second_sigterm_during_cleanup_still_removes_the_temporary_folder(base, tmp_path):
+    """``kill`` twice (or a pool thread's write signalling again) must not interrupt the removal of OUT.tmp-*:
+    the second SIGTERM is sent exactly while the writer removes its temporary folder."""
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import os, shutil, signal, sys
+        import surgeon.writer as w
+        real_bytes, real_rmtree = w.tensor_bytes, shutil.rmtree
+        def bytes_then_term(t):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real_bytes(t)
+        def term_then_rmtree(path, *a, **k):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real_rmtree(path, *a, **k)
+        w.tensor_bytes = bytes_then_term
+        w.shutil.rmtree = term_then_rmtree
+        from surgeon.cli import main
+        sys.exit(main(["cast", {str(base)!r}, "--dtype", "float16", "-o", {str(out)!r}, "-q"]))
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, check=False,
+                          timeout=600)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert not out.exists()
+    assert not list(tmp_path.glob("out.tmp-*"))
+
+
 # item 13: --force on a surgeon output still replaces it ----------------------------------------------------
 def test_force_replaces_a_previous_surgeon_output(base, tmp_path, capsys):
     out = tmp_path / "out"
