@@ -210,12 +210,14 @@ def _block_fp32(s: dict[str, int]) -> int:
 
 def _distill_work(graph: Graph, p: Any, s: dict[str, int], model: int) -> int:
     """``retrain.distill``: the larger of the teacher's engine pass (one fp32 block, the output embedding, the
-    used windows' hidden states in and out) and training, which holds the whole fp32 student (``model``: the
-    graph's own size, an over-estimate when a tie step of the same run makes the student), the AdamW moments
-    and gradients of its non-embedding weights, the block inputs (activation checkpointing) or every block's
-    activations, ~6 copies of one batch's logits (student, log-softmax, gradient, teacher, its softmax) and the
-    kept teacher outputs (exact KL: the last hidden states; top-k: values and ids). Sampled data (``model:N``)
-    first builds the fp32 teacher with a KV cache (fitted on SmolLM2, docs/retrain.md)."""
+    used windows' hidden states in and out) and training, which holds the fp32 student twice (``model``: the
+    graph's own size, an over-estimate when a tie step of the same run makes the student; twice: the unrolled
+    module is built before its layers share their weights, and the allocator keeps gradient buffers, as PERP),
+    the AdamW moments and gradient of its non-embedding weights, the block inputs (activation checkpointing) or
+    every block's activations, copies of one batch's ``[b, L, V]`` logits (6 for the student's log-softmax and its
+    backward; 6 more with exact KL: the teacher's logits, their tempered log-softmax and softmax, the KL terms),
+    and the kept teacher outputs (exact KL: the last hidden states; top-k: values and ids). Sampled data
+    (``model:N``) first builds the fp32 teacher with a KV cache. Fitted on SmolLM2 (docs/retrain.md)."""
     from surgeon.data import effective_seqlen
 
     h, vocab, layers = s["hidden"], s["vocab"], max(s["layers"], 1)
@@ -230,7 +232,8 @@ def _distill_work(graph: Graph, p: Any, s: dict[str, int], model: int) -> int:
     tokens = p.batch_size * seqlen
     block_acts = tokens * (12 * h + 6 * s["ffn"]) * 4 + 3 * p.batch_size * s["heads"] * seqlen * seqlen * 4
     acts = layers * tokens * h * 4 + block_acts if p.checkpointing else layers * block_acts
-    train = model + 3 * trained + acts + 6 * tokens * vocab * 4 + kept
+    copies = 6 if p.top_k else 12
+    train = 2 * model + 3 * trained + acts + copies * tokens * vocab * 4 + kept
     work = max(teacher, train)
     if _sampled(p.data):
         work = max(work, model + _sampling_kv(s, 32, seqlen))
