@@ -34,11 +34,12 @@ def main() -> None:
 
     from importlib.resources import files
 
+    from surgeon.ops.retrain.distill import window_schedule
+
     from surgeon.context import Context
     from surgeon.engine import Engine
     from surgeon.engine.outputs import last_hidden
     from surgeon.graph import Graph
-    from surgeon.ops.retrain.distill import window_schedule
     from surgeon.sources import open_checkpoint
 
     graph = Graph.from_checkpoint(open_checkpoint(a.model))
