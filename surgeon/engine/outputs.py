@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -67,7 +68,8 @@ def top_k_rows(engine: Engine, hidden: torch.Tensor, head: tuple[torch.Tensor, t
     w, bias = head
     k = min(k, w.shape[0])
     norm = _final_norm(engine)
-    transform = logit_transform(engine.config.to_dict())
+    config: Any = engine.config  # the skeleton's PretrainedConfig
+    transform = logit_transform(config.to_dict())
     h = (norm(hidden) if norm is not None else hidden).to(engine.dtype)
     best_v = torch.empty(h.shape[0], 0, device=h.device)
     best_i = torch.empty(h.shape[0], 0, dtype=torch.long, device=h.device)
@@ -94,7 +96,7 @@ def top_logits(engine: Engine, samples, k: int, *, progress: Callable | None = N
     (``[L, k]`` int64), on the CPU: every block once, then the head ``rows_per_call`` positions at a time."""
     hidden = last_hidden(engine, samples, progress=progress)
     head = engine.head_weights()
-    gname = engine._graph_of(engine._head_pname())
+    gname = engine._graph_of(engine._head_pname()) or "lm_head"
     values: dict[int, torch.Tensor] = {}
     indices: dict[int, torch.Tensor] = {}
     with torch.no_grad():
