@@ -50,7 +50,7 @@ class Params(BaseModel):
     batch_size: int = Field(1, ge=1, description="Windows per forward pass.")
     max_new_tokens: int = Field(32, ge=1, le=2048, description="Tokens generated per --generate prompt.")
     field: str = Field("text", description="JSONL/datasets field holding the text.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Compute dtype of the module.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Compute dtype of the blocks.")
 
 
 # ---------------------------------------------------------------------------------------------- pure math
