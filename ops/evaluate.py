@@ -113,7 +113,8 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
                           fact_items=fr["items"])
     if params.generate:
         eng = engine_mod.from_context(graph, ctx, dtype=params.dtype)
-        done = greedy_completions(eng, tok, params.generate, params.max_new_tokens, log=ctx.log)
+        done = greedy_completions(eng, tok, params.generate, params.max_new_tokens, log=ctx.log,
+                                  progress=ctx.progress)
         result["samples"] = [{"prompt": p, "completion": c} for p, c in zip(params.generate, done)]
         del eng
     result["seconds"] = round(time.perf_counter() - t0, 3)

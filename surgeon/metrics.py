@@ -136,10 +136,11 @@ def fact_recall(model: nn.Module, tok, facts: list[dict[str, str]]) -> dict[str,
 
 
 def greedy_completions(engine, tok, prompts: list[str], max_new_tokens: int = 32, *,
-                       log=None) -> list[str]:
+                       log=None, progress=None) -> list[str]:
     """Greedy continuation of each prompt (stops at EOS), decoded without special tokens, generated on the
     block-by-block ``engine`` with a KV cache (:class:`surgeon.engine.Decoder`; prompts of equal token length
-    share a batch). ``log`` gets the line saying when blocks are streamed per token."""
+    share a batch). ``log`` gets the line saying when blocks are streamed per token; ``progress(iterable,
+    total, description)`` wraps the decoding steps (``Context.progress``)."""
     import torch
 
     from surgeon.engine import Decoder
@@ -152,12 +153,17 @@ def greedy_completions(engine, tok, prompts: list[str], max_new_tokens: int = 32
             raise SurgeonError(f"generate: prompt {prompts[i]!r} tokenises to nothing")
         by_length.setdefault(len(row), []).append(i)
     out: list[str] = [""] * len(prompts)
+    total = len(by_length) * max_new_tokens
+    ticks = iter(progress(range(total), total, "generating") if progress is not None else range(total))
     with Decoder(engine, log=log) as decoder:
         for members in by_length.values():
-            new = decoder.decode(torch.tensor([ids[i] for i in members]), max_new_tokens, eos=eos)
+            new = decoder.decode(torch.tensor([ids[i] for i in members]), max_new_tokens, eos=eos,
+                                 tick=lambda: next(ticks, None))
             for row, i in zip(new.tolist(), members):
                 kept = row[: row.index(eos)] if eos in row else row
                 out[i] = tok.decode(kept, skip_special_tokens=True)
+    for _ in ticks:  # rows that stopped at EOS early: let the progress finish
+        pass
     return out
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from surgeon.engine.core import _assign, _dtype_size, _final_norm, _mb, _Stop
+from surgeon.engine.core import VOCAB_CHUNK, _assign, _dtype_size, _final_norm, _mb, _Stop
 from surgeon.errors import SurgeonError
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ class Decoder:
         self.vocab = int(head_shape[0])  # rows of the output embedding (may exceed the tokenizer's vocabulary)
         head_bytes = math.prod(head_shape) * _dtype_size(eng.dtype)
         need = sum(eng.block_bytes) + head_bytes
-        limit = budget if budget is not None else (getattr(eng, "max_memory", None) or DEFAULT_RESIDENT_BUDGET)
+        limit = budget if budget is not None else (eng.max_memory or DEFAULT_RESIDENT_BUDGET)
         self.resident = need <= limit
         if not self.resident and log is not None:
             log(f"generate: the {eng.roles.n_layers} blocks and the head need {_mb(need)} in "
@@ -89,8 +89,8 @@ class Decoder:
         self._table = eng._read_unchecked(self._emb_name)  # stored dtype; rows are checked as they are used
         weight = self._table if self._head_name == self._emb_name else eng._read_unchecked(self._head_name)
         bias = _head_bias(eng)
-        for v0 in range(0, weight.shape[0], 8192):
-            eng._check(self._head_name, weight[v0:v0 + 8192])
+        for v0 in range(0, weight.shape[0], VOCAB_CHUNK):
+            eng._check(self._head_name, weight[v0:v0 + VOCAB_CHUNK])
         if self.resident:  # held in the compute dtype: one matmul per step, as a whole module's lm_head
             weight = weight.to(device=eng.device, dtype=eng.dtype)
             bias = None if bias is None else bias.to(device=eng.device, dtype=eng.dtype)
