@@ -9,8 +9,9 @@ block's attention appends its keys and values to one transformers cache object: 
 
 When every block and the head fit the memory budget (``--max-memory``, else :data:`DEFAULT_RESIDENT_BUDGET`)
 the blocks stay loaded for the whole run (one weight load: as fast as a whole module). Otherwise each step
-loads, runs and frees one block at a time: memory is one block + the cache + the two embedding tables in their
-stored dtype, and every generated token reads every block (slow).
+loads, runs and frees one block at a time, and reads the embedding rows it needs and then the head (8192 rows
+at a time) from the graph: memory is the larger of one block and the head in its stored dtype, plus the cache,
+and every generated token reads every block (slow).
 """
 from __future__ import annotations
 
@@ -86,15 +87,17 @@ class Decoder:
                 f"{str(eng.dtype).removeprefix('torch.')}, over the {_mb(limit)} budget: streaming one block at a "
                 "time for every generated token (bounded memory, slow)")
         self._blocks: dict[int, Block] = {}
-        self._table = eng._read_unchecked(self._emb_name)  # stored dtype; rows are checked as they are used
-        weight = self._table if self._head_name == self._emb_name else eng._read_unchecked(self._head_name)
-        bias = _head_bias(eng)
+        weight = eng._read_unchecked(self._head_name)
         for v0 in range(0, weight.shape[0], VOCAB_CHUNK):
             eng._check(self._head_name, weight[v0:v0 + VOCAB_CHUNK])
-        if self.resident:  # held in the compute dtype: one matmul per step, as a whole module's lm_head
-            weight = weight.to(device=eng.device, dtype=eng.dtype)
-            bias = None if bias is None else bias.to(device=eng.device, dtype=eng.dtype)
-        self._head = (weight, bias)
+        self._table: torch.Tensor | None = None  # input embedding, stored dtype (streamed: read per step)
+        self._head: tuple[torch.Tensor, torch.Tensor | None] | None = None  # streamed: read per step
+        if self.resident:  # held; the head in the compute dtype: one matmul per step, as a module's lm_head
+            self._table = weight if self._head_name == self._emb_name else eng._read_unchecked(self._emb_name)
+            bias = _head_bias(eng)
+            self._head = (weight.to(device=eng.device, dtype=eng.dtype),
+                          None if bias is None else bias.to(device=eng.device, dtype=eng.dtype))
+        del weight  # streamed: a mapped source tensor leaves the resident set until the head runs again
         self._norm = _final_norm(eng)
         from surgeon.arch import logit_transform
 
@@ -108,9 +111,11 @@ class Decoder:
         model hands its layers, and the cache (created by the model on the first step)."""
         eng = self.engine
         uniq = torch.unique(ids)
-        if int(uniq.max()) >= self._table.shape[0] or int(uniq.min()) < 0:
-            raise SurgeonError(f"engine: token id {int(uniq.max())} is outside the vocabulary ({self._table.shape[0]})")
-        rows = self._table[uniq]
+        table = self._table if self._table is not None else eng._read_unchecked(self._emb_name)
+        if int(uniq.max()) >= table.shape[0] or int(uniq.min()) < 0:
+            raise SurgeonError(f"engine: token id {int(uniq.max())} is outside the vocabulary ({table.shape[0]})")
+        rows = table[uniq]
+        del table
         eng._check(self._emb_name, rows)
         _assign(eng.skeleton, self._emb_p, rows.to(device=eng.device, dtype=eng.dtype), is_param=True)
         emb_mod = eng.skeleton.get_submodule(self._emb_p.rpartition(".")[0])
@@ -159,8 +164,8 @@ class Decoder:
 
     def logits(self, last: torch.Tensor) -> torch.Tensor:
         """fp32 logits ``[b, V]`` of last-block hidden rows ``[b, d]`` (final norm, head, logit transform)."""
-        if not self.resident:
-            return self.engine.logits(last, self._head)
+        if self._head is None:  # streamed: read now (a map of the file: its pages leave with it), 8192 rows at a time
+            return self.engine.logits(last, (self.engine._read_unchecked(self._head_name), _head_bias(self.engine)))
         h = self._norm(last) if self._norm is not None else last
         out = F.linear(h, *self._head).float()
         return self._transform(out) if self._transform is not None else out
@@ -206,8 +211,7 @@ class Decoder:
         for block in self._blocks.values():
             self.engine.unload_block(block)
         self._blocks.clear()
-        self._table = None  # type: ignore[assignment]
-        self._head = (None, None)  # type: ignore[assignment]
+        self._table, self._head = None, None
 
     def __exit__(self, *exc) -> None:
         self.close()
