@@ -64,6 +64,19 @@ def test_greedy_tokens_equal_transformers_generate_resident_and_streamed(kind, t
         assert all(p.device.type == "meta" for p in eng.skeleton.get_submodule(path).parameters())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_greedy_tokens_equal_cpu(tmp_path):
+    """--device cuda: blocks, cache and head on the GPU, resident and streamed; the chooser still sees CPU logits."""
+    _save("llama", tmp_path / "m")
+    prompts = torch.randint(1, 60, (2, 6), generator=torch.Generator().manual_seed(4))
+    with Decoder(Engine(_graph(tmp_path / "m"))) as dec:
+        ref = dec.decode(prompts, 8)
+    for budget in (None, 0):
+        with Decoder(Engine(_graph(tmp_path / "m"), device="cuda"), budget=budget) as dec:
+            assert torch.equal(dec.decode(prompts, 8), ref)
+
+
 def test_eos_stops_once_every_row_has_produced_it(tmp_path):
     model = _save("llama", tmp_path / "m")
     prompt = torch.randint(1, 60, (1, 4), generator=torch.Generator().manual_seed(2))
