@@ -12,9 +12,14 @@ A run's resident memory is the interpreter with its libraries, plus what the gra
   and metrics on the engine; v* keeps the blocks from the (last) edited layer on resident; they may sample
   text (``model:N``) from the run's input model on the engine with a KV cache (its blocks stay loaded when they
   fit, else one block per step);
-- other model-level steps materialise the model in fp32, plus their own working set: PERP keeps bool masks, adapters and
-  their optimizer state, the merged weights, the block inputs (activation checkpointing) or every block's
-  activations, and the logits with their gradient; eval keeps one batch's logits.
+- distillation (``retrain.distill``) runs the teacher on the engine (one block, the head, the used windows' hidden
+  states), then trains the whole fp32 student with AdamW state, the kept teacher outputs (last hidden states, or
+  the top-k table) and one batch's logits of both;
+- concept erasure (``erase.uce``/``erase.rece``) encodes its prompts with the text encoder(s) block by block and
+  reads the UNet's cross-attention k/v matrices in stacked 8192-row chunks (RECE keeps them when small); the rest
+  of the pipeline (UNet, VAE) is never loaded;
+- PERP materialises the model in fp32, plus bool masks, adapters and their optimizer state, the merged weights,
+  the block inputs (activation checkpointing) or every block's activations, and the logits with their gradient.
 
 The constants below were fitted to peak RSS measured on SmolLM2-135M (2-core CPU VM; ``tests/test_memory.py``
 checks the demo's steps within 1.5x); they are estimates, not bounds.
@@ -140,8 +145,11 @@ def step_estimate(graph: Graph, spec: OpSpec, params: BaseModel, n_models: int =
         return {"work": max(decode, _engine_work(graph, p, s, model)), "held": 0}
     if name in ENGINE_OPS:  # block by block; changed tensors spill to disk
         return {"work": _engine_work(graph, p, s, model, hessians=name == "prune.sparsegpt"), "held": 0}
-    # other model-level ops (erase, distill): the model plus a calibration batch's activations (erase: an
-    # over-estimate since its text encoder runs on the engine and its k/v pass streams; not re-fitted)
+    if name == "retrain.distill":
+        return {"work": _distill_work(graph, p, s, model), "held": 0}
+    if name in ERASE_OPS:
+        return _erase_estimate(graph, p, rece=name == "erase.rece")
+    # any other model-level op: the model in fp32 plus a calibration batch's activations
     return {"work": 2 * model, "held": model // 2}
 
 
@@ -149,6 +157,8 @@ def step_estimate(graph: Graph, spec: OpSpec, params: BaseModel, n_models: int =
 ENGINE_OPS = ("prune.wanda", "prune.sparsegpt", "prune.layers")
 #: knowledge edits: statistics, keys, the spread and the metrics on the engine; v* keeps blocks resident
 EDIT_OPS = ("edit.rome", "edit.emmet", "edit.memit", "edit.alphaedit")
+#: concept erasure in a diffusion UNet's cross-attention (text encoders on the engine, k/v matrices streamed)
+ERASE_OPS = ("erase.uce", "erase.rece")
 #: last edited layer as a share of the depth when the params do not say: ROME/EMMET 5/32, MEMIT's range ends 8/32
 EDIT_TOP = {False: 5 / 32, True: 8 / 32}
 
@@ -201,6 +211,82 @@ def _engine_work(graph: Graph, p: Any, s: dict[str, int], model: int, *, hessian
     scores = 8 * s["heads"] * seqlen * seqlen * 4
     xtx = 2 * 8 * s["ffn"] ** 2 if hessians else 0  # the largest Hessian and its inverse (fp64)
     return block + head + 8192 * h * 4 + hidden_states + scores + xtx
+
+
+def _block_fp32(s: dict[str, int]) -> int:
+    """One decoder block in fp32 from the config: q, o (h²), k, v (h·kv width), three MLP matrices (h·ffn)."""
+    h = s["hidden"]
+    kv = h * (s["kv_heads"] or s["heads"]) // max(s["heads"], 1)
+    return 4 * (2 * h * h + 2 * h * kv + 3 * h * s["ffn"])
+
+
+def _distill_work(graph: Graph, p: Any, s: dict[str, int], model: int) -> int:
+    """``retrain.distill``: the larger of the teacher's engine pass (one fp32 block, the output embedding, the
+    used windows' hidden states in and out) and training, which holds the fp32 student twice (``model``: the
+    graph's own size, an over-estimate when a tie step of the same run makes the student; twice: the unrolled
+    module is built before its layers share their weights, and the allocator keeps gradient buffers, as PERP),
+    the AdamW moments and gradient of its non-embedding weights, the block inputs (activation checkpointing) or
+    every block's activations, copies of one batch's ``[b, L, V]`` logits (6 for the student's log-softmax and its
+    backward; 6 more with exact KL: the teacher's logits, their tempered log-softmax and softmax, the KL terms),
+    and the kept teacher outputs (exact KL: the last hidden states; top-k: values and ids). Sampled data
+    (``model:N``) first builds the fp32 teacher with a KV cache. Fitted on SmolLM2 (docs/retrain.md)."""
+    from surgeon.data import effective_seqlen
+
+    h, vocab, layers = s["hidden"], s["vocab"], max(s["layers"], 1)
+    seqlen = effective_seqlen(p.seqlen, graph.config)
+    used = min(p.max_windows, p.steps * p.batch_size)
+    hidden = used * seqlen * h * 4
+    head = 4 * vocab * h
+    teacher = _block_fp32(s) + head + 8192 * h * 4 + 2 * (hidden + p.eval_windows * seqlen * h * 4)
+    kept = used * seqlen * p.top_k * 12 if p.top_k else hidden
+    tied = bool(graph.config.get("tie_word_embeddings"))
+    trained = max(model - (1 if tied else 2) * head, model // 2)
+    tokens = p.batch_size * seqlen
+    block_acts = tokens * (12 * h + 6 * s["ffn"]) * 4 + 3 * p.batch_size * s["heads"] * seqlen * seqlen * 4
+    acts = layers * tokens * h * 4 + block_acts if p.checkpointing else layers * block_acts
+    copies = 6 if p.top_k else 12
+    train = 2 * model + 3 * trained + acts + copies * tokens * vocab * 4 + kept
+    work = max(teacher, train)
+    if _sampled(p.data):
+        work = max(work, _decode_work(s, model, 32, seqlen))
+    return work
+
+
+def _erase_estimate(graph: Graph, p: Any, *, rece: bool) -> dict[str, int]:
+    """``erase.uce``/``erase.rece``: per text encoder, its embeddings and one block in fp32 and the prompts' hidden
+    states of its largest call in and out (77 positions; the artist preset's 1,733 other artists, else the concepts
+    with their 5 templates each; spilled past 1 GiB each); the k/v matrices in stacked 8192-row fp32 chunks
+    (RECE keeps them all for the apply pass when they fit 512 MiB); held: the edited k/v matrices when the edit
+    is dense (many erased rows) and kept as constants until written. Checked on the SD1.4-shaped synthetic
+    pipeline of benchmarks/erase.py (fp16, CLIP-L text encoder, the UNet's attention tensors only), RECE
+    ``--preset nudity``: 0.83 GiB estimated for the run vs 0.94 GiB peak RSS (the old 2 x model rule: 1.75 GiB,
+    and 7.8 GiB with the real UNet's other 0.8 B parameters, which erasure never loads)."""
+    import math
+    import re
+
+    from surgeon.arch.diffusion import XATTN_K
+
+    kv = [n for n in graph.names() if n.endswith((XATTN_K, XATTN_K.replace("to_k", "to_v")))]
+    kv_fp32 = sum(4 * math.prod(graph[n].shape) for n in kv)
+    widest = max((graph[n].shape[1] for n in kv), default=0)
+    chunk = min(kv_fp32, 2 * 4 * 8192 * widest)  # a stacked block and its product
+    kept = kv_fp32 if rece and kv_fp32 <= 512 * MB else 0
+    blocks: dict[str, int] = {}
+    embeddings = 0
+    width = 0
+    for n in graph.names():
+        m = re.search(r"(.*encoder\.layers\.\d+\.)", n)
+        if m:
+            blocks[m.group(1)] = blocks.get(m.group(1), 0) + 4 * math.prod(graph[n].shape)
+        elif n.endswith(("token_embedding.weight", "position_embedding.weight")):
+            embeddings += 4 * math.prod(graph[n].shape)
+            width += graph[n].shape[-1] if "token" in n else 0
+    concepts = len(p.concept) or (11 if p.preset == "unsafe" else 1)
+    prompts = max(1733 if p.preset == "artist" and p.preserve is None else len(p.preserve or []), 6 * concepts)
+    hidden = min(2 * prompts * 77 * width * 4, 2 * GB)
+    work = embeddings + max(blocks.values(), default=0) + hidden + max(chunk, kept)
+    held = sum(math.prod(graph[n].shape) * graph[n].dtype.itemsize for n in kv)
+    return {"work": work, "held": held}
 
 
 def _calibrated_shiftadd(spec: OpSpec, params: BaseModel) -> bool:

@@ -98,3 +98,82 @@ def test_calibrated_shiftadd_is_estimated_on_the_engine_independent_of_depth(tmp
         work[layers] = calib["work"]
     assert abs(work[16] - work[4]) < 0.02 * work[4]
     assert work[4] < GB
+
+
+def test_erase_is_estimated_from_its_text_encoder_and_kv_matrices_not_the_whole_pipeline(tmp_path):
+    """erase.uce/rece never load the UNet or VAE: a 1 GB tensor elsewhere in the UNet leaves the estimate as it is,
+    while the estimate covers the text encoder's embeddings (fp32) and the k/v matrices' fp32 copies."""
+    import torch
+    from test_erase_helpers import save_tiny_sd
+
+    from surgeon.graph import Const, Graph
+    from surgeon.memory import step_estimate
+    from surgeon.registry import get_op
+    from surgeon.sources import open_checkpoint
+
+    g = Graph.from_checkpoint(open_checkpoint(str(save_tiny_sd(tmp_path / "sd"))))
+    kv = [n for n in g.names() if n.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
+    emb = [n for n in g.names() if n.endswith("token_embedding.weight")]
+    assert kv and emb
+    big = g.copy()
+    big.add("unet/conv_in_huge.weight", Const(torch.empty(256 * 2**20, device="meta")))
+    for op in ("erase.uce", "erase.rece"):
+        spec = get_op(op)
+        params = spec.params(preset="nudity")
+        est = step_estimate(g, spec, params)
+        assert est == step_estimate(big, spec, params)
+        assert est["work"] >= sum(4 * math.prod(g[n].shape) for n in emb + kv)
+        assert est["held"] == sum(math.prod(g[n].shape) * 4 for n in kv)  # fp32 checkpoint
+
+
+def test_distill_estimate_is_the_student_and_the_engine_teacher(tmp_path):
+    """retrain.distill: the teacher runs on the engine, so the estimate is the fp32 student with its AdamW state
+    plus the kept teacher outputs; it grows with the student (a deeper model of the same width), and top-k keeps
+    a table smaller than the exact KL's last hidden states and no teacher logits (6 batch-sized copies fewer)."""
+    from conftest import save_tiny_llama
+
+    from surgeon.graph import Graph
+    from surgeon.memory import step_estimate
+    from surgeon.registry import get_op
+    from surgeon.sources import open_checkpoint
+
+    spec = get_op("retrain.distill")
+    work = {}
+    for layers in (2, 8):
+        g = Graph.from_checkpoint(open_checkpoint(str(save_tiny_llama(tmp_path / f"l{layers}", layers=layers,
+                                                                      hidden=256, vocab=4096))))
+        numel = sum(math.prod(g[n].shape) for n in g.names())
+        exact = step_estimate(g, spec, spec.params(data="t.txt", steps=64, batch_size=4, seqlen=256))
+        top = step_estimate(g, spec, spec.params(data="t.txt", steps=64, batch_size=4, seqlen=256, top_k=8))
+        hidden = 64 * 4 * 256 * 256 * 4  # 256 used windows x 256 tokens x hidden 256, fp32
+        logits = 4 * 256 * 4096 * 4  # one batch's [b, L, V] fp32 logits
+        assert exact["held"] == 0 and exact["work"] - top["work"] == hidden - 256 * 256 * 8 * 12 + 6 * logits
+        assert exact["work"] >= 4 * numel * 2
+        work[layers] = exact["work"]
+    assert work[8] > work[2]
+
+
+@pytest.mark.slow
+def test_erase_and_distill_estimates_within_1_5x_of_peak_rss_on_tiny_models(tmp_path):
+    """The new estimates against a real run (a tiny SD pipeline: erase.rece; a tiny Llama: tie then distill, the
+    run's input as the teacher); at this size both are mostly the interpreter and its libraries."""
+    from conftest import save_tiny_llama_with_tokenizer, word_text
+    from test_erase_helpers import save_tiny_sd
+
+    (tmp_path / "train.txt").write_text(word_text(3000))
+    recipes = {
+        "erase": {"model": str(save_tiny_sd(tmp_path / "sd")),
+                  "steps": [{"erase.rece": {"preset": "nudity", "preserve": ["a red cat"]}}]},
+        "distill": {"model": str(save_tiny_llama_with_tokenizer(tmp_path / "llama")),
+                    "steps": [{"tie": {"loops": 2, "rank": 4}},
+                              {"retrain.distill": {"data": str(tmp_path / "train.txt"), "steps": 4, "seqlen": 32,
+                                                   "batch_size": 4}}]},
+    }
+    env = _env(tmp_path / "cache")
+    for name, recipe in recipes.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"version": 1, "seed": 0, **recipe}))
+        estimate = _dry_run_estimate(path, env)
+        peak = _measured_peak(path, tmp_path / f"out-{name}", env)
+        print(f"\n{name}: estimate {estimate / 2**30:.2f} GiB, peak RSS {peak / 2**30:.2f} GiB")
+        assert 1 / 1.5 <= estimate / peak <= 1.5, (name, estimate, peak)

@@ -1,6 +1,8 @@
 """prune.wanda: |W|·‖X‖ scores, exact per-row sparsity, sequential calibration equal to an independent reference."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from surgeon.ops.prune import magnitude, wanda
@@ -39,6 +41,18 @@ def test_wanda_mask_prunes_lowest_scores_per_row():
     sq2 = sq.clone()
     sq2[0] = 1e6
     assert not bool(wanda.wanda_mask(w, sq2, 0.5)[:, 0].any())
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 16, 31, 32])
+def test_lowest_k_per_row_is_a_stable_sorts_first_k_with_ties(k):
+    """Oracle: the first k indices of a stable sort. Scores with many ties (small integers, zeros, +inf for
+    protected entries) so the lower-column-first rule decides most rows."""
+    g = torch.Generator().manual_seed(1)
+    score = torch.randint(0, 4, (64, 32), generator=g).float()
+    score[::3, ::5] = math.inf
+    want = torch.zeros_like(score, dtype=torch.bool)
+    want.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :k], True)
+    assert torch.equal(wanda.lowest_k_per_row(score, k), want)
 
 
 def _reference_wanda(model, layers_names, tokens, sparsity):

@@ -71,11 +71,22 @@ def wanda_mask(w: torch.Tensor, sq_norm: torch.Tensor, sparsity: float, *, trans
         mask = kept == 0
     else:
         k = min(score.shape[1], math.floor(sparsity * score.shape[1] + 1e-9))
-        mask = torch.zeros_like(score, dtype=torch.bool)
-        if k:
-            idx = torch.sort(score, dim=1, stable=True).indices[:, :k]
-            mask.scatter_(1, idx, True)
+        mask = lowest_k_per_row(score, k)
     return mask.T.contiguous() if transposed else mask
+
+
+def lowest_k_per_row(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of each row's ``k`` lowest entries, ties taken lower column first: the same set as the
+    first ``k`` indices of a stable sort, found by a k-th value per row (linear time; the sort was half of a
+    Wanda block's time at 14336 inputs)."""
+    if k == 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    kth = torch.kthvalue(score, k, dim=1, keepdim=True).values
+    mask = score < kth
+    at_kth = score == kth
+    missing = k - mask.sum(1, keepdim=True)
+    mask |= at_kth & (at_kth.cumsum(1) <= missing)
+    return mask
 
 
 def prune_block(block, stats: dict[str, Any], names: list[str], *, sparsity: float, nm: tuple[int, int] | None,

@@ -8,9 +8,12 @@ activation checkpointing. The output keeps the input's form (compact, tied-base 
 ``lora/``, or materialised; :mod:`surgeon.ops.retrain.recursive`). Held-out perplexity is measured every
 ``eval_every`` steps (and before and after) and goes to the report and the card.
 
-Teacher logits: with ``top_k`` > 0 they are computed once for all windows in micro-batches and only the top k kept
-(``n·L·k`` values), and the teacher is freed before training; with ``top_k`` = 0 (exact KL) the whole teacher
-stays in memory (fp32) and runs once per step. Both hold one micro-batch of full-vocabulary logits at a time.
+The teacher runs on the model engine (:mod:`surgeon.engine`), never as a whole module: its held-out perplexity
+is the engine's own score (as ``surgeon eval``), then every block runs once over the windows the training
+schedule uses (one block resident at a time) and the last block's outputs are kept (spilled to disk past the
+engine's budget). With ``top_k`` > 0 the head turns them into the top-k table (``n·L·k`` values and ids, the
+output embedding a slice at a time, never ``[n, L, V]`` logits) and they are dropped; with ``top_k`` = 0 (exact
+KL) the head runs on each step's windows (one batch of full-vocabulary logits, as the student's own).
 """
 from __future__ import annotations
 
@@ -18,18 +21,21 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from surgeon import engine
 from surgeon.context import Context
+from surgeon.engine.outputs import last_hidden, top_logits
 from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
-from surgeon.metrics import perplexity
+from surgeon.metrics import engine_scores, perplexity
 from surgeon.registry import register
 
-from .kd import Targets, TopK, kd_loss, teacher_targets
+from .kd import Targets, TopK, kd_loss
 from .perp import _checkpointing, count_parameters, optimizer
 from .recursive import Recursion, RecursiveModule, build_module, read_recursion, write_form
 
@@ -54,11 +60,10 @@ class Params(BaseModel):
     max_windows: int = Field(256, ge=1, description="At most this many training windows are cut from the data.")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature of teacher and student; the loss is "
                                "scaled by temperature^2.")
-    top_k: int = Field(0, ge=0, description="0: exact KL over the whole vocabulary (teacher runs every step). k > 0: "
-                       "keep the teacher's k largest logits per position, computed once for all windows, and free "
-                       "the teacher before training.")
-    teacher_batch: int = Field(4, ge=1, description="Windows per teacher forward pass (bounds the memory of the "
-                               "full-vocabulary logits).")
+    top_k: int = Field(0, ge=0, description="0: exact KL over the whole vocabulary (the teacher's head runs on "
+                       "every step's windows). k > 0: keep the teacher's k largest logits per position, computed "
+                       "once for the windows training uses, and free the teacher before training.")
+    teacher_batch: int = Field(4, ge=1, description="Windows per micro-batch of the teacher's block-by-block pass.")
     train_shared: bool = Field(True, description="Train the shared block's linear weights (and biases).")
     train_lora: bool = Field(True, description="Train the per-layer LoRA factors A and B.")
     train_norms: bool = Field(True, description="Train norm weights: shared, per-layer (untie_norms) and final.")
@@ -129,25 +134,36 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits
 
 
-def distill(model: torch.nn.Module, windows: torch.Tensor, targets, trainable: list[torch.nn.Parameter],
-            p: Params, *, seed: int, evaluate, progress=None, status=None) -> tuple[list[float], list[list]]:
-    """Minimise τ²·KL(teacher ‖ student) over ``windows``; ``targets(idx)`` gives the teacher's targets for
-    ``windows[idx]``; ``evaluate()`` the held-out perplexity. Returns the per-step losses and the curve
-    ``[[step, perplexity], ...]``."""
-    dev = next(model.parameters()).device
-    opt, sched = optimizer(trainable, p, p.steps)
+def window_schedule(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """The windows of every step: shuffled passes over the ``n`` windows (a fresh permutation from the seeded
+    generator whenever the last one is used up), ``min(batch_size, n)`` windows per step."""
     g = torch.Generator().manual_seed(seed)
     order: list[int] = []
+    schedule = []
+    for _ in range(steps):
+        idx: list[int] = []
+        while len(idx) < min(batch_size, n):
+            if not order:
+                order = torch.randperm(n, generator=g).tolist()
+            idx.append(order.pop())
+        schedule.append(idx)
+    return schedule
+
+
+def distill(model: torch.nn.Module, windows: torch.Tensor, targets, trainable: list[torch.nn.Parameter],
+            p: Params, *, schedule: list[list[int]], evaluate, progress=None, status=None
+            ) -> tuple[list[float], list[list]]:
+    """Minimise τ²·KL(teacher ‖ student) over ``windows``, step s on ``windows[schedule[s]]``; ``targets(idx)``
+    gives the teacher's targets for ``windows[idx]``; ``evaluate()`` the held-out perplexity. Returns the
+    per-step losses and the curve ``[[step, perplexity], ...]``."""
+    dev = next(model.parameters()).device
+    opt, sched = optimizer(trainable, p, p.steps)
     losses: list[float] = []
     curve = [[0, evaluate()]]
     model.train()
     steps = range(p.steps) if progress is None else progress(range(p.steps), p.steps, "distill")
     for step in steps:
-        idx: list[int] = []
-        while len(idx) < min(p.batch_size, windows.shape[0]):
-            if not order:
-                order = torch.randperm(windows.shape[0], generator=g).tolist()
-            idx.append(order.pop())
+        idx = schedule[step]
         target = targets(idx)
         loss = kd_loss(_logits(model, windows[idx].to(dev)), target, p.temperature)
         opt.zero_grad(set_to_none=True)
@@ -165,23 +181,28 @@ def distill(model: torch.nn.Module, windows: torch.Tensor, targets, trainable: l
     return losses, curve
 
 
-def _targets_fn(teacher: torch.nn.Module, windows: torch.Tensor, p: Params, ctx: Context):
-    """``idx -> targets``: precomputed top-k, or full logits of a live teacher in micro-batches."""
+def engine_teacher(teacher: Graph, windows: torch.Tensor, held: torch.Tensor, schedule: list[list[int]],
+                   p: Params, ctx: Context) -> tuple[float, Callable[[list[int]], Targets]]:
+    """(the teacher's held-out perplexity, ``idx -> targets``) from the model engine, block by block: the
+    windows the schedule uses run through every block once; top-k tables, or the head per step (exact KL)."""
+    eng = engine.from_context(teacher, ctx, dtype="float32", micro_batch=p.teacher_batch)
+    scores = engine_scores(eng, held, None, None, progress=ctx.progress)
+    ppl = round(float(scores["perplexity"]["perplexity"]), 4)
+    used = sorted({i for idx in schedule for i in idx})
+    row = {w: r for r, w in enumerate(used)}
     dev = torch.device(ctx.device)
-
-    def teacher_logits(ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return _logits(teacher, ids.to(dev)).float()
-
     if p.top_k:
-        table = teacher_targets(teacher_logits, windows, p.top_k, p.teacher_batch, progress=ctx.progress)
-        return lambda idx: TopK(table.values[idx].to(dev), table.indices[idx].to(dev))
+        values, indices = top_logits(eng, windows[used], p.top_k, progress=ctx.progress)
+        table = TopK(torch.stack(values), torch.stack(indices))
+        return ppl, lambda idx: TopK(table.values[[row[i] for i in idx]].to(dev),
+                                     table.indices[[row[i] for i in idx]].to(dev))
+    hidden = last_hidden(eng, windows[used], progress=ctx.progress)
+    head = eng.head_weights()
 
     def full(idx: list[int]) -> Targets:
-        parts = [teacher_logits(windows[idx[s: s + p.teacher_batch]]) for s in range(0, len(idx), p.teacher_batch)]
-        return torch.cat(parts)
+        return hidden.logits([row[i] for i in idx], head).to(dev)
 
-    return full
+    return ppl, full
 
 
 def _ppl(model: torch.nn.Module, windows: torch.Tensor) -> float:
@@ -209,11 +230,9 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     who, teacher_graph = resolve_teacher(graph, params, ctx)
     check_vocab(graph, teacher_graph)
     windows, held = _windows(graph, teacher_graph, params, ctx)
-    teacher = ctx.module(teacher_graph, dtype="float32")
-    teacher_ppl = _ppl(teacher, held)
-    targets = _targets_fn(teacher, windows, params, ctx)
-    if params.top_k:
-        del teacher  # the top-k table is all training needs
+    schedule = window_schedule(windows.shape[0], params.batch_size, params.steps, ctx.seed_for(params.seed))
+    with ctx.timed("teacher"):
+        teacher_ppl, targets = engine_teacher(teacher_graph, windows, held, schedule, params, ctx)
     torch.manual_seed(ctx.seed_for(params.seed))
     rm = build_module(graph, rec, ctx)
     chosen = trainable_params(rm, params)
@@ -225,7 +244,7 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     t0 = time.perf_counter()
     with ctx.timed("distill"):
         losses, curve = distill(rm.model, windows, targets, list(chosen.values()), params,
-                                seed=ctx.seed_for(params.seed), evaluate=lambda: _ppl(rm.model, held),
+                                schedule=schedule, evaluate=lambda: _ppl(rm.model, held),
                                 progress=ctx.progress, status=ctx.status)
     if checkpointed:
         _checkpointing(rm.model, False)

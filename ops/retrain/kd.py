@@ -8,12 +8,11 @@ every token position, the forward KL from the teacher's to the student's tempere
 i.e. ``τ² · F.kl_div(log p_S, p_T, reduction="batchmean")`` over the flattened positions. With ``top_k`` the
 teacher keeps only its k largest logits per position, renormalised over them (p̂_T), and the student's full
 log-softmax is read at those k tokens: L = τ² · mean Σ_{v∈topk} p̂_T(v) (log p̂_T(v) − log p_S(v)); k = vocab
-is the exact loss. Top-k targets are small ([n, L, k] values + indices), so they can be computed once for all
-windows and the teacher freed before training.
+is the exact loss. Top-k targets are small ([n, L, k] values + indices), so they are computed once for all
+windows (on the model engine, :func:`surgeon.engine.outputs.top_logits`) and the teacher freed before training.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,22 +46,3 @@ def kd_loss(student_logits: torch.Tensor, teacher: Targets, temperature: float =
         log_pt = F.log_softmax(teacher.float() / t, dim=-1)
     per_position = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
     return per_position.mean() * (t * t)
-
-
-def top_k(logits: torch.Tensor, k: int) -> TopK:
-    v, i = torch.topk(logits.float(), min(k, logits.shape[-1]), dim=-1)
-    return TopK(v, i)
-
-
-def teacher_targets(teacher_logits: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor, k: int,
-                    batch_size: int, progress=None) -> TopK:
-    """Top-k teacher targets for every window, in micro-batches of ``batch_size`` windows (memory: one
-    micro-batch of full logits at a time plus ``n·L·k`` kept values and indices)."""
-    starts = range(0, windows.shape[0], batch_size)
-    it = progress(starts, len(starts), "teacher logits") if progress is not None else starts
-    values, indices = [], []
-    for s in it:
-        tk = top_k(teacher_logits(windows[s: s + batch_size]), k)
-        values.append(tk.values.cpu())
-        indices.append(tk.indices.cpu())
-    return TopK(torch.cat(values), torch.cat(indices))

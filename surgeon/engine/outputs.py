@@ -1,0 +1,115 @@
+"""Per-sample outputs of the engine's last block, for a distillation teacher (``retrain.distill``).
+
+:func:`last_hidden` runs every block once over the samples and keeps the last block's outputs (in a
+:class:`~surgeon.engine.store.HiddenStore`, so past the budget they sit on disk); :meth:`LastHidden.logits` applies
+the head (final norm, output embedding in chunks, logit transform: :meth:`Engine.logits`) to any samples later,
+one training batch at a time. :func:`top_logits` keeps only the k largest logits per position, merging the
+top k of each :data:`~surgeon.engine.core.VOCAB_CHUNK`-row slice of the output embedding, so no ``[rows, V]``
+tensor exists. Neither builds the whole model: one block is resident during the pass, the head after it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from surgeon.engine import dist
+from surgeon.engine.core import VOCAB_CHUNK, Engine, _final_norm
+from surgeon.engine.store import HiddenStore
+from surgeon.errors import SurgeonError
+
+
+@dataclass
+class LastHidden:
+    """The last block's outputs per sample: ``where[i] = (micro-batch, row)`` in ``store``."""
+
+    engine: Engine
+    store: HiddenStore
+    where: dict[int, tuple[int, int]]
+
+    def rows(self, samples: Sequence[int]) -> torch.Tensor:
+        """``[len(samples), L, d]`` hidden states on the engine's device (each micro-batch read once)."""
+        got: dict[int, torch.Tensor] = {}
+        for j in sorted({self.where[i][0] for i in samples}):
+            h = self.store.get(j, self.engine.device)
+            for i in samples:
+                if self.where[i][0] == j:
+                    got[i] = h[self.where[i][1]]
+        return torch.stack([got[i] for i in samples])
+
+    def logits(self, samples: Sequence[int], head: tuple[torch.Tensor, torch.Tensor | None] | None = None
+               ) -> torch.Tensor:
+        """fp32 logits ``[len(samples), L, V]`` of the model at every position of the given samples."""
+        h = self.rows(samples)
+        with torch.no_grad():
+            return self.engine.logits(h.reshape(-1, h.shape[-1]), head).reshape(*h.shape[:2], -1)
+
+
+def last_hidden(engine: Engine, samples, *, progress: Callable | None = None) -> LastHidden:
+    """Run every block (unchanged) over ``samples`` and keep the last block's outputs per sample (one process:
+    a teacher's outputs are needed for every sample, not a rank's slice)."""
+    if dist.world() > 1:
+        raise SurgeonError("engine: a teacher's last hidden states are kept in one process; run without torchrun")
+    for _ in engine.blocks(samples, record=False, progress=progress):
+        pass
+    where = {gi: (j, k) for j, mb in enumerate(engine._batches) for k, gi in enumerate(mb.indices)}
+    return LastHidden(engine, engine._hidden, where)
+
+
+def top_k_rows(engine: Engine, hidden: torch.Tensor, head: tuple[torch.Tensor, torch.Tensor | None], k: int,
+               check: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest logits (fp32, descending) and their vocabulary ids of last-block rows ``hidden [n, d]``:
+    the same arithmetic as :meth:`Engine.logits`, one output-embedding slice at a time, each slice's top k merged
+    into the running top k."""
+    from surgeon.arch import logit_transform
+
+    w, bias = head
+    k = min(k, w.shape[0])
+    norm = _final_norm(engine)
+    config: Any = engine.config  # the skeleton's PretrainedConfig
+    transform = logit_transform(config.to_dict())
+    h = (norm(hidden) if norm is not None else hidden).to(engine.dtype)
+    best_v = torch.empty(h.shape[0], 0, device=h.device)
+    best_i = torch.empty(h.shape[0], 0, dtype=torch.long, device=h.device)
+    for v0 in range(0, w.shape[0], VOCAB_CHUNK):
+        wc = w[v0:v0 + VOCAB_CHUNK].to(device=h.device, dtype=engine.dtype)
+        if check is not None:
+            check(wc)
+        part = h @ wc.T
+        if bias is not None:
+            part = part + bias[v0:v0 + VOCAB_CHUNK].to(device=h.device, dtype=engine.dtype)
+        part = part.float()
+        if transform is not None:
+            part = transform(part)
+        v, i = torch.topk(part, min(k, part.shape[1]), dim=1)
+        best_v, pick = torch.topk(torch.cat([best_v, v], 1), min(k, best_v.shape[1] + v.shape[1]), dim=1)
+        best_i = torch.cat([best_i, i + v0], 1).gather(1, pick)
+        del wc, part
+    return best_v, best_i
+
+
+def top_logits(engine: Engine, samples, k: int, *, progress: Callable | None = None, rows_per_call: int = 1024
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per sample, the k largest logits at every position (``[L, k]`` fp32, descending) and their ids
+    (``[L, k]`` int64), on the CPU: every block once, then the head ``rows_per_call`` positions at a time."""
+    hidden = last_hidden(engine, samples, progress=progress)
+    head = engine.head_weights()
+    gname = engine._graph_of(engine._head_pname()) or "lm_head"
+    values: dict[int, torch.Tensor] = {}
+    indices: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for j, mb in enumerate(engine._batches):
+            h = hidden.store.get(j, engine.device)
+            flat = h.reshape(-1, h.shape[-1])
+            parts = [top_k_rows(engine, flat[s:s + rows_per_call], head, k,
+                                check=(lambda c: engine._check(gname, c)) if j == 0 and s == 0 else None)
+                     for s in range(0, flat.shape[0], rows_per_call)]
+            v = torch.cat([p[0] for p in parts]).cpu().reshape(h.shape[0], h.shape[1], -1)
+            i = torch.cat([p[1] for p in parts]).cpu().reshape(h.shape[0], h.shape[1], -1)
+            for r, gi in enumerate(mb.indices):
+                values[gi], indices[gi] = v[r], i[r]
+    hidden.store.clear()
+    n = len(values)
+    return [values[i] for i in range(n)], [indices[i] for i in range(n)]
