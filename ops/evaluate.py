@@ -23,7 +23,7 @@ from surgeon.metrics import (
     WINDOW_MODE,
     assets_dir,
     engine_scores,
-    greedy_generate,
+    greedy_completions,
     load_facts,
 )
 from surgeon.registry import register
@@ -50,7 +50,7 @@ class Params(BaseModel):
     batch_size: int = Field(1, ge=1, description="Windows per forward pass.")
     max_new_tokens: int = Field(32, ge=1, le=2048, description="Tokens generated per --generate prompt.")
     field: str = Field("text", description="JSONL/datasets field holding the text.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Compute dtype of the module.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Compute dtype of the blocks.")
 
 
 # ---------------------------------------------------------------------------------------------- pure math
@@ -81,8 +81,8 @@ def _table(result: dict[str, Any]):
           summary="Perplexity, fact recall and samples; results go to the card.")
 def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     """Evaluate perplexity, fact recall and greedy samples; append one results row to the graph."""
-    # perplexity and fact recall run on the block-by-block engine (memory: one block + activations + the output
-    # embedding); greedy generation builds the whole module (KV-cache decoding): for models that fit in memory
+    # everything runs on the block-by-block engine (memory: one block + activations + the output embedding);
+    # greedy generation keeps the blocks loaded when they fit the budget, else streams them per token
     from surgeon import engine as engine_mod
 
     ppl_spec, facts_spec = params.perplexity, params.facts
@@ -112,10 +112,11 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
             result.update(fact_recall=fr["recall"], fact_mean_logprob=fr["mean_logprob"], facts=fr["n"],
                           fact_items=fr["items"])
     if params.generate:
-        model = ctx.module(graph, dtype=params.dtype)
-        result["samples"] = [{"prompt": p, "completion": greedy_generate(model, tok, p, params.max_new_tokens)}
-                             for p in params.generate]
-        del model
+        eng = engine_mod.from_context(graph, ctx, dtype=params.dtype)
+        done = greedy_completions(eng, tok, params.generate, params.max_new_tokens, log=ctx.log,
+                                  progress=ctx.progress)
+        result["samples"] = [{"prompt": p, "completion": c} for p, c in zip(params.generate, done)]
+        del eng
     result["seconds"] = round(time.perf_counter() - t0, 3)
     ctx.report(**{k: v for k, v in result.items() if k not in ("kind", "title")})
     ctx.log(_table(result))

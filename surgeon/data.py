@@ -144,41 +144,45 @@ def parse_model_spec(spec: str) -> int | None:
 
 
 # -------------------------------------------------------------------------------------------- self-sampling
-def sample_token_sequences(model, *, n: int, length: int, seed: int, vocab_size: int,
-                           special_ids: set[int] | None = None, batch_size: int = SAMPLE_BATCH,
-                           top_k: int = SAMPLE_TOP_K, progress: Any = None) -> torch.Tensor:
-    """``[n, length]`` token ids sampled from ``model`` with a CPU generator seeded by ``seed``.
-
-    Rows are decoded ``batch_size`` at a time with a KV cache (one weight pass per step for the whole batch).
-    ``progress(iterable, total, description)`` wraps the decoding steps (``Context.progress``)."""
+def top_k_draw(vocab_size: int, top_k: int, generator: torch.Generator):
+    """A chooser for :meth:`surgeon.engine.Decoder.decode`: one draw per row from the softmax of the first
+    ``vocab_size`` logits, restricted to the ``top_k`` largest (temperature 1), with ``generator``."""
     import torch
 
-    from surgeon.model import decode_step
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits[:, :vocab_size].float().cpu()
+        if 0 < top_k < logits.shape[-1]:
+            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+
+    return choose
+
+
+def sample_token_sequences(decoder, *, n: int, length: int, seed: int, vocab_size: int,
+                           special_ids: set[int] | None = None, batch_size: int = SAMPLE_BATCH,
+                           top_k: int = SAMPLE_TOP_K, progress: Any = None) -> torch.Tensor:
+    """``[n, length]`` token ids sampled with a CPU generator seeded by ``seed`` on ``decoder`` (a
+    :class:`surgeon.engine.Decoder`: block by block, KV cache).
+
+    Rows are decoded ``batch_size`` at a time (one weight pass per step for the whole batch); per batch the
+    first tokens are drawn uniformly from the non-special ids, then one top-k draw per row and step, so the
+    generator's draws come in a fixed order. ``progress(iterable, total, description)`` wraps the decoding
+    steps (``Context.progress``)."""
+    import torch
 
     g = torch.Generator().manual_seed(seed)
     allowed = torch.tensor([i for i in range(vocab_size) if i not in (special_ids or set())])
-    dev = next(model.parameters()).device
     n_steps = -(-n // batch_size) * (length - 1)
     ticks = iter(progress(range(n_steps), n_steps, f"sampling {n} × {length} tokens")
                  if progress is not None else range(n_steps))
+    choose = top_k_draw(vocab_size, top_k, g)
     out = []
-    with torch.no_grad():
-        for start in range(0, n, batch_size):
-            b = min(batch_size, n - start)
-            first = allowed[torch.randint(len(allowed), (b, 1), generator=g)]
-            seq = [first]
-            cur, past = first, None
-            for _ in range(length - 1):
-                next(ticks, None)
-                last, past = decode_step(model, cur.to(dev), past)
-                logits = last[:, :vocab_size].float().cpu()
-                if 0 < top_k < logits.shape[-1]:
-                    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                cur = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=g)
-                seq.append(cur)
-            out.append(torch.cat(seq, dim=1))
-            del past
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        first = allowed[torch.randint(len(allowed), (b, 1), generator=g)]
+        rest = decoder.decode(first, length - 1, choose, tick=lambda: next(ticks, None))
+        out.append(torch.cat([first, rest], dim=1))
     next(ticks, None)  # let the progress finish
     return torch.cat(out, dim=0)
 
@@ -252,7 +256,7 @@ def _sampled(graph: Graph | None, ctx: Context | None, n: int, length: int) -> t
     source = ctx.origin if ctx is not None and ctx.origin is not None else graph
     if source is None:
         raise SurgeonError("model:N data needs a model to sample from")
-    from surgeon.model import load_tokenizer, materialize
+    from surgeon.model import load_tokenizer
 
     seed = ctx.seed if ctx is not None else 0
     try:
@@ -274,14 +278,17 @@ def _sampled(graph: Graph | None, ctx: Context | None, n: int, length: int) -> t
         which = "the run's input model" if source is not graph else "the model"
         ctx.log(f"model:{n}: sampling {n} × {length} tokens from {which} (cached for later runs; "
                 "pass a .txt/.jsonl file to use your own text instead)")
-    model = ctx.module(source) if ctx is not None else materialize(source)
-    vocab = int(model.get_output_embeddings().weight.shape[0])
-    if tok is not None:
-        vocab = min(vocab, len(tok))  # never sample ids the tokenizer cannot decode (padded embedding rows)
-    specials = set(getattr(tok, "all_special_ids", []) or []) if tok is not None else set()
-    ids = sample_token_sequences(model, n=n, length=length, seed=seed, vocab_size=vocab, special_ids=specials,
-                                 progress=ctx.progress if ctx is not None else None)
-    del model
+    from surgeon import engine
+
+    eng = engine.from_context(source, ctx) if ctx is not None else engine.Engine(source)
+    with engine.Decoder(eng, log=ctx.log if ctx is not None else None) as decoder:
+        vocab = decoder.vocab
+        if tok is not None:
+            vocab = min(vocab, len(tok))  # never sample ids the tokenizer cannot decode (padded embedding rows)
+        specials = set(getattr(tok, "all_special_ids", []) or []) if tok is not None else set()
+        ids = sample_token_sequences(decoder, n=n, length=length, seed=seed, vocab_size=vocab,
+                                     special_ids=specials, progress=ctx.progress if ctx is not None else None)
+    del eng
     _SAMPLES[key] = ids
     _write_samples(disk, ids)
     return ids, tok

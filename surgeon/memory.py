@@ -10,7 +10,8 @@ A run's resident memory is the interpreter with its libraries, plus what the gra
   (ShiftAdd: the block's Hessians instead) and the samples' hidden states, whatever the depth;
 - knowledge edits (ROME, EMMET, MEMIT, AlphaEdit) run statistics, keys, the multi-layer spread, sampled prefixes
   and metrics on the engine; v* keeps the blocks from the (last) edited layer on resident; they may sample
-  text from a second fp32 copy of the model (``model:N``) with a KV cache;
+  text (``model:N``) from the run's input model on the engine with a KV cache (its blocks stay loaded when they
+  fit, else one block per step);
 - distillation (``retrain.distill``) runs the teacher on the engine (one block, the head, the used windows' hidden
   states), then trains the whole fp32 student with AdamW state, the kept teacher outputs (last hidden states, or
   the top-k table) and one batch's logits of both;
@@ -85,6 +86,16 @@ def _sampling_kv(s: dict[str, int], rows: int, length: int) -> int:
     return 2 * s["layers"] * min(rows, 32) * length * kv_dim * 4
 
 
+def _decode_work(s: dict[str, int], model: int, rows: int, length: int) -> int:
+    """Generation on the engine (``surgeon/engine/generate.py``: ``model:N`` sampling, ``eval --generate``): the
+    blocks and the head stay loaded in fp32 when they fit 6 GiB (as much as a whole module), else one block per
+    step, then the head read in its stored dtype (fp32 bytes here: an upper bound; measured on the 8B shape:
+    3.14 GB peak RSS in all); plus the KV cache."""
+    head = 4 * s["vocab"] * s["hidden"]
+    held = model if model <= 6 * GB else max(model - 2 * head, model // 2) // max(s["layers"], 1) + head
+    return held + _sampling_kv(s, rows, length)
+
+
 def _perp(graph: Graph, params: Any, s: dict[str, int], model: int) -> int:
     from surgeon.data import effective_seqlen
 
@@ -124,13 +135,14 @@ def step_estimate(graph: Graph, spec: OpSpec, params: BaseModel, n_models: int =
                           per_site=2 if name == "edit.alphaedit" else 1)
         if p.cov and _sampled(p.stats_data):  # samples come from a second copy (the run's input model), before v*
             tokens = p.stats_token_count(s["ffn"])  # the op's Params know their default token count
-            work = max(work, model + _sampling_kv(s, -(-tokens // p.stats_seqlen), p.stats_seqlen))
+            work = max(work, _decode_work(s, model, -(-tokens // p.stats_seqlen), p.stats_seqlen))
         return {"work": work, "held": 0}
     if name == "retrain.perp":
         return {"work": model + _perp(graph, p, s, model), "held": 3 * model // 4}
     if name == "eval":
-        whole = model if getattr(p, "generate", None) else 0  # greedy samples decode on the whole module
-        return {"work": max(whole, _engine_work(graph, p, s, model)), "held": 0}
+        prompts = len(getattr(p, "generate", None) or [])  # greedy samples decode on the engine (KV cache)
+        decode = _decode_work(s, model, prompts, p.max_new_tokens + 64) if prompts else 0
+        return {"work": max(decode, _engine_work(graph, p, s, model)), "held": 0}
     if name in ENGINE_OPS:  # block by block; changed tensors spill to disk
         return {"work": _engine_work(graph, p, s, model, hessians=name == "prune.sparsegpt"), "held": 0}
     if name == "retrain.distill":
@@ -236,7 +248,7 @@ def _distill_work(graph: Graph, p: Any, s: dict[str, int], model: int) -> int:
     train = 2 * model + 3 * trained + acts + copies * tokens * vocab * 4 + kept
     work = max(teacher, train)
     if _sampled(p.data):
-        work = max(work, model + _sampling_kv(s, 32, seqlen))
+        work = max(work, _decode_work(s, model, 32, seqlen))
     return work
 
 
@@ -287,7 +299,7 @@ def _shiftadd_work(graph: Graph, p: Any, s: dict[str, int], model: int) -> int:
     (``_engine_work`` without the head, which it never runs), plus the larger of (a) one block's Hessians in fp32
     while they are observed (a Llama block: q, k, v, o, gate, up read width-h inputs, down a width-ffn one) and
     (b) the widest Hessian with its in-place-factored working copy (fp64 up to 8192 wide), the fitted linear's
-    fp32 copies and its uint8 codes. Sampled calibration text (``model:N``) first builds the whole fp32 model."""
+    fp32 copies and its uint8 codes. Sampled calibration text (``model:N``) is generated first (``_decode_work``)."""
     h, f = s["hidden"], s["ffn"]
     engine = _engine_work(graph, p, s, model) - 4 * s["vocab"] * h - 8192 * h * 4
     observed = 4 * (6 * h * h + f * f)
@@ -297,7 +309,7 @@ def _shiftadd_work(graph: Graph, p: Any, s: dict[str, int], model: int) -> int:
     if _sampled(getattr(p, "data", None)):
         from surgeon.data import effective_seqlen
 
-        work = max(work, model + _sampling_kv(s, p.max_windows, effective_seqlen(p.seqlen, graph.config)))
+        work = max(work, _decode_work(s, model, p.max_windows, effective_seqlen(p.seqlen, graph.config)))
     return work
 
 

@@ -1,5 +1,5 @@
-"""Measuring a language model: perplexity, fact recall and greedy samples, on a whole module or on the
-block-by-block engine. Used by the ``eval`` op, by other ops that measure before/after, and by the demo.
+"""Measuring a language model: perplexity and fact recall (on a whole module or on the block-by-block engine)
+and greedy samples (on the engine). Used by the ``eval`` op, by other ops that measure before/after, and by the demo.
 
 Perplexity is ``exp`` of the mean next-token negative log-likelihood over consecutive **non-overlapping**
 windows of ``seqlen`` tokens (the first token of each window has no context and is not scored; the tail shorter
@@ -135,27 +135,36 @@ def fact_recall(model: nn.Module, tok, facts: list[dict[str, str]]) -> dict[str,
             "mean_logprob": sum(i["logprob"] for i in items) / len(items), "n": len(items), "items": items}
 
 
-def greedy_generate(model: nn.Module, tok, prompt: str, max_new_tokens: int = 32) -> str:
-    """Greedy continuation of ``prompt`` (stops at EOS), decoded without special tokens."""
+def greedy_completions(engine, tok, prompts: list[str], max_new_tokens: int = 32, *,
+                       log=None, progress=None) -> list[str]:
+    """Greedy continuation of each prompt (stops at EOS), decoded without special tokens, generated on the
+    block-by-block ``engine`` with a KV cache (:class:`surgeon.engine.Decoder`; prompts of equal token length
+    share a batch). ``log`` gets the line saying when blocks are streamed per token; ``progress(iterable,
+    total, description)`` wraps the decoding steps (``Context.progress``)."""
     import torch
 
-    from surgeon.model import decode_step
+    from surgeon.engine import Decoder
 
-    dev = next(model.parameters()).device
-    ids = torch.tensor([tok(prompt)["input_ids"]], device=dev)
+    ids = [tok(p)["input_ids"] for p in prompts]
     eos = getattr(tok, "eos_token_id", None)
-    out: list[int] = []
-    past = None
-    cur = ids
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            last, past = decode_step(model, cur, past)
-            nxt = int(last[0].argmax())
-            if nxt == eos:
-                break
-            out.append(nxt)
-            cur = torch.tensor([[nxt]], device=dev)
-    return tok.decode(out, skip_special_tokens=True)
+    by_length: dict[int, list[int]] = {}
+    for i, row in enumerate(ids):
+        if not row:
+            raise SurgeonError(f"generate: prompt {prompts[i]!r} tokenises to nothing")
+        by_length.setdefault(len(row), []).append(i)
+    out: list[str] = [""] * len(prompts)
+    total = len(by_length) * max_new_tokens
+    ticks = iter(progress(range(total), total, "generating") if progress is not None else range(total))
+    with Decoder(engine, log=log) as decoder:
+        for members in by_length.values():
+            new = decoder.decode(torch.tensor([ids[i] for i in members]), max_new_tokens, eos=eos,
+                                 tick=lambda: next(ticks, None))
+            for row, i in zip(new.tolist(), members):
+                kept = row[: row.index(eos)] if eos in row else row
+                out[i] = tok.decode(kept, skip_special_tokens=True)
+    for _ in ticks:  # rows that stopped at EOS early: let the progress finish
+        pass
+    return out
 
 
 def load_facts(path: str | Path) -> list[dict[str, str]]:

@@ -5,11 +5,13 @@ A framework package: model-family knowledge comes from :mod:`surgeon.arch`; noth
 from __future__ import annotations
 
 from surgeon.engine.core import Block, Engine, HeadOutput, MicroBatch
+from surgeon.engine.generate import Decoder, greedy
 from surgeon.engine.stats import InputStats, StatsHooks
 from surgeon.engine.store import HiddenStore, Spilled, SpillStore
 
 __all__ = [
     "Block",
+    "Decoder",
     "Engine",
     "HeadOutput",
     "HiddenStore",
@@ -19,6 +21,7 @@ __all__ = [
     "Spilled",
     "StatsHooks",
     "from_context",
+    "greedy",
 ]
 
 

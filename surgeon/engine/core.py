@@ -241,6 +241,7 @@ class Engine:
         if hidden_budget is None:
             hidden_budget = (max(max_memory - 2 * largest, 0) if max_memory is not None else DEFAULT_HIDDEN_BUDGET)
         self.hidden_budget = hidden_budget
+        self.max_memory = max_memory  # --max-memory in bytes (None: not given)
         self._batches: list[MicroBatch] = []
         self._hidden = HiddenStore(None)
         self._globals_loaded = False
