@@ -708,6 +708,47 @@ def test_rome_prefixes_start_at_bos_and_count_the_seed(fact_model):
     assert texts[0] == tok.decode(rows[0][:5], skip_special_tokens=True).strip() + ". "
 
 
+@pytest.mark.parametrize("seeds, lengths", [("bos", [5, 10, 10]), ("words", [10, 10, 10, 10, 10])])
+def test_prefixes_through_the_engines_kv_cache_equal_the_literal_sampling_loop(fact_model, seeds, lengths):
+    """EngineScorer.decode (the engine's cached Decoder) draws the same tokens as a literal top-5 loop on the
+    transformers model over whole rows, with the same generator; the decoder is really used (one call)."""
+    from surgeon.ops.edit.metrics import EngineScorer
+    from surgeon.ops.edit.prefixes import sample_prefixes, seed_ids
+    from transformers import AutoModelForCausalLM
+
+    from surgeon.context import Context
+
+    model = AutoModelForCausalLM.from_pretrained(fact_model).eval()
+    tok = _tokenizer()
+    starts = seed_ids(tok, seeds, len(lengths))
+    if len({len(s) for s in starts}) != 1:
+        pytest.skip("seed words of unequal token length take the uncached path")
+    scorer = EngineScorer(_graph(fact_model), Context(quiet=True))
+    calls = []
+
+    class Counting:
+        def __call__(self, rows, positions):
+            raise AssertionError("the cached decoder should have been used")
+
+        def decode(self, *a):
+            calls.append(a[1])
+            return scorer.decode(*a)
+
+    texts = sample_prefixes(Counting(), tok, lengths, seed=3, seeds=seeds)
+    steps = max(n - len(s) for s, n in zip(starts, lengths))
+    assert calls == [steps]
+    gen, rows = torch.Generator().manual_seed(3), [list(s) for s in starts]
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = torch.stack([model(input_ids=torch.tensor([r])).logits[0, -1] for r in rows])
+        top = logits.topk(5, dim=-1)
+        pick = top.indices.gather(1, torch.multinomial(top.values.softmax(-1), 1, generator=gen))[:, 0]
+        rows = [r + [int(t)] for r, t in zip(rows, pick)]
+    for text, row, st, n in zip(texts, rows, starts, lengths):
+        want = tok.decode(row[:n], skip_special_tokens=True).replace("{", " ").replace("}", " ").strip()
+        assert text == want + ". "
+
+
 def test_rome_key_is_the_uniform_mean_over_all_templates(fact_model):
     """Item 2: compute_u averages the plain prompt and every prefixed one with equal weight (1/(1+P)) (the keys
     of the value loop's first pass); MEMIT's compute_ks averages per template type: ½(plain + mean prefixed) (the

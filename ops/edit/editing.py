@@ -141,7 +141,7 @@ def edit_requests(params: EditParams, ctx) -> list[Request]:
 
 
 def prefixes_for(method: Method, graph, tok, params: EditParams, ctx) -> list[str]:
-    """The sampled prefixes (sampled on the model engine, one pass per token), or none."""
+    """The sampled prefixes (sampled on the model engine with its KV cache), or none."""
     n_pre = n_prefixes(method, params)
     if n_pre == 0:
         return []

@@ -44,6 +44,15 @@ class EngineScorer:
             return []
         return self.engine.logits_at([torch.tensor(r, dtype=torch.long) for r in rows], positions)
 
+    def decode(self, prompts: torch.Tensor, steps: int, choose: Callable[[torch.Tensor], torch.Tensor]
+               ) -> torch.Tensor:
+        """``[b, steps]`` tokens after ``prompts [b, L]`` (equal lengths), each chosen by ``choose`` from the fp32
+        logits, on the engine's KV-cached :class:`surgeon.engine.Decoder` (blocks resident when they fit)."""
+        from surgeon.engine import Decoder
+
+        with Decoder(self.engine) as dec:
+            return dec.decode(prompts, steps, choose)
+
     def perplexity(self, windows: torch.Tensor) -> float:
         """exp(mean next-token NLL) over token windows [n, T] (:func:`surgeon.metrics.engine_scores`)."""
         from surgeon.metrics import engine_scores

@@ -36,25 +36,42 @@ def sample_prefixes(score: Any, tok: Any, lengths: Sequence[int], *, seed: int, 
     ``generate_fast(max_out_len=length)`` does: ROME's 5 and 10 from BOS draw 4 and 9 new tokens, EMMET's 10
     from a one-token word draws 9. ``seeds``: see :func:`seed_ids`.
 
-    All texts are drawn together, one token per step: max(new tokens) passes of the model engine, each
-    ``score(rows, positions)`` (:class:`.metrics.EngineScorer`) giving every row's logits at its last token."""
+    All texts are drawn together, one token per step, with the same generator draws either way: when every seed
+    has the same length and ``score`` has a ``decode`` (:class:`.metrics.EngineScorer`: the engine's KV-cached
+    :class:`surgeon.engine.Decoder`), one cached decode; otherwise max(new tokens) full passes, each
+    ``score(rows, positions)`` giving every row's logits at its last token."""
     if not lengths:
         return []
     gen = torch.Generator().manual_seed(seed)
     starts = seed_ids(tok, seeds, len(lengths))
     n_new = [max(length - len(st), 1) for st, length in zip(starts, lengths)]
-    rows = [list(st) for st in starts]
-    for _ in range(max(n_new)):
-        logits = torch.stack([lg[0] for lg in score(rows, [[len(r) - 1] for r in rows])]).float()
-        top = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
-        pick = torch.multinomial(top.values.softmax(-1), 1, generator=gen)
-        for r, t in zip(rows, top.indices.gather(1, pick)[:, 0].tolist()):
-            r.append(int(t))
+    choose = top_k_draw(top_k, gen)
+    decode = getattr(score, "decode", None)
+    if decode is not None and len({len(st) for st in starts}) == 1:
+        drawn = decode(torch.tensor(starts, dtype=torch.long), max(n_new), choose)
+        rows = [list(st) + [int(t) for t in row] for st, row in zip(starts, drawn.tolist())]
+    else:
+        rows = [list(st) for st in starts]
+        for _ in range(max(n_new)):
+            logits = torch.stack([lg[0] for lg in score(rows, [[len(r) - 1] for r in rows])])
+            for r, t in zip(rows, choose(logits)[:, 0].tolist()):
+                r.append(int(t))
     out_texts = []
     for st, row, n in zip(starts, rows, n_new):
         text = tok.decode(row[:len(st) + n], skip_special_tokens=True).replace("{", " ").replace("}", " ").strip()
         out_texts.append(text + ". ")
     return out_texts
+
+
+def top_k_draw(top_k: int, gen: torch.Generator):
+    """The reference's prefix sampler for one step: a draw from the softmax of each row's ``top_k`` largest fp32
+    logits (``generate_fast(top_k=5)``); returns the chosen ids ``[b, 1]``."""
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        top = logits.float().topk(min(top_k, logits.shape[-1]), dim=-1)
+        return top.indices.gather(1, torch.multinomial(top.values.softmax(-1), 1, generator=gen))
+
+    return choose
 
 
 def prefix_lengths(kind: str, n: int) -> list[int]:
