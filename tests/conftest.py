@@ -16,6 +16,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny tensors: one thread is faster, and the machine may be shared
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, restored after it (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    small tensors run faster on one thread, and two OpenMP threads on a shared, loaded 2-core machine can run many
+    times slower than one (small LAPACK calls crawl)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def save_tiny_llama(folder: Path, *, seed: int = 0, layers: int = 4, hidden: int = 64, vocab: int = 128,
                     tie: bool = False, dtype: torch.dtype = torch.float32) -> Path:
     """A random tiny Llama saved with ``save_pretrained`` (safetensors)."""

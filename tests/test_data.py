@@ -16,14 +16,7 @@ from surgeon.sources import open_checkpoint
 WORDS = [f"w{i}" for i in range(60)]  # + 4 specials = 64 = the model's vocab
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors run faster on one thread; two OpenMP threads on a shared, loaded 2-core machine can run
-    many times slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small tensors, one thread
 
 
 @pytest.fixture(scope="module")

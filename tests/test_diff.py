@@ -68,13 +68,7 @@ def test_shape_change_is_reported(graph):
     assert r["config_changes"]["hidden_size"] == [64, 65]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small LAPACK calls (QR of 90×26) crawl when 2 OpenMP threads fight over a loaded shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small tensors, one thread
 
 
 def test_delta_rank_exact_and_sketched(monkeypatch):

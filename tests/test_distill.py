@@ -21,12 +21,7 @@ from tests.conftest import save_tiny_llama
 STEPS = {"seqlen": WINDOW, "steps": 40, "lr": 5e-3, "batch_size": 8, "device": "cpu", "quiet": True}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices on a shared machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small tensors, one thread
 
 
 # --- the loss ---------------------------------------------------------------------------------------------------

@@ -21,12 +21,7 @@ EDITED = f"model.layers.{LAYER}.mlp.down_proj.weight"
 PROMPT, TARGET = "w1 w2 w3 w4", " w57"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small tensors, one thread
 
 
 def _last_logits(model, ids):

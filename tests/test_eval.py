@@ -23,14 +23,7 @@ WORDS = [f"w{i}" for i in range(12)]  # + 4 specials = vocab 16
 PATTERN = "w0 w1 w2 w3 w4 w5 w6 w7"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small forward passes run faster on one thread, and two OpenMP threads on a shared, loaded 2-core
-    machine can run many times slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small tensors, one thread
 
 
 def _llama(folder: Path, *, train: bool) -> Path:

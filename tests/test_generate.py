@@ -14,13 +14,7 @@ from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
 from surgeon.sources import open_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small tensors, one thread
 
 
 def _save(kind: str, folder: Path, **extra):

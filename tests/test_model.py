@@ -27,14 +27,7 @@ def lm_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: t
         return model(**kw).logits.float()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors run faster on one thread; two OpenMP threads on a shared, loaded 2-core machine can run
-    many times slower than one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small tensors, one thread
 
 
 def _save(kind: str, folder: Path) -> Path:

@@ -17,13 +17,7 @@ from surgeon.graph import Graph
 from surgeon.pipeline import validate_step
 from surgeon.sources import open_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices on a shared machine: one thread is fastest
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small tensors, one thread
 
 
 def _pruned_module(path, sparsity=0.5):

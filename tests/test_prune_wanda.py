@@ -14,13 +14,7 @@ from surgeon.graph import Graph
 from surgeon.pipeline import validate_step
 from surgeon.sources import open_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small tensors, one thread
 
 
 def test_wanda_mask_prunes_lowest_scores_per_row():
