@@ -65,9 +65,10 @@ def _whole_rows(folder, ids, delta, proj) -> tuple[torch.Tensor, torch.Tensor, d
 
 
 def _suffix_steps(graph, ids, delta, proj, n_steps: int):
-    from surgeon import engine
     from surgeon.ops.edit.engine_values import _DeltaHook, _layer_inputs
     from surgeon.ops.edit.value_suffix import build_groups, suffix_finals
+
+    from surgeon import engine
 
     eng = engine.from_context(graph, Context(quiet=True), dtype="float32", micro_batch=64, group_by_length=True)
     inputs = _layer_inputs(eng, ids, LAYER)
