@@ -13,6 +13,8 @@ stopping and the clamp); only where the forward passes run differs:
    (:meth:`surgeon.engine.Engine.logits`). Nothing of the blocks before *l* is resident during the loop.
 3. The first pass (δ = 0) records each row's key (the down-projection's input), v₀ (its output) and h_L (the
    block's output) at the subject's last token, and is Adam's step 1, as in :mod:`.keys_values`.
+4. The later steps run only each row's positions from the subject's last token on, over KV caches of the
+   positions before it at blocks *l..L−1*, computed once (:mod:`.value_suffix`): δ never reaches them.
 """
 from __future__ import annotations
 
