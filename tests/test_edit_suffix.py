@@ -11,7 +11,8 @@ from conftest import save_tiny_llama
 from surgeon.context import Context
 
 LAYER = 1
-# (length, lookup): lookups differ, two rows share (lookup, length), one row has no context (lookup 0)
+# (length, lookup): suffix lengths 5, 3, 5, 5, 5, 1: four rows of different lookups (one without context) share
+# a micro-batch with left-padded contexts
 ROWS = [(7, 2), (7, 4), (9, 4), (9, 4), (5, 0), (6, 5)]
 OWNER = [0, 0, 1, 1, 2, 2]
 
@@ -94,12 +95,20 @@ def _suffix_steps(graph, ids, delta, proj, n_steps: int):
     return got, groups
 
 
+def test_left_padded_contexts():
+    from surgeon.ops.edit.value_suffix import left_padded
+
+    pad, pos, suf = left_padded([2, 0, 3], 2)
+    assert pad.tolist() == [[True, False, False], [True, True, True], [False, False, False]]
+    assert pos.tolist() == [[0, 0, 1], [0, 0, 0], [0, 1, 2]]
+    assert suf.tolist() == [[2, 3], [0, 1], [3, 4]]
+
+
 def test_suffix_only_steps_equal_whole_rows(tmp_path):
     folder, graph, ids, delta, proj = _setup(tmp_path)
     want_loss, want_grad, want_finals = _whole_rows(folder, ids, delta, proj)
     got, groups = _suffix_steps(graph, ids, delta, proj, n_steps=2)
-    # rows 2 and 3 share (lookup 4, length 9): one micro-batch; the others alone
-    assert sorted(g.rows for g in groups) == [[0], [1], [2, 3], [4], [5]]
+    assert [g.rows for g in groups] == [[5], [1], [0, 2, 3, 4]]
     assert want_grad.abs().sum() > 0
     for loss, grad, finals in got:
         for i in range(len(ROWS)):
@@ -109,10 +118,10 @@ def test_suffix_only_steps_equal_whole_rows(tmp_path):
 
 
 @pytest.mark.parametrize(("lookup", "lengths", "limit", "want"), [
-    ([2, 4, 4, 4, 0], [7, 9, 9, 9, 5], 64, [[4], [0], [1, 2, 3]]),
+    ([2, 4, 4, 4, 0], [7, 9, 9, 8, 5], 64, [[3], [0, 1, 2, 4]]),
     ([3, 3, 3], [6, 6, 6], 2, [[0, 1], [2]]),
 ])
-def test_rows_group_by_lookup_and_length(lookup, lengths, limit, want):
+def test_rows_group_by_suffix_length(lookup, lengths, limit, want):
     from surgeon.ops.edit.value_suffix import group_rows
 
     assert group_rows(lookup, lengths, limit) == want

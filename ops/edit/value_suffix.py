@@ -2,10 +2,11 @@
 
 δ is added at a row's subject-last token (``lookup``) at layer *l*; with causal attention the positions before it
 never change at any block, so their keys and values at blocks *l..L−1* are constants. They are computed once,
-without gradients, into a transformers KV cache per group of rows with equal (lookup, length); every Adam step
-then runs positions ``[lookup, end)`` of each group through the resident blocks over a copy of that cache (the
-copy is dropped after the step, so nothing accumulates), with the layer arguments the model's own code builds
-for new tokens after a cached context (:func:`surgeon.engine.cached.layer_arguments`).
+without gradients, into a transformers KV cache per group of rows with equal suffix length ``length − lookup``
+(contexts left-padded to the group's longest, padding masked); every Adam step then runs positions
+``[lookup, end)`` of each group through the resident blocks over a copy of that cache (the copy is dropped after
+the step, so nothing accumulates), with the layer arguments the model's own code builds for new tokens after a
+cached, padded context (:func:`surgeon.engine.cached.layer_arguments`: position ids, rotary embeddings, mask).
 """
 from __future__ import annotations
 
@@ -23,32 +24,48 @@ GROUP_ROWS = 64
 
 @dataclass
 class SuffixGroup:
-    """Rows of equal (lookup, length): their layer-l input from ``lookup`` on, the context cache and the layer
-    arguments for the suffix positions (holding ``cache``, replaced by a copy at each step)."""
+    """Rows of equal suffix length (``length − lookup``): their layer-l input from ``lookup`` on, the cache of
+    their left-padded contexts and the layer arguments for the suffix positions (holding ``cache``, replaced by
+    a copy at each step)."""
 
     rows: list[int]
-    lookup: int
-    x: torch.Tensor  # [b, length − lookup, d] layer l's input at the suffix positions
-    cache: Any  # the context's cache (empty when lookup is 0), copied for every step
+    x: torch.Tensor  # [b, suffix length, d] layer l's input at the suffix positions
+    cache: Any  # the contexts' cache (empty when every lookup is 0), copied for every step
     args: tuple
     kwargs: dict[str, Any]
 
 
 def group_rows(lookup: list[int], lengths: list[int], limit: int = GROUP_ROWS) -> list[list[int]]:
-    """Row indices grouped by equal (lookup, length), in order, at most ``limit`` per group."""
-    by_key: dict[tuple[int, int], list[list[int]]] = {}
-    for i, key in enumerate(zip(lookup, lengths)):
-        chunks = by_key.setdefault(key, [[]])
+    """Row indices grouped by equal suffix length ``length − lookup``, in order, at most ``limit`` per group."""
+    by_key: dict[int, list[list[int]]] = {}
+    for i, (lk, n) in enumerate(zip(lookup, lengths)):
+        chunks = by_key.setdefault(n - lk, [[]])
         if len(chunks[-1]) == limit:
             chunks.append([])
         chunks[-1].append(i)
     return [c for key in sorted(by_key) for c in by_key[key]]
 
 
-def _run(blocks: list, h: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+def left_padded(lookup: list[int], suffix: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For rows whose contexts (``lookup`` tokens each) are left-padded to the longest: the padding flags
+    ``[b, P]``, the contexts' position ids ``[b, P]`` (0 on padding) and the suffixes' ``[b, suffix]``."""
+    width = max(lookup)
+    lk = torch.tensor(lookup)[:, None]
+    col = torch.arange(width)[None, :]
+    pad = col < width - lk
+    pos = (col - (width - lk)).clamp(min=0)
+    return pad, pos, lk + torch.arange(suffix)[None, :]
+
+
+def _run(blocks: list, h: torch.Tensor, args: tuple, kwargs: dict[str, Any],
+         pad: torch.Tensor | None = None) -> torch.Tensor:
+    """``h`` through ``blocks``; with ``pad`` the padded positions are zeroed after every block (a padded query
+    attends to nothing: whatever it yields must not reach the next block's keys and values)."""
     for block in blocks:
         out = block.module(h, *args, **kwargs)
         h = out[0] if isinstance(out, (tuple, list)) else out
+        if pad is not None:
+            h = h.masked_fill(pad[..., None].to(h.device), 0.0)
     return h
 
 
@@ -61,15 +78,25 @@ def build_groups(eng, blocks: list, layer: int, row_inputs: dict[int, torch.Tens
     hook.at = None
     with torch.no_grad():
         for rows in group_rows(lookup, lengths):
-            lk, x = lookup[rows[0]], torch.stack([row_inputs[i] for i in rows])
-            cache = None
-            if lk:
-                args, kwargs, cache = layer_arguments(eng, len(rows), lk)
-                _run(blocks, x[:, :lk], args, kwargs)
+            lks = [lookup[i] for i in rows]
+            n_suffix = lengths[rows[0]] - lks[0]
+            x = torch.stack([row_inputs[i][lk:] for i, lk in zip(rows, lks)])
+            if max(lks) == 0:
+                args, kwargs, cache = layer_arguments(eng, len(rows), n_suffix)
+            else:
+                pad, pos, suf_pos = left_padded(lks, n_suffix)
+                ctx = torch.zeros(len(rows), pad.shape[1], x.shape[-1], dtype=x.dtype, device=x.device)
+                for k, (i, lk) in enumerate(zip(rows, lks)):
+                    ctx[k, pad.shape[1] - lk:] = row_inputs[i][:lk]
+                keep = (~pad).long()
+                args, kwargs, cache = layer_arguments(eng, len(rows), pad.shape[1], attention_mask=keep,
+                                                      position_ids=pos)
+                _run(blocks, ctx, args, kwargs, pad)
                 fill_below(cache, layer)
-            args, kwargs, got = layer_arguments(eng, len(rows), x.shape[1] - lk, cache)
-            groups.append(SuffixGroup(rows, lk, x[:, lk:].clone(), got, args, kwargs))
-            del cache
+                args, kwargs, cache = layer_arguments(
+                    eng, len(rows), n_suffix, cache, position_ids=suf_pos,
+                    attention_mask=torch.cat([keep, torch.ones(len(rows), n_suffix, dtype=torch.long)], 1))
+            groups.append(SuffixGroup(rows, x.clone(), cache, args, kwargs))
     return groups
 
 

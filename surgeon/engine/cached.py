@@ -26,10 +26,14 @@ def _find_cache(args: tuple, kwargs: dict[str, Any]) -> Any:
     return next((v for v in (*args, *kwargs.values()) if isinstance(v, Cache)), None)
 
 
-def layer_arguments(eng: Engine, batch: int, length: int, cache: Any = None) -> tuple[tuple, dict[str, Any], Any]:
+def layer_arguments(eng: Engine, batch: int, length: int, cache: Any = None, *,
+                    attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+                    ) -> tuple[tuple, dict[str, Any], Any]:
     """(positional args after the hidden states, keyword args, cache) the model hands its decoder layers for
     ``length`` new positions of ``batch`` rows after ``cache``'s contents (None: an empty cache the model
-    creates). Computed by the model's own forward up to block 0, on zero input embeddings, without gradients."""
+    creates), with an optional 2-D ``attention_mask`` (cached + new positions; 0 = padding) and ``position_ids``
+    ``[batch, length]``. Computed by the model's own forward up to block 0, on zero input embeddings, without
+    gradients."""
     eng._load_globals()
     params = inspect.signature(eng.skeleton.forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
@@ -44,7 +48,9 @@ def layer_arguments(eng: Engine, batch: int, length: int, cache: Any = None) -> 
     zeros = torch.zeros(batch, length, int(eng.config.hidden_size), device=eng.device, dtype=eng.dtype)
     try:
         with torch.no_grad():
-            eng.skeleton(inputs_embeds=zeros, use_cache=True, **{cache_kw: cache})
+            extra = {k: v.to(eng.device) for k, v in (("attention_mask", attention_mask),
+                                                      ("position_ids", position_ids)) if v is not None}
+            eng.skeleton(inputs_embeds=zeros, use_cache=True, **{cache_kw: cache}, **extra)
     except _Stop:
         pass
     else:
