@@ -11,8 +11,8 @@ from conftest import save_tiny_llama
 from surgeon.context import Context
 
 LAYER = 1
-# (length, lookup): suffix lengths 5, 3, 5, 5, 5, 1: four rows of different lookups (one without context) share
-# a micro-batch with left-padded contexts
+# (length, lookup): suffix lengths 5, 3, 5, 5, 5, 1 and lookups 2, 4, 4, 4, 0, 5 (one row without context):
+# left-padded contexts, right-padded suffixes
 ROWS = [(7, 2), (7, 4), (9, 4), (9, 4), (5, 0), (6, 5)]
 OWNER = [0, 0, 1, 1, 2, 2]
 
@@ -87,6 +87,7 @@ def _suffix_steps(graph, ids, delta, proj, n_steps: int):
             for _ in range(n_steps):  # the same δ each time: the caches must not grow
                 d.grad = None
                 finals = suffix_finals(blocks, groups, torch.ones(len(ROWS), dtype=torch.bool), hook)
+                finals = {i: f[: ROWS[i][0] - ROWS[i][1]] for i, f in finals.items()}  # the padding is not read
                 loss = _loss(finals, proj)
                 loss.backward()
                 got.append((loss.detach(), d.grad.clone(), {i: f.detach() for i, f in finals.items()}))
@@ -108,7 +109,7 @@ def test_suffix_only_steps_equal_whole_rows(tmp_path):
     folder, graph, ids, delta, proj = _setup(tmp_path)
     want_loss, want_grad, want_finals = _whole_rows(folder, ids, delta, proj)
     got, groups = _suffix_steps(graph, ids, delta, proj, n_steps=2)
-    assert [g.rows for g in groups] == [[5], [1], [0, 2, 3, 4]]
+    assert [g.rows for g in groups] == [[5, 1, 0, 2, 3, 4]]
     assert want_grad.abs().sum() > 0
     for loss, grad, finals in got:
         for i in range(len(ROWS)):
@@ -118,10 +119,10 @@ def test_suffix_only_steps_equal_whole_rows(tmp_path):
 
 
 @pytest.mark.parametrize(("lookup", "lengths", "limit", "want"), [
-    ([2, 4, 4, 4, 0], [7, 9, 9, 8, 5], 64, [[3], [0, 1, 2, 4]]),
-    ([3, 3, 3], [6, 6, 6], 2, [[0, 1], [2]]),
+    ([2, 4, 4, 4, 0], [7, 9, 9, 8, 5], 64, [[3, 0, 1, 2, 4]]),
+    ([3, 3, 3, 1], [6, 6, 6, 6], 2, [[0, 1], [2, 3]]),
 ])
-def test_rows_group_by_suffix_length(lookup, lengths, limit, want):
+def test_rows_sort_by_suffix_length(lookup, lengths, limit, want):
     from surgeon.ops.edit.value_suffix import group_rows
 
     assert group_rows(lookup, lengths, limit) == want

@@ -2,8 +2,9 @@
 
 δ is added at a row's subject-last token (``lookup``) at layer *l*; with causal attention the positions before it
 never change at any block, so their keys and values at blocks *l..L−1* are constants. They are computed once,
-without gradients, into a transformers KV cache per group of rows with equal suffix length ``length − lookup``
-(contexts left-padded to the group's longest, padding masked); every Adam step then runs positions
+without gradients, into a transformers KV cache per micro-batch of rows (contexts left-padded to the longest,
+padding masked; suffixes right-padded, which causal attention keeps from the real positions, their outputs
+unread; rows sorted by suffix length so that little is padded); every Adam step then runs positions
 ``[lookup, end)`` of each group through the resident blocks over a copy of that cache (the copy is dropped after
 the step, so nothing accumulates), with the layer arguments the model's own code builds for new tokens after a
 cached, padded context (:func:`surgeon.engine.cached.layer_arguments`: position ids, rotary embeddings, mask).
@@ -24,26 +25,21 @@ GROUP_ROWS = 64
 
 @dataclass
 class SuffixGroup:
-    """Rows of equal suffix length (``length − lookup``): their layer-l input from ``lookup`` on, the cache of
-    their left-padded contexts and the layer arguments for the suffix positions (holding ``cache``, replaced by
-    a copy at each step)."""
+    """A micro-batch of rows: their layer-l input from ``lookup`` on (right-padded to the longest suffix), the
+    cache of their left-padded contexts and the layer arguments for the suffix positions (holding ``cache``,
+    replaced by a copy at each step)."""
 
     rows: list[int]
-    x: torch.Tensor  # [b, suffix length, d] layer l's input at the suffix positions
+    x: torch.Tensor  # [b, longest suffix, d] layer l's input at the suffix positions
     cache: Any  # the contexts' cache (empty when every lookup is 0), copied for every step
     args: tuple
     kwargs: dict[str, Any]
 
 
 def group_rows(lookup: list[int], lengths: list[int], limit: int = GROUP_ROWS) -> list[list[int]]:
-    """Row indices grouped by equal suffix length ``length − lookup``, in order, at most ``limit`` per group."""
-    by_key: dict[int, list[list[int]]] = {}
-    for i, (lk, n) in enumerate(zip(lookup, lengths)):
-        chunks = by_key.setdefault(n - lk, [[]])
-        if len(chunks[-1]) == limit:
-            chunks.append([])
-        chunks[-1].append(i)
-    return [c for key in sorted(by_key) for c in by_key[key]]
+    """Row indices sorted by suffix length ``length − lookup`` (then index), in chunks of ``limit``."""
+    order = sorted(range(len(lookup)), key=lambda i: (lengths[i] - lookup[i], i))
+    return [order[k:k + limit] for k in range(0, len(order), limit)]
 
 
 def left_padded(lookup: list[int], suffix: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -79,8 +75,8 @@ def build_groups(eng, blocks: list, layer: int, row_inputs: dict[int, torch.Tens
     with torch.no_grad():
         for rows in group_rows(lookup, lengths):
             lks = [lookup[i] for i in rows]
-            n_suffix = lengths[rows[0]] - lks[0]
-            x = torch.stack([row_inputs[i][lk:] for i, lk in zip(rows, lks)])
+            n_suffix = max(lengths[i] - lk for i, lk in zip(rows, lks))
+            x = torch.nn.utils.rnn.pad_sequence([row_inputs[i][lk:] for i, lk in zip(rows, lks)], batch_first=True)
             if max(lks) == 0:
                 args, kwargs, cache = layer_arguments(eng, len(rows), n_suffix)
             else:
