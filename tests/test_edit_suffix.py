@@ -29,12 +29,16 @@ def _setup(tmp_path):
     return folder, Graph.from_checkpoint(open_checkpoint(folder)), ids, delta, proj
 
 
-def _loss(finals: dict[int, torch.Tensor], proj: torch.Tensor) -> torch.Tensor:
-    """A nonlinear scalar of every row's last-block states at positions lookup.. (row order fixed)."""
-    return sum(torch.logsumexp(finals[i] @ proj, -1).mean() * (i + 1) for i in range(len(ROWS))) / len(ROWS)
+#: the live rows of each step: all, then a subset (converged requests' rows leave the micro-batch)
+LIVE = [list(range(len(ROWS))), [1, 2, 4]]
 
 
-def _whole_rows(folder, ids, delta, proj) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+def _loss(finals: dict[int, torch.Tensor], proj: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """A nonlinear scalar of the rows' last-block states at positions lookup.. (row order fixed)."""
+    return sum(torch.logsumexp(finals[i] @ proj, -1).mean() * (i + 1) for i in rows) / len(ROWS)
+
+
+def _whole_rows(folder, ids, delta, proj) -> tuple[list, dict[int, torch.Tensor]]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
@@ -60,12 +64,14 @@ def _whole_rows(folder, ids, delta, proj) -> tuple[torch.Tensor, torch.Tensor, d
     finally:
         for h in hs:
             h.remove()
-    loss = _loss(finals, proj)
-    loss.backward()
-    return loss.detach(), d.grad, {i: f.detach() for i, f in finals.items()}
+    want = []
+    for rows in LIVE:
+        loss = _loss(finals, proj, rows)
+        want.append((loss.detach(), torch.autograd.grad(loss, d, retain_graph=True)[0]))
+    return want, {i: f.detach() for i, f in finals.items()}
 
 
-def _suffix_steps(graph, ids, delta, proj, n_steps: int):
+def _suffix_steps(graph, ids, delta, proj):
     from surgeon.ops.edit.engine_values import _DeltaHook, _layer_inputs
     from surgeon.ops.edit.value_suffix import build_groups, suffix_finals
 
@@ -84,11 +90,14 @@ def _suffix_steps(graph, ids, delta, proj, n_steps: int):
     got = []
     try:
         with torch.enable_grad():
-            for _ in range(n_steps):  # the same δ each time: the caches must not grow
+            for rows in [*LIVE, LIVE[0]]:  # the same δ each time: the caches must not grow
                 d.grad = None
-                finals = suffix_finals(blocks, groups, torch.ones(len(ROWS), dtype=torch.bool), hook)
+                live = torch.zeros(len(ROWS), dtype=torch.bool)
+                live[rows] = True
+                finals = suffix_finals(eng, blocks, groups, live, hook)
+                assert sorted(finals) == rows
                 finals = {i: f[: ROWS[i][0] - ROWS[i][1]] for i, f in finals.items()}  # the padding is not read
-                loss = _loss(finals, proj)
+                loss = _loss(finals, proj, rows)
                 loss.backward()
                 got.append((loss.detach(), d.grad.clone(), {i: f.detach() for i, f in finals.items()}))
     finally:
@@ -107,12 +116,12 @@ def test_left_padded_contexts():
 
 def test_suffix_only_steps_equal_whole_rows(tmp_path):
     folder, graph, ids, delta, proj = _setup(tmp_path)
-    want_loss, want_grad, want_finals = _whole_rows(folder, ids, delta, proj)
-    got, groups = _suffix_steps(graph, ids, delta, proj, n_steps=2)
+    want, want_finals = _whole_rows(folder, ids, delta, proj)
+    got, groups = _suffix_steps(graph, ids, delta, proj)
     assert [g.rows for g in groups] == [[5, 1, 0, 2, 3, 4]]
-    assert want_grad.abs().sum() > 0
-    for loss, grad, finals in got:
-        for i in range(len(ROWS)):
+    for (loss, grad, finals), (want_loss, want_grad) in zip(got, [*want, want[0]]):
+        assert want_grad.abs().sum() > 0
+        for i in finals:
             torch.testing.assert_close(finals[i], want_finals[i], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-5)

@@ -114,7 +114,7 @@ class _EngineRun:
         """Last-block hidden states [L, d] of every row in a micro-batch holding a live row (with grad); after
         :meth:`use_suffixes` those of positions ``lookup..`` only."""
         if self.groups is not None:
-            return suffix_finals(self.blocks, self.groups, live_rows, self.hook)
+            return suffix_finals(self.eng, self.blocks, self.groups, live_rows, self.hook)
         out: dict[int, torch.Tensor] = {}
         for mb, x in self.inputs:
             if not bool(live_rows[mb.indices].any()):

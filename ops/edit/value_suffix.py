@@ -34,6 +34,8 @@ class SuffixGroup:
     cache: Any  # the contexts' cache (empty when every lookup is 0), copied for every step
     args: tuple
     kwargs: dict[str, Any]
+    mask: torch.Tensor | None  # [b, P + suffix] 2-D attention mask (None: no context)
+    pos: torch.Tensor  # [b, suffix] position ids of the suffixes
 
 
 def group_rows(lookup: list[int], lengths: list[int], limit: int = GROUP_ROWS) -> list[list[int]]:
@@ -77,8 +79,9 @@ def build_groups(eng, blocks: list, layer: int, row_inputs: dict[int, torch.Tens
             lks = [lookup[i] for i in rows]
             n_suffix = max(lengths[i] - lk for i, lk in zip(rows, lks))
             x = torch.nn.utils.rnn.pad_sequence([row_inputs[i][lk:] for i, lk in zip(rows, lks)], batch_first=True)
+            mask, suf_pos = None, torch.arange(n_suffix).repeat(len(rows), 1)
             if max(lks) == 0:
-                args, kwargs, cache = layer_arguments(eng, len(rows), n_suffix)
+                args, kwargs, cache = layer_arguments(eng, len(rows), n_suffix, position_ids=suf_pos)
             else:
                 pad, pos, suf_pos = left_padded(lks, n_suffix)
                 ctx = torch.zeros(len(rows), pad.shape[1], x.shape[-1], dtype=x.dtype, device=x.device)
@@ -89,25 +92,39 @@ def build_groups(eng, blocks: list, layer: int, row_inputs: dict[int, torch.Tens
                                                       position_ids=pos)
                 _run(blocks, ctx, args, kwargs, pad)
                 fill_below(cache, layer)
-                args, kwargs, cache = layer_arguments(
-                    eng, len(rows), n_suffix, cache, position_ids=suf_pos,
-                    attention_mask=torch.cat([keep, torch.ones(len(rows), n_suffix, dtype=torch.long)], 1))
-            groups.append(SuffixGroup(rows, x.clone(), cache, args, kwargs))
+                mask = torch.cat([keep, torch.ones(len(rows), n_suffix, dtype=torch.long)], 1)
+                args, kwargs, cache = layer_arguments(eng, len(rows), n_suffix, cache, position_ids=suf_pos,
+                                                      attention_mask=mask)
+            groups.append(SuffixGroup(rows, x.clone(), cache, args, kwargs, mask, suf_pos))
     return groups
 
 
-def suffix_finals(blocks: list, groups: list[SuffixGroup], live_rows: torch.Tensor, hook
+def _live_view(eng, g: SuffixGroup, keep: torch.Tensor) -> tuple[list[int], torch.Tensor, tuple, dict[str, Any]]:
+    """(rows, suffix inputs, layer arguments over a fresh copy of the cache) of the rows of ``g`` flagged in
+    ``keep``; the model rebuilds the arguments when some rows are left out."""
+    cache = copy.deepcopy(g.cache)
+    if bool(keep.all()):
+        return g.rows, g.x, *with_cache(g.args, g.kwargs, g.cache, cache)
+    idx = keep.nonzero()[:, 0]
+    cache.batch_select_indices(idx.to(g.x.device))
+    args, kwargs, _ = layer_arguments(eng, len(idx), g.x.shape[1], cache, position_ids=g.pos[idx],
+                                      attention_mask=None if g.mask is None else g.mask[idx])
+    return [g.rows[int(i)] for i in idx], g.x[idx.to(g.x.device)], args, kwargs
+
+
+def suffix_finals(eng, blocks: list, groups: list[SuffixGroup], live_rows: torch.Tensor, hook
                   ) -> dict[int, torch.Tensor]:
-    """Last-block hidden states ``[length − lookup, d]`` (with grad) of every row in a group holding a live row;
-    δ goes to each row's suffix position 0."""
+    """Last-block hidden states ``[longest suffix, d]`` (with grad) of the live rows (``live_rows`` [R] bool):
+    positions from each row's lookup on; δ goes to suffix position 0."""
     out: dict[int, torch.Tensor] = {}
     for g in groups:
-        if not bool(live_rows[g.rows].any()):
+        keep = live_rows.cpu()[g.rows]
+        if not bool(keep.any()):
             continue
-        hook.rows = torch.tensor(g.rows)
-        hook.at = torch.zeros(len(g.rows), dtype=torch.long)
-        args, kwargs = with_cache(g.args, g.kwargs, g.cache, copy.deepcopy(g.cache))
-        h = _run(blocks, g.x, args, kwargs)
-        for k, gi in enumerate(g.rows):
+        rows, x, args, kwargs = _live_view(eng, g, keep)
+        hook.rows = torch.tensor(rows)
+        hook.at = torch.zeros(len(rows), dtype=torch.long)
+        h = _run(blocks, x, args, kwargs)
+        for k, gi in enumerate(rows):
             out[gi] = h[k]
     return out
