@@ -185,6 +185,7 @@ def optimise_values_engine(graph, ctx, site: EditSite, tok: Any, requests: Seque
     mod, _ = blocks[0].module_of(site.name)
     handles = [mod.register_forward_pre_hook(hook.pre), mod.register_forward_hook(hook.post)]
     run = _EngineRun(eng, blocks, inputs, rows, _targets_abs(rows, device), hook, eng.head_weights())
+    del inputs  # held by the run until its suffix groups replace them
     try:
         with torch.enable_grad():
             logits, t = run.logits(torch.ones(n, dtype=torch.bool, device=device))  # capture pass = step 1

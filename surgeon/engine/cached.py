@@ -14,16 +14,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from surgeon.engine.core import _Stop
+from surgeon.engine.generate import _find_cache
 from surgeon.errors import SurgeonError
 
 if TYPE_CHECKING:
     from surgeon.engine.core import Engine
-
-
-def _find_cache(args: tuple, kwargs: dict[str, Any]) -> Any:
-    from transformers.cache_utils import Cache
-
-    return next((v for v in (*args, *kwargs.values()) if isinstance(v, Cache)), None)
 
 
 def layer_arguments(eng: Engine, batch: int, length: int, cache: Any = None, *,
