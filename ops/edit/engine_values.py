@@ -13,6 +13,8 @@ stopping and the clamp); only where the forward passes run differs:
    (:meth:`surgeon.engine.Engine.logits`). Nothing of the blocks before *l* is resident during the loop.
 3. The first pass (δ = 0) records each row's key (the down-projection's input), v₀ (its output) and h_L (the
    block's output) at the subject's last token, and is Adam's step 1, as in :mod:`.keys_values`.
+4. The later steps run only each row's positions from the subject's last token on, over KV caches of the
+   positions before it at blocks *l..L−1*, computed once (:mod:`.value_suffix`): δ never reaches them.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from .keys_values import ValueResult, ValueSettings, _adam, _Targets, average_ke
 from .requests import Request
 from .rows import Rows, build_rows
 from .site import EditSite
+from .value_suffix import SuffixGroup, build_groups, suffix_finals
 
 #: bytes of fp32 blocks l..L−1 (+ head) kept resident for the value loop before the loop switches to bf16
 RESIDENT_FP32_BUDGET = 6 << 30
@@ -38,18 +41,19 @@ def value_dtype(block_bytes_fp32: Sequence[int], layer: int, head_bytes_fp32: in
 
 
 class _DeltaHook:
-    """On the edited down-projection: records key / v₀ (capture mode) and adds δ of each row's request at its
-    subject token."""
+    """On the edited down-projection: records key / v₀ (capture mode) and adds δ of each row's request at
+    position ``at`` of each row of the current micro-batch (None: adds nothing)."""
 
-    def __init__(self, delta: torch.Tensor, owner: torch.Tensor, lookup: torch.Tensor, n_rows: int):
-        self.delta, self.owner, self.lookup, self.n_rows = delta, owner, lookup, n_rows
+    def __init__(self, delta: torch.Tensor, owner: torch.Tensor, n_rows: int):
+        self.delta, self.owner, self.n_rows = delta, owner, n_rows
         self.rows: torch.Tensor | None = None  # global rows of the current micro-batch
+        self.at: torch.Tensor | None = None  # δ's position in each of those rows
         self.capture = True
         self.k: torch.Tensor | None = None
         self.v0: torch.Tensor | None = None
 
     def _at(self, x: torch.Tensor) -> torch.Tensor:
-        return x[torch.arange(x.shape[0], device=x.device), self.lookup[self.rows].to(x.device)]
+        return x[torch.arange(x.shape[0], device=x.device), self.at.to(x.device)]
 
     def _record(self, name: str, x: torch.Tensor) -> None:
         if getattr(self, name) is None:
@@ -63,8 +67,10 @@ class _DeltaHook:
     def post(self, _m, _args, out):
         if self.capture:
             self._record("v0", out)
+        if self.at is None:
+            return out
         ar = torch.arange(out.shape[0], device=out.device)
-        add = torch.zeros_like(out).index_put((ar, self.lookup[self.rows].to(out.device)),
+        add = torch.zeros_like(out).index_put((ar, self.at.to(out.device)),
                                               self.delta[self.owner[self.rows]].to(out.dtype))
         return out + add
 
@@ -96,14 +102,25 @@ class _EngineRun:
         self.h0: torch.Tensor | None = None
         self.abs_pos = torch.tensor(rows.tgt_pos)
         self.lookup = torch.tensor(rows.lookup)
+        self.groups: list[SuffixGroup] | None = None  # after the capture pass: suffix-only steps
+
+    def use_suffixes(self, layer: int) -> None:
+        """Build the context caches (:mod:`.value_suffix`); later steps run only positions from ``lookup`` on."""
+        row_inputs = {gi: x[k] for mb, x in self.inputs for k, gi in enumerate(mb.indices)}
+        self.groups = build_groups(self.eng, self.blocks, layer, row_inputs, self.rows.lookup, self.hook)
+        self.inputs = []  # the suffixes are held by the groups
 
     def _finals(self, live_rows: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Last-block hidden states [L, d] of every row in a micro-batch holding a live row (with grad)."""
+        """Last-block hidden states [L, d] of every row in a micro-batch holding a live row (with grad); after
+        :meth:`use_suffixes` those of positions ``lookup..`` only."""
+        if self.groups is not None:
+            return suffix_finals(self.eng, self.blocks, self.groups, live_rows, self.hook)
         out: dict[int, torch.Tensor] = {}
         for mb, x in self.inputs:
             if not bool(live_rows[mb.indices].any()):
                 continue
             self.hook.rows = torch.tensor(mb.indices)
+            self.hook.at = self.lookup[mb.indices]
             h = x
             for j, block in enumerate(self.blocks):
                 h = block.call(h, mb)
@@ -126,8 +143,9 @@ class _EngineRun:
         t = row_live[tg.row.cpu()].nonzero()[:, 0]
         finals = self._finals(row_live)
         kl = tg.kl_rows.cpu()[live_cpu]
-        picked = [finals[int(r)][int(p)] for r, p in zip(tg.row.cpu()[t], self.abs_pos[t])]
-        picked += [finals[int(r)][int(self.lookup[r])] for r in kl]
+        off = self.lookup if self.groups is not None else torch.zeros_like(self.lookup)
+        picked = [finals[int(r)][int(p - off[r])] for r, p in zip(tg.row.cpu()[t], self.abs_pos[t])]
+        picked += [finals[int(r)][int(self.lookup[r] - off[r])] for r in kl]
         return self.eng.logits(torch.stack(picked), self.head), t.to(live.device)
 
 
@@ -163,14 +181,16 @@ def optimise_values_engine(graph, ctx, site: EditSite, tok: Any, requests: Seque
     blocks = [eng.load_block(i) for i in range(site.layer, eng.roles.n_layers)]
     device = str(eng.device)
     delta = torch.zeros(n, site.d_out, device=device, requires_grad=True)
-    hook = _DeltaHook(delta, torch.tensor(rows.owner, device=device), torch.tensor(rows.lookup), len(rows.ids))
+    hook = _DeltaHook(delta, torch.tensor(rows.owner, device=device), len(rows.ids))
     mod, _ = blocks[0].module_of(site.name)
     handles = [mod.register_forward_pre_hook(hook.pre), mod.register_forward_hook(hook.post)]
     run = _EngineRun(eng, blocks, inputs, rows, _targets_abs(rows, device), hook, eng.head_weights())
+    del inputs  # held by the run until its suffix groups replace them
     try:
         with torch.enable_grad():
             logits, t = run.logits(torch.ones(n, dtype=torch.bool, device=device))  # capture pass = step 1
             hook.capture = False
+            run.use_suffixes(site.layer)
             kl_init = logits[len(t):].detach().log_softmax(-1)
             plain = torch.arange(n) * n_ctx  # the plain prompt's row of each request
             v0 = hook.v0[plain].to(device)
