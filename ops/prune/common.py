@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from surgeon.errors import SurgeonError
 from surgeon.graph import Apply, Executor, Node
@@ -109,6 +109,25 @@ def parse_nm(text: str | None) -> tuple[int, int] | None:
     return n, m
 
 
+def _valid_nm(text: str | None) -> str | None:
+    parse_nm(text)
+    return text
+
+
+#: an optional ``"N:M"`` option, checked by :func:`parse_nm` when given
+NmPattern = Annotated[str | None, AfterValidator(_valid_nm)]
+
+
+def check_sparsity_matches_nm(sparsity: float, nm_text: str | None, sparsity_given: bool) -> None:
+    """A sparsity given next to an N:M pattern must be the one the pattern implies (1 − N/M)."""
+    nm = parse_nm(nm_text)
+    if nm is None or not sparsity_given:
+        return
+    implied = 1 - nm[0] / nm[1]
+    if abs(sparsity - implied) > 1e-9:
+        raise ValueError(f"sparsity={sparsity} contradicts nm={nm_text} (which means {implied:g}); give one of them")
+
+
 class CalibratedPruneParams(BaseModel):
     """The options the calibrated pruners (Wanda, SparseGPT) share: calibration text, target sparsity or N:M
     pattern (one of them), and which tensors to prune. Each op restates ``sparsity``/``nm`` to say per what."""
@@ -118,7 +137,7 @@ class CalibratedPruneParams(BaseModel):
     data: str = Field("model:32", description="Calibration text: a .txt/.jsonl file, a datasets folder, or "
                       "'model:N' (N sequences sampled from the model itself).")
     sparsity: float = Field(0.5, ge=0, lt=1, description="Fraction of weights set to zero.")
-    nm: str | None = Field(None, description="Semi-structured N:M pattern instead of a sparsity, e.g. '2:4'.")
+    nm: NmPattern = Field(None, description="Semi-structured N:M pattern instead of a sparsity, e.g. '2:4'.")
     seqlen: int = Field(512, ge=2, le=2048, description="Tokens per calibration window (capped by the model's "
                         "context; at most 2048 so long-context models do not hang).")
     n_windows: int = Field(64, ge=1, le=4096, description="Number of calibration windows (the reference uses 128).")
@@ -127,17 +146,9 @@ class CalibratedPruneParams(BaseModel):
     exclude: list[str] = Field(default_factory=list, description=EXCLUDE_HELP)
     arch: dict[str, Any] | None = Field(None, description=ARCH_HELP)
 
-    @field_validator("nm")
-    @classmethod
-    def _nm(cls, v: str | None) -> str | None:
-        parse_nm(v)
-        return v
-
     @model_validator(mode="after")
     def _consistent(self) -> CalibratedPruneParams:
-        nm = parse_nm(self.nm)
-        if nm is not None and "sparsity" in self.model_fields_set and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
-            raise ValueError(f"sparsity={self.sparsity} contradicts nm={self.nm}; give one of them")
+        check_sparsity_matches_nm(self.sparsity, self.nm, "sparsity" in self.model_fields_set)
         return self
 
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from surgeon.kernels.select import (
     NonFiniteInput,
     bracket,
@@ -42,8 +42,10 @@ from .common import (
     EXCLUDE_HELP,
     INCLUDE_HELP,
     Fresh,
+    NmPattern,
     Pruned,
     check_nm_shapes,
+    check_sparsity_matches_nm,
     nm_prune,
     parse_nm,
     prune_targets,
@@ -71,7 +73,7 @@ class Params(BaseModel):
     scope: Literal["layer", "global"] = Field("layer", description="layer: one threshold per matrix (exactly "
                                               "⌊s·numel⌋ zeros each); global: one threshold over all selected "
                                               "matrices (streamed, exact).")
-    nm: str | None = Field(None, description="Semi-structured N:M pattern, e.g. '2:4': keep N of every M "
+    nm: NmPattern = Field(None, description="Semi-structured N:M pattern, e.g. '2:4': keep N of every M "
                            "consecutive inputs per output row (sparsity is then 1 - N/M).")
     include: list[str] | None = Field(None, description=INCLUDE_HELP)
     exclude: list[str] = Field(default_factory=list, description=EXCLUDE_HELP)
@@ -80,22 +82,11 @@ class Params(BaseModel):
     protect_mode: ProtectMode = Field("refit", description=MODE_HELP)
     protect_fraction: float = Field(0.05, ge=0, le=0.5, description=FRACTION_HELP)
 
-    @field_validator("nm")
-    @classmethod
-    def _nm(cls, v: str | None) -> str | None:
-        parse_nm(v)
-        return v
-
     @model_validator(mode="after")
     def _nm_consistent(self) -> Params:
-        nm = parse_nm(self.nm)
-        if nm is not None:
-            if self.scope != "layer":
-                raise ValueError("nm: N:M pruning is per row; it cannot be combined with scope=global")
-            implied = 1 - nm[0] / nm[1]
-            if "sparsity" in self.model_fields_set and abs(self.sparsity - implied) > 1e-9:
-                raise ValueError(f"sparsity={self.sparsity} contradicts nm={self.nm} (which means "
-                                 f"{implied:g}); give one of them")
+        if parse_nm(self.nm) is not None and self.scope != "layer":
+            raise ValueError("nm: N:M pruning is per row; it cannot be combined with scope=global")
+        check_sparsity_matches_nm(self.sparsity, self.nm, "sparsity" in self.model_fields_set)
         return self
 
 

@@ -22,6 +22,7 @@ from surgeon.registry import register
 
 from .common import (
     CalibratedPruneParams,
+    NmPattern,
     Pruned,
     check_nm_shapes,
     nm_prune,
@@ -43,7 +44,7 @@ from .protect import (
 
 class Params(CalibratedPruneParams):
     sparsity: float = Field(0.5, ge=0, lt=1, description="Fraction of each output row's weights set to zero.")
-    nm: str | None = Field(None, description="Semi-structured N:M pattern instead of a row sparsity, e.g. '2:4'.")
+    nm: NmPattern = Field(None, description="Semi-structured N:M pattern instead of a row sparsity, e.g. '2:4'.")
     protect_edits: bool | None = Field(None, description=PROTECT_HELP)
     protect_mode: ProtectMode = Field("refit", description=MODE_HELP)
     protect_fraction: float = Field(0.05, ge=0, le=0.5, description=FRACTION_HELP)
