@@ -72,7 +72,8 @@ def pydantic_message(e: ValidationError, where: str, *, cli_fields: list[str] | 
             loc = " ".join([as_flag(loc_parts[0]), *loc_parts[1:]]) if loc_parts else ""
         else:
             loc = ".".join(loc_parts)
-        parts.append(f"{loc}: {msg}" if loc else msg)
+        named = not loc or msg.startswith(f"{loc}:")  # a validator that already names its field ("nm: ...")
+        parts.append(msg if named else f"{loc}: {msg}")
     text = "; ".join(parts)
     return text if cli_fields is not None else f"{where}: {text}"
 

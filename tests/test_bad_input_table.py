@@ -313,3 +313,20 @@ def test_tie_help_says_full_rank_is_exact_only_with_untied_norms(capsys):
     assert "exact" in text and "--untie-norms" in text
     # the behaviour that sentence describes is asserted numerically in
     # tests/test_tie.py::test_untie_norms_keeps_each_layers_norms (full rank: exact only with untied norms)
+
+
+def test_a_validator_that_names_its_field_is_not_named_twice(base, tmp_path, capsys):
+    """``parse_nm`` already writes ``nm: expected ...``: the CLI line names the flag once, and so does a recipe
+    step (which adds only where it stands); other fields still get their name added."""
+    from surgeon.errors import SurgeonError
+    from surgeon.pipeline import validate_step
+
+    rc = main(["prune", "wanda", str(base), "--nm", "2-4", "-o", str(tmp_path / "out"), "-q"])
+    assert rc == 2
+    assert capsys.readouterr().err.strip() == "error: --nm: expected 'N:M' like '2:4', got '2-4'"
+    with pytest.raises(SurgeonError) as e:
+        validate_step("prune.wanda", {"nm": "2-4"}, "steps[1] prune.wanda")
+    assert str(e.value) == "steps[1] prune.wanda: nm: expected 'N:M' like '2:4', got '2-4'"
+    with pytest.raises(SurgeonError) as e:
+        validate_step("prune.wanda", {"sparsity": 2}, "steps[1] prune.wanda")
+    assert str(e.value).startswith("steps[1] prune.wanda: sparsity: ")
