@@ -8,12 +8,11 @@ context. Those entries are never attended to: blocks below *l* are not run over 
 """
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from surgeon.engine.core import _Stop
+from surgeon.engine.core import cache_keyword, first_block_inputs
 from surgeon.engine.generate import _find_cache
 from surgeon.errors import SurgeonError
 
@@ -30,29 +29,13 @@ def layer_arguments(eng: Engine, batch: int, length: int, cache: Any = None, *,
     ``[batch, length]``. Computed by the model's own forward up to block 0, on zero input embeddings, without
     gradients."""
     eng._load_globals()
-    params = inspect.signature(eng.skeleton.forward).parameters
-    cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
-    got: dict[str, Any] = {}
-
-    def hook(module, args, kwargs):
-        got["args"], got["kwargs"] = args, dict(kwargs)
-        raise _Stop
-
-    first = eng.layer_paths[0]
-    handle = eng.skeleton.get_submodule(first).register_forward_pre_hook(hook, with_kwargs=True)
+    cache_kw = cache_keyword(eng.skeleton)
     zeros = torch.zeros(batch, length, int(eng.config.hidden_size), device=eng.device, dtype=eng.dtype)
-    try:
-        with torch.no_grad():
-            extra = {k: v.to(eng.device) for k, v in (("attention_mask", attention_mask),
-                                                      ("position_ids", position_ids)) if v is not None}
-            eng.skeleton(inputs_embeds=zeros, use_cache=True, **{cache_kw: cache}, **extra)
-    except _Stop:
-        pass
-    else:
-        raise SurgeonError(f"engine: the model never called its first block {first!r}")
-    finally:
-        handle.remove()
-    args, kwargs = tuple(got["args"][1:]), got["kwargs"]
+    extra = {k: v.to(eng.device) for k, v in (("attention_mask", attention_mask),
+                                              ("position_ids", position_ids)) if v is not None}
+    args, kwargs = first_block_inputs(eng.skeleton, eng.layer_paths[0], inputs_embeds=zeros, use_cache=True,
+                                      **{cache_kw: cache}, **extra)
+    args = tuple(args[1:])
     kwargs.pop("hidden_states", None)
     found = _find_cache(args, kwargs)
     if found is None:

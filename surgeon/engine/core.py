@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,35 @@ DEFAULT_HIDDEN_BUDGET = 1 << 30  # bytes of hidden states kept in RAM before spi
 
 class _Stop(Exception):
     pass
+
+
+def cache_keyword(skeleton: nn.Module) -> str:
+    """The name under which ``skeleton``'s forward takes its KV cache (``past_key_values``; ``cache`` since
+    transformers 5.x)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(skeleton.forward).parameters else "past_key_values"
+
+
+def first_block_inputs(skeleton: nn.Module, first: str, **forward_kw: Any) -> tuple[tuple, dict[str, Any]]:
+    """Run ``skeleton(**forward_kw)`` without gradients until its first decoder block (``first``, a module path) is
+    called, and return the positional and keyword arguments that block received (hidden states included): what
+    the family's own code builds for its layers (positions, rotary embeddings, mask, cache)."""
+    got: dict[str, Any] = {}
+
+    def hook(module, args, kwargs):
+        got["args"], got["kwargs"] = args, dict(kwargs)
+        raise _Stop
+
+    handle = skeleton.get_submodule(first).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            skeleton(**forward_kw)
+    except _Stop:
+        return got["args"], got["kwargs"]
+    finally:
+        handle.remove()
+    raise SurgeonError(f"engine: the model never called its first block {first!r}")
 
 
 def _mb(n: int) -> str:
@@ -358,46 +388,40 @@ class Engine:
         ids = torch.cat([rows[i].reshape(-1) for i in local]) if local else torch.zeros(1, dtype=torch.long)
         uniq = torch.unique(ids)
         emb_p = self._embed_pname()
-        emb_mod = self.skeleton.get_submodule(emb_p.rpartition(".")[0])
-        table = self._read_unchecked(self.pnames[emb_p])
-        if int(uniq.max()) >= table.shape[0] or int(uniq.min()) < 0:
-            raise SurgeonError(f"engine: token id {int(uniq.max())} is outside the vocabulary ({table.shape[0]})")
-        rows_used = table[uniq]
-        del table
-        self._check(self.pnames[emb_p], rows_used)
-        _assign(self.skeleton, emb_p, rows_used.to(device=self.device, dtype=self.dtype), is_param=True)
-        del rows_used
-        pad = getattr(emb_mod, "padding_idx", None)
-        emb_mod.padding_idx = None  # the compact table has other row numbers; padding only matters for grads
-        first = self.skeleton.get_submodule(self.layer_paths[0])
-        holder: dict[str, Any] = {}
-
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            holder["h"] = hidden.detach()
-            holder["kw"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            raise _Stop
-
-        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
         self._batches, self._hidden = [], self._new_store()
         try:
-            with torch.no_grad():
+            with self.compact_embedding(uniq, self._read_unchecked(self.pnames[emb_p])):
                 for g in groups:
                     x = torch.stack([rows[i].reshape(-1) for i in g])
                     compact = torch.searchsorted(uniq, x).to(self.device)
-                    try:
-                        self.skeleton(input_ids=compact, use_cache=False)
-                    except _Stop:
-                        pass
-                    else:
-                        raise SurgeonError(f"engine: the model never called its first block "
-                                           f"{self.layer_paths[0]!r}")
-                    self._batches.append(MicroBatch(g, holder.pop("kw"), x.shape[1]))
-                    self._hidden.append(holder.pop("h"))
+                    args, kw = first_block_inputs(self.skeleton, self.layer_paths[0], input_ids=compact,
+                                                  use_cache=False)
+                    hidden = args[0] if args else kw["hidden_states"]
+                    kw.pop("hidden_states", None)
+                    self._batches.append(MicroBatch(g, kw, x.shape[1]))
+                    self._hidden.append(hidden.detach())
         finally:
-            handle.remove()
-            emb_mod.padding_idx = pad
             self._unload([emb_p])
+
+    @contextmanager
+    def compact_embedding(self, uniq: torch.Tensor, table: torch.Tensor) -> Iterator[None]:
+        """The skeleton's input embedding holds only the rows ``uniq`` (sorted unique token ids) of ``table``, after
+        the vocabulary and finiteness checks; ids index it through ``torch.searchsorted(uniq, ids)``. The
+        embedding's ``padding_idx`` is off meanwhile (other row numbers; it only matters for gradients)."""
+        emb_p = self._embed_pname()
+        if int(uniq.max()) >= table.shape[0] or int(uniq.min()) < 0:
+            raise SurgeonError(f"engine: token id {int(uniq.max())} is outside the vocabulary ({table.shape[0]})")
+        rows = table[uniq]
+        del table
+        self._check(self.pnames[emb_p], rows)
+        _assign(self.skeleton, emb_p, rows.to(device=self.device, dtype=self.dtype), is_param=True)
+        del rows
+        emb_mod = self.skeleton.get_submodule(emb_p.rpartition(".")[0])
+        pad, emb_mod.padding_idx = getattr(emb_mod, "padding_idx", None), None
+        try:
+            yield
+        finally:
+            emb_mod.padding_idx = pad
 
     # ---------------------------------------------------------------------------------------------- blocks
     def load_block(self, i: int) -> Block:

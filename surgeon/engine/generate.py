@@ -15,7 +15,6 @@ and every generated token reads every block (slow).
 """
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from surgeon.engine.core import VOCAB_CHUNK, _assign, _dtype_size, _final_norm, _mb, _Stop
+from surgeon.engine.core import VOCAB_CHUNK, _dtype_size, _final_norm, _mb, cache_keyword, first_block_inputs
 from surgeon.errors import SurgeonError
 
 if TYPE_CHECKING:
@@ -102,8 +101,7 @@ class Decoder:
         from surgeon.arch import logit_transform
 
         self._transform = logit_transform(eng.config.to_dict())
-        params = inspect.signature(eng.skeleton.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+        self._cache_kw = cache_keyword(eng.skeleton)
 
     # ---------------------------------------------------------------------------------------------- parts
     def _embed(self, ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, tuple, dict[str, Any], Any]:
@@ -112,32 +110,11 @@ class Decoder:
         eng = self.engine
         uniq = torch.unique(ids)
         table = self._table if self._table is not None else eng._read_unchecked(self._emb_name)
-        if int(uniq.max()) >= table.shape[0] or int(uniq.min()) < 0:
-            raise SurgeonError(f"engine: token id {int(uniq.max())} is outside the vocabulary ({table.shape[0]})")
-        rows = table[uniq]
-        del table
-        eng._check(self._emb_name, rows)
-        _assign(eng.skeleton, self._emb_p, rows.to(device=eng.device, dtype=eng.dtype), is_param=True)
-        emb_mod = eng.skeleton.get_submodule(self._emb_p.rpartition(".")[0])
-        pad, emb_mod.padding_idx = getattr(emb_mod, "padding_idx", None), None  # compact table: other row numbers
-        got: dict[str, Any] = {}
-
-        def hook(module, args, kwargs):
-            got["args"], got["kwargs"] = args, dict(kwargs)
-            raise _Stop
-
-        handle = eng.skeleton.get_submodule(eng.layer_paths[0]).register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            eng.skeleton(input_ids=torch.searchsorted(uniq, ids).to(eng.device), use_cache=True,
-                         **{self._cache_kw: cache})
-        except _Stop:
-            pass
-        else:
-            raise SurgeonError(f"engine: the model never called its first block {eng.layer_paths[0]!r}")
-        finally:
-            handle.remove()
-            emb_mod.padding_idx = pad
-        args, kwargs = got["args"], got["kwargs"]
+        with eng.compact_embedding(uniq, table):
+            del table
+            args, kwargs = first_block_inputs(eng.skeleton, eng.layer_paths[0], use_cache=True,
+                                              input_ids=torch.searchsorted(uniq, ids).to(eng.device),
+                                              **{self._cache_kw: cache})
         hidden = args[0] if args else kwargs.pop("hidden_states")
         cache = _find_cache(args[1:], kwargs)
         if cache is None:
