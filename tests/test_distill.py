@@ -72,11 +72,11 @@ def _engine(folder: Path, micro_batch: int):
 def test_engine_top_k_table_equals_torch_topk_of_the_whole_module(tmp_path, monkeypatch, tie, micro_batch, chunk):
     """Blocks once, then the head a vocabulary slice at a time (16 of 200 rows: the running top-k merge) and a
     few positions at a time: the literal torch.topk of the whole module's logits (values 1e-5, same ids)."""
-    from surgeon.engine import outputs
+    from surgeon.engine import core, outputs
 
     folder = save_tiny_llama(tmp_path / "m", layers=3, hidden=32, vocab=200, tie=tie)
     windows = torch.randint(0, 200, (5, 12), generator=torch.Generator().manual_seed(3))
-    monkeypatch.setattr(outputs, "VOCAB_CHUNK", chunk)
+    monkeypatch.setattr(core, "VOCAB_CHUNK", chunk)  # the head's slices (Engine.logit_slices)
     values, indices = outputs.top_logits(_engine(folder, micro_batch), windows, 6, rows_per_call=7)
     ref = torch.topk(_logits(_hf(folder), windows), 6, dim=-1)
     assert torch.equal(torch.stack(indices), ref.indices)

@@ -528,26 +528,32 @@ class Engine:
 
     def logits(self, hidden: torch.Tensor, head: tuple[torch.Tensor, torch.Tensor | None] | None = None
                ) -> torch.Tensor:
-        """fp32 logits ``[n, V]`` of last-block hidden rows ``hidden [n, d]``: final norm, the output embedding in
-        :data:`VOCAB_CHUNK`-row chunks cast to the compute dtype, the family's logit transform. Differentiable
-        in ``hidden`` (for a few positions: an edit's value optimisation); ``head`` from :meth:`head_weights`
-        (read once when called repeatedly)."""
+        """fp32 logits ``[n, V]`` of last-block hidden rows ``hidden [n, d]`` (:meth:`logit_slices` joined).
+        Differentiable in ``hidden`` (for a few positions: an edit's value optimisation); ``head`` from
+        :meth:`head_weights` (read once when called repeatedly)."""
+        return torch.cat([part for _, part in self.logit_slices(hidden, head)], 1)
+
+    def logit_slices(self, hidden: torch.Tensor, head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                     check: Callable[[torch.Tensor], None] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(v0, fp32 logits [n, ≤ VOCAB_CHUNK])`` of vocabulary ids ``v0..``: the final norm, one
+        :data:`VOCAB_CHUNK`-row slice of the output embedding at a time cast to the compute dtype (``check``
+        sees each cast slice), the family's logit transform (elementwise, so per slice)."""
         from surgeon.arch import logit_transform
 
         self._load_globals()
         norm = _final_norm(self)
         w, bias = head if head is not None else self.head_weights()
-        h = norm(hidden) if norm is not None else hidden
-        parts = []
+        h = (norm(hidden) if norm is not None else hidden).to(self.dtype)
+        transform = logit_transform(self.config.to_dict())
         for v0 in range(0, w.shape[0], VOCAB_CHUNK):
             wc = w[v0:v0 + VOCAB_CHUNK].to(device=h.device, dtype=self.dtype)
-            part = h.to(self.dtype) @ wc.T
+            if check is not None:
+                check(wc)
+            part = h @ wc.T
             if bias is not None:
                 part = part + bias[v0:v0 + VOCAB_CHUNK].to(device=h.device, dtype=self.dtype)
-            parts.append(part.float())
-        out = torch.cat(parts, 1)
-        transform = logit_transform(self.config.to_dict())
-        return transform(out) if transform is not None else out
+            part = part.float()
+            yield v0, (transform(part) if transform is not None else part)
 
     def logits_at(self, samples, positions: Sequence[Sequence[int]], *, progress: Callable | None = None,
                   rows_per_call: int = 1024) -> list[torch.Tensor]:

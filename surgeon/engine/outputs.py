@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from surgeon.engine import dist
-from surgeon.engine.core import VOCAB_CHUNK, Engine, _final_norm
+from surgeon.engine.core import Engine
 from surgeon.engine.store import HiddenStore
 from surgeon.errors import SurgeonError
 
@@ -61,32 +60,14 @@ def last_hidden(engine: Engine, samples, *, progress: Callable | None = None) ->
 def top_k_rows(engine: Engine, hidden: torch.Tensor, head: tuple[torch.Tensor, torch.Tensor | None], k: int,
                check: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest logits (fp32, descending) and their vocabulary ids of last-block rows ``hidden [n, d]``:
-    the same arithmetic as :meth:`Engine.logits`, one output-embedding slice at a time, each slice's top k merged
-    into the running top k."""
-    from surgeon.arch import logit_transform
-
-    w, bias = head
-    k = min(k, w.shape[0])
-    norm = _final_norm(engine)
-    config: Any = engine.config  # the skeleton's PretrainedConfig
-    transform = logit_transform(config.to_dict())
-    h = (norm(hidden) if norm is not None else hidden).to(engine.dtype)
-    best_v = torch.empty(h.shape[0], 0, device=h.device)
-    best_i = torch.empty(h.shape[0], 0, dtype=torch.long, device=h.device)
-    for v0 in range(0, w.shape[0], VOCAB_CHUNK):
-        wc = w[v0:v0 + VOCAB_CHUNK].to(device=h.device, dtype=engine.dtype)
-        if check is not None:
-            check(wc)
-        part = h @ wc.T
-        if bias is not None:
-            part = part + bias[v0:v0 + VOCAB_CHUNK].to(device=h.device, dtype=engine.dtype)
-        part = part.float()
-        if transform is not None:
-            part = transform(part)
+    :meth:`Engine.logit_slices`, each slice's top k merged into the running top k."""
+    k = min(k, head[0].shape[0])
+    best_v = torch.empty(hidden.shape[0], 0, device=hidden.device)
+    best_i = torch.empty(hidden.shape[0], 0, dtype=torch.long, device=hidden.device)
+    for v0, part in engine.logit_slices(hidden, head, check):
         v, i = torch.topk(part, min(k, part.shape[1]), dim=1)
         best_v, pick = torch.topk(torch.cat([best_v, v], 1), min(k, best_v.shape[1] + v.shape[1]), dim=1)
         best_i = torch.cat([best_i, i + v0], 1).gather(1, pick)
-        del wc, part
     return best_v, best_i
 
 
