@@ -254,8 +254,8 @@ def _distill_work(graph: Graph, p: Any, s: dict[str, int], model: int) -> int:
 
 def _erase_estimate(graph: Graph, p: Any, *, rece: bool) -> dict[str, int]:
     """``erase.uce``/``erase.rece``: per text encoder, its embeddings and one block in fp32 and the prompts' hidden
-    states of its largest call in and out (77 positions; the artist preset's 1,733 other artists, else the concepts
-    with their 5 templates each; spilled past 1 GiB each); the k/v matrices in stacked 8192-row fp32 chunks
+    states of its largest call in and out (77 positions; ``largest_encoding()`` of the op's Params: the artist
+    preset's other artists, or the erased prompts; spilled past 1 GiB each); the k/v matrices in stacked 8192-row fp32 chunks
     (RECE keeps them all for the apply pass when they fit 512 MiB); held: the edited k/v matrices when the edit
     is dense (many erased rows) and kept as constants until written. Checked on the SD1.4-shaped synthetic
     pipeline of benchmarks/erase.py (fp16, CLIP-L text encoder, the UNet's attention tensors only), RECE
@@ -281,9 +281,7 @@ def _erase_estimate(graph: Graph, p: Any, *, rece: bool) -> dict[str, int]:
         elif n.endswith(("token_embedding.weight", "position_embedding.weight")):
             embeddings += 4 * math.prod(graph[n].shape)
             width += graph[n].shape[-1] if "token" in n else 0
-    concepts = len(p.concept) or (11 if p.preset == "unsafe" else 1)
-    prompts = max(1733 if p.preset == "artist" and p.preserve is None else len(p.preserve or []), 6 * concepts)
-    hidden = min(2 * prompts * 77 * width * 4, 2 * GB)
+    hidden = min(2 * p.largest_encoding() * 77 * width * 4, 2 * GB)  # the op's Params resolve their preset
     work = embeddings + max(blocks.values(), default=0) + hidden + max(chunk, kept)
     held = sum(math.prod(graph[n].shape) * graph[n].dtype.itemsize for n in kv)
     return {"work": work, "held": held}

@@ -116,6 +116,13 @@ class UceParams(BaseModel):
     def _strip(cls, v: list[str] | None) -> list[str] | None:
         return None if v is None else [s.strip() for s in v if s.strip()]
 
+    def largest_encoding(self) -> int:
+        """Prompts the text encoder encodes in its largest call (the dry-run memory estimate): the preserve set
+        (the artist preset: the other artists of RECE's list), the erased prompts with their templates, or the
+        attacked ones."""
+        s = resolve_settings(self)
+        return max(len(s["preserve"]), len(s["erased"]), len(s["attacked"]), 1)
+
     @model_validator(mode="after")
     def _needs_concept(self):
         if not self.concept and self.preset not in ("nudity", "unsafe"):
