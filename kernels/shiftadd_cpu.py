@@ -218,58 +218,26 @@ void sa_lut_gemv(const uint32_t *words, const float *tables, const float *scales
   }
 }
 """
-_C_LIB: list = []  # [ctypes library or None], resolved once
+def _declare(lib) -> None:
+    import ctypes
 
-
-def _cpu_has_avx2() -> bool:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.sa_tables.argtypes = [ptr, ptr, i64]
+    lib.sa_lut_gemv.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64]
 
 
 def c_kernel():
     """The compiled AVX2 kernel library, or None (no x86 AVX2+FMA, no C compiler, or SURGEON_SHIFTADD_KERNEL=numba).
 
-    Built with ``cc -O3 -mavx2 -mfma -fopenmp`` into ``~/.cache/surgeon/kernels`` on first use, keyed by a hash
-    of the source; a build failure falls back to numba silently (the dispatch says which kernel ran)."""
-    if _C_LIB:
-        return _C_LIB[0]
-    import ctypes
-    import hashlib
+    Built with ``cc -O3 -mavx2 -mfma -fopenmp`` once per machine (:func:`surgeon.kernels.cbuild.compiled_library`);
+    a build failure falls back to numba silently (the dispatch says which kernel ran)."""
     import os
-    import shutil
-    import subprocess
-    import tempfile
-    from pathlib import Path
 
-    lib = None
-    if os.environ.get("SURGEON_SHIFTADD_KERNEL", "") != "numba" and _cpu_has_avx2():
-        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        digest = hashlib.sha256(_C_SOURCE.encode()).hexdigest()[:16]
-        folder = Path(os.environ.get("SURGEON_CACHE", Path.home() / ".cache" / "surgeon")) / "kernels"
-        so = folder / f"shiftadd_avx2_{digest}.so"
-        try:
-            if not so.is_file() and cc:
-                folder.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory() as tmp:
-                    src = Path(tmp) / "shiftadd.c"
-                    src.write_text(_C_SOURCE)
-                    out = Path(tmp) / so.name
-                    subprocess.run([cc, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", str(src), "-o",
-                                    str(out)], check=True, capture_output=True, timeout=120)
-                    os.replace(out, so)  # atomic: concurrent first uses never see a half-written file
-            if so.is_file():
-                lib = ctypes.CDLL(str(so))
-                ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-                lib.sa_tables.argtypes = [ptr, ptr, i64]
-                lib.sa_lut_gemv.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64]
-        except (OSError, subprocess.SubprocessError):
-            lib = None
-    _C_LIB.append(lib)
-    return lib
+    from surgeon.kernels.cbuild import compiled_library, cpu_flags
+
+    if os.environ.get("SURGEON_SHIFTADD_KERNEL", "") == "numba" or not {"avx2", "fma"} <= cpu_flags():
+        return None
+    return compiled_library("shiftadd_avx2", _C_SOURCE, ["-O3", "-mavx2", "-mfma", "-fopenmp"], _declare)
 
 
 class CLutWeights:

@@ -60,7 +60,7 @@ def cast_target(name: str, current: str, params: CastParams) -> str | None:
     return params.dtype
 
 
-@register("cast", CastParams,
+@register("cast", CastParams, torch_free=True,
           summary="Change tensor dtypes, with per-pattern exceptions (e.g. keep norms in fp32).")
 def cast(graph: Graph, params: CastParams, ctx: Context) -> Graph:
     """Cast floating-point tensors to ``dtype`` (integer and bool tensors are never touched)."""
@@ -91,7 +91,7 @@ class DropParams(BaseModel):
         return v
 
 
-@register("drop", DropParams, summary="Remove tensors whose names match a regular expression.")
+@register("drop", DropParams, torch_free=True, summary="Remove tensors whose names match a regular expression.")
 def drop(graph: Graph, params: DropParams, ctx: Context) -> Graph:
     """Remove tensors whose names match ``pattern``."""
     graph = graph.copy()
@@ -117,7 +117,7 @@ class RenameParams(BaseModel):
         return v
 
 
-@register("rename", RenameParams, summary="Rename tensors with a regular expression substitution.")
+@register("rename", RenameParams, torch_free=True, summary="Rename tensors with a regular expression substitution.")
 def rename(graph: Graph, params: RenameParams, ctx: Context) -> Graph:
     """Rename tensors by regex substitution; two tensors mapping to one name is an error."""
     graph = graph.copy()

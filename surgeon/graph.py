@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from surgeon.errors import SurgeonError
-from surgeon.tensorfile import (  # noqa: F401 (FLOAT_DTYPES re-exported for ops)
+from surgeon.tensorfile import (
     FLOAT_DTYPES,
     HostArray,
     as_host,
@@ -113,23 +113,42 @@ class Const(Node):
 
 
 class Apply(Node):
-    """``fn(*values_of_inputs)``. ``shape``/``dtype`` default to the first input's."""
+    """``fn(*values_of_inputs)``. ``shape``/``dtype`` default to the first input's.
+
+    ``host_fn``, when given, is the same computation on raw storage (``host_fn(*HostArray) -> HostArray``, any
+    float dtype, same bytes as ``fn``): the node then runs without torch when its inputs can."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], inputs: Sequence[Node], *, label: str,
-                 shape: Sequence[int] | None = None, dtype: torch.dtype | None = None):
+                 shape: Sequence[int] | None = None, dtype: torch.dtype | str | None = None,
+                 host_fn: Callable[..., HostArray] | None = None):
+        from surgeon.kernels.host_dtypes import CONVERTIBLE
+
         if not inputs and (shape is None or dtype is None):
             raise ValueError("Apply without inputs needs shape and dtype")
         self.fn = fn
+        self.host_fn = host_fn
         self.inputs = tuple(inputs)
         self.label = label
         self.shape = tuple(shape) if shape is not None else self.inputs[0].shape
         self.dtype = dtype if dtype is not None else self.inputs[0].dtype_name
+        self.host = host_fn is not None and self.dtype_name in CONVERTIBLE
 
     def compute(self, args: list[torch.Tensor]) -> torch.Tensor:
         out = self.fn(*args)
         if tuple(out.shape) != self.shape:
             raise SurgeonError(f"internal: {self.label} produced shape {list(out.shape)}, planned {list(self.shape)}")
         return out.to(self.dtype)
+
+    def compute_host(self, args: list[HostArray]) -> HostArray:
+        from surgeon.kernels.host_dtypes import convert
+
+        assert self.host_fn is not None
+        out = self.host_fn(*args)
+        if out.data.size != self.nbytes // dtype_width(self.dtype_name) or out.dtype not in FLOAT_DTYPES:
+            raise SurgeonError(f"internal: {self.label} produced {out.data.size} {out.dtype} values, planned "
+                               f"{list(self.shape)} {self.dtype_name}")
+        data = out.data if out.dtype == self.dtype_name else convert(out.data, out.dtype, self.dtype_name)
+        return HostArray(data.reshape(-1), self.dtype_name, self.shape)
 
 
 class Cast(Node):

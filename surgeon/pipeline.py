@@ -136,15 +136,11 @@ def equivalent_recipe(models: dict[str, str], validated: list, options: RunOptio
     return recipe
 
 
-#: ops whose graphs run without torch (sources, casts: see surgeon.graph); a run of only these never imports it
-TORCH_FREE_OPS = {"cast", "drop", "rename"}
-
-
 def apply_steps(graph, validated: list, ctx, options: RunOptions) -> tuple[Any, list[dict[str, Any]]]:
     """Run the validated steps in order (each with the run's seed); returns the last graph and the step log."""
     step_log: list[dict[str, Any]] = []
     for spec, params in validated:
-        if spec.name not in TORCH_FREE_OPS or "torch" in sys.modules:
+        if not spec.torch_free or "torch" in sys.modules:  # torch-free ops: a run of only these never imports it
             import torch
 
             torch.manual_seed(options.seed)

@@ -62,21 +62,25 @@ class OpSpec:
     multi_model: bool = False  # takes several checkpoints (merges)
     writes: bool = True  # False for report-only ops (eval), whose CLI has no --output
     model_level: bool = False  # needs forward passes (materialises the graph as a module)
+    torch_free: bool = False  # draws nothing from torch's RNG and can build (and run) its graph without torch
 
 
 _REGISTRY: dict[str, OpSpec] = {}
 
 
 def register(name: str, params: type[BaseModel], *, summary: str | None = None, multi_model: bool = False,
-             writes: bool = True, model_level: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+             writes: bool = True, model_level: bool = False,
+             torch_free: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``apply`` under ``name``; ``summary`` (default: the docstring's first line) is its one-line
-    description in ``--help``."""
+    description in ``--help``. ``torch_free``: the op uses no torch random numbers and its graph can run
+    without torch, so a run of such ops need not import it (about 2 s of CPU and 250 MiB)."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         text = summary or (fn.__doc__ or "").strip().split("\n")[0]
         if name in _REGISTRY and _REGISTRY[name].module != fn.__module__:
             raise SurgeonError(f"internal: op {name!r} registered by {_REGISTRY[name].module} and {fn.__module__}")
-        _REGISTRY[name] = OpSpec(name, params, fn, text, fn.__module__, multi_model, writes, model_level)
+        _REGISTRY[name] = OpSpec(name, params, fn, text, fn.__module__, multi_model, writes, model_level,
+                                     torch_free)
         return fn
 
     return wrap

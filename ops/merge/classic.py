@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
 from pydantic import Field, field_validator, model_validator
+from surgeon.kernels.host_merge import available as host_merge_available
 from surgeon.ops.merge.inputs import (
     VocabMergeParams,
     check_compatible,
@@ -55,6 +55,10 @@ from surgeon.context import Context
 from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
 from surgeon.registry import register
+from surgeon.tensorfile import HostArray
+
+if TYPE_CHECKING:
+    import torch
 
 # ---------------------------------------------------------------------------------------------------------
 # pure math
@@ -62,6 +66,8 @@ from surgeon.registry import register
 
 def linear_merge(values: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = True) -> torch.Tensor:
     """Σ w_i θ_i (/ Σ w_i when ``normalize``), accumulated in fp32."""
+    import torch
+
     acc = torch.zeros(values[0].shape, dtype=torch.float32)
     for v, w in zip(values, weights):
         acc.add_(v.float(), alpha=float(w))
@@ -71,8 +77,21 @@ def linear_merge(values: Sequence[torch.Tensor], weights: Sequence[float], *, no
     return acc
 
 
+def linear_merge_host(values: Sequence[HostArray], weights: Sequence[float], *, normalize: bool = True) -> HostArray:
+    """:func:`linear_merge` on raw storage, without torch and with the same bytes (the C kernel of
+    :mod:`surgeon.kernels.host_merge`: one fused multiply-add per term, then the IEEE division)."""
+    from surgeon.kernels.host_merge import weighted_sum
+
+    total = float(sum(weights))
+    divisor = total if normalize and abs(total) > 1e-8 else None
+    data = weighted_sum([v.data for v in values], [v.dtype for v in values], weights, divisor)
+    return HostArray(data, "float32", values[0].shape)
+
+
 def task_vectors(base: torch.Tensor, values: Sequence[torch.Tensor]) -> torch.Tensor:
     """Stacked τ_i = θ_i − θ_b in fp32, shape [n, *shape]."""
+    import torch
+
     b = base.float()
     return torch.stack([v.float() - b for v in values])
 
@@ -80,6 +99,8 @@ def task_vectors(base: torch.Tensor, values: Sequence[torch.Tensor]) -> torch.Te
 def task_arithmetic(base: torch.Tensor, values: Sequence[torch.Tensor], weights: Sequence[float], *,
                     scale: float = 1.0, normalize: bool = False) -> torch.Tensor:
     """θ_b + λ Σ w_i τ_i (the sum divided by Σ w_i when ``normalize``)."""
+    import torch
+
     b = base.float()
     acc = torch.zeros_like(b)
     for v, w in zip(values, weights):
@@ -99,6 +120,8 @@ def ties_merge(base: torch.Tensor, values: Sequence[torch.Tensor], weights: Sequ
     Memory: one trim mask (1 byte/entry) per model is computed from its full τ_i (the threshold is per tensor);
     the election and mean then run over ``chunk`` entries at a time, so temporaries stay small.
     """
+    import torch
+
     b = base.float().reshape(-1)
     densities = [density] * len(values) if isinstance(density, (int, float)) else list(density)
     masks = []
@@ -121,6 +144,8 @@ def dare_merge(base: torch.Tensor, values: Sequence[torch.Tensor], weights: Sequ
                rescale_norm: Literal["probability", "l1"] = "probability",
                election: Election = "weighted") -> torch.Tensor:
     """DARE: drop-and-rescale each τ_i (one RNG stream per tensor and model), then sum (or TIES-elect)."""
+    import torch
+
     taus = task_vectors(base, values)
     densities = [density] * len(values) if isinstance(density, (int, float)) else list(density)
     for i in range(taus.shape[0]):
@@ -272,7 +297,8 @@ class DareParams(TaskArithmeticParams):
 # ops
 
 
-@register("merge.linear", LinearParams, multi_model=True, summary="Weighted average of checkpoints.")
+@register("merge.linear", LinearParams, multi_model=True, torch_free=True,
+          summary="Weighted average of checkpoints.")
 def merge_linear(graph: Graph, params: LinearParams, ctx: Context) -> Graph:
     """θ = Σ w_i θ_i / Σ w_i over the models (a --base, if given, only supplies tensors that are not merged)."""
     inputs = gather_inputs(graph, params, ctx, need_base=False, min_models=1, op="merge linear")
@@ -291,7 +317,13 @@ def merge_linear(graph: Graph, params: LinearParams, ctx: Context) -> Graph:
         w = model_values(per_model, "weight", inputs.names, name, n_layers, weights)
         return lambda *vals: linear_merge(vals, w, normalize=params.normalize)
 
-    g = merged_graph(inputs, params, plan, make, with_base=False, label="merge-linear")
+    def make_host(name: str):
+        if not host_merge_available([m[name].dtype_name for m in inputs.graphs]):
+            return None
+        w = model_values(per_model, "weight", inputs.names, name, n_layers, weights)
+        return lambda *vals: linear_merge_host(vals, w, normalize=params.normalize)
+
+    g = merged_graph(inputs, params, plan, make, with_base=False, label="merge-linear", make_host=make_host)
     ctx.report(method="linear", models=inputs.names, weights=weights, normalize=params.normalize,
                merged_tensors=sum(1 for k in plan.values() if k == "merge"))
     return g

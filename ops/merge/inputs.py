@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from surgeon.errors import SurgeonError
+from surgeon.tensorfile import FLOAT_DTYPES
 
 if TYPE_CHECKING:
     import torch
 
     from surgeon.context import Context
     from surgeon.graph import Graph, Node
+    from surgeon.tensorfile import HostArray
 
 DTYPES = Literal["float32", "float16", "bfloat16"]
 
@@ -61,12 +63,19 @@ class VocabMergeParams(MergeParams):
         "Chat template of the output: auto (the most common among the inputs), chatml, or a Jinja template."))
 
 
-def out_dtype(params: MergeParams, node: Node) -> torch.dtype:
-    import torch
+def out_dtype(params: MergeParams, node: Node) -> str:
+    """The output dtype's name of a merged tensor: ``--dtype`` for float tensors, else the primary's."""
+    if params.dtype is None or node.dtype_name not in FLOAT_DTYPES:
+        return node.dtype_name
+    return params.dtype
 
-    if params.dtype is None or not node.dtype.is_floating_point:
-        return node.dtype
-    return getattr(torch, params.dtype)
+
+def cast_node(params: MergeParams, node: Node) -> Node:
+    """``node`` converted to its :func:`out_dtype` (``node`` itself when that is its dtype)."""
+    from surgeon.graph import Cast
+
+    dt = out_dtype(params, node)
+    return node if dt == node.dtype_name else Cast(node, dt)
 
 
 
@@ -200,7 +209,7 @@ def check_compatible(inputs: MergeInputs, params: MergeParams, *, op: str = "mer
     prim = inputs.primary
     for t in prim.names():
         node = prim[t]
-        if not node.dtype.is_floating_point or t in skip:
+        if node.dtype_name not in FLOAT_DTYPES or t in skip:
             plan[t] = "copy"
             continue
         for name, g in all_graphs:
@@ -215,8 +224,9 @@ def check_compatible(inputs: MergeInputs, params: MergeParams, *, op: str = "mer
                     else ""
                 raise SurgeonError(f"{op}: tensor {t!r} has shape {list(other.shape)} in {name!r} but "
                                    f"{list(node.shape)} in {ref_name!r}{hint}")
-            if not other.dtype.is_floating_point:
-                raise SurgeonError(f"{op}: tensor {t!r} is {other.dtype} in {name!r}, a float dtype was expected")
+            if other.dtype_name not in FLOAT_DTYPES:
+                raise SurgeonError(f"{op}: tensor {t!r} is {other.dtype_name} in {name!r}, a float dtype was "
+                                   "expected")
         plan[t] = "merge"
     for name, g in all_graphs:
         extra = [t for t in g.names() if t not in prim and t not in skip and t not in embedding_names(g, ctx)]
@@ -232,7 +242,8 @@ def check_compatible(inputs: MergeInputs, params: MergeParams, *, op: str = "mer
 
 
 def merged_graph(inputs: MergeInputs, params: MergeParams, plan: dict[str, str],
-                 make_fn: Callable[[str], Callable[..., torch.Tensor]], *, with_base: bool, label: str) -> Graph:
+                 make_fn: Callable[[str], Callable[..., torch.Tensor]], *, with_base: bool, label: str,
+                 make_host: Callable[[str], Callable[..., HostArray]] | None = None) -> Graph:
     """Copy of the primary with one lazy ``Apply`` per merged tensor.
 
     ``make_fn(name)`` returns ``fn(*values)`` receiving (base value first when ``with_base``) then the models'
@@ -244,11 +255,12 @@ def merged_graph(inputs: MergeInputs, params: MergeParams, plan: dict[str, str],
     for t, kind in plan.items():
         node = inputs.primary[t]
         if kind != "merge":
-            if params.dtype is not None and node.dtype.is_floating_point and node.dtype != out_dtype(params, node):
-                g.replace(t, Apply(lambda x: x, [node], label="cast", dtype=out_dtype(params, node)))
+            if (cast := cast_node(params, node)) is not node:
+                g.replace(t, cast)
             continue
         srcs = ([inputs.base[t]] if with_base and inputs.base is not None else []) + [m[t] for m in inputs.graphs]
-        g.replace(t, Apply(make_fn(t), srcs, label=label, dtype=out_dtype(params, node)))
+        g.replace(t, Apply(make_fn(t), srcs, label=label, dtype=out_dtype(params, node),
+                           host_fn=make_host(t) if make_host is not None else None))
     g.tags = sorted(set(g.tags) | {"merge"})
     return g
 

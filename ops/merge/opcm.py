@@ -24,7 +24,14 @@ from typing import Any
 
 import torch
 from pydantic import Field
-from surgeon.ops.merge.inputs import MergeInputs, MergeParams, check_compatible, gather_inputs, out_dtype
+from surgeon.ops.merge.inputs import (
+    MergeInputs,
+    MergeParams,
+    cast_node,
+    check_compatible,
+    gather_inputs,
+    out_dtype,
+)
 
 from surgeon.context import Context
 from surgeon.errors import SurgeonError
@@ -188,8 +195,8 @@ def _output(base: Graph, plan: dict[str, str], state_ck: Any, lam: float, params
     for t, kind in plan.items():
         node = base[t]
         if kind != "merge":
-            if params.dtype is not None and node.dtype.is_floating_point and out_dtype(params, node) != node.dtype:
-                g.replace(t, Apply(lambda x: x, [node], label="cast", dtype=out_dtype(params, node)))
+            if (cast := cast_node(params, node)) is not node:
+                g.replace(t, cast)
             continue
         g.replace(t, Apply(lambda bv, sv, inv=inv: bv.float() + sv * inv, [node, Load(state_ck, t)],
                            label="merge-opcm", dtype=out_dtype(params, node)))

@@ -17,7 +17,7 @@ import dataclasses
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from surgeon.ops.merge.inputs import MergeParams, out_dtype
+from surgeon.ops.merge.inputs import MergeParams, cast_node
 from surgeon.ops.merge.values import LayerValue, layer_value, parse_layer_value, resolve_model_key
 
 from surgeon.context import Context
@@ -256,9 +256,8 @@ def merge_passthrough(graph: Graph, params: PassthroughParams, ctx: Context) -> 
     _renumber_config(out.config, slices, graphs, maps, first_model, total, op=op)
     if params.dtype is not None:
         for n, node in out.items():
-            dt = out_dtype(params, node)
-            if dt != node.dtype:
-                out.replace(n, Apply(lambda x: x, [node], label="cast", dtype=dt))
+            if (cast := cast_node(params, node)) is not node:
+                out.replace(n, cast)
     out.tags = sorted(set(out.tags) | {"merge", "frankenmerge"})
     ctx.report(method="passthrough", layers=total,
                slices=[{"sources": [[src.model, *src.layers] for src in s.sources], "method": s.method or "passthrough"}

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from surgeon.kernels.select import kth_smallest
+if TYPE_CHECKING:
+    import torch
 
 
 def trim_mask(delta: torch.Tensor, density: float, *, overwrite: bool = False) -> torch.Tensor:
@@ -24,6 +24,9 @@ def trim_mask(delta: torch.Tensor, density: float, *, overwrite: bool = False) -
     place, and only when the k-th value is tied. Ties at zero (a tensor a fine-tune left unchanged) are taken in
     flat order without sorting, since zeros add nothing. ``overwrite``: ``delta`` is the caller's temporary and
     may be overwritten (with |δ|, then sorted), saving two tensor-sized buffers."""
+    import torch
+    from surgeon.kernels.select import kth_smallest
+
     if density >= 1.0:
         return torch.ones(delta.shape, dtype=torch.bool)
     n = delta.numel()
@@ -50,6 +53,8 @@ def trim_mask(delta: torch.Tensor, density: float, *, overwrite: bool = False) -
 
 def sign_election(weighted: torch.Tensor, *, method: Literal["sum", "count"] = "sum") -> torch.Tensor:
     """γ = sign of Σ_i (weighted τ̂_i) per element (+1 on ties), or of the count of signs Σ_i sign(w_i τ̂_i)."""
+    import torch
+
     s = weighted.sum(0) if method == "sum" else torch.sign(weighted).sum(0)
     return torch.where(s >= 0, 1.0, -1.0)
 
@@ -64,6 +69,8 @@ def disjoint_mean(deltas: torch.Tensor, weights: Sequence[float], *, normalize: 
     ``election``: sign of Σ w_i τ̂_i (weighted: mergekit's ``sum``), of Σ τ̂_i (unweighted: the paper's Eq. 2), or
     the majority of the signs of w_i τ̂_i (count: mergekit's ``consensus_method: count``; zeros do not vote).
     """
+    import torch
+
     w = torch.tensor([float(x) for x in weights], dtype=torch.float32).reshape(-1, *([1] * (deltas.dim() - 1)))
     weighted = deltas * w
     if election == "count":
@@ -82,6 +89,8 @@ def disjoint_mean(deltas: torch.Tensor, weights: Sequence[float], *, normalize: 
 def chunked_disjoint_mean(deltas: torch.Tensor, weights: Sequence[float], *, normalize: bool,
                           election: Election = "weighted", chunk: int = 1 << 22) -> torch.Tensor:
     """:func:`disjoint_mean` over ``chunk`` entries at a time (the same numbers; temporaries stay small)."""
+    import torch
+
     flat = deltas.reshape(deltas.shape[0], -1)
     out = torch.empty(flat.shape[1], dtype=torch.float32)
     for start in range(0, flat.shape[1], chunk):
@@ -108,6 +117,8 @@ def l1_rescale(kept: torch.Tensor, full: torch.Tensor, eps: float = 1e-7) -> tor
 def dare_drop(delta: torch.Tensor, density: float, generator: torch.Generator, *, rescale: bool = True,
               rescale_norm: Literal["probability", "l1"] = "probability") -> torch.Tensor:
     """τ ⊙ m, m ~ Bernoulli(p = density), rescaled by 1/p (the paper's Eq. 3) or to τ's L1 norm (mergekit)."""
+    import torch
+
     if density >= 1.0:
         return delta
     keep = torch.rand(delta.shape, generator=generator) < density
