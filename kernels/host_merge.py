@@ -1,4 +1,4 @@
-"""The linear merge on raw fp32 storage, without torch, byte-identical to torch's CPU arithmetic.
+"""Linear and TIES merges on raw fp32 storage, without torch, byte-identical to torch's CPU arithmetic.
 
 ``linear_merge`` in ``ops/merge/classic.py`` (and mergekit's ``linear``) accumulates ``acc.add_(v, alpha=w)`` from
 zeros, then ``acc.div_(Σw)``. On CPU torch computes each accumulation as one fused multiply-add with the weight
@@ -7,6 +7,12 @@ and divides by the fp32 divisor with an IEEE division. The C kernel here does th
 (correctly rounded by definition, a hardware FMA where the CPU has one), then ``/``, compiled without fast-math
 and with ``-ffp-contract=off`` so the compiler may not re-associate or fuse anything else.
 ``tests/test_host_merge.py`` compares bytes with torch on random, tail-length and edge-case inputs.
+
+TIES (``ties_merge`` with the weighted election): the trim masks come from :mod:`surgeon.kernels.tie_order`
+(torch's sort's choice among tied magnitudes), and :func:`ties_combine` replays ``ties_merge``'s chunk arithmetic
+per element in torch's order: τ_i = (θ_i − θ_b)·m_i, w_i·τ_i, sums over the models accumulated from +0 left to
+right (as torch's reduction over the models' dimension does: the sign of a zero sum is +), the sign election
+(+1 when the sum is ≥ 0), the agreeing entries and weights, the division, then θ_b + λ·mean as two roundings.
 
 Work goes in blocks of :data:`BLOCK` elements: each input block is converted to fp32 when it is not fp32 already
 (exact widening of bfloat16/float16), so memory holds the output and one block per input beyond the sources.
@@ -42,13 +48,49 @@ void weighted_sum_f32(const float *const *xs, const float *w, int64_t k, int64_t
       for (int64_t j = lo; j < hi; j++) out[j] = out[j] / divisor;
   }
 }
+
+/* ties_merge's chunk step (weighted election) for k <= 16 models (Python allows 5): see the module docstring */
+void ties_combine_f32(const float *base, const float *const *xs, const uint8_t *const *masks, const float *w,
+                      int64_t k, int64_t n, float scale, int32_t normalize, float *out) {
+  for (int64_t j = 0; j < n; j++) {
+    const float b = base[j];
+    float wt[16];
+    float s = 0.0f;
+    for (int64_t i = 0; i < k; i++) {
+      const float tau = (xs[i][j] - b) * (masks[i][j] ? 1.0f : 0.0f);
+      wt[i] = tau * w[i];
+      s = s + wt[i];
+    }
+    const float gamma = s >= 0.0f ? 1.0f : -1.0f;
+    float mixed = 0.0f, divisor = 0.0f;
+    for (int64_t i = 0; i < k; i++) {
+      const float sg = wt[i] > 0.0f ? 1.0f : (wt[i] < 0.0f ? -1.0f : 0.0f);
+      const float agree = sg == gamma ? 1.0f : 0.0f;
+      mixed = mixed + wt[i] * agree;
+      divisor = divisor + w[i] * agree;
+    }
+    if (normalize) {
+      if (divisor == 0.0f) divisor = 1.0f;
+      mixed = mixed / divisor;
+    }
+    const float step = mixed * scale;
+    out[j] = b + step;
+  }
+}
 """
+
+
+MAX_TIES_MODELS = 5  # torch's reduction over more models groups the sums differently (measured at 6)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     lib.weighted_sum_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                      ctypes.c_float, ctypes.c_int32, ctypes.c_void_p]
     lib.weighted_sum_f32.restype = None
+    lib.ties_combine_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                     ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int32,
+                                     ctypes.c_void_p]
+    lib.ties_combine_f32.restype = None
 
 
 def _library() -> ctypes.CDLL | None:
@@ -61,6 +103,13 @@ def _library() -> ctypes.CDLL | None:
 def available(dtypes: Sequence[str]) -> bool:
     """True when the kernel is built and every input dtype can be widened to fp32 here."""
     return all(d in CONVERTIBLE and d != "float64" for d in dtypes) and _library() is not None
+
+
+def ties_available(dtypes: Sequence[str], n_models: int) -> bool:
+    """True when the host TIES kernels can merge ``n_models`` models of these dtypes (base included)."""
+    from surgeon.kernels import tie_order
+
+    return 1 <= n_models <= MAX_TIES_MODELS and available(dtypes) and tie_order.available(1)
 
 
 def weighted_sum(values: Sequence[np.ndarray], dtypes: Sequence[str], weights: Sequence[float],
@@ -84,4 +133,65 @@ def weighted_sum(values: Sequence[np.ndarray], dtypes: Sequence[str], weights: S
             ptrs[i] = b.ctypes.data
         lib.weighted_sum_f32(ptrs, w.ctypes.data, len(blocks), hi - lo, 0.0 if divisor is None else divisor,
                              0 if divisor is None else 1, out[lo:hi].ctypes.data)
+    return out
+
+
+def _f32_block(x: np.ndarray, dtype: str, lo: int, hi: int) -> np.ndarray:
+    return np.ascontiguousarray(x[lo:hi] if dtype == "float32" else convert(x[lo:hi], dtype, "float32"))
+
+
+def trim_masks(base: np.ndarray, base_dtype: str, values: Sequence[np.ndarray], dtypes: Sequence[str],
+               densities: Sequence[float]) -> list[np.ndarray] | None:
+    """TIES trim masks (``k = int(density·n)`` largest |θ_i − θ_b|, ties as torch's sort keeps them), flat bool;
+    None when a difference is not finite (the caller's torch path then raises its error)."""
+    from surgeon.kernels.tie_order import sort_top_k_mask
+
+    b = base.reshape(-1)
+    n = b.size
+    masks = []
+    for x, dtype, density in zip(values, dtypes, densities):
+        if density >= 1.0:
+            masks.append(np.ones(n, dtype=np.bool_))
+            continue
+        k = int(density * n)
+        if k <= 0:
+            masks.append(np.zeros(n, dtype=np.bool_))
+            continue
+        tau = np.empty(n, dtype=np.float32)
+        flat = x.reshape(-1)
+        with np.errstate(all="ignore"):
+            for lo in range(0, n, BLOCK):
+                hi = min(n, lo + BLOCK)
+                np.subtract(_f32_block(flat, dtype, lo, hi), _f32_block(b, base_dtype, lo, hi), out=tau[lo:hi])
+                np.abs(tau[lo:hi], out=tau[lo:hi])
+                if not np.isfinite(np.max(tau[lo:hi])):
+                    return None
+        masks.append(sort_top_k_mask(tau, k))
+        del tau
+    return masks
+
+
+def ties_combine(base: np.ndarray, base_dtype: str, values: Sequence[np.ndarray], dtypes: Sequence[str],
+                 masks: Sequence[np.ndarray], weights: Sequence[float], *, scale: float,
+                 normalize: bool) -> np.ndarray:
+    """θ_b + λ·(disjoint mean of the trimmed task vectors), flat fp32: ``ties_merge``'s bytes (weighted election)."""
+    lib = _library()
+    if lib is None or len(values) > MAX_TIES_MODELS:
+        raise RuntimeError("the host TIES kernel is not available")
+    b = base.reshape(-1)
+    n = b.size
+    out = np.empty(n, dtype=np.float32)
+    w = np.asarray(weights, dtype=np.float32)
+    xs = (ctypes.c_void_p * len(values))()
+    ms = (ctypes.c_void_p * len(values))()
+    flats = [v.reshape(-1) for v in values]
+    for lo in range(0, n, BLOCK):
+        hi = min(n, lo + BLOCK)
+        bb = _f32_block(b, base_dtype, lo, hi)
+        blocks = [_f32_block(x, d, lo, hi) for x, d in zip(flats, dtypes)]
+        for i, (blk, m) in enumerate(zip(blocks, masks)):
+            xs[i] = blk.ctypes.data
+            ms[i] = m[lo:hi].ctypes.data
+        lib.ties_combine_f32(bb.ctypes.data, xs, ms, w.ctypes.data, len(blocks), hi - lo, float(scale),
+                             1 if normalize else 0, out[lo:hi].ctypes.data)
     return out

@@ -81,3 +81,77 @@ def test_merge_linear_runs_without_torch_and_writes_the_torch_paths_bytes(tmp_pa
     for name, t in ref.items():
         assert host[name].dtype == t.dtype == torch.bfloat16
         assert torch.equal(host[name].view(torch.uint8), t.view(torch.uint8)), name
+
+
+def mergekit_ties(base: torch.Tensor, values: list[torch.Tensor], weights: list[float], densities: list[float],
+                  lam: float, normalize: bool) -> torch.Tensor:
+    """Oracle: mergekit 0.1.5's TIES on CPU, literally: ``magnitude`` (argsort of |τ|, keep the first k) per
+    model, then ``merge_group`` with the ``sum`` consensus."""
+    base = base.float()
+    deltas = []
+    for v, d in zip(values, densities):
+        delta = v.float() - base
+        if d < 1:
+            k = int(d * delta.numel())
+            mask = torch.zeros_like(delta)
+            mask.view(-1)[torch.argsort(delta.abs().view(-1), descending=True)[:k]] = 1
+            delta = delta * mask
+        deltas.append(delta)
+    stacked = torch.stack(deltas)
+    w = torch.tensor(weights, dtype=torch.float32).reshape(-1, *([1] * base.dim()))
+    stacked = stacked * w
+    sign = stacked.sign()
+    majority = (stacked.sum(0) >= 0).float() * 2 - 1
+    agree = (sign == majority).float()
+    mixed = (stacked * agree).sum(0)
+    if normalize:
+        divisor = (w * agree).sum(0)
+        divisor[divisor == 0] = 1
+        mixed = mixed / divisor
+    return base + lam * mixed
+
+
+@pytest.mark.parametrize("n_models", [1, 2, 3, 4, 5])
+def test_host_ties_bytes_equal_the_mergekit_oracle(n_models):
+    g = torch.Generator().manual_seed(n_models)
+    for n, dtype, trial in ((1, torch.float32, 0), (17, torch.float32, 1), (4099, torch.bfloat16, 2),
+                            (300_001, torch.float32, 0), (300_001, torch.float32, 1), (65_537, torch.float16, 2)):
+        base = torch.randn(n, generator=g)
+        if trial == 0:
+            base[: n // 5] = -0.0  # signed zeros meet zero sums
+        steps = torch.randint(-3, 4, (n_models, n), generator=g) * 0.25  # many equal |τ|: ties at the threshold
+        values = [(base + steps[i] if trial < 2 else base + torch.randn(n, generator=g)) for i in range(n_models)]
+        if trial == 1:
+            for v in values:
+                v[: n // 3] = base[: n // 3]  # unchanged entries: zero task vectors
+        base, values = base.to(dtype), [v.to(dtype) for v in values]
+        weights = [1.0, 0.7, -0.3, 1.2, 0.5][:n_models]
+        densities = [0.5, 0.3, 1.0, 0.9, 0.0][:n_models]
+        lam, normalize = (1.0, True) if trial != 1 else (0.7, False)
+        want = mergekit_ties(base, values, weights, densities, lam, normalize)
+        st = str(dtype).removeprefix("torch.")
+        masks = host_merge.trim_masks(_storage(base), st, [_storage(v) for v in values], [st] * n_models, densities)
+        got = host_merge.ties_combine(_storage(base), st, [_storage(v) for v in values], [st] * n_models, masks,
+                                      weights, scale=lam, normalize=normalize)
+        assert np.array_equal(got.view(np.uint32), want.numpy().view(np.uint32)), (n, dtype, trial)
+
+
+def test_merge_ties_runs_without_torch_and_writes_the_torch_paths_bytes(tmp_path, monkeypatch):
+    base = save_tiny_llama(tmp_path / "base", layers=2, hidden=32, vocab=64)
+    a = perturbed_copy(base, tmp_path / "a", seed=1)
+    b = perturbed_copy(base, tmp_path / "b", seed=2, dtype=torch.bfloat16)
+    out_host, out_torch = tmp_path / "host", tmp_path / "torch"
+    code = ("import sys\nfrom surgeon.cli import main\n"
+            f"rc = main(['merge', 'ties', {str(a)!r}, {str(b)!r}, '--base', {str(base)!r}, '--density', '0.4',"
+            f" '--weights', '1,0.6', '--scale', '0.9', '-q', '-o', {str(out_host)!r}])\n"
+            "sys.exit(3 if 'torch' in sys.modules else rc)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, f"rc {r.returncode} (3: torch was imported): {r.stderr[-2000:]}"
+    monkeypatch.setattr(classic, "host_ties_available", lambda dtypes, n: False)
+    run_op("merge.ties", {"base": str(base), "a": str(a), "b": str(b)}, base="base", output=str(out_torch),
+           density=0.4, weights=[1.0, 0.6], scale=0.9)
+    host, ref = load_file(out_host / "model.safetensors"), load_file(out_torch / "model.safetensors")
+    assert sorted(host) == sorted(ref)
+    for name, t in ref.items():
+        assert torch.equal(host[name].view(torch.uint8), t.view(torch.uint8)), name

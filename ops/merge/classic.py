@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 from surgeon.kernels.host_merge import available as host_merge_available
+from surgeon.kernels.host_merge import ties_available as host_ties_available
 from surgeon.ops.merge.inputs import (
     VocabMergeParams,
     check_compatible,
@@ -86,6 +87,25 @@ def linear_merge_host(values: Sequence[HostArray], weights: Sequence[float], *, 
     divisor = total if normalize and abs(total) > 1e-8 else None
     data = weighted_sum([v.data for v in values], [v.dtype for v in values], weights, divisor)
     return HostArray(data, "float32", values[0].shape)
+
+
+def ties_merge_host(base: HostArray, values: Sequence[HostArray], weights: Sequence[float], *,
+                    density: Sequence[float], scale: float, normalize: bool) -> HostArray:
+    """:func:`ties_merge` (weighted election) on raw storage, without torch and with the same bytes
+    (:mod:`surgeon.kernels.host_merge`); a non-finite task vector goes through :func:`ties_merge` for its error."""
+    from surgeon.kernels import host_merge
+
+    dtypes = [v.dtype for v in values]
+    masks = host_merge.trim_masks(base.data, base.dtype, [v.data for v in values], dtypes, density)
+    if masks is None:
+        from surgeon.tensorfile import as_tensor
+
+        ties_merge(as_tensor(base), [as_tensor(v) for v in values], weights, density=density, scale=scale,
+                   normalize=normalize)
+        raise SurgeonError("internal: a non-finite task vector passed the TIES trim")
+    out = host_merge.ties_combine(base.data, base.dtype, [v.data for v in values], dtypes, masks, weights,
+                                  scale=scale, normalize=normalize)
+    return HostArray(out, "float32", base.shape)
 
 
 def task_vectors(base: torch.Tensor, values: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -369,7 +389,19 @@ def merge_task_vectors(graph: Graph, params: TaskArithmeticParams, ctx: Context)
         w = model_values(params.per_model, "weight", inputs.names, name, n_layers, weights)
         return _tensor_merge(method, params, name, w, lam, density, seed)
 
-    g = merged_graph(inputs, params, plan, make, with_base=True, label=params.node_label)
+    def make_host(name: str):
+        if (method.sparsify, method.consensus, method.election) != ("magnitude", "ties", "weighted"):
+            return None
+        dtypes = [inputs.base[name].dtype_name, *(m[name].dtype_name for m in inputs.graphs)]
+        if not host_ties_available(dtypes, inputs.n):
+            return None
+        density = _densities_for(params, inputs, name, n_layers)
+        lam = layer_value(params.scale, name, n_layers)
+        w = model_values(params.per_model, "weight", inputs.names, name, n_layers, weights)
+        return lambda base, *vals: ties_merge_host(base, vals, w, density=density, scale=lam,
+                                                   normalize=params.normalize)
+
+    g = merged_graph(inputs, params, plan, make, with_base=True, label=params.node_label, make_host=make_host)
     extra = {k: seed if k == "seed" else getattr(params, k) for k in params.reported}
     ctx.report(method=params.op_name, models=inputs.names, base=inputs.base_name, weights=weights, **extra)
     return g
@@ -382,7 +414,7 @@ def merge_task_arithmetic(graph: Graph, params: TaskArithmeticParams, ctx: Conte
     return merge_task_vectors(graph, params, ctx)
 
 
-@register("merge.ties", TiesParams, multi_model=True,
+@register("merge.ties", TiesParams, multi_model=True, torch_free=True,
           summary="TIES: trim, elect sign, disjoint mean (Yadav et al. 2023).")
 def merge_ties(graph: Graph, params: TiesParams, ctx: Context) -> Graph:
     """Keep the top-density |τ_i| per tensor, elect a sign per entry, average the agreeing entries, add λ× to the base."""
