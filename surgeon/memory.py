@@ -38,6 +38,7 @@ GB = 1 << 30
 MB = 1 << 20
 BASE_TORCH = 200 * MB  # python + torch + safetensors (tensor-wise runs; measured: 0.43 GiB pruning SmolLM2)
 BASE_TRANSFORMERS = 520 * MB  # + transformers and a model class (model-level runs)
+BASE_HOST = 60 * MB  # python + numpy + the CLI: runs of torch-free ops (cast, drop, rename, merge linear/ties)
 STREAM_FACTOR = 2  # tensors alive at once while streaming (the input and its fp32 result)
 # per input model of a merge: its tensor in fp32, and for TIES/DARE its task vector, trim mask and selection
 # buffers (fitted on SmolLM2: TIES of 3 copies peak RSS 1.38 GiB, linear of 2 copies 0.56 GiB)
@@ -117,12 +118,21 @@ def _perp(graph: Graph, params: Any, s: dict[str, int], model: int) -> int:
     return work
 
 
+def _host_copies(params: BaseModel, n_inputs: int) -> int | None:
+    """What a merge's Params say it holds besides its inputs when it runs without torch (None: it runs on torch)."""
+    ask = getattr(params, "host_working_copies", None)
+    return ask(n_inputs) if callable(ask) else None
+
+
 def step_estimate(graph: Graph, spec: OpSpec, params: BaseModel, n_models: int = 1) -> dict[str, int]:
     """``{"work": bytes one step needs besides the base, "held": bytes it leaves in the graph}``."""
     largest = _largest_fp32(graph)
     if _calibrated_shiftadd(spec, params):
         return {"work": _shiftadd_work(graph, params, _shape(graph), 4 * _numel(graph)), "held": 0}
     if spec.multi_model:
+        host = _host_copies(params, n_models)
+        if host is not None:  # host kernels: the inputs are maps of the files, plus the op's own buffers
+            return {"work": (host + n_models) * largest, "held": 0}
         return {"work": (STREAM_FACTOR + MERGE_FACTOR.get(spec.name, 1) * n_models) * largest, "held": 0}
     if not spec.model_level:
         return {"work": STREAM_FACTOR * largest, "held": 0}
@@ -314,7 +324,9 @@ def _shiftadd_work(graph: Graph, p: Any, s: dict[str, int], model: int) -> int:
 def run_estimate(graph: Graph, validated: list[tuple[OpSpec, BaseModel]], n_models: int = 1) -> dict[str, Any]:
     """Peak of the whole run and of each step (see the module docstring); ``n_models``: inputs of a merge."""
     model_level = any(spec.model_level or _calibrated_shiftadd(spec, p) for spec, p in validated)
-    base = BASE_TRANSFORMERS if model_level else BASE_TORCH
+    host = all(spec.torch_free and (not spec.multi_model or _host_copies(p, n_models) is not None)
+               for spec, p in validated)
+    base = BASE_TRANSFORMERS if model_level else BASE_HOST if host else BASE_TORCH
     held = 0
     steps = []
     for spec, params in validated:

@@ -1,5 +1,6 @@
-"""The torch-free linear merge: the C kernel gives torch's (and so mergekit's) bytes, and ``merge linear`` on
-safetensors inputs runs without importing torch, writing the same files as the torch path."""
+"""The torch-free linear and TIES merges: the C kernels give torch's (and so mergekit's) bytes, and ``merge
+linear``/``merge ties`` on safetensors inputs run without importing torch, writing the same files as the torch
+path."""
 from __future__ import annotations
 
 import os
@@ -11,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from surgeon.kernels import host_merge
+from surgeon.kernels.host_dtypes import STORAGE
 from surgeon.ops.merge import classic
 
 from surgeon.api import run_op
-from surgeon.kernels import host_merge
-from surgeon.kernels.host_dtypes import STORAGE
 from tests.conftest import save_tiny_llama
 from tests.test_merge_helpers import perturbed_copy
 

@@ -8,7 +8,6 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-
 from surgeon.kernels import tie_order
 
 pytestmark = pytest.mark.skipif(not tie_order.available(1), reason="no C compiler for the kernel")

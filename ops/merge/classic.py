@@ -208,6 +208,10 @@ class _WeightsMixin(VocabMergeParams):
 class LinearParams(_WeightsMixin):
     normalize: bool = Field(True, description="Divide by the sum of the weights.")
 
+    def host_working_copies(self, n_inputs: int) -> int | None:
+        """Largest-tensor-sized buffers besides the inputs when merging on the host kernel (the fp32 result)."""
+        return 1
+
 
 @dataclass(frozen=True)
 class TaskVectorMethod:
@@ -256,6 +260,13 @@ class TiesParams(TaskArithmeticParams):
 
     op_name: ClassVar[str] = "ties"
     node_label: ClassVar[str] = "merge-ties"
+
+    def host_working_copies(self, n_inputs: int) -> int | None:
+        """Largest-tensor-sized buffers besides the inputs on the host kernels (|τ| and the sort's int32 index,
+        the result, the masks), or None when this TIES runs on torch (another election, over 5 models)."""
+        from surgeon.kernels.host_merge import MAX_TIES_MODELS
+
+        return 3 if self.election == "weighted" and n_inputs - 1 <= MAX_TIES_MODELS else None
     per_model_keys: ClassVar[tuple[str, ...]] = ("weight", "density")
     reported: ClassVar[tuple[str, ...]] = ("density", "scale", "election", "normalize")
 
