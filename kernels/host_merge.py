@@ -1,4 +1,4 @@
-"""Linear and TIES merges on raw fp32 storage, without torch, byte-identical to torch's CPU arithmetic.
+"""Linear, task-arithmetic and TIES merges on raw fp32 storage, without torch, byte-identical to torch's CPU arithmetic.
 
 ``linear_merge`` in ``ops/merge/classic.py`` (and mergekit's ``linear``) accumulates ``acc.add_(v, alpha=w)`` from
 zeros, then ``acc.div_(Σw)``. On CPU torch computes each accumulation as one fused multiply-add with the weight
@@ -7,6 +7,9 @@ and divides by the fp32 divisor with an IEEE division. The C kernel here does th
 (correctly rounded by definition, a hardware FMA where the CPU has one), then ``/``, compiled without fast-math
 and with ``-ffp-contract=off`` so the compiler may not re-associate or fuse anything else.
 ``tests/test_host_merge.py`` compares bytes with torch on random, tail-length and edge-case inputs.
+
+Task arithmetic (``task_arithmetic``): ``acc.add_(θ_i − θ_b, alpha=w_i)`` is ``fmaf(θ_i − θ_b, w_i, acc)`` after the
+rounded subtraction, and ``θ_b.add_(acc, alpha=λ)`` is ``fmaf(acc, λ, θ_b)`` (``θ_b + acc`` when λ = 1).
 
 TIES (``ties_merge`` with the weighted election): the trim masks come from :mod:`surgeon.kernels.tie_order`
 (torch's sort's choice among tied magnitudes), and :func:`ties_combine` replays ``ties_merge``'s chunk arithmetic
@@ -46,6 +49,19 @@ void weighted_sum_f32(const float *const *xs, const float *w, int64_t k, int64_t
     }
     if (divide)
       for (int64_t j = lo; j < hi; j++) out[j] = out[j] / divisor;
+  }
+}
+
+/* task_arithmetic: acc = fma(x_i - b, w_i, acc) from zeros, / divisor when divide, then fma(acc, scale, b) when
+   use_scale (torch's b.add_(acc, alpha=scale)) or b + acc */
+void task_arithmetic_f32(const float *base, const float *const *xs, const float *w, int64_t k, int64_t n,
+                         float divisor, int32_t divide, float scale, int32_t use_scale, float *out) {
+  for (int64_t j = 0; j < n; j++) {
+    const float b = base[j];
+    float acc = 0.0f;
+    for (int64_t i = 0; i < k; i++) acc = fmaf(xs[i][j] - b, w[i], acc);
+    if (divide) acc = acc / divisor;
+    out[j] = use_scale ? fmaf(acc, scale, b) : b + acc;
   }
 }
 
@@ -91,6 +107,10 @@ def _declare(lib: ctypes.CDLL) -> None:
                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int32,
                                      ctypes.c_void_p]
     lib.ties_combine_f32.restype = None
+    lib.task_arithmetic_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_float, ctypes.c_int32, ctypes.c_float,
+                                        ctypes.c_int32, ctypes.c_void_p]
+    lib.task_arithmetic_f32.restype = None
 
 
 def _library() -> ctypes.CDLL | None:
@@ -194,4 +214,28 @@ def ties_combine(base: np.ndarray, base_dtype: str, values: Sequence[np.ndarray]
             ms[i] = m[lo:hi].ctypes.data
         lib.ties_combine_f32(bb.ctypes.data, xs, ms, w.ctypes.data, len(blocks), hi - lo, float(scale),
                              1 if normalize else 0, out[lo:hi].ctypes.data)
+    return out
+
+
+def task_arithmetic(base: np.ndarray, base_dtype: str, values: Sequence[np.ndarray], dtypes: Sequence[str],
+                    weights: Sequence[float], *, divisor: float | None, scale: float) -> np.ndarray:
+    """θ_b + λ·Σ w_i (θ_i − θ_b) (the sum / ``divisor`` when given), flat fp32: ``task_arithmetic``'s bytes."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the host merge kernel is not available")
+    b = base.reshape(-1)
+    n = b.size
+    out = np.empty(n, dtype=np.float32)
+    w = np.asarray(weights, dtype=np.float32)
+    xs = (ctypes.c_void_p * len(values))()
+    flats = [v.reshape(-1) for v in values]
+    for lo in range(0, n, BLOCK):
+        hi = min(n, lo + BLOCK)
+        bb = _f32_block(b, base_dtype, lo, hi)
+        blocks = [_f32_block(x, d, lo, hi) for x, d in zip(flats, dtypes)]
+        for i, blk in enumerate(blocks):
+            xs[i] = blk.ctypes.data
+        lib.task_arithmetic_f32(bb.ctypes.data, xs, w.ctypes.data, len(blocks), hi - lo,
+                                0.0 if divisor is None else divisor, 0 if divisor is None else 1, float(scale),
+                                0 if scale == 1.0 else 1, out[lo:hi].ctypes.data)
     return out

@@ -17,6 +17,7 @@ from surgeon.kernels.host_dtypes import STORAGE
 from surgeon.ops.merge import classic
 
 from surgeon.api import run_op
+from surgeon.tensorfile import HostArray
 from tests.conftest import save_tiny_llama
 from tests.test_merge_helpers import perturbed_copy
 
@@ -61,27 +62,6 @@ def test_weighted_sum_bytes_equal_the_torch_oracle(dtype):
             assert np.array_equal(got.view(np.uint32), want.numpy().view(np.uint32)), (n, k, weights)
             cases += 1
     assert cases == 28
-
-
-def test_merge_linear_runs_without_torch_and_writes_the_torch_paths_bytes(tmp_path, monkeypatch):
-    base = save_tiny_llama(tmp_path / "base", layers=2, hidden=32, vocab=64)
-    a = perturbed_copy(base, tmp_path / "a", seed=1)
-    b = perturbed_copy(base, tmp_path / "b", seed=2, dtype=torch.bfloat16)
-    out_host, out_torch = tmp_path / "host", tmp_path / "torch"
-    code = ("import sys\nfrom surgeon.cli import main\n"
-            f"rc = main(['merge', 'linear', {str(a)!r}, {str(b)!r}, '--weights', '0.3,0.9', '--dtype', 'bfloat16',"
-            f" '-q', '-o', {str(out_host)!r}])\n"
-            "sys.exit(3 if 'torch' in sys.modules else rc)\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 0, f"rc {r.returncode} (3: torch was imported): {r.stderr[-2000:]}"
-    monkeypatch.setattr(classic, "host_merge_available", lambda dtypes: False)
-    run_op("merge.linear", {"a": str(a), "b": str(b)}, output=str(out_torch), weights=[0.3, 0.9], dtype="bfloat16")
-    host, ref = load_file(out_host / "model.safetensors"), load_file(out_torch / "model.safetensors")
-    assert sorted(host) == sorted(ref)
-    for name, t in ref.items():
-        assert host[name].dtype == t.dtype == torch.bfloat16
-        assert torch.equal(host[name].view(torch.uint8), t.view(torch.uint8)), name
 
 
 def mergekit_ties(base: torch.Tensor, values: list[torch.Tensor], weights: list[float], densities: list[float],
@@ -137,22 +117,58 @@ def test_host_ties_bytes_equal_the_mergekit_oracle(n_models):
         assert np.array_equal(got.view(np.uint32), want.numpy().view(np.uint32)), (n, dtype, trial)
 
 
-def test_merge_ties_runs_without_torch_and_writes_the_torch_paths_bytes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("scale,normalize", [(1.0, False), (0.6, False), (1.3, True)])
+def test_host_task_arithmetic_bytes_equal_the_torch_oracle(scale, normalize):
+    """Oracle: θ_b + λ·Σ w_i (θ_i − θ_b) with torch's fused CPU kernels, written out (addcmul per model from
+    zeros, the division, then addcmul with λ, or a plain add when λ = 1)."""
+    g = torch.Generator().manual_seed(7)
+    for n, k, dtype in ((1, 1, torch.float32), (19, 2, torch.float32), (4099, 3, torch.bfloat16),
+                        (300_001, 2, torch.float32), (65_537, 4, torch.float16)):
+        base = torch.randn(n, generator=g).to(dtype)
+        values = [(base.float() + torch.randn(n, generator=g) * 0.1).to(dtype) for _ in range(k)]
+        weights = [0.7, -0.2, 1.1, 0.4][:k]
+        b = base.float()
+        acc = torch.zeros(n)
+        for v, w in zip(values, weights):
+            acc.addcmul_(v.float() - b, torch.tensor(w, dtype=torch.float32))
+        if normalize:
+            acc.div_(sum(weights))
+        want = b + acc if scale == 1.0 else torch.addcmul(b, acc, torch.tensor(scale, dtype=torch.float32))
+        st = str(dtype).removeprefix("torch.")
+        got = host_merge.task_arithmetic(_storage(base), st, [_storage(v) for v in values], [st] * k, weights,
+                                         divisor=sum(weights) if normalize else None, scale=scale)
+        assert np.array_equal(got.view(np.uint32), want.numpy().view(np.uint32)), (n, k, dtype)
+        host = classic.task_arithmetic_host(HostArray(_storage(base), st, (n,)),
+                                            [HostArray(_storage(v), st, (n,)) for v in values], weights,
+                                            scale=scale, normalize=normalize)
+        torch_path = classic.task_arithmetic(base, values, weights, scale=scale, normalize=normalize)
+        assert np.array_equal(host.data.view(np.uint32), torch_path.numpy().view(np.uint32))
+
+
+@pytest.mark.parametrize("op,cli,params,switch", [
+    ("merge.linear", ["--weights", "0.3,0.9", "--dtype", "bfloat16"], {"weights": [0.3, 0.9], "dtype": "bfloat16"},
+     "host_merge_available"),
+    ("merge.task-arithmetic", ["--base", "{base}", "--weights", "0.5,0.8", "--scale", "0.7"],
+     {"weights": [0.5, 0.8], "scale": 0.7}, "host_merge_available"),
+    ("merge.ties", ["--base", "{base}", "--density", "0.4", "--weights", "1,0.6", "--scale", "0.9"],
+     {"density": 0.4, "weights": [1.0, 0.6], "scale": 0.9}, "host_ties_available"),
+])
+def test_cli_merge_runs_without_torch_and_writes_the_torch_paths_bytes(tmp_path, monkeypatch, op, cli, params,
+                                                                       switch):
     base = save_tiny_llama(tmp_path / "base", layers=2, hidden=32, vocab=64)
     a = perturbed_copy(base, tmp_path / "a", seed=1)
     b = perturbed_copy(base, tmp_path / "b", seed=2, dtype=torch.bfloat16)
     out_host, out_torch = tmp_path / "host", tmp_path / "torch"
-    code = ("import sys\nfrom surgeon.cli import main\n"
-            f"rc = main(['merge', 'ties', {str(a)!r}, {str(b)!r}, '--base', {str(base)!r}, '--density', '0.4',"
-            f" '--weights', '1,0.6', '--scale', '0.9', '-q', '-o', {str(out_host)!r}])\n"
-            "sys.exit(3 if 'torch' in sys.modules else rc)\n")
+    args = ["merge", op.split(".")[1], str(a), str(b), *(x.format(base=base) for x in cli), "-q", "-o", str(out_host)]
+    code = f"import sys\nfrom surgeon.cli import main\nrc = main({args!r})\nsys.exit(3 if 'torch' in sys.modules else rc)\n"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, f"rc {r.returncode} (3: torch was imported): {r.stderr[-2000:]}"
-    monkeypatch.setattr(classic, "host_ties_available", lambda dtypes, n: False)
-    run_op("merge.ties", {"base": str(base), "a": str(a), "b": str(b)}, base="base", output=str(out_torch),
-           density=0.4, weights=[1.0, 0.6], scale=0.9)
+    monkeypatch.setattr(classic, switch, lambda *args: False)  # the torch path
+    models = {"a": str(a), "b": str(b)} if "--base" not in cli else {"base": str(base), "a": str(a), "b": str(b)}
+    run_op(op, models, base="base" if "--base" in cli else None, output=str(out_torch), **params)
     host, ref = load_file(out_host / "model.safetensors"), load_file(out_torch / "model.safetensors")
     assert sorted(host) == sorted(ref)
     for name, t in ref.items():
+        assert host[name].dtype == t.dtype
         assert torch.equal(host[name].view(torch.uint8), t.view(torch.uint8)), name

@@ -89,6 +89,18 @@ def linear_merge_host(values: Sequence[HostArray], weights: Sequence[float], *, 
     return HostArray(data, "float32", values[0].shape)
 
 
+def task_arithmetic_host(base: HostArray, values: Sequence[HostArray], weights: Sequence[float], *,
+                         scale: float = 1.0, normalize: bool = False) -> HostArray:
+    """:func:`task_arithmetic` on raw storage, without torch and with the same bytes."""
+    from surgeon.kernels import host_merge
+
+    total = float(sum(weights))
+    out = host_merge.task_arithmetic(base.data, base.dtype, [v.data for v in values], [v.dtype for v in values],
+                                     weights, divisor=total if normalize and abs(total) > 1e-8 else None,
+                                     scale=scale)
+    return HostArray(out, "float32", base.shape)
+
+
 def ties_merge_host(base: HostArray, values: Sequence[HostArray], weights: Sequence[float], *,
                     density: Sequence[float], scale: float, normalize: bool) -> HostArray:
     """:func:`ties_merge` (weighted election) on raw storage, without torch and with the same bytes
@@ -246,6 +258,11 @@ class TaskArithmeticParams(_WeightsMixin):
     def method(self) -> TaskVectorMethod:
         return TaskVectorMethod()
 
+    def host_working_copies(self, n_inputs: int) -> int | None:
+        """Largest-tensor-sized buffers besides the inputs on the host kernel (the fp32 result), or None when
+        this preset runs on torch."""
+        return 1 if type(self).method is TaskArithmeticParams.method else None
+
 
 class TiesParams(TaskArithmeticParams):
     """TIES: magnitude trim, sign election, disjoint mean."""
@@ -401,14 +418,18 @@ def merge_task_vectors(graph: Graph, params: TaskArithmeticParams, ctx: Context)
         return _tensor_merge(method, params, name, w, lam, density, seed)
 
     def make_host(name: str):
-        if (method.sparsify, method.consensus, method.election) != ("magnitude", "ties", "weighted"):
+        if params.host_working_copies(inputs.n + 1) is None:
             return None
         dtypes = [inputs.base[name].dtype_name, *(m[name].dtype_name for m in inputs.graphs)]
+        lam = layer_value(params.scale, name, n_layers)
+        w = model_values(params.per_model, "weight", inputs.names, name, n_layers, weights)
+        if method.sparsify == "none":
+            if not host_merge_available(dtypes):
+                return None
+            return lambda base, *vals: task_arithmetic_host(base, vals, w, scale=lam, normalize=params.normalize)
         if not host_ties_available(dtypes, inputs.n):
             return None
         density = _densities_for(params, inputs, name, n_layers)
-        lam = layer_value(params.scale, name, n_layers)
-        w = model_values(params.per_model, "weight", inputs.names, name, n_layers, weights)
         return lambda base, *vals: ties_merge_host(base, vals, w, density=density, scale=lam,
                                                    normalize=params.normalize)
 
@@ -418,7 +439,7 @@ def merge_task_vectors(graph: Graph, params: TaskArithmeticParams, ctx: Context)
     return g
 
 
-@register("merge.task-arithmetic", TaskArithmeticParams, multi_model=True,
+@register("merge.task-arithmetic", TaskArithmeticParams, multi_model=True, torch_free=True,
           summary="Base + λ·Σ task vectors (Ilharco et al. 2023).")
 def merge_task_arithmetic(graph: Graph, params: TaskArithmeticParams, ctx: Context) -> Graph:
     """θ = θ_b + λ Σ w_i (θ_i − θ_b); --scale may vary per layer or per role."""
