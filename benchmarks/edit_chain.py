@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 import yaml
-from surgeon.ops.evaluate import _assets_dir, fact_recall, load_facts, perplexity
 
 from surgeon.context import Context
 from surgeon.data import token_windows
 from surgeon.graph import Graph
+from surgeon.metrics import assets_dir, fact_recall, load_facts, perplexity
 from surgeon.pipeline import validate_step
 from surgeon.sources import open_checkpoint
 
@@ -25,8 +25,8 @@ requests = steps["edit.emmet"]["requests"]
 ck = open_checkpoint("builtin:smollm2")
 g0 = Graph.from_checkpoint(ck)
 ctx = Context.create("cpu", seed=0, graphs={"m": g0}, quiet=True, origin=g0)
-windows = token_windows(str(_assets_dir() / "eval.txt"), g0, ctx=ctx, seqlen=256, max_windows=8)
-facts = load_facts(str(_assets_dir() / "facts.jsonl"))
+windows = token_windows(str(assets_dir() / "eval.txt"), g0, ctx=ctx, seqlen=256, max_windows=8)
+facts = load_facts(str(assets_dir() / "facts.jsonl"))
 
 def run(op, graph, params):
     spec, p = validate_step(op, params)
