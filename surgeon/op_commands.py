@@ -241,8 +241,6 @@ def _common_options(writes: bool) -> list[inspect.Parameter]:
                 "--output", "-o", help="Output folder (written atomically)."),
             opt("force", bool, False, "--force", help=FORCE_HELP),
             opt("max_shard_size", str, "5GB", "--max-shard-size", help="Largest safetensors shard."),
-            opt("max_memory", Optional[str], None, "--max-memory",  # noqa: UP045
-                help="Memory the writer may hold in flight (e.g. 4GB) [default: a quarter of available RAM]."),
             opt("executor", str, "local", "--executor",
                 help="local | ray (one task per output shard on the Ray cluster named by RAY_ADDRESS)."),
             opt("dry_run", bool, False, "--dry-run", help="Print the plan (tensors, sizes, memory) and stop."),
@@ -250,6 +248,12 @@ def _common_options(writes: bool) -> list[inspect.Parameter]:
                 help="Keep full local paths in surgeon.json (by default inputs appear by name; the card never "
                      "shows local paths)."),
         ]
+    engine = ("the block-by-block model engine keeps at most this much: generation holds blocks resident up to it "
+              "(default 6 GiB) and streams the rest from disk, hidden states beyond it spill to disk (default: 1 "
+              "GiB of them in RAM)")
+    params.append(opt("max_memory", Optional[str], None, "--max-memory",  # noqa: UP045
+                      help=(f"Memory budget, e.g. 4GB: what the writer may hold in flight (default: a quarter of "
+                            f"the available RAM); {engine}." if writes else f"Memory budget, e.g. 2GB: {engine}.")))
     params += [
         opt("json_out", bool, False, "--json", help="Print one JSON object with the result on stdout."),
         opt("device", str, "auto", "--device", help="auto | cpu | cuda for the heavy math."),

@@ -170,6 +170,26 @@ def test_eval_through_the_python_face(trained, pattern_file):
     assert res["steps"][0]["info"]["windows"] == 10
 
 
+def test_eval_cli_takes_max_memory_and_hands_it_to_the_engine(trained, pattern_file, monkeypatch, capsys):
+    """`eval` writes nothing, yet its engine has a budget: --max-memory reaches the engine it runs on."""
+    import surgeon.engine as engine
+    from surgeon.cli import main
+
+    seen = []
+    real = engine.Engine.__init__
+
+    def spy(self, *args, **kw):
+        seen.append(kw.get("max_memory"))
+        real(self, *args, **kw)
+
+    monkeypatch.setattr(engine.Engine, "__init__", spy)
+    assert main(["eval", str(trained), "--perplexity", str(pattern_file), "--seqlen", "32", "--max-memory", "1GB",
+                 "-q", "--device", "cpu"]) == 0
+    assert seen and set(seen) == {10**9}
+    assert main(["eval", str(trained), "--perplexity", str(pattern_file), "--max-memory", "10MB", "-q"]) == 2
+    assert "--max-memory" in capsys.readouterr().err
+
+
 def test_shipped_assets_are_sane():
     import surgeon
 
