@@ -52,10 +52,11 @@ void weighted_sum_f32(const float *const *xs, const float *w, int64_t k, int64_t
   }
 }
 
-/* task_arithmetic: acc = fma(x_i - b, w_i, acc) from zeros, / divisor when divide, then fma(acc, scale, b) when
+/* task_arithmetic (bx: the base, then the k models): acc = fma(x_i - b, w_i, acc) from zeros, / divisor when divide, then fma(acc, scale, b) when
    use_scale (torch's b.add_(acc, alpha=scale)) or b + acc */
-void task_arithmetic_f32(const float *base, const float *const *xs, const float *w, int64_t k, int64_t n,
-                         float divisor, int32_t divide, float scale, int32_t use_scale, float *out) {
+void task_arithmetic_f32(const float *const *bx, const float *w, int64_t k, int64_t n, float divisor,
+                         int32_t divide, float scale, int32_t use_scale, float *out) {
+  const float *base = bx[0], *const *xs = bx + 1;
   for (int64_t j = 0; j < n; j++) {
     const float b = base[j];
     float acc = 0.0f;
@@ -65,9 +66,11 @@ void task_arithmetic_f32(const float *base, const float *const *xs, const float 
   }
 }
 
-/* ties_merge's chunk step (weighted election) for k <= 16 models (Python allows 5): see the module docstring */
-void ties_combine_f32(const float *base, const float *const *xs, const uint8_t *const *masks, const float *w,
-                      int64_t k, int64_t n, float scale, int32_t normalize, float *out) {
+/* ties_merge's chunk step (weighted election; bx: the base, then k <= 16 models, Python allows 5): see the
+   module docstring */
+void ties_combine_f32(const float *const *bx, const uint8_t *const *masks, const float *w, int64_t k, int64_t n,
+                      float scale, int32_t normalize, float *out) {
+  const float *base = bx[0], *const *xs = bx + 1;
   for (int64_t j = 0; j < n; j++) {
     const float b = base[j];
     float wt[16];
@@ -103,13 +106,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.weighted_sum_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                      ctypes.c_float, ctypes.c_int32, ctypes.c_void_p]
     lib.weighted_sum_f32.restype = None
-    lib.ties_combine_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                     ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int32,
-                                     ctypes.c_void_p]
+    lib.ties_combine_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                     ctypes.c_int64, ctypes.c_float, ctypes.c_int32, ctypes.c_void_p]
     lib.ties_combine_f32.restype = None
-    lib.task_arithmetic_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_float, ctypes.c_int32, ctypes.c_float,
-                                        ctypes.c_int32, ctypes.c_void_p]
+    lib.task_arithmetic_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                        ctypes.c_float, ctypes.c_int32, ctypes.c_float, ctypes.c_int32,
+                                        ctypes.c_void_p]
     lib.task_arithmetic_f32.restype = None
 
 
@@ -132,32 +134,39 @@ def ties_available(dtypes: Sequence[str], n_models: int) -> bool:
     return 1 <= n_models <= MAX_TIES_MODELS and available(dtypes) and tie_order.available(1)
 
 
+def _fp32_blocks(arrays: Sequence[np.ndarray], dtypes: Sequence[str]):
+    """Per block of :data:`BLOCK` entries: ``(lo, hi, blocks, pointers)``: each array's block as contiguous fp32
+    (a view of fp32 data, else a widened copy alive until the next block) and their addresses (a ctypes array)."""
+    flats = [a.reshape(-1) for a in arrays]
+    ptrs = (ctypes.c_void_p * len(flats))()
+    for lo in range(0, flats[0].size, BLOCK):
+        hi = min(flats[0].size, lo + BLOCK)
+        blocks = [np.ascontiguousarray(x[lo:hi] if d == "float32" else convert(x[lo:hi], d, "float32"))
+                  for x, d in zip(flats, dtypes)]
+        for i, blk in enumerate(blocks):
+            ptrs[i] = blk.ctypes.data
+        yield lo, hi, blocks, ptrs
+
+
+def _kernels() -> ctypes.CDLL:
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the host merge kernels are not available (no C compiler)")
+    return lib
+
+
 def weighted_sum(values: Sequence[np.ndarray], dtypes: Sequence[str], weights: Sequence[float],
                  divisor: float | None) -> np.ndarray:
     """Σ fp32(w_i)·x_i accumulated with one rounding per term, then ``/ fp32(divisor)`` when given: flat fp32.
 
     ``values`` are raw storages of equal length (``dtypes``: float32, float16 or bfloat16)."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the host merge kernel is not available (no C compiler)")
-    flats = [v.reshape(-1) for v in values]
-    n = flats[0].size
-    out = np.empty(n, dtype=np.float32)
+    lib = _kernels()
+    out = np.empty(values[0].size, dtype=np.float32)
     w = np.asarray(weights, dtype=np.float32)
-    ptrs = (ctypes.c_void_p * len(flats))()
-    for lo in range(0, n, BLOCK):
-        hi = min(n, lo + BLOCK)
-        blocks = [x[lo:hi] if d == "float32" else convert(x[lo:hi], d, "float32") for x, d in zip(flats, dtypes)]
-        blocks = [np.ascontiguousarray(b) for b in blocks]
-        for i, b in enumerate(blocks):
-            ptrs[i] = b.ctypes.data
-        lib.weighted_sum_f32(ptrs, w.ctypes.data, len(blocks), hi - lo, 0.0 if divisor is None else divisor,
+    for lo, hi, _, ptrs in _fp32_blocks(values, dtypes):
+        lib.weighted_sum_f32(ptrs, w.ctypes.data, len(values), hi - lo, 0.0 if divisor is None else divisor,
                              0 if divisor is None else 1, out[lo:hi].ctypes.data)
     return out
-
-
-def _f32_block(x: np.ndarray, dtype: str, lo: int, hi: int) -> np.ndarray:
-    return np.ascontiguousarray(x[lo:hi] if dtype == "float32" else convert(x[lo:hi], dtype, "float32"))
 
 
 def trim_masks(base: np.ndarray, base_dtype: str, values: Sequence[np.ndarray], dtypes: Sequence[str],
@@ -178,11 +187,9 @@ def trim_masks(base: np.ndarray, base_dtype: str, values: Sequence[np.ndarray], 
             masks.append(np.zeros(n, dtype=np.bool_))
             continue
         tau = np.empty(n, dtype=np.float32)
-        flat = x.reshape(-1)
         with np.errstate(all="ignore"):
-            for lo in range(0, n, BLOCK):
-                hi = min(n, lo + BLOCK)
-                np.subtract(_f32_block(flat, dtype, lo, hi), _f32_block(b, base_dtype, lo, hi), out=tau[lo:hi])
+            for lo, hi, (xb, bb), _ in _fp32_blocks([x, b], [dtype, base_dtype]):
+                np.subtract(xb, bb, out=tau[lo:hi])
                 np.abs(tau[lo:hi], out=tau[lo:hi])
                 if not np.isfinite(np.max(tau[lo:hi])):
                     return None
@@ -195,47 +202,28 @@ def ties_combine(base: np.ndarray, base_dtype: str, values: Sequence[np.ndarray]
                  masks: Sequence[np.ndarray], weights: Sequence[float], *, scale: float,
                  normalize: bool) -> np.ndarray:
     """θ_b + λ·(disjoint mean of the trimmed task vectors), flat fp32: ``ties_merge``'s bytes (weighted election)."""
-    lib = _library()
-    if lib is None or len(values) > MAX_TIES_MODELS:
-        raise RuntimeError("the host TIES kernel is not available")
-    b = base.reshape(-1)
-    n = b.size
-    out = np.empty(n, dtype=np.float32)
+    if len(values) > MAX_TIES_MODELS:
+        raise RuntimeError(f"the host TIES kernel takes at most {MAX_TIES_MODELS} models")
+    lib = _kernels()
+    out = np.empty(base.size, dtype=np.float32)
     w = np.asarray(weights, dtype=np.float32)
-    xs = (ctypes.c_void_p * len(values))()
     ms = (ctypes.c_void_p * len(values))()
-    flats = [v.reshape(-1) for v in values]
-    for lo in range(0, n, BLOCK):
-        hi = min(n, lo + BLOCK)
-        bb = _f32_block(b, base_dtype, lo, hi)
-        blocks = [_f32_block(x, d, lo, hi) for x, d in zip(flats, dtypes)]
-        for i, (blk, m) in enumerate(zip(blocks, masks)):
-            xs[i] = blk.ctypes.data
+    for lo, hi, _, ptrs in _fp32_blocks([base, *values], [base_dtype, *dtypes]):
+        for i, m in enumerate(masks):
             ms[i] = m[lo:hi].ctypes.data
-        lib.ties_combine_f32(bb.ctypes.data, xs, ms, w.ctypes.data, len(blocks), hi - lo, float(scale),
-                             1 if normalize else 0, out[lo:hi].ctypes.data)
+        lib.ties_combine_f32(ptrs, ms, w.ctypes.data, len(values), hi - lo, float(scale), 1 if normalize else 0,
+                             out[lo:hi].ctypes.data)
     return out
 
 
 def task_arithmetic(base: np.ndarray, base_dtype: str, values: Sequence[np.ndarray], dtypes: Sequence[str],
                     weights: Sequence[float], *, divisor: float | None, scale: float) -> np.ndarray:
     """θ_b + λ·Σ w_i (θ_i − θ_b) (the sum / ``divisor`` when given), flat fp32: ``task_arithmetic``'s bytes."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("the host merge kernel is not available")
-    b = base.reshape(-1)
-    n = b.size
-    out = np.empty(n, dtype=np.float32)
+    lib = _kernels()
+    out = np.empty(base.size, dtype=np.float32)
     w = np.asarray(weights, dtype=np.float32)
-    xs = (ctypes.c_void_p * len(values))()
-    flats = [v.reshape(-1) for v in values]
-    for lo in range(0, n, BLOCK):
-        hi = min(n, lo + BLOCK)
-        bb = _f32_block(b, base_dtype, lo, hi)
-        blocks = [_f32_block(x, d, lo, hi) for x, d in zip(flats, dtypes)]
-        for i, blk in enumerate(blocks):
-            xs[i] = blk.ctypes.data
-        lib.task_arithmetic_f32(bb.ctypes.data, xs, w.ctypes.data, len(blocks), hi - lo,
-                                0.0 if divisor is None else divisor, 0 if divisor is None else 1, float(scale),
-                                0 if scale == 1.0 else 1, out[lo:hi].ctypes.data)
+    for lo, hi, _, ptrs in _fp32_blocks([base, *values], [base_dtype, *dtypes]):
+        lib.task_arithmetic_f32(ptrs, w.ctypes.data, len(values), hi - lo, 0.0 if divisor is None else divisor,
+                                0 if divisor is None else 1, float(scale), 0 if scale == 1.0 else 1,
+                                out[lo:hi].ctypes.data)
     return out
