@@ -45,6 +45,14 @@ def collect() -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001  # pragma: no cover (doctor reports, never fails)
         info["numba_error"] = str(e)
     info["triton_interpret"] = os.environ.get("TRITON_INTERPRET") == "1"
+    try:  # the C kernels (torch-free merges, the TIES tie order, ShiftAdd's AVX2 GEMV) are built on first use
+        from surgeon.kernels import host_merge, tie_order
+        from surgeon.kernels.cbuild import kernel_folder
+
+        info["c_kernels"] = {"merge": host_merge.available(["float32"]), "tie_order": tie_order.available(1),
+                             "folder": str(kernel_folder())}
+    except Exception as e:  # noqa: BLE001  # pragma: no cover (doctor reports, never fails)
+        info["c_kernels_error"] = str(e)
     cache = cache_dir()
     info["cache_dir"] = str(cache)
     info["hf_home"] = os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))
