@@ -172,7 +172,7 @@ def test_eval_through_the_python_face(trained, pattern_file):
 
 def test_eval_cli_takes_max_memory_and_hands_it_to_the_engine(trained, pattern_file, monkeypatch, capsys):
     """`eval` writes nothing, yet its engine has a budget: --max-memory reaches the engine it runs on."""
-    import surgeon.engine as engine
+    from surgeon import engine
     from surgeon.cli import main
 
     seen = []

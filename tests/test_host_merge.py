@@ -172,3 +172,19 @@ def test_cli_merge_runs_without_torch_and_writes_the_torch_paths_bytes(tmp_path,
     for name, t in ref.items():
         assert host[name].dtype == t.dtype
         assert torch.equal(host[name].view(torch.uint8), t.view(torch.uint8)), name
+
+
+def test_frankenmerge_of_safetensors_inputs_imports_no_torch(tmp_path):
+    """Passed-through slices are byte copies: the run needs no torch (it used to seed torch's RNG anyway)."""
+    base = save_tiny_llama(tmp_path / "base", layers=2, hidden=32, vocab=64)
+    a = perturbed_copy(base, tmp_path / "a", seed=1)
+    out = tmp_path / "out"
+    slices = f"[{{model: {a}, layers: [0, 2]}}, {{model: {base}, layers: [1, 2]}}]"
+    args = ["merge", "passthrough", str(a), str(base), "--slices", slices, "-q", "-o", str(out)]
+    code = f"import sys\nfrom surgeon.cli import main\nrc = main({args!r})\nsys.exit(3 if 'torch' in sys.modules else rc)\n"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, f"rc {r.returncode} (3: torch was imported): {r.stderr[-2000:]}"
+    written = load_file(out / "model.safetensors")
+    assert torch.equal(written["model.layers.2.mlp.up_proj.weight"],
+                       load_file(base / "model.safetensors")["model.layers.1.mlp.up_proj.weight"])

@@ -239,7 +239,7 @@ def _renumber_config(cfg: dict[str, Any], slices: list[Slice], graphs: dict[str,
             cfg[key] = total
 
 
-@register("merge.passthrough", PassthroughParams, multi_model=True,
+@register("merge.passthrough", PassthroughParams, multi_model=True, torch_free=True,
           summary="Frankenmerge / depth up-scaling from layer slices.")
 def merge_passthrough(graph: Graph, params: PassthroughParams, ctx: Context) -> Graph:
     """Build a model from layer slices of the inputs (frankenmerge / depth up-scaling), layers renumbered."""
