@@ -1,7 +1,7 @@
 """The edit requests of an earlier step as an extra retraining loss (issue #22 item 5).
 
-L = L_LM + w · (1/n) Σ_i (1/|t_i|) Σ_j max(−log p(t_ij | prompt_i, t_i,<j) − m, 0): the mean teacher-forced
-negative log-likelihood of each edited fact's target after its prompt (above a margin m, default 0) — the value objective of ROME/EMMET (arXiv 2202.05262
+L = L_LM + w · (1/n) Σ_i (1/|t_i|) Σ_j −log p(t_ij | prompt_i, t_i,<j): the mean teacher-forced negative
+log-likelihood of each edited fact's target after its prompt — the value objective of ROME/EMMET (arXiv 2202.05262
 eq. 4, without the KL and decay terms) evaluated on the whole retrained model. The requests come from the graph's
 edit records (:mod:`surgeon.edits`).
 """
@@ -65,17 +65,13 @@ def edit_batch(tok, requests: Sequence[dict[str, Any]]) -> EditBatch:
     return EditBatch(ids, att, torch.tensor(rows), torch.tensor(pos), torch.tensor(tgt), torch.tensor(wts))
 
 
-def edit_nll(model: nn.Module, batch: EditBatch, margin: float = 0.0) -> torch.Tensor:
-    """The mean over requests of the mean target-token NLL (a scalar with grad). With ``margin`` m > 0 each
-    token's NLL counts only above m (max(NLL − m, 0)): a token already at p ≥ e^−m pulls no more, and the
-    language-model loss gets the steps back."""
+def edit_nll(model: nn.Module, batch: EditBatch) -> torch.Tensor:
+    """The mean over requests of the mean target-token NLL (a scalar with grad)."""
     dev = next(model.parameters()).device
     logits = model(input_ids=batch.ids.to(dev), attention_mask=batch.attention.to(dev), use_cache=False).logits
     picked = logits[batch.rows.to(dev), batch.positions.to(dev)].float()
-    nll = -torch.log_softmax(picked, dim=-1).gather(1, batch.targets.to(dev)[:, None])[:, 0]
-    if margin > 0:
-        nll = (nll - margin).clamp(min=0.0)
-    return (nll * batch.weights.to(dev)).sum()
+    logp = torch.log_softmax(picked, dim=-1).gather(1, batch.targets.to(dev)[:, None])[:, 0]
+    return -(logp * batch.weights.to(dev)).sum()
 
 
 def unique_requests(requests: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -90,7 +86,7 @@ def unique_requests(requests: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def edit_term(graph, option: bool | None, weight: float, ctx, facts: dict[str, Any], margin: float = 0.0):
+def edit_term(graph, option: bool | None, weight: float, ctx, facts: dict[str, Any]):
     """``model -> weight · edit NLL`` for PERP when the option (default: the graph carries edit records) is on,
     else None; records what it did in ``facts``."""
     from surgeon.edits import edit_requests, resolve_protect
@@ -102,5 +98,5 @@ def edit_term(graph, option: bool | None, weight: float, ctx, facts: dict[str, A
     if not requests:
         raise SurgeonError("retrain.perp edit_loss: on, but no edit step earlier in this run recorded requests")
     batch = edit_batch(ctx.tokenizer(graph), requests)
-    facts.update(edit_loss=True, edit_loss_weight=weight, edit_loss_margin=margin, edit_requests=len(requests))
-    return lambda model: weight * edit_nll(model, batch, margin)
+    facts.update(edit_loss=True, edit_loss_weight=weight, edit_requests=len(requests))
+    return lambda model: weight * edit_nll(model, batch)

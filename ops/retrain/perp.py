@@ -87,9 +87,6 @@ class Params(BaseModel):
                                    "contains an edit step.")
     edit_loss_weight: float = Field(1.0, gt=0, description="Weight of the edit term next to the language-model "
                                     "loss.")
-    edit_loss_margin: float = Field(0.0, ge=0, description="Count each edited target token's NLL only above this "
-                                    "many nats (0.69: stop pulling once p(target) ≥ 0.5), so retraining spends "
-                                    "its steps on the language-model loss once an edit holds.")
 
     @model_validator(mode="after")
     def _something_trains(self) -> Params:
@@ -285,7 +282,7 @@ def _retrain(model: nn.Module, graph: Graph, names: list[str], tokens: torch.Ten
         if head is not None:
             trainable += list(head[1].adapter.parameters())
     checkpointed = params.checkpointing and _checkpointing(model, True)
-    extra = edit_term(graph, params.edit_loss, params.edit_loss_weight, ctx, facts, params.edit_loss_margin)
+    extra = edit_term(graph, params.edit_loss, params.edit_loss_weight, ctx, facts)
     with ctx.timed("retrain"):
         losses = perp_retrain(model, tokens, trainable, params, seed=ctx.seed, progress=ctx.progress,
                               status=ctx.status, extra_loss=extra, sharded=sharded)
