@@ -38,7 +38,8 @@ def kernel_folder() -> Path:
 def compiled_library(stem: str, source: str, flags: Sequence[str],
                      declare: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL | None:
     """``source`` built as a shared library with ``cc flags`` and loaded, ``declare`` setting its functions'
-    argument types; cached on disk and in this process. None without a working compiler."""
+    argument types; cached on disk and in this process. None without a working compiler. Hashes the source on
+    every call: callers on a hot path keep the result (``functools.cache`` on their accessor)."""
     digest = hashlib.sha256("\0".join([source, *flags]).encode()).hexdigest()[:16]
     key = f"{stem}_{digest}"
     if key in _LOADED:

@@ -23,6 +23,7 @@ Work goes in blocks of :data:`BLOCK` elements: each input block is converted to 
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -115,6 +116,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.task_arithmetic_f32.restype = None
 
 
+@functools.cache
 def _library() -> ctypes.CDLL | None:
     flags = ["-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math"]
     if {"fma", "avx2"} <= cpu_flags():
@@ -128,7 +130,7 @@ def available(dtypes: Sequence[str]) -> bool:
 
 
 def ties_available(dtypes: Sequence[str], n_models: int) -> bool:
-    """True when the host TIES kernels can merge ``n_models`` models of these dtypes (base included)."""
+    """True when the host TIES kernels can merge ``n_models`` models (the base not counted) of these dtypes."""
     from surgeon.kernels import tie_order
 
     return 1 <= n_models <= MAX_TIES_MODELS and available(dtypes) and tie_order.available(1)

@@ -14,6 +14,8 @@ per weight byte one table lookup and one add, no multiplication except one per (
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from numba import njit, prange
@@ -226,11 +228,13 @@ def _declare(lib) -> None:
     lib.sa_lut_gemv.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64]
 
 
+@functools.cache
 def c_kernel():
     """The compiled AVX2 kernel library, or None (no x86 AVX2+FMA, no C compiler, or SURGEON_SHIFTADD_KERNEL=numba).
 
     Built with ``cc -O3 -mavx2 -mfma -fopenmp`` once per machine (:func:`surgeon.kernels.cbuild.compiled_library`);
-    a build failure falls back to numba silently (the dispatch says which kernel ran)."""
+    a build failure falls back to numba silently (the dispatch says which kernel ran). Resolved once per process:
+    the GEMV dispatch asks on every call."""
     import os
 
     from surgeon.kernels.cbuild import compiled_library, cpu_flags
