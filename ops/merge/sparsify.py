@@ -47,7 +47,7 @@ def trim_mask(delta: torch.Tensor, density: float, *, overwrite: bool = False) -
         mask |= zeros & (zeros.cumsum(0) <= need)
     elif need > 0 and a.device.type == "cpu" and a.dtype == torch.float32 and tie_order.available(n):
         del mask  # the sort's set of first k, from only the partitions that hold the boundary (a permuted)
-        mask = torch.from_numpy(tie_order.sort_top_k_mask(a.contiguous().numpy(), k))
+        mask = torch.from_numpy(tie_order.sort_top_k_mask(a.contiguous().numpy(), k, kth=kth.value))
     elif need > 0:
         del mask
         order = torch.empty(n, dtype=torch.int64)
