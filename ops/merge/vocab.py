@@ -65,25 +65,21 @@ def _vocab_rows(vocab: dict[str, int], rows: Any) -> dict[str, int]:
 
 
 def check_same_vocabulary(named: list[tuple[str, Graph]], ctx: Context, *, op: str) -> None:
-    """Refuse inputs whose tokenizers map tokens to different ids (within the embedding rows). A
-    ``tokenizer.json`` byte-equal to the first one's, with the same ``vocab_size``, is not parsed again (fine-tunes
-    of one base usually ship the same file; parsing costs about 0.1 s per input)."""
-    ref: tuple[str, Graph, bytes, Any] | None = None
-    ref_vocab: dict[str, int] | None = None
+    """Refuse inputs whose tokenizers map tokens to different ids (within the embedding rows). The first
+    ``tokenizer.json`` is parsed (a malformed one is an error); one byte-equal to it, with the same
+    ``vocab_size``, is not parsed again (fine-tunes of one base usually ship the same file; 0.1 s each)."""
+    ref_name, ref_key, ref_vocab = None, None, None
     for name, g in named:
         src = g.side_files.get("tokenizer.json")
         if src is None:
             continue
         raw, rows = ctx.read(str(src), what="tokenizer.json"), g.config.get("vocab_size")
-        if ref is None:
-            ref = (name, g, raw, rows)
+        if ref_key == (raw, rows):
             continue
-        if (raw, rows) == ref[2:]:
-            continue
-        if ref_vocab is None:
-            ref_vocab = _vocab_rows(read_vocab(ref[1], ctx, ref[2]) or {}, ref[3])
-        ref_name = ref[0]
         v = _vocab_rows(read_vocab(g, ctx, raw) or {}, rows)
+        if ref_vocab is None:
+            ref_name, ref_key, ref_vocab = name, (raw, rows), v
+            continue
         if v != ref_vocab:
             diff = next((t for t in sorted(set(v) | set(ref_vocab)) if v.get(t) != ref_vocab.get(t)), "?")
             raise SurgeonError(
