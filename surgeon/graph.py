@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from surgeon.errors import SurgeonError
-from surgeon.tensorfile import (
+from surgeon.tensorfile import (  # noqa: F401 (FLOAT_DTYPES re-exported for ops)
     FLOAT_DTYPES,
     HostArray,
     as_host,
@@ -140,11 +140,11 @@ class Apply(Node):
         return out.to(self.dtype)
 
     def compute_host(self, args: list[HostArray]) -> HostArray:
-        from surgeon.kernels.host_dtypes import convert
+        from surgeon.kernels.host_dtypes import CONVERTIBLE, convert
 
         assert self.host_fn is not None
         out = self.host_fn(*args)
-        if out.data.size != self.nbytes // dtype_width(self.dtype_name) or out.dtype not in FLOAT_DTYPES:
+        if out.data.size != self.nbytes // dtype_width(self.dtype_name) or out.dtype not in CONVERTIBLE:
             raise SurgeonError(f"internal: {self.label} produced {out.data.size} {out.dtype} values, planned "
                                f"{list(self.shape)} {self.dtype_name}")
         data = out.data if out.dtype == self.dtype_name else convert(out.data, out.dtype, self.dtype_name)

@@ -80,7 +80,7 @@ def register(name: str, params: type[BaseModel], *, summary: str | None = None, 
         if name in _REGISTRY and _REGISTRY[name].module != fn.__module__:
             raise SurgeonError(f"internal: op {name!r} registered by {_REGISTRY[name].module} and {fn.__module__}")
         _REGISTRY[name] = OpSpec(name, params, fn, text, fn.__module__, multi_model, writes, model_level,
-                                     torch_free)
+                                 torch_free)
         return fn
 
     return wrap
