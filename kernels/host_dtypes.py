@@ -17,11 +17,17 @@ What torch does, and what is reproduced here (``tests/test_host_dtypes.py`` comp
   converted by torch itself (imported only then; the default NaN check refuses those tensors anyway).
 - widening (bfloat16/float16 -> float32/float64, float32 -> float64) and float64 -> float32: exact or one
   IEEE rounding, NaN payloads as the CPU's conversion instructions keep them (numpy uses the same ones).
-Work goes in chunks of :data:`CHUNK` elements so temporaries stay in cache and memory stays flat.
+Work goes in chunks of :data:`CHUNK` elements so temporaries stay in cache and memory stays flat. float32 ->
+bfloat16, the cast users run most, is one pass of a small C kernel where a compiler exists (0.15 ns per element
+here, against 1.5 ns for the numpy steps; same bytes, the tests run both).
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+
 import numpy as np
+from surgeon.kernels.cbuild import compiled_library
 
 CHUNK = 1 << 18  # elements per step: 1 MiB of float32 temporaries, cache-resident
 
@@ -57,6 +63,40 @@ def _f32_to_bf16(x: np.ndarray, out: np.ndarray, scratch: np.ndarray, nan: int =
         out[np.isnan(x)] = nan
 
 
+_F32_TO_BF16_SOURCE = r"""
+#include <stdint.h>
+/* float32 bit patterns -> bfloat16 bit patterns: round to nearest, ties to even, on the pattern (uint32 wraps as
+   numpy's does); every NaN becomes `nan`. No branch in the loop body, so it vectorises. */
+void f32_to_bf16(const uint32_t *in, uint16_t *out, int64_t n, uint16_t nan) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u = in[i];
+        uint16_t r = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+        out[i] = (u & 0x7FFFFFFFu) > 0x7F800000u ? nan : r;
+    }
+}
+"""
+
+
+def _declare_f32_to_bf16(lib: ctypes.CDLL) -> None:
+    lib.f32_to_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint16]
+    lib.f32_to_bf16.restype = None
+
+
+@functools.cache
+def _f32_to_bf16_library() -> ctypes.CDLL | None:
+    return compiled_library("f32_to_bf16", _F32_TO_BF16_SOURCE, ["-O3", "-std=c11"], _declare_f32_to_bf16)
+
+
+def _f32_to_bf16_c(x: np.ndarray, out: np.ndarray) -> bool:
+    """float32 -> bfloat16 bits (NaN -> ``0xFFFF``) by the C kernel; False where it is not built."""
+    lib = _f32_to_bf16_library()
+    if lib is None:
+        return False
+    x = np.ascontiguousarray(x)
+    lib.f32_to_bf16(x.ctypes.data, out.ctypes.data, x.size, 0xFFFF)
+    return True
+
+
 def _f32_to_f16(x: np.ndarray, out: np.ndarray) -> None:
     """float32 -> float16 (IEEE, numpy); NaN quieted with its payload's top bits kept, as F16C does."""
     np.copyto(out, x, casting="unsafe")
@@ -90,9 +130,11 @@ def convert(src: np.ndarray, src_dtype: str, dst_dtype: str) -> np.ndarray:
     flat = src.reshape(-1)
     if src_dtype == dst_dtype:
         return flat.copy()
-    if (src_dtype, dst_dtype) in _TORCH_DECIDES_NAN and has_nan(flat, src_dtype):
+    if (src_dtype, dst_dtype) in TORCH_DECIDES_NAN and has_nan(flat, src_dtype):
         return _torch_convert(flat, src_dtype, dst_dtype)
     out = np.empty(flat.size, dtype=STORAGE[dst_dtype])
+    if (src_dtype, dst_dtype) == ("float32", "bfloat16") and _f32_to_bf16_c(flat, out):
+        return out
     scratch = (np.empty(min(CHUNK, flat.size), np.uint32), np.empty(min(CHUNK, flat.size), np.uint32))
     with np.errstate(all="ignore"):  # overflow to Inf and NaN casts are the intended results
         for lo in range(0, flat.size, CHUNK):
@@ -101,7 +143,7 @@ def convert(src: np.ndarray, src_dtype: str, dst_dtype: str) -> np.ndarray:
 
 
 #: conversions whose NaN bits torch chooses by position (see the module docstring)
-_TORCH_DECIDES_NAN = frozenset({("float64", "bfloat16"), ("float16", "float32")})
+TORCH_DECIDES_NAN = frozenset({("float64", "bfloat16"), ("float16", "float32")})
 
 
 def _torch_convert(flat: np.ndarray, src: str, dst: str) -> np.ndarray:

@@ -13,7 +13,7 @@ from surgeon.pipeline import RunOptions, run_steps
 
 def run_op(op: str, model: str | os.PathLike | list[str] | dict[str, str], *, output: str | os.PathLike | None = None,
            base: str | None = None, force: bool = False, device: str = "auto", seed: int = 0,
-           quiet: bool = True, max_shard_size: str | int = "5GB", max_memory: str | int | None = None,
+           quiet: bool = True, max_shard_size: str | int = "auto", max_memory: str | int | None = None,
            executor: str = "local", record_paths: bool = False, **params: Any) -> dict[str, Any]:
     """Run one registered op on ``model`` (a path; a list or ``{name: path}`` for merges) and write ``output``."""
     if isinstance(model, dict):

@@ -11,6 +11,7 @@ hold thousands of tensors.
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import weakref
@@ -32,10 +33,29 @@ def _libc():
                          ctypes.c_int64]
     lib.munmap.restype = ctypes.c_int
     lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    if hasattr(lib, "fallocate"):  # Linux
+        lib.fallocate.restype = ctypes.c_int
+        lib.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     return lib
 
 
 _LIBC = _libc() if hasattr(mmap, "MAP_PRIVATE") else None
+
+
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def preallocate(fd: int, nbytes: int) -> None:
+    """Reserve the first ``nbytes`` of the file ``fd`` (``fallocate(2)``, which also sets its size): ext4 then
+    takes the writes 15-20 % faster (measured on 2 GiB of copies, docs/cluster.md), and a disk too full for the
+    output is found before a tensor is written. Nothing happens where the file system cannot reserve (no
+    zero-filling fallback, unlike ``posix_fallocate``); no room raises ``OSError``."""
+    if _LIBC is None or not hasattr(_LIBC, "fallocate") or nbytes <= 0:
+        return
+    if _LIBC.fallocate(fd, 0, 0, nbytes) != 0:
+        err = ctypes.get_errno()
+        if err in _NO_ROOM:
+            raise OSError(err, os.strerror(err))
 
 
 def truncated(path: Path, at: int, expected: int) -> SurgeonError:

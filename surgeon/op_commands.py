@@ -17,6 +17,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from surgeon.errors import SurgeonError
+from surgeon.outputs import AUTO_SHARD_SIZE, SHARD_SIZE_HELP
 from surgeon.registry import OP_OPTIONS_FILE, STORED_SPECS  # noqa: F401 - OP_OPTIONS_FILE: the CLI re-exports it
 from surgeon.render import emit
 
@@ -212,7 +213,7 @@ def _check_value(flag: str, value: Any, entry: dict[str, Any]) -> None:
 def _precheck_run(models: dict[str, str], writes: bool, run_kw: dict[str, Any]) -> None:
     """Mistakes that need no tensor: an input that does not exist, no or an unusable ``-o``, a bad
     ``--max-shard-size``. Cheap, and before torch is imported (several seconds) or any model is read."""
-    from surgeon.outputs import check_output_location, parse_size
+    from surgeon.outputs import check_output_location, check_shard_size
     from surgeon.sources import missing_source_message
 
     for src in dict.fromkeys(models.values()):
@@ -221,7 +222,7 @@ def _precheck_run(models: dict[str, str], writes: bool, run_kw: dict[str, Any]) 
             raise SurgeonError(message)
     if not writes or run_kw.get("dry_run"):
         return
-    parse_size(run_kw.get("max_shard_size", "5GB"))
+    check_shard_size(run_kw.get("max_shard_size", AUTO_SHARD_SIZE))
     output = run_kw.get("output")
     if output is None:
         raise SurgeonError("no output folder given (use -o/--output)")
@@ -240,7 +241,7 @@ def _common_options(writes: bool) -> list[inspect.Parameter]:
             opt("output", Optional[str], None,  # noqa: UP045 (typer reads the annotation)
                 "--output", "-o", help="Output folder (written atomically)."),
             opt("force", bool, False, "--force", help=FORCE_HELP),
-            opt("max_shard_size", str, "5GB", "--max-shard-size", help="Largest safetensors shard."),
+            opt("max_shard_size", str, AUTO_SHARD_SIZE, "--max-shard-size", help=SHARD_SIZE_HELP),
             opt("executor", str, "local", "--executor",
                 help="local | ray (one task per output shard on the Ray cluster named by RAY_ADDRESS)."),
             opt("dry_run", bool, False, "--dry-run", help="Print the plan (tensors, sizes, memory) and stop."),
@@ -340,7 +341,7 @@ def _run_and_report(models: dict[str, str], steps: list[tuple[str, Any]], run_kw
 
     opts = RunOptions(output=run_kw.get("output"), force=run_kw.get("force", False),
                       device=run_kw.get("device", "auto"), seed=run_kw.get("seed", 0),
-                      max_shard_size=run_kw.get("max_shard_size", "5GB"), max_memory=run_kw.get("max_memory"),
+                      max_shard_size=run_kw.get("max_shard_size", AUTO_SHARD_SIZE), max_memory=run_kw.get("max_memory"),
                       executor=run_kw.get("executor", "local"),
                       allow_pickle=run_kw.get("allow_pickle", False), online=run_kw.get("online", False),
                       allow_nonfinite=run_kw.get("allow_nonfinite", False), quiet=run_kw.get("quiet", False),

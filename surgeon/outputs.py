@@ -8,6 +8,16 @@ from pathlib import Path
 
 from surgeon.errors import SurgeonError
 
+AUTO_SHARD_SIZE = "auto"
+SHARD_SIZE_HELP = ("Largest safetensors shard, e.g. 5GB or 500MB; auto: the input's shard size when it is sharded "
+                   "(at most 5GB), else 5GB.")
+
+
+def check_shard_size(text: str | int) -> None:
+    """Refuse a ``--max-shard-size`` that is neither ``auto`` nor a size, before any work."""
+    if str(text).strip().lower() != AUTO_SHARD_SIZE:
+        parse_size(text)
+
 
 def parse_size(text: str | int, flag: str = "--max-shard-size") -> int:
     """``5GB`` / ``500MB`` / ``1.5GiB`` / plain bytes -> bytes (decimal units like huggingface_hub)."""
@@ -25,7 +35,8 @@ def parse_size(text: str | int, flag: str = "--max-shard-size") -> int:
     try:
         return int(t)
     except ValueError:
-        raise SurgeonError(f"{flag}: expected a size like 5GB or 500MB, got {text!r}") from None
+        raise SurgeonError(f"{flag}: expected a size like 5GB or 500MB{', or auto' if flag == '--max-shard-size' else ''}, "
+                          f"got {text!r}") from None
 
 
 def check_output_location(out: Path, sources: list[Path], force: bool) -> None:

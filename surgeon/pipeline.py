@@ -26,7 +26,7 @@ class RunOptions:
     force: bool = False
     device: str = "auto"
     seed: int = 0
-    max_shard_size: str | int = "5GB"
+    max_shard_size: str | int = "auto"
     max_memory: str | int | None = None
     executor: str = "local"
     allow_pickle: bool = False
@@ -176,9 +176,9 @@ def run_steps(models: dict[str, str], steps: list[tuple[str, Any]], options: Run
     writes = any(spec.writes for spec, _ in validated) or not validated
     if options.output is None and writes and not options.dry_run:
         raise SurgeonError("no output folder given (use -o/--output, or `output:` in the recipe)")
-    from surgeon.outputs import check_output_location, parse_size
+    from surgeon.outputs import check_output_location, check_shard_size
 
-    max_shard = parse_size(options.max_shard_size)
+    check_shard_size(options.max_shard_size)
     check_executor(options)
     local_sources = [Path(s) for s in models.values() if Path(s).exists()]
     if options.output is not None and writes and not options.dry_run:
@@ -215,7 +215,7 @@ def run_steps(models: dict[str, str], steps: list[tuple[str, Any]], options: Run
     }
     out: dict[str, Any] = {"output": None, "steps": step_log, "results": graph.results}
     if options.output is not None and writes and _is_writer():  # under torchrun only rank 0 writes
-        summary = write_graph_with(graph, ctx, options, max_shard, provenance, recipe)
+        summary = write_graph_with(graph, ctx, options, provenance, recipe)
         out.update(summary)
     out["seconds"] = round(time.perf_counter() - t_start, 3)
     return out
@@ -241,11 +241,11 @@ def _is_writer() -> bool:
     return is_writer()
 
 
-def write_graph_with(graph, ctx, options: RunOptions, max_shard: int, provenance, recipe) -> dict[str, Any]:
+def write_graph_with(graph, ctx, options: RunOptions, provenance, recipe) -> dict[str, Any]:
     from surgeon.writer import write_graph
 
     t0 = time.perf_counter()
-    summary = write_graph(graph, options.output, ctx=ctx, force=options.force, max_shard_size=max_shard,
+    summary = write_graph(graph, options.output, ctx=ctx, force=options.force, max_shard_size=options.max_shard_size,
                           allow_nonfinite=options.allow_nonfinite, provenance=provenance, recipe=recipe,
                           max_memory=options.max_memory, executor=options.executor,
                           record_paths=options.record_paths)
@@ -320,10 +320,10 @@ def executor_plan(graph, options: RunOptions) -> dict[str, Any]:
     output shard, each with its memory request), for the planned output graph (the input's where a step's
     output is only known by running it)."""
     from surgeon.executor import compute_workers, largest_task, memory_budget
-    from surgeon.writer import parse_size, plan_shards
+    from surgeon.writer import plan_shards, shard_size_for
 
     budget = memory_budget(options.max_memory, largest_task(graph, graph.names()))
-    plans = plan_shards(graph, parse_size(options.max_shard_size))
+    plans = plan_shards(graph, shard_size_for(graph, options.max_shard_size))
     if options.executor == "ray":
         from surgeon.ray_executor import dry_run_tasks
 

@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from surgeon.errors import SurgeonError
+from surgeon.outputs import AUTO_SHARD_SIZE, SHARD_SIZE_HELP
 
 SCHEMA_VERSION = 1
 
@@ -52,7 +53,7 @@ class Recipe(BaseModel):
     push: PushSpec | None = Field(None, description="Push the output to the Hub after writing.")
     device: str = Field("auto", description="auto | cpu | cuda for every step's heavy math.")
     seed: int = Field(0, description="Seed for every random choice (sampling, DARE drops, LoRA init).")
-    max_shard_size: str = Field("5GB", description="Largest safetensors shard.")
+    max_shard_size: str = Field(AUTO_SHARD_SIZE, description=SHARD_SIZE_HELP)
     max_memory: str | None = Field(None, description="Memory the writer may hold in flight, e.g. 4GB "
                                    "(default: a quarter of the available RAM).")
     executor: Literal["local", "ray"] = Field("local", description="Where tensor-wise work runs: local (a pipeline "

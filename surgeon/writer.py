@@ -20,9 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from surgeon.errors import SurgeonError
-from surgeon.executor import write_all
 from surgeon.graph import Executor, Graph, Node
-from surgeon.outputs import check_output_location, parse_size, refuse_to_replace  # noqa: F401 (re-exported)
+from surgeon.outputs import (
+    AUTO_SHARD_SIZE,
+    check_output_location,
+    parse_size,
+    refuse_to_replace,
+)
 from surgeon.tensorfile import (  # noqa: F401 (tensor_bytes, safetensors_bytes re-exported)
     FLOAT_DTYPES,
     TORCH_TO_SAFETENSORS,
@@ -52,6 +56,26 @@ def component_of(graph: Graph, name: str) -> tuple[str, str]:
     if sep and head in graph.weight_stems and head != "":
         return head, rest
     return "", name
+
+
+def input_shard_size(graph: Graph) -> int | None:
+    """The largest safetensors file of the graph's sharded sources (a folder whose tensors span several files),
+    or None when no source is sharded."""
+    files: dict[Path, set[Path]] = {}
+    for ck in graph.sources:
+        if ck.pickle_state is None:
+            for info in ck.tensors.values():
+                files.setdefault(info.file.parent, set()).add(info.file)
+    sizes = [f.stat().st_size for group in files.values() if len(group) > 1 for f in group]
+    return max(sizes, default=None)
+
+
+def shard_size_for(graph: Graph, max_shard_size: str | int) -> int:
+    """``--max-shard-size`` in bytes; ``auto`` keeps a sharded input's shard size (at most 5 GB, the Hub's
+    convention), else 5 GB. Shards like the input's also write faster: several files are written at once."""
+    if str(max_shard_size).strip().lower() != AUTO_SHARD_SIZE:
+        return parse_size(max_shard_size)
+    return min(DEFAULT_MAX_SHARD, input_shard_size(graph) or DEFAULT_MAX_SHARD)
 
 
 def plan_shards(graph: Graph, max_shard_size: int) -> list[ShardPlan]:
@@ -103,18 +127,14 @@ def write_shard_file(graph: Graph, plan: ShardPlan, path: Path, *, pipeline: Sha
 
     path.parent.mkdir(parents=True, exist_ok=True)
     header, _ = _header(graph, plan)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        write_all(fd, header)
-        if pipeline is not None:
-            pipeline.write(fd, plan.names, on_tensor or (lambda n: None))
-            return
-        with ShardPipeline(graph, Executor([graph[n] for n in plan.names]), allow_nonfinite=allow_nonfinite,
-                           budget=budget or memory_budget(None, largest_task(graph, plan.names))) as own:
-            own.write(fd, plan.names, on_tensor or (lambda n: None))
-            own.finish_checks()
-    finally:
-        os.close(fd)
+    report = on_tensor or (lambda n: None)
+    if pipeline is not None:  # the pipeline closes the file once its writes are done (``finish``)
+        pipeline.add_file(path, header, plan.names, report)
+        return
+    with ShardPipeline(graph, Executor([graph[n] for n in plan.names]), allow_nonfinite=allow_nonfinite,
+                       budget=budget or memory_budget(None, largest_task(graph, plan.names))) as own:
+        own.add_file(path, header, plan.names, report)
+        own.finish()
 
 
 def _dominant_float_dtype(graph: Graph, comp: str) -> str | None:
@@ -201,7 +221,7 @@ def atomic_folder(out: Path, force: bool) -> Iterator[Path]:
 
 
 def write_graph(graph: Graph, out: str | os.PathLike, *, ctx: Context | None = None, force: bool = False,
-                max_shard_size: int = DEFAULT_MAX_SHARD, allow_nonfinite: bool = False,
+                max_shard_size: str | int = AUTO_SHARD_SIZE, allow_nonfinite: bool = False,
                 provenance: dict[str, Any] | None = None, recipe: dict[str, Any] | None = None,
                 max_memory: str | int | None = None, workers: int | None = None,
                 executor: str = "local", record_paths: bool = False) -> dict[str, Any]:
@@ -217,7 +237,7 @@ def write_graph(graph: Graph, out: str | os.PathLike, *, ctx: Context | None = N
 
     out = Path(out)
     check_output_location(out, [s.path for s in graph.sources], force)
-    plans = plan_shards(graph, max_shard_size)
+    plans = plan_shards(graph, shard_size_for(graph, max_shard_size))
     budget = memory_budget(max_memory, largest_task(graph, graph.names()))
     total = sum(p.nbytes for p in plans)
     t0 = time.perf_counter()
@@ -233,7 +253,7 @@ def write_graph(graph: Graph, out: str | os.PathLike, *, ctx: Context | None = N
                                workers=workers, allow_nonfinite=allow_nonfinite) as pipeline:
                 for plan in plans:
                     write_shard_file(graph, plan, tmp / plan.file, pipeline=pipeline, on_tensor=progress.advance)
-                pipeline.finish_checks()
+                pipeline.finish()
         else:
             raise SurgeonError(f"--executor: expected local or ray, got {executor!r}")
         written = [p.file for p in plans]

@@ -227,16 +227,16 @@ def test_index_entry_with_dot_slash_opens_like_the_plain_name(base, tmp_path):
 
 # item 12: SIGTERM ---------------------------------------------------------------------------------------------
 def test_sigterm_during_a_write_exits_143_and_removes_the_temporary_folder(base, tmp_path):
-    """The writer sends itself SIGTERM after its first tensor: no timing, the signal lands mid-write."""
+    """The writer sends itself SIGTERM at its first write: no timing, the signal lands mid-write."""
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
         import os, signal, sys
-        import surgeon.writer as w
-        real = w.tensor_bytes
-        def bytes_then_term(t):
+        import surgeon.executor as x
+        real = x.pwrite_all
+        def write_then_term(*a):
             os.kill(os.getpid(), signal.SIGTERM)
-            return real(t)
-        w.tensor_bytes = bytes_then_term
+            return real(*a)
+        x.pwrite_all = write_then_term
         from surgeon.cli import main
         sys.exit(main(["cast", {str(base)!r}, "--dtype", "float16", "-o", {str(out)!r}, "-q"]))
     """)
@@ -255,15 +255,16 @@ def test_a_second_sigterm_during_cleanup_still_removes_the_temporary_folder(base
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
         import os, shutil, signal, sys
+        import surgeon.executor as x
         import surgeon.writer as w
-        real_bytes, real_rmtree = w.tensor_bytes, shutil.rmtree
-        def bytes_then_term(t):
+        real_write, real_rmtree = x.pwrite_all, shutil.rmtree
+        def write_then_term(*a):
             os.kill(os.getpid(), signal.SIGTERM)
-            return real_bytes(t)
+            return real_write(*a)
         def term_then_rmtree(path, *a, **k):
             os.kill(os.getpid(), signal.SIGTERM)
             return real_rmtree(path, *a, **k)
-        w.tensor_bytes = bytes_then_term
+        x.pwrite_all = write_then_term
         w.shutil.rmtree = term_then_rmtree
         from surgeon.cli import main
         sys.exit(main(["cast", {str(base)!r}, "--dtype", "float16", "-o", {str(out)!r}, "-q"]))

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from surgeon.errors import SurgeonError
-from surgeon.executor import ShardPipeline, copy_range, memory_budget
+from surgeon.executor import WRITE_CHUNK, ShardPipeline, _CopyRun, copy_run, memory_budget
 from surgeon.graph import Apply, Cast, Const, Executor, Graph, Load, LowRank, Reduce
 from surgeon.sources import open_checkpoint
 from surgeon.writer import _header, plan_shards, write_graph
@@ -114,34 +114,113 @@ def test_nan_in_an_untouched_tensor_is_refused_although_copied_by_the_kernel(tmp
     assert (tmp_path / "out" / "model.safetensors").read_bytes()[-4:] == bad[299, 299:].numpy().tobytes()
 
 
-@pytest.mark.parametrize("positional", [False, True])
-@pytest.mark.parametrize("broken", [(), ("copy_file_range",), ("copy_file_range", "sendfile")])
-def test_kernel_copy_falls_back_where_the_system_refuses(tmp_path, monkeypatch, broken, positional):
-    data = os.urandom(3 << 20)
+def _run_of(path: Path, tensors: list[tuple[str, str, int]], begin: int = 0, at: int = 0) -> _CopyRun:
+    return _CopyRun(path, begin, sum(n for _, _, n in tensors), at, list(tensors))
+
+
+@pytest.mark.parametrize("mappable", [True, False])
+def test_copy_run_writes_the_source_range_at_its_place(tmp_path, monkeypatch, mappable):
+    """Bytes only (no check): odd sizes and offsets, pieces across the write chunk, read instead of mapped where
+    the system refuses a map."""
+    if not mappable:
+        monkeypatch.setattr("surgeon.filemap.map_bytes", lambda *a: None)
+    data = os.urandom(3 * WRITE_CHUNK + 12345)
     (tmp_path / "src.bin").write_bytes(data)
-
-    def refuse(*a, **k):
-        raise OSError(errno.EXDEV, "cross-device")
-
-    for name in broken:
-        monkeypatch.setattr(os, name, refuse)
+    sizes = [7, WRITE_CHUNK + 1, 3, 2 * WRITE_CHUNK - 2000]
+    run = _run_of(tmp_path / "src.bin", [(f"t{i}", "uint8", n) for i, n in enumerate(sizes)], begin=1001, at=5)
     fd = os.open(tmp_path / "dst.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
-        os.write(fd, b"head")
-        copy_range(tmp_path / "src.bin", 1000, len(data) - 2000, fd, 4 if positional else None)
+        os.write(fd, b"head!")
+        copy_run(run, fd, check=True)
     finally:
         os.close(fd)
-    assert (tmp_path / "dst.bin").read_bytes() == b"head" + data[1000:-1000]
+    assert (tmp_path / "dst.bin").read_bytes() == b"head!" + data[1001:1001 + sum(sizes)]
+
+
+@pytest.mark.parametrize("mappable", [True, False])
+@pytest.mark.parametrize(("dtype", "where"), [("float32", "first"), ("float32", "chunk_end"), ("bfloat16", "last"),
+                                              ("float16", "chunk_start"), ("float64", "last")])
+def test_copy_run_refuses_a_nonfinite_value_anywhere_in_a_float_tensor(tmp_path, monkeypatch, mappable, dtype,
+                                                                        where):
+    """The check is cut into pieces at element boundaries: a NaN/Inf is found at either side of a piece edge,
+    also when the tensor starts at an odd offset (after an int8 tensor of odd length); it names the tensor."""
+    if not mappable:
+        monkeypatch.setattr("surgeon.filemap.map_bytes", lambda *a: None)
+    torch_dtype = getattr(torch, dtype)
+    width = torch.finfo(torch_dtype).bits // 8
+    n = (WRITE_CHUNK // width) * 2 + 3
+    values = torch.randn(n).to(torch_dtype)
+    at = {"first": 0, "last": n - 1, "chunk_end": WRITE_CHUNK // width - 1, "chunk_start": WRITE_CHUNK // width}
+    values[at[where]] = float("inf") if where == "chunk_start" else float("nan")
+    prefix = bytes(range(7))
+    (tmp_path / "src.bin").write_bytes(prefix + values.view(torch.uint8).numpy().tobytes())
+    tensors = [("ids", "int8", len(prefix)), ("w", dtype, n * width)]
+    fd = os.open(tmp_path / "dst.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        with pytest.raises(SurgeonError, match="tensor 'w' contains NaN or Inf"):
+            copy_run(_run_of(tmp_path / "src.bin", tensors), fd, check=True)
+        copy_run(_run_of(tmp_path / "src.bin", tensors), fd, check=False)  # --allow-nonfinite: copied as is
+    finally:
+        os.close(fd)
+    assert (tmp_path / "dst.bin").read_bytes() == (tmp_path / "src.bin").read_bytes()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float64"])
+def test_streamed_cast_of_a_source_gives_torchs_bytes_and_refuses_overflow(tmp_path, dtype):
+    """A cast of an untouched tensor is converted a piece at a time (several pieces here, an odd element count):
+    the bytes are torch's ``.to``; a float32 value past the target's range becomes Inf, which is refused
+    (naming the output tensor) unless --allow-nonfinite, as the whole-tensor cast did."""
+    src = tmp_path / "src"
+    src.mkdir()
+    w = torch.randn(3 * WRITE_CHUNK // 4 + 5) * 100
+    w[-1] = torch.finfo(torch.float32).max  # rounds up to Inf in bfloat16 and float16
+    save_file({"a": torch.arange(3, dtype=torch.int8), "w": w}, src / "model.safetensors")
+    graph = Graph.from_checkpoint(open_checkpoint(str(src)))
+    graph.nodes["w.cast"] = Cast(graph.nodes.pop("w"), dtype)
+    if dtype != "float64":
+        with pytest.raises(SurgeonError, match="tensor 'w.cast' contains NaN or Inf"):
+            write_graph(graph, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+    write_graph(graph, tmp_path / "out", allow_nonfinite=True)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as fh:
+        got = fh.get_tensor("w.cast")
+    assert got.dtype == getattr(torch, dtype)
+    assert got.view(torch.uint8).numpy().tobytes() == w.to(getattr(torch, dtype)).view(torch.uint8).numpy().tobytes()
 
 
 def test_truncated_source_is_named(tmp_path):
     (tmp_path / "src.bin").write_bytes(b"x" * 100)
     fd = os.open(tmp_path / "dst.bin", os.O_WRONLY | os.O_CREAT)
     try:
-        with pytest.raises(SurgeonError, match="src.bin: file ends at byte 100"):
-            copy_range(tmp_path / "src.bin", 50, 100, fd)
+        with pytest.raises(SurgeonError, match="src.bin: file ends at byte 100, expected 150 bytes"):
+            copy_run(_run_of(tmp_path / "src.bin", [("t", "uint8", 100)], begin=50), fd, check=False)
     finally:
         os.close(fd)
+
+
+def test_a_full_disk_is_found_before_any_tensor_is_written(tmp_path, monkeypatch):
+    """Each shard file is reserved to its size first: no room means the clear error, and nothing is left."""
+    import ctypes
+
+    from surgeon import filemap
+
+    class NoRoom:
+        def __getattr__(self, name):
+            return getattr(filemap._libc(), name)
+
+        @staticmethod
+        def fallocate(fd, mode, offset, length):
+            ctypes.set_errno(errno.ENOSPC)
+            return -1
+
+    monkeypatch.setattr(filemap, "_LIBC", NoRoom())
+    written = []
+    monkeypatch.setattr("surgeon.executor.copy_run", lambda *a: written.append(a))
+    with pytest.raises(SurgeonError, match="no space left on device"):
+        write_graph(Graph.from_checkpoint(open_checkpoint(str(_source(tmp_path)))), tmp_path / "out")
+    assert not written and not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
 
 
 def test_shared_node_is_computed_once_across_threads():

@@ -169,3 +169,54 @@ def test_load_node_reports_shape_without_reading(tmp_path, monkeypatch):
     assert isinstance(node, Load) and node.shape == (32, 32) and node.dtype == torch.float32
     plan_shards(g, 10**9)
     Context()
+
+
+def _sharded_source(tmp_path: Path) -> Path:
+    """Three shards of two 64x64 fp32 tensors each (32 KiB + header per file), with their index."""
+    d = tmp_path / "sharded"
+    d.mkdir()
+    weight_map = {}
+    for k in range(3):
+        name = f"model-{k + 1:05d}-of-00003.safetensors"
+        tensors = {f"t{2 * k + j}": torch.randn(64, 64) for j in range(2)}
+        save_file(tensors, d / name, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(tensors, name)
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": "float32"}))
+    return d
+
+
+def _layout(folder: Path) -> dict[str, list[str]]:
+    files: dict[str, list[str]] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as fh:
+            files[f.name] = sorted(fh.keys())
+    return files
+
+
+def test_default_shard_size_keeps_a_sharded_input_layout(tmp_path):
+    """``auto``: a sharded input keeps its shards (same files, same tensors, same bytes for a passthrough); a
+    single-file input stays one file; a cast of the sharded input packs into shards of the input's size."""
+    src = _sharded_source(tmp_path)
+    write_graph(Graph.from_checkpoint(open_checkpoint(src)), tmp_path / "same")
+    assert _layout(tmp_path / "same") == _layout(src)
+    for f in src.glob("*.safetensors"):
+        assert (tmp_path / "same" / f.name).read_bytes() == f.read_bytes()
+    g = Graph.from_checkpoint(open_checkpoint(src))
+    for name in g.names():
+        g.nodes[name] = Apply(lambda w: w.half(), [g.nodes[name]], label="half", dtype=torch.float16)
+    write_graph(g, tmp_path / "half")
+    assert [len(v) for v in _layout(tmp_path / "half").values()] == [4, 2]  # 8 KiB per tensor, ~16.5 KiB shards
+    write_graph(_graph(tmp_path), tmp_path / "single")
+    assert list(_layout(tmp_path / "single")) == ["model.safetensors"]
+    write_graph(Graph.from_checkpoint(open_checkpoint(src)), tmp_path / "one", max_shard_size="5GB")
+    assert list(_layout(tmp_path / "one")) == ["model.safetensors"]
+
+
+def test_bad_shard_size_names_the_flag_and_its_forms(tmp_path, capsys):
+    from surgeon.cli import main
+
+    src = _sharded_source(tmp_path)
+    code = main(["drop", str(src), "--pattern", "^t0$", "-o", str(tmp_path / "o"), "--max-shard-size", "half"])
+    assert code == 2 and not (tmp_path / "o").exists()
+    assert "--max-shard-size: expected a size like 5GB or 500MB, or auto, got 'half'" in capsys.readouterr().err

@@ -167,10 +167,10 @@ def _slow_cast_process(src: Path, out: Path) -> subprocess.Popen:
         "orig = b.cast_target\n"
         "def slow(*a):\n    time.sleep(0.2); return orig(*a)\n"
         "b.cast_target = slow\n"
-        "import surgeon.writer as w\n"
-        "o = w.tensor_bytes\n"
-        "def slow_bytes(t):\n    time.sleep(0.1); return o(t)\n"
-        "w.tensor_bytes = slow_bytes\n"
+        "import surgeon.executor as x\n"  # every write of every tensor goes through pwrite_all
+        "o = x.pwrite_all\n"
+        "def slow_write(*a):\n    time.sleep(0.1); return o(*a)\n"
+        "x.pwrite_all = slow_write\n"
         f"sys.exit(main(['cast', {str(src)!r}, '--dtype', 'float16', '-o', {str(out)!r}, '--max-shard-size', '1MB', '-q']))\n"
     )
     return subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
@@ -272,12 +272,12 @@ def test_full_tmpfs_gives_clear_error(tmp_path):
 def test_full_disk_gives_clear_error(tmp_path, monkeypatch, tiny_llama, capsys):
     import errno
 
-    import surgeon.writer as w
+    import surgeon.executor as x
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(w, "tensor_bytes", full)
+    monkeypatch.setattr(x, "pwrite_all", full)  # every tensor's bytes are written through it
     rc = main(["cast", str(tiny_llama), "--dtype", "float16", "-o", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "no space left" in err
