@@ -335,14 +335,21 @@ def zero_smallest_k(x: torch.Tensor, k: int, *, device: str = "cpu", absolute: b
         xf = x.detach().to(mask.device)
         xf = xf if xf.dtype == torch.float64 else xf.float()
         return xf.masked_fill(mask, 0).cpu()
-    bits = fp32_bits(x)
+    return torch.from_numpy(zero_smallest_k_bits(fp32_bits(x), k, absolute).view(np.float32)).reshape(x.shape)
+
+
+def zero_smallest_k_bits(bits: np.ndarray, k: int, absolute: bool = True) -> np.ndarray:
+    """:func:`zero_smallest_k` on flat fp32 bit patterns (uint32, numpy; no torch): a new array."""
+    k = max(0, min(int(k), bits.size))
     if k == 0:
-        return torch.from_numpy(bits.copy().view(np.float32)).reshape(x.shape)
+        return bits.copy()
     out = _zero_in_bracket(bits, k, absolute) if bits.size >= BRACKET_MIN else None
     if out is None:  # small tensor, or the sampled bracket missed the k-th key: exact radix select
         kth = _kth_of_bits(bits, k, absolute)
-        return zero_below(bits, kth.key, k - kth.n_less, absolute=absolute).reshape(x.shape)
-    return torch.from_numpy(out.view(np.float32)).reshape(x.shape)
+        out = np.empty_like(bits)
+        serial = bits.size <= SERIAL_MAX * get_num_threads()
+        (_zero_below_serial if serial else _zero_below)(bits, absolute, int(kth.key), int(k - kth.n_less), out)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -124,15 +124,33 @@ def convert_gguf(path: str | os.PathLike, out: str | os.PathLike, *, dtype: str 
         shutil.rmtree(graph.meta["gguf_side_dir"], ignore_errors=True)
 
 
+FINGERPRINT_BLOCKS = 10  # 1 MiB blocks read for the cache key: both ends and evenly spaced ones between
+
+
+def content_key(path: Path, dtype: str) -> str:
+    """The cache key of a conversion: the file's name and size, a sha256 over ``FINGERPRINT_BLOCKS`` MiB of its
+    bytes (all of them for a small file), the dtype and the converter version. Not the mtime: every fresh
+    install of the same package (a CI run, a new venv) gets a new mtime, and keyed by it each one left another
+    converted copy (540 MB for SmolLM2) in the cache."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(f"{path.name}:{size}:{dtype}:v{CONVERTER_VERSION}".encode())
+    block = 1 << 20
+    starts = sorted({min(max(0, size - block), i * (size - block) // (FINGERPRINT_BLOCKS - 1))
+                     for i in range(FINGERPRINT_BLOCKS)}) if size > block else [0]
+    with open(path, "rb") as fh:
+        for start in starts:
+            fh.seek(start)
+            digest.update(fh.read(block))
+    return digest.hexdigest()[:16]
+
+
 def cached_conversion(path: str | os.PathLike, dtype: str = "float32") -> Path:
-    """Convert once into ``~/.cache/surgeon/gguf/<sha>-<dtype>`` and reuse (keyed by size, mtime, name)."""
+    """Convert once into ``~/.cache/surgeon/gguf/<stem>-<key>`` and reuse (:func:`content_key`: the same file
+    installed twice shares one conversion)."""
     from surgeon.checkpoint import cache_dir
 
     path = Path(path).resolve()
-    st = path.stat()
-    key = hashlib.sha256(f"{path.name}:{st.st_size}:{int(st.st_mtime)}:{dtype}:v{CONVERTER_VERSION}".encode()
-                         ).hexdigest()[:16]
-    out = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    out = cache_dir() / "gguf" / f"{path.stem}-{content_key(path, dtype)}"
     if (out / "config.json").is_file():
         return out
     convert_gguf(path, out, dtype=dtype, force=True)

@@ -61,3 +61,27 @@ def test_bf16_cast_through_run_loads_and_keeps_answer(smollm2, tmp_path):
     tok = AutoTokenizer.from_pretrained(out)
     assert _greedy(model, tok, "The capital of France is").startswith(" Paris")
     assert (out / "chat_template.jinja").is_file() or "chat_template" in (out / "tokenizer_config.json").read_text()
+
+
+def test_the_conversion_cache_is_keyed_by_content_not_by_install_time(tmp_path):
+    """Two installs of the same file (new mtimes) share one cache entry; another file, dtype or a changed byte
+    in a sampled block gets its own; a small file is hashed whole."""
+    import os
+
+    from surgeon.gguf import content_key
+
+    data = bytearray(os.urandom(5 << 20))
+    a, b = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_bytes(data)
+    os.utime(b, (1, 1))
+    assert content_key(a, "float32") == content_key(b, "float32") != content_key(a, "bfloat16")
+    data[-1] ^= 1  # the last block is always read
+    b.write_bytes(data)
+    assert content_key(a, "float32") != content_key(b, "float32")
+    small = tmp_path / "a" / "s.gguf"
+    small.write_bytes(b"x" * 1000)
+    before = content_key(small, "float32")
+    small.write_bytes(b"x" * 999 + b"y")
+    assert content_key(small, "float32") != before

@@ -237,3 +237,21 @@ def test_nan_or_inf_in_a_pruned_matrix_is_refused_even_when_allowed(tiny_llama, 
     with pytest.raises(SurgeonError, match=rf"tensor '{name}' contains NaN or Inf \(magnitude pruning ranks"):
         write_graph(g, tmp_path / "out", allow_nonfinite=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_writer_prunes_on_raw_storage_with_the_torch_paths_bytes(tmp_path, dtype):
+    """Per-matrix pruning of a safetensors source runs on its raw storage (no aligned copy, no torch tensor):
+    the writer takes that path, and every pruned tensor has exactly the bytes of the torch path."""
+    from surgeon.graph import Executor, runs_on_host
+
+    g = _graph(save_tiny_llama(tmp_path / "m", dtype=dtype, layers=2, hidden=256))  # the MLP: the sampled bracket
+    g2 = apply(g, Params(sparsity=0.45), Context())
+    names = _linears(g)
+    assert names and all(runs_on_host(g2[n]) for n in names)
+    host, torch_path = Executor([g2[n] for n in names]), Executor([g2[n] for n in names])
+    for n in names:
+        a = host.host_value(g2[n])
+        b = torch_path.value(g2[n])
+        assert a.dtype == str(dtype).removeprefix("torch.") and b.dtype == dtype
+        assert a.data.tobytes() == b.view(torch.uint8).numpy().tobytes(), n

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from surgeon.arch import Roles
     from surgeon.context import Context
     from surgeon.graph import Graph
+    from surgeon.tensorfile import HostArray
 
 INCLUDE_HELP = ("Selectors of the tensors to prune (role names like `mlp.*`, `attn.q[0, 4)`, `linears`, `lm_head`, "
                 "`re:<regex>`, exact names). Default: every block linear (embeddings, lm_head, norms stay dense).")
@@ -24,8 +25,9 @@ class Pruned(Apply):
     """An ``Apply`` whose result is a pruned version of ``dense`` (kept so PERP's reconstruction mode can find the
     dense weights of a prune step earlier in the same run)."""
 
-    def __init__(self, fn: Callable[..., torch.Tensor], inputs: Sequence[Node], *, dense: Node, label: str):
-        super().__init__(fn, inputs, label=label, shape=dense.shape, dtype=dense.dtype)
+    def __init__(self, fn: Callable[..., torch.Tensor], inputs: Sequence[Node], *, dense: Node, label: str,
+                 host_fn: Callable[..., HostArray] | None = None):
+        super().__init__(fn, inputs, label=label, shape=dense.shape, dtype=dense.dtype, host_fn=host_fn)
         self.dense = dense
 
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from surgeon.kernels.host_dtypes import convert
 from surgeon.kernels.select import (
     NonFiniteInput,
     bracket,
@@ -28,6 +29,7 @@ from surgeon.kernels.select import (
     sample_size,
     zero_below,
     zero_smallest_k,
+    zero_smallest_k_bits,
 )
 from surgeon.kernels.select_global import BracketKth, StreamingKth, sample_tensor
 
@@ -36,6 +38,7 @@ from surgeon.errors import SurgeonError
 from surgeon.graph import Graph, Node, Reduce
 from surgeon.numeric import check_finite
 from surgeon.registry import register
+from surgeon.tensorfile import HostArray
 
 from .common import (
     ARCH_HELP,
@@ -124,6 +127,21 @@ def _finite_magnitude_prune(name: str, sparsity: float, device: str, protect: Pr
             except NonFiniteInput:  # the selection's histogram shows NaN/Inf: no separate pass over w
                 raise unrankable(name) from None
         return protect.finish(name, out, w, transposed)
+
+    return fn
+
+
+def _host_magnitude_prune(name: str, sparsity: float):
+    """:func:`_finite_magnitude_prune` on raw storage (no protection, CPU): the source is read from its map
+    without the copy torch computations get, and the selection's own pass refuses NaN/Inf. Same bytes."""
+    def fn(w: HostArray) -> HostArray:
+        flat = w.data.reshape(-1)
+        bits = (flat if w.dtype == "float32" else convert(flat, w.dtype, "float32")).view(np.uint32)
+        try:
+            out = zero_smallest_k_bits(bits, n_pruned(bits.size, sparsity), absolute=True)
+        except NonFiniteInput:
+            raise unrankable(name) from None
+        return HostArray(out.view(np.float32), "float32", w.shape)
 
     return fn
 
@@ -291,9 +309,12 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
         for name in names:
             dense = graph[name]
             numel = dense.shape[0] * dense.shape[1]
+            host = (_host_magnitude_prune(name, params.sparsity) if dev == "cpu" and dense.dtype_name != "float64"
+                    and protect.rank_mask(name) is None and name not in protect.keys else None)
             graph.replace(name, _checked(Pruned(_finite_magnitude_prune(name, params.sparsity, dev, protect,
                                                                         name in trans),
-                                                [dense], dense=dense, label="prune-magnitude"), name, protect))
+                                                [dense], dense=dense, label="prune-magnitude", host_fn=host),
+                                         name, protect))
             per_tensor[name] = (n_pruned(numel, params.sparsity), numel)
         ctx.report(method="magnitude", scope="layer", **sparsity_facts(per_tensor))
     else:
