@@ -92,7 +92,7 @@ def _f32_to_bf16_c(x: np.ndarray, out: np.ndarray) -> bool:
     lib = _f32_to_bf16_library()
     if lib is None:
         return False
-    x = np.ascontiguousarray(x)
+    x = np.require(x, requirements=["C", "A"])  # a copy when unaligned: the compiled loop may assume 4-byte loads
     lib.f32_to_bf16(x.ctypes.data, out.ctypes.data, x.size, 0xFFFF)
     return True
 

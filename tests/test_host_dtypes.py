@@ -78,6 +78,16 @@ def test_host_cast_gives_torch_bytes(src, dst, c_kernel, monkeypatch):
                         f"{hex(got.view(w.dtype)[bad[0]])}, torch {hex(w[bad[0]])}")
 
 
+def test_float32_to_bfloat16_of_unaligned_storage():
+    """A source tensor may sit at any byte offset of its file: the C kernel gets an aligned copy, same bytes."""
+    bits = _special_f32()
+    raw = np.zeros(bits.nbytes + 1, dtype=np.uint8)
+    raw[1:] = bits.view(np.uint8)
+    unaligned = raw[1:].view(np.float32)
+    assert not unaligned.flags.aligned
+    assert convert(unaligned, "float32", "bfloat16").tobytes() == _torch_cast(bits, "float32", "bfloat16")
+
+
 @pytest.mark.parametrize("dtype", [*FLOATS, "float8_e4m3fn", "float8_e5m2"])
 def test_nonfinite_check_agrees_with_torch_isfinite(dtype):
     rng = np.random.default_rng(7)
