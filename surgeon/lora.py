@@ -44,6 +44,16 @@ def is_adapter_folder(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / ADAPTER_CONFIG).is_file()
 
 
+def adapter_folder(g: Graph) -> Path | None:
+    """The PEFT adapter folder the graph ``g`` was opened from, or None for a full model."""
+    for src in g.sources:
+        p = Path(src.path)
+        folder = p if p.is_dir() else p.parent
+        if is_adapter_folder(folder) and any(".lora_" in n for n in g.names()):
+            return folder
+    return None
+
+
 def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
     """PEFT's pattern lookup: a key matches a module named exactly so or ending in ``.<key>`` (regex allowed)."""
     for key, value in patterns.items():

@@ -124,13 +124,14 @@ def _host_copies(params: BaseModel, n_inputs: int) -> int | None:
     return ask(n_inputs) if callable(ask) else None
 
 
-def step_estimate(graph: Graph, spec: OpSpec, params: BaseModel, n_models: int = 1) -> dict[str, int]:
+def step_estimate(graph: Graph, spec: OpSpec, params: BaseModel, n_models: int = 1, *,
+                  host_inputs: bool = True) -> dict[str, int]:
     """``{"work": bytes one step needs besides the base, "held": bytes it leaves in the graph}``."""
     largest = _largest_fp32(graph)
     if _calibrated_shiftadd(spec, params):
         return {"work": _shiftadd_work(graph, params, _shape(graph), 4 * _numel(graph)), "held": 0}
     if spec.multi_model:
-        host = _host_copies(params, n_models)
+        host = _host_copies(params, n_models) if host_inputs else None
         if host is not None:  # host kernels: the inputs are maps of the files, plus the op's own buffers
             return {"work": (host + n_models) * largest, "held": 0}
         return {"work": (STREAM_FACTOR + MERGE_FACTOR.get(spec.name, 1) * n_models) * largest, "held": 0}
@@ -321,16 +322,19 @@ def _shiftadd_work(graph: Graph, p: Any, s: dict[str, int], model: int) -> int:
     return work
 
 
-def run_estimate(graph: Graph, validated: list[tuple[OpSpec, BaseModel]], n_models: int = 1) -> dict[str, Any]:
-    """Peak of the whole run and of each step (see the module docstring); ``n_models``: inputs of a merge."""
+def run_estimate(graph: Graph, validated: list[tuple[OpSpec, BaseModel]], n_models: int = 1, *,
+                 host_inputs: bool = True) -> dict[str, Any]:
+    """Peak of the whole run and of each step (see the module docstring); ``n_models``: inputs of a merge;
+    ``host_inputs``: every input tensor can be read without torch (not so for LoRA adapters or pickles, which
+    send even a torch-free op down the torch path)."""
     model_level = any(spec.model_level or _calibrated_shiftadd(spec, p) for spec, p in validated)
-    host = all(spec.torch_free and (not spec.multi_model or _host_copies(p, n_models) is not None)
-               for spec, p in validated)
+    host = host_inputs and all(spec.torch_free and (not spec.multi_model or _host_copies(p, n_models) is not None)
+                               for spec, p in validated)
     base = BASE_TRANSFORMERS if model_level else BASE_HOST if host else BASE_TORCH
     held = 0
     steps = []
     for spec, params in validated:
-        est = step_estimate(graph, spec, params, n_models)
+        est = step_estimate(graph, spec, params, n_models, host_inputs=host_inputs)
         steps.append(base + held + est["work"])
         held += est["held"]
     write = base + held + STREAM_FACTOR * _largest_fp32(graph)

@@ -296,7 +296,12 @@ def dry_run_plan(graph, graphs, validated, options: RunOptions) -> dict[str, Any
 
     largest = max((graph[n].nbytes for n in graph.names()), default=0)
     total = sum(graph[n].nbytes for n in graph.names())
-    memory = run_estimate(graph, validated, n_models=len(graphs))
+    from surgeon.graph import runs_on_host
+    from surgeon.lora import adapter_folder
+
+    host_inputs = all(adapter_folder(g) is None and all(runs_on_host(g[n]) for n in g.names())
+                      for g in graphs.values())
+    memory = run_estimate(graph, validated, n_models=len(graphs), host_inputs=host_inputs)
     planned = planned_graph(graph, graphs, validated, options)
     return {
         "output": str(Path(options.output).expanduser().resolve()) if options.output else None,

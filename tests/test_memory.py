@@ -177,3 +177,25 @@ def test_erase_and_distill_estimates_within_1_5x_of_peak_rss_on_tiny_models(tmp_
         peak = _measured_peak(path, tmp_path / f"out-{name}", env)
         print(f"\n{name}: estimate {estimate / 2**30:.2f} GiB, peak RSS {peak / 2**30:.2f} GiB")
         assert 1 / 1.5 <= estimate / peak <= 1.5, (name, estimate, peak)
+
+
+def test_a_merge_with_an_adapter_input_is_estimated_on_torch(tmp_path, capsys):
+    """Torch-free merges run on the host only when every input is raw safetensors: a PEFT adapter input (a lazy
+    W + s·B·A node) sends the merge down the torch path, and the estimate counts torch's base."""
+    from conftest import save_tiny_llama
+    from test_lora import _peft_adapter
+
+    from surgeon.cli import main
+    from surgeon.memory import BASE_HOST, BASE_TORCH
+
+    base = save_tiny_llama(tmp_path / "base", layers=2, hidden=32, vocab=64)
+    other = save_tiny_llama(tmp_path / "other", layers=2, hidden=32, vocab=64, seed=1)
+    _peft_adapter(base, tmp_path / "ad")
+
+    def estimate(*models: Path) -> int:
+        assert main(["merge", "task-arithmetic", *map(str, models), "--base", str(base), "-o", str(tmp_path / "o"),
+                     "--dry-run", "--json"]) == 0
+        return int(json.loads(capsys.readouterr().out)["memory_estimate_bytes"])
+
+    plain, adapted = estimate(other, other), estimate(tmp_path / "ad", other)
+    assert adapted - plain >= BASE_TORCH - BASE_HOST

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from surgeon.errors import SurgeonError
+from surgeon.lora import adapter_folder
 from surgeon.tensorfile import FLOAT_DTYPES
 
 if TYPE_CHECKING:
@@ -94,20 +95,6 @@ class MergeInputs:
     @property
     def n(self) -> int:
         return len(self.graphs)
-
-
-def adapter_folder(g: Graph):
-    """The PEFT adapter folder ``g`` was opened from, or None for a full model."""
-    from pathlib import Path
-
-    from surgeon.lora import is_adapter_folder
-
-    for src in g.sources:
-        p = Path(src.path)
-        folder = p if p.is_dir() else p.parent
-        if is_adapter_folder(folder) and any(".lora_" in n for n in g.names()):
-            return folder
-    return None
 
 
 def gather_inputs(graph: Graph, params: MergeParams, ctx: Context, *, need_base: bool,

@@ -102,9 +102,7 @@ class RmmParams(MergeParams):
 
 def _task_factors(inputs, plan, params: RmmParams, ctx: Context):
     """{tensor: (kind, [(A_i [r, in], B_i [out, r]) per task], transposed)} and {tensor: [dense delta_i]}."""
-    from surgeon.ops.merge.inputs import adapter_folder
-
-    from surgeon.lora import open_adapter
+    from surgeon.lora import adapter_folder, open_adapter
 
     ctx_graphs = dict(ctx.graphs)
     adapters = []
