@@ -11,6 +11,8 @@ Tensor-wise work is I/O bound, so the writer keeps the disk busy while everythin
   they are written, while still in the cache, so the check costs no second pass; a failure is raised before the
   output folder is renamed into place. (Measured on ext4: faster than ``copy_file_range``, which splices page
   by page, even without the check; docs/cluster.md.)
+- **Casts of source tensors** (``cast``) are converted and written the same way, ``CAST_PIECE`` bytes of source
+  at a time: no buffer of the tensor's size.
 - **Shard files are written at once**: the next file's work starts while the last one's copies still run
   (ext4 serialises the writers of one file, not of different files), and each file is reserved to its final
   size first (``fallocate``).
