@@ -45,7 +45,7 @@ def sample_prefixes(score: Any, tok: Any, lengths: Sequence[int], *, seed: int, 
     gen = torch.Generator().manual_seed(seed)
     starts = seed_ids(tok, seeds, len(lengths))
     n_new = [max(length - len(st), 1) for st, length in zip(starts, lengths)]
-    choose = top_k_draw(top_k, gen)
+    choose = generate_fast_draw(top_k, gen)
     decode = getattr(score, "decode", None)
     if decode is not None and len({len(st) for st in starts}) == 1:
         drawn = decode(torch.tensor(starts, dtype=torch.long), max(n_new), choose)
@@ -63,7 +63,7 @@ def sample_prefixes(score: Any, tok: Any, lengths: Sequence[int], *, seed: int, 
     return out_texts
 
 
-def top_k_draw(top_k: int, gen: torch.Generator):
+def generate_fast_draw(top_k: int, gen: torch.Generator):
     """The reference's prefix sampler for one step: a draw from the softmax of each row's ``top_k`` largest fp32
     logits (``generate_fast(top_k=5)``); returns the chosen ids ``[b, 1]``."""
 
