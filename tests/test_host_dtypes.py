@@ -64,8 +64,11 @@ def _sources(src: str, rng: np.random.Generator):
 def test_host_cast_gives_torch_bytes(src, dst, c_kernel, monkeypatch):
     if not c_kernel:  # the numpy steps, as on a machine without a C compiler
         monkeypatch.setattr("surgeon.kernels.host_dtypes._f32_to_bf16_c", lambda x, out: False)
+        monkeypatch.setattr("surgeon.kernels.host_dtypes._to_f16_c", lambda x, src, out: False)
     elif (src, dst) == ("float32", "bfloat16") and host_dtypes._f32_to_bf16_library() is None:
         pytest.skip("no C compiler: the C kernel is not built")
+    elif src in ("float32", "bfloat16") and dst == "float16" and host_dtypes._to_f16_library() is None:
+        pytest.skip("no F16C or no C compiler: the F16C kernel is not built")
     rng = np.random.default_rng(FLOATS.index(src) * 4 + FLOATS.index(dst))
     for bits in _sources(src, rng):
         got = convert(bits.view(STORAGE[src]), src, dst)
@@ -78,14 +81,15 @@ def test_host_cast_gives_torch_bytes(src, dst, c_kernel, monkeypatch):
                         f"{hex(got.view(w.dtype)[bad[0]])}, torch {hex(w[bad[0]])}")
 
 
-def test_float32_to_bfloat16_of_unaligned_storage():
-    """A source tensor may sit at any byte offset of its file: the C kernel gets an aligned copy, same bytes."""
+@pytest.mark.parametrize("dst", ["bfloat16", "float16"])
+def test_float32_casts_of_unaligned_storage(dst):
+    """A source tensor may sit at any byte offset of its file: the C kernels get an aligned copy, same bytes."""
     bits = _special_f32()
     raw = np.zeros(bits.nbytes + 1, dtype=np.uint8)
     raw[1:] = bits.view(np.uint8)
     unaligned = raw[1:].view(np.float32)
     assert not unaligned.flags.aligned
-    assert convert(unaligned, "float32", "bfloat16").tobytes() == _torch_cast(bits, "float32", "bfloat16")
+    assert convert(unaligned, "float32", dst).tobytes() == _torch_cast(bits, "float32", dst)
 
 
 @pytest.mark.parametrize("dtype", [*FLOATS, "float8_e4m3fn", "float8_e5m2"])
