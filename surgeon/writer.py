@@ -228,7 +228,8 @@ def write_graph(graph: Graph, out: str | os.PathLike, *, ctx: Context | None = N
     """Write ``graph`` as a Hub-ready folder at ``out``. Returns a summary (files, bytes, seconds).
 
     ``executor="local"``: shards are written by :class:`surgeon.executor.ShardPipeline` (compute ahead within
-    ``max_memory``, kernel-side copies of untouched tensors, finiteness checks off the write path).
+    ``max_memory``, untouched tensors written from a map of their source with their NaN/Inf check in the same
+    pass, shard files at once). ``max_shard_size``: bytes, a size string, or ``auto`` (:func:`shard_size_for`).
     ``executor="ray"``: one task per shard on a Ray cluster (:mod:`surgeon.ray_executor`).
     Local paths (inputs, data files, the output) appear by name only in the card, and in ``surgeon.json`` unless
     ``record_paths``; the returned summary keeps the full output path."""
