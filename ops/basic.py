@@ -1,8 +1,8 @@
 """Small tensor-wise ops that exercise the contract: ``cast``, ``drop``, ``rename``.
 
 They never import torch: their graphs (source tensors, :class:`~surgeon.graph.Cast` nodes) are written from raw
-bytes (host casts streamed piece by piece, copies from a map of the source), so a cast or copy of a checkpoint runs at disk speed in a process that
-starts in a fraction of a second."""
+bytes (host casts streamed piece by piece, copies from a map of the source), so a cast or copy of a checkpoint
+runs at disk speed in a process that starts in a fraction of a second."""
 from __future__ import annotations
 
 import re
