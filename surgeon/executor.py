@@ -157,7 +157,7 @@ class SourceWindow:
                 import numpy as np
 
                 self.data = np.empty(hi - lo, dtype=np.uint8)
-                read_exact(run.file, run.begin + lo, memoryview(self.data))
+                read_exact(run.file, run.begin + lo, self.data.data)
         return self.data[lo - self.lo: hi - self.lo]
 
 
@@ -178,7 +178,7 @@ def copy_run(run: _CopyRun, fd: int, check: bool) -> None:
         for at, n, name, dtype in batch:
             if dtype:
                 check_finite_host(name, HostArray(data[at - lo: at - lo + n].view(STORAGE[dtype]), dtype, (-1,)))
-        pwrite_all(fd, memoryview(data), run.at + lo)
+        pwrite_all(fd, data.data, run.at + lo)
 
 
 def cast_run(run: _CopyRun, fd: int, dtype: str, check_source: bool, check: tuple[str, ...]) -> None:
@@ -199,7 +199,7 @@ def cast_run(run: _CopyRun, fd: int, dtype: str, check_source: bool, check: tupl
         y = convert(x, src, dtype)
         if check:
             check_finite_host(check[0], HostArray(y, dtype, (-1,)))
-        pwrite_all(fd, memoryview(y), run.at + lo * scale[0] // scale[1])
+        pwrite_all(fd, y.data, run.at + lo * scale[0] // scale[1])
 
 
 def streams_cast(node: Node) -> bool:
