@@ -171,6 +171,9 @@ if njit is not None:
             counts[p, 1] = inside
             counts[p, 2] = bad
 
+    #: the same pass on the calling thread: a parallel region's fork/join (and its threads spinning after it) costs
+    #: milliseconds of CPU per call, more than the pass over a tensor below ~4 M entries; the writer's pool already
+    #: prunes several tensors at once
     _band_split_serial = njit(cache=True)(_band_split.py_func)
 
     @njit(cache=True, parallel=True)
@@ -353,9 +356,7 @@ def zero_smallest_k_bits(bits: np.ndarray, k: int, absolute: bool = True) -> np.
     out = _zero_in_bracket(bits, k, absolute) if bits.size >= BRACKET_MIN else None
     if out is None:  # small tensor, or the sampled bracket missed the k-th key: exact radix select
         kth = _kth_of_bits(bits, k, absolute)
-        out = np.empty_like(bits)
-        serial = bits.size <= SERIAL_MAX * get_num_threads()
-        (_zero_below_serial if serial else _zero_below)(bits, absolute, int(kth.key), int(k - kth.n_less), out)
+        out = zero_below_bits(bits, kth.key, k - kth.n_less, absolute=absolute)
     return out
 
 
@@ -441,12 +442,18 @@ def _zero_in_bracket(bits: np.ndarray, k: int, absolute: bool) -> np.ndarray | N
     return out
 
 
-def zero_below(bits: np.ndarray, t_key: int, n_ties: int, *, absolute: bool = True) -> torch.Tensor:
-    """Flat fp32 copy of ``bits`` with keys below ``t_key`` and the first ``n_ties`` keys equal to it zeroed."""
+def zero_below_bits(bits: np.ndarray, t_key: int, n_ties: int, *, absolute: bool = True) -> np.ndarray:
+    """Copy of the fp32 bit patterns ``bits`` with keys below ``t_key`` and the first ``n_ties`` keys equal to it
+    zeroed (uint32, numpy)."""
     out = np.empty_like(bits)
     serial = bits.size <= SERIAL_MAX * get_num_threads()
     (_zero_below_serial if serial else _zero_below)(bits, absolute, int(t_key), int(n_ties), out)
-    return torch.from_numpy(out.view(np.float32))
+    return out
+
+
+def zero_below(bits: np.ndarray, t_key: int, n_ties: int, *, absolute: bool = True) -> torch.Tensor:
+    """:func:`zero_below_bits` as a flat fp32 tensor."""
+    return torch.from_numpy(zero_below_bits(bits, t_key, n_ties, absolute=absolute).view(np.float32))
 
 
 def mask_below(bits: np.ndarray, t_key: int, n_ties: int, *, absolute: bool = False) -> torch.Tensor:
