@@ -181,11 +181,12 @@ def copy_run(run: _CopyRun, fd: int, check: bool) -> None:
         pwrite_all(fd, data.data, run.at + lo)
 
 
-def cast_run(run: _CopyRun, fd: int, dtype: str, check_source: bool, check: tuple[str, ...]) -> None:
+def cast_run(run: _CopyRun, fd: int, dtype: str, check_source: bool, check_name: str | None) -> None:
     """Write one source tensor (the run's only one) converted to ``dtype`` at ``run.at`` of ``fd``, ``CAST_PIECE``
     source bytes at a time (:func:`surgeon.kernels.host_dtypes.convert` is elementwise, so the bytes are the whole
-    tensor's): no buffer of the tensor's size is ever made. ``check_source``: refuse NaN/Inf in the source; ``check``
-    (the output's name, or empty): refuse them in the result (a float32 value past bfloat16's range is Inf)."""
+    tensor's): no buffer of the tensor's size is ever made. ``check_source``: refuse NaN/Inf in the source;
+    ``check_name`` (the output's name, or None): refuse them in the result (a float32 value past bfloat16's range
+    is Inf)."""
     from surgeon.checkpoint import check_finite_host
     from surgeon.kernels.host_dtypes import STORAGE, convert
 
@@ -197,8 +198,8 @@ def cast_run(run: _CopyRun, fd: int, dtype: str, check_source: bool, check: tupl
         if check_source:
             check_finite_host(name, HostArray(x, src, (-1,)))
         y = convert(x, src, dtype)
-        if check:
-            check_finite_host(check[0], HostArray(y, dtype, (-1,)))
+        if check_name is not None:
+            check_finite_host(check_name, HostArray(y, dtype, (-1,)))
         pwrite_all(fd, y.data, run.at + lo * scale[0] // scale[1])
 
 
@@ -249,15 +250,20 @@ def write_when_done(value: Future, fd: int, at: int, tensor_bytes: Callable[...,
 # the pipeline
 
 
+def _stop(writes: list[Future]) -> None:
+    """Cancel what has not started and wait for what has: nothing may write into a descriptor after it closes."""
+    for f in writes:
+        f.cancel()
+    wait(writes)
+
+
 def _wait_all(writes: list[Future]) -> None:
     """Wait for ``writes``; raise the first failure once nothing of them still runs."""
     try:
         for f in writes:
             f.result()
     except BaseException:
-        for f in writes:
-            f.cancel()
-        wait(writes)
+        _stop(writes)
         raise
 
 
@@ -330,18 +336,12 @@ class ShardPipeline:
 
     def _start(self, name: str) -> _Ahead:
         node = self.graph[name]
-        if is_copy(node) or (streams_cast(node) and self.executor.refs.get(id(node)) == 1):
-            return _Ahead(name, node, None, 0)  # written piece by piece by one pool task, checked as it goes
+        if self._piecewise(node):
+            return _Ahead(name, node, None, 0)
         cost = task_cost(node)
         self.in_flight += cost
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         return _Ahead(name, node, self.pool.submit(self._value, name, node), cost)
-
-    def write(self, fd: int, names: list[str], on_tensor: Callable[[int], None]) -> None:
-        """Append the tensors ``names`` (one shard's, in order) to the open file ``fd``, computing ahead, and
-        return once all of them are written."""
-        writes = self._hand_over(fd, names, on_tensor)
-        _wait_all(writes)
 
     def add_file(self, path: Path, header: bytes, names: list[str], on_tensor: Callable[[int], None]) -> None:
         """Create ``path`` with ``header`` followed by the tensors ``names``, and return once they are all handed
@@ -360,7 +360,8 @@ class ShardPipeline:
         self.files.append((fd, writes))
 
     def finish(self) -> None:
-        """Wait for every file's writes and every finiteness check; close the files; raise the first failure."""
+        """Wait for every file's writes (the NaN/Inf checks of copied tensors run inside them); close the files;
+        raise the first failure."""
         try:
             while self.files:
                 fd, writes = self.files[0]
@@ -371,13 +372,9 @@ class ShardPipeline:
             self._abandon_files()
 
     def _abandon_files(self) -> None:
-        """After a failure: cancel what has not started, wait for what has (nothing may write into a closed
-        descriptor), close the files."""
-        for _, writes in self.files:
-            for f in writes:
-                f.cancel()
-        for fd, writes in self.files:
-            wait(writes)
+        """After a failure: stop every file's writes (all cancelled first), then close the files."""
+        _stop([f for _, writes in self.files for f in writes])
+        for fd, _ in self.files:
             os.close(fd)
         self.files.clear()
 
@@ -392,9 +389,7 @@ class ShardPipeline:
         try:
             self._write_in_order(fd, queue, upcoming, writes, self._reporting(on_tensor), tensor_bytes)
         except BaseException:
-            for f in writes:
-                f.cancel()
-            wait(writes)  # the caller closes the file: nothing may still write into it
+            _stop(writes)  # the caller closes the file
             raise
         return writes
 
@@ -450,9 +445,9 @@ class ShardPipeline:
         info = source.checkpoint.tensors[source.name]  # type: ignore[attr-defined]
         at = os.lseek(fd, item.node.nbytes, os.SEEK_CUR) - item.node.nbytes
         run = _CopyRun(info.file, info.begin, info.nbytes, at, [(source.name, source.dtype_name, info.nbytes)])
-        check = () if self.allow_nonfinite or item.node.finite else (item.name,)
+        check_name = None if self.allow_nonfinite or item.node.finite else item.name
         future = self.pool.submit(cast_run, run, fd, item.node.dtype_name,
-                                  not source.checkpoint.allow_nonfinite, check)  # type: ignore[attr-defined]
+                                  not source.checkpoint.allow_nonfinite, check_name)  # type: ignore[attr-defined]
         writes.append(future)
         report(future, item.node.nbytes)
         self.executor.release(item.node)
@@ -478,6 +473,11 @@ class ShardPipeline:
                 self.in_flight -= item.cost - item.node.nbytes
                 item.cost = item.node.nbytes
 
+    def _piecewise(self, node: Node) -> bool:
+        """Written piece by piece by one pool task, checked as it goes, holding no value: an untouched tensor, or
+        a streamed cast that nothing else consumes (else the value is computed once and cached for both)."""
+        return is_copy(node) or (streams_cast(node) and self.executor.refs.get(id(node)) == 1)
+
     def _cost(self, name: str) -> int:
         node = self.graph[name]
-        return 0 if is_copy(node) else task_cost(node)
+        return 0 if self._piecewise(node) else task_cost(node)

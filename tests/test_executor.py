@@ -94,9 +94,9 @@ def test_in_flight_bytes_stay_within_the_budget(tmp_path):
     cost = 2 * 256 * 256 * 4  # output + input of one tensor
     plan = plan_shards(graph, 5_000_000_000)[0]
     executor = Executor([graph[n] for n in plan.names])
-    with open(tmp_path / "out.bin", "wb") as fh, ShardPipeline(graph, executor, budget=3 * cost, workers=4,
-                                                              allow_nonfinite=False) as pipe:
-        pipe.write(fh.fileno(), plan.names, lambda n: None)
+    with ShardPipeline(graph, executor, budget=3 * cost, workers=4, allow_nonfinite=False) as pipe:
+        pipe.add_file(tmp_path / "out.bin", b"", plan.names, lambda n: None)
+        pipe.finish()
     assert 2 * cost <= pipe.peak_in_flight <= 3 * cost  # it does read ahead, and never past the budget
 
 
