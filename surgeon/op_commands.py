@@ -213,7 +213,7 @@ def _check_value(flag: str, value: Any, entry: dict[str, Any]) -> None:
 def _precheck_run(models: dict[str, str], writes: bool, run_kw: dict[str, Any]) -> None:
     """Mistakes that need no tensor: an input that does not exist, no or an unusable ``-o``, a bad
     ``--max-shard-size``. Cheap, and before torch is imported (several seconds) or any model is read."""
-    from surgeon.outputs import check_output_location, check_shard_size
+    from surgeon.outputs import check_output_location, parse_shard_size
     from surgeon.sources import missing_source_message
 
     for src in dict.fromkeys(models.values()):
@@ -222,7 +222,7 @@ def _precheck_run(models: dict[str, str], writes: bool, run_kw: dict[str, Any]) 
             raise SurgeonError(message)
     if not writes or run_kw.get("dry_run"):
         return
-    check_shard_size(run_kw.get("max_shard_size", AUTO_SHARD_SIZE))
+    parse_shard_size(run_kw.get("max_shard_size", AUTO_SHARD_SIZE))
     output = run_kw.get("output")
     if output is None:
         raise SurgeonError("no output folder given (use -o/--output)")

@@ -13,13 +13,15 @@ SHARD_SIZE_HELP = ("Largest safetensors shard, e.g. 5GB or 500MB; auto: the inpu
                    "(at most 5GB), else 5GB.")
 
 
-def check_shard_size(text: str | int) -> None:
-    """Refuse a ``--max-shard-size`` that is neither ``auto`` nor a size, before any work."""
-    if str(text).strip().lower() != AUTO_SHARD_SIZE:
-        parse_size(text)
+def parse_shard_size(text: str | int) -> int | None:
+    """``--max-shard-size`` in bytes, or None for ``auto`` (resolved against the inputs by the writer); a value
+    that is neither is refused."""
+    if str(text).strip().lower() == AUTO_SHARD_SIZE:
+        return None
+    return parse_size(text, flag="--max-shard-size", forms="5GB or 500MB, or auto")
 
 
-def parse_size(text: str | int, flag: str = "--max-shard-size") -> int:
+def parse_size(text: str | int, flag: str = "--max-shard-size", forms: str = "5GB or 500MB") -> int:
     """``5GB`` / ``500MB`` / ``1.5GiB`` / plain bytes -> bytes (decimal units like huggingface_hub)."""
     if isinstance(text, int):
         return text
@@ -35,8 +37,7 @@ def parse_size(text: str | int, flag: str = "--max-shard-size") -> int:
     try:
         return int(t)
     except ValueError:
-        raise SurgeonError(f"{flag}: expected a size like 5GB or 500MB{', or auto' if flag == '--max-shard-size' else ''}, "
-                          f"got {text!r}") from None
+        raise SurgeonError(f"{flag}: expected a size like {forms}, got {text!r}") from None
 
 
 def check_output_location(out: Path, sources: list[Path], force: bool) -> None:

@@ -176,9 +176,9 @@ def run_steps(models: dict[str, str], steps: list[tuple[str, Any]], options: Run
     writes = any(spec.writes for spec, _ in validated) or not validated
     if options.output is None and writes and not options.dry_run:
         raise SurgeonError("no output folder given (use -o/--output, or `output:` in the recipe)")
-    from surgeon.outputs import check_output_location, check_shard_size
+    from surgeon.outputs import check_output_location, parse_shard_size
 
-    check_shard_size(options.max_shard_size)
+    parse_shard_size(options.max_shard_size)  # refused before any model is read
     check_executor(options)
     local_sources = [Path(s) for s in models.values() if Path(s).exists()]
     if options.output is not None and writes and not options.dry_run:

@@ -24,7 +24,7 @@ from surgeon.graph import Executor, Graph, Node
 from surgeon.outputs import (
     AUTO_SHARD_SIZE,
     check_output_location,
-    parse_size,
+    parse_shard_size,
     refuse_to_replace,
 )
 from surgeon.tensorfile import (  # noqa: F401 (tensor_bytes, safetensors_bytes re-exported)
@@ -73,8 +73,9 @@ def input_shard_size(graph: Graph) -> int | None:
 def shard_size_for(graph: Graph, max_shard_size: str | int) -> int:
     """``--max-shard-size`` in bytes; ``auto`` keeps a sharded input's shard size (at most 5 GB, the Hub's
     convention), else 5 GB. Shards like the input's also write faster: several files are written at once."""
-    if str(max_shard_size).strip().lower() != AUTO_SHARD_SIZE:
-        return parse_size(max_shard_size)
+    size = parse_shard_size(max_shard_size)
+    if size is not None:
+        return size
     return min(DEFAULT_MAX_SHARD, input_shard_size(graph) or DEFAULT_MAX_SHARD)
 
 
