@@ -4,7 +4,9 @@ Bae et al., *Relaxed Recursive Transformers* (ICLR 2025, arXiv 2410.20672), uptr
 conversion (15-60 B tokens). Here, with the original model as the teacher, the shared block, the per-layer LoRA
 factors and the norms of a ``tie`` output train to match the teacher's next-token distribution (forward KL with
 temperature, :mod:`surgeon.ops.retrain.kd`), with PERP's optimiser (AdamW, linear warmup then linear decay) and
-activation checkpointing. The output keeps the input's form (compact, tied-base +
+activation checkpointing. Before those end-to-end steps, a block-wise stage (:mod:`.blockwise`, on by default)
+fits each shared block, with its layers' LoRA factors and norms, to the teacher's layers from the teacher's own
+hidden states: one block per step instead of the whole model and its head. The output keeps the input's form (compact, tied-base +
 ``lora/``, or materialised; :mod:`surgeon.ops.retrain.recursive`). Held-out perplexity is measured every
 ``eval_every`` steps (and before and after) and goes to the report and the card.
 
@@ -29,12 +31,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from surgeon import engine
 from surgeon.context import Context
-from surgeon.engine.outputs import last_hidden, top_logits
+from surgeon.engine.core import layer_path
+from surgeon.engine.outputs import block_states, last_hidden, top_logits
 from surgeon.errors import SurgeonError
 from surgeon.graph import Graph
 from surgeon.metrics import engine_scores, perplexity
 from surgeon.registry import register
 
+from .blockwise import SlotFit, fit_slot, slot_layers
 from .kd import Targets, TopK, kd_loss
 from .perp import _checkpointing, count_parameters, optimizer
 from .recursive import Recursion, RecursiveModule, build_module, read_recursion, write_form
@@ -75,6 +79,15 @@ class Params(BaseModel):
     eval_windows: int = Field(4, ge=1, description="Held-out windows scored at each evaluation.")
     eval_every: int = Field(0, ge=0, description="Score held-out perplexity every N steps (0: before and after "
                             "training only).")
+    blockwise_epochs: float = Field(1.0, ge=0, description="Passes of the block-wise stage before the end-to-end "
+                                    "steps: each shared block, with the LoRA factors and norms of the layers using "
+                                    "it, is fitted to the teacher's layers from the teacher's hidden states "
+                                    "(relative squared error; one teacher micro-batch per step). 0: off.")
+    blockwise_windows: int = Field(256, ge=1, description="Training windows the block-wise stage uses (the first "
+                                   "ones); the teacher's hidden states at every layer are kept for them (spilled "
+                                   "to disk past the engine's budget).")
+    blockwise_lr: float = Field(5e-4, gt=0, description="Peak learning rate of the block-wise stage (same warmup "
+                                "and decay as the end-to-end steps, per block).")
 
     @model_validator(mode="after")
     def _something_trains(self) -> Params:
@@ -205,6 +218,32 @@ def engine_teacher(teacher: Graph, windows: torch.Tensor, held: torch.Tensor, sc
     return ppl, full
 
 
+def blockwise_stage(rm: RecursiveModule, rec: Recursion, chosen: dict[str, torch.nn.Parameter], teacher: Graph,
+                    windows: torch.Tensor, p: Params, ctx: Context) -> list[SlotFit]:
+    """The block-wise stage (:mod:`.blockwise`): the teacher's states at every layer for the first
+    ``blockwise_windows`` windows, then each slot fitted in turn (its steps: ``blockwise_epochs`` passes over
+    the teacher's micro-batches)."""
+    eng = engine.from_context(teacher, ctx, dtype="float32", micro_batch=p.teacher_batch)
+    states = block_states(eng, windows[: p.blockwise_windows], progress=ctx.progress)
+    dev = torch.device(ctx.device)
+    trainable = {id(q) for q in chosen.values()}
+    steps = max(1, math.ceil(p.blockwise_epochs * states.n_batches))
+    fits = []
+    try:
+        slots = slot_layers(rec.slots)
+        for k, layers in ctx.progress(slots.items(), len(slots), "blockwise"):
+            mods = {i: rm.model.get_submodule(layer_path(rm.model, rec.layer(i))) for i in layers}
+            params = list({id(q): q for m in mods.values() for q in m.parameters() if id(q) in trainable}.values())
+            if not params:
+                continue
+            fits.append(fit_slot(k, mods, params, states, steps=steps, seed=ctx.seed_for(p.seed) + k, device=dev,
+                                 make_optimizer=lambda ps, n: optimizer(ps, p, n, lr=p.blockwise_lr)))
+            ctx.status(f"block {k}: fit error {fits[-1].error_before:.3f} -> {fits[-1].error_after:.3f}")
+    finally:
+        states.clear()
+    return fits
+
+
 def _ppl(model: torch.nn.Module, windows: torch.Tensor) -> float:
     return round(float(perplexity(model, windows, batch_size=max(1, min(4, windows.shape[0])))["perplexity"]), 4)
 
@@ -231,8 +270,6 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     check_vocab(graph, teacher_graph)
     windows, held = _windows(graph, teacher_graph, params, ctx)
     schedule = window_schedule(windows.shape[0], params.batch_size, params.steps, ctx.seed_for(params.seed))
-    with ctx.timed("teacher"):
-        teacher_ppl, targets = engine_teacher(teacher_graph, windows, held, schedule, params, ctx)
     torch.manual_seed(ctx.seed_for(params.seed))
     rm = build_module(graph, rec, ctx)
     chosen = trainable_params(rm, params)
@@ -240,6 +277,15 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
         raise SurgeonError(f"{OP}: the student has none of the parameters chosen to train")
     for q in chosen.values():
         q.requires_grad_(True)
+    blockwise = None
+    if params.blockwise_epochs > 0:
+        t0 = time.perf_counter()
+        with ctx.timed("blockwise"):
+            ppl0 = _ppl(rm.model, held)
+            fits = blockwise_stage(rm, rec, chosen, teacher_graph, windows, params, ctx)
+        blockwise = _blockwise_facts(fits, ppl0, windows, params, time.perf_counter() - t0)
+    with ctx.timed("teacher"):
+        teacher_ppl, targets = engine_teacher(teacher_graph, windows, held, schedule, params, ctx)
     checkpointed = params.checkpointing and _checkpointing(rm.model, True)
     t0 = time.perf_counter()
     with ctx.timed("distill"):
@@ -250,6 +296,8 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
         _checkpointing(rm.model, False)
     facts = _facts(rec, who, windows, held, losses, curve, teacher_ppl, params, count_parameters(chosen.values()),
                    count_parameters(rm.model.parameters()), time.perf_counter() - t0)
+    if blockwise is not None:
+        facts["blockwise"] = blockwise
     trained = {n: q.detach().cpu().float() for n, q in chosen.items()}
     out = write_form(graph, rec, trained, ctx)
     summary = dict(rec.info)
@@ -264,9 +312,23 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
     return out
 
 
+def _blockwise_facts(fits: list[SlotFit], ppl0: float, windows: torch.Tensor, p: Params, secs: float) -> dict:
+    return {"epochs": p.blockwise_epochs, "windows": min(p.blockwise_windows, int(windows.shape[0])),
+            "lr": p.blockwise_lr, "steps_per_block": fits[0].steps if fits else 0, "perplexity_before": ppl0,
+            "seconds": round(secs, 1),
+            "blocks": [{"slot": f.slot, "layers": f.layers, "fit_error_before": f.error_before,
+                        "fit_error_after": f.error_after} for f in fits]}
+
+
 def _card_note(f: dict[str, Any]) -> str:
     points = ", ".join(f"{s}: {_fmt(v)}" for s, v in f["curve"])
-    return (f"Uptrained by distillation from the original model ({f['steps']} steps, {f['tokens']:,} tokens, "
+    stage = ""
+    if "blockwise" in f:
+        b = f["blockwise"]
+        stage = (f"A block-wise stage first fitted each shared block to the teacher's layers ({b['epochs']:g} "
+                 f"pass(es) over {b['windows']} windows): held-out perplexity {_fmt(b['perplexity_before'])} -> "
+                 f"{_fmt(f['curve'][0][1])}. ")
+    return (f"{stage}Uptrained by distillation from the original model ({f['steps']} steps, {f['tokens']:,} tokens, "
             f"KL at temperature {f['temperature']}): held-out perplexity by step {points} "
             f"(teacher {_fmt(f['teacher_perplexity'])}).")
 

@@ -141,8 +141,9 @@ def _schedule(steps: int, warmup: float):
     return factor
 
 
-def optimizer(params: list[nn.Parameter], p: Params, steps: int):
-    opt = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
+def optimizer(params: list[nn.Parameter], p: Params, steps: int, lr: float | None = None):
+    """AdamW at ``p.lr`` (or ``lr``), linear warmup over ``p.warmup`` of the steps, then linear decay to 0."""
+    opt = torch.optim.AdamW(params, lr=p.lr if lr is None else lr, weight_decay=p.weight_decay)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps, p.warmup))
 
 

@@ -259,7 +259,7 @@ class Engine:
         self.skeleton = _build_empty("causal-lm", cfg).eval()
         self.config = self.skeleton.config
         self.pnames = _graph_names(self.skeleton, self.graph.names())  # module param -> graph name
-        self.layer_paths = [_layer_path(self.skeleton, p) for p in self.roles.prefixes]
+        self.layer_paths = [layer_path(self.skeleton, p) for p in self.roles.prefixes]
         self.spill = SpillStore(spill_dir)
         self.changed: dict[str, Node] = {}  # graph name -> lazy node of a tensor an op changed
         self.block_bytes = [self._block_bytes(i) for i in range(self.roles.n_layers)]
@@ -626,7 +626,7 @@ def _graph_names(module: nn.Module, names: list[str]) -> dict[str, str]:
     return _param_name_map(module, names, "")
 
 
-def _layer_path(module: nn.Module, prefix: str) -> str:
+def layer_path(module: nn.Module, prefix: str) -> str:
     """Submodule path of the decoder block whose tensors start with ``prefix`` (tries the base-model prefix)."""
     name = prefix.rstrip(".")
     base = getattr(module, "base_model_prefix", "") or ""

@@ -26,11 +26,11 @@ def shard_for_training(model: nn.Module, block_prefixes: Sequence[str], device: 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from surgeon.engine.core import _layer_path
+    from surgeon.engine.core import layer_path
 
     mesh = init_device_mesh(torch.device(device).type, (dist.world(),))
     for prefix in block_prefixes:
-        fully_shard(model.get_submodule(_layer_path(model, prefix)), mesh=mesh)
+        fully_shard(model.get_submodule(layer_path(model, prefix)), mesh=mesh)
     fully_shard(model, mesh=mesh)
     return True
 

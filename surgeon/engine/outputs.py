@@ -3,7 +3,8 @@
 :func:`last_hidden` runs every block once over the samples and keeps the last block's outputs (in a
 :class:`~surgeon.engine.store.HiddenStore`, so past the budget they sit on disk); :meth:`LastHidden.logits` applies
 the head (final norm, output embedding in chunks, logit transform: :meth:`Engine.logits`) to any samples later,
-one training batch at a time. :func:`top_logits` keeps only the k largest logits per position, merging the
+one training batch at a time. :func:`block_states` keeps every block's inputs and the last block's outputs (the
+targets of a block-wise stage). :func:`top_logits` keeps only the k largest logits per position, merging the
 top k of each :data:`~surgeon.engine.core.VOCAB_CHUNK`-row slice of the output embedding, so no ``[rows, V]``
 tensor exists. Neither builds the whole model: one block is resident during the pass, the head after it.
 """
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from surgeon.engine import dist
-from surgeon.engine.core import Engine
+from surgeon.engine.core import Engine, MicroBatch
 from surgeon.engine.store import HiddenStore
 from surgeon.errors import SurgeonError
 
@@ -55,6 +56,42 @@ def last_hidden(engine: Engine, samples, *, progress: Callable | None = None) ->
         pass
     where = {gi: (j, k) for j, mb in enumerate(engine._batches) for k, gi in enumerate(mb.indices)}
     return LastHidden(engine, engine._hidden, where)
+
+
+@dataclass
+class BlockStates:
+    """The hidden states at every block boundary, per micro-batch: boundary ``b`` is block ``b``'s input
+    (``b = n_layers``: the last block's output) and ``batches[j].kwargs`` what the blocks received with them."""
+
+    store: HiddenStore
+    batches: list[MicroBatch]
+    n_layers: int
+
+    @property
+    def n_batches(self) -> int:
+        return len(self.batches)
+
+    def get(self, boundary: int, j: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``[b, L, d]`` states at ``boundary`` of micro-batch ``j``."""
+        return self.store.get(boundary * self.n_batches + j, device)
+
+    def clear(self) -> None:
+        self.store.clear()
+
+
+def block_states(engine: Engine, samples, *, progress: Callable | None = None) -> BlockStates:
+    """Run every block (unchanged) over ``samples`` once, keeping each block's inputs and the last block's
+    outputs (``(n_layers + 1) · n · L · d`` values: in RAM up to the engine's hidden-state budget, on disk
+    beyond). One process, as :func:`last_hidden`."""
+    if dist.world() > 1:
+        raise SurgeonError("engine: a teacher's block states are kept in one process; run without torchrun")
+    store = engine._new_store()
+    for block in engine.blocks(samples, record=False, progress=progress):
+        for _, h in block.inputs():
+            store.append(h)
+    for j in range(len(engine._batches)):
+        store.append(engine._hidden.get(j))
+    return BlockStates(store, list(engine._batches), engine.roles.n_layers)
 
 
 def top_k_rows(engine: Engine, hidden: torch.Tensor, head: tuple[torch.Tensor, torch.Tensor | None], k: int,
