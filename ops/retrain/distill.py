@@ -86,7 +86,7 @@ class Params(BaseModel):
     blockwise_windows: int = Field(256, ge=1, description="Training windows the block-wise stage uses (the first "
                                    "ones); the teacher's hidden states at every layer are kept for them (spilled "
                                    "to disk past the engine's budget).")
-    blockwise_lr: float = Field(5e-4, gt=0, description="Peak learning rate of the block-wise stage (same warmup "
+    blockwise_lr: float = Field(2e-3, gt=0, description="Peak learning rate of the block-wise stage (same warmup "
                                 "and decay as the end-to-end steps, per block).")
 
     @model_validator(mode="after")
