@@ -17,6 +17,7 @@ the bracket, counts it and lists the few entries inside it, and the exact k-th v
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -178,20 +179,22 @@ if njit is not None:
 
     @njit(cache=True, parallel=True)
     def _zero_below(bits, absolute, t_key, n_ties, out):  # pragma: no cover - compiled
-        """``out = bits`` with the entries selected as in :func:`_mask_below` set to +0.0."""
+        """``out = bits`` with the entries selected as in :func:`_mask_below` set to +0.0; returns how many of
+        the ``n_ties`` entries equal to the threshold it met (a piece of a tensor may hold fewer)."""
         n = bits.size
         t = np.uint32(t_key)
         for i in prange(n):
             b = bits[i]
             out[i] = np.uint32(0) if _key(b, absolute) < t else b
+        seen = 0
         if n_ties > 0:
-            seen = 0
             for i in range(n):
                 if _key(bits[i], absolute) == t:
                     out[i] = np.uint32(0)
                     seen += 1
                     if seen == n_ties:
                         break
+        return seen
 
     _zero_below_serial = njit(cache=True)(_zero_below.py_func)
 
@@ -224,6 +227,7 @@ else:  # pragma: no cover - numba missing: slow numpy fallbacks with the same se
         mask = np.empty(bits.size, dtype=np.bool_)
         _mask_below(bits, absolute, t_key, n_ties, mask)
         out[:] = np.where(mask, np.uint32(0), bits)
+        return min(int(n_ties), int(np.count_nonzero(_np_keys(bits, absolute) == np.uint32(t_key))))
 
     def get_num_threads():
         return 1
@@ -449,6 +453,42 @@ def zero_below_bits(bits: np.ndarray, t_key: int, n_ties: int, *, absolute: bool
     serial = bits.size <= SERIAL_MAX * get_num_threads()
     (_zero_below_serial if serial else _zero_below)(bits, absolute, int(t_key), int(n_ties), out)
     return out
+
+
+def zero_below_piece(bits: np.ndarray, t_key: int, n_ties: int, out: np.ndarray, *, absolute: bool = True) -> int:
+    """:func:`zero_below_bits` of one piece of a tensor into ``out`` (same size, on the calling thread); returns
+    how many entries equal to the threshold it zeroed, so the next piece gets the ties still owed."""
+    return int(_zero_below_serial(bits, absolute, int(t_key), int(n_ties), out))
+
+
+def threshold_of_chunks(chunks: Callable[[], Iterator[np.ndarray]], n: int, k: int,
+                        sample: Callable[[np.ndarray], np.ndarray], *, absolute: bool = True) -> tuple[int, int]:
+    """``(t_key, n_ties)`` such that zeroing the keys below ``t_key`` and the first ``n_ties`` keys equal to it
+    (flat order) zeroes exactly the ``k`` smallest of ``n`` fp32 bit patterns, without writing anything:
+    ``chunks()`` yields the patterns in order (one array, or converted pieces of a narrower dtype) and
+    ``sample(flat indices)`` some of them. The sampled bracket's pass lists only the keys inside the bracket; the
+    exact radix select (over all chunks at once) runs where the bracket misses or the tensor is small. Raises
+    :class:`NonFiniteInput` on NaN/Inf. ``1 <= k < n``."""
+    if n >= BRACKET_MIN:
+        at = np.random.default_rng(n).integers(0, n, sample_size(n))  # as sample_keys: runs are reproducible
+        lo, hi = bracket(keys_of(sample(at), absolute), k / n)
+        found, below, bad = [], 0, 0
+        for c in chunks():
+            keys, b, nb = split_bracket(c, lo, hi, absolute, None)
+            found.append(keys)
+            below, bad = below + b, bad + nb
+        if bad:
+            raise NonFiniteInput("selection over a tensor with NaN or Inf values")
+        keys = np.concatenate(found) if len(found) != 1 else found[0]
+        need = k - below
+        if need == 0:
+            return lo, 0
+        if 0 < need <= keys.size:
+            t, n_less = choose_in_bracket(keys, need)
+            return t, need - n_less
+    parts = list(chunks())
+    kth = _kth_of_bits(parts[0] if len(parts) == 1 else np.concatenate(parts), k, absolute)
+    return kth.key, k - kth.n_less
 
 
 def zero_below(bits: np.ndarray, t_key: int, n_ties: int, *, absolute: bool = True) -> torch.Tensor:

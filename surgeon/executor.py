@@ -203,6 +203,32 @@ def cast_run(run: _CopyRun, fd: int, dtype: str, check_source: bool, check_name:
         pwrite_all(fd, y.data, run.at + lo * scale[0] // scale[1])
 
 
+def stream_run(run: _CopyRun, fd: int, stream_fn: Callable, check_name: str | None) -> None:
+    """Write an op's piecewise computation of one source tensor (the run's only one; ``Apply.stream_fn``) at
+    ``run.at`` of ``fd``: ``stream_fn`` sees the whole source through the read-only map, then its piece function
+    turns each ``WRITE_CHUNK`` of source into the output's bytes, written while still in the cache.
+    ``check_name`` (the output's name, or None): refuse NaN/Inf in the result."""
+    from surgeon.checkpoint import check_finite_host
+    from surgeon.kernels.host_dtypes import STORAGE
+
+    ((_, src, nbytes),) = run.tensors
+    source = SourceWindow(run)
+    piece_fn = stream_fn(HostArray(source.get(0, nbytes).view(STORAGE[src]), src, (-1,)))
+    for lo, n, _, _ in copy_pieces(run, False, WRITE_CHUNK):
+        y = piece_fn(source.get(lo, lo + n).view(STORAGE[src]))
+        if check_name is not None:
+            check_finite_host(check_name, HostArray(y, src, (-1,)))
+        pwrite_all(fd, y.data, run.at + lo)
+
+
+def streams_pieces(node: Node) -> bool:
+    """An op's computation of one untouched source tensor that :func:`stream_run` writes piece by piece."""
+    from surgeon.graph import Apply
+
+    return (isinstance(node, Apply) and node.stream_fn is not None and node.host and len(node.inputs) == 1
+            and is_copy(node.inputs[0]) and node.dtype_name == node.inputs[0].dtype_name)
+
+
 def streams_cast(node: Node) -> bool:
     """A cast of an untouched safetensors source tensor that :func:`cast_run` writes piece by piece: the
     conversion runs on the host and its NaN bits do not depend on the element's place (see host_dtypes)."""
@@ -425,10 +451,10 @@ class ShardPipeline:
                     self._submit_copy(run, fd, writes, report)
                     run = _CopyRun(info.file, info.begin, info.nbytes, at, [tensor])
                 self.executor.release(item.node)
-            elif item.future is None:  # a cast of a source tensor, converted and written piece by piece
+            elif item.future is None:  # computed from a source tensor (a cast, an op's stream) piece by piece
                 self._submit_copy(run, fd, writes, report)
                 run = _CopyRun()
-                self._submit_cast(item, fd, writes, report)
+                self._submit_streamed(item, fd, writes, report)
             else:  # written at its place by the computing thread once done; memory counted until written
                 self._submit_copy(run, fd, writes, report)
                 run = _CopyRun()
@@ -439,15 +465,18 @@ class ShardPipeline:
                 self.writing.append(item)
         self._submit_copy(run, fd, writes, report)
 
-    def _submit_cast(self, item: _Ahead, fd: int, writes: list[Future],
-                     report: Callable[[Future, int], None]) -> None:
+    def _submit_streamed(self, item: _Ahead, fd: int, writes: list[Future],
+                         report: Callable[[Future, int], None]) -> None:
         source = item.node.inputs[0]
         info = source.checkpoint.tensors[source.name]  # type: ignore[attr-defined]
         at = os.lseek(fd, item.node.nbytes, os.SEEK_CUR) - item.node.nbytes
         run = _CopyRun(info.file, info.begin, info.nbytes, at, [(source.name, source.dtype_name, info.nbytes)])
         check_name = None if self.allow_nonfinite or item.node.finite else item.name
-        future = self.pool.submit(cast_run, run, fd, item.node.dtype_name,
-                                  not source.checkpoint.allow_nonfinite, check_name)  # type: ignore[attr-defined]
+        if streams_cast(item.node):
+            future = self.pool.submit(cast_run, run, fd, item.node.dtype_name,
+                                      not source.checkpoint.allow_nonfinite, check_name)  # type: ignore[attr-defined]
+        else:
+            future = self.pool.submit(stream_run, run, fd, item.node.stream_fn, check_name)  # type: ignore[attr-defined]
         writes.append(future)
         report(future, item.node.nbytes)
         self.executor.release(item.node)
@@ -475,8 +504,9 @@ class ShardPipeline:
 
     def _piecewise(self, node: Node) -> bool:
         """Written piece by piece by one pool task, checked as it goes, holding no value: an untouched tensor, or
-        a streamed cast that nothing else consumes (else the value is computed once and cached for both)."""
-        return is_copy(node) or (streams_cast(node) and self.executor.refs.get(id(node)) == 1)
+        a streamed cast or op stream that nothing else consumes (else the value is computed once and cached for both)."""
+        return is_copy(node) or ((streams_cast(node) or streams_pieces(node))
+                                 and self.executor.refs.get(id(node)) == 1)
 
     def _cost(self, name: str) -> int:
         node = self.graph[name]

@@ -39,6 +39,7 @@ from surgeon.tensorfile import (  # noqa: F401 (FLOAT_DTYPES re-exported for ops
 )
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from surgeon.checkpoint import Checkpoint
@@ -116,17 +117,24 @@ class Apply(Node):
     """``fn(*values_of_inputs)``. ``shape``/``dtype`` default to the first input's.
 
     ``host_fn``, when given, is the same computation on raw storage (``host_fn(*HostArray) -> HostArray``, any
-    float dtype, same bytes as ``fn``): the node then runs without torch when its inputs can."""
+    float dtype, same bytes as ``fn``): the node then runs without torch when its inputs can.
+
+    ``stream_fn``, when given (with ``host_fn``, one input, same dtype), is the same computation piece by piece:
+    ``stream_fn(whole input) -> piece_fn``, then ``piece_fn(piece)`` maps consecutive pieces of the input's flat
+    storage, in order, to the output's. The writer then streams the node from an untouched source tensor as it
+    copies one (:func:`surgeon.executor.stream_run`), with no buffer of the tensor's size."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], inputs: Sequence[Node], *, label: str,
                  shape: Sequence[int] | None = None, dtype: torch.dtype | str | None = None,
-                 host_fn: Callable[..., HostArray] | None = None):
+                 host_fn: Callable[..., HostArray] | None = None,
+                 stream_fn: Callable[[HostArray], Callable[[np.ndarray], np.ndarray]] | None = None):
         from surgeon.kernels.host_dtypes import CONVERTIBLE
 
         if not inputs and (shape is None or dtype is None):
             raise ValueError("Apply without inputs needs shape and dtype")
         self.fn = fn
         self.host_fn = host_fn
+        self.stream_fn = stream_fn
         self.inputs = tuple(inputs)
         self.label = label
         self.shape = tuple(shape) if shape is not None else self.inputs[0].shape

@@ -26,8 +26,9 @@ class Pruned(Apply):
     dense weights of a prune step earlier in the same run)."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], inputs: Sequence[Node], *, dense: Node, label: str,
-                 host_fn: Callable[..., HostArray] | None = None):
-        super().__init__(fn, inputs, label=label, shape=dense.shape, dtype=dense.dtype, host_fn=host_fn)
+                 host_fn: Callable[..., HostArray] | None = None, stream_fn: Callable | None = None):
+        super().__init__(fn, inputs, label=label, shape=dense.shape, dtype=dense.dtype, host_fn=host_fn,
+                         stream_fn=stream_fn)
         self.dense = dense
 
 

@@ -27,7 +27,9 @@ from surgeon.kernels.select import (
     fp32_bits,
     key_to_float,
     sample_size,
+    threshold_of_chunks,
     zero_below,
+    zero_below_piece,
     zero_smallest_k,
     zero_smallest_k_bits,
 )
@@ -144,6 +146,48 @@ def _host_magnitude_prune(name: str, sparsity: float):
         return HostArray(out.view(np.float32), "float32", w.shape)
 
     return fn
+
+
+#: entries of a non-fp32 source converted to fp32 at a time by the streamed threshold pass (8 MiB of fp32)
+STREAM_CHUNK = 1 << 21
+
+
+def _magnitude_stream(name: str, sparsity: float):
+    """:func:`_host_magnitude_prune` piece by piece (``Apply.stream_fn``): a read-only pass over the whole source
+    finds the threshold key and how many entries equal to it are zeroed (:func:`threshold_of_chunks`; it refuses
+    NaN/Inf), then each piece is zeroed below it into one reused buffer, the ties in flat order across pieces.
+    Same bytes as the whole-tensor path; no buffer of the tensor's size (a non-fp32 source is converted
+    ``STREAM_CHUNK`` entries at a time)."""
+    def prepare(w: HostArray):
+        flat = w.data.reshape(-1)
+        n, k = flat.size, n_pruned(flat.size, sparsity)
+
+        def bits(a: np.ndarray) -> np.ndarray:
+            return (a if w.dtype == "float32" else convert(a, w.dtype, "float32")).view(np.uint32)
+
+        if k == 0:
+            t_key, ties = 0, 0  # every |x| key is at least 0x80000000: nothing below 0
+        else:
+            step = n if w.dtype == "float32" else STREAM_CHUNK
+            try:
+                t_key, ties = threshold_of_chunks(lambda: (bits(flat[i:i + step]) for i in range(0, n, step)), n, k,
+                                                  lambda at: bits(flat[at]))
+            except NonFiniteInput:
+                raise unrankable(name) from None
+        buf = np.empty(0, np.uint32)
+        owed = [ties]
+
+        def piece(x: np.ndarray) -> np.ndarray:
+            nonlocal buf
+            if buf.size < x.size:
+                buf = np.empty(x.size, np.uint32)
+            out = buf[: x.size]
+            owed[0] -= zero_below_piece(bits(x), t_key, owed[0], out)
+            return out.view(np.float32) if w.dtype == "float32" else convert(out.view(np.float32), "float32", w.dtype)
+
+        return piece
+
+    return prepare
 
 
 class Deferred(Node):
@@ -309,11 +353,13 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
         for name in names:
             dense = graph[name]
             numel = dense.shape[0] * dense.shape[1]
-            host = (_host_magnitude_prune(name, params.sparsity) if dev == "cpu" and dense.dtype_name != "float64"
-                    and protect.rank_mask(name) is None and name not in protect.keys else None)
+            plain = (dev == "cpu" and dense.dtype_name != "float64" and protect.rank_mask(name) is None
+                     and name not in protect.keys)
             graph.replace(name, _checked(Pruned(_finite_magnitude_prune(name, params.sparsity, dev, protect,
                                                                         name in trans),
-                                                [dense], dense=dense, label="prune-magnitude", host_fn=host),
+                                                [dense], dense=dense, label="prune-magnitude",
+                                                host_fn=_host_magnitude_prune(name, params.sparsity) if plain else None,
+                                                stream_fn=_magnitude_stream(name, params.sparsity) if plain else None),
                                          name, protect))
             per_tensor[name] = (n_pruned(numel, params.sparsity), numel)
         ctx.report(method="magnitude", scope="layer", **sparsity_facts(per_tensor))
