@@ -91,6 +91,7 @@ def block_states(engine: Engine, samples, *, progress: Callable | None = None) -
             store.append(h)
     for j in range(len(engine._batches)):
         store.append(engine._hidden.get(j))
+    engine._hidden.clear()  # its spilled files; the tensors kept in RAM are now the new store's
     return BlockStates(store, list(engine._batches), engine.roles.n_layers)
 
 
