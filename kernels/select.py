@@ -183,11 +183,14 @@ if njit is not None:
         the ``n_ties`` entries equal to the threshold it met (a piece of a tensor may hold fewer)."""
         n = bits.size
         t = np.uint32(t_key)
+        equal = 0
         for i in prange(n):
             b = bits[i]
-            out[i] = np.uint32(0) if _key(b, absolute) < t else b
+            k = _key(b, absolute)
+            out[i] = np.uint32(0) if k < t else b
+            equal += k == t
         seen = 0
-        if n_ties > 0:
+        if n_ties > 0 and equal > 0:  # a piece of a tensor often holds none of the ties still owed
             for i in range(n):
                 if _key(bits[i], absolute) == t:
                     out[i] = np.uint32(0)
