@@ -9,9 +9,10 @@ exact and also yields how many keys lie below and at the k-th value (needed to b
 CUDA: ``torch.kthvalue`` on the device (plus two comparisons for the counts).
 
 Zeroing the k smallest of a large tensor (:func:`zero_smallest_k`, magnitude pruning) uses a sampled bracket
-instead: the k-th key is estimated from a random sample, one branch-free streaming pass zeroes everything below
-the bracket, counts it and lists the few entries inside it, and the exact k-th value is selected among those
-(the radix select is the fallback when the count shows the bracket missed). Global selection over many tensors:
+instead (:func:`threshold_of_chunks`): the k-th key is estimated from a random sample, one branch-free streaming
+pass counts the entries below the bracket and lists the keys of the few inside it, and the exact k-th value is
+selected among those (the radix select is the fallback when the count shows the bracket missed); a second pass
+zeroes below it (:func:`zero_below_bits`), or each piece on its way to a file (:func:`zero_below_piece`). Global selection over many tensors:
 :mod:`surgeon.kernels.select_global`. Reference for tests: ``torch.kthvalue`` and a stable sort.
 """
 from __future__ import annotations
@@ -122,52 +123,41 @@ if njit is not None:
                         break
 
     @njit(cache=True)
-    def _band_part(bits, absolute, ulo, width, out, got):  # pragma: no cover - compiled
+    def _band_part(bits, absolute, ulo, width, got):  # pragma: no cover - compiled
         """One part of :func:`_band_split`, indexed from 0 (loops over a slice's own range vectorise; bounds
         computed inside a loop over parts did not: 2.5 ns per entry against 0.7). First a branch-free pass that
-        zeroes below the bracket (``out`` given) and counts; then, only when the bracket holds entries, a second
-        pass that lists them (flat indices into ``got`` with ``out`` given, else their keys), the list cursor
-        advanced by the compare."""
+        counts; then, only when the bracket holds entries, a second pass that lists their keys into ``got``, the
+        list cursor advanced by the compare."""
         below = 0
         inside = 0
         bad = 0
         exp = np.uint32(0x7F800000)
-        write = out.size > 0
         for i in range(bits.size):
             b = bits[i]
             k = _key(b, absolute)
-            small = k < ulo
-            below += small
+            below += k < ulo
             bad += (b & exp) == exp
-            if write:
-                out[i] = np.uint32(0) if small else b
             inside += np.uint32(k - ulo) <= width
         if inside:
             c = 0
             for i in range(bits.size):
                 k = _key(bits[i], absolute)
-                got[c] = i if write else k
+                got[c] = k
                 c += np.uint32(k - ulo) <= width
         return below, inside, bad
 
     @njit(cache=True, parallel=True)
-    def _band_split(bits, absolute, lo, hi, out, idx, cap, counts, parts):  # pragma: no cover - compiled
-        """One streaming pass for the sampled bracket ``[lo, hi]`` (keys): with ``out`` given (size > 0), zero
-        every entry whose key is below ``lo`` and copy the rest, and list the flat indices of the entries inside
-        the bracket; with ``out`` empty, list their keys. Part ``p`` lists from ``idx[p·cap]`` on in flat order
-        (``cap`` = the part's length: no overflow). ``counts[p] = (below, inside, NaN/Inf)``."""
+    def _band_split(bits, absolute, lo, hi, keys, cap, counts, parts):  # pragma: no cover - compiled
+        """One streaming pass for the sampled bracket ``[lo, hi]`` (keys): count the entries below ``lo`` and
+        list the keys inside the bracket. Part ``p`` lists from ``keys[p·cap]`` on in flat order (``cap`` = the
+        part's length: no overflow). ``counts[p] = (below, inside, NaN/Inf)``."""
         n = bits.size
         ulo = np.uint32(lo)
         width = np.uint32(hi) - ulo
         for p in prange(parts):
             lo_i = p * cap
             hi_i = min(n, lo_i + cap)
-            part_out = out[lo_i:hi_i] if out.size > 0 else out
-            below, inside, bad = _band_part(bits[lo_i:hi_i], absolute, ulo, width, part_out, idx[lo_i:lo_i + cap])
-            # part indices are local: shift them to flat ones (keys need no shift)
-            if out.size > 0 and lo_i > 0:
-                for j in range(inside):
-                    idx[lo_i + j] += lo_i
+            below, inside, bad = _band_part(bits[lo_i:hi_i], absolute, ulo, width, keys[lo_i:lo_i + cap])
             counts[p, 0] = below
             counts[p, 1] = inside
             counts[p, 2] = bad
@@ -235,14 +225,11 @@ else:  # pragma: no cover - numba missing: slow numpy fallbacks with the same se
     def get_num_threads():
         return 1
 
-    def _band_split(bits, absolute, lo, hi, out, idx, cap, counts, parts):
+    def _band_split(bits, absolute, lo, hi, got, cap, counts, parts):
         keys = _np_keys(bits, absolute)
         below = keys < np.uint32(lo)
         inside = np.flatnonzero(~below & (keys <= np.uint32(hi)))
-        if out.size:
-            out[:] = np.where(below, np.uint32(0), bits)
-        got = inside[:cap] if out.size else keys[inside[:cap]]
-        idx[: got.size] = got
+        got[: min(inside.size, cap)] = keys[inside[:cap]]
         counts[:] = 0
         counts[0] = (int(below.sum()), inside.size, int(((bits & 0x7F800000) == 0x7F800000).sum()))
 
@@ -360,11 +347,8 @@ def zero_smallest_k_bits(bits: np.ndarray, k: int, absolute: bool = True) -> np.
     k = max(0, min(int(k), bits.size))
     if k == 0:
         return bits.copy()
-    out = _zero_in_bracket(bits, k, absolute) if bits.size >= BRACKET_MIN else None
-    if out is None:  # small tensor, or the sampled bracket missed the k-th key: exact radix select
-        kth = _kth_of_bits(bits, k, absolute)
-        out = zero_below_bits(bits, kth.key, k - kth.n_less, absolute=absolute)
-    return out
+    t_key, n_ties = threshold_of_chunks(lambda: iter([bits]), bits.size, k, lambda at: bits[at], absolute=absolute)
+    return zero_below_bits(bits, t_key, n_ties, absolute=absolute)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -390,12 +374,6 @@ def sample_size(n: int) -> int:
     return int(min(n, max(2048, min(1 << 15, n // 16))))
 
 
-def sample_keys(bits: np.ndarray, size: int, absolute: bool, seed: int = 0) -> np.ndarray:
-    """Keys of ``size`` entries drawn uniformly (with replacement, fixed seed: runs are reproducible)."""
-    at = np.random.default_rng(seed).integers(0, bits.size, size)
-    return keys_of(bits[at], absolute)
-
-
 def bracket(sample: np.ndarray, q: float, z: float = BRACKET_Z) -> tuple[int, int]:
     """Keys ``(lo, hi)`` that hold the ``q``-quantile of the population with high probability: the sample's
     order statistics ``z`` binomial standard deviations (√(s·q·(1−q))) below and above rank q·s."""
@@ -410,16 +388,15 @@ def bracket(sample: np.ndarray, q: float, z: float = BRACKET_Z) -> tuple[int, in
     return lo, hi
 
 
-def split_bracket(bits: np.ndarray, lo: int, hi: int, absolute: bool, out: np.ndarray | None):
-    """One pass: with ``out``, zero the entries below ``lo`` into it and return the flat indices inside
-    ``[lo, hi]``; without, return their keys. Also (below, NaN/Inf count)."""
+def split_bracket(bits: np.ndarray, lo: int, hi: int, absolute: bool) -> tuple[np.ndarray, int, int]:
+    """One pass over fp32 ``bits``: (the keys inside ``[lo, hi]`` in flat order, how many entries lie below
+    ``lo``, how many are NaN/Inf)."""
     parts = max(1, min(get_num_threads(), bits.size // SERIAL_MAX))
     step = (bits.size + parts - 1) // parts
     # room for every entry of a part: pages never written are never backed, so only the bracket costs memory
-    got = np.empty(parts * step, dtype=np.int64 if out is not None else np.uint32)
+    got = np.empty(parts * step, dtype=np.uint32)
     counts = np.zeros((parts, 3), dtype=np.int64)
-    (_band_split if parts > 1 else _band_split_serial)(
-        bits, absolute, lo, hi, out if out is not None else np.empty(0, np.uint32), got, step, counts, parts)
+    (_band_split if parts > 1 else _band_split_serial)(bits, absolute, lo, hi, got, step, counts, parts)
     inside = np.concatenate([got[p * step: p * step + counts[p, 1]] for p in range(parts)])
     return inside, int(counts[:, 0].sum()), int(counts[:, 2].sum())
 
@@ -428,25 +405,6 @@ def choose_in_bracket(keys: np.ndarray, need: int) -> tuple[int, int]:
     """(key of the ``need``-th smallest of ``keys``, how many are strictly below it); ``need`` >= 1."""
     t = np.partition(keys, need - 1)[need - 1]
     return int(t), int(np.count_nonzero(keys < t))
-
-
-def _zero_in_bracket(bits: np.ndarray, k: int, absolute: bool) -> np.ndarray | None:
-    """``bits`` with the k smallest zeroed via a sampled bracket, or None when the bracket misses."""
-    n = bits.size
-    lo, hi = bracket(sample_keys(bits, sample_size(n), absolute, seed=n), k / n)
-    out = np.empty_like(bits)
-    idx, below, bad = split_bracket(bits, lo, hi, absolute, out)
-    if bad:
-        raise NonFiniteInput("selection over a tensor with NaN or Inf values")
-    need = k - below
-    if not 0 <= need <= idx.size:
-        return None
-    if need:
-        keys = keys_of(bits[idx], absolute)
-        t, n_less = choose_in_bracket(keys, need)
-        out[idx[keys < t]] = 0
-        out[idx[np.flatnonzero(keys == t)[: need - n_less]]] = 0  # ties: lower flat index first
-    return out
 
 
 def zero_below_bits(bits: np.ndarray, t_key: int, n_ties: int, *, absolute: bool = True) -> np.ndarray:
@@ -469,26 +427,21 @@ def threshold_of_chunks(chunks: Callable[[], Iterator[np.ndarray]], n: int, k: i
     """``(t_key, n_ties)`` such that zeroing the keys below ``t_key`` and the first ``n_ties`` keys equal to it
     (flat order) zeroes exactly the ``k`` smallest of ``n`` fp32 bit patterns, without writing anything:
     ``chunks()`` yields the patterns in order (one array, or converted pieces of a narrower dtype) and
-    ``sample(flat indices)`` some of them. The sampled bracket's pass lists only the keys inside the bracket; the
-    exact radix select (over all chunks at once) runs where the bracket misses or the tensor is small. Raises
-    :class:`NonFiniteInput` on NaN/Inf. ``1 <= k < n``."""
+    ``sample(flat indices)`` some of them (drawn uniformly with a fixed seed: runs are reproducible). The sampled
+    bracket's pass over the chunks (:class:`surgeon.kernels.select_global.BracketKth`) keeps only the keys inside
+    the bracket; the exact radix select (over all chunks at once) runs where the bracket misses or the tensor is
+    small. Raises :class:`NonFiniteInput` on NaN/Inf. ``1 <= k <= n``."""
+    from .select_global import BracketKth
+
     if n >= BRACKET_MIN:
-        at = np.random.default_rng(n).integers(0, n, sample_size(n))  # as sample_keys: runs are reproducible
-        lo, hi = bracket(keys_of(sample(at), absolute), k / n)
-        found, below, bad = [], 0, 0
-        for c in chunks():
-            keys, b, nb = split_bracket(c, lo, hi, absolute, None)
-            found.append(keys)
-            below, bad = below + b, bad + nb
-        if bad:
-            raise NonFiniteInput("selection over a tensor with NaN or Inf values")
-        keys = np.concatenate(found) if len(found) != 1 else found[0]
-        need = k - below
-        if need == 0:
-            return lo, 0
-        if 0 < need <= keys.size:
-            t, n_less = choose_in_bracket(keys, need)
-            return t, need - n_less
+        at = np.random.default_rng(n).integers(0, n, sample_size(n))
+        found = BracketKth(k, *bracket(keys_of(sample(at), absolute), k / n), absolute=absolute)
+        count = 0
+        for count, c in enumerate(chunks(), 1):
+            found.add_bits(c, count - 1)
+        got = found.result(count)
+        if got is not None:
+            return got[0], k - got[1]
     parts = list(chunks())
     kth = _kth_of_bits(parts[0] if len(parts) == 1 else np.concatenate(parts), k, absolute)
     return kth.key, k - kth.n_less

@@ -49,7 +49,11 @@ class BracketKth:
 
     def add(self, x: torch.Tensor, index: int) -> None:
         """Count/keep ``x``'s entries; :class:`NonFiniteInput` (and nothing added) when ``x`` holds NaN/Inf."""
-        keys, below, bad = split_bracket(fp32_bits(x), self.lo, self.hi, self.absolute, None)
+        self.add_bits(fp32_bits(x), index)
+
+    def add_bits(self, bits: np.ndarray, index: int) -> None:
+        """:meth:`add` on flat fp32 bit patterns (uint32, numpy)."""
+        keys, below, bad = split_bracket(bits, self.lo, self.hi, self.absolute)
         if bad:
             raise NonFiniteInput("selection over a tensor with NaN or Inf values")
         self.below += below
