@@ -181,44 +181,51 @@ def copy_run(run: _CopyRun, fd: int, check: bool) -> None:
         pwrite_all(fd, data.data, run.at + lo)
 
 
+def _piece_run(run: _CopyRun, source: SourceWindow, fd: int, piece_fn: Callable[[np.ndarray], np.ndarray],
+               dtype: str, piece: int, check_source: bool, check_name: str | None) -> None:
+    """Write the run's one source tensor turned into ``dtype`` by ``piece_fn`` (consecutive pieces of at most
+    ``piece`` source bytes, in order) at ``run.at`` of ``fd``, each piece written while still in the cache.
+    ``check_source``: refuse NaN/Inf in the source; ``check_name`` (the output's name, or None): refuse them in
+    the result."""
+    from surgeon.checkpoint import check_finite_host
+    from surgeon.kernels.host_dtypes import STORAGE
+
+    ((name, src, _),) = run.tensors
+    scale = (dtype_width(dtype), dtype_width(src))
+    for lo, n, _, _ in copy_pieces(run, False, piece):
+        x = source.get(lo, lo + n).view(STORAGE[src])
+        if check_source:
+            check_finite_host(name, HostArray(x, src, (-1,)))
+        y = piece_fn(x)
+        if check_name is not None:
+            check_finite_host(check_name, HostArray(y, dtype, (-1,)))
+        pwrite_all(fd, y.data, run.at + lo * scale[0] // scale[1])
+
+
 def cast_run(run: _CopyRun, fd: int, dtype: str, check_source: bool, check_name: str | None) -> None:
     """Write one source tensor (the run's only one) converted to ``dtype`` at ``run.at`` of ``fd``, ``CAST_PIECE``
     source bytes at a time (:func:`surgeon.kernels.host_dtypes.convert` is elementwise, so the bytes are the whole
     tensor's): no buffer of the tensor's size is ever made. ``check_source``: refuse NaN/Inf in the source;
     ``check_name`` (the output's name, or None): refuse them in the result (a float32 value past bfloat16's range
     is Inf)."""
-    from surgeon.checkpoint import check_finite_host
-    from surgeon.kernels.host_dtypes import STORAGE, convert
+    from surgeon.kernels.host_dtypes import convert
 
-    ((name, src, _),) = run.tensors
-    scale = (dtype_width(dtype), dtype_width(src))
-    source = SourceWindow(run)
-    for lo, n, _, _ in copy_pieces(run, False, CAST_PIECE):
-        x = source.get(lo, lo + n).view(STORAGE[src])
-        if check_source:
-            check_finite_host(name, HostArray(x, src, (-1,)))
-        y = convert(x, src, dtype)
-        if check_name is not None:
-            check_finite_host(check_name, HostArray(y, dtype, (-1,)))
-        pwrite_all(fd, y.data, run.at + lo * scale[0] // scale[1])
+    src = run.tensors[0][1]
+    _piece_run(run, SourceWindow(run), fd, lambda x: convert(x, src, dtype), dtype, CAST_PIECE, check_source,
+               check_name)
 
 
 def stream_run(run: _CopyRun, fd: int, stream_fn: Callable, check_name: str | None) -> None:
     """Write an op's piecewise computation of one source tensor (the run's only one; ``Apply.stream_fn``) at
-    ``run.at`` of ``fd``: ``stream_fn`` sees the whole source through the read-only map, then its piece function
-    turns each ``WRITE_CHUNK`` of source into the output's bytes, written while still in the cache.
+    ``run.at`` of ``fd``: ``stream_fn`` sees the whole source through its map, then its piece function turns each
+    ``WRITE_CHUNK`` of source into the output's bytes (:func:`_piece_run`, from the same map).
     ``check_name`` (the output's name, or None): refuse NaN/Inf in the result."""
-    from surgeon.checkpoint import check_finite_host
     from surgeon.kernels.host_dtypes import STORAGE
 
     ((_, src, nbytes),) = run.tensors
     source = SourceWindow(run)
     piece_fn = stream_fn(HostArray(source.get(0, nbytes).view(STORAGE[src]), src, (-1,)))
-    for lo, n, _, _ in copy_pieces(run, False, WRITE_CHUNK):
-        y = piece_fn(source.get(lo, lo + n).view(STORAGE[src]))
-        if check_name is not None:
-            check_finite_host(check_name, HostArray(y, src, (-1,)))
-        pwrite_all(fd, y.data, run.at + lo)
+    _piece_run(run, source, fd, piece_fn, src, WRITE_CHUNK, False, check_name)
 
 
 def streams_pieces(node: Node) -> bool:
