@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from surgeon.engine.core import block_output
 from surgeon.engine.outputs import BlockStates
 
 #: micro-batches the fit error of a slot is measured on, before and after its steps
@@ -32,11 +33,6 @@ def slot_layers(layer_to_slot: Sequence[int]) -> dict[int, list[int]]:
     for i, k in enumerate(layer_to_slot):
         out.setdefault(int(k), []).append(i)
     return dict(sorted(out.items()))
-
-
-def layer_output(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = layer(x, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def update_energy(states: BlockStates, layer: int, device: torch.device) -> float:
@@ -55,7 +51,7 @@ def slot_loss(layers: dict[int, nn.Module], states: BlockStates, j: int, energy:
     kwargs = states.batches[j].kwargs
     total = torch.zeros((), device=device)
     for i, layer in layers.items():
-        y = layer_output(layer, states.get(i, j, device), kwargs)
+        y = block_output(layer, states.get(i, j, device), kwargs)
         total = total + (y - states.get(i + 1, j, device)).pow(2).mean() / energy[i]
     return total
 

@@ -6,8 +6,8 @@ factors and the norms of a ``tie`` output train to match the teacher's next-toke
 temperature, :mod:`surgeon.ops.retrain.kd`), with PERP's optimiser (AdamW, linear warmup then linear decay) and
 activation checkpointing. Before those end-to-end steps, a block-wise stage (:mod:`.blockwise`, on by default)
 fits each shared block, with its layers' LoRA factors and norms, to the teacher's layers from the teacher's own
-hidden states: one block per step instead of the whole model and its head. The output keeps the input's form (compact, tied-base +
-``lora/``, or materialised; :mod:`surgeon.ops.retrain.recursive`). Held-out perplexity is measured every
+hidden states: one block per step instead of the whole model and its head. The output keeps the input's form
+(compact, tied-base + ``lora/``, or materialised; :mod:`surgeon.ops.retrain.recursive`). Held-out perplexity is measured every
 ``eval_every`` steps (and before and after) and goes to the report and the card.
 
 The teacher runs on the model engine (:mod:`surgeon.engine`), never as a whole module: its held-out perplexity

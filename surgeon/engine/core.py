@@ -107,6 +107,13 @@ def _assign(module: nn.Module, name: str, value: torch.Tensor, *, is_param: bool
         sub._buffers[leaf] = value
 
 
+def block_output(module: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The hidden states a decoder block ``module`` returns for ``hidden`` and a micro-batch's keyword arguments
+    (blocks of some families return a tuple)."""
+    out = module(hidden, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 class Block:
     """One decoder block, loaded, as an op sees it.
 
@@ -173,8 +180,7 @@ class Block:
 
     def call(self, hidden: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
         """The block's output for ``hidden`` (no grad unless the caller enables it)."""
-        out = self.module(hidden, **mb.kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return block_output(self.module, hidden, mb.kwargs)
 
     def forward(self, *, keep: bool = True) -> HiddenStore | None:
         """Run the block over every micro-batch; with ``keep`` the outputs are stored (they become the next
