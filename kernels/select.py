@@ -374,13 +374,20 @@ def sample_size(n: int) -> int:
     return int(min(n, max(2048, min(1 << 15, n // 16))))
 
 
-def bracket(sample: np.ndarray, q: float, z: float = BRACKET_Z) -> tuple[int, int]:
-    """Keys ``(lo, hi)`` that hold the ``q``-quantile of the population with high probability: the sample's
-    order statistics ``z`` binomial standard deviations (√(s·q·(1−q))) below and above rank q·s."""
-    s = sample.size
+def bracket_ranks(s: int, q: float, z: float = BRACKET_Z) -> tuple[int, int]:
+    """Ranks ``(a, b)`` in a sample of ``s`` whose keys bracket the population's ``q``-quantile with high
+    probability: ``z`` binomial standard deviations (√(s·q·(1−q))) below and above rank q·s, each side widened by
+    2. ``a < 0`` / ``b >= s``: no bound on that side."""
     r = q * s
     d = z * math.sqrt(s * q * (1 - q)) + 2
-    a, b = math.floor(r - d), math.ceil(r + d)
+    return math.floor(r - d), math.ceil(r + d)
+
+
+def bracket(sample: np.ndarray, q: float, z: float = BRACKET_Z) -> tuple[int, int]:
+    """Keys ``(lo, hi)`` that hold the ``q``-quantile of the population with high probability: the sample's
+    order statistics at :func:`bracket_ranks`."""
+    s = sample.size
+    a, b = bracket_ranks(s, q, z)
     ranks = [i for i in (a, b) if 0 <= i < s]
     part = np.partition(sample, ranks) if ranks else sample
     lo = int(part[a]) if a >= 0 else 0

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import save_tiny_llama
+from surgeon.kernels import select_band
 from surgeon.ops.prune.common import Fresh, Pruned, nm_prune
 from surgeon.ops.prune.magnitude import Deferred, Params, apply, n_pruned
 
@@ -240,11 +241,17 @@ def test_nan_or_inf_in_a_pruned_matrix_is_refused_even_when_allowed(tiny_llama, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_the_writer_prunes_on_raw_storage_with_the_torch_paths_bytes(tmp_path, dtype):
+def test_the_writer_prunes_on_raw_storage_with_the_torch_paths_bytes(tmp_path, monkeypatch, dtype):
     """Per-matrix pruning of a safetensors source runs on its raw storage (no aligned copy, no torch tensor):
-    the writer takes that path, and every pruned tensor has exactly the bytes of the torch path."""
+    the writer takes that path, and every pruned tensor has exactly the bytes of the torch path. fp32 and
+    bfloat16 matrices of the sampled bracket's size are pruned in one read (C kernel), float16 in two."""
+    from surgeon.ops.prune import magnitude
+
     from surgeon.graph import Executor, runs_on_host
 
+    once = []
+    real = magnitude.zero_smallest_k_once
+    monkeypatch.setattr(magnitude, "zero_smallest_k_once", lambda *a: once.append(real(*a)) or once[-1])
     g = _graph(save_tiny_llama(tmp_path / "m", dtype=dtype, layers=2, hidden=256))  # the MLP: the sampled bracket
     g2 = apply(g, Params(sparsity=0.45), Context())
     names = _linears(g)
@@ -255,6 +262,9 @@ def test_the_writer_prunes_on_raw_storage_with_the_torch_paths_bytes(tmp_path, d
         b = torch_path.value(g2[n])
         assert a.dtype == str(dtype).removeprefix("torch.") and b.dtype == dtype
         assert a.data.tobytes() == b.view(torch.uint8).numpy().tobytes(), n
+    big = [n for n in names if g[n].shape[0] * g[n].shape[1] >= 1 << 16]
+    one_read = dtype != torch.float16 and select_band._library() is not None
+    assert big and sum(r is not None for r in once) == (len(big) if one_read else 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -277,6 +287,7 @@ def test_the_writer_streams_pruned_pieces_with_the_torch_paths_bytes(tmp_path, m
     save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
     monkeypatch.setattr(executor, "WRITE_CHUNK", 4096)
     monkeypatch.setattr(magnitude, "STREAM_CHUNK", 1000)
+    monkeypatch.setattr(magnitude, "STREAM_MIN_BYTES", 0)  # stream even these small tensors
     streamed = []
     real = executor.stream_run
     monkeypatch.setattr(executor, "stream_run", lambda run, *a: (streamed.append(run.tensors[0][0]), real(run, *a)))

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from surgeon.kernels.host_dtypes import convert
+from surgeon.kernels.host_dtypes import STORAGE, convert
 from surgeon.kernels.select import (
     NonFiniteInput,
     bracket,
@@ -33,6 +33,7 @@ from surgeon.kernels.select import (
     zero_smallest_k,
     zero_smallest_k_bits,
 )
+from surgeon.kernels.select_band import zero_smallest_k_once
 from surgeon.kernels.select_global import BracketKth, StreamingKth, sample_tensor
 
 from surgeon.context import Context
@@ -135,12 +136,17 @@ def _finite_magnitude_prune(name: str, sparsity: float, device: str, protect: Pr
 
 def _host_magnitude_prune(name: str, sparsity: float):
     """:func:`_finite_magnitude_prune` on raw storage (no protection, CPU): the source is read from its map
-    without the copy torch computations get, and the selection's own pass refuses NaN/Inf. Same bytes."""
+    without the copy torch computations get, and the selection's own pass refuses NaN/Inf. Same bytes.
+    fp32/bfloat16 storage is pruned in one read (:func:`zero_smallest_k_once`), other cases in two."""
     def fn(w: HostArray) -> HostArray:
         flat = w.data.reshape(-1)
-        bits = (flat if w.dtype == "float32" else convert(flat, w.dtype, "float32")).view(np.uint32)
+        k = n_pruned(flat.size, sparsity)
         try:
-            out = zero_smallest_k_bits(bits, n_pruned(bits.size, sparsity), absolute=True)
+            once = zero_smallest_k_once(flat, w.dtype, k) if k else None
+            if once is not None:
+                return HostArray(once.view(STORAGE[w.dtype]), w.dtype, w.shape)
+            bits = (flat if w.dtype == "float32" else convert(flat, w.dtype, "float32")).view(np.uint32)
+            out = zero_smallest_k_bits(bits, k, absolute=True)
         except NonFiniteInput:
             raise unrankable(name) from None
         return HostArray(out.view(np.float32), "float32", w.shape)
@@ -150,6 +156,9 @@ def _host_magnitude_prune(name: str, sparsity: float):
 
 #: entries of a non-fp32 source converted to fp32 at a time by the streamed threshold pass (8 MiB of fp32)
 STREAM_CHUNK = 1 << 21
+#: source tensors from this size on are streamed in two reads (:func:`_magnitude_stream`), holding no buffer of
+#: their size; smaller ones are pruned whole in one read (:func:`_host_magnitude_prune`)
+STREAM_MIN_BYTES = 64 << 20
 
 
 def _magnitude_stream(name: str, sparsity: float):
@@ -359,7 +368,8 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
                                                                         name in trans),
                                                 [dense], dense=dense, label="prune-magnitude",
                                                 host_fn=_host_magnitude_prune(name, params.sparsity) if plain else None,
-                                                stream_fn=_magnitude_stream(name, params.sparsity) if plain else None),
+                                                stream_fn=_magnitude_stream(name, params.sparsity)
+                                                if plain and dense.nbytes >= STREAM_MIN_BYTES else None),
                                          name, protect))
             per_tensor[name] = (n_pruned(numel, params.sparsity), numel)
         ctx.report(method="magnitude", scope="layer", **sparsity_facts(per_tensor))
