@@ -95,6 +95,7 @@ def main() -> None:
     runs: dict[str, list[tuple[float, float]]] = {label: [] for label, _ in cases}
     for r in range(args.rounds):
         for label, fn in cases[r % len(cases):] + cases[: r % len(cases)]:
+            os.sync()  # the last write's dirty pages go to disk now, not during the next timed write
             runs[label].append(timed(fn))
     passes = runs[cases[0][0]]
     print(f"\nload average {os.getloadavg()[0]:.1f}; {args.rounds} rounds, order rotated; ratios per round "

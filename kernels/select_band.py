@@ -32,8 +32,9 @@ _SOURCE = r"""
 #include <immintrin.h>
 #endif
 /* out = src with |x| below lo zeroed (magnitude bits: the order of |x|); counts[0] += entries below lo,
-   counts[1] += entries inside [lo, lo + width], counts[2] += NaN/Inf. The inside entries' flat positions are
-   listed while fewer than cap - 16 are listed; the caller sees an overflow as counts[1] > cap - 16. */
+   counts[1] += entries inside [lo, lo + width], counts[2] += NaN/Inf. The inside entries' keys (magnitude |
+   0x80000000, the order-preserving key of |x|) and flat positions are listed while fewer than cap - 16 are
+   listed; the caller sees an overflow as counts[1] > cap - 16. */
 #define BODY(LOAD, STORE_ZERO, STORE_KEEP)                                                              \
     for (; i < n; i++) {                                                                                \
         uint32_t b = LOAD, m = b & 0x7FFFFFFFu;                                                         \
@@ -41,60 +42,53 @@ _SOURCE = r"""
         below += below_i;                                                                               \
         bad += m >= 0x7F800000u;                                                                        \
         if (below_i) STORE_ZERO; else STORE_KEEP;                                                       \
-        if (c + 16 <= cap) pos[c] = (uint32_t)i;                                                        \
+        if (c + 16 <= cap) { keys[c] = m | 0x80000000u; pos[c] = (uint32_t)i; }                        \
         c += in_i;                                                                                      \
     }
 
-void band_zero_f32(const uint32_t *src, uint32_t *out, int64_t n, uint32_t lo, uint32_t width,
-                   uint32_t *pos, int64_t cap, int64_t *counts) {
-    int64_t i = 0, below = 0, bad = 0, c = 0;
 #ifdef __AVX512F__
-    const __m512i mag = _mm512_set1_epi32(0x7FFFFFFF);
-    const __m512i vlo = _mm512_set1_epi32((int)lo), vw = _mm512_set1_epi32((int)width);
-    __m512i top = _mm512_setzero_si512();
-    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    for (; i + 16 <= n; i += 16) {
-        __m512i b = _mm512_loadu_si512((const void *)(src + i));
-        __m512i m = _mm512_and_si512(b, mag);
-        __mmask16 lt = _mm512_cmplt_epu32_mask(m, vlo);
-        __mmask16 in = _mm512_cmple_epu32_mask(_mm512_sub_epi32(m, vlo), vw);
-        below += __builtin_popcount(lt);
-        top = _mm512_max_epu32(top, m);
-        _mm512_storeu_si512((void *)(out + i), _mm512_maskz_mov_epi32((__mmask16)~lt, b));
-        if (c + 16 <= cap)
-            _mm512_storeu_si512((void *)(pos + c),
-                                _mm512_maskz_compress_epi32(in, _mm512_add_epi32(_mm512_set1_epi32((int)i), iota)));
-        c += __builtin_popcount(in);
+/* BODY sixteen at a time: LOAD_VEC gives the entries widened to fp32 bit patterns in `b`, STORE_VEC stores
+   `kept` (b with the entries below lo zeroed) in the source's width. NaN/Inf via the largest magnitude seen. */
+#define BODY16(LOAD_VEC, STORE_VEC)                                                                     \
+    {                                                                                                   \
+        const __m512i mag = _mm512_set1_epi32(0x7FFFFFFF), sign = _mm512_set1_epi32((int)0x80000000u);  \
+        const __m512i vlo = _mm512_set1_epi32((int)lo), vw = _mm512_set1_epi32((int)width);             \
+        const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);    \
+        __m512i top = _mm512_setzero_si512();                                                           \
+        for (; i + 16 <= n; i += 16) {                                                                  \
+            __m512i b = LOAD_VEC, m = _mm512_and_si512(b, mag);                                         \
+            __mmask16 lt = _mm512_cmplt_epu32_mask(m, vlo);                                             \
+            __mmask16 in = _mm512_cmple_epu32_mask(_mm512_sub_epi32(m, vlo), vw);                       \
+            __m512i kept = _mm512_maskz_mov_epi32((__mmask16)~lt, b);                                   \
+            below += __builtin_popcount(lt);                                                            \
+            top = _mm512_max_epu32(top, m);                                                             \
+            STORE_VEC;                                                                                  \
+            if (c + 16 <= cap) {                                                                        \
+                __m512i at = _mm512_add_epi32(_mm512_set1_epi32((int)i), iota);                         \
+                _mm512_storeu_si512((void *)(keys + c), _mm512_maskz_compress_epi32(in, _mm512_or_si512(m, sign))); \
+                _mm512_storeu_si512((void *)(pos + c), _mm512_maskz_compress_epi32(in, at));            \
+            }                                                                                           \
+            c += __builtin_popcount(in);                                                                \
+        }                                                                                               \
+        bad += _mm512_reduce_max_epu32(top) >= 0x7F800000u;                                             \
     }
-    bad += _mm512_reduce_max_epu32(top) >= 0x7F800000u;
+#else
+#define BODY16(LOAD_VEC, STORE_VEC)
 #endif
+
+void band_zero_f32(const uint32_t *src, uint32_t *out, int64_t n, uint32_t lo, uint32_t width,
+                   uint32_t *keys, uint32_t *pos, int64_t cap, int64_t *counts) {
+    int64_t i = 0, below = 0, bad = 0, c = 0;
+    BODY16(_mm512_loadu_si512((const void *)(src + i)), _mm512_storeu_si512((void *)(out + i), kept))
     BODY(src[i], out[i] = 0, out[i] = b)
     counts[0] += below; counts[1] += c; counts[2] += bad;
 }
 
 void band_zero_bf16(const uint16_t *src, uint16_t *out, int64_t n, uint32_t lo, uint32_t width,
-                    uint32_t *pos, int64_t cap, int64_t *counts) {
+                    uint32_t *keys, uint32_t *pos, int64_t cap, int64_t *counts) {
     int64_t i = 0, below = 0, bad = 0, c = 0;
-#ifdef __AVX512F__
-    const __m512i mag = _mm512_set1_epi32(0x7FFFFFFF);
-    const __m512i vlo = _mm512_set1_epi32((int)lo), vw = _mm512_set1_epi32((int)width);
-    __m512i top = _mm512_setzero_si512();
-    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    for (; i + 16 <= n; i += 16) {
-        __m512i b = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + i)));
-        __m512i m = _mm512_and_si512(_mm512_slli_epi32(b, 16), mag);
-        __mmask16 lt = _mm512_cmplt_epu32_mask(m, vlo);
-        __mmask16 in = _mm512_cmple_epu32_mask(_mm512_sub_epi32(m, vlo), vw);
-        below += __builtin_popcount(lt);
-        top = _mm512_max_epu32(top, m);
-        _mm256_storeu_si256((__m256i *)(out + i), _mm512_cvtepi32_epi16(_mm512_maskz_mov_epi32((__mmask16)~lt, b)));
-        if (c + 16 <= cap)
-            _mm512_storeu_si512((void *)(pos + c),
-                                _mm512_maskz_compress_epi32(in, _mm512_add_epi32(_mm512_set1_epi32((int)i), iota)));
-        c += __builtin_popcount(in);
-    }
-    bad += _mm512_reduce_max_epu32(top) >= 0x7F800000u;
-#endif
+    BODY16(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(src + i))), 16),
+           _mm256_storeu_si256((__m256i *)(out + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(kept, 16))))
     BODY((uint32_t)src[i] << 16, out[i] = 0, out[i] = src[i])
     counts[0] += below; counts[1] += c; counts[2] += bad;
 }
@@ -161,9 +155,14 @@ void select_pair(const uint32_t *keys, int64_t n, int64_t ra, int64_t rb, uint32
 
 /* keys[j] = the order-preserving key of |src[pos[j]]| (magnitude bits | 0x80000000); `wide`: fp32 src, else
    bfloat16. */
+#define AHEAD 16  /* entries prefetched ahead: the positions are scattered over memory that may be cold */
 void keys_at(const void *src, const uint32_t *pos, int64_t c, uint32_t *keys, int wide) {
-    if (wide) for (int64_t j = 0; j < c; j++) keys[j] = ((const uint32_t *)src)[pos[j]] | 0x80000000u;
-    else for (int64_t j = 0; j < c; j++) keys[j] = (uint32_t)((const uint16_t *)src)[pos[j]] << 16 | 0x80000000u;
+    const uint32_t *s32 = src;
+    const uint16_t *s16 = src;
+    for (int64_t j = 0; j < c; j++) {
+        if (j + AHEAD < c) __builtin_prefetch(wide ? (const void *)(s32 + pos[j + AHEAD]) : (const void *)(s16 + pos[j + AHEAD]));
+        keys[j] = (wide ? s32[pos[j]] : (uint32_t)s16[pos[j]] << 16) | 0x80000000u;
+    }
 }
 
 /* Zero out[pos[j]] for the listed keys below t and the first `need - (listed keys below t)` equal to t
@@ -176,6 +175,7 @@ void patch_below(const uint32_t *keys, const uint32_t *pos, int64_t c, uint32_t 
     for (int64_t j = 0; j < c; j++) {  /* branch-free: half the listed entries are zeroed, in no order */
         uint32_t eq = keys[j] == t, owed = ties > 0, zero = (keys[j] < t) | (eq & owed);
         ties -= eq & owed;
+        if (j + AHEAD < c) __builtin_prefetch(wide ? (void *)((uint32_t *)out + pos[j + AHEAD]) : (void *)((uint16_t *)out + pos[j + AHEAD]), 1);
         if (wide) ((uint32_t *)out)[pos[j]] &= zero - 1u; else ((uint16_t *)out)[pos[j]] &= (uint16_t)(zero - 1u);
     }
 }
@@ -191,7 +191,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name in ("band_zero_f32", "band_zero_bf16"):
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint32,
-                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
         fn.restype = None
     lib.select_key.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.select_key.restype = ctypes.c_uint32
@@ -255,19 +255,19 @@ def zero_smallest_k_once(data: np.ndarray, dtype: str, k: int) -> np.ndarray | N
     lo_m = int(ends[0]) & 0x7FFFFFFF if a >= 0 else 0
     hi_m = int(ends[1]) & 0x7FFFFFFF if b < sample.size else 0x7FFFFFFF
     cap = min(n, _ROOM * 5 * n // int(np.sqrt(at.size)) + 4096) + 16  # 5/√s: the bracket's expected share
+    keys = np.empty(2 * cap, np.uint32)  # the listed keys, then the selection's scratch
     pos = np.empty(cap, np.uint32)
     out = np.empty_like(bits)
     counts = np.zeros(3, np.int64)
-    fn = lib.band_zero_f32 if dtype == "float32" else lib.band_zero_bf16
-    fn(bits.ctypes.data, out.ctypes.data, n, lo_m, hi_m - lo_m, pos.ctypes.data, cap, counts.ctypes.data)
+    fn = lib.band_zero_f32 if wide else lib.band_zero_bf16
+    fn(bits.ctypes.data, out.ctypes.data, n, lo_m, hi_m - lo_m, keys.ctypes.data, pos.ctypes.data, cap,
+       counts.ctypes.data)
     below, inside, bad = (int(c) for c in counts)
     if bad:
         raise NonFiniteInput("selection over a tensor with NaN or Inf values")
     need = k - below
     if inside > cap - 16 or not 1 <= need <= inside:
         return None
-    keys = np.empty(2 * inside, np.uint32)  # the listed keys, then the selection's scratch
-    lib.keys_at(bits.ctypes.data, pos.ctypes.data, inside, keys.ctypes.data, wide)
-    t = lib.select_key(keys.ctypes.data, inside, need - 1, keys[inside:].ctypes.data)
+    t = lib.select_key(keys.ctypes.data, inside, need - 1, keys[cap:].ctypes.data)
     lib.patch_below(keys.ctypes.data, pos.ctypes.data, inside, t, need, out.ctypes.data, wide)
     return out
