@@ -31,18 +31,19 @@ _SOURCE = r"""
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
-/* out = src with |x| below lo zeroed (magnitude bits: the order of |x|); counts[0] += entries below lo,
+/* out = src with |x| below lo zeroed (magnitude bits: the order of |x|; out NULL: nothing written, the pass
+   only counts and lists); counts[0] += entries below lo,
    counts[1] += entries inside [lo, lo + width], counts[2] += NaN/Inf. The inside entries' keys (magnitude |
-   0x80000000, the order-preserving key of |x|) and flat positions are listed while fewer than cap - 16 are
-   listed; the caller sees an overflow as counts[1] > cap - 16. */
+   0x80000000, the order-preserving key of |x|) and flat positions (pos NULL: not listed) are listed while fewer
+   than cap - 16 are; the caller sees an overflow as counts[1] > cap - 16. */
 #define BODY(LOAD, STORE_ZERO, STORE_KEEP)                                                              \
     for (; i < n; i++) {                                                                                \
         uint32_t b = LOAD, m = b & 0x7FFFFFFFu;                                                         \
         uint32_t below_i = m < lo, in_i = (uint32_t)(m - lo) <= width;                                  \
         below += below_i;                                                                               \
         bad += m >= 0x7F800000u;                                                                        \
-        if (below_i) STORE_ZERO; else STORE_KEEP;                                                       \
-        if (c + 16 <= cap) { keys[c] = m | 0x80000000u; pos[c] = (uint32_t)i; }                        \
+        if (out) { if (below_i) STORE_ZERO; else STORE_KEEP; }                                          \
+        if (c + 16 <= cap) { keys[c] = m | 0x80000000u; if (pos) pos[c] = (uint32_t)i; }               \
         c += in_i;                                                                                      \
     }
 
@@ -62,11 +63,11 @@ _SOURCE = r"""
             __m512i kept = _mm512_maskz_mov_epi32((__mmask16)~lt, b);                                   \
             below += __builtin_popcount(lt);                                                            \
             top = _mm512_max_epu32(top, m);                                                             \
-            STORE_VEC;                                                                                  \
+            if (out) STORE_VEC;                                                                         \
             if (c + 16 <= cap) {                                                                        \
                 __m512i at = _mm512_add_epi32(_mm512_set1_epi32((int)i), iota);                         \
                 _mm512_storeu_si512((void *)(keys + c), _mm512_maskz_compress_epi32(in, _mm512_or_si512(m, sign))); \
-                _mm512_storeu_si512((void *)(pos + c), _mm512_maskz_compress_epi32(in, at));            \
+                if (pos) _mm512_storeu_si512((void *)(pos + c), _mm512_maskz_compress_epi32(in, at));   \
             }                                                                                           \
             c += __builtin_popcount(in);                                                                \
         }                                                                                               \
@@ -215,6 +216,23 @@ def build(avx512: bool) -> ctypes.CDLL | None:
 def _library() -> ctypes.CDLL | None:
     """The AVX-512 build where the CPU has it, else the portable one."""
     return build("avx512f" in cpu_flags())
+
+
+def split_band(data: np.ndarray, dtype: str, lo: int, hi: int) -> tuple[np.ndarray, int, int] | None:
+    """:func:`surgeon.kernels.select.split_bracket` of |x| (``absolute``) by the C pass, on fp32 or bfloat16
+    storage as it is (no conversion): (the keys inside ``[lo, hi]`` in flat order, how many lie below ``lo``,
+    how many are NaN/Inf); None where the kernels are not built or the dtype is another."""
+    lib = _library()
+    if lib is None or dtype not in _STORAGE or data.size >= 1 << 32:
+        return None
+    bits = np.ascontiguousarray(data.reshape(-1)).view(_STORAGE[dtype])
+    lo_m = max(lo, 0x80000000) - 0x80000000
+    hi_m = max(hi, 0x80000000) - 0x80000000
+    keys = np.empty(bits.size + 16, np.uint32)  # pages never written are never backed: only the band costs
+    counts = np.zeros(3, np.int64)
+    fn = lib.band_zero_f32 if dtype == "float32" else lib.band_zero_bf16
+    fn(bits.ctypes.data, None, bits.size, lo_m, hi_m - lo_m, keys.ctypes.data, None, keys.size, counts.ctypes.data)
+    return keys[: counts[1]].copy(), int(counts[0]), int(counts[2])
 
 
 @functools.lru_cache(maxsize=32)

@@ -26,12 +26,22 @@ from .select import (
     low_histogram,
     split_bracket,
 )
+from .select_band import split_band
 
 
 def sample_tensor(x: torch.Tensor, size: int, *, absolute: bool = True, seed: int = 0) -> np.ndarray:
     """Keys of ``size`` entries of ``x`` drawn uniformly (fixed seed); only the drawn entries are converted."""
     at = torch.from_numpy(np.random.default_rng(seed).integers(0, x.numel(), max(1, size)))
     return keys_of(fp32_bits(x.detach().reshape(-1)[at]), absolute)
+
+
+def _storage(x: torch.Tensor) -> tuple[np.ndarray, str] | None:
+    """A contiguous CPU fp32/bfloat16 tensor's storage as numpy bits, without a copy; None for others."""
+    if x.device.type != "cpu" or not x.is_contiguous() or x.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if x.dtype == torch.float32:
+        return x.reshape(-1).numpy(), "float32"
+    return x.reshape(-1).view(torch.int16).numpy().view(np.uint16), "bfloat16"
 
 
 @dataclass
@@ -48,12 +58,21 @@ class BracketKth:
     inside: dict[int, np.ndarray] = field(default_factory=dict)
 
     def add(self, x: torch.Tensor, index: int) -> None:
-        """Count/keep ``x``'s entries; :class:`NonFiniteInput` (and nothing added) when ``x`` holds NaN/Inf."""
-        self.add_bits(fp32_bits(x), index)
+        """Count/keep ``x``'s entries; :class:`NonFiniteInput` (and nothing added) when ``x`` holds NaN/Inf.
+        A CPU fp32/bfloat16 tensor of |x| goes through the C pass on its own storage (no fp32 copy)."""
+        raw = _storage(x) if self.absolute else None
+        got = split_band(*raw, self.lo, self.hi) if raw is not None else None
+        if got is None:
+            self.add_bits(fp32_bits(x), index)
+        else:
+            self._add_split(got, index)
 
     def add_bits(self, bits: np.ndarray, index: int) -> None:
         """:meth:`add` on flat fp32 bit patterns (uint32, numpy)."""
-        keys, below, bad = split_bracket(bits, self.lo, self.hi, self.absolute)
+        self._add_split(split_bracket(bits, self.lo, self.hi, self.absolute), index)
+
+    def _add_split(self, split: tuple[np.ndarray, int, int], index: int) -> None:
+        keys, below, bad = split
         if bad:
             raise NonFiniteInput("selection over a tensor with NaN or Inf values")
         self.below += below

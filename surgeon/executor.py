@@ -25,9 +25,10 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -215,25 +216,34 @@ def cast_run(run: _CopyRun, fd: int, dtype: str, check_source: bool, check_name:
                check_name)
 
 
-def stream_run(run: _CopyRun, fd: int, stream_fn: Callable, check_name: str | None) -> None:
+def stream_run(run: _CopyRun, fd: int, stream_fn: Callable, check_name: str | None,
+               given: Callable[[], list] = list) -> None:
     """Write an op's piecewise computation of one source tensor (the run's only one; ``Apply.stream_fn``) at
-    ``run.at`` of ``fd``: ``stream_fn`` sees the whole source through its map, then its piece function turns each
-    ``WRITE_CHUNK`` of source into the output's bytes (:func:`_piece_run`, from the same map).
-    ``check_name`` (the output's name, or None): refuse NaN/Inf in the result."""
+    ``run.at`` of ``fd``: ``stream_fn`` sees the whole source through its map (and ``given()``, the values of the
+    node's other, small inputs), then its piece function turns each ``WRITE_CHUNK`` of source into the output's
+    bytes (:func:`_piece_run`, from the same map). ``check_name`` (the output's name, or None): refuse NaN/Inf in
+    the result."""
     from surgeon.kernels.host_dtypes import STORAGE
 
     ((_, src, nbytes),) = run.tensors
     source = SourceWindow(run)
-    piece_fn = stream_fn(HostArray(source.get(0, nbytes).view(STORAGE[src]), src, (-1,)))
+    piece_fn = stream_fn(HostArray(source.get(0, nbytes).view(STORAGE[src]), src, (-1,)), *given())
     _piece_run(run, source, fd, piece_fn, src, WRITE_CHUNK, False, check_name)
 
 
-def streams_pieces(node: Node) -> bool:
-    """An op's computation of one untouched source tensor that :func:`stream_run` writes piece by piece."""
-    from surgeon.graph import Apply
+#: the most bytes a streamed node's inputs besides its source may hold (a threshold, a few counts)
+GIVEN_MAX = 1 << 20
 
-    return (isinstance(node, Apply) and node.stream_fn is not None and node.host and len(node.inputs) == 1
-            and is_copy(node.inputs[0]) and node.dtype_name == node.inputs[0].dtype_name)
+
+def streams_pieces(node: Node) -> bool:
+    """An op's computation of one untouched source tensor (its last input; any others are small computed
+    values, such as a global threshold) that :func:`stream_run` writes piece by piece."""
+    from surgeon.graph import Apply
+    from surgeon.kernels.host_dtypes import CONVERTIBLE
+
+    return (isinstance(node, Apply) and node.stream_fn is not None and node.dtype_name in CONVERTIBLE
+            and bool(node.inputs) and is_copy(node.inputs[-1]) and node.dtype_name == node.inputs[-1].dtype_name
+            and all(not is_copy(i) and i.nbytes <= GIVEN_MAX for i in node.inputs[:-1]))
 
 
 def streams_cast(node: Node) -> bool:
@@ -474,7 +484,7 @@ class ShardPipeline:
 
     def _submit_streamed(self, item: _Ahead, fd: int, writes: list[Future],
                          report: Callable[[Future, int], None]) -> None:
-        source = item.node.inputs[0]
+        source = item.node.inputs[-1]
         info = source.checkpoint.tensors[source.name]  # type: ignore[attr-defined]
         at = os.lseek(fd, item.node.nbytes, os.SEEK_CUR) - item.node.nbytes
         run = _CopyRun(info.file, info.begin, info.nbytes, at, [(source.name, source.dtype_name, info.nbytes)])
@@ -483,11 +493,20 @@ class ShardPipeline:
             future = self.pool.submit(cast_run, run, fd, item.node.dtype_name,
                                       not source.checkpoint.allow_nonfinite, check_name)  # type: ignore[attr-defined]
         else:
-            future = self.pool.submit(stream_run, run, fd, item.node.stream_fn, check_name)  # type: ignore[attr-defined]
+            future = self.pool.submit(stream_run, run, fd, item.node.stream_fn, check_name,  # type: ignore[attr-defined]
+                                      partial(self._given_values, item.node.inputs[:-1]))
         writes.append(future)
         report(future, item.node.nbytes)
         self.executor.release(item.node)
         self.executor.release(source)
+
+    def _given_values(self, nodes: Sequence[Node]) -> list:
+        """The values of a streamed node's small inputs (computed once, shared by every node that takes them),
+        each released once read, as a computed node releases its inputs."""
+        values = [self.executor.value(n) for n in nodes]
+        for n in nodes:
+            self.executor.release(n)
+        return values
 
     def _submit_copy(self, run: _CopyRun, fd: int, writes: list[Future],
                      report: Callable[[Future, int], None]) -> None:

@@ -119,10 +119,11 @@ class Apply(Node):
     ``host_fn``, when given, is the same computation on raw storage (``host_fn(*HostArray) -> HostArray``, any
     float dtype, same bytes as ``fn``): the node then runs without torch when its inputs can.
 
-    ``stream_fn``, when given (with ``host_fn``, one input, same dtype), is the same computation piece by piece:
-    ``stream_fn(whole input) -> piece_fn``, then ``piece_fn(piece)`` maps consecutive pieces of the input's flat
-    storage, in order, to the output's. The writer then streams the node from an untouched source tensor as it
-    copies one (:func:`surgeon.executor.stream_run`), with no buffer of the tensor's size."""
+    ``stream_fn``, when given (same dtype as the last input), is the same computation piece by piece:
+    ``stream_fn(whole last input, *values of the other inputs) -> piece_fn``, then ``piece_fn(piece)`` maps
+    consecutive pieces of the last input's flat storage, in order, to the output's. When that input is an untouched
+    source tensor and the others are small computed values (a threshold), the writer streams the node as it copies
+    one (:func:`surgeon.executor.stream_run`), with no buffer of the tensor's size."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], inputs: Sequence[Node], *, label: str,
                  shape: Sequence[int] | None = None, dtype: torch.dtype | str | None = None,

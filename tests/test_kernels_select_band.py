@@ -80,3 +80,20 @@ def test_the_stratified_sample_draws_one_index_per_stratum():
     edges = (np.arange(4097) * 1_000_003) // 4096
     assert at.dtype == np.uint32 and np.all((at >= edges[:-1]) & (at < edges[1:]))
     assert not at.flags.writeable and at is band.stratified_sample(1_000_003, 4096)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_counting_pass_equals_the_numba_bracket_split(lib, dtype):
+    """``split_band`` (no output written, keys listed) against ``select.split_bracket`` on the widened bits:
+    the same keys in the same order, the same count below, and NaN/Inf counted."""
+    from surgeon.kernels.select import fp32_bits, split_bracket
+
+    x = torch.randn(300_007, generator=torch.Generator().manual_seed(3)).to(dtype)
+    bits = fp32_bits(x.float())
+    for lo, hi in [(0xBF000000 - (1 << 20), 0xBF000000 + (1 << 20)), (0, 0xBE800000), (0xBF800000, 0xFFFFFFFF)]:
+        keys, below, bad = band.split_band(storage(x), str(dtype).removeprefix("torch."), lo, hi)
+        ref_keys, ref_below, ref_bad = split_bracket(bits, lo, hi, True)
+        assert np.array_equal(keys, ref_keys) and below == ref_below and bad == ref_bad == 0
+        assert keys.size > 0
+    x[7] = float("nan")
+    assert band.split_band(storage(x), str(dtype).removeprefix("torch."), 0, 0xFFFFFFFF)[2] >= 1

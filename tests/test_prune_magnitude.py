@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import save_tiny_llama
 from surgeon.kernels import select_band
-from surgeon.ops.prune.common import Fresh, Pruned, nm_prune
+from surgeon.ops.prune.common import Mapped, Pruned, nm_prune
 from surgeon.ops.prune.magnitude import Deferred, Params, apply, n_pruned
 
 from surgeon.context import Context
@@ -84,7 +84,7 @@ def test_global_scope_streams_without_holding_the_model(tiny_llama):
     assert ex.max_live <= 1
     red = g2[names[0]].inputs[0]
     counted = red.given[0]  # the bracket pass; the exact fallback passes read tensors only when it missed
-    assert all(isinstance(i, Fresh) for i in counted.streamed)
+    assert all(isinstance(i, Mapped) for i in counted.streamed)  # the source's map: no edge, no copy
     assert all(isinstance(i, Deferred) for i in red.streamed)
 
 
@@ -305,3 +305,44 @@ def test_the_writer_streams_pruned_pieces_with_the_torch_paths_bytes(tmp_path, m
         kept = expected[expected != 0].abs().min()
         split += int((weights[n].abs() == kept).sum()) > int((expected.abs() == kept).sum())  # ties zeroed in part
     assert split >= len(names) // 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_global_pruning_streams_each_matrix_with_the_torch_paths_bytes(tmp_path, monkeypatch, dtype):
+    """Global pruning writes each matrix piece by piece from its source, the reduction's threshold and ties given
+    beside it (no matrix-sized buffer). Weights on a coarse grid put many entries at the global threshold, so the
+    ties owed split inside matrices and across 4 KiB pieces: every matrix has the bytes of the torch path, exactly
+    k zeros overall, and the sparsity per matrix in the report equals the one counted in the written file."""
+    from safetensors.torch import load_file, save_file
+
+    from surgeon import executor
+    from surgeon.graph import Executor
+    from surgeon.writer import write_graph
+
+    src = save_tiny_llama(tmp_path / "m", dtype=torch.float32, layers=2, hidden=64)
+    weights = {n: (torch.sign(t) * (torch.floor(t.abs() * 64) + 1) / 64).to(dtype)
+               for n, t in load_file(str(src / "model.safetensors")).items()}
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+    monkeypatch.setattr(executor, "WRITE_CHUNK", 4096)
+    streamed = []
+    real = executor.stream_run
+    monkeypatch.setattr(executor, "stream_run", lambda run, *a: (streamed.append(run.tensors[0][0]), real(run, *a)))
+    ctx = Context()
+    g = apply(_graph(src), Params(sparsity=0.45, scope="global"), ctx)
+    write_graph(g, tmp_path / "out")
+    names = _linears(g)
+    assert sorted(streamed) == sorted(names)
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    facts = ctx.step_info["global_threshold"]
+    streamed_facts = dict(facts["sparsity_per_tensor"])
+    ref = Executor([g[n] for n in names])
+    zeros = total = split = 0
+    for n in names:
+        expected = ref.value(g[n])
+        assert out[n].dtype == dtype and torch.equal(out[n].view(torch.uint8), expected.view(torch.uint8)), n
+        frac = int((out[n] == 0).sum()) / out[n].numel()
+        assert streamed_facts[n] == round(frac, 6)
+        zeros, total = zeros + int((out[n] == 0).sum()), total + out[n].numel()
+        t = facts["threshold"]
+        split += 0 < int((out[n].float().abs() == t).sum()) < int((weights[n].float().abs() == t).sum())
+    assert zeros == n_pruned(total, 0.45) and split >= 1

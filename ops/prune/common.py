@@ -8,7 +8,7 @@ import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from surgeon.errors import SurgeonError
-from surgeon.graph import Apply, Executor, Node
+from surgeon.graph import Apply, Executor, Load, Node
 
 if TYPE_CHECKING:
     from surgeon.arch import Roles
@@ -48,6 +48,32 @@ class Fresh(Node):
 
     def compute(self, args: list[torch.Tensor]) -> torch.Tensor:
         return Executor([self.inner]).evaluate_all()[0]
+
+
+class Mapped(Node):
+    """A source tensor as a torch view of its file's map, read by a reduction (as :class:`Fresh`: no graph edge):
+    no copy into an aligned buffer and no NaN/Inf pass, for reductions that only look at values one by one and
+    refuse NaN/Inf themselves. Other nodes fall back to :class:`Fresh` (:func:`read_again`)."""
+
+    def __init__(self, inner: Load):
+        self.inner = inner
+        self.inputs = ()
+        self.shape = inner.shape
+        self.dtype = inner.dtype_name
+        self.label = f"mapped({inner.name})"
+
+    def compute(self, args: list[torch.Tensor]) -> torch.Tensor:
+        raw = self.inner.checkpoint.load_host(self.inner.name, check=False)
+        t = torch.from_numpy(raw.data.reshape(-1))
+        return (t.view(torch.bfloat16) if raw.dtype == "bfloat16" else t).reshape(self.shape)
+
+
+def read_again(node: Node) -> Node:
+    """``node`` read once more by a reduction without an edge into it: the map of an untouched safetensors
+    source (:class:`Mapped`), else a private evaluation (:class:`Fresh`)."""
+    if isinstance(node, Load) and node.checkpoint.pickle_state is None:
+        return Mapped(node)
+    return Fresh(node)
 
 
 ARCH_HELP = "Architecture role overrides for a family surgeon does not know (the recipe's `arch:` mapping)."

@@ -15,6 +15,7 @@ Output stays dense with exact zeros and no ``sparsity_config`` (vLLM rejects dec
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -55,6 +56,7 @@ from .common import (
     nm_prune,
     parse_nm,
     prune_targets,
+    read_again,
     sparsity_facts,
     transposed_names,
 )
@@ -183,20 +185,54 @@ def _magnitude_stream(name: str, sparsity: float):
                                                   lambda at: bits(flat[at]))
             except NonFiniteInput:
                 raise unrankable(name) from None
-        buf = np.empty(0, np.uint32)
-        owed = [ties]
-
-        def piece(x: np.ndarray) -> np.ndarray:
-            nonlocal buf
-            if buf.size < x.size:
-                buf = np.empty(x.size, np.uint32)
-            out = buf[: x.size]
-            owed[0] -= zero_below_piece(bits(x), t_key, owed[0], out)
-            return out.view(np.float32) if w.dtype == "float32" else convert(out.view(np.float32), "float32", w.dtype)
-
-        return piece
+        return _zero_pieces(w.dtype, t_key, ties)
 
     return prepare
+
+
+def _zero_pieces(dtype: str, t_key: int, ties: int, zeros: Callable[[int, int], None] | None = None):
+    """The piece function of a streamed prune: each consecutive piece of a ``dtype`` tensor with the keys below
+    ``t_key`` zeroed, and the first ``ties`` keys equal to it (flat order, carried from piece to piece), into one
+    reused buffer; ``zeros(count, size)`` is told how many zeros each piece holds, and its size."""
+    buf = np.empty(0, np.uint32)
+    owed = ties
+
+    def piece(x: np.ndarray) -> np.ndarray:
+        nonlocal buf, owed
+        if buf.size < x.size:
+            buf = np.empty(x.size, np.uint32)
+        out = buf[: x.size]
+        owed -= zero_below_piece((x if dtype == "float32" else convert(x, dtype, "float32")).view(np.uint32),
+                                 t_key, owed, out)
+        if zeros is not None:
+            zeros(x.size - int(np.count_nonzero(out.view(np.float32))), x.size)
+        return out.view(np.float32) if dtype == "float32" else convert(out.view(np.float32), "float32", dtype)
+
+    return piece
+
+
+def _global_stream(index: int, facts: dict[str, Any], name: str):
+    """:func:`_prune_below` piece by piece (``Apply.stream_fn``, the reduction's value given beside the source):
+    the threshold and this tensor's ties come from the global reduction, so the source is read once here; the
+    tensor's sparsity goes to ``facts`` once its last piece is zeroed."""
+    def prepare(w: HostArray, reduced: torch.Tensor):
+        n, seen = w.data.size, [0, 0]  # zeros, entries
+
+        def zeros(count: int, size: int) -> None:
+            seen[0] += count
+            seen[1] += size
+            if seen[1] == n:
+                _record_sparsity(facts, name, seen[0] / n)
+
+        return _zero_pieces(w.dtype, int(reduced[0]), int(reduced[1 + index]), zeros)
+
+    return prepare
+
+
+def _record_sparsity(facts: dict[str, Any], name: str, frac: float) -> None:
+    facts["sparsity_per_tensor"][name] = round(frac, 6)
+    if frac > 0.95:
+        facts["above_95_percent"].append(name)
 
 
 class Deferred(Node):
@@ -240,7 +276,7 @@ def global_threshold_nodes(nodes: list, k: int, facts: dict[str, Any], names: li
     def sample_step(acc: list, v: torch.Tensor, i: int) -> list:
         return [*acc, sample_tensor(v, sizes[i], seed=i)]
 
-    sample = Reduce([Fresh(x) for x in nodes], init=list, step=sample_step, shape=(2,), dtype=torch.int64,
+    sample = Reduce([read_again(x) for x in nodes], init=list, step=sample_step, shape=(2,), dtype=torch.int64,
                     finish=lambda acc: torch.tensor(bracket(np.concatenate(acc), k / total), dtype=torch.int64),
                     label="magnitude-sample", merge=lambda a, b: a + b)
 
@@ -257,7 +293,7 @@ def global_threshold_nodes(nodes: list, k: int, facts: dict[str, Any], names: li
             return torch.zeros(n + 2, dtype=torch.int64)
         return torch.tensor([1, got[0], *_ties(k, got[1], got[2])], dtype=torch.int64)
 
-    counted = Reduce([Fresh(x) for x in nodes], given=[sample], shape=(n + 2,), dtype=torch.int64,
+    counted = Reduce([read_again(x) for x in nodes], given=[sample], shape=(n + 2,), dtype=torch.int64,
                      init=lambda lohi: BracketKth(k, int(lohi[0]), int(lohi[1])), step=count_step,
                      finish=count_finish, label="magnitude-bracket", merge=BracketKth.merged)
     return _fallback_passes(counted, nodes, k, facts, refuse)
@@ -312,10 +348,7 @@ def _prune_below(index: int, facts: dict[str, Any], name: str, protect: Protecti
         bits = fp32_bits(w)
         out = zero_below(bits, int(reduced[0]), int(reduced[1 + index]), absolute=True).reshape(w.shape)
         out = protect.finish(name, restore_protected(out, w, protect.rank_mask(name)), w, transposed)
-        frac = (out.numel() - int(np.count_nonzero(out.cpu().numpy()))) / out.numel()
-        facts["sparsity_per_tensor"][name] = round(frac, 6)
-        if frac > 0.95:
-            facts["above_95_percent"].append(name)
+        _record_sparsity(facts, name, (out.numel() - int(np.count_nonzero(out.cpu().numpy()))) / out.numel())
         return out
 
     return fn
@@ -328,6 +361,12 @@ def _nm_protected(w: torch.Tensor, n: int, m: int, transposed: bool, name: str, 
 
 
 # --- graph wiring ---------------------------------------------------------------------------------------------
+
+def _plain(dense: Node, name: str, device: str, protect: Protection) -> bool:
+    """A matrix pruned on raw storage (CPU, fp32/bf16/fp16, no protected edit): the host and streamed paths."""
+    return (device == "cpu" and dense.dtype_name != "float64" and protect.rank_mask(name) is None
+            and name not in protect.keys)
+
 
 def _checked(node: Pruned, name: str, protect: Protection) -> Pruned:
     """Zeroing entries of a tensor whose NaN/Inf were refused keeps it finite: the writer need not check the
@@ -362,8 +401,7 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
         for name in names:
             dense = graph[name]
             numel = dense.shape[0] * dense.shape[1]
-            plain = (dev == "cpu" and dense.dtype_name != "float64" and protect.rank_mask(name) is None
-                     and name not in protect.keys)
+            plain = _plain(dense, name, dev, protect)
             graph.replace(name, _checked(Pruned(_finite_magnitude_prune(name, params.sparsity, dev, protect,
                                                                         name in trans),
                                                 [dense], dense=dense, label="prune-magnitude",
@@ -383,9 +421,10 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
             return graph
         reduced = global_threshold_nodes(nodes, k, facts, names)
         for i, (name, dense) in enumerate(zip(names, nodes)):
+            stream = _global_stream(i, facts, name) if _plain(dense, name, dev, protect) else None
             graph.replace(name, _checked(Pruned(_prune_below(i, facts, name, protect, name in trans),
-                                                [reduced, dense], dense=dense, label="prune-magnitude-global"),
-                                         name, protect))
+                                                [reduced, dense], dense=dense, label="prune-magnitude-global",
+                                                stream_fn=stream), name, protect))
         # per-tensor sparsity is only known once the threshold has streamed; the dict is filled while writing
         ctx.report(method="magnitude", scope="global", sparsity=round(k / total, 6), pruned_tensors=len(names),
                    pruned_parameters=total, global_threshold=facts)
