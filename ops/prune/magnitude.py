@@ -204,8 +204,8 @@ def _zero_pieces(dtype: str, t_key: int, ties: int, zeros: Callable[[int, int], 
         out = buf[: x.size]
         owed -= zero_below_piece((x if dtype == "float32" else convert(x, dtype, "float32")).view(np.uint32),
                                  t_key, owed, out)
-        if zeros is not None:
-            zeros(x.size - int(np.count_nonzero(out.view(np.float32))), x.size)
+        if zeros is not None:  # above a threshold of zero no -0.0 is left: counting the bits is exact (and faster)
+            zeros(x.size - int(np.count_nonzero(out if t_key > 0x80000000 else out.view(np.float32))), x.size)
         return out.view(np.float32) if dtype == "float32" else convert(out.view(np.float32), "float32", dtype)
 
     return piece
