@@ -346,3 +346,39 @@ def test_global_pruning_streams_each_matrix_with_the_torch_paths_bytes(tmp_path,
         t = facts["threshold"]
         split += 0 < int((out[n].float().abs() == t).sum()) < int((weights[n].float().abs() == t).sum())
     assert zeros == n_pruned(total, 0.45) and split >= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nm", ["2:4", "1:4", "4:8"])
+def test_nm_pruning_streams_with_the_torch_paths_bytes(tmp_path, monkeypatch, dtype, nm):
+    """N:M pruning of fp32/bf16 sources is written piece by piece (groups are independent; C kernel), fp16 by
+    the torch path; weights on a coarse grid with signed zeros make ties inside groups, which zero the lower
+    index first: every matrix has the bytes of the torch path, in both the streamed and the whole-tensor host
+    form."""
+    from safetensors.torch import load_file, save_file
+    from surgeon.ops.prune import magnitude
+
+    from surgeon import executor
+    from surgeon.graph import Executor
+    from surgeon.writer import write_graph
+
+    src = save_tiny_llama(tmp_path / "m", dtype=torch.float32, layers=2, hidden=64)
+    weights = {n: (torch.round(t * 8) / 8).to(dtype) for n, t in load_file(str(src / "model.safetensors")).items()}
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+    monkeypatch.setattr(executor, "WRITE_CHUNK", 4096)
+    streamed = []
+    real = executor.stream_run
+    monkeypatch.setattr(executor, "stream_run", lambda run, *a: (streamed.append(run.tensors[0][0]), real(run, *a)))
+    g = apply(_graph(src), Params(nm=nm), Context())
+    write_graph(g, tmp_path / "out")
+    names = _linears(g)
+    assert sorted(streamed) == (sorted(names) if dtype != torch.float16 else [])
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    ref, host = Executor([g[n] for n in names]), Executor([g[n] for n in names])
+    n_keep, m = (int(v) for v in nm.split(":"))
+    for n in names:
+        expected = ref.value(g[n])
+        assert torch.equal(out[n].view(torch.uint8), expected.view(torch.uint8)), n
+        assert host.host_value(g[n]).data.tobytes() == expected.view(torch.uint8).numpy().tobytes(), n
+        assert int((expected == 0).sum()) >= expected.numel() * (m - n_keep) // m
+    assert magnitude.NM_PIECE_ENTRIES % m == 0

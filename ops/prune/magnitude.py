@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from surgeon.kernels.host_dtypes import STORAGE, convert
+from surgeon.kernels.nm_select import nm_zero
+from surgeon.kernels.nm_select import supported as nm_supported
 from surgeon.kernels.select import (
     NonFiniteInput,
     bracket,
@@ -354,6 +356,37 @@ def _prune_below(index: int, facts: dict[str, Any], name: str, protect: Protecti
     return fn
 
 
+#: entries every streamed piece is a multiple of (pieces are whole 4 KiB multiples of the entry width): an N:M
+#: stream needs m to divide it, so that no group straddles two pieces
+NM_PIECE_ENTRIES = 1024
+
+
+def _nm_host(n: int, m: int):
+    """:func:`nm_prune` (groups along rows) on raw fp32/bf16 storage, in its own dtype (C kernel; same bytes)."""
+    def fn(w: HostArray) -> HostArray:
+        return HostArray(nm_zero(w.data.reshape(-1), w.dtype, n, m).view(STORAGE[w.dtype]), w.dtype, w.shape)
+
+    return fn
+
+
+def _nm_stream(n: int, m: int):
+    """:func:`_nm_host` piece by piece (``Apply.stream_fn``): groups are independent, so each piece (whole
+    groups) is pruned into one reused buffer on its way to the file, the source read once."""
+    def prepare(w: HostArray):
+        buf = np.empty(0, STORAGE[w.dtype])
+
+        def piece(x: np.ndarray) -> np.ndarray:
+            nonlocal buf
+            if buf.size < x.size:
+                buf = np.empty(x.size, STORAGE[w.dtype])
+            return nm_zero(x, w.dtype, n, m, buf[: x.size].view(np.uint32 if w.dtype == "float32" else np.uint16)
+                           ).view(STORAGE[w.dtype])
+
+        return piece
+
+    return prepare
+
+
 def _nm_protected(w: torch.Tensor, n: int, m: int, transposed: bool, name: str, protect: Protection) -> torch.Tensor:
     rank_last = protect.rank_mask(name)
     score = None if rank_last is None else protect_score(w.float().abs(), rank_last)
@@ -391,8 +424,12 @@ def apply(graph: Graph, params: Params, ctx: Context) -> Graph:
         for name in names:
             dense = graph[name]
             t = name in trans
+            raw = (_plain(dense, name, dev, protect) and not t and nm_supported(dense.dtype_name, m)
+                   and NM_PIECE_ENTRIES % m == 0)
             graph.replace(name, Pruned(lambda w, t=t, name=name: _nm_protected(w, n, m, t, name, protect),
-                                       [dense], dense=dense, label=f"prune-{n}:{m}"))
+                                       [dense], dense=dense, label=f"prune-{n}:{m}",
+                                       host_fn=_nm_host(n, m) if raw else None,
+                                       stream_fn=_nm_stream(n, m) if raw else None))
         numel = {name: graph[name].shape[0] * graph[name].shape[1] for name in names}
         ctx.report(method="magnitude", nm=params.nm, transposed=sorted(trans),
                    **sparsity_facts({k: (v * (m - n) // m, v) for k, v in numel.items()}))
