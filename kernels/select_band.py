@@ -235,16 +235,31 @@ def split_band(data: np.ndarray, dtype: str, lo: int, hi: int) -> tuple[np.ndarr
     return keys[: counts[1]].copy(), int(counts[0]), int(counts[2])
 
 
-@functools.lru_cache(maxsize=32)
-def stratified_sample(n: int, size: int) -> np.ndarray:
+def sample_keys(data: np.ndarray, dtype: str, size: int, seed: int) -> np.ndarray | None:
+    """Keys of |x| (order-preserving, as :func:`surgeon.kernels.select.keys_of`) of ``size`` entries of flat
+    fp32/bfloat16 storage, one per stratum (:func:`stratified_sample`), gathered by the C kernel; None where the
+    kernels are not built or the dtype is another."""
+    lib = _library()
+    if lib is None or dtype not in _STORAGE or not 1 <= size <= data.size < 1 << 32:
+        return None
+    bits = np.ascontiguousarray(data.reshape(-1)).view(_STORAGE[dtype])
+    at = stratified_sample(bits.size, size, seed)
+    keys = np.empty(size, np.uint32)
+    lib.keys_at(bits.ctypes.data, at.ctypes.data, size, keys.ctypes.data, bits.itemsize == 4)
+    return keys
+
+
+@functools.lru_cache(maxsize=256)
+def stratified_sample(n: int, size: int, seed: int | None = None) -> np.ndarray:
     """``size`` flat indices in ``[0, n)`` (uint32), one drawn uniformly in each of ``size`` equal strata (a fixed seed:
     runs are reproducible), ascending, so gathering them reads memory forwards. Each stratum's draw is
     independent, so the count of sampled entries below any key is a sum of independent Bernoulli trials: its
-    variance is at most the binomial one the bracket is sized for (Hoeffding 1956). Cached (read-only): the
-    matrices of a model share a few sizes."""
+    variance is at most the binomial one the bracket is sized for (Hoeffding 1956). The seed defaults to ``n``.
+    Cached (read-only): the matrices of a model share a few sizes."""
     edges = (np.arange(size + 1, dtype=np.int64) * n) // size
     width = np.maximum(edges[1:] - edges[:-1], 1)
-    at = (edges[:-1] + (np.random.default_rng(n).random(size) * width).astype(np.int64)).astype(np.uint32)
+    draw = np.random.default_rng(n if seed is None else seed).random(size)
+    at = (edges[:-1] + (draw * width).astype(np.int64)).astype(np.uint32)
     at.setflags(write=False)
     return at
 

@@ -26,11 +26,16 @@ from .select import (
     low_histogram,
     split_bracket,
 )
-from .select_band import split_band
+from .select_band import sample_keys, split_band
 
 
 def sample_tensor(x: torch.Tensor, size: int, *, absolute: bool = True, seed: int = 0) -> np.ndarray:
-    """Keys of ``size`` entries of ``x`` drawn uniformly (fixed seed); only the drawn entries are converted."""
+    """Keys of ``size`` entries of ``x`` drawn uniformly (fixed seed); only the drawn entries are converted. Keys
+    of |x| on CPU fp32/bfloat16 storage: one draw per stratum, gathered in C (:func:`select_band.sample_keys`)."""
+    raw = _storage(x) if absolute else None
+    keys = sample_keys(*raw, max(1, size), seed) if raw is not None else None
+    if keys is not None:
+        return keys
     at = torch.from_numpy(np.random.default_rng(seed).integers(0, x.numel(), max(1, size)))
     return keys_of(fp32_bits(x.detach().reshape(-1)[at]), absolute)
 

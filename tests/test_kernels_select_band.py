@@ -97,3 +97,14 @@ def test_the_counting_pass_equals_the_numba_bracket_split(lib, dtype):
         assert keys.size > 0
     x[7] = float("nan")
     assert band.split_band(storage(x), str(dtype).removeprefix("torch."), 0, 0xFFFFFFFF)[2] >= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampled_keys_are_the_keys_of_the_stratified_entries(lib, dtype):
+    from surgeon.kernels.select import fp32_bits, keys_of
+
+    x = torch.randn(100_003, generator=torch.Generator().manual_seed(4)).to(dtype)
+    got = band.sample_keys(storage(x), str(dtype).removeprefix("torch."), 777, seed=5)
+    at = band.stratified_sample(x.numel(), 777, 5)
+    assert np.array_equal(got, keys_of(fp32_bits(x.float())[at.astype(np.int64)], True))
+    assert not np.array_equal(at, band.stratified_sample(x.numel(), 777, 6))  # the seed draws other entries
