@@ -262,6 +262,13 @@ def _ties(k: int, n_less: int, equal: list[int]) -> list[int]:
     return ties
 
 
+def global_sample_size(total: int) -> int:
+    """Entries sampled over all selected matrices for the global bracket: total/64, between 32,768 and 2²⁰.
+    The bracket's keys are held until the threshold is chosen (about 5/√s of all entries, three copies at the
+    peak), so a model of billions of weights takes the larger sample: 0.5 % of 7 B entries instead of 3 %."""
+    return int(min(total, max(sample_size(total), min(1 << 20, total // 64))))
+
+
 def global_threshold_nodes(nodes: list, k: int, facts: dict[str, Any], names: list[str] | None = None) -> Reduce:
     """Streaming reductions giving ``[threshold_key, ties_0, ties_1, …]`` (int64): the k-th smallest |w| over
     all ``nodes`` as an order-preserving fp32 key, and how many entries equal to it each tensor must zero so that
@@ -270,7 +277,7 @@ def global_threshold_nodes(nodes: list, k: int, facts: dict[str, Any], names: li
     the bracket missed."""
     n = len(nodes)
     total = sum(x.shape[0] * x.shape[1] for x in nodes)
-    sizes = [max(16, round(sample_size(total) * x.shape[0] * x.shape[1] / total)) for x in nodes]
+    sizes = [max(16, round(global_sample_size(total) * x.shape[0] * x.shape[1] / total)) for x in nodes]
 
     def refuse(i: int) -> SurgeonError:
         return unrankable(names[i] if names else f"#{i}")
