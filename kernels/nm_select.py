@@ -72,9 +72,9 @@ def supported(dtype: str, m: int) -> bool:
 def nm_zero(data: np.ndarray, dtype: str, n: int, m: int, out: np.ndarray | None = None) -> np.ndarray:
     """Flat fp32/bfloat16 storage ``data`` (whole groups: ``data.size % m == 0``) with the ``m - n`` smallest |x|
     of every ``m`` consecutive entries zeroed, in the same storage type (into ``out`` when given)."""
-    lib = _library()
-    if lib is None or not supported(dtype, m):
+    if not supported(dtype, m):
         raise ValueError(f"N:M kernel: {dtype} with m={m} is not supported here")
+    lib = _library()
     if data.size % m:
         raise ValueError(f"N:M kernel: {data.size} entries are not whole groups of {m}")
     bits = np.ascontiguousarray(data.reshape(-1)).view(_STORAGE[dtype])

@@ -12,7 +12,8 @@ Zeroing the k smallest of a large tensor (:func:`zero_smallest_k`, magnitude pru
 instead (:func:`threshold_of_chunks`): the k-th key is estimated from a random sample, one branch-free streaming
 pass counts the entries below the bracket and lists the keys of the few inside it, and the exact k-th value is
 selected among those (the radix select is the fallback when the count shows the bracket missed); a second pass
-zeroes below it (:func:`zero_below_bits`), or each piece on its way to a file (:func:`zero_below_piece`). Global selection over many tensors:
+zeroes below it (:func:`zero_below_bits`), or each piece on its way to a file (:func:`zero_below_piece`). The
+one-read route for fp32/bf16 storage: :mod:`surgeon.kernels.select_band`. Global selection over many tensors:
 :mod:`surgeon.kernels.select_global`. Reference for tests: ``torch.kthvalue`` and a stable sort.
 """
 from __future__ import annotations

@@ -4,12 +4,13 @@ The two-pass route (:func:`surgeon.kernels.select.threshold_of_chunks`, then
 :func:`surgeon.kernels.select.zero_below_bits`) reads every weight twice: the exact threshold must be known before
 the first entry is written. Here the output is written during the one pass that finds it:
 
-1. draw a sample of |w| keys and take the bracket ``[lo, hi]`` that holds the k-th key with high probability
-   (:func:`surgeon.kernels.select.bracket`; ~2.8 % of the entries for a sample of 32 K);
+1. draw a stratified sample of |w| keys (:func:`sample_keys`) and take the bracket ``[lo, hi]`` that holds the
+   k-th key with high probability: the sample's keys at :func:`surgeon.kernels.select.bracket_ranks`, selected in
+   C (``select_pair``; ~2.8 % of the entries for a sample of 32 K);
 2. one pass (a small C kernel, AVX-512 where the CPU has it): ``out = w`` with the keys below ``lo`` zeroed,
    counting them and listing the keys inside the bracket with their flat positions;
-3. the exact k-th key ``t`` among the listed ones (:func:`surgeon.kernels.select.choose_in_bracket`), and the
-   listed entries below ``t``, plus the first ties equal to it in flat order, are zeroed in ``out``.
+3. the exact k-th key ``t`` among the listed ones (``select_key``), and the listed entries below ``t``, plus the
+   first ties equal to it in flat order, are zeroed in ``out`` (``patch_below``).
 
 The bytes are those of the two-pass route (tests compare); fp32 and bfloat16 storage are handled in place of
 their bits (a bfloat16 key is the fp32 key of the widened value, so the selection is the same). Where the bracket
@@ -24,7 +25,7 @@ import functools
 import numpy as np
 from surgeon.kernels.cbuild import compiled_library, cpu_flags
 
-from .select import BRACKET_MIN, bracket_ranks, sample_size
+from .select import BRACKET_MIN, NonFiniteInput, bracket_ranks, sample_size
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -250,15 +251,15 @@ def sample_keys(data: np.ndarray, dtype: str, size: int, seed: int) -> np.ndarra
 
 
 @functools.lru_cache(maxsize=256)
-def stratified_sample(n: int, size: int, seed: int | None = None) -> np.ndarray:
-    """``size`` flat indices in ``[0, n)`` (uint32), one drawn uniformly in each of ``size`` equal strata (a fixed seed:
-    runs are reproducible), ascending, so gathering them reads memory forwards. Each stratum's draw is
+def stratified_sample(n: int, size: int, seed: int) -> np.ndarray:
+    """``size`` flat indices in ``[0, n)`` (uint32), one drawn uniformly in each of ``size`` equal strata (a fixed
+    seed: runs are reproducible), ascending, so gathering them reads memory forwards. Each stratum's draw is
     independent, so the count of sampled entries below any key is a sum of independent Bernoulli trials: its
-    variance is at most the binomial one the bracket is sized for (Hoeffding 1956). The seed defaults to ``n``.
-    Cached (read-only): the matrices of a model share a few sizes."""
+    variance is at most the binomial one the bracket is sized for (Hoeffding 1956). Cached (read-only): the
+    matrices of a model share a few sizes."""
     edges = (np.arange(size + 1, dtype=np.int64) * n) // size
     width = np.maximum(edges[1:] - edges[:-1], 1)
-    draw = np.random.default_rng(n if seed is None else seed).random(size)
+    draw = np.random.default_rng(seed).random(size)
     at = (edges[:-1] + (draw * width).astype(np.int64)).astype(np.uint32)
     at.setflags(write=False)
     return at
@@ -269,17 +270,15 @@ def zero_smallest_k_once(data: np.ndarray, dtype: str, k: int) -> np.ndarray | N
     zeroed (ties broken by flat index), read once, in the same storage type; None where the one-pass route does
     not apply (see the module docstring): the caller then selects in two passes. ``NonFiniteInput`` on NaN/Inf.
     ``1 <= k <= data.size``."""
-    from .select import NonFiniteInput
-
     lib = _library()
     n = data.size
     if lib is None or dtype not in _STORAGE or not BRACKET_MIN <= n < 1 << 32:
         return None
     bits = np.ascontiguousarray(data.reshape(-1)).view(_STORAGE[dtype])
-    at = stratified_sample(n, sample_size(n))
     wide = bits.itemsize == 4
-    sample = np.empty(at.size, np.uint32)
-    lib.keys_at(bits.ctypes.data, at.ctypes.data, at.size, sample.ctypes.data, wide)
+    sample = sample_keys(bits, dtype, sample_size(n), seed=n)
+    if sample is None:  # pragma: no cover - the same conditions as above
+        return None
     a, b = bracket_ranks(sample.size, k / n)
     ends = np.empty(2, np.uint32)
     scratch = np.empty(2 * sample.size, np.uint32)
@@ -287,7 +286,7 @@ def zero_smallest_k_once(data: np.ndarray, dtype: str, k: int) -> np.ndarray | N
                     ends.ctypes.data)
     lo_m = int(ends[0]) & 0x7FFFFFFF if a >= 0 else 0
     hi_m = int(ends[1]) & 0x7FFFFFFF if b < sample.size else 0x7FFFFFFF
-    cap = min(n, _ROOM * 5 * n // int(np.sqrt(at.size)) + 4096) + 16  # 5/√s: the bracket's expected share
+    cap = min(n, _ROOM * 5 * n // int(np.sqrt(sample.size)) + 4096) + 16  # 5/√s: the bracket's expected share
     keys = np.empty(2 * cap, np.uint32)  # the listed keys, then the selection's scratch
     pos = np.empty(cap, np.uint32)
     out = np.empty_like(bits)
